@@ -1,0 +1,30 @@
+"""Errors a user sees: each carries a readable message and never needs a traceback to be understood."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class PhanesError(Exception):
+    """Base of every error phanes reports to a user as a message instead of a traceback."""
+
+
+class InputError(PhanesError):
+    """An input file that cannot be used; the message names the file and the reason."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class ConfigError(PhanesError):
+    """A run configuration (YAML or CLI options) that is missing a value or holds an invalid one."""
+
+
+class WeightsError(PhanesError):
+    """Pretrained backbone weights that cannot be found; the message lists every way to provide them."""
+
+
+class BundleError(PhanesError):
+    """A model bundle that is incomplete, tampered with, or made by an incompatible version."""
