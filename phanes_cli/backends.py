@@ -1,0 +1,82 @@
+"""Where the networks run: a backend executes the three PHANES networks on batches of slices.
+
+The pipeline only talks to this interface, so an ONNX Runtime or TensorRT backend can replace the
+torch one without touching the data flow. `select_device` picks CUDA when present, else the CPU.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from phanes_cli.config import PhanesConfig
+from phanes_cli.models import AOTGenerator, SoftIntroVAE, SpatialLPIPS
+
+
+class Backend(Protocol):
+    """Executes the networks; every tensor is (N, 1, S, S) float32 in [0, 1] on `device`."""
+
+    name: str
+    device: torch.device
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Stage 1: x_cph = D(mu(E(x)))."""
+
+    def inpaint(self, masked: Tensor, mask: Tensor) -> Tensor:
+        """Stage 2: G(x * (1 - m) + m, m)."""
+
+    def lpips(self, a: Tensor, b: Tensor) -> Tensor:
+        """Spatial LPIPS map of two grey images."""
+
+
+def select_device(requested: str = "auto") -> torch.device:
+    """'auto' -> CUDA if available else CPU; an explicit 'cuda' without a GPU is an error, not a silent CPU run."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but no CUDA device is available; use --device cpu or auto")
+    return device
+
+
+class PhanesNetworks(nn.Module):
+    """The inference networks of one model: stage 1 RA, stage 2 generator, and the LPIPS metric."""
+
+    def __init__(self, cfg: PhanesConfig, lpips_weights: str | None = None) -> None:
+        super().__init__()
+        self.ra = SoftIntroVAE(cfg.ra, image_size=cfg.preprocess.image_size)
+        self.generator = AOTGenerator(cfg.aot)
+        self.lpips = SpatialLPIPS(weights_path=lpips_weights)
+
+
+class TorchBackend:
+    """Eager PyTorch on CPU or CUDA; on CUDA the convolutions run under bf16 autocast unless disabled."""
+
+    name = "torch"
+
+    def __init__(self, networks: PhanesNetworks, device: torch.device, autocast: bool = True) -> None:
+        self.device = device
+        self.networks = networks.to(device).eval()
+        for p in self.networks.parameters():
+            p.requires_grad_(False)
+        self._autocast = autocast and device.type == "cuda"
+
+    def _ctx(self):  # type: ignore[no-untyped-def]
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self._autocast else nullcontext()
+
+    @torch.inference_mode()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        with self._ctx():
+            return self.networks.ra.reconstruct(x).float()
+
+    @torch.inference_mode()
+    def inpaint(self, masked: Tensor, mask: Tensor) -> Tensor:
+        with self._ctx():
+            return self.networks.generator(masked, mask).float()
+
+    @torch.inference_mode()
+    def lpips(self, a: Tensor, b: Tensor) -> Tensor:
+        return self.networks.lpips(a, b).float()

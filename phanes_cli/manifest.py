@@ -1,0 +1,130 @@
+"""The manifest: the one table every command reads and writes to name volumes and their masks.
+
+Columns: id, image, brain_mask, lesion_mask, split, kind, lesion_ml (+ any extra columns).
+Paths are stored relative to the manifest's folder when they lie under it, and resolved against it on read.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from phanes_cli.atomic import write_parquet
+from phanes_cli.errors import InputError
+
+MANIFEST_COLUMNS = ("id", "image", "brain_mask", "lesion_mask", "split", "kind", "lesion_ml")
+SPLITS = ("train", "val", "test")
+_PATH_COLUMNS = ("image", "brain_mask", "lesion_mask")
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One volume: its image, optional masks, and where it belongs."""
+
+    id: str
+    image: Path
+    brain_mask: Path | None = None
+    lesion_mask: Path | None = None
+    split: str = "test"
+    kind: str = "unknown"
+    lesion_ml: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _rel(path: Path | None, root: Path) -> str | None:
+    if path is None:
+        return None
+    path = Path(path).absolute()
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def write_manifest(rows: list[ManifestRow], path: str | Path) -> Path:
+    """Write rows as Parquet, atomically; ids must be unique."""
+    path = Path(path)
+    root = path.parent.absolute()
+    ids = [r.id for r in rows]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise InputError(path, f"duplicate ids in manifest: {', '.join(dupes[:5])}")
+    extra_keys = sorted({k for r in rows for k in r.extra})
+    columns: dict[str, list[Any]] = {
+        "id": ids,
+        "image": [_rel(r.image, root) for r in rows],
+        "brain_mask": [_rel(r.brain_mask, root) for r in rows],
+        "lesion_mask": [_rel(r.lesion_mask, root) for r in rows],
+        "split": [r.split for r in rows],
+        "kind": [r.kind for r in rows],
+        "lesion_ml": [None if r.lesion_ml is None else float(r.lesion_ml) for r in rows],
+    }
+    schema = [
+        pa.field("id", pa.string()), pa.field("image", pa.string()), pa.field("brain_mask", pa.string()),
+        pa.field("lesion_mask", pa.string()), pa.field("split", pa.string()), pa.field("kind", pa.string()),
+        pa.field("lesion_ml", pa.float64()),
+    ]
+    arrays = {k: pa.array(v, type=f.type) for (k, v), f in zip(columns.items(), schema)}
+    for key in extra_keys:
+        arrays[key] = pa.array([r.extra.get(key) for r in rows])
+    return write_parquet(path, pa.table(arrays))
+
+
+def _read_table(path: Path) -> pa.Table:
+    if not path.is_file():
+        raise InputError(path, "manifest not found")
+    try:
+        if path.suffix.lower() == ".csv":
+            return pacsv.read_csv(path)
+        return pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(path, f"cannot read manifest table ({exc})") from exc
+
+
+def _clean(value: Any) -> Any:
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value == "":
+        return None
+    return value
+
+
+def read_manifest(path: str | Path) -> list[ManifestRow]:
+    """Read a manifest (Parquet or CSV); relative paths resolve against its folder."""
+    path = Path(path)
+    table = _read_table(path)
+    missing = [c for c in ("id", "image") if c not in table.column_names]
+    if missing:
+        raise InputError(path, f"manifest lacks required column(s) {', '.join(missing)}; has {', '.join(table.column_names)}")
+    root = path.parent.absolute()
+    rows: list[ManifestRow] = []
+    for record in table.to_pylist():
+        paths = {}
+        for key in _PATH_COLUMNS:
+            value = _clean(record.get(key))
+            paths[key] = None if value is None else Path(os.path.normpath(root / str(value)))
+        if paths["image"] is None:
+            raise InputError(path, f"row {record.get('id')!r} has no image path")
+        lesion_ml = _clean(record.get("lesion_ml"))
+        rows.append(
+            ManifestRow(
+                id=str(record["id"]),
+                image=paths["image"],
+                brain_mask=paths["brain_mask"],
+                lesion_mask=paths["lesion_mask"],
+                split=str(_clean(record.get("split")) or "test"),
+                kind=str(_clean(record.get("kind")) or "unknown"),
+                lesion_ml=None if lesion_ml is None else float(lesion_ml),
+                extra={k: v for k, v in record.items() if k not in MANIFEST_COLUMNS},
+            )
+        )
+    return rows
+
+
+def select(rows: list[ManifestRow], split: str | None = None, kind: str | None = None) -> list[ManifestRow]:
+    return [r for r in rows if (split is None or r.split == split) and (kind is None or r.kind == kind)]
