@@ -96,7 +96,8 @@ class PRHistogram:
             return float("nan")
         tp, fp = self._cumulative()
         hit = self.positives > 0
-        return float(np.sum(self.positives[hit] / total * (tp[hit] / (tp[hit] + fp[hit]))))
+        ap = np.sum(self.positives[hit] / total * (tp[hit] / (tp[hit] + fp[hit])))
+        return float(min(ap, 1.0))  # rounding of the sum can exceed 1 by an ulp
 
     def best_dice(self) -> tuple[float, float]:
         """(best Dice over the threshold sweep, its threshold); ties go to the highest threshold.

@@ -1,0 +1,149 @@
+"""A whole synthetic cohort on disk: images, brain masks, lesion labels and the manifest.
+
+Reproducibility: subject `index` of role healthy (0) or lesion (1) draws everything from
+SeedSequence([seed, role, index]), split into independent streams for anatomy, lesions and
+acquisition. A subject therefore does not depend on how many others are made, and a lesion subject's
+healthy base (same anatomy and acquisition streams, no lesion) is reproducible exactly.
+
+Templates are used round-robin by index (the nilearn MNI152 first, then `--templates` in name order).
+
+Splits: healthy subjects are train/val (the last max(1, round(20%)) indices are val when there are at
+least two; val calibrates the anomaly thresholds on healthy data), lesion subjects are test.
+Voxel size: 1.5 mm by default. The model sees axial slices resized to 128 x 128; the brain's largest
+in-plane extent (~170 mm with margin) maps to ~115 voxels at 1.5 mm, close to 128, so little detail is
+lost, while a volume has 3.4x fewer voxels than at 1 mm (synthesis and screening are that much faster).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from phanes_cli.errors import ConfigError, InputError
+from phanes_cli.manifest import ManifestRow, write_manifest
+from phanes_cli.synth.lesions import LesionConfig, stroke_lesions
+from phanes_cli.synth.sprites import sprite_volume
+from phanes_cli.synth.templates import Grid, Template, load_templates, nifti_files, output_grid
+from phanes_cli.synth.variation import VariationConfig, acquire, sample_anatomy
+from phanes_cli.volume_io import save_nifti
+
+KINDS = ("stroke", "sprites")
+HEALTHY, LESION = 0, 1
+DEFAULT_VOXEL_SIZE = 1.5
+VAL_FRACTION = 0.2
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One synthetic subject on its grid (RAS+)."""
+
+    image: np.ndarray  # (X, Y, Z) float32, scanner units
+    brain: np.ndarray  # (X, Y, Z) bool
+    lesion: np.ndarray | None  # (X, Y, Z) bool ground truth; None for healthy subjects
+    base: np.ndarray | None  # (X, Y, Z) float32 the same subject without lesions (when asked for)
+    affine: np.ndarray  # (4, 4)
+    template: str
+    lesion_sources: tuple[str, ...] = ()
+
+    @property
+    def voxel_ml(self) -> float:
+        return float(abs(np.linalg.det(self.affine[:3, :3]))) / 1000.0
+
+    @property
+    def lesion_ml(self) -> float | None:
+        return None if self.lesion is None else float(self.lesion.sum()) * self.voxel_ml
+
+
+def _streams(seed: int, role: int, index: int) -> tuple[np.random.Generator, np.random.SeedSequence, np.random.Generator]:
+    """Anatomy generator, acquisition seed (re-playable for the base image) and lesion generator."""
+    anatomy, acquisition, lesion = np.random.SeedSequence([seed, role, index]).spawn(3)
+    return np.random.default_rng(anatomy), acquisition, np.random.default_rng(lesion)
+
+
+def make_subject(template: Template, grid: Grid, seed: int, index: int, kind: str | None = None,
+                 lesion_shapes: list[Path] | None = None, keep_base: bool = False,
+                 variation: VariationConfig = VariationConfig(), lesions: LesionConfig = LesionConfig()) -> Subject:
+    """Build one subject: healthy when `kind` is None, else with "stroke" lesions or "sprites"."""
+    role = HEALTHY if kind is None else LESION
+    anatomy_rng, acquisition_seed, lesion_rng = _streams(seed, role, index)
+    anatomy = sample_anatomy(template, grid, anatomy_rng, variation)
+
+    def scan(image: np.ndarray) -> np.ndarray:
+        return acquire(image, anatomy.brain, np.random.default_rng(acquisition_seed), variation)
+
+    healthy = scan(anatomy.image)
+    if kind is None:
+        return Subject(healthy, anatomy.brain, None, None, grid.affine, template.name)
+    if kind == "stroke":
+        lesioned = stroke_lesions(anatomy, lesion_rng, lesions, lesion_shapes, template.to_mni)
+        return Subject(scan(lesioned.image), anatomy.brain, lesioned.mask, healthy if keep_base else None,
+                       grid.affine, template.name, lesioned.sources)
+    if kind == "sprites":
+        image, mask = sprite_volume(healthy, anatomy.brain, lesion_rng)
+        return Subject(image, anatomy.brain, mask, healthy if keep_base else None, grid.affine, template.name, ("sprites",))
+    raise ConfigError(f"unknown lesion kind {kind!r}; choose one of {', '.join(KINDS)}")
+
+
+def _validate(out: Path, healthy: int, lesions: int, kind: str, seed: int, voxel_size: float,
+              lesion_shapes: Path | None) -> None:
+    if healthy < 0 or lesions < 0:
+        raise ConfigError(f"subject counts must not be negative (got --healthy {healthy}, --lesions {lesions})")
+    if healthy + lesions == 0:
+        raise ConfigError("nothing to make: ask for at least one subject with --healthy or --lesions")
+    if kind not in KINDS:
+        raise ConfigError(f"unknown --kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if seed < 0:
+        raise ConfigError(f"--seed must be a non-negative integer, got {seed}")
+    if not 0.5 <= voxel_size <= 4.0:
+        raise ConfigError(f"voxel size must be between 0.5 and 4 mm, got {voxel_size}")
+    if lesion_shapes is not None and kind != "stroke":
+        raise ConfigError("--lesion-shapes places real stroke masks: it needs --kind stroke")
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "output path exists and is not a folder")
+
+
+def split_of(index: int, healthy: int) -> str:
+    """train/val split of healthy subject `index` among `healthy` (the last ~20%, at least one, are val)."""
+    n_val = max(1, int(round(VAL_FRACTION * healthy))) if healthy >= 2 else 0
+    return "val" if index >= healthy - n_val else "train"
+
+
+def synth_cohort(out: Path, healthy: int, lesions: int, kind: str = "stroke", seed: int = 0,
+                 lesion_shapes: Path | None = None, templates: Path | None = None,
+                 voxel_size: float = DEFAULT_VOXEL_SIZE, progress: Callable[[str], None] | None = None) -> Path:
+    """Write `healthy` + `lesions` synthetic T1 subjects under `out`; returns the manifest path.
+
+    Layout: out/images/<id>.nii.gz (float32), out/masks/<id>_brain.nii.gz (uint8),
+    out/labels/<id>_lesion.nii.gz (uint8, lesion subjects), out/manifest.parquet.
+    Ids: healthy-0000..., and stroke-0000... or sprites-0000....
+    """
+    out = Path(out)
+    _validate(out, healthy, lesions, kind, seed, voxel_size, lesion_shapes)
+    shapes = nifti_files(Path(lesion_shapes), "lesion-shapes") if lesion_shapes is not None else None
+    report = progress or (lambda message: None)
+    report("loading templates")
+    pool = load_templates(None if templates is None else Path(templates))
+    grids = [output_grid(t, voxel_size) for t in pool]
+    rows: list[ManifestRow] = []
+    plan = [(None, i) for i in range(healthy)] + [(kind, i) for i in range(lesions)]
+    for done, (subject_kind, index) in enumerate(plan, start=1):
+        which = index % len(pool)
+        subject = make_subject(pool[which], grids[which], seed, index, subject_kind, shapes)
+        sid = f"{subject_kind or 'healthy'}-{index:04d}"
+        image = save_nifti(subject.image, subject.affine, out / "images" / f"{sid}.nii.gz")
+        brain = save_nifti(subject.brain, subject.affine, out / "masks" / f"{sid}_brain.nii.gz", dtype=np.uint8)
+        label = None
+        if subject.lesion is not None:
+            label = save_nifti(subject.lesion, subject.affine, out / "labels" / f"{sid}_lesion.nii.gz", dtype=np.uint8)
+        rows.append(ManifestRow(
+            id=sid, image=image, brain_mask=brain, lesion_mask=label,
+            split="test" if subject_kind else split_of(index, healthy),
+            kind=subject_kind or "healthy", lesion_ml=subject.lesion_ml,
+            extra={"template": subject.template, "seed": seed,
+                   "lesion_source": ";".join(subject.lesion_sources) if subject.lesion_sources else None},
+        ))
+        report(f"{sid} ({done}/{len(plan)})")
+    return write_manifest(rows, out / "manifest.parquet")

@@ -1,0 +1,163 @@
+"""Stroke-like lesions with exact ground truth, inserted into a subject's anatomy.
+
+Every lesion starts as a binary shape S on the subject grid: either procedural (an ellipsoid roughened
+by smooth noise, grown around a seed in grey/white matter to a target volume) or a real expert-drawn
+stroke mask resampled from MNI space. The blend weight is w = Gaussian(S, sigma = border_mm), and the
+image becomes x * (1 - w) + min(x, t) * w with t a CSF-like target (25-50% of white matter, with a
+little smooth texture): a T1 hypo-intensity with a soft border that never brightens anything.
+
+Ground truth: mask = (w >= 0.5) & brain & tissue. Only voxels where the darkening is at least half
+complete are lesion; the fading border (w < 0.5, within ~2 voxels) is not. The tissue restriction
+keeps mask voxels where the darkening is visible: a real mask reaching into a ventricle would
+otherwise label CSF that the image cannot show as changed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from phanes_cli.errors import InputError
+from phanes_cli.synth.variation import Anatomy
+from phanes_cli.volume_io import load_volume
+
+TISSUE_THRESHOLD = 0.5
+
+
+@dataclass(frozen=True)
+class LesionConfig:
+    """Ranges of the simulated strokes."""
+
+    volume_ml: tuple[float, float] = (0.5, 80.0)  # per lesion, log-uniform
+    count: tuple[int, int] = (1, 3)  # lesions per subject, inclusive
+    border_mm: float = 1.0  # sigma of the soft border
+    darkening: tuple[float, float] = (0.25, 0.5)  # lesion intensity as a fraction of white matter
+    roughness: float = 0.35  # weight of the smooth noise against the ellipsoid distance
+    max_elongation: float = 1.6
+    shape_tries: int = 20  # real-shape picks before giving up on a subject
+
+
+def _blend_weight(shape: np.ndarray, anatomy: Anatomy, cfg: LesionConfig) -> np.ndarray:
+    return ndimage.gaussian_filter(shape.astype(np.float32), cfg.border_mm / anatomy.grid.voxel_size, truncate=3.0)
+
+
+def lesion_mask(weight: np.ndarray, anatomy: Anatomy) -> np.ndarray:
+    """Ground truth from a blend weight: half-complete darkening, inside brain tissue. (X, Y, Z) bool."""
+    return (weight >= 0.5) & anatomy.brain & (anatomy.tissue >= TISSUE_THRESHOLD)
+
+
+def _seed_voxel(anatomy: Anatomy, radius_mm: float, rng: np.random.Generator) -> np.ndarray:
+    """A random tissue voxel deep enough that a lesion of this radius is not mostly cut off by the surface."""
+    depth = ndimage.distance_transform_edt(anatomy.brain, sampling=anatomy.grid.voxel_size)
+    candidates = np.argwhere((anatomy.tissue > 0.8) & (depth >= min(0.5 * radius_mm + 3.0, 20.0)))
+    if len(candidates) == 0:
+        candidates = np.argwhere(anatomy.tissue >= TISSUE_THRESHOLD)
+    return candidates[rng.integers(len(candidates))]
+
+
+def procedural_shape(anatomy: Anatomy, volume_ml: float, rng: np.random.Generator, cfg: LesionConfig) -> np.ndarray:
+    """An irregular blob of about `volume_ml` in tissue: top-scoring voxels of ellipsoid + smooth noise.
+
+    The score falls with the (randomly oriented, elongated) ellipsoidal distance from a seed and is
+    roughened by smooth noise at a third of the lesion radius; taking exactly the voxel count of the
+    target volume among tissue voxels, then its largest connected part, gives the shape. (X, Y, Z) bool.
+    """
+    vs = anatomy.grid.voxel_size
+    radius = (3.0 * volume_ml * 1000.0 / (4.0 * np.pi)) ** (1.0 / 3.0)  # mm, sphere of that volume
+    seed = _seed_voxel(anatomy, radius, rng)
+    half = int(np.ceil((2.2 * radius + 3.0) / vs))
+    lo = np.maximum(seed - half, 0)
+    hi = np.minimum(seed + half + 1, anatomy.grid.shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    axes = [(np.arange(a, b) - s) * vs for a, b, s in zip(lo, hi, seed)]
+    offsets = np.stack(np.meshgrid(*axes, indexing="ij"))  # (3, bx, by, bz) mm from the seed
+    q, _ = np.linalg.qr(rng.standard_normal((3, 3)))
+    elong = np.exp(rng.uniform(-np.log(cfg.max_elongation), np.log(cfg.max_elongation), 3))
+    elong /= np.prod(elong) ** (1.0 / 3.0)
+    local = np.tensordot(q.T, offsets, axes=1) / (radius * elong)[:, None, None, None]
+    distance = np.sqrt((local**2).sum(0))
+    noise = ndimage.gaussian_filter(rng.standard_normal(distance.shape).astype(np.float32), max(radius / 3.0 / vs, 1.0))
+    noise /= max(float(noise.std()), 1e-6)
+    score = -distance + cfg.roughness * noise
+    allowed = anatomy.brain[box] & (anatomy.tissue[box] >= TISSUE_THRESHOLD)
+    score = np.where(allowed, score, -np.inf)
+    k = max(1, int(round(volume_ml * 1000.0 / vs**3)))
+    k = min(k, int(allowed.sum()))
+    shape = np.zeros(anatomy.grid.shape, dtype=bool)
+    if k == 0:
+        return shape
+    flat = score.ravel()
+    chosen = np.zeros(flat.shape, dtype=bool)
+    chosen[np.argpartition(-flat, k - 1)[:k]] = True
+    chosen = chosen.reshape(score.shape)
+    labels, n = ndimage.label(chosen)
+    if n > 1:
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        chosen = labels == int(np.argmax(sizes))
+    shape[box] = chosen
+    return shape
+
+
+def real_shape(anatomy: Anatomy, path: Path, mni_from_template: np.ndarray) -> np.ndarray:
+    """A real binary lesion mask (any NIfTI grid in MNI space) resampled onto the subject. (X, Y, Z) bool.
+
+    Each subject voxel knows the template world point it was sampled from; `mni_from_template` takes
+    that point to MNI, the mask's inverse affine to its voxels; linear interpolation of the 0/1 mask
+    thresholded at 0.5 gives the shape, so the lesion follows the subject's deformation.
+    """
+    volume = load_volume(path)
+    to_vox = np.linalg.inv(volume.affine) @ mni_from_template
+    world = anatomy.source_world.reshape(3, -1).astype(np.float64)
+    vox = (to_vox[:3, :3] @ world + to_vox[:3, 3:4]).reshape(anatomy.source_world.shape)
+    sampled = ndimage.map_coordinates((volume.data > 0.5).astype(np.float32), vox, order=1, mode="constant", cval=0.0, output=np.float32)
+    return (sampled >= 0.5) & anatomy.brain
+
+
+@dataclass(frozen=True)
+class Lesioned:
+    """The anatomy with lesions, the blend weight that made them and the ground truth mask."""
+
+    image: np.ndarray  # (X, Y, Z) float32, anatomy units (white matter ~ 1)
+    weight: np.ndarray  # (X, Y, Z) float32 in [0, 1]
+    mask: np.ndarray  # (X, Y, Z) bool
+    sources: tuple[str, ...]  # "procedural" or the real mask's file name, per lesion
+
+
+def darken(anatomy: Anatomy, weight: np.ndarray, rng: np.random.Generator, cfg: LesionConfig) -> np.ndarray:
+    """Blend toward a CSF-like target t: x * (1 - w) + min(x, t) * w. (X, Y, Z) float32."""
+    level = rng.uniform(*cfg.darkening)
+    texture = ndimage.gaussian_filter(rng.standard_normal(anatomy.grid.shape).astype(np.float32), 2.0 / anatomy.grid.voxel_size)
+    texture /= max(float(texture.std()), 1e-6)
+    target = level * (1.0 + 0.08 * texture)
+    image = anatomy.image
+    return (image * (1.0 - weight) + np.minimum(image, target) * weight).astype(np.float32)
+
+
+def stroke_lesions(anatomy: Anatomy, rng: np.random.Generator, cfg: LesionConfig, shapes: list[Path] | None = None,
+                   mni_from_template: np.ndarray | None = None) -> Lesioned:
+    """Insert 1-3 procedural lesions, or one real lesion mask picked from `shapes` (a real mask is a
+    patient's whole lesion pattern, so it comes alone). Empty picks (no tissue overlap) are redrawn."""
+    union = np.zeros(anatomy.grid.shape, dtype=bool)
+    sources: list[str] = []
+    if shapes:
+        if mni_from_template is None:
+            raise ValueError("real lesion shapes need the template -> MNI world transform")
+        for _ in range(cfg.shape_tries):
+            path = shapes[int(rng.integers(len(shapes)))]
+            shape = real_shape(anatomy, path, mni_from_template)
+            if lesion_mask(_blend_weight(shape, anatomy, cfg), anatomy).any():
+                union, sources = shape, [path.name]
+                break
+        else:
+            raise InputError(path.parent, f"{cfg.shape_tries} random lesion masks in a row miss the brain tissue; are they in MNI space?")
+    else:
+        lo, hi = np.log(cfg.volume_ml[0]), np.log(cfg.volume_ml[1])
+        for _ in range(int(rng.integers(cfg.count[0], cfg.count[1] + 1))):
+            union |= procedural_shape(anatomy, float(np.exp(rng.uniform(lo, hi))), rng, cfg)
+            sources.append("procedural")
+    weight = _blend_weight(union, anatomy, cfg)
+    return Lesioned(image=darken(anatomy, weight, rng, cfg), weight=weight, mask=lesion_mask(weight, anatomy), sources=tuple(sources))

@@ -1,0 +1,205 @@
+"""Real T1 templates that synthetic subjects are grown from.
+
+The default template is the MNI152 2009a brain that ships inside nilearn (read from the installed
+package, no network), with its brain mask and grey/white-matter probability maps. Extra real T1s
+(`--templates DIR`) are read through `volume_io.load_volume` (canonical RAS+, any file orientation);
+they come without masks, so the brain mask is computed from intensities and the tissue map from a
+white-matter intensity estimate.
+
+Intensities are normalised so that white matter is 1.0 in every template: lesion contrast and noise
+levels are then defined once, relative to white matter, whatever the source scanner units were.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from phanes_cli.errors import InputError
+from phanes_cli.volume_io import is_nifti_path, load_volume
+
+MNI152_NAME = "nilearn-mni152-2009a"
+BRAIN_FRACTION = 0.05  # extra templates: brain = intensity above this fraction of the 98th percentile
+
+
+@dataclass(frozen=True)
+class Template:
+    """One real T1 brain on its own grid, RAS+ voxel order."""
+
+    name: str
+    image: np.ndarray  # (X, Y, Z) float32, white matter ~ 1.0, zero outside the brain
+    affine: np.ndarray  # (4, 4) voxel -> world mm (RAS)
+    brain: np.ndarray  # (X, Y, Z) float32 in {0, 1}
+    tissue: np.ndarray  # (X, Y, Z) float32 probability of grey or white matter: where strokes may sit
+    to_mni: np.ndarray  # (4, 4) template world -> MNI world (identity for MNI templates)
+
+    @property
+    def brain_box_world(self) -> tuple[np.ndarray, np.ndarray]:
+        """Lower and upper world corners (mm) of the brain's bounding box."""
+        return _world_box(self.brain > 0.5, self.affine)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The isotropic output grid a template's subjects are written on."""
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray  # (4, 4) voxel -> world mm, diagonal (RAS+), isotropic voxel_size
+
+    @property
+    def voxel_size(self) -> float:
+        return float(self.affine[0, 0])
+
+    @property
+    def voxel_ml(self) -> float:
+        return self.voxel_size**3 / 1000.0
+
+    def world(self) -> np.ndarray:
+        """World coordinates of every voxel centre, (3, X, Y, Z) float32."""
+        axes = [self.affine[i, 3] + self.affine[i, i] * np.arange(n, dtype=np.float64) for i, n in enumerate(self.shape)]
+        return np.stack(np.meshgrid(*axes, indexing="ij")).astype(np.float32)
+
+
+def _world_box(mask: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    idx = np.argwhere(mask)
+    corners = np.array([[a, b, c] for a in (0, 1) for b in (0, 1) for c in (0, 1)], dtype=np.float64)
+    lo, hi = idx.min(0).astype(np.float64), idx.max(0).astype(np.float64)
+    vox = lo + corners * (hi - lo)
+    world = vox @ affine[:3, :3].T + affine[:3, 3]
+    return world.min(0), world.max(0)
+
+
+def output_grid(template: Template, voxel_size: float, margin_mm: float = 10.0) -> Grid:
+    """An axis-aligned RAS grid around the template's brain (plus a margin), at `voxel_size` mm.
+
+    Cropping to the brain keeps every subject small (fast synthesis and screening) while the margin
+    leaves room for the random affine and elastic deformation.
+    """
+    lo, hi = template.brain_box_world
+    lo = lo - margin_mm
+    hi = hi + margin_mm
+    shape = tuple(int(np.ceil((h - l) / voxel_size)) + 1 for l, h in zip(lo, hi))
+    affine = np.diag([voxel_size, voxel_size, voxel_size, 1.0])
+    affine[:3, 3] = lo
+    return Grid(shape=shape, affine=affine)  # type: ignore[arg-type]
+
+
+def white_matter_level(image: np.ndarray, brain: np.ndarray) -> float:
+    """Typical white-matter intensity of a T1 brain without a tissue map.
+
+    White matter is the brightest large tissue class in T1: the median of the voxels above the
+    brain's 70th percentile lands on it (checked against the MNI152 WM map: within 3%).
+    """
+    values = image[brain]
+    return float(np.median(values[values >= np.percentile(values, 70)]))
+
+
+def compute_brain_mask(image: np.ndarray) -> np.ndarray:
+    """Brain mask of a skull-stripped T1: foreground above a small intensity, holes filled, largest part."""
+    values = image[image > 0]
+    if values.size == 0:
+        return np.zeros(image.shape, dtype=bool)
+    mask = image > BRAIN_FRACTION * np.percentile(values, 98)
+    labels, count = ndimage.label(mask)
+    if count > 1:
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        mask = labels == int(np.argmax(sizes))
+    filled: np.ndarray = ndimage.binary_fill_holes(mask)
+    return filled
+
+
+def _array(img: object) -> np.ndarray:
+    return np.asarray(img.dataobj, dtype=np.float32)  # type: ignore[attr-defined]
+
+
+def _ras(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Reorient an array to RAS+ voxel order and return it with the matching affine."""
+    import nibabel as nib
+    from nibabel.orientations import axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
+
+    ornt = ornt_transform(io_orientation(affine), axcodes2ornt("RAS"))
+    return (
+        np.ascontiguousarray(nib.apply_orientation(data, ornt)).astype(np.float32),
+        affine @ inv_ornt_aff(ornt, data.shape),
+    )
+
+
+def load_mni152() -> Template:
+    """The MNI152 2009a template bundled in nilearn, with its brain mask and GM/WM maps (offline)."""
+    from nilearn import datasets
+
+    t1 = datasets.load_mni152_template(resolution=1)
+    affine = np.asarray(t1.affine, dtype=np.float64)
+    image, ras_affine = _ras(_array(t1), affine)
+    brain, _ = _ras(_array(datasets.load_mni152_brain_mask(resolution=1)), affine)
+    gm, _ = _ras(_array(datasets.load_mni152_gm_template(resolution=1)), affine)
+    wm, _ = _ras(_array(datasets.load_mni152_wm_template(resolution=1)), affine)
+    brain = (brain > 0.5).astype(np.float32)
+    wm_level = float(np.median(image[wm > 0.9]))
+    return Template(
+        name=MNI152_NAME,
+        image=(image * brain / wm_level).astype(np.float32),
+        affine=ras_affine,
+        brain=brain,
+        tissue=np.clip(gm + wm, 0.0, 1.0).astype(np.float32) * brain,
+        to_mni=np.eye(4),
+    )
+
+
+def _box_fit(src: tuple[np.ndarray, np.ndarray], dst: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """World affine mapping one brain bounding box onto another (per-axis scale and shift)."""
+    scale = (dst[1] - dst[0]) / np.maximum(src[1] - src[0], 1e-6)
+    out = np.eye(4)
+    out[:3, :3] = np.diag(scale)
+    out[:3, 3] = dst[0] - scale * src[0]
+    return out
+
+
+def load_template_file(path: Path, reference: Template) -> Template:
+    """An extra real T1: brain mask from intensities; tissue = brain voxels brighter than half of WM.
+
+    `to_mni` fits the brain's bounding box onto the reference (MNI) brain's box, so that real lesion
+    shapes drawn in MNI space land on comparable anatomy even for a template in native space.
+    """
+    volume = load_volume(path)
+    brain = compute_brain_mask(volume.data)
+    if brain.sum() < 1000:
+        raise InputError(path, "no brain found (fewer than 1000 foreground voxels); expected a skull-stripped T1")
+    wm_level = white_matter_level(volume.data, brain)
+    if wm_level <= 0:
+        raise InputError(path, "brain intensities are not positive; expected a T1-weighted image")
+    image = np.where(brain, volume.data / wm_level, 0.0).astype(np.float32)
+    tissue = (brain & (image > 0.5)).astype(np.float32)
+    box = _world_box(brain, volume.affine)
+    return Template(
+        name=path.name.split(".")[0],
+        image=image,
+        affine=volume.affine,
+        brain=brain.astype(np.float32),
+        tissue=tissue,
+        to_mni=_box_fit(box, reference.brain_box_world),
+    )
+
+
+def nifti_files(folder: Path, what: str) -> list[Path]:
+    """Sorted NIfTI files of a folder (sorted: the random pick per seed must not depend on listing order)."""
+    if not folder.exists():
+        raise InputError(folder, f"{what} folder not found")
+    if not folder.is_dir():
+        raise InputError(folder, f"{what} must be a folder of NIfTI files, not a file")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and is_nifti_path(p) and not p.name.startswith("."))
+    if not files:
+        raise InputError(folder, f"{what} folder holds no NIfTI files (.nii or .nii.gz)")
+    return files
+
+
+def load_templates(extra: Path | None = None) -> list[Template]:
+    """The bundled MNI152 template, then every T1 of `extra` in name order."""
+    mni = load_mni152()
+    if extra is None:
+        return [mni]
+    return [mni] + [load_template_file(p, mni) for p in nifti_files(extra, "templates")]

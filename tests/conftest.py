@@ -1,0 +1,45 @@
+"""Shared test fixtures: small real NIfTI volumes on disk, and the path to ../shared when it exists."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED_DATA = SHARED / "data"
+
+
+def needs_shared() -> pytest.MarkDecorator:
+    return pytest.mark.skipif(not (SHARED_DATA / "healthy-t1").is_dir(), reason="../shared/data is not present on this machine")
+
+
+def blob_volume(shape: tuple[int, int, int] = (40, 48, 36), seed: int = 0) -> np.ndarray:
+    """A smooth brain-like ellipsoid with texture, float32, zero background."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
+    r = np.sqrt(((grid / np.array([0.8, 0.85, 0.75])[:, None, None, None]) ** 2).sum(0))
+    inside = r < 1.0
+    data = (100 + 20 * np.sin(6 * grid[0]) * np.cos(5 * grid[1]) + rng.normal(0, 2, shape)) * inside
+    return data.astype(np.float32)
+
+
+@pytest.fixture()
+def write_nifti(tmp_path: Path):
+    """Write an array with an affine to tmp_path/name and return the path."""
+
+    def _write(name: str, data: np.ndarray, affine: np.ndarray | None = None, codes: tuple[int, int] = (1, 1)) -> Path:
+        affine = np.diag([1.0, 1.0, 1.0, 1.0]) if affine is None else affine
+        img = nib.Nifti1Image(data, affine)
+        img.set_qform(affine, code=codes[0])
+        img.set_sform(affine, code=codes[1])
+        path = tmp_path / name
+        nib.save(img, str(path))
+        return path
+
+    return _write
