@@ -53,10 +53,13 @@ def auto_brain_mask(data: np.ndarray) -> np.ndarray:
     connected component and fill its holes. Connected components run on a 2x-subsampled grid and the
     result is brought back by nearest neighbour, which keeps this step cheap next to file decoding.
     """
-    positive = data[data > 0]
+    sample = data[::3, ::3, ::3]
+    positive = sample[sample > 0]
+    if positive.size == 0:
+        positive = data[data > 0]
     if positive.size == 0:
         return np.zeros(data.shape, dtype=bool)
-    level = 0.05 * float(np.percentile(positive[:: max(1, positive.size // 200_000)], 98))
+    level = 0.05 * float(np.percentile(positive, 98))
     coarse = data[::2, ::2, ::2] > level
     labels, n = ndimage.label(coarse)
     if n > 1:
@@ -78,13 +81,6 @@ def intensity_scale(data: np.ndarray, brain: np.ndarray, percentile: float) -> f
     return scale
 
 
-def scale_intensity(data: np.ndarray, brain: np.ndarray, scale: float) -> np.ndarray:
-    """Divide by `scale`, clip to [0, 1] and zero everything outside the brain."""
-    out = np.clip(data / scale, 0.0, 1.0).astype(np.float32)
-    out[~brain] = 0.0
-    return out
-
-
 def select_slices(brain: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     """Axial slices to process: all with at least `min_brain_fraction` of the largest brain section, or the mid one."""
     area = brain.sum(axis=(0, 1))
@@ -103,7 +99,10 @@ def _geometry(shape: tuple[int, int, int], index: np.ndarray, image_size: int) -
 
 
 def to_model_grid(stack: torch.Tensor, geometry: SliceGeometry, mode: str = "bilinear") -> torch.Tensor:
-    """(N, C, X, Y) native slices -> (N, C, S, S): pad to the square with zeros, then resize."""
+    """(N, C, X, Y) native slices -> (N, C, S, S): pad to the square with zeros, then resize.
+
+    mode: "bilinear" (antialiased when shrinking), "bilinear_fast" (no antialiasing) or "nearest".
+    """
     g = geometry
     x, y = stack.shape[-2:]
     padded = F.pad(stack, (g.pad[1], g.side - y - g.pad[1], g.pad[0], g.side - x - g.pad[0]))
@@ -111,7 +110,8 @@ def to_model_grid(stack: torch.Tensor, geometry: SliceGeometry, mode: str = "bil
         return padded
     if mode == "nearest":
         return F.interpolate(padded, size=(g.image_size, g.image_size), mode="nearest")
-    return F.interpolate(padded, size=(g.image_size, g.image_size), mode="bilinear", align_corners=False, antialias=g.side > g.image_size)
+    antialias = mode == "bilinear" and g.side > g.image_size
+    return F.interpolate(padded, size=(g.image_size, g.image_size), mode="bilinear", align_corners=False, antialias=antialias)
 
 
 def from_model_grid(maps: torch.Tensor, geometry: SliceGeometry, mode: str = "bilinear") -> torch.Tensor:
@@ -133,12 +133,12 @@ def prepare_volume(data: np.ndarray, brain: np.ndarray | None, cfg: PreprocessCo
     scale = intensity_scale(data, brain, cfg.percentile)
     index = select_slices(brain, cfg)
     geometry = _geometry(tuple(int(s) for s in data.shape), index, cfg.image_size)  # type: ignore[arg-type]
-    brain_stack = np.moveaxis(brain[:, :, index], 2, 0)
-    scaled = scale_intensity(np.moveaxis(data[:, :, index], 2, 0), brain_stack, scale)
-    image = torch.from_numpy(np.ascontiguousarray(scaled))[:, None]
-    mask = torch.from_numpy(np.ascontiguousarray(brain_stack)).float()[:, None]
+    mask = torch.from_numpy(np.ascontiguousarray(np.moveaxis(brain[:, :, index], 2, 0)))[:, None]
+    image = torch.from_numpy(np.ascontiguousarray(np.moveaxis(data[:, :, index], 2, 0)))[:, None]
+    image = (image / scale).clamp_(0.0, 1.0).mul_(mask)
     slices = to_model_grid(image, geometry).clamp_(0.0, 1.0)
-    brain_slices = (to_model_grid(mask, geometry) >= 0.5).float()
+    # the mask only needs its 0.5 level set: plain bilinear is exact enough and far cheaper than antialiasing
+    brain_slices = (to_model_grid(mask.float(), geometry, mode="bilinear_fast") >= 0.5).float()
     return PreparedVolume(slices=slices, brain=brain_slices, geometry=geometry, scale=scale)
 
 

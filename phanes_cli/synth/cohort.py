@@ -74,14 +74,14 @@ def make_subject(template: Template, grid: Grid, seed: int, index: int, kind: st
     def scan(image: np.ndarray) -> np.ndarray:
         return acquire(image, anatomy.brain, np.random.default_rng(acquisition_seed), variation)
 
-    healthy = scan(anatomy.image)
     if kind is None:
-        return Subject(healthy, anatomy.brain, None, None, grid.affine, template.name)
+        return Subject(scan(anatomy.image), anatomy.brain, None, None, grid.affine, template.name)
     if kind == "stroke":
         lesioned = stroke_lesions(anatomy, lesion_rng, lesions, lesion_shapes, template.to_mni)
-        return Subject(scan(lesioned.image), anatomy.brain, lesioned.mask, healthy if keep_base else None,
+        return Subject(scan(lesioned.image), anatomy.brain, lesioned.mask, scan(anatomy.image) if keep_base else None,
                        grid.affine, template.name, lesioned.sources)
     if kind == "sprites":
+        healthy = scan(anatomy.image)
         image, mask = sprite_volume(healthy, anatomy.brain, lesion_rng)
         return Subject(image, anatomy.brain, mask, healthy if keep_base else None, grid.affine, template.name, ("sprites",))
     raise ConfigError(f"unknown lesion kind {kind!r}; choose one of {', '.join(KINDS)}")

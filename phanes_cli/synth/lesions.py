@@ -34,14 +34,21 @@ class LesionConfig:
     volume_ml: tuple[float, float] = (0.5, 80.0)  # per lesion, log-uniform
     count: tuple[int, int] = (1, 3)  # lesions per subject, inclusive
     border_mm: float = 1.0  # sigma of the soft border
-    darkening: tuple[float, float] = (0.25, 0.5)  # lesion intensity as a fraction of white matter
+    darkening: tuple[float, float] = (0.2, 0.45)  # lesion intensity as a fraction of white matter (CSF ~0.35)
     roughness: float = 0.35  # weight of the smooth noise against the ellipsoid distance
     max_elongation: float = 1.6
     shape_tries: int = 20  # real-shape picks before giving up on a subject
 
 
-def _blend_weight(shape: np.ndarray, anatomy: Anatomy, cfg: LesionConfig) -> np.ndarray:
-    return ndimage.gaussian_filter(shape.astype(np.float32), cfg.border_mm / anatomy.grid.voxel_size, truncate=3.0)
+def blend_weight(shape: np.ndarray, anatomy: Anatomy, cfg: LesionConfig) -> np.ndarray:
+    """Soft-border weight (X, Y, Z) float32 in [0, 1] of a binary shape.
+
+    Smoothing twice (shape -> weight >= 0.5 -> smoothed again) first removes one-voxel spurs and
+    specks, which a single pass would darken partly (weight < 0.5) without ever counting as lesion.
+    """
+    sigma = cfg.border_mm / anatomy.grid.voxel_size
+    core = ndimage.gaussian_filter(shape.astype(np.float32), sigma, truncate=3.0) >= 0.5
+    return ndimage.gaussian_filter(core.astype(np.float32), sigma, truncate=3.0)
 
 
 def lesion_mask(weight: np.ndarray, anatomy: Anatomy) -> np.ndarray:
@@ -49,16 +56,21 @@ def lesion_mask(weight: np.ndarray, anatomy: Anatomy) -> np.ndarray:
     return (weight >= 0.5) & anatomy.brain & (anatomy.tissue >= TISSUE_THRESHOLD)
 
 
-def _seed_voxel(anatomy: Anatomy, radius_mm: float, rng: np.random.Generator) -> np.ndarray:
+def brain_depth(anatomy: Anatomy) -> np.ndarray:
+    """Distance (mm) of every brain voxel to the brain surface, (X, Y, Z) float64."""
+    return ndimage.distance_transform_edt(anatomy.brain, sampling=anatomy.grid.voxel_size)
+
+
+def _seed_voxel(anatomy: Anatomy, depth: np.ndarray, radius_mm: float, rng: np.random.Generator) -> np.ndarray:
     """A random tissue voxel deep enough that a lesion of this radius is not mostly cut off by the surface."""
-    depth = ndimage.distance_transform_edt(anatomy.brain, sampling=anatomy.grid.voxel_size)
     candidates = np.argwhere((anatomy.tissue > 0.8) & (depth >= min(0.5 * radius_mm + 3.0, 20.0)))
     if len(candidates) == 0:
         candidates = np.argwhere(anatomy.tissue >= TISSUE_THRESHOLD)
     return candidates[rng.integers(len(candidates))]
 
 
-def procedural_shape(anatomy: Anatomy, volume_ml: float, rng: np.random.Generator, cfg: LesionConfig) -> np.ndarray:
+def procedural_shape(anatomy: Anatomy, volume_ml: float, rng: np.random.Generator, cfg: LesionConfig,
+                     depth: np.ndarray | None = None) -> np.ndarray:
     """An irregular blob of about `volume_ml` in tissue: top-scoring voxels of ellipsoid + smooth noise.
 
     The score falls with the (randomly oriented, elongated) ellipsoidal distance from a seed and is
@@ -67,7 +79,7 @@ def procedural_shape(anatomy: Anatomy, volume_ml: float, rng: np.random.Generato
     """
     vs = anatomy.grid.voxel_size
     radius = (3.0 * volume_ml * 1000.0 / (4.0 * np.pi)) ** (1.0 / 3.0)  # mm, sphere of that volume
-    seed = _seed_voxel(anatomy, radius, rng)
+    seed = _seed_voxel(anatomy, brain_depth(anatomy) if depth is None else depth, radius, rng)
     half = int(np.ceil((2.2 * radius + 3.0) / vs))
     lo = np.maximum(seed - half, 0)
     hi = np.minimum(seed + half + 1, anatomy.grid.shape)
@@ -107,14 +119,15 @@ def real_shape(anatomy: Anatomy, path: Path, mni_from_template: np.ndarray) -> n
 
     Each subject voxel knows the template world point it was sampled from; `mni_from_template` takes
     that point to MNI, the mask's inverse affine to its voxels; linear interpolation of the 0/1 mask
-    thresholded at 0.5 gives the shape, so the lesion follows the subject's deformation.
+    thresholded at 0.5 gives the shape, so the lesion follows the subject's deformation. The shape is
+    kept inside brain tissue: only there does darkening change the image.
     """
     volume = load_volume(path)
     to_vox = np.linalg.inv(volume.affine) @ mni_from_template
     world = anatomy.source_world.reshape(3, -1).astype(np.float64)
     vox = (to_vox[:3, :3] @ world + to_vox[:3, 3:4]).reshape(anatomy.source_world.shape)
     sampled = ndimage.map_coordinates((volume.data > 0.5).astype(np.float32), vox, order=1, mode="constant", cval=0.0, output=np.float32)
-    return (sampled >= 0.5) & anatomy.brain
+    return (sampled >= 0.5) & anatomy.brain & (anatomy.tissue >= TISSUE_THRESHOLD)
 
 
 @dataclass(frozen=True)
@@ -149,15 +162,16 @@ def stroke_lesions(anatomy: Anatomy, rng: np.random.Generator, cfg: LesionConfig
         for _ in range(cfg.shape_tries):
             path = shapes[int(rng.integers(len(shapes)))]
             shape = real_shape(anatomy, path, mni_from_template)
-            if lesion_mask(_blend_weight(shape, anatomy, cfg), anatomy).any():
+            if lesion_mask(blend_weight(shape, anatomy, cfg), anatomy).any():
                 union, sources = shape, [path.name]
                 break
         else:
             raise InputError(path.parent, f"{cfg.shape_tries} random lesion masks in a row miss the brain tissue; are they in MNI space?")
     else:
         lo, hi = np.log(cfg.volume_ml[0]), np.log(cfg.volume_ml[1])
+        depth = brain_depth(anatomy)
         for _ in range(int(rng.integers(cfg.count[0], cfg.count[1] + 1))):
-            union |= procedural_shape(anatomy, float(np.exp(rng.uniform(lo, hi))), rng, cfg)
+            union |= procedural_shape(anatomy, float(np.exp(rng.uniform(lo, hi))), rng, cfg, depth)
             sources.append("procedural")
-    weight = _blend_weight(union, anatomy, cfg)
+    weight = blend_weight(union, anatomy, cfg)
     return Lesioned(image=darken(anatomy, weight, rng, cfg), weight=weight, mask=lesion_mask(weight, anatomy), sources=tuple(sources))

@@ -1,0 +1,275 @@
+"""`phanes evaluate`: score methods against ground-truth lesion masks over a manifest split.
+
+Every volume runs through the networks once (methods.py derives all methods from shared intermediates);
+the maps go back onto the native RAS+ grid and are scored there against the native ground truth with the
+streaming `CohortMetrics`, so a cohort never has to fit in memory.
+
+Choices, documented here because they change the figures:
+- Evaluated region: brain voxels of the axial slices the pipeline processed (all slices with enough brain,
+  or the single mid slice in the paper's `slice_mode: mid`). This is exactly what screening sees; lesion
+  voxels on skipped slices are reported per volume as `lesion_ml_unevaluated`.
+- Brain: the row's brain mask, else `auto_brain_mask` as in screening.
+- Rows of the split without a lesion mask are skipped with a warning (their ids are listed in the
+  summary); the split must keep at least one labelled row. A mask on another grid is an InputError.
+- Scores lie in [0, 1] in practice (products of [0, 1] factors; the LPIPS factor can exceed 1 by a hair),
+  so histograms span [0, 1]; the share of voxels above is reported as `clipped_fraction`.
+- Determinism: inference uses the posterior mean and no sampling, the synthetic protocol a seeded rng.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from rich.progress import Progress
+from rich.table import Table
+
+from phanes_cli import __version__
+from phanes_cli.atomic import write_json, write_parquet
+from phanes_cli.backends import Backend, TorchBackend, select_device
+from phanes_cli.bundle import load_bundle
+from phanes_cli.config import PhanesConfig
+from phanes_cli.errors import InputError
+from phanes_cli.evaluation.methods import DEFAULT_METHODS, UNCALIBRATED, method_outputs, predict, threshold, validate_methods
+from phanes_cli.evaluation.metrics import CohortMetrics, VolumeScores
+from phanes_cli.evaluation.report import render_tables as _render_tables
+from phanes_cli.evaluation.synthetic import SyntheticResult, healthy_rows, run_synthetic
+from phanes_cli.manifest import ManifestRow, read_manifest, select
+from phanes_cli.pipeline import Calibration
+from phanes_cli.preprocess import AXIAL_AXIS, auto_brain_mask, prepare_volume, restore_volume, slices_of
+from phanes_cli.volume_io import load_mask, load_volume
+
+BINS = 65536
+MAX_SCORE = 1.0
+SUMMARY_FILE = "summary.json"
+PER_VOLUME_FILE = "per_volume.parquet"
+SYNTHETIC_TABLE_FILE = "synthetic.parquet"
+SYNTHETIC_SUMMARY_FILE = "synthetic.json"
+
+# Summary keys and per-volume columns that need a calibrated threshold: blank for uncalibrated methods.
+_THRESHOLDED_SUMMARY = (
+    "threshold", "dice", "dice_mean", "dice_std", "abs_volume_error_ml_mean", "abs_volume_error_ml_std",
+    "lesions_found", "pred_components", "fp_components", "lesion_recall", "lesion_precision", "lesion_f1",
+)
+_THRESHOLDED_COLUMNS = (
+    "dice", "lesions_found", "pred_components", "fp_components", "lesion_recall", "lesion_precision",
+    "lesion_f1", "predicted_ml", "abs_volume_error_ml",
+)
+_ARROW = {"str": pa.string(), "int": pa.int64(), "float": pa.float64()}
+PER_VOLUME_SCHEMA = pa.schema(
+    [("method", pa.string())]
+    + [(f.name, _ARROW[f.type]) for f in fields(VolumeScores)]
+    + [("slices_processed", pa.int64()), ("lesion_ml_unevaluated", pa.float64())]
+)
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """What `evaluate` wrote: the summary (as in summary.json), the per-volume table and Table 1 results."""
+
+    summary: dict[str, Any]
+    per_volume: pa.Table
+    synthetic: SyntheticResult | None
+    out: Path
+    warnings: list[str] = field(default_factory=list)
+
+    def tables(self) -> list[Table]:
+        """Rich tables like the paper's: real lesions, then the synthetic protocol when it ran."""
+        return render_tables(self)
+
+
+def render_tables(result: EvaluationResult) -> list[Table]:
+    """Rich tables of a result, one row per method (see report.py)."""
+    return _render_tables(result.summary["methods"], result.summary["synthetic"], result.summary["settings"])
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and inf become null: summary.json must be strict JSON for other tools."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (np.integer, np.floating)):
+        return _json_safe(value.item())
+    return value
+
+
+def labelled_rows(rows: list[ManifestRow], split: str, manifest: Path) -> tuple[list[ManifestRow], list[str]]:
+    """Rows of `split` with a lesion mask, and the ids skipped for lacking one; errors when none remain."""
+    in_split = select(rows, split=split)
+    if not in_split:
+        present = sorted({r.split for r in rows})
+        raise InputError(manifest, f"no rows in split {split!r} (splits present: {', '.join(present) or 'none'})")
+    labelled = [r for r in in_split if r.lesion_mask is not None]
+    skipped = [r.id for r in in_split if r.lesion_mask is None]
+    if not labelled:
+        raise InputError(manifest, f"no row of split {split!r} has a lesion_mask; real-lesion evaluation needs ground truth "
+                                   f"(rows without one: {', '.join(skipped[:10])}{' ...' if len(skipped) > 10 else ''})")
+    return labelled, skipped
+
+
+@dataclass(frozen=True)
+class VolumeEvaluation:
+    """Native-grid score maps of every method for one volume, with what they are scored against."""
+
+    scores: dict[str, np.ndarray]  # (X, Y, Z) float32 per method, zero outside the brain
+    inpaint_masks: dict[str, np.ndarray]  # (X, Y, Z) bool per PHANES variant
+    truth: np.ndarray  # (X, Y, Z) bool
+    region: np.ndarray  # (X, Y, Z) bool: brain voxels of processed slices
+    brain: np.ndarray  # (X, Y, Z) bool
+    voxel_ml: float
+    slices_processed: int
+
+
+def evaluate_volume(
+    row: ManifestRow,
+    backend: Backend,
+    cfg: PhanesConfig,
+    calibration: Calibration,
+    methods: Sequence[str],
+    batch_size: int,
+) -> VolumeEvaluation:
+    """Load one labelled volume, run every method on its slices and map the scores onto its native grid."""
+    volume = load_volume(row.image)
+    brain = load_mask(row.brain_mask, volume) if row.brain_mask is not None else auto_brain_mask(volume.data)
+    if row.lesion_mask is None:
+        raise InputError(row.image, f"row {row.id!r} has no lesion_mask")
+    truth = load_mask(row.lesion_mask, volume)
+    prepared = prepare_volume(volume.data, brain, cfg.preprocess)
+    geometry = prepared.geometry
+    truth_slices = (slices_of(truth, geometry, mode="bilinear") >= 0.5).float() if "phanes-gt" in methods else None
+    parts: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
+    masks: dict[str, list[torch.Tensor]] = {m: [] for m in methods if m in ("phanes", "phanes-gt")}
+    for start in range(0, geometry.n_slices, batch_size):
+        part = slice(start, start + batch_size)
+        gt = None if truth_slices is None else truth_slices[part]
+        outputs = method_outputs(prepared.slices[part], prepared.brain[part], gt, backend, cfg, calibration, methods)
+        for method, output in outputs.items():
+            if not torch.isfinite(output.score).all():
+                raise FloatingPointError(f"{row.id}: non-finite {method} scores in slices {start}..{start + output.score.shape[0] - 1}")
+            parts[method].append(output.score.cpu())
+            if method in masks and output.inpaint_mask is not None:
+                masks[method].append(output.inpaint_mask.cpu())
+    size = cfg.preprocess.image_size
+    empty = torch.zeros(0, 1, size, size)
+    scores = {m: (np.clip(restore_volume(torch.cat(v) if v else empty, geometry), 0, None) * brain).astype(np.float32)
+              for m, v in parts.items()}
+    inpaint = {m: (restore_volume(torch.cat(v) if v else empty, geometry) >= 0.5) & brain for m, v in masks.items()}
+    processed = np.zeros(volume.data.shape[AXIAL_AXIS], dtype=bool)
+    processed[geometry.slice_index] = True
+    region = brain & processed[None, None, :]
+    return VolumeEvaluation(scores=scores, inpaint_masks=inpaint, truth=truth, region=region, brain=brain,
+                            voxel_ml=volume.voxel_ml, slices_processed=geometry.n_slices)
+
+
+def _blank(record: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    return {k: (None if k in keys else v) for k, v in record.items()}
+
+
+def _method_rows(method: str, cohort: CohortMetrics, extras: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for record, extra in zip(cohort.per_volume_table().to_pylist(), extras, strict=True):
+        if method in UNCALIBRATED:
+            record = _blank(record, _THRESHOLDED_COLUMNS)
+        rows.append({"method": method, **record, **extra})
+    return rows
+
+
+def _method_summary(method: str, cohort: CohortMetrics) -> dict[str, Any]:
+    summary = cohort.summary()
+    return _blank(summary, _THRESHOLDED_SUMMARY) if method in UNCALIBRATED else summary
+
+
+def evaluate(
+    bundle: Path,
+    manifest: Path,
+    out: Path,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    split: str = "test",
+    device: str = "auto",
+    batch_size: int = 32,
+    synthetic: bool = True,
+    synthetic_slices: int = 30,
+    seed: int = 0,
+    lpips_weights: str | None = None,
+    progress: bool = True,
+) -> EvaluationResult:
+    """Score `methods` of a calibrated bundle on the labelled rows of a manifest split; write the results to `out`.
+
+    Writes summary.json (settings + per-method summary + synthetic summary), per_volume.parquet (one row
+    per method and volume) and, with `synthetic`, synthetic.parquet/synthetic.json (paper Table 1).
+    """
+    bundle, manifest, out = Path(bundle), Path(manifest), Path(out)
+    names = validate_methods(methods)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    loaded = load_bundle(bundle)
+    calibration = loaded.require_calibration()
+    cfg = loaded.config
+    rows = read_manifest(manifest)
+    labelled, skipped = labelled_rows(rows, split, manifest)
+    notes: list[str] = []
+    if skipped:
+        notes.append(f"{len(skipped)} row(s) of split {split!r} have no lesion_mask and were skipped: "
+                     f"{', '.join(skipped[:10])}{' ...' if len(skipped) > 10 else ''}")
+    backend = TorchBackend(loaded.networks(lpips_weights), select_device(device))
+
+    cohorts = {m: CohortMetrics(threshold=threshold(m, calibration), bins=BINS, max_score=MAX_SCORE) for m in names}
+    extras: list[dict[str, Any]] = []
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task(f"evaluating {len(labelled)} volume(s)", total=len(labelled))
+        for row in labelled:
+            result = evaluate_volume(row, backend, cfg, calibration, names, batch_size)
+            for method in names:
+                score = result.scores[method]
+                cohorts[method].add_volume(row.id, score, predict(method, score, result.region, calibration),
+                                           result.truth, result.region, result.voxel_ml)
+            outside = int(np.count_nonzero(result.truth & result.brain & ~result.region))
+            extras.append({"slices_processed": result.slices_processed, "lesion_ml_unevaluated": outside * result.voxel_ml})
+            bar.advance(task)
+
+    per_volume = pa.Table.from_pylist([r for m in names for r in _method_rows(m, cohorts[m], extras)], schema=PER_VOLUME_SCHEMA)
+    method_summaries = {m: _method_summary(m, cohorts[m]) for m in names}
+    for method, summary in method_summaries.items():
+        if summary["clipped_fraction"] > 0:
+            notes.append(f"{method}: {summary['clipped_fraction']:.2e} of brain voxels scored above {MAX_SCORE} "
+                         "and were counted in the top histogram bin")
+
+    synthetic_result = None
+    if synthetic:
+        healthy, source = healthy_rows(rows, split)
+        if healthy:
+            synthetic_result = run_synthetic(healthy, source, backend, cfg, calibration, names, n_slices=synthetic_slices,
+                                             seed=seed, batch_size=batch_size, bins=BINS, max_score=MAX_SCORE)
+        else:
+            notes.append(f"synthetic protocol skipped: no healthy rows in split {split!r} nor in 'val'")
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
+
+    settings = {
+        "bundle": str(bundle), "bundle_hash": loaded.hash, "config": cfg.name, "manifest": str(manifest), "split": split,
+        "n_volumes": len(labelled), "skipped_without_lesion_mask": skipped, "methods": list(names),
+        "calibration": calibration.to_dict(), "slice_mode": cfg.preprocess.slice_mode, "bins": BINS,
+        "max_score": MAX_SCORE, "device": str(backend.device), "date": datetime.now(timezone.utc).isoformat(),
+        "phanes_version": __version__,
+    }
+    summary = _json_safe({"settings": settings, "methods": method_summaries,
+                          "synthetic": None if synthetic_result is None else synthetic_result.summary})
+    out.mkdir(parents=True, exist_ok=True)
+    write_parquet(out / PER_VOLUME_FILE, per_volume)
+    if synthetic_result is not None:
+        write_parquet(out / SYNTHETIC_TABLE_FILE, synthetic_result.per_slice)
+        write_json(out / SYNTHETIC_SUMMARY_FILE, summary["synthetic"])
+    write_json(out / SUMMARY_FILE, summary)
+    return EvaluationResult(summary=summary, per_volume=per_volume, synthetic=synthetic_result, out=out, warnings=notes)
+

@@ -1,0 +1,277 @@
+"""Turn command-line INPUTS into manifest rows: folders, globs, single files and CSV/Parquet lists.
+
+Shared by `phanes screen` and `phanes data prepare`, so both see the same volumes under the same ids.
+
+Rules
+- A folder is searched recursively for ``*.nii`` / ``*.nii.gz``. A glob (``*``, ``?``, ``[``; ``**``
+  recursive) keeps the NIfTI files it matches. Both skip files that look like masks or label maps rather
+  than images: the file name without its NIfTI suffix, split at ``_ - .``, holds one of the words
+  ``mask, brainmask, lesion, lesions, seg, dseg, label, labels, labelmap`` (``sub-1_brain_mask``,
+  ``T1_lesion``, ``tumor_seg_model`` are skipped). A name ending in ``_brain`` is kept: that is the
+  usual name of a skull-stripped image (FSL BET), exactly what phanes screens. Hidden files are skipped.
+- A file named explicitly is taken as it is (even if it looks like a mask); a ``.csv``, ``.parquet`` or
+  ``.pq`` file is a list of volumes with a path column ``image`` (or ``path``), and optional ``id`` (or
+  ``subject_id``/``subject``), ``brain_mask``, ``lesion_mask``, ``split``, ``kind``, ``lesion_ml``
+  columns. Relative paths resolve against the list's folder. Files in a list are not checked here: a
+  missing one fails later as that volume's own error.
+- Ids come from the list's id column or from the file name without its suffix; characters other than
+  letters, digits, ``. _ -`` become ``_``. Derived ids that collide get their parent folder names
+  prepended (``case1_T1``, ``case2_T1``) until unique, then a ``-2``, ``-3`` suffix in path order, so the
+  same inputs always give the same ids. Ids from a list are kept verbatim and must be unique and usable
+  as file names.
+- The same file reached twice (a folder and a glob, say) is listed once, at its first place.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+import re
+from collections import Counter
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from phanes_cli.errors import InputError
+from phanes_cli.manifest import ManifestRow, write_manifest
+from phanes_cli.volume_io import DEFAULT_MAX_VOXELS, is_nifti_path, load_mask, load_volume
+
+TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
+MASK_WORDS = frozenset({"mask", "brainmask", "lesion", "lesions", "seg", "dseg", "label", "labels", "labelmap"})
+IMAGE_COLUMNS = ("image", "path")
+ID_COLUMNS = ("id", "subject_id", "subject")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """An input file that cannot be used, and why (the reason reads without the path)."""
+
+    path: str
+    reason: str
+    id: str | None = None
+
+
+def nifti_stem(path: str | Path) -> str:
+    """File name without ``.nii`` / ``.nii.gz`` (case-insensitive)."""
+    name = Path(path).name
+    lower = name.lower()
+    for suffix in (".nii.gz", ".nii"):
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def looks_like_mask(path: str | Path) -> bool:
+    """True when the file name names a mask or label map (see the module rules)."""
+    words = re.split(r"[_\-.]", nifti_stem(path).lower())
+    return any(word in MASK_WORDS for word in words)
+
+
+def _scan_folder(folder: Path) -> list[Path]:
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if not name.startswith(".") and is_nifti_path(name) and not looks_like_mask(name):
+                found.append(Path(root) / name)
+    return found
+
+
+def _expand_glob(pattern: str) -> list[Path]:
+    matches = sorted(glob.glob(pattern, recursive=True))
+    return [Path(m) for m in matches if Path(m).is_file() and is_nifti_path(m)
+            and not Path(m).name.startswith(".") and not looks_like_mask(m)]
+
+
+def _clean(value: Any) -> Any:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, str) and not value.strip():
+        return None
+    return value
+
+
+def _read_list(path: Path) -> list[dict[str, Any]]:
+    try:
+        if path.suffix.lower() == ".csv":
+            table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
+                column_types={c: pa.string() for c in (*IMAGE_COLUMNS, *ID_COLUMNS, "brain_mask", "lesion_mask")}))
+        else:
+            table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(path, f"cannot read the volume list ({exc})") from exc
+    column = next((c for c in IMAGE_COLUMNS if c in table.column_names), None)
+    if column is None:
+        raise InputError(path, f"volume list needs a path column named 'image' or 'path'; it has {', '.join(table.column_names)}")
+    records = table.to_pylist()
+    for number, record in enumerate(records, start=2 if path.suffix.lower() == ".csv" else 1):
+        if _clean(record.get(column)) is None:
+            raise InputError(path, f"row {number} has no {column!r} value")
+    return [{**r, "_image": r[column]} for r in records]
+
+
+@dataclass(frozen=True)
+class _Found:
+    """A discovered image before ids are settled."""
+
+    image: Path
+    id: str | None  # explicit id from a list
+    record: dict[str, Any]
+
+
+def _from_list(path: Path) -> list[_Found]:
+    root = path.parent.absolute()
+    found = []
+    for record in _read_list(path):
+        paths = {}
+        for key in ("_image", "brain_mask", "lesion_mask"):
+            value = _clean(record.get(key))
+            paths[key] = None if value is None else Path(os.path.normpath(root / str(value)))
+        explicit = next((_clean(record.get(c)) for c in ID_COLUMNS if _clean(record.get(c)) is not None), None)
+        extra = {k: v for k, v in record.items() if k not in (*IMAGE_COLUMNS, *ID_COLUMNS, "_image")}
+        extra.update(brain_mask=paths["brain_mask"], lesion_mask=paths["lesion_mask"])
+        found.append(_Found(image=paths["_image"], id=None if explicit is None else str(explicit), record=extra))  # type: ignore[arg-type]
+    return found
+
+
+def _discover(argument: str) -> list[_Found]:
+    path = Path(argument)
+    if path.is_dir():
+        files = _scan_folder(path)
+        if not files:
+            raise InputError(path, "folder holds no NIfTI images (*.nii, *.nii.gz) besides masks")
+        return [_Found(f, None, {}) for f in files]
+    if path.is_file():
+        if path.name.lower().endswith(TABLE_SUFFIXES):
+            return _from_list(path)
+        if is_nifti_path(path):
+            return [_Found(path, None, {})]
+        raise InputError(path, "not a NIfTI image, a folder, or a CSV/Parquet volume list")
+    if _GLOB_CHARS.search(argument):
+        files = _expand_glob(argument)
+        if not files:
+            raise InputError(argument, "pattern matches no NIfTI images")
+        return [_Found(f, None, {}) for f in files]
+    raise InputError(path, "not found")
+
+
+def derive_id(path: str | Path) -> str:
+    """A file-name-safe id from an image's file name."""
+    return _UNSAFE.sub("_", nifti_stem(path)) or "volume"
+
+
+def _check_explicit(ids: Iterable[str]) -> None:
+    seen: set[str] = set()
+    for value in ids:
+        if value in seen:
+            raise InputError(value, "id appears more than once in the volume lists; ids must be unique")
+        if value in (".", "..") or value.startswith(".") or "/" in value or "\\" in value or "\0" in value:
+            raise InputError(value, "id cannot be used as a file name (no '/', '\\', or leading '.')")
+        seen.add(value)
+
+
+def _name_at(path: Path, depth: int) -> str:
+    """The derived id with `depth` parent folder names prepended."""
+    parents = path.absolute().parent.parts[1:]
+    chosen = parents[len(parents) - depth:] if depth else ()
+    return "_".join([*(_UNSAFE.sub("_", p) for p in chosen), derive_id(path)])
+
+
+def _unique_ids(found: list[_Found]) -> list[str]:
+    """Settle ids deterministically: explicit ids verbatim, derived ids made unique (module rules)."""
+    _check_explicit(f.id for f in found if f.id is not None)
+    ids: dict[int, str] = {i: f.id for i, f in enumerate(found) if f.id is not None}
+    taken = set(ids.values())
+    pending = [i for i, f in enumerate(found) if f.id is None]
+    depth = 0
+    while pending:
+        names = {i: _name_at(found[i].image, depth) for i in pending}
+        counts = Counter(names.values())
+        clash = [i for i in pending if counts[names[i]] > 1 or names[i] in taken]
+        for i in pending:
+            if i not in clash:
+                ids[i] = names[i]
+                taken.add(names[i])
+        if clash and all(depth >= len(found[i].image.absolute().parent.parts) - 1 for i in clash):
+            for i in sorted(clash, key=lambda k: str(found[k].image)):
+                candidate, n = names[i], 2
+                while candidate in taken:
+                    candidate, n = f"{names[i]}-{n}", n + 1
+                ids[i] = candidate
+                taken.add(candidate)
+            break
+        pending, depth = clash, depth + 1
+    return [ids[i] for i in range(len(found))]
+
+
+def resolve_inputs(inputs: list[str]) -> list[ManifestRow]:
+    """Expand INPUTS into manifest rows with unique ids, in input order (folders/globs sorted).
+
+    Raises InputError for an argument that does not exist, matches nothing or cannot be read; files
+    named inside a volume list are not opened here.
+    """
+    if not inputs:
+        raise InputError("INPUTS", "no inputs given; name folders, files, globs or a CSV/Parquet list")
+    found: list[_Found] = []
+    seen: set[Path] = set()
+    for argument in inputs:
+        for item in _discover(str(argument)):
+            key = Path(os.path.normpath(item.image.absolute()))
+            if key in seen:
+                continue
+            seen.add(key)
+            found.append(item)
+    rows = []
+    for item, vid in zip(found, _unique_ids(found)):
+        record = dict(item.record)
+        lesion_ml = _clean(record.pop("lesion_ml", None))
+        rows.append(ManifestRow(
+            id=vid,
+            image=Path(os.path.normpath(item.image.absolute())),
+            brain_mask=record.pop("brain_mask", None),
+            lesion_mask=record.pop("lesion_mask", None),
+            split=str(_clean(record.pop("split", None)) or "test"),
+            kind=str(_clean(record.pop("kind", None)) or "unknown"),
+            lesion_ml=None if lesion_ml is None else float(lesion_ml),
+            extra={k: v for k, v in record.items() if _clean(v) is not None},
+        ))
+    return rows
+
+
+def validate_row(row: ManifestRow, max_voxels: int = DEFAULT_MAX_VOXELS) -> Rejected | None:
+    """Open the image and its masks as screening would; None when usable, else the first reason."""
+    try:
+        volume = load_volume(row.image, max_voxels)
+        for mask in (row.brain_mask, row.lesion_mask):
+            if mask is not None:
+                load_mask(mask, volume, max_voxels)
+    except InputError as exc:
+        return Rejected(path=exc.path, reason=exc.reason, id=row.id)
+    return None
+
+
+def prepare_manifest(inputs: list[str], out: Path, validate: bool = True,
+                     max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[list[ManifestRow], list[Rejected]]:
+    """Resolve INPUTS, check each file (image and masks) and write the manifest of the usable ones.
+
+    Files are checked in a few threads (decompression releases the GIL). Returns the written rows and
+    every rejected file with its reason, in input order.
+    """
+    rows = resolve_inputs(inputs)
+    rejected: list[Rejected] = []
+    if validate:
+        with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+            verdicts = list(pool.map(lambda r: validate_row(r, max_voxels), rows))
+        rejected = [v for v in verdicts if v is not None]
+        rows = [r for r, v in zip(rows, verdicts) if v is None]
+    write_manifest(rows, out)
+    return rows, rejected
