@@ -3,12 +3,13 @@
 Shared by `phanes screen` and `phanes data prepare`, so both see the same volumes under the same ids.
 
 Rules
-- A folder is searched recursively for ``*.nii`` / ``*.nii.gz``. A glob (``*``, ``?``, ``[``; ``**``
+- A folder is searched recursively for ``*.nii`` / ``*.nii.gz``; a glob (``*``, ``?``, ``[``; ``**``
   recursive) keeps the NIfTI files it matches. Both skip files that look like masks or label maps rather
   than images: the file name without its NIfTI suffix, split at ``_ - .``, holds one of the words
-  ``mask, brainmask, lesion, lesions, seg, dseg, label, labels, labelmap`` (``sub-1_brain_mask``,
-  ``T1_lesion``, ``tumor_seg_model`` are skipped). A name ending in ``_brain`` is kept: that is the
-  usual name of a skull-stripped image (FSL BET), exactly what phanes screens. Hidden files are skipped.
+  ``brain, mask, brainmask, lesion, lesions, seg, dseg, label, labels, labelmap`` (``sub-1_brain``,
+  ``sub-1_brain_mask``, ``T1_lesion``, ``tumor_seg_model`` are skipped). A glob whose own file-name part
+  holds such a word (``data/*_brain.nii.gz``) asks for those files and keeps them. Hidden files are
+  skipped.
 - A file named explicitly is taken as it is (even if it looks like a mask); a ``.csv``, ``.parquet`` or
   ``.pq`` file is a list of volumes with a path column ``image`` (or ``path``), and optional ``id`` (or
   ``subject_id``/``subject``), ``brain_mask``, ``lesion_mask``, ``split``, ``kind``, ``lesion_ml``
@@ -28,7 +29,6 @@ import glob
 import math
 import os
 import re
-from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -44,7 +44,7 @@ from phanes_cli.manifest import ManifestRow, write_manifest
 from phanes_cli.volume_io import DEFAULT_MAX_VOXELS, is_nifti_path, load_mask, load_volume
 
 TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
-MASK_WORDS = frozenset({"mask", "brainmask", "lesion", "lesions", "seg", "dseg", "label", "labels", "labelmap"})
+MASK_WORDS = frozenset({"brain", "mask", "brainmask", "lesion", "lesions", "seg", "dseg", "label", "labels", "labelmap"})
 IMAGE_COLUMNS = ("image", "path")
 ID_COLUMNS = ("id", "subject_id", "subject")
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -88,8 +88,9 @@ def _scan_folder(folder: Path) -> list[Path]:
 
 def _expand_glob(pattern: str) -> list[Path]:
     matches = sorted(glob.glob(pattern, recursive=True))
+    wants_masks = looks_like_mask(Path(pattern).name)
     return [Path(m) for m in matches if Path(m).is_file() and is_nifti_path(m)
-            and not Path(m).name.startswith(".") and not looks_like_mask(m)]
+            and not Path(m).name.startswith(".") and (wants_masks or not looks_like_mask(m))]
 
 
 def _clean(value: Any) -> Any:
@@ -187,7 +188,11 @@ def _name_at(path: Path, depth: int) -> str:
 
 
 def _unique_ids(found: list[_Found]) -> list[str]:
-    """Settle ids deterministically: explicit ids verbatim, derived ids made unique (module rules)."""
+    """Settle ids deterministically: explicit ids verbatim, derived ids made unique (module rules).
+
+    Colliding derived ids take one more parent folder name per round; files that collide within one
+    folder (or that have run out of parents) are numbered in path order instead.
+    """
     _check_explicit(f.id for f in found if f.id is not None)
     ids: dict[int, str] = {i: f.id for i, f in enumerate(found) if f.id is not None}
     taken = set(ids.values())
@@ -195,21 +200,26 @@ def _unique_ids(found: list[_Found]) -> list[str]:
     depth = 0
     while pending:
         names = {i: _name_at(found[i].image, depth) for i in pending}
-        counts = Counter(names.values())
-        clash = [i for i in pending if counts[names[i]] > 1 or names[i] in taken]
+        groups: dict[str, list[int]] = {}
         for i in pending:
-            if i not in clash:
-                ids[i] = names[i]
-                taken.add(names[i])
-        if clash and all(depth >= len(found[i].image.absolute().parent.parts) - 1 for i in clash):
-            for i in sorted(clash, key=lambda k: str(found[k].image)):
-                candidate, n = names[i], 2
-                while candidate in taken:
-                    candidate, n = f"{names[i]}-{n}", n + 1
-                ids[i] = candidate
-                taken.add(candidate)
-            break
-        pending, depth = clash, depth + 1
+            groups.setdefault(names[i], []).append(i)
+        deeper = []
+        for name, group in groups.items():
+            parents = {found[i].image.absolute().parent for i in group}
+            exhausted = all(depth >= len(found[i].image.absolute().parent.parts) - 1 for i in group)
+            if len(group) == 1 and name not in taken:
+                ids[group[0]] = name
+                taken.add(name)
+            elif (len(group) > 1 and len(parents) == 1) or exhausted:
+                for i in sorted(group, key=lambda k: str(found[k].image)):
+                    candidate, n = name, 2
+                    while candidate in taken:
+                        candidate, n = f"{name}-{n}", n + 1
+                    ids[i] = candidate
+                    taken.add(candidate)
+            else:
+                deeper.extend(group)
+        pending, depth = sorted(deeper), depth + 1
     return [ids[i] for i in range(len(found))]
 
 

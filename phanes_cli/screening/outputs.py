@@ -223,15 +223,15 @@ def _ids_with(folder: Path, suffix: str) -> list[str]:
     return sorted(p.name[: -len(suffix)] for p in folder.iterdir() if p.name.endswith(suffix) and not p.name.startswith("."))
 
 
-def _stream(paths: Iterator[Path], schema: pa.Schema, target: Path, group_rows: int = 4096) -> int:
-    """Concatenate part files into one Parquet file, row group by row group, with bounded memory."""
+def _stream(tables: Iterator[pa.Table], schema: pa.Schema, target: Path, group_rows: int = 4096) -> int:
+    """Concatenate small tables into one Parquet file, row group by row group, with bounded memory."""
     written = 0
     with atomic_path(target) as tmp:
         with pq.ParquetWriter(tmp, schema) as writer:
             batch: list[pa.Table] = []
             rows = 0
-            for path in paths:
-                table = pq.read_table(path).select(schema.names).cast(schema)
+            for table in tables:
+                table = table.select(schema.names).cast(schema)
                 batch.append(table)
                 rows += table.num_rows
                 if rows >= group_rows:
@@ -261,24 +261,15 @@ def consolidate(layout: OutputLayout) -> dict[str, int]:
     failed_volume_rows = {r["id"]: {"id": r["id"], "input_path": r["path"], "status": "failed",
                                     "bundle_hash": r["bundle_hash"]} for r in failure_rows}
 
-    def volume_tables() -> Iterator[Path]:
+    def volume_tables() -> Iterator[pa.Table]:
         for vid in sorted(done_set | set(failed_volume_rows)):
             if vid in done_set:
-                yield layout.part("volumes", vid)
+                yield pq.read_table(layout.part("volumes", vid))
             else:
-                yield _failed_part(layout, failed_volume_rows[vid])
+                yield table_from_rows([failed_volume_rows[vid]], VOLUME_SCHEMA)
 
     n_volumes = _stream(volume_tables(), VOLUME_SCHEMA, layout.table("volumes"))
-    n_lesions = _stream((layout.part("lesions", v) for v in done), LESION_SCHEMA, layout.table("lesions"))
+    n_lesions = _stream((pq.read_table(layout.part("lesions", v)) for v in done), LESION_SCHEMA, layout.table("lesions"))
     write_parquet(layout.table("failures"), table_from_rows(sorted(failure_rows, key=lambda r: r["id"]), FAILURE_SCHEMA))
-    for vid in failed_volume_rows:
-        _failed_part(layout, failed_volume_rows[vid]).unlink(missing_ok=True)
     return {"volumes": n_volumes, "lesions": n_lesions, "failures": len(failure_rows), "done": len(done)}
 
-
-def _failed_part(layout: OutputLayout, row: dict[str, Any]) -> Path:
-    """A scratch one-row table for a failed volume, so consolidation streams one kind of input."""
-    path = layout.root / "parts" / "failures" / f".row-{row['id']}.parquet"
-    if not path.is_file():
-        pq.write_table(table_from_rows([row], VOLUME_SCHEMA), path)
-    return path

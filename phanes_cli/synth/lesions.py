@@ -2,14 +2,15 @@
 
 Every lesion starts as a binary shape S on the subject grid: either procedural (an ellipsoid roughened
 by smooth noise, grown around a seed in grey/white matter to a target volume) or a real expert-drawn
-stroke mask resampled from MNI space. The blend weight is w = Gaussian(S, sigma = border_mm), and the
-image becomes x * (1 - w) + min(x, t) * w with t a CSF-like target (25-50% of white matter, with a
-little smooth texture): a T1 hypo-intensity with a soft border that never brightens anything.
+stroke mask resampled from MNI space. The blend weight w ramps smoothly from 1 inside to 0 across the
+shape's surface (see `blend_weight`), and the image becomes x * (1 - w) + min(x, t) * w with t a
+CSF-like target (20-45% of white matter, with a little smooth texture): a T1 hypo-intensity with a
+soft border that never brightens anything.
 
 Ground truth: mask = (w >= 0.5) & brain & tissue. Only voxels where the darkening is at least half
-complete are lesion; the fading border (w < 0.5, within ~2 voxels) is not. The tissue restriction
-keeps mask voxels where the darkening is visible: a real mask reaching into a ventricle would
-otherwise label CSF that the image cannot show as changed.
+complete are lesion; the fading border (0 < w < 0.5) lies within 2 voxels of the mask. The tissue
+restriction keeps mask voxels where the darkening is visible: a real mask reaching into a ventricle
+would otherwise label CSF that the image cannot show as changed.
 """
 
 from __future__ import annotations
@@ -33,27 +34,50 @@ class LesionConfig:
 
     volume_ml: tuple[float, float] = (0.5, 80.0)  # per lesion, log-uniform
     count: tuple[int, int] = (1, 3)  # lesions per subject, inclusive
-    border_mm: float = 1.0  # sigma of the soft border
+    border_mm: float = 1.5  # half-width of the soft border (also the shape's smoothing sigma)
     darkening: tuple[float, float] = (0.2, 0.45)  # lesion intensity as a fraction of white matter (CSF ~0.35)
     roughness: float = 0.35  # weight of the smooth noise against the ellipsoid distance
     max_elongation: float = 1.6
     shape_tries: int = 20  # real-shape picks before giving up on a subject
 
 
-def blend_weight(shape: np.ndarray, anatomy: Anatomy, cfg: LesionConfig) -> np.ndarray:
-    """Soft-border weight (X, Y, Z) float32 in [0, 1] of a binary shape.
+def allowed_region(anatomy: Anatomy) -> np.ndarray:
+    """Where lesions may be: brain grey/white matter. (X, Y, Z) bool."""
+    return anatomy.brain & (anatomy.tissue >= TISSUE_THRESHOLD)
 
-    Smoothing twice (shape -> weight >= 0.5 -> smoothed again) first removes one-voxel spurs and
-    specks, which a single pass would darken partly (weight < 0.5) without ever counting as lesion.
+
+def regularise(shape: np.ndarray, allowed: np.ndarray, sigma_vox: float) -> np.ndarray:
+    """Round corners and drop one-voxel spurs (Gaussian, >= 0.5), then cut to the allowed region."""
+    return (ndimage.gaussian_filter(shape.astype(np.float32), sigma_vox, truncate=3.0) >= 0.5) & allowed
+
+
+def blend_weight(core: np.ndarray, anatomy: Anatomy, cfg: LesionConfig) -> np.ndarray:
+    """Soft-border weight (X, Y, Z) float32 in [0, 1] of a lesion core (bool, inside brain tissue).
+
+    A smoothstep of the signed distance to the core's surface, 0.5 exactly on it: >= 0.5 on every
+    core voxel, < 0.5 everywhere else, and 0 beyond `border_mm` (at most 1.5 voxels) outside, so
+    the ground truth (weight >= 0.5) is the core and nothing 2 voxels or farther from it is touched.
     """
-    sigma = cfg.border_mm / anatomy.grid.voxel_size
-    core = ndimage.gaussian_filter(shape.astype(np.float32), sigma, truncate=3.0) >= 0.5
-    return ndimage.gaussian_filter(core.astype(np.float32), sigma, truncate=3.0)
+    weight = np.zeros(core.shape, dtype=np.float32)
+    if not core.any():
+        return weight
+    idx = np.argwhere(core)
+    lo = np.maximum(idx.min(0) - 3, 0)
+    hi = np.minimum(idx.max(0) + 4, core.shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    local = core[box]
+    inside = ndimage.distance_transform_edt(local) - 0.5
+    outside = ndimage.distance_transform_edt(~local) - 0.5
+    signed = np.where(local, inside, -outside)
+    ramp = min(cfg.border_mm / anatomy.grid.voxel_size, 1.5)
+    t = np.clip(0.5 + signed / (2.0 * ramp), 0.0, 1.0)
+    weight[box] = t * t * (3.0 - 2.0 * t)
+    return weight
 
 
 def lesion_mask(weight: np.ndarray, anatomy: Anatomy) -> np.ndarray:
     """Ground truth from a blend weight: half-complete darkening, inside brain tissue. (X, Y, Z) bool."""
-    return (weight >= 0.5) & anatomy.brain & (anatomy.tissue >= TISSUE_THRESHOLD)
+    return (weight >= 0.5) & allowed_region(anatomy)
 
 
 def brain_depth(anatomy: Anatomy) -> np.ndarray:
@@ -65,17 +89,27 @@ def _seed_voxel(anatomy: Anatomy, depth: np.ndarray, radius_mm: float, rng: np.r
     """A random tissue voxel deep enough that a lesion of this radius is not mostly cut off by the surface."""
     candidates = np.argwhere((anatomy.tissue > 0.8) & (depth >= min(0.5 * radius_mm + 3.0, 20.0)))
     if len(candidates) == 0:
-        candidates = np.argwhere(anatomy.tissue >= TISSUE_THRESHOLD)
+        candidates = np.argwhere(allowed_region(anatomy))
     return candidates[rng.integers(len(candidates))]
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    labels, n = ndimage.label(mask)
+    if n <= 1:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
 
 
 def procedural_shape(anatomy: Anatomy, volume_ml: float, rng: np.random.Generator, cfg: LesionConfig,
                      depth: np.ndarray | None = None) -> np.ndarray:
-    """An irregular blob of about `volume_ml` in tissue: top-scoring voxels of ellipsoid + smooth noise.
+    """An irregular lesion core of about `volume_ml` in tissue. (X, Y, Z) bool.
 
     The score falls with the (randomly oriented, elongated) ellipsoidal distance from a seed and is
-    roughened by smooth noise at a third of the lesion radius; taking exactly the voxel count of the
-    target volume among tissue voxels, then its largest connected part, gives the shape. (X, Y, Z) bool.
+    roughened by smooth noise at a third of the lesion radius. The top-k scoring tissue voxels,
+    regularised and reduced to their largest connected part, form the core; k starts at the target
+    voxel count and is grown a few times to make up for what regularisation trims off small shapes.
     """
     vs = anatomy.grid.voxel_size
     radius = (3.0 * volume_ml * 1000.0 / (4.0 * np.pi)) ** (1.0 / 3.0)  # mm, sphere of that volume
@@ -93,41 +127,38 @@ def procedural_shape(anatomy: Anatomy, volume_ml: float, rng: np.random.Generato
     distance = np.sqrt((local**2).sum(0))
     noise = ndimage.gaussian_filter(rng.standard_normal(distance.shape).astype(np.float32), max(radius / 3.0 / vs, 1.0))
     noise /= max(float(noise.std()), 1e-6)
-    score = -distance + cfg.roughness * noise
-    allowed = anatomy.brain[box] & (anatomy.tissue[box] >= TISSUE_THRESHOLD)
-    score = np.where(allowed, score, -np.inf)
-    k = max(1, int(round(volume_ml * 1000.0 / vs**3)))
-    k = min(k, int(allowed.sum()))
+    allowed = allowed_region(anatomy)[box]
+    order = np.argsort(-np.where(allowed, -distance + cfg.roughness * noise, -np.inf), axis=None)[: int(allowed.sum())]
+    target = volume_ml * 1000.0 / vs**3
+    k = max(1, int(round(target)))
     shape = np.zeros(anatomy.grid.shape, dtype=bool)
-    if k == 0:
-        return shape
-    flat = score.ravel()
-    chosen = np.zeros(flat.shape, dtype=bool)
-    chosen[np.argpartition(-flat, k - 1)[:k]] = True
-    chosen = chosen.reshape(score.shape)
-    labels, n = ndimage.label(chosen)
-    if n > 1:
-        sizes = np.bincount(labels.ravel())
-        sizes[0] = 0
-        chosen = labels == int(np.argmax(sizes))
-    shape[box] = chosen
+    for _ in range(5):
+        chosen = np.zeros(distance.size, dtype=bool)
+        chosen[order[:k]] = True
+        core = _largest_component(regularise(chosen.reshape(distance.shape), allowed, cfg.border_mm / vs))
+        if core.sum() >= 0.95 * target or k >= order.size:
+            break
+        k = min(order.size, int(np.ceil(k * target / max(int(core.sum()), 1))) + 1)
+    shape[box] = core
     return shape
 
 
-def real_shape(anatomy: Anatomy, path: Path, mni_from_template: np.ndarray) -> np.ndarray:
+def real_shape(anatomy: Anatomy, path: Path, mni_from_template: np.ndarray, cfg: LesionConfig) -> np.ndarray:
     """A real binary lesion mask (any NIfTI grid in MNI space) resampled onto the subject. (X, Y, Z) bool.
 
     Each subject voxel knows the template world point it was sampled from; `mni_from_template` takes
     that point to MNI, the mask's inverse affine to its voxels; linear interpolation of the 0/1 mask
     thresholded at 0.5 gives the shape, so the lesion follows the subject's deformation. The shape is
-    kept inside brain tissue: only there does darkening change the image.
+    kept inside brain tissue (only there does darkening change the image) and regularised like the
+    procedural ones; several disconnected parts stay (real strokes can be multifocal).
     """
     volume = load_volume(path)
     to_vox = np.linalg.inv(volume.affine) @ mni_from_template
     world = anatomy.source_world.reshape(3, -1).astype(np.float64)
     vox = (to_vox[:3, :3] @ world + to_vox[:3, 3:4]).reshape(anatomy.source_world.shape)
     sampled = ndimage.map_coordinates((volume.data > 0.5).astype(np.float32), vox, order=1, mode="constant", cval=0.0, output=np.float32)
-    return (sampled >= 0.5) & anatomy.brain & (anatomy.tissue >= TISSUE_THRESHOLD)
+    allowed = allowed_region(anatomy)
+    return regularise((sampled >= 0.5) & allowed, allowed, cfg.border_mm / anatomy.grid.voxel_size)
 
 
 @dataclass(frozen=True)
@@ -161,8 +192,8 @@ def stroke_lesions(anatomy: Anatomy, rng: np.random.Generator, cfg: LesionConfig
             raise ValueError("real lesion shapes need the template -> MNI world transform")
         for _ in range(cfg.shape_tries):
             path = shapes[int(rng.integers(len(shapes)))]
-            shape = real_shape(anatomy, path, mni_from_template)
-            if lesion_mask(blend_weight(shape, anatomy, cfg), anatomy).any():
+            shape = real_shape(anatomy, path, mni_from_template, cfg)
+            if shape.any():
                 union, sources = shape, [path.name]
                 break
         else:

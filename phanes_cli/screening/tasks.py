@@ -1,0 +1,235 @@
+"""The CPU stages of screening: decode + preprocess a volume, and restore + measure + write its results.
+
+Both run as Ray tasks but are plain functions (no Ray import), so tests and the benchmark can call them
+directly. They never raise for a bad volume: an error becomes a `Failure` in the returned record, and
+the driver writes it to the failures table. Only a crash of the worker process itself reaches the driver
+as an exception.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from phanes_cli.config import PreprocessConfig
+from phanes_cli.errors import InputError
+from phanes_cli.evaluation.lesions import lesion_table
+from phanes_cli.manifest import ManifestRow
+from phanes_cli.pipeline import Calibration
+from phanes_cli.preprocess import SliceGeometry, auto_brain_mask, prepare_volume, restore_volume
+from phanes_cli.screening.outputs import Failure, OutputLayout, commit_volume, input_signature
+from phanes_cli.volume_io import Volume, load_mask, load_volume, save_like
+
+
+def node_ip() -> str:
+    """The address of the node this code runs on (Ray's view when inside Ray, else the host name)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except ImportError:
+        pass
+    return socket.gethostname()
+
+
+def describe(exc: BaseException) -> tuple[str, str]:
+    """(error type, one-line message) for a failure row; input errors give their reason only."""
+    if isinstance(exc, InputError):
+        return type(exc).__name__, exc.reason
+    message = str(exc).strip().splitlines()
+    return type(exc).__name__, (message[0] if message else repr(exc))[:2000]
+
+
+@dataclass(frozen=True)
+class ModelSlices:
+    """What the inference actor needs: the volume's model-grid slices, as numpy for zero-copy transfer."""
+
+    slices: np.ndarray  # (N, 1, S, S) float32 in [0, 1]
+    brain: np.ndarray  # (N, 1, S, S) float32 in {0, 1}
+
+
+@dataclass(frozen=True)
+class VolumeContext:
+    """What the write stage needs to go back to the input's space; stays in the object store meanwhile."""
+
+    volume: Volume
+    brain: np.ndarray  # (X, Y, Z) bool on the RAS+ grid
+    geometry: SliceGeometry
+    scale: float
+
+
+@dataclass(frozen=True)
+class DecodeResult:
+    """The small record the driver reads after decoding; the big parts travel as separate objects."""
+
+    failure: Failure | None
+    seconds: float
+    node: str
+    n_slices: int = 0
+
+
+def decode_volume(row: ManifestRow, cfg: PreprocessConfig, max_voxels: int
+                  ) -> tuple[DecodeResult, ModelSlices | None, VolumeContext | None]:
+    """Read, validate and preprocess one volume: (record, model slices, context for the write stage)."""
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    try:
+        volume = load_volume(row.image, max_voxels)
+        brain = load_mask(row.brain_mask, volume, max_voxels) if row.brain_mask is not None else auto_brain_mask(volume.data)
+        prepared = prepare_volume(volume.data, brain, cfg)
+    except InputError as exc:
+        kind, message = describe(exc)
+        if exc.path != str(row.image):
+            message = f"{exc.path}: {message}"
+        return DecodeResult(Failure("decode", kind, message, retry_on_resume=False), time.perf_counter() - start, node_ip()), None, None
+    except Exception as exc:  # noqa: BLE001 - any other error (memory, a library bug) fails this volume only
+        kind, message = describe(exc)
+        return DecodeResult(Failure("decode", kind, message), time.perf_counter() - start, node_ip()), None, None
+    slices = ModelSlices(prepared.slices.numpy(), prepared.brain.numpy())
+    context = VolumeContext(volume=volume, brain=brain, geometry=prepared.geometry, scale=prepared.scale)
+    return DecodeResult(None, time.perf_counter() - start, node_ip(), prepared.geometry.n_slices), slices, context
+
+
+@dataclass(frozen=True)
+class InferenceResult:
+    """The actor's small record; the maps travel as a separate object."""
+
+    failure: Failure | None
+    seconds: float
+    node: str
+    pid: int
+
+
+@dataclass(frozen=True)
+class ModelMaps:
+    """Model-grid maps of one volume's processed slices, each (N, 1, S, S)."""
+
+    anomaly: np.ndarray  # float32 s(x)
+    pseudo_healthy: np.ndarray | None  # float32 x_ph in [0, 1], only when that output is asked for
+    inpaint_mask: np.ndarray | None  # bool, the stage 1 mask (where x_ph differs from x)
+
+
+@dataclass(frozen=True)
+class NativeMaps:
+    """Results on the volume's RAS+ grid, (X, Y, Z) each."""
+
+    anomaly: np.ndarray  # float32, zero outside the brain
+    lesion: np.ndarray  # bool
+    pseudo_healthy: np.ndarray | None  # float32 in input intensities
+
+
+def restore_maps(maps: ModelMaps, context: VolumeContext, anomaly_threshold: float) -> NativeMaps:
+    """Bring model-grid maps back onto the input grid and threshold the lesion mask.
+
+    lesion = s(x) >= calibrated threshold, inside the brain, where s(x) > 0 (the same rule as
+    `pipeline.run_volume`). The pseudo-healthy image keeps the input intensities everywhere except
+    inside the restored inpainting mask, where it takes x_ph times the volume's intensity scale: by
+    definition x_ph equals x outside the mask, and this avoids resampling blur there.
+    """
+    geometry, brain = context.geometry, context.brain
+    anomaly = np.clip(restore_volume(torch.from_numpy(maps.anomaly), geometry), 0, None) * brain
+    lesion = (anomaly >= anomaly_threshold) & (anomaly > 0) & brain
+    pseudo = None
+    if maps.pseudo_healthy is not None and maps.inpaint_mask is not None:
+        x_ph = restore_volume(torch.from_numpy(maps.pseudo_healthy), geometry) * np.float32(context.scale)
+        inpainted = (restore_volume(torch.from_numpy(maps.inpaint_mask.astype(np.float32)), geometry) >= 0.5) & brain
+        pseudo = np.where(inpainted, x_ph, context.volume.data).astype(np.float32)
+    return NativeMaps(anomaly=anomaly.astype(np.float32), lesion=lesion, pseudo_healthy=pseudo)
+
+
+def native_zooms(volume: Volume) -> tuple[float, float, float]:
+    """Voxel size along the input file's axes (from its affine, the same numbers as volume.voxel_ml)."""
+    return tuple(float(z) for z in np.sqrt((volume.native_affine[:3, :3] ** 2).sum(axis=0)))  # type: ignore[return-value]
+
+
+def volume_statistics(vid: str, volume: Volume, brain: np.ndarray, anomaly: np.ndarray, lesion: np.ndarray
+                      ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Per-volume statistics and one row per connected lesion, from arrays on the RAS+ grid.
+
+    Components are labelled on the input file's own voxel grid (a flip/permutation of RAS+, so the
+    components are the same), which puts centroids, boxes and slice ranges in the file's voxel order;
+    world coordinates go through the input affine. `axial_axis` is the file axis that runs
+    inferior-superior. Volumes in mL are voxel counts times the voxel volume.
+    """
+    axial = int(volume.to_native_ornt[2, 0])
+    lesions = lesion_table(volume.to_native(lesion), volume.to_native(anomaly), volume.native_affine,
+                           native_zooms(volume), axial_axis=axial)
+    in_brain = anomaly[brain]
+    stats = {
+        "brain_volume_ml": float(np.count_nonzero(brain)) * volume.voxel_ml,
+        "lesion_burden_ml": float(np.count_nonzero(lesion)) * volume.voxel_ml,
+        "lesion_count": len(lesions),
+        "largest_lesion_ml": max((r["volume_ml"] for r in lesions), default=0.0),
+        "max_anomaly": float(in_brain.max()) if in_brain.size else 0.0,
+        "mean_anomaly": float(in_brain.mean()) if in_brain.size else 0.0,
+    }
+    rows = [{**{k: (list(v) if isinstance(v, tuple) else v) for k, v in r.items()}, "volume_id": vid, "axial_axis": axial}
+            for r in lesions]
+    return stats, rows
+
+
+@dataclass(frozen=True)
+class WriteJob:
+    """Everything the write stage needs besides the two big objects."""
+
+    row: ManifestRow
+    out: Path
+    outputs: frozenset[str]
+    calibration: Calibration
+    backend: str
+    bundle_hash: str
+    decode: DecodeResult
+    inference: InferenceResult
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """What the driver learns about a finished volume (small; no arrays)."""
+
+    failure: Failure | None
+    seconds: float
+    node: str
+    lesion_count: int = 0
+    lesion_burden_ml: float = 0.0
+
+
+def write_volume(job: WriteJob, context: VolumeContext, maps: ModelMaps) -> WriteResult:
+    """Restore, measure and commit one volume: maps (atomic), lesion rows, volume row, done marker."""
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    layout = OutputLayout(job.out)
+    vid, volume = job.row.id, context.volume
+    try:
+        native = restore_maps(maps, context, job.calibration.anomaly_threshold)
+        stats, lesion_rows = volume_statistics(vid, volume, context.brain, native.anomaly, native.lesion)
+        arrays = {"anomaly": (native.anomaly, np.float32), "mask": (native.lesion.astype(np.uint8), np.uint8),
+                  "pseudohealthy": (native.pseudo_healthy, np.float32)}
+        for kind in sorted(job.outputs):
+            array, dtype = arrays[kind]
+            if array is None:
+                raise RuntimeError(f"output {kind!r} was requested but the inference stage did not return it")
+            save_like(array, volume, layout.map_path(vid, kind), dtype)
+        write_s = time.perf_counter() - start
+        row = {
+            "id": vid, "input_path": str(job.row.image), "status": "ok",
+            "shape": list(volume.native_shape), "voxel_size_mm": list(native_zooms(volume)), **stats,
+            "slices_processed": job.decode.n_slices, "backend": job.backend, "bundle_hash": job.bundle_hash,
+            "runtime_s": job.decode.seconds + job.inference.seconds + write_s,
+            "decode_s": job.decode.seconds, "inference_s": job.inference.seconds, "write_s": write_s,
+            "decode_node": job.decode.node, "inference_node": job.inference.node, "write_node": node_ip(),
+        }
+        marker = {"id": vid, "input_path": str(job.row.image), "input_signature": list(input_signature(job.row.image)),
+                  "bundle_hash": job.bundle_hash, "outputs": sorted(job.outputs),
+                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        commit_volume(layout, vid, row, lesion_rows, marker)
+    except Exception as exc:  # noqa: BLE001 - a disk or memory error fails this volume only
+        kind, message = describe(exc)
+        return WriteResult(Failure("write", kind, message), time.perf_counter() - start, node_ip())
+    return WriteResult(None, time.perf_counter() - start, node_ip(), stats["lesion_count"], stats["lesion_burden_ml"])

@@ -1,0 +1,272 @@
+"""`phanes evaluate`: real-lesion scoring over a manifest split and the synthetic sprite protocol.
+
+Networks are tiny and untrained: these tests check the mechanics (alignment of maps and truth,
+method wiring, outputs, determinism), not accuracy. Where a figure must be high, a stand-in stage 1
+with a known answer (reconstruct = healthy tissue level) makes it so.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+from rich.table import Table
+from sklearn.metrics import average_precision_score
+
+from phanes_cli.backends import TorchBackend
+from phanes_cli.bundle import load_bundle, save_bundle
+from phanes_cli.config import AOTConfig, PhanesConfig, PreprocessConfig, RAConfig
+from phanes_cli.errors import ConfigError, InputError
+from phanes_cli.evaluation.evaluate import evaluate, evaluate_volume, render_tables
+from phanes_cli.evaluation.methods import method_outputs, predict, validate_methods
+from phanes_cli.evaluation.synthetic import central_positions, mid_slices
+from phanes_cli.manifest import ManifestRow, read_manifest, write_manifest
+from phanes_cli.models import AOTGenerator, SoftIntroVAE
+from phanes_cli.pipeline import Calibration, run_volume
+from phanes_cli.preprocess import prepare_volume, slices_of
+from phanes_cli.volume_io import load_mask, load_volume
+
+SHAPE = (40, 48, 20)
+AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
+TISSUE = 100.0
+CALIBRATION = Calibration(mask_threshold=0.05, anomaly_threshold=0.02)
+ALL_METHODS = ("phanes", "ra", "phanes-gt", "residual")
+
+
+def _tiny_config() -> PhanesConfig:
+    return PhanesConfig(
+        name="tiny-test",
+        ra=RAConfig(channels=(4, 4, 8, 8, 8), latent_dim=8),
+        aot=AOTConfig(base_channels=4, channels=8, blocks=1, rates=(1, 2)),
+        preprocess=PreprocessConfig(image_size=32),
+    )
+
+
+def _brain(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Flat tissue with mild noise inside an ellipsoid: (image, brain)."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in SHAPE], indexing="ij"))
+    r = np.sqrt(((grid / np.array([0.8, 0.85, 0.75])[:, None, None, None]) ** 2).sum(0))
+    brain = r < 1.0
+    image = (TISSUE + rng.normal(0, 2.0, SHAPE)) * brain
+    return image.astype(np.float32), brain
+
+
+def _ball(centre: tuple[int, int, int], radius: float) -> np.ndarray:
+    idx = np.indices(SHAPE)
+    return ((idx - np.array(centre)[:, None, None, None]) ** 2).sum(0) <= radius**2
+
+
+def _save(path: Path, array: np.ndarray) -> Path:
+    nib.save(nib.Nifti1Image(array.astype(np.float32), AFFINE), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A bundle of untrained tiny networks and a manifest: 2 labelled test volumes with dark lesions,
+    1 healthy test volume without a lesion mask, 1 healthy val volume."""
+    root = tmp_path_factory.mktemp("evaluate")
+    torch.manual_seed(0)
+    cfg = _tiny_config()
+    bundle = root / "bundle"
+    save_bundle(bundle, cfg, SoftIntroVAE(cfg.ra, cfg.preprocess.image_size), AOTGenerator(cfg.aot), CALIBRATION)
+    lesions = {
+        "p1": _ball((20, 20, 10), 4.5),
+        "p2": _ball((14, 30, 8), 3.5) | _ball((27, 22, 12), 3.0),
+    }
+    rows = []
+    for i, (name, lesion) in enumerate(lesions.items()):
+        image, brain = _brain(i)
+        image[lesion & brain] = 0.2 * TISSUE
+        rows.append(ManifestRow(id=name, image=_save(root / f"{name}.nii.gz", image),
+                                brain_mask=_save(root / f"{name}_brain.nii.gz", brain),
+                                lesion_mask=_save(root / f"{name}_lesion.nii.gz", lesion & brain), split="test", kind="stroke"))
+    for name, split in (("h1", "test"), ("h2", "val")):
+        image, brain = _brain(10 + len(rows))
+        rows.append(ManifestRow(id=name, image=_save(root / f"{name}.nii.gz", image),
+                                brain_mask=_save(root / f"{name}_brain.nii.gz", brain), split=split, kind="healthy"))
+    manifest = write_manifest(rows, root / "manifest.parquet")
+    return {"root": root, "bundle": bundle, "manifest": manifest}
+
+
+@pytest.fixture(scope="module")
+def result(cohort: dict[str, Path]):
+    with pytest.warns(UserWarning, match="h1"):
+        return evaluate(cohort["bundle"], cohort["manifest"], cohort["root"] / "out", methods=ALL_METHODS,
+                        device="cpu", batch_size=16, synthetic_slices=6, progress=False)
+
+
+def _backend(bundle: Path) -> tuple[TorchBackend, PhanesConfig]:
+    loaded = load_bundle(bundle)
+    return TorchBackend(loaded.networks(), torch.device("cpu")), loaded.config
+
+
+def test_outputs_have_a_row_per_method_and_volume(result, cohort: dict[str, Path]) -> None:
+    out = cohort["root"] / "out"
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(result.summary["methods"]) == list(ALL_METHODS)
+    assert set(summary["methods"]) == set(ALL_METHODS)
+    assert summary["settings"]["n_volumes"] == 2
+    assert summary["settings"]["skipped_without_lesion_mask"] == ["h1"]
+    assert summary["settings"]["bundle_hash"] == load_bundle(cohort["bundle"]).hash
+    table = pq.read_table(out / "per_volume.parquet").to_pandas()
+    assert len(table) == len(ALL_METHODS) * 2
+    assert sorted(zip(table["method"], table["id"])) == sorted((m, v) for m in ALL_METHODS for v in ("p1", "p2"))
+    assert (table["slices_processed"] > 0).all()
+    # p2 has two separate lesions; lesion counts come from the ground truth, the same for every method.
+    assert set(table.loc[table["id"] == "p2", "lesions_gt"]) == {2}
+    # The residual baseline has no calibrated threshold: its thresholded figures are blank, not fake zeros.
+    residual = table[table["method"] == "residual"]
+    assert residual["dice"].isna().all() and residual["abs_volume_error_ml"].isna().all()
+    assert summary["methods"]["residual"]["dice"] is None and summary["methods"]["phanes"]["dice"] is not None
+    for method in ALL_METHODS:
+        assert 0.0 <= summary["methods"][method]["auprc"] <= 1.0
+    assert json.loads((out / "synthetic.json").read_text()) == summary["synthetic"]
+    assert pq.read_table(out / "synthetic.parquet").num_rows == len(ALL_METHODS) * 6
+
+
+def test_render_tables_one_row_per_method(result) -> None:
+    tables = render_tables(result)
+    assert len(tables) == 2 and all(isinstance(t, Table) for t in tables)
+    assert [t.row_count for t in tables] == [len(ALL_METHODS)] * 2
+    assert tables[0].columns[0]._cells == ["PHANES", "RA", "PHANES-GT", "Residual |x - x_cph|"]
+
+
+def test_per_volume_figures_match_sklearn_on_the_native_maps(result, cohort: dict[str, Path]) -> None:
+    """Recompute AUPRC and Dice per volume from the native maps with independent code."""
+    backend, cfg = _backend(cohort["bundle"])
+    table = result.per_volume.to_pandas()
+    for row in read_manifest(cohort["manifest"]):
+        if row.lesion_mask is None:
+            continue
+        maps = evaluate_volume(row, backend, cfg, CALIBRATION, ("ra", "residual"), batch_size=8)
+        truth = load_mask(row.lesion_mask, load_volume(row.image))
+        region = maps.region
+        for method in ("ra", "residual"):
+            expected = average_precision_score(truth[region], maps.scores[method][region])
+            got = table[(table["method"] == method) & (table["id"] == row.id)]["auprc"].item()
+            assert got == pytest.approx(expected, abs=2e-3)
+        pred = (maps.scores["ra"] > CALIBRATION.mask_threshold) & region
+        t = truth & region
+        expected_dice = 2 * (pred & t).sum() / (pred.sum() + t.sum())
+        got = table[(table["method"] == "ra") & (table["id"] == row.id)]["dice"].item()
+        assert got == pytest.approx(expected_dice, abs=1e-12)
+        assert table[(table["method"] == "ra") & (table["id"] == row.id)]["true_ml"].item() == pytest.approx(t.sum() * 0.008)
+
+
+def test_phanes_maps_equal_the_screening_pipeline(cohort: dict[str, Path]) -> None:
+    backend, cfg = _backend(cohort["bundle"])
+    row = next(r for r in read_manifest(cohort["manifest"]) if r.id == "p1")
+    volume = load_volume(row.image)
+    brain = load_mask(row.brain_mask, volume)
+    screened = run_volume(prepare_volume(volume.data, brain, cfg.preprocess), brain, backend, cfg, CALIBRATION, batch_size=8)
+    maps = evaluate_volume(row, backend, cfg, CALIBRATION, ("phanes", "ra"), batch_size=16)
+    np.testing.assert_allclose(maps.scores["phanes"], screened.anomaly, atol=1e-6)
+    np.testing.assert_allclose(maps.scores["ra"], screened.ra_map, atol=1e-6)
+    np.testing.assert_array_equal(maps.inpaint_masks["phanes"], screened.inpaint_mask)
+    np.testing.assert_array_equal(predict("phanes", maps.scores["phanes"], brain, CALIBRATION), screened.lesion_mask)
+
+
+def test_phanes_gt_inpaints_the_ground_truth(result, cohort: dict[str, Path]) -> None:
+    backend, cfg = _backend(cohort["bundle"])
+    row = next(r for r in read_manifest(cohort["manifest"]) if r.id == "p2")
+    volume = load_volume(row.image)
+    brain = load_mask(row.brain_mask, volume)
+    truth = load_mask(row.lesion_mask, volume)
+    prepared = prepare_volume(volume.data, brain, cfg.preprocess)
+    gt = (slices_of(truth, prepared.geometry) >= 0.5).float()
+    assert gt.sum() > 0
+    outputs = method_outputs(prepared.slices, prepared.brain, gt, backend, cfg, CALIBRATION, ("phanes", "phanes-gt"))
+    torch.testing.assert_close(outputs["phanes-gt"].inpaint_mask, gt * prepared.brain)
+    assert not torch.equal(outputs["phanes"].inpaint_mask, outputs["phanes-gt"].inpaint_mask)
+    # s(x) vanishes outside the inpainted mask, so the upper bound ranks the lesion first.
+    assert (outputs["phanes-gt"].score[gt == 0] == 0).all()
+    assert result.summary["methods"]["phanes-gt"]["auprc"] > 0.9
+    assert result.summary["synthetic"]["methods"]["phanes-gt"]["auprc"] > 0.99
+
+
+def test_synthetic_protocol_figures(result, cohort: dict[str, Path]) -> None:
+    synthetic = result.summary["synthetic"]
+    assert synthetic["settings"]["source_split"] == "test"
+    assert synthetic["settings"]["subjects"] == ["h1"]  # healthy rows of the test split only
+    assert synthetic["settings"]["n_slices"] == 6
+    for method in ALL_METHODS:
+        figures = synthetic["methods"][method]
+        for key in ("lpips_anomaly", "lpips_healthy"):
+            assert np.isfinite(figures[key]) and figures[key] >= 0
+    # With the true mask, the generator only changes anomaly pixels: LPIPS is lower outside them.
+    gt = synthetic["methods"]["phanes-gt"]
+    assert gt["lpips_anomaly"] > gt["lpips_healthy"]
+    per_slice = result.synthetic.per_slice.to_pandas()
+    assert (per_slice["anomaly_pixels"] > 0).all()
+
+
+def test_synthetic_slices_come_from_the_central_third(cohort: dict[str, Path]) -> None:
+    assert central_positions(9, 1) == [4]
+    assert central_positions(30, 3) == [10, 14, 20] or central_positions(30, 3) == [10, 15, 20]
+    assert central_positions(0, 3) == []
+    assert central_positions(3, 10) == [0, 1, 2]  # distinct indices only
+    cfg = _tiny_config()
+    rows = [r for r in read_manifest(cohort["manifest"]) if r.kind == "healthy"]
+    slices = mid_slices(rows, cfg, 4)
+    assert slices.x.shape == (4, 1, 32, 32) and slices.ids == ["h1", "h1", "h2", "h2"]
+    volume = load_volume(rows[0].image)
+    prepared = prepare_volume(volume.data, load_mask(rows[0].brain_mask, volume), cfg.preprocess)
+    picks = central_positions(prepared.geometry.n_slices, 2)
+    assert slices.slice_index[:2] == [int(prepared.geometry.slice_index[p]) for p in picks]
+    torch.testing.assert_close(slices.x[:2], prepared.slices[picks])
+
+
+def test_residual_ranks_a_dark_lesion_first(cohort: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stage 1 that reconstructs the healthy tissue level: the residual is large exactly at the lesion."""
+
+    def healthy_level(self: TorchBackend, x: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(x, float(x[x > 0.5].median()))
+
+    monkeypatch.setattr(TorchBackend, "reconstruct", healthy_level)
+    with pytest.warns(UserWarning, match="h1"):
+        res = evaluate(cohort["bundle"], cohort["manifest"], cohort["root"] / "out-level", methods=("residual",),
+                       device="cpu", synthetic=False, progress=False)
+    summary = res.summary["methods"]["residual"]
+    table = res.per_volume.to_pandas()
+    prevalence = table["true_ml"].sum() / (table["n_brain_voxels"].sum() * 0.008)
+    assert prevalence < 0.05  # chance-level AUPRC would be about this
+    assert summary["auprc"] > 0.8
+    assert summary["best_dice"] > 0.7
+
+
+def test_same_inputs_give_identical_figures(result, cohort: dict[str, Path]) -> None:
+    """A rerun (here of PHANES alone: the other methods must not change its figures) repeats every number."""
+    with pytest.warns(UserWarning):
+        again = evaluate(cohort["bundle"], cohort["manifest"], cohort["root"] / "out-again", methods=("phanes",),
+                         device="cpu", batch_size=16, synthetic_slices=6, progress=False)
+    assert again.summary["methods"]["phanes"] == result.summary["methods"]["phanes"]
+    assert again.summary["synthetic"]["methods"]["phanes"] == result.summary["synthetic"]["methods"]["phanes"]
+    first = result.per_volume.filter(pc.equal(result.per_volume["method"], "phanes"))
+    assert again.per_volume.equals(first)
+
+
+def test_unknown_method_lists_valid_ones(cohort: dict[str, Path]) -> None:
+    with pytest.raises(ConfigError, match="valid methods: phanes, ra, phanes-gt, residual"):
+        evaluate(cohort["bundle"], cohort["manifest"], cohort["root"] / "bad", methods=("phanes", "anoddpm"), progress=False)
+    assert validate_methods([" PHANES", "ra", "phanes"]) == ("phanes", "ra")
+
+
+def test_bad_manifests_are_input_errors(cohort: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="no rows in split 'holdout'"):
+        evaluate(cohort["bundle"], cohort["manifest"], tmp_path / "a", split="holdout", progress=False)
+    with pytest.raises(InputError, match="no row of split 'val' has a lesion_mask"):
+        evaluate(cohort["bundle"], cohort["manifest"], tmp_path / "b", split="val", progress=False)
+    rows = read_manifest(cohort["manifest"])
+    small = _save(tmp_path / "small_lesion.nii.gz", np.zeros((20, 20, 20)))
+    bad = [ManifestRow(id="p1", image=rows[0].image, brain_mask=rows[0].brain_mask, lesion_mask=small, split="test")]
+    manifest = write_manifest(bad, tmp_path / "bad.parquet")
+    with pytest.raises(InputError, match="mask shape"):
+        evaluate(cohort["bundle"], manifest, tmp_path / "c", device="cpu", synthetic=False, progress=False)

@@ -1,0 +1,496 @@
+"""`phanes screen`: statistics, commit/resume bookkeeping, and end-to-end runs on a real Ray cluster.
+
+The Ray tests share one head node started with `ray start` on a loopback address (module fixture);
+they cover a mixed cohort (orientations + corrupt files), a killed inference actor, a SIGKILLed driver
+followed by a resume, and a local instance started on demand that leaves no process behind.
+Helpers here are reused by test_screening_cluster.py.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+from scipy import ndimage
+
+from phanes_cli.backends import TorchBackend
+from phanes_cli.bundle import load_bundle, save_bundle, write_calibration
+from phanes_cli.config import AOTConfig, PhanesConfig, PreprocessConfig, RAConfig
+from phanes_cli.models import AOTGenerator, SoftIntroVAE
+from phanes_cli.pipeline import Calibration, run_slices
+from phanes_cli.preprocess import prepare_volume
+from phanes_cli.screening.engine import EXIT_OK, EXIT_SOME_FAILED, ScreenOptions, screen
+from phanes_cli.screening.outputs import OutputLayout, commit_volume, consolidate, is_done, previous_failure, record_failure
+from phanes_cli.screening.tasks import volume_statistics
+from phanes_cli.volume_io import load_volume
+
+RAY_BIN = Path(sys.executable).parent / "ray"
+HEAD_IP = "127.0.0.2"
+TIMING_COLUMNS = ["runtime_s", "decode_s", "inference_s", "write_s", "decode_node", "inference_node", "write_node"]
+
+
+# ---------------------------------------------------------------- helpers shared with the cluster test
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HEAD_IP, 0))
+        return int(sock.getsockname()[1])
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def processes_of(temp_dir: str) -> list[int]:
+    """Pids of the Ray processes whose command line names `temp_dir`, plus all their descendants."""
+    pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+    children: dict[int, list[int]] = {}
+    for pid in pids:
+        children.setdefault(_ppid(pid) or 0, []).append(pid)
+    roots = [pid for pid in pids if pid != os.getpid() and temp_dir in _cmdline(pid)]
+    found, stack = set(), list(roots)
+    while stack:
+        pid = stack.pop()
+        if pid not in found:
+            found.add(pid)
+            stack.extend(children.get(pid, []))
+    return sorted(found)
+
+
+class RayCluster:
+    """A real Ray cluster of `ray start` nodes on loopback addresses; stop() kills exactly its processes."""
+
+    def __init__(self) -> None:
+        self.temp_dir = tempfile.mkdtemp(prefix="phr", dir="/tmp")  # short: Ray's socket paths must fit
+        self.port = free_port()
+        self.address = f"{HEAD_IP}:{self.port}"
+        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+
+    def _ray(self, *args: str) -> None:
+        subprocess.run([str(RAY_BIN), "start", *args, f"--temp-dir={self.temp_dir}", "--disable-usage-stats"],
+                       env=self.env, check=True, capture_output=True, timeout=120)
+
+    def start_head(self, cpus: int = 2) -> None:
+        self._ray("--head", f"--node-ip-address={HEAD_IP}", f"--port={self.port}", f"--num-cpus={cpus}",
+                  "--num-gpus=0", "--include-dashboard=false", "--object-store-memory=300000000")
+
+    def add_node(self, ip: str, cpus: int, resources: str) -> None:
+        self._ray(f"--address={self.address}", f"--node-ip-address={ip}", f"--num-cpus={cpus}", "--num-gpus=0",
+                  f"--resources={resources}", "--object-store-memory=200000000")
+
+    def stop(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in processes_of(self.temp_dir):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            time.sleep(1.0)
+        left = [p for p in processes_of(self.temp_dir) if Path(f"/proc/{p}/stat").exists()
+                and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+        assert not left, f"Ray processes left running: {left}"
+
+
+@pytest.fixture(scope="module")
+def ray_env() -> Iterator[None]:
+    """Token authentication off for loopback test clusters (the driver must agree with the nodes)."""
+    old = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    yield
+    if old is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = old
+
+
+def tiny_config() -> PhanesConfig:
+    """Small untrained networks on 64 px slices: fast on 2 CPU cores, same code paths as a real model."""
+    return PhanesConfig(name="tiny", ra=RAConfig(channels=(8, 8, 16, 16, 16), latent_dim=16),
+                        aot=AOTConfig(base_channels=8, channels=16, blocks=1, rates=(1, 2), disc_channels=(8, 8, 8, 8)),
+                        preprocess=PreprocessConfig(image_size=64, min_brain_fraction=0.2))
+
+
+def head_volume(shape: tuple[int, int, int], seed: int) -> np.ndarray:
+    """A skull-stripped-looking head: a textured ellipsoid with one bright blob (the 'lesion')."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
+    brain = (grid**2).sum(0) < 0.8
+    texture = ndimage.gaussian_filter(rng.normal(0, 1, shape), 1.5)
+    data = (100 + 25 * texture / (np.abs(texture).max() + 1e-6)) * brain
+    centre = rng.integers([s // 3 for s in shape], [2 * s // 3 for s in shape])
+    blob = ((grid - (centre / (np.array(shape) - 1) * 2 - 1)[:, None, None, None]) ** 2).sum(0) < 0.03
+    data[blob & brain] *= 2.0
+    return data.astype(np.float32)
+
+
+def make_bundle(folder: Path) -> Path:
+    """An untrained tiny bundle whose thresholds mask ~10% of the brain and flag the top anomaly scores."""
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    save_bundle(folder, cfg, SoftIntroVAE(cfg.ra, cfg.preprocess.image_size), AOTGenerator(cfg.aot),
+                Calibration(mask_threshold=0.0, anomaly_threshold=0.0))
+    backend = TorchBackend(load_bundle(folder).networks(), torch.device("cpu"))
+    prepared = prepare_volume(head_volume((40, 48, 24), seed=99), None, cfg.preprocess)
+    first = run_slices(prepared.slices, prepared.brain, backend, cfg, Calibration(float("inf"), 0.0))
+    mask_threshold = float(torch.quantile(first.ra_map[prepared.brain > 0], 0.9))
+    second = run_slices(prepared.slices, prepared.brain, backend, cfg, Calibration(mask_threshold, 0.0))
+    scores = second.anomaly[second.anomaly > 0]
+    write_calibration(folder, Calibration(mask_threshold, float(torch.quantile(scores, 0.8))))
+    return folder
+
+
+def affines() -> dict[str, np.ndarray]:
+    """RAS, LPS, oblique, anisotropic and permuted-axes voxel-to-world matrices."""
+    ras = np.diag([2.0, 2.0, 2.0, 1.0])
+    lps = np.diag([-2.0, -2.0, 2.0, 1.0])
+    angle = np.deg2rad(17)
+    rot = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    oblique = np.eye(4)
+    oblique[:3, :3] = rot @ np.diag([2.0, 2.0, 2.0])
+    aniso = np.diag([1.5, 2.0, 3.0, 1.0])
+    permuted = np.zeros((4, 4))
+    permuted[0, 2], permuted[1, 0], permuted[2, 1], permuted[3, 3] = -2.0, 2.0, 2.0, 1.0  # file axes: A, S, L
+    out = {"ras": ras, "lps": lps, "oblique": oblique, "aniso": aniso, "permuted": permuted}
+    for affine in out.values():
+        affine[:3, 3] = [-40.0, -48.0, -20.0]
+    return out
+
+
+def write_head(path: Path, affine: np.ndarray, seed: int, qform_code: int = 1, sform_code: int = 1) -> Path:
+    """A head whose data is laid out in the file's own voxel order (so every orientation looks alike in RAS)."""
+    ras_shape = (40, 48, 24)
+    data = head_volume(ras_shape, seed)
+    ornt = nib.orientations.io_orientation(affine)
+    native = nib.apply_orientation(data, nib.orientations.ornt_transform(np.array([[0, 1], [1, 1], [2, 1]]), ornt))
+    img = nib.Nifti1Image(np.ascontiguousarray(native), affine)
+    img.set_qform(affine, code=qform_code)
+    img.set_sform(affine, code=sform_code)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, str(path))
+    return path
+
+
+def series(folder: Path, n: int) -> list[Path]:
+    return [write_head(folder / f"s{i:02d}.nii.gz", affines()["ras"], seed=i) for i in range(n)]
+
+
+def read_tables(out: Path) -> dict[str, pd.DataFrame]:
+    return {name: pd.read_parquet(out / f"{name}.parquet") for name in ("volumes", "lesions", "failures")}
+
+
+def assert_same_results(a: Path, b: Path) -> None:
+    """Two runs over one cohort: identical maps and identical rows (timings and nodes aside)."""
+    ta, tb = read_tables(a), read_tables(b)
+    pd.testing.assert_frame_equal(ta["volumes"].drop(columns=TIMING_COLUMNS), tb["volumes"].drop(columns=TIMING_COLUMNS))
+    pd.testing.assert_frame_equal(ta["lesions"], tb["lesions"])
+    maps_a = sorted(p.name for p in (a / "maps").iterdir())
+    assert maps_a == sorted(p.name for p in (b / "maps").iterdir())
+    for name in maps_a:
+        ia, ib = nib.load(str(a / "maps" / name)), nib.load(str(b / "maps" / name))
+        np.testing.assert_array_equal(np.asarray(ia.dataobj), np.asarray(ib.dataobj))
+
+
+# ---------------------------------------------------------------- statistics and bookkeeping (no Ray)
+
+def test_volume_statistics_match_hand_made_masks(tmp_path: Path) -> None:
+    """Known components and volumes, on a permuted + flipped, anisotropic file grid."""
+    affine = np.zeros((4, 4))
+    affine[0, 1], affine[1, 2], affine[2, 0], affine[3, 3] = -1.5, 2.0, 3.0, 1.0  # file axes: S, L, A
+    affine[:3, 3] = [10.0, -20.0, 5.0]
+    shape = (12, 14, 10)  # file order
+    path = tmp_path / "v.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones(shape, np.float32), affine), str(path))
+    volume = load_volume(path)
+    native_lesion = np.zeros(shape, bool)
+    native_lesion[2:5, 3:6, 1:4] = True  # 27 voxels
+    native_lesion[8, 10, 7] = native_lesion[9, 11, 8] = True  # corner-touching: one lesion of 2 voxels
+    native_lesion[10, 2, 2:6] = True  # 4 voxels in a row
+    native_score = np.where(native_lesion, 0.5, 0.0).astype(np.float32)
+    native_score[3, 4, 2] = 0.9
+    brain = volume.from_native(np.ones(shape, bool))
+    stats, rows = volume_statistics("v", volume, brain, volume.from_native(native_score), volume.from_native(native_lesion))
+    voxel_ml = 1.5 * 2.0 * 3.0 / 1000.0
+    assert stats["lesion_count"] == 3
+    assert stats["lesion_burden_ml"] == pytest.approx(33 * voxel_ml)
+    assert stats["largest_lesion_ml"] == pytest.approx(27 * voxel_ml)
+    assert stats["brain_volume_ml"] == pytest.approx(np.prod(shape) * voxel_ml)
+    assert stats["max_anomaly"] == pytest.approx(0.9)
+    assert stats["mean_anomaly"] == pytest.approx(native_score.sum() / np.prod(shape))
+    assert [r["voxel_count"] for r in rows] == [27, 4, 2]
+    big = rows[0]
+    assert big["bbox_min"] == [2, 3, 1] and big["bbox_max"] == [4, 5, 3]  # file voxel order
+    assert big["centroid_voxel"] == pytest.approx([3.0, 4.0, 2.0])
+    assert big["centroid_world_mm"] == pytest.approx((affine @ [3.0, 4.0, 2.0, 1.0])[:3].tolist())
+    assert big["max_score"] == pytest.approx(0.9)
+    assert big["mean_score"] == pytest.approx((26 * 0.5 + 0.9) / 27)
+    assert big["axial_axis"] == 0  # file axis 0 runs along world z (S)
+    assert (big["slice_min"], big["slice_max"]) == (2, 4)
+    assert rows[1]["volume_ml"] == pytest.approx(4 * voxel_ml) and (rows[1]["slice_min"], rows[1]["slice_max"]) == (10, 10)
+    assert all(r["volume_id"] == "v" for r in rows)
+
+
+def test_commit_resume_and_consolidation_rules(tmp_path: Path) -> None:
+    image = tmp_path / "a.nii.gz"
+    image.write_bytes(b"x")
+    layout = OutputLayout(tmp_path / "out")
+    layout.ensure()
+    outputs = ("anomaly", "mask")
+    for kind in outputs:
+        layout.map_path("a", kind).write_bytes(b"nifti")
+    marker = {"id": "a", "input_path": str(image), "input_signature": [1, image.stat().st_mtime_ns],
+              "bundle_hash": "h1", "outputs": list(outputs)}
+    commit_volume(layout, "a", {"id": "a", "input_path": str(image), "status": "ok", "lesion_count": 1},
+                  [{"volume_id": "a", "lesion_index": 1, "voxel_count": 3}], marker)
+    assert is_done(layout, "a", image, "h1", outputs)
+    assert not is_done(layout, "a", image, "h2", outputs)  # another bundle
+    assert not is_done(layout, "a", image, "h1", (*outputs, "pseudohealthy"))  # a new output asked for
+    layout.map_path("a", "mask").unlink()
+    assert not is_done(layout, "a", image, "h1", outputs)  # a file went missing
+    layout.map_path("a", "mask").write_bytes(b"nifti")
+    image.write_bytes(b"changed!")
+    assert not is_done(layout, "a", image, "h1", outputs)  # the input changed
+
+    bad = tmp_path / "b.nii.gz"
+    bad.write_bytes(b"junk")
+    size, mtime = bad.stat().st_size, bad.stat().st_mtime_ns
+    failure = {"id": "b", "path": str(bad), "stage": "decode", "error_type": "InputError", "message": "junk",
+               "retry_on_resume": False, "input_size": size, "input_mtime_ns": mtime, "bundle_hash": "h1"}
+    record_failure(layout, "b", failure)
+    assert previous_failure(layout, "b", bad, "h1") is not None  # input error of an unchanged file stands
+    assert previous_failure(layout, "b", bad, "h2") is None
+    record_failure(layout, "b", {**failure, "retry_on_resume": True})
+    assert previous_failure(layout, "b", bad, "h1") is None  # other errors are retried
+
+    first = consolidate(layout)
+    assert first == {"volumes": 2, "lesions": 1, "failures": 1, "done": 1}
+    tables = read_tables(layout.root)
+    assert tables["volumes"]["id"].tolist() == ["a", "b"]
+    assert tables["volumes"]["status"].tolist() == ["ok", "failed"]
+    assert tables["failures"]["id"].tolist() == ["b"]
+    assert consolidate(layout) == first  # idempotent
+    record_failure(layout, "a", {**failure, "id": "a", "path": str(image)})  # a failure replaces a done volume
+    assert not layout.done_marker("a").exists() and not layout.map_path("a", "anomaly").exists()
+
+
+# ---------------------------------------------------------------- end to end on a Ray cluster
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_bundle(tmp_path_factory.mktemp("bundle"))
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_env: None) -> Iterator[RayCluster]:
+    import ray
+
+    head = RayCluster()
+    try:
+        head.start_head(cpus=2)
+        ray.init(address=head.address, _node_ip_address=HEAD_IP, log_to_driver=False)
+        yield head
+    finally:
+        ray.shutdown()
+        head.stop()
+
+
+def _options(bundle: Path, out: Path, **kw: object) -> ScreenOptions:
+    return ScreenOptions(bundle=bundle, out=out, node_ip=HEAD_IP, quiet=True, **kw)  # type: ignore[arg-type]
+
+
+def test_mixed_cohort_geometry_tables_failures_and_resume(cluster: RayCluster, bundle: Path, tmp_path: Path) -> None:
+    src = tmp_path / "cohort"
+    codes = {"ras": (1, 1), "lps": (2, 0), "oblique": (0, 2), "aniso": (1, 4), "permuted": (1, 1)}
+    good = {name: write_head(src / f"{name}.nii.gz", aff, seed=i, qform_code=codes[name][0], sform_code=codes[name][1])
+            for i, (name, aff) in enumerate(affines().items())}
+    (src / "text.nii.gz").write_text("this is not an image")
+    noise = np.random.default_rng(1).normal(size=(30, 30, 30)).astype(np.float32)
+    payload = gzip.compress(nib.Nifti1Image(noise, np.eye(4)).to_bytes())
+    (src / "truncated.nii.gz").write_bytes(payload[: len(payload) // 2])
+    nib.save(nib.Nifti1Image(np.ones((40, 48), np.float32), np.eye(4)), str(src / "flat.nii.gz"))
+    nib.save(nib.Nifti1Image(np.ones((20, 20, 20, 3), np.float32), np.eye(4)), str(src / "multi.nii.gz"))
+    nan = head_volume((40, 48, 24), 5)
+    nan[20, 20, 10] = np.nan
+    nib.save(nib.Nifti1Image(nan, np.diag([2.0, 2.0, 2.0, 1.0])), str(src / "nan.nii.gz"))
+    out, log = tmp_path / "out", tmp_path / "log.jsonl"
+    outputs = frozenset({"anomaly", "mask", "pseudohealthy"})
+
+    summary = screen([str(src)], _options(bundle, out, outputs=outputs, log_jsonl=log, batch_size=7))
+
+    assert (summary.total, summary.done, summary.failed, summary.skipped) == (10, 5, 5, 0)
+    assert summary.exit_code == EXIT_SOME_FAILED != EXIT_OK
+    tables = read_tables(out)
+    failures = tables["failures"].set_index("id")
+    assert sorted(failures.index) == ["flat", "multi", "nan", "text", "truncated"]
+    assert set(failures["stage"]) == {"decode"} and set(failures["error_type"]) == {"InputError"}
+    assert "not 3D" in failures.loc["flat", "message"]
+    assert "4D image with 3 volumes" in failures.loc["multi", "message"]
+    assert "1 voxels are NaN" in failures.loc["nan", "message"]
+    assert "gzip" in failures.loc["text", "message"] or "not a readable" in failures.loc["text", "message"]
+    assert "truncated" in failures.loc["truncated", "message"] or "corrupt" in failures.loc["truncated", "message"]
+
+    volumes = tables["volumes"].set_index("id")
+    assert volumes.index.tolist() == sorted(volumes.index)  # deterministic order
+    assert (volumes.loc[list(good), "status"] == "ok").all() and (volumes.loc[list(failures.index), "status"] == "failed").all()
+    threshold = load_bundle(bundle).calibration.anomaly_threshold  # type: ignore[union-attr]
+    lesions = tables["lesions"]
+    for name, path in good.items():
+        source = nib.load(str(path))
+        row = volumes.loc[name]
+        assert list(row["shape"]) == list(source.shape)
+        assert np.allclose(row["voxel_size_mm"], np.sqrt((source.affine[:3, :3] ** 2).sum(0)))
+        for kind, dtype in (("anomaly", np.float32), ("mask", np.uint8), ("pseudohealthy", np.float32)):
+            result = nib.load(str(out / "maps" / f"{name}_{kind}.nii.gz"))
+            assert result.shape == source.shape and result.get_data_dtype() == dtype
+            np.testing.assert_allclose(result.affine, source.affine, atol=1e-6)
+            for getter in ("get_qform", "get_sform"):
+                (m_out, c_out), (m_in, c_in) = getattr(result.header, getter)(coded=True), getattr(source.header, getter)(coded=True)
+                assert int(c_out) == int(c_in), (name, kind, getter)
+                if m_in is not None:
+                    np.testing.assert_allclose(m_out, m_in, atol=1e-6)
+            assert result.header.get_zooms()[:3] == pytest.approx(source.header.get_zooms()[:3])
+        anomaly = np.asarray(nib.load(str(out / "maps" / f"{name}_anomaly.nii.gz")).dataobj)
+        mask = np.asarray(nib.load(str(out / "maps" / f"{name}_mask.nii.gz")).dataobj).astype(bool)
+        voxel_ml = abs(np.linalg.det(source.affine[:3, :3])) / 1000.0
+        assert mask.any() and not mask.all()
+        assert (anomaly[mask] >= threshold).all() and not (mask & (anomaly <= 0)).any()
+        assert row["lesion_burden_ml"] == pytest.approx(mask.sum() * voxel_ml)
+        n_components = ndimage.label(mask, structure=np.ones((3, 3, 3)))[1]
+        assert row["lesion_count"] == n_components
+        mine = lesions[lesions["volume_id"] == name]
+        assert len(mine) == n_components and mine["voxel_count"].sum() == mask.sum()
+        assert row["largest_lesion_ml"] == pytest.approx(mine["volume_ml"].max())
+        assert row["max_anomaly"] == pytest.approx(float(anomaly.max()), rel=1e-5)
+        for _, lesion in mine.iterrows():  # boxes are in the file's voxel order
+            lo, hi = lesion["bbox_min"], lesion["bbox_max"]
+            assert mask[lo[0]:hi[0] + 1, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1].sum() >= lesion["voxel_count"]
+        pseudo = np.asarray(nib.load(str(out / "maps" / f"{name}_pseudohealthy.nii.gz")).dataobj)
+        original = np.asarray(source.dataobj)
+        assert np.isclose(pseudo, original).mean() > 0.5 and not np.allclose(pseudo, original)
+    # the permuted file's axial (S) axis is its axis 1
+    assert set(lesions.loc[lesions["volume_id"] == "permuted", "axial_axis"]) == {1}
+
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["status"] == "finished" and manifest["bundle"]["hash"] == load_bundle(bundle).hash
+    assert manifest["counts"] == {"total": 10, "done": 5, "failed": 5, "skipped": 0}
+    assert {"torch", "ray", "nibabel"} <= set(manifest["versions"]) and manifest["command"]
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [e["event"] for e in events][0] == "start" and events[-1]["event"] == "end"
+    assert sorted(e["id"] for e in events if e["event"] == "volume") == sorted([*good, *failures.index])
+    assert len(pd.read_parquet(out / "parts" / "volumes")) == 5  # part files readable as a dataset mid-run
+    assert pq.read_table(out / "lesions.parquet").schema.field("centroid_world_mm").type.value_type.bit_width == 64
+
+    again = screen([str(src)], _options(bundle, out, outputs=outputs))  # resume: nothing left to do
+    assert (again.done, again.failed, again.skipped) == (0, 5, 5)
+    pd.testing.assert_frame_equal(read_tables(out)["volumes"].drop(columns=TIMING_COLUMNS),
+                                  tables["volumes"].drop(columns=TIMING_COLUMNS))
+
+
+@pytest.fixture(scope="module")
+def actor_killed_run(cluster: RayCluster, bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """Screen 8 volumes with one actor and SIGKILL that actor's process once the first volume is committed."""
+    import ray
+
+    root = tmp_path_factory.mktemp("series")
+    series(root / "cohort", 8)
+    out = root / "out_actor"
+    seen: dict[str, object] = {}
+
+    def killer() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            done = list((out / "parts" / "done").glob("*.json")) if (out / "parts" / "done").is_dir() else []
+            names = [n for n in ray.util.list_named_actors() if n.startswith("phanes-infer-")]
+            if done and names:
+                pid = ray.get(ray.get_actor(names[0]).pid.remote(), timeout=60)
+                os.kill(pid, signal.SIGKILL)
+                seen.update(pid=pid, done_at_kill=len(done))
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    summary = screen([str(root / "cohort")], _options(bundle, out, num_actors=1))
+    thread.join(timeout=5)
+    return {"summary": summary, "out": out, "cohort": root / "cohort", **seen}
+
+
+def test_killed_actor_is_restarted_and_its_volumes_retried(actor_killed_run: dict[str, object]) -> None:
+    summary = actor_killed_run["summary"]
+    assert "pid" in actor_killed_run, "the actor was never killed"
+    assert 1 <= actor_killed_run["done_at_kill"] < 8  # type: ignore[operator]
+    assert (summary.done, summary.failed, summary.exit_code) == (8, 0, EXIT_OK)  # type: ignore[attr-defined]
+    volumes = read_tables(actor_killed_run["out"])["volumes"]  # type: ignore[arg-type]
+    assert volumes["id"].tolist() == [f"s{i:02d}" for i in range(8)] and (volumes["status"] == "ok").all()
+
+
+DRIVER = """
+import os, sys
+from pathlib import Path
+from phanes_cli.screening.engine import ScreenOptions, screen
+bundle, out, cohort, address, node_ip = sys.argv[1:6]
+summary = screen([cohort], ScreenOptions(bundle=Path(bundle), out=Path(out), address=None if address == "local" else address,
+                 node_ip=node_ip, num_actors=1, quiet=True, object_store_mb=200))
+stats = [open(f"/proc/{p}/stat").read() for p in os.listdir("/proc") if p.isdigit() and os.path.exists(f"/proc/{p}/stat")]
+kids = [s for s in stats if s.rsplit(")", 1)[1].split()[1] == str(os.getpid())]
+print("CHILDREN", len(kids), "DONE", summary.done, "FAILED", summary.failed, "SKIPPED", summary.skipped, flush=True)
+sys.exit(summary.exit_code)
+"""
+
+
+@pytest.mark.slow
+def test_killed_driver_then_resume_gives_identical_outputs(actor_killed_run: dict[str, object], cluster: RayCluster,
+                                                           bundle: Path, tmp_path: Path) -> None:
+    """SIGKILL the driver mid-run, resume with a fresh driver on a local instance: same outputs, no duplicates."""
+    out = tmp_path / "out"
+    cohort = str(actor_killed_run["cohort"])
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(bundle), str(out), cohort,
+                             cluster.address, HEAD_IP], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / "parts" / "done").is_dir() and len(list((out / "parts" / "done").glob("*.json"))) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, f"driver ended before it could be killed: {proc.communicate()[0].decode()[-2000:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    committed = len(list((out / "parts" / "done").glob("*.json")))
+    assert 2 <= committed < 8
+
+    resumed = subprocess.run([sys.executable, "-c", DRIVER, str(bundle), str(out), cohort, "local", "127.0.0.4"],
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == EXIT_OK, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    line = next(x for x in resumed.stdout.splitlines() if x.startswith("CHILDREN"))
+    fields = dict(zip(line.split()[::2], map(int, line.split()[1::2])))
+    assert fields["CHILDREN"] == 0  # the local Ray instance was shut down with nothing left behind
+    assert fields["SKIPPED"] >= committed and fields["SKIPPED"] + fields["DONE"] == 8 and fields["FAILED"] == 0
+    volumes = read_tables(out)["volumes"]
+    assert volumes["id"].is_unique and len(volumes) == 8
+    assert not list(out.rglob(".tmp-*"))
+    assert_same_results(out, actor_killed_run["out"])  # type: ignore[arg-type]

@@ -1,0 +1,254 @@
+"""The synthetic cohort: reproducible, realistically varied subjects with ground truth that matches the image."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import nibabel as nib
+import nibabel.processing
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from phanes_cli.errors import ConfigError, InputError
+from phanes_cli.manifest import read_manifest
+from phanes_cli.synth import make_subject, paint_sprites, synth_cohort
+from phanes_cli.synth.cohort import split_of
+from phanes_cli.synth.lesions import LesionConfig, allowed_region, blend_weight, lesion_mask, procedural_shape
+from phanes_cli.synth.sprites import PERCENTILE_BANDS
+from phanes_cli.synth.templates import Template, load_mni152, load_template_file, output_grid
+from phanes_cli.synth.variation import VariationConfig, sample_anatomy
+from tests.conftest import SHARED_DATA, needs_shared
+
+COARSE = 2.5  # mm: fast subjects for most tests
+NO_VARIATION = VariationConfig(rotation_deg=0.0, scale=0.0, translation_mm=0.0, elastic_mm=0.0)
+NO_BLUR = VariationConfig(blur_sigma_vox=0.0, thick_slice_probability=0.0)
+LESION_DIR = SHARED_DATA / "stroke-lesion-masks"
+
+
+@pytest.fixture(scope="module")
+def mni() -> Template:
+    """The bundled template, loaded with every socket connection refused: it must be offline."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"network touched: {args}")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(socket.socket, "connect", refuse)
+        patch.setattr(socket, "create_connection", refuse)
+        return load_mni152()
+
+
+@pytest.fixture(scope="module")
+def grid(mni: Template):
+    return output_grid(mni, COARSE)
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+
+def _outside_shell(mask: np.ndarray) -> np.ndarray:
+    """Voxels more than 2 voxels (Euclidean) from the mask."""
+    return ndimage.distance_transform_edt(~mask) > 2.0
+
+
+def test_template_is_a_real_brain(mni: Template) -> None:
+    template = mni
+    brain = template.brain > 0.5
+    ml = brain.sum() * abs(np.linalg.det(template.affine[:3, :3])) / 1000
+    assert 1200 < ml < 2200, ml  # an adult brain (nilearn's mask is generous)
+    assert np.median(template.image[(template.tissue > 0.9) & brain]) > 0.6  # GM/WM, white matter ~ 1
+    assert template.image[~brain].max() == 0.0
+
+
+def test_same_seed_same_subject_other_seed_differs(mni: Template, grid) -> None:
+    a = make_subject(mni, grid, seed=7, index=0, kind="stroke")
+    b = make_subject(mni, grid, seed=7, index=0, kind="stroke")
+    c = make_subject(mni, grid, seed=8, index=0, kind="stroke")
+    assert a.image.tobytes() == b.image.tobytes()
+    assert a.lesion.tobytes() == b.lesion.tobytes()  # type: ignore[union-attr]
+    assert not np.array_equal(a.image, c.image)
+    assert not np.array_equal(a.lesion, c.lesion)
+
+
+def test_healthy_subjects_vary_but_stay_brains(mni: Template, grid) -> None:
+    reference = sample_anatomy(mni, grid, np.random.default_rng(0), NO_VARIATION)
+    # identity transform: the template itself on the grid (checks the no-variation path is exact)
+    assert reference.brain.sum() > 0 and np.allclose(reference.source_world, grid.world(), atol=1e-3)
+    subjects = [make_subject(mni, grid, seed=0, index=i) for i in range(3)]
+    for s in subjects:
+        assert s.lesion is None and s.image.dtype == np.float32 and s.image.shape == grid.shape
+        assert s.image[~s.brain].max() == 0.0  # skull-stripped background
+        assert 0.7 < _corr(s.image, reference.image) < 0.995
+        overlap = (s.brain & reference.brain).sum() / (s.brain | reference.brain).sum()
+        assert 0.75 < overlap < 0.995  # moved and deformed, still the same anatomy
+    for i in range(3):
+        for j in range(i + 1, 3):
+            assert 0.6 < _corr(subjects[i].image, subjects[j].image) < 0.99
+            assert not np.array_equal(subjects[i].brain, subjects[j].brain)
+
+
+def test_stroke_mask_describes_the_intensity_change(mni: Template, grid) -> None:
+    for index in range(3):
+        s = make_subject(mni, grid, seed=1, index=index, kind="stroke", keep_base=True, variation=NO_BLUR)
+        assert s.lesion is not None and s.base is not None and s.lesion.any()
+        assert (s.lesion <= s.brain).all()
+        inside = s.image[s.lesion].mean()
+        far = _outside_shell(s.lesion)
+        assert inside < 0.75 * s.base[s.lesion].mean()
+        assert inside < 0.8 * s.image[s.brain & far].mean()
+        # without scanner blur nothing beyond the 2-voxel shell changes at all (same noise draw)
+        assert np.array_equal(s.image[far], s.base[far])
+
+
+def test_stroke_change_stays_local_with_blur(mni: Template, grid) -> None:
+    for index in range(3):
+        s = make_subject(mni, grid, seed=2, index=index, kind="stroke", keep_base=True)
+        far = _outside_shell(s.lesion) & s.brain  # type: ignore[arg-type]
+        diff = np.abs(s.image - s.base)[far]  # type: ignore[operator]
+        level = np.median(s.base[s.brain])  # type: ignore[index]
+        # blur spreads a little contrast past the shell; it stays below the noise (>= 1% of WM)
+        assert np.mean(diff > 0.03 * level) < 1e-3
+
+
+@pytest.fixture(scope="module")
+def fine_anatomy(mni: Template):
+    return sample_anatomy(mni, output_grid(mni, 1.5), np.random.default_rng(5), VariationConfig())
+
+
+@pytest.mark.parametrize("target_ml", [0.5, 5.0, 80.0])
+def test_procedural_lesion_volume_tracks_target(fine_anatomy, target_ml: float) -> None:
+    cfg = LesionConfig()
+    for seed in range(2):
+        core = procedural_shape(fine_anatomy, target_ml, np.random.default_rng(seed), cfg)
+        ml = core.sum() * fine_anatomy.grid.voxel_ml
+        assert 0.8 * target_ml <= ml <= 1.5 * target_ml, (target_ml, ml)
+        assert (core <= allowed_region(fine_anatomy)).all()
+        assert ndimage.label(core)[1] == 1
+        assert np.array_equal(lesion_mask(blend_weight(core, fine_anatomy, cfg), fine_anatomy), core)
+
+
+@needs_shared()
+def test_real_lesion_shapes_land_where_mni_says(mni: Template, grid, tmp_path: Path) -> None:
+    if not LESION_DIR.is_dir():
+        pytest.skip(f"{LESION_DIR} is not present")
+    files = sorted(LESION_DIR.glob("*.nii.gz"))[:40]
+    cfg = LesionConfig()
+    for index in range(3):
+        s = make_subject(mni, grid, seed=3, index=index, kind="stroke", lesion_shapes=files, variation=NO_VARIATION)
+        assert s.lesion is not None and s.lesion.any() and (s.lesion <= s.brain).all()
+        (name,) = s.lesion_sources
+        # independent resampling of the LAS mask onto the RAS grid by nibabel (no deformation here)
+        expected = nibabel.processing.resample_from_to(nib.load(LESION_DIR / name), (grid.shape, grid.affine), order=0)
+        expected_mask = np.asarray(expected.dataobj) > 0.5
+        anatomy = sample_anatomy(mni, grid, np.random.default_rng(0), NO_VARIATION)
+        expected_mask &= allowed_region(anatomy)
+        dice = 2 * (s.lesion & expected_mask).sum() / (s.lesion.sum() + expected_mask.sum())
+        assert dice > 0.6 or abs(int(s.lesion.sum()) - int(expected_mask.sum())) <= 3, (name, dice)
+        assert cfg.shape_tries > 0
+
+
+def test_paint_sprites_protocol(mni: Template, grid) -> None:
+    s = make_subject(mni, grid, seed=4, index=0)
+    z = np.flatnonzero(s.brain.sum(axis=(0, 1)) > 0.3 * s.brain.sum(axis=(0, 1)).max())
+    pick = z[:: max(1, len(z) // 12)][:12]
+    images = np.moveaxis(s.image[:, :, pick], 2, 0) / s.image.max()
+    brain = np.moveaxis(s.brain[:, :, pick], 2, 0)
+    painted, masks = paint_sprites(images, brain, np.random.default_rng(0))
+    assert painted.shape == images.shape and masks.dtype == bool
+    assert (masks <= brain).all()
+    assert np.array_equal(painted[~masks], images[~masks].astype(np.float32))
+    three = 0
+    for img, out, m, b in zip(images, painted, masks, brain):
+        assert m.any()
+        values = np.unique(out[m])
+        assert 1 <= len(values) <= 3  # one constant intensity per ellipse
+        three += len(values) == 3
+        bands = [np.percentile(img[b], band) for band in PERCENTILE_BANDS]
+        for v in values:
+            assert any(lo - 1e-6 <= v <= hi + 1e-6 for lo, hi in bands), (v, bands)
+    assert three >= len(images) // 2  # overlaps may hide one ellipse, rarely
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        paint_sprites(images * 2.0, brain, np.random.default_rng(0))
+
+
+def test_sprite_subject_changes_only_its_mask(mni: Template, grid) -> None:
+    s = make_subject(mni, grid, seed=0, index=0, kind="sprites", keep_base=True)
+    assert s.lesion is not None and s.lesion.any() and (s.lesion <= s.brain).all()
+    assert np.array_equal(s.image[~s.lesion], s.base[~s.lesion])  # type: ignore[index]
+    painted_slices = np.flatnonzero(s.lesion.any(axis=(0, 1)))
+    brain_slices = np.flatnonzero(s.brain.any(axis=(0, 1)))
+    assert 0.2 < len(painted_slices) / len(brain_slices) < 0.6  # the central band only
+
+
+def test_cohort_on_disk_and_manifest(tmp_path: Path) -> None:
+    messages: list[str] = []
+    start = time.perf_counter()
+    manifest = synth_cohort(tmp_path / "c", healthy=3, lesions=2, kind="stroke", seed=11, voxel_size=3.0, progress=messages.append)
+    seconds = (time.perf_counter() - start) / 5
+    print(f"synth: {seconds:.2f} s per subject at 3 mm (template load included)")
+    rows = read_manifest(manifest)
+    assert [r.id for r in rows] == ["healthy-0000", "healthy-0001", "healthy-0002", "stroke-0000", "stroke-0001"]
+    assert [r.split for r in rows] == ["train", "train", "val", "test", "test"]
+    assert [r.kind for r in rows] == ["healthy"] * 3 + ["stroke"] * 2
+    assert sum("(5/5)" in m for m in messages) == 1
+    # a subject depends on (seed, index) only, not on how many subjects the cohort has
+    mni = load_mni152()
+    alone = make_subject(mni, output_grid(mni, 3.0), seed=11, index=1, kind="stroke")
+    on_disk = next(r for r in rows if r.id == "stroke-0001")
+    assert np.array_equal(np.asarray(nib.load(on_disk.image).dataobj), alone.image)
+    for r in rows:
+        img = nib.load(r.image)
+        brain = nib.load(r.brain_mask)
+        assert img.get_data_dtype() == np.float32 and brain.get_data_dtype() == np.uint8
+        assert np.allclose(img.affine, brain.affine) and r.extra["template"] == "nilearn-mni152-2009a" and r.extra["seed"] == 11
+        if r.kind == "healthy":
+            assert r.lesion_mask is None and r.lesion_ml is None
+            continue
+        label = nib.load(r.lesion_mask)
+        voxels = int(np.asarray(label.dataobj).sum())
+        voxel_ml = abs(np.linalg.det(label.affine[:3, :3])) / 1000
+        assert label.get_data_dtype() == np.uint8 and voxels > 0
+        assert r.lesion_ml == pytest.approx(voxels * voxel_ml)
+        assert 0.3 <= r.lesion_ml <= 3 * 80 * 1.5
+
+
+def test_splits() -> None:
+    assert [split_of(i, 1) for i in range(1)] == ["train"]
+    assert [split_of(i, 2) for i in range(2)] == ["train", "val"]
+    assert [split_of(i, 10) for i in range(10)] == ["train"] * 8 + ["val"] * 2
+
+
+def test_invalid_requests_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="negative"):
+        synth_cohort(tmp_path, healthy=-1, lesions=1)
+    with pytest.raises(ConfigError, match="nothing to make"):
+        synth_cohort(tmp_path, healthy=0, lesions=0)
+    with pytest.raises(ConfigError, match="unknown --kind"):
+        synth_cohort(tmp_path, healthy=1, lesions=1, kind="tumour")
+    with pytest.raises(ConfigError, match="--kind stroke"):
+        synth_cohort(tmp_path, healthy=1, lesions=1, kind="sprites", lesion_shapes=tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no NIfTI"):
+        synth_cohort(tmp_path / "out", healthy=1, lesions=1, lesion_shapes=tmp_path / "empty")
+    with pytest.raises(InputError, match="not found"):
+        synth_cohort(tmp_path / "out", healthy=1, lesions=0, templates=tmp_path / "missing")
+    with pytest.raises(ConfigError, match="voxel size"):
+        synth_cohort(tmp_path, healthy=1, lesions=0, voxel_size=0.1)
+
+
+@needs_shared()
+def test_extra_template_in_las_orientation_matches_mni(mni: Template, grid) -> None:
+    path = SHARED_DATA / "healthy-t1" / "antspy_mni152_T1.nii.gz"
+    extra = load_template_file(path, mni)
+    ml = (extra.brain > 0.5).sum() * abs(np.linalg.det(extra.affine[:3, :3])) / 1000
+    assert 1200 < ml < 2200, ml
+    assert np.allclose(np.diag(extra.to_mni)[:3], 1.0, atol=0.05)
+    ours = sample_anatomy(extra, grid, np.random.default_rng(0), NO_VARIATION)
+    theirs = sample_anatomy(mni, grid, np.random.default_rng(0), NO_VARIATION)
+    # the same MNI brain from a LAS file lands on the RAS grid the right way round
+    assert _corr(ours.image, theirs.image) > 0.85
+    assert _corr(ours.image, theirs.image[:, ::-1]) < 0.5  # anterior-posterior mix-up would show here
