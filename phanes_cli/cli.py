@@ -162,6 +162,8 @@ def evaluate(
     out_console = Console()
     for table in render_tables(result):
         out_console.print(table)
+    for note in result.warnings:
+        console.print(f"[yellow]note:[/] {note}")
     console.print(f"[green]evaluation written[/] to {out}")
 
 

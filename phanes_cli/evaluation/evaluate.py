@@ -37,7 +37,7 @@ from phanes_cli.atomic import write_json, write_parquet
 from phanes_cli.backends import Backend, TorchBackend, select_device
 from phanes_cli.bundle import load_bundle
 from phanes_cli.config import PhanesConfig
-from phanes_cli.errors import InputError
+from phanes_cli.errors import ConfigError, InputError
 from phanes_cli.evaluation.methods import DEFAULT_METHODS, UNCALIBRATED, method_outputs, predict, threshold, validate_methods
 from phanes_cli.evaluation.metrics import CohortMetrics, VolumeScores
 from phanes_cli.evaluation.report import render_tables as _render_tables
@@ -212,7 +212,9 @@ def evaluate(
     bundle, manifest, out = Path(bundle), Path(manifest), Path(out)
     names = validate_methods(methods)
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ConfigError(f"batch size must be at least 1, got {batch_size}")
+    if synthetic and synthetic_slices < 1:
+        raise ConfigError(f"the synthetic protocol needs at least 1 slice, got {synthetic_slices}")
     loaded = load_bundle(bundle)
     calibration = loaded.require_calibration()
     cfg = loaded.config

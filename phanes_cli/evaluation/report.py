@@ -11,7 +11,7 @@ from typing import Any
 
 from rich.table import Table
 
-DISPLAY_NAMES = {"phanes": "PHANES", "ra": "RA", "phanes-gt": "PHANES-GT", "residual": "Residual |x - x_cph|"}
+DISPLAY_NAMES = {"phanes": "PHANES", "ra": "RA", "phanes-gt": "PHANES-GT", "residual": "Residual"}
 _DASH = "-"
 
 

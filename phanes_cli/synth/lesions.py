@@ -81,8 +81,14 @@ def lesion_mask(weight: np.ndarray, anatomy: Anatomy) -> np.ndarray:
 
 
 def brain_depth(anatomy: Anatomy) -> np.ndarray:
-    """Distance (mm) of every brain voxel to the brain surface, (X, Y, Z) float64."""
-    return ndimage.distance_transform_edt(anatomy.brain, sampling=anatomy.grid.voxel_size)
+    """Distance (mm) of every brain voxel to the brain surface, (X, Y, Z) float32.
+
+    Computed on every second voxel and repeated back: seeding only needs depth to a few mm, at 1/8
+    of the cost of the full-resolution transform.
+    """
+    coarse = ndimage.distance_transform_edt(np.pad(anatomy.brain[::2, ::2, ::2], 1), sampling=2 * anatomy.grid.voxel_size)[1:-1, 1:-1, 1:-1]
+    full = coarse.astype(np.float32).repeat(2, 0).repeat(2, 1).repeat(2, 2)
+    return full[tuple(slice(0, n) for n in anatomy.grid.shape)] * anatomy.brain
 
 
 def _seed_voxel(anatomy: Anatomy, depth: np.ndarray, radius_mm: float, rng: np.random.Generator) -> np.ndarray:

@@ -71,17 +71,17 @@ def _bspline_matrix(n: int, controls: int) -> np.ndarray:
     return w / w.sum(axis=1, keepdims=True)
 
 
-def smooth_field(shape: tuple[int, ...], controls: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-    """A smooth random field of unit-variance control values, evaluated separably on `shape`."""
-    field = rng.standard_normal(controls)
-    for axis, n in enumerate(shape):
-        field = np.moveaxis(np.tensordot(_bspline_matrix(n, controls[axis]), np.moveaxis(field, axis, 0), axes=1), 0, axis)
-    return field
+def smooth_field(shape: tuple[int, int, int], values: np.ndarray) -> np.ndarray:
+    """Cubic B-spline field from control values (C, cx, cy, cz), evaluated separably: (C, X, Y, Z) float32."""
+    bx, by, bz = (_bspline_matrix(n, c).astype(np.float32) for n, c in zip(shape, values.shape[1:]))
+    field = values.astype(np.float32) @ bz.T  # (C, cx, cy, Z)
+    field = np.einsum("yb,cabz->cayz", by, field)  # (C, cx, Y, Z)
+    channels, cx = field.shape[:2]
+    return np.matmul(bx, field.reshape(channels, cx, -1)).reshape(channels, *shape)
 
 
 def sample_anatomy(template: Template, grid: Grid, rng: np.random.Generator, cfg: VariationConfig) -> Anatomy:
     """Warp the template onto `grid` through a random affine + elastic transform (one interpolation)."""
-    world = grid.world()
     lo, hi = template.brain_box_world
     centre = (lo + hi) / 2
     linear = _rotation(np.deg2rad(rng.uniform(-cfg.rotation_deg, cfg.rotation_deg, 3))) @ np.diag(
@@ -91,32 +91,41 @@ def sample_anatomy(template: Template, grid: Grid, rng: np.random.Generator, cfg
     extent = np.array(grid.shape) * grid.voxel_size
     controls = tuple(int(max(4, np.ceil(e / cfg.control_spacing_mm) + 1)) for e in extent)
     # B-spline smoothing shrinks the control values' variance; rescale so the field's std is elastic_mm
-    displacement = np.stack([smooth_field(grid.shape, controls, rng) for _ in range(3)])
-    displacement *= cfg.elastic_mm / max(float(displacement.std()), 1e-6)
-    flat = world.reshape(3, -1).astype(np.float64) - centre[:, None]
-    source = (linear @ flat + (centre + shift)[:, None]).reshape(world.shape) + displacement
-    source_world = source.astype(np.float32)
-    inv = np.linalg.inv(template.affine)
-    vox = (inv[:3, :3] @ source.reshape(3, -1) + inv[:3, 3:4]).reshape(source.shape)
+    source = smooth_field(grid.shape, rng.standard_normal((3, *controls)))  # type: ignore[arg-type]
+    source *= cfg.elastic_mm / max(float(source.std()), 1e-6)
+    # source world = linear @ (world - centre) + centre + shift + displacement, built axis by axis
+    source += (centre + shift - linear @ centre).astype(np.float32)[:, None, None, None]
+    for axis, n in enumerate(grid.shape):
+        coords = (grid.affine[axis, 3] + grid.voxel_size * np.arange(n)).astype(np.float32)
+        view = [1, 1, 1]
+        view[axis] = n
+        source += linear[:, axis].astype(np.float32)[:, None, None, None] * coords.reshape(view)[None]
+    inv = np.linalg.inv(template.affine).astype(np.float32)
+    vox = np.tensordot(inv[:3, :3], source, axes=1) + inv[:3, 3][:, None, None, None]
+
+    brain = ndimage.map_coordinates(template.brain, vox, order=1, mode="constant", cval=0.0, output=np.float32) >= 0.5
+    inside = vox[:, brain]  # image and tissue are zero outside the brain: sample only the brain's voxels
 
     def sample(volume: np.ndarray) -> np.ndarray:
-        return ndimage.map_coordinates(volume, vox, order=1, mode="constant", cval=0.0, output=np.float32)
+        out = np.zeros(grid.shape, dtype=np.float32)
+        out[brain] = ndimage.map_coordinates(volume, inside, order=1, mode="constant", cval=0.0, output=np.float32)
+        return out
 
-    brain = sample(template.brain) >= 0.5
-    image = sample(template.image) * brain
-    tissue = sample(template.tissue) * brain
-    return Anatomy(image=image.astype(np.float32), brain=brain, tissue=tissue.astype(np.float32), source_world=source_world, grid=grid)
+    return Anatomy(image=sample(template.image), brain=brain, tissue=sample(template.tissue), source_world=source, grid=grid)
 
 
 def bias_field(shape: tuple[int, int, int], brain: np.ndarray, rng: np.random.Generator, cfg: VariationConfig) -> np.ndarray:
     """Smooth multiplicative field exp(polynomial) with mean 1 log-centred on the brain, (X, Y, Z) float32."""
-    axes = [np.linspace(-1.0, 1.0, n) for n in shape]
-    powers = [(i, j, k) for i in range(cfg.bias_order + 1) for j in range(cfg.bias_order + 1 - i)
-              for k in range(cfg.bias_order + 1 - i - j) if i + j + k > 0]
-    coeffs = rng.standard_normal(len(powers))
-    log_field = np.zeros(shape, dtype=np.float64)
-    for c, (i, j, k) in zip(coeffs, powers):
-        log_field += c * (axes[0][:, None, None] ** i) * (axes[1][None, :, None] ** j) * (axes[2][None, None, :] ** k)
+    order = cfg.bias_order + 1
+    powers = [(i, j, k) for i in range(order) for j in range(order - i) for k in range(order - i - j) if i + j + k > 0]
+    coeffs = np.zeros((order, order, order))
+    for c, power in zip(rng.standard_normal(len(powers)), powers):
+        coeffs[power] = c
+    # sum of c_ijk x^i y^j z^k, evaluated separably with one Vandermonde matrix per axis
+    log_field = coeffs
+    for axis, n in enumerate(shape):
+        vander = np.vander(np.linspace(-1.0, 1.0, n), order, increasing=True)  # (n, order)
+        log_field = np.moveaxis(np.tensordot(vander, np.moveaxis(log_field, axis, 0), axes=1), 0, axis)
     inside = log_field[brain]
     target = rng.uniform(*cfg.bias_log_std)
     log_field = (log_field - inside.mean()) * (target / max(float(inside.std()), 1e-6))

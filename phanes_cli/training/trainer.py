@@ -1,8 +1,9 @@
 """`phanes train`: stage 1 (Soft-IntroVAE + reversed embedding), then stage 2 (AOT-GAN), then calibration.
 
 Why sequential: stage 2 learns to inpaint the holes that stage 1 cuts, so its training masks are the
-masks a converged stage 1 produces on healthy training images (binarised at the 99th percentile of the
-stage 1 maps over the training slices), united with random shapes. Training both at once would feed
+masks a converged stage 1 produces on healthy training images, united with random shapes. The stage 1
+threshold (the 99th percentile of the stage 1 maps over the healthy training slices) is computed once
+when stage 1 ends; the frozen stage 1 then masks every (augmented) stage 2 batch as inference would. Training both at once would feed
 the generator the masks of a half-trained RA that do not resemble those seen at inference. (The
 authors' code trains the inpainting network on random masks separately from the RA model and only
 combines them at test time; method.md asks for stage 1 masks in training, which needs this order.)
@@ -62,6 +63,7 @@ LAST_CHECKPOINT = "last.safetensors"
 METRICS_FILE = "metrics.csv"
 VAL_MAX_SLICES = 256  # validation runs on at most this many evenly spread slices: cheap, fixed, representative
 EVAL_BATCH = 32
+STAGE1_THRESHOLD_SLICES = 512  # enough brain pixels (~10^6) for a stable 99th percentile, at a fixed cost
 SOFT_TARGET_SIGMA = 10.0 / 512.0  # AOT-GAN blurs the SM-GAN target with sigma 10 px at 512 px; fraction of the side
 FINISHED = 3  # stage value once both stages are done
 ARCHITECTURE_KEYS = ("ra", "aot", "preprocess")
@@ -133,14 +135,15 @@ class LiveBackend:
 
 @contextmanager
 def evaluating(*modules: nn.Module) -> Iterator[None]:
-    """Eval mode for the block, then back to training mode."""
+    """Eval mode for the block, then each module's previous mode."""
+    modes = [m.training for m in modules]
     for m in modules:
         m.eval()
     try:
         yield
     finally:
-        for m in modules:
-            m.train()
+        for m, mode in zip(modules, modes):
+            m.train(mode)
 
 
 class Trainer:
@@ -236,32 +239,40 @@ class Trainer:
         return total / max(count, 1)
 
     @torch.no_grad()
-    def stage1_masks(self, data: SliceSet) -> tuple[Tensor, float]:
-        """Binary stage 1 masks (N, 1, S, S) bool of training slices, at the percentile of their own maps."""
-        cfg = self.config.mask
-        maps: list[Tensor] = []
+    def stage1_threshold(self, data: SliceSet) -> float:
+        """The `mask_percentile` of stage 1 maps over the brain pixels of (up to STAGE1_THRESHOLD_SLICES evenly
+        spread) healthy training slices: the level that binarises stage 1 maps into stage 2 training holes."""
+        view = data.subset(spread_subset(len(data), STAGE1_THRESHOLD_SLICES))
+        values: list[Tensor] = []
         with evaluating(self.networks.ra):
-            for start in range(0, len(data), EVAL_BATCH):
-                x = data.images[start : start + EVAL_BATCH].to(self.device)
-                brain = data.brain[start : start + EVAL_BATCH].to(self.device)
-                maps.append(stage1_map(x, self.backend.reconstruct(x), brain, self.backend, cfg).cpu())
-        ra_map = torch.cat(maps)
-        values = ra_map[data.brain > 0].double().numpy()
-        threshold = float(np.percentile(values, cfg.mask_percentile)) if values.size else math.inf
-        masks = [binary_mask(ra_map[i : i + EVAL_BATCH].to(self.device), data.brain[i : i + EVAL_BATCH].to(self.device),
-                             threshold, cfg).cpu() > 0.5 for i in range(0, len(data), EVAL_BATCH)]
-        return torch.cat(masks), threshold
+            for start in range(0, len(view), EVAL_BATCH):
+                x = view.images[start : start + EVAL_BATCH].to(self.device)
+                brain = view.brain[start : start + EVAL_BATCH].to(self.device)
+                ra_map = stage1_map(x, self.backend.reconstruct(x), brain, self.backend, self.config.mask)
+                values.append(ra_map[brain > 0].double().cpu())
+        flat = torch.cat(values).numpy()
+        return float(np.percentile(flat, self.config.mask.mask_percentile)) if flat.size else math.inf
+
+    @torch.no_grad()
+    def stage1_mask(self, x: Tensor, brain: Tensor, threshold: float) -> Tensor:
+        """The inference-time stage 1 mask of (N, 1, S, S) slices (RA in eval mode), float {0, 1}."""
+        with evaluating(self.networks.ra):
+            ra_map = stage1_map(x, self.backend.reconstruct(x), brain, self.backend, self.config.mask)
+        return binary_mask(ra_map, brain, threshold, self.config.mask)
 
     # stage 2 ------------------------------------------------------------------------------------
-    def stage2_step(self, x: Tensor, brain: Tensor, stage1_mask: Tensor) -> dict[str, float]:
-        """One AOT-GAN step: holes = (augmented stage 1 mask united with random shapes) inside the brain."""
+    def stage2_step(self, x: Tensor, brain: Tensor, threshold: float) -> dict[str, float]:
+        """One AOT-GAN step on (N, 1, S, S) slices and brain masks.
+
+        Holes = (stage 1 mask of the augmented slice at `threshold`, exactly as at inference) united with
+        random shapes, inside the brain. The frozen stage 1 runs on the batch itself, so no mask has to be
+        precomputed, stored or resampled.
+        """
         gen, disc = self.networks.generator, self.discriminator
-        stack = torch.cat([brain, stage1_mask.float()], dim=1).to(self.device)
-        x, aux = augment(x.to(self.device), stack, self.sampler)
-        brain, m1 = aux[:, :1], aux[:, 1:]
+        x, brain = augment(x.to(self.device), brain.to(self.device), self.sampler)
         size = x.shape[-1]
         shapes = random_training_masks(x.shape[0], size, self.config.train.random_masks_per_image, self.sampler, self.device)
-        m = torch.maximum(m1, shapes) * brain
+        m = torch.maximum(self.stage1_mask(x, brain, threshold), shapes) * brain
 
         disc.requires_grad_(False)
         with self.autocast():
@@ -445,10 +456,9 @@ def _run_stage(spec: _Stage, trainer: Trainer, state: RunState, n_train: int, ou
                 raise FloatingPointError(f"stage {spec.number}: validation loss is {val} at step {state.step}")
             if val < state.best_val:
                 state.best_val, state.best_step, state.bad_evals = val, state.step, 0
-                tensors = {f"{name}.{k}": v for name, module in spec.best_modules.items()
-                           for k, v in module_tensors(name, module).items()}
+                tensors = {k: v for name, module in spec.best_modules.items() for k, v in module_tensors(name, module).items()}
                 with atomic_path(best_path) as tmp:
-                    save_file({k.split(".", 1)[1]: v for k, v in tensors.items()}, str(tmp))
+                    save_file(tensors, str(tmp))
             else:
                 state.bad_evals += 1
             metrics.append({"stage": spec.number, "epoch": state.epoch, "step": state.step, **averages.means(),
@@ -520,13 +530,13 @@ def train(config: PhanesConfig, manifest: Path, out: Path, resume: bool = False,
                             shown=("loss_encoder", "loss_decoder", "rec", "kl"))
             _run_stage(stage1, trainer, state, len(train_set), out, metrics, bar, session_start)
         if state.stage == 2:
-            stage1_masks, threshold = trainer.stage1_masks(train_set)
+            threshold = trainer.stage1_threshold(train_set)
             state.stage2_mask_threshold = threshold
             val_gen = torch.Generator().manual_seed(hash_seed(config.train.seed, 2, len(val_view)))
             holes = random_training_masks(len(val_view), config.preprocess.image_size,
                                           config.train.random_masks_per_image, val_gen) * val_view.brain
             stage2 = _Stage(2, "AOT-GAN", config.train.stage2,
-                            step=lambda idx: trainer.stage2_step(train_set.images[idx], train_set.brain[idx], stage1_masks[idx]),
+                            step=lambda idx: trainer.stage2_step(train_set.images[idx], train_set.brain[idx], threshold),
                             validate=lambda: trainer.stage2_validation(val_view, holes),
                             best_modules={"generator": trainer.networks.generator},
                             shown=("loss_generator", "loss_discriminator", "l1", "adv"))

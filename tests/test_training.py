@@ -1,0 +1,284 @@
+"""Training: loss definitions, augmentation, random masks, data order, end-to-end training and resume."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests._tiny_cohort import tiny_config, write_cohort
+from phanes_cli.bundle import load_bundle
+from phanes_cli.errors import ConfigError
+from phanes_cli.training import losses
+from phanes_cli.training.augment import AffineParams, augment, sampling_matrices, apply_affine
+from phanes_cli.training.data import epoch_batches
+from phanes_cli.training.shapes import random_ellipses, random_training_masks
+from phanes_cli.training.trainer import Trainer, train
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """One torch thread: the 2-core machine is shared, and results must not depend on thread races."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# losses -----------------------------------------------------------------------------------------
+
+def test_kl_and_reconstruction_match_their_definitions() -> None:
+    assert torch.allclose(losses.kl_divergence(torch.zeros(2, 5), torch.zeros(2, 5)), torch.zeros(2))
+    mu, logvar = torch.tensor([[1.0, -2.0]]), torch.tensor([[0.5, -1.0]])
+    expected = 0.5 * sum(math.exp(lv) + m * m - 1 - lv for m, lv in zip([1.0, -2.0], [0.5, -1.0]))
+    assert losses.kl_divergence(mu, logvar).item() == pytest.approx(expected, rel=1e-6)
+    x, y = torch.rand(3, 1, 4, 4), torch.rand(3, 1, 4, 4)
+    assert torch.allclose(losses.reconstruction_error(x, y), ((x - y) ** 2).sum(dim=(1, 2, 3)))
+
+
+def test_reversed_embedding_is_zero_for_identical_features_and_matches_formula() -> None:
+    gen = torch.Generator().manual_seed(0)
+    feats = [torch.randn(2, c, s, s, generator=gen) for c, s in ((4, 8), (8, 4), (8, 2))]
+    assert losses.reversed_embedding_loss(feats, [f.clone() for f in feats]).item() == pytest.approx(0.0, abs=1e-6)
+    other = [f + 0.3 * torch.randn(f.shape, generator=gen) for f in feats]
+    expected = 0.0
+    for a, b in zip(feats, other):
+        a2, b2 = a.flatten(1).numpy().astype(np.float64), b.flatten(1).numpy().astype(np.float64)
+        cos = (a2 * b2).sum(1) / (np.linalg.norm(a2, axis=1) * np.linalg.norm(b2, axis=1))
+        expected += (1 - cos.mean()) + 0.5 * ((a2 - b2) ** 2).mean()
+    assert losses.reversed_embedding_loss(feats, other).item() == pytest.approx(expected, rel=1e-5)
+
+
+def _round_trip(gen: torch.Generator, n: int = 3, size: int = 8, latent: int = 4) -> losses.RoundTrip:
+    return losses.RoundTrip(torch.rand(n, 1, size, size, generator=gen), torch.rand(n, 1, size, size, generator=gen),
+                            torch.randn(n, latent, generator=gen), 0.5 * torch.randn(n, latent, generator=gen))
+
+
+def _np_terms(rt: losses.RoundTrip) -> tuple[np.ndarray, np.ndarray]:
+    t, r = rt.target.double().numpy(), rt.reconstruction.double().numpy()
+    mu, lv = rt.mu.double().numpy(), rt.logvar.double().numpy()
+    rec = ((t - r) ** 2).reshape(len(t), -1).sum(1)
+    kl = 0.5 * (np.exp(lv) + mu**2 - 1 - lv).sum(1)
+    return rec, kl
+
+
+def test_encoder_and_decoder_losses_follow_method_constants() -> None:
+    """Recompute Eq. 2 with method.md's constants (s = 1/(H*W), b_rec .5, b_kl 1, b_neg 128, gamma_r 1e-8)."""
+    gen = torch.Generator().manual_seed(1)
+    real, rr, ff = _round_trip(gen), _round_trip(gen), _round_trip(gen)
+    s = 1.0 / 64.0
+    rec, kl = _np_terms(real)
+    rec_rr, kl_rr = _np_terms(rr)
+    rec_ff, kl_ff = _np_terms(ff)
+    reversed_term = torch.tensor(0.7)
+    expected_e = (s * (0.5 * rec + 1.0 * kl)).mean() + 0.25 * (
+        np.exp(-2 * s * (0.5 * rec_rr + 128 * kl_rr)).mean() + np.exp(-2 * s * (0.5 * rec_ff + 128 * kl_ff)).mean()
+    ) + 0.005 * 0.7
+    loss_e, terms = losses.encoder_loss(real, rr, ff, reversed_term)
+    assert loss_e.item() == pytest.approx(expected_e, rel=1e-5)
+    assert terms["kl"].item() == pytest.approx(kl.mean(), rel=1e-5)
+    expected_d = (s * (0.5 * rec + 0.5 * (kl_rr + kl_ff) + 0.5 * 1e-8 * 0.5 * (rec_rr + rec_ff))).mean()
+    loss_d = losses.decoder_loss(torch.from_numpy(rec).float(), rr, ff)
+    assert loss_d.item() == pytest.approx(expected_d, rel=1e-5)
+
+
+def test_stage1_step_on_fixed_batch_has_finite_structured_losses_and_updates_both_players() -> None:
+    cfg = tiny_config()
+    trainer = Trainer(cfg, torch.device("cpu"), None)
+    size = cfg.preprocess.image_size
+    x = torch.rand(4, 1, size, size, generator=torch.Generator().manual_seed(3))
+    enc_before = [p.detach().clone() for p in trainer.networks.ra.encoder.parameters()]
+    dec_before = [p.detach().clone() for p in trainer.networks.ra.decoder.parameters()]
+    values = trainer.stage1_step(x)
+    assert all(math.isfinite(v) for v in values.values()), values
+    assert values["rec"] > 0 and values["kl"] >= 0 and values["reversed"] >= 0
+    assert 0 < values["fake"] <= 0.5  # 0.25 * (two exponentials of non-positive arguments)
+    assert any(not torch.equal(a, b) for a, b in zip(enc_before, trainer.networks.ra.encoder.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(dec_before, trainer.networks.ra.decoder.parameters()))
+
+
+def test_inpainting_losses() -> None:
+    gen = torch.Generator().manual_seed(2)
+    feats = {"a": torch.rand(2, 3, 4, 4, generator=gen), "b": torch.rand(2, 5, 2, 2, generator=gen)}
+    assert losses.style_loss(feats, feats, ["a", "b"]).item() == 0.0
+    assert losses.perceptual_loss(feats, feats, ["a", "b"]).item() == 0.0
+    f = feats["a"]
+    manual = torch.einsum("nchw,ndhw->ncd", f, f) / (3 * 4 * 4)
+    assert torch.allclose(losses.gram(f), manual, atol=1e-6)
+    # adversarial: nothing painted -> no generator signal; confident correct discriminator -> small loss
+    logits = torch.randn(2, 1, 3, 3, generator=gen)
+    assert losses.generator_adversarial_loss(logits, torch.zeros_like(logits)).item() == 0.0
+    target = torch.zeros(2, 1, 3, 3)
+    target[:, :, 1, 1] = 1.0
+    good = losses.discriminator_loss(20 * (2 * target - 1), torch.full_like(target, -20.0), target)
+    bad = losses.discriminator_loss(-20 * (2 * target - 1), torch.full_like(target, 20.0), target)
+    assert good.item() < 1e-6 < 1.0 < bad.item()
+    soft = losses.soft_mask_target(torch.ones(1, 1, 16, 16), (4, 4), sigma=2.0)
+    assert soft.shape == (1, 1, 4, 4) and torch.allclose(soft, torch.ones_like(soft), atol=1e-5)
+
+
+# augmentation and masks ---------------------------------------------------------------------------
+
+def _blob(size: int = 64) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    img = torch.exp(-(((yy - 24.0) / 10) ** 2 + ((xx - 36.0) / 6) ** 2))
+    img = img + 0.8 * torch.exp(-(((yy - 44.0) / 5) ** 2 + ((xx - 20.0) / 9) ** 2))
+    return img.clamp(0, 1)[None, None].float()
+
+
+def test_augment_keeps_image_and_mask_aligned() -> None:
+    img = _blob().repeat(16, 1, 1, 1)
+    mask = (img > 0.5).float()
+    out_img, out_mask = augment(img, mask, torch.Generator().manual_seed(0))
+    assert out_mask.shape == mask.shape and set(out_mask.unique().tolist()) <= {0.0, 1.0}
+    assert not torch.equal(out_img, img)  # something moved
+    agree = (out_mask == (out_img > 0.5).float()).float().mean().item()
+    assert agree > 0.995
+    # the moved masks still cover the moved blobs (areas roughly preserved by scales of 0.9-1.1)
+    ratio = out_mask.sum(dim=(1, 2, 3)) / mask.sum(dim=(1, 2, 3))
+    assert bool(((ratio > 0.75) & (ratio < 1.3)).all())
+
+
+def test_augment_flip_is_left_right_and_identity_is_exact() -> None:
+    img = _blob()
+    identity = AffineParams(torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64),
+                            torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64), torch.tensor([False]))
+    assert torch.allclose(apply_affine(img, sampling_matrices(identity)), img, atol=1e-5)
+    flipped = dataclasses.replace(identity, flip=torch.tensor([True]))
+    assert torch.allclose(apply_affine(img, sampling_matrices(flipped)), torch.flip(img, dims=[-2]), atol=1e-5)
+    shifted = dataclasses.replace(identity, shift_x=torch.tensor([0.125], dtype=torch.float64))
+    moved = apply_affine(img, sampling_matrices(shifted))  # +0.125 of 64 px = 8 px along dim -2
+    assert torch.allclose(moved[..., 8:, :], img[..., :-8, :], atol=1e-5)
+
+
+def test_augment_is_reproducible_from_the_seed() -> None:
+    img = _blob().repeat(4, 1, 1, 1)
+    a = augment(img, img > 0.5, torch.Generator().manual_seed(5))
+    b = augment(img, img > 0.5, torch.Generator().manual_seed(5))
+    c = augment(img, img > 0.5, torch.Generator().manual_seed(6))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], c[0])
+
+
+def test_random_ellipses_are_small_central_and_seeded() -> None:
+    size = 128
+    masks = random_ellipses(32, size, 10, torch.Generator().manual_seed(0))
+    assert masks.shape == (32, 1, size, size) and set(masks.unique().tolist()) == {0.0, 1.0}
+    frac = masks.mean(dim=(1, 2, 3))
+    assert bool((frac > 0.002).all()) and bool((frac < 0.25).all())
+    reach = size / 4 - size / 12 - 1  # centres in the central half, semi-axes at most S/12
+    rows = masks.amax(dim=(0, 1, 3)).nonzero().flatten()
+    cols = masks.amax(dim=(0, 1, 2)).nonzero().flatten()
+    assert rows.min() >= reach and rows.max() < size - reach and cols.min() >= reach and cols.max() < size - reach
+    again = random_training_masks(4, 64, 10, torch.Generator().manual_seed(1))
+    assert torch.equal(again, random_training_masks(4, 64, 10, torch.Generator().manual_seed(1)))
+
+
+def test_epoch_order_is_seeded_full_batches_without_repeats() -> None:
+    a = epoch_batches(30, 8, seed=0, stage=1, epoch=0)
+    assert [len(b) for b in a] == [8, 8, 8]
+    flat = torch.cat(a)
+    assert len(flat.unique()) == 24
+    assert all(torch.equal(x, y) for x, y in zip(a, epoch_batches(30, 8, seed=0, stage=1, epoch=0)))
+    assert not torch.equal(torch.cat(epoch_batches(30, 8, 0, 1, 1)), flat)
+    assert [len(b) for b in epoch_batches(5, 8, 0, 1, 0)] == [5]
+
+
+# end to end ---------------------------------------------------------------------------------------
+
+STEPS = 5  # with one training volume (29 slices at batch 8 = 3 steps per epoch): two epochs per stage
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_cohort(tmp_path_factory.mktemp("cohort"), n_train=1, n_val=1)
+
+
+def _config():  # type: ignore[no-untyped-def]
+    return tiny_config(STEPS, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def trained(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train(_config(), cohort, tmp_path_factory.mktemp("run") / "model", device="cpu", progress=False)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _metrics(folder: Path) -> list[dict[str, str]]:
+    with open(folder / "metrics.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_training_produces_a_verified_calibrated_bundle(trained: Path, cohort: Path) -> None:
+    bundle = load_bundle(trained)
+    cal = bundle.require_calibration()
+    assert math.isfinite(cal.mask_threshold) and cal.mask_threshold > 0
+    assert math.isfinite(cal.anomaly_threshold) and cal.anomaly_threshold > 0
+    assert cal.n_volumes == 1 and cal.n_slices > 0
+    stages = bundle.versions["training"]["stages"]
+    assert [s["stage"] for s in stages] == [1, 2] and all(s["steps"] == STEPS for s in stages)
+    rows = _metrics(trained)
+    assert [(r["stage"], r["step"]) for r in rows] == [("1", "3"), ("1", "5"), ("2", "3"), ("2", "5")]
+    assert all(math.isfinite(float(r["val_loss"])) for r in rows)
+    # the bundle holds the best validation weights of each stage
+    best1 = min(rows[:2], key=lambda r: float(r["val_loss"]))
+    assert stages[0]["best_step"] == int(best1["step"])
+    ra = load_file(str(trained / "checkpoints" / "best_stage1.safetensors"))
+    assert ra.keys() == {f"ra.{k}" for k in bundle.ra_state}
+    assert all(torch.equal(bundle.ra_state[k.removeprefix("ra.")], v) for k, v in ra.items())
+    # a finished model is never overwritten silently
+    with pytest.raises(ConfigError, match="--resume"):
+        train(_config(), cohort, trained, device="cpu", progress=False)
+
+
+def test_missing_healthy_split_is_a_config_error(tmp_path: Path) -> None:
+    manifest = write_cohort(tmp_path, n_train=1, n_val=0)
+    with pytest.raises(ConfigError, match="'val'"):
+        train(tiny_config(), manifest, tmp_path / "model", device="cpu", progress=False)
+
+
+def _interrupt_after(monkeypatch: pytest.MonkeyPatch, method: str, calls: int) -> None:
+    original = getattr(Trainer, method)
+    count = {"n": 0}
+
+    def wrapper(self: Trainer, *args: object) -> dict[str, float]:
+        count["n"] += 1
+        if count["n"] > calls:
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    monkeypatch.setattr(Trainer, method, wrapper)
+
+
+def test_resume_after_kills_matches_the_uninterrupted_run(trained: Path, cohort: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "model"
+    with monkeypatch.context() as patch:  # killed inside stage 1's second epoch (checkpoint at step 3)
+        _interrupt_after(patch, "stage1_step", 4)
+        with pytest.raises(KeyboardInterrupt):
+            train(_config(), cohort, out, device="cpu", progress=False)
+    with pytest.raises(ConfigError, match="--resume"):
+        train(_config(), cohort, out, device="cpu", progress=False)
+    with monkeypatch.context() as patch:  # resumed, then killed inside stage 2
+        _interrupt_after(patch, "stage2_step", 4)
+        with pytest.raises(KeyboardInterrupt):
+            train(_config(), cohort, out, resume=True, device="cpu", progress=False)
+    train(_config(), cohort, out, resume=True, device="cpu", progress=False)
+    resumed, reference = load_bundle(out), load_bundle(trained)
+    assert resumed.versions["training"]["stages"] == reference.versions["training"]["stages"]
+    for mine, theirs in ((resumed.ra_state, reference.ra_state), (resumed.generator_state, reference.generator_state)):
+        assert mine.keys() == theirs.keys()
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine), "resumed weights differ from the uninterrupted run"
+    assert resumed.calibration == reference.calibration
+    assert [(r["stage"], r["step"], r["val_loss"]) for r in _metrics(out)] == \
+        [(r["stage"], r["step"], r["val_loss"]) for r in _metrics(trained)]
