@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--node-ip", default=None, help="address for the local Ray instance (default: Ray's choice)")
     args = parser.parse_args()
 
-    console = Console()
+    console = Console(width=140)
     cpus = max(2, len(os.sched_getaffinity(0)))
     with tempfile.TemporaryDirectory(prefix="phanes-bench-") as tmp:
         work = Path(tmp)

@@ -34,6 +34,7 @@ def _template() -> tuple[np.ndarray, np.ndarray]:
 def write_cohort(folder: Path, n_train: int = 3, n_val: int = 2, seed: int = 0) -> Path:
     """NIfTI images + brain masks + manifest.parquet; returns the manifest path."""
     base, affine = _template()
+    folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n_train + n_val):

@@ -54,9 +54,9 @@ def test_matches_skimage_on_real_mri(mri_slices: np.ndarray) -> None:
     ours = clahe_torch(torch.from_numpy(mri_slices)[:, None])[:, 0].numpy()
     reference = np.stack([_skimage(s) for s in mri_slices])
     diff = np.abs(ours - reference)
-    # Measured: identical on every real slice (mean 0, max 0); the bound leaves room for float rounding.
+    # Measured: identical on every real slice and on float32 noise (mean 0, max 0); the bounds leave room for float rounding.
     assert diff.mean() < 1e-4
-    assert diff.max() < 5e-3
+    assert diff.max() < 1e-3
 
 
 def test_matches_skimage_on_random_images() -> None:
@@ -64,7 +64,7 @@ def test_matches_skimage_on_random_images() -> None:
     ours = clahe_torch(torch.from_numpy(images)).numpy()
     diff = np.abs(ours - np.stack([_skimage(i) for i in images]))
     assert diff.mean() < 1e-4
-    assert diff.max() < 5e-3
+    assert diff.max() < 1e-3
 
 
 @pytest.mark.parametrize(("size", "clip", "nbins"), [(100, 0.01, 256), (64, 0.05, 128), (128, 0.0, 256), (130, 0.5, 64)])
@@ -74,7 +74,7 @@ def test_matches_skimage_other_settings(size: int, clip: float, nbins: int) -> N
     ours = clahe_torch(torch.from_numpy(images)[:, None], clip_limit=clip, nbins=nbins)[:, 0].numpy()
     diff = np.abs(ours - np.stack([_skimage(i, clip=clip, nbins=nbins) for i in images]))
     assert diff.mean() < 1e-4
-    assert diff.max() < 5e-3
+    assert diff.max() < 1e-3
 
 
 def test_batched_equals_per_image(mri_slices: np.ndarray) -> None:

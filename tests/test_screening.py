@@ -35,7 +35,8 @@ from phanes_cli.config import AOTConfig, PhanesConfig, PreprocessConfig, RAConfi
 from phanes_cli.models import AOTGenerator, SoftIntroVAE
 from phanes_cli.pipeline import Calibration, run_slices
 from phanes_cli.preprocess import prepare_volume
-from phanes_cli.screening.engine import EXIT_OK, EXIT_SOME_FAILED, ScreenOptions, screen
+from phanes_cli.manifest import ManifestRow
+from phanes_cli.screening.engine import EXIT_OK, EXIT_SOME_FAILED, ScreenOptions, _plan_volumes, screen
 from phanes_cli.screening.outputs import OutputLayout, commit_volume, consolidate, is_done, previous_failure, record_failure
 from phanes_cli.screening.tasks import volume_statistics
 from phanes_cli.volume_io import load_volume
@@ -294,8 +295,16 @@ def test_commit_resume_and_consolidation_rules(tmp_path: Path) -> None:
     assert tables["volumes"]["status"].tolist() == ["ok", "failed"]
     assert tables["failures"]["id"].tolist() == ["b"]
     assert consolidate(layout) == first  # idempotent
-    record_failure(layout, "a", {**failure, "id": "a", "path": str(image)})  # a failure replaces a done volume
+    rows = [ManifestRow(id="a", image=image), ManifestRow(id="b", image=bad)]
+    todo, done, standing = _plan_volumes(rows, layout, ScreenOptions(bundle=tmp_path, out=layout.root), "h1")
+    assert ([r.id for r in todo], done, standing) == (["a", "b"], 0, 0)  # a's input changed; b's failure is retried
+    record_failure(layout, "b", failure)
+    todo, done, standing = _plan_volumes(rows, layout, ScreenOptions(bundle=tmp_path, out=layout.root), "h1")
+    assert ([r.id for r in todo], done, standing) == (["a"], 0, 1)  # b's input error stands
+    todo, done, standing = _plan_volumes(rows, layout, ScreenOptions(bundle=tmp_path, out=layout.root, overwrite=True), "h1")
+    assert [r.id for r in todo] == ["a", "b"]
     assert not layout.done_marker("a").exists() and not layout.map_path("a", "anomaly").exists()
+    assert not layout.part("failures", "b").exists() and not layout.part("volumes", "a").exists()
 
 
 # ---------------------------------------------------------------- end to end on a Ray cluster
@@ -340,7 +349,7 @@ def test_mixed_cohort_geometry_tables_failures_and_resume(cluster: RayCluster, b
     out, log = tmp_path / "out", tmp_path / "log.jsonl"
     outputs = frozenset({"anomaly", "mask", "pseudohealthy"})
 
-    summary = screen([str(src)], _options(bundle, out, outputs=outputs, log_jsonl=log, batch_size=7))
+    summary = screen([str(src)], _options(bundle, out, outputs=outputs, log_jsonl=log, batch_size=7, max_in_flight=3))
 
     assert (summary.total, summary.done, summary.failed, summary.skipped) == (10, 5, 5, 0)
     assert summary.exit_code == EXIT_SOME_FAILED != EXIT_OK
@@ -398,6 +407,7 @@ def test_mixed_cohort_geometry_tables_failures_and_resume(cluster: RayCluster, b
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["status"] == "finished" and manifest["bundle"]["hash"] == load_bundle(bundle).hash
     assert manifest["counts"] == {"total": 10, "done": 5, "failed": 5, "skipped": 0}
+    assert 1 <= manifest["ray"]["peak_in_flight"] <= 3  # bounded streaming: never more than max_in_flight volumes
     assert {"torch", "ray", "nibabel"} <= set(manifest["versions"]) and manifest["command"]
     events = [json.loads(line) for line in log.read_text().splitlines()]
     assert [e["event"] for e in events][0] == "start" and events[-1]["event"] == "end"

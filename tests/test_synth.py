@@ -136,7 +136,6 @@ def test_real_lesion_shapes_land_where_mni_says(mni: Template, grid, tmp_path: P
     if not LESION_DIR.is_dir():
         pytest.skip(f"{LESION_DIR} is not present")
     files = sorted(LESION_DIR.glob("*.nii.gz"))[:40]
-    cfg = LesionConfig()
     for index in range(3):
         s = make_subject(mni, grid, seed=3, index=index, kind="stroke", lesion_shapes=files, variation=NO_VARIATION)
         assert s.lesion is not None and s.lesion.any() and (s.lesion <= s.brain).all()
@@ -147,8 +146,8 @@ def test_real_lesion_shapes_land_where_mni_says(mni: Template, grid, tmp_path: P
         anatomy = sample_anatomy(mni, grid, np.random.default_rng(0), NO_VARIATION)
         expected_mask &= allowed_region(anatomy)
         dice = 2 * (s.lesion & expected_mask).sum() / (s.lesion.sum() + expected_mask.sum())
-        assert dice > 0.6 or abs(int(s.lesion.sum()) - int(expected_mask.sum())) <= 3, (name, dice)
-        assert cfg.shape_tries > 0
+        print(f"{name}: {s.lesion.sum()} voxels, Dice with nibabel's resampling {dice:.2f}")
+        assert dice > 0.8, (name, dice)  # a left-right or axis mix-up would drop it near 0
 
 
 def test_paint_sprites_protocol(mni: Template, grid) -> None:

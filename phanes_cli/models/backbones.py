@@ -21,7 +21,7 @@ import os
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -96,9 +96,6 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
     }
-
-    def __init__(self, file: BinaryIO) -> None:
-        super().__init__(file)
 
     def find_class(self, module: str, name: str) -> Any:
         try:

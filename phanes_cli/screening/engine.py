@@ -203,6 +203,7 @@ class _Pipeline:
     load: list[int] = field(default_factory=list)
     pending: dict[Any, _Flight] = field(default_factory=dict)
     replacements: int = 0
+    peak_in_flight: int = 0
 
     def __post_init__(self) -> None:
         self.decode_fn = ray.remote(decode_volume).options(num_returns=3, num_cpus=1, max_retries=TASK_RETRIES,
@@ -242,6 +243,7 @@ class _Pipeline:
                     exhausted = True
                 else:
                     self._submit_decode(_Flight(row))
+            self.peak_in_flight = max(self.peak_in_flight, len(self.pending))
             if not self.pending:
                 return
             ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=0.5)
@@ -401,6 +403,8 @@ def screen(inputs: list[str], options: ScreenOptions) -> ScreenSummary:
                         pipeline.run(iter(todo), limit)
                     finally:
                         pipeline.stop_actors()
+                        manifest["ray"].update(peak_in_flight=pipeline.peak_in_flight,
+                                               actors_replaced=pipeline.replacements)
             status = "finished"
         finally:
             tables = consolidate(layout)
@@ -423,9 +427,4 @@ def screen(inputs: list[str], options: ScreenOptions) -> ScreenSummary:
 def _read_failures(layout: OutputLayout) -> list[dict[str, Any]]:
     path = layout.table("failures")
     return pq.read_table(path).to_pylist() if path.is_file() else []
-
-
-def exit_code(summary: ScreenSummary) -> int:
-    """EXIT_OK when every volume succeeded, EXIT_SOME_FAILED when some failed."""
-    return summary.exit_code
 

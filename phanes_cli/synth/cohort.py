@@ -127,6 +127,7 @@ def synth_cohort(out: Path, healthy: int, lesions: int, kind: str = "stroke", se
     report("loading templates")
     pool = load_templates(None if templates is None else Path(templates))
     grids = [output_grid(t, voxel_size) for t in pool]
+    report(f"{len(pool)} template(s) ready: {', '.join(t.name for t in pool)}")
     rows: list[ManifestRow] = []
     plan = [(None, i) for i in range(healthy)] + [(kind, i) for i in range(lesions)]
     for done, (subject_kind, index) in enumerate(plan, start=1):

@@ -1,0 +1,90 @@
+"""Calibration: both thresholds equal percentiles recomputed independently, and they are sealed into the bundle."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from phanes_cli.backends import PhanesNetworks, TorchBackend
+from phanes_cli.bundle import load_bundle, save_bundle
+from phanes_cli.calibrate import calibrate
+from phanes_cli.errors import BundleError, ConfigError
+from phanes_cli.manifest import read_manifest
+from phanes_cli.pipeline import binary_mask, stage1_map
+from phanes_cli.preprocess import prepare_volume
+from phanes_cli.volume_io import load_mask, load_volume
+from tests._tiny_cohort import tiny_config, write_cohort
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture()
+def setup(tmp_path: Path) -> tuple[Path, Path]:
+    """An (untrained, seeded) tiny model bundle and a cohort with two healthy validation volumes."""
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    nets = PhanesNetworks(cfg)
+    save_bundle(tmp_path / "bundle", cfg, nets.ra, nets.generator)
+    return tmp_path / "bundle", write_cohort(tmp_path / "data", n_train=1, n_val=2)
+
+
+def _independent_thresholds(bundle: Path, manifest: Path) -> tuple[float, float, int]:
+    """method.md's rules written out directly on all validation slices in one batch."""
+    model = load_bundle(bundle, require_calibration=False)
+    cfg = model.config
+    xs, brains = [], []
+    for row in read_manifest(manifest):
+        if row.split == "val" and row.kind == "healthy":
+            volume = load_volume(row.image)
+            prepared = prepare_volume(volume.data, load_mask(row.brain_mask, volume), cfg.preprocess)
+            xs.append(prepared.slices)
+            brains.append(prepared.brain)
+    x, brain = torch.cat(xs), torch.cat(brains)
+    nets = model.networks()
+    backend = TorchBackend(nets, torch.device("cpu"))
+    with torch.no_grad():
+        ra_map = stage1_map(x, nets.ra.reconstruct(x), brain, backend, cfg.mask)
+        t_mask = float(np.percentile(ra_map[brain > 0].double().numpy(), cfg.mask.mask_percentile))
+        m = binary_mask(ra_map, brain, t_mask, cfg.mask)
+        x_ph = x * (1 - m) + nets.generator(x * (1 - m) + m, m) * m
+        s = (x_ph - x).abs() * nets.lpips(x_ph, x) * m * brain
+    positive = s[(s > 0) & (brain > 0)].double().numpy()
+    return t_mask, float(np.percentile(positive, cfg.mask.anomaly_percentile)), int(x.shape[0])
+
+
+def test_thresholds_are_the_percentiles_of_healthy_maps(setup: tuple[Path, Path]) -> None:
+    bundle, manifest = setup
+    hash_before = load_bundle(bundle, require_calibration=False).hash
+    cal = calibrate(bundle, manifest, device="cpu", batch_size=7, progress=False)
+    t_mask, t_anomaly, n_slices = _independent_thresholds(bundle, manifest)
+    assert cal.mask_threshold == pytest.approx(t_mask, rel=1e-4)
+    assert cal.anomaly_threshold == pytest.approx(t_anomaly, rel=1e-3)
+    assert math.isfinite(cal.anomaly_threshold) and cal.anomaly_threshold > 0
+    assert (cal.n_slices, cal.n_volumes) == (n_slices, 2)
+    stored = load_bundle(bundle)  # now calibrated: require_calibration passes
+    assert stored.calibration == cal and stored.hash != hash_before
+
+
+def test_calibration_needs_healthy_volumes_of_the_split(setup: tuple[Path, Path]) -> None:
+    bundle, manifest = setup
+    with pytest.raises(ConfigError, match="'test'"):
+        calibrate(bundle, manifest, device="cpu", split="test", progress=False)
+    with pytest.raises(BundleError):
+        load_bundle(bundle)  # still uncalibrated: nothing was written
+
+
+def test_calibration_refuses_a_missing_bundle(tmp_path: Path) -> None:
+    manifest = write_cohort(tmp_path, n_train=0, n_val=1)
+    with pytest.raises(BundleError, match="not found"):
+        calibrate(tmp_path / "nowhere", manifest, device="cpu", progress=False)
