@@ -38,7 +38,9 @@ from phanes_cli.preprocess import prepare_volume
 from phanes_cli.manifest import ManifestRow
 from phanes_cli.screening.engine import EXIT_OK, EXIT_SOME_FAILED, ScreenOptions, _plan_volumes, screen
 from phanes_cli.screening.outputs import OutputLayout, commit_volume, consolidate, is_done, previous_failure, record_failure
-from phanes_cli.screening.tasks import volume_statistics
+from phanes_cli.errors import BundleError
+from phanes_cli.screening.actors import InferenceActor
+from phanes_cli.screening.tasks import ModelSlices, volume_statistics
 from phanes_cli.volume_io import load_volume
 
 RAY_BIN = Path(sys.executable).parent / "ray"
@@ -307,11 +309,33 @@ def test_commit_resume_and_consolidation_rules(tmp_path: Path) -> None:
     assert not layout.part("failures", "b").exists() and not layout.part("volumes", "a").exists()
 
 
-# ---------------------------------------------------------------- end to end on a Ray cluster
-
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_bundle(tmp_path_factory.mktemp("bundle"))
+
+
+def test_actor_turns_non_finite_output_into_a_failure_record(bundle: Path) -> None:
+    """The inference actor (used directly, no Ray) reports NaN maps as this volume's failure and keeps working."""
+    bundle_obj = load_bundle(bundle)
+    actor = InferenceActor(str(bundle), bundle_obj.hash, "torch", "cpu", 1, 4, True, None)
+    prepared = prepare_volume(head_volume((40, 48, 24), seed=3), None, bundle_obj.config.preprocess)
+    slices = ModelSlices(prepared.slices.numpy(), prepared.brain.numpy())
+    good, maps = actor.infer(slices)
+    assert good.failure is None and maps is not None
+    assert maps.anomaly.shape == slices.slices.shape and maps.pseudo_healthy.shape == slices.slices.shape  # type: ignore[union-attr]
+    poisoned = slices.slices.copy()
+    poisoned[5, 0, 30, 30] = np.nan
+    bad, none = actor.infer(ModelSlices(poisoned, slices.brain))
+    assert none is None and bad.failure is not None
+    assert (bad.failure.stage, bad.failure.error_type) == ("inference", "FloatingPointError")
+    assert "non-finite" in bad.failure.message and "slices 4..7" in bad.failure.message
+    again, maps_again = actor.infer(slices)  # the same actor carries on, with the same numbers
+    assert again.failure is None and np.array_equal(maps_again.anomaly, maps.anomaly)  # type: ignore[union-attr]
+    with pytest.raises(BundleError, match="changed since the run started"):
+        InferenceActor(str(bundle), "0" * 64, "torch", "cpu", 1, 4, False, None)
+
+
+# ---------------------------------------------------------------- end to end on a Ray cluster
 
 
 @pytest.fixture(scope="module")

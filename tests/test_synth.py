@@ -193,7 +193,7 @@ def test_cohort_on_disk_and_manifest(tmp_path: Path) -> None:
     assert [r.id for r in rows] == ["healthy-0000", "healthy-0001", "healthy-0002", "stroke-0000", "stroke-0001"]
     assert [r.split for r in rows] == ["train", "train", "val", "test", "test"]
     assert [r.kind for r in rows] == ["healthy"] * 3 + ["stroke"] * 2
-    assert sum("(5/5)" in m for m in messages) == 1
+    assert messages == [f"{r.id} ({k}/5)" for k, r in enumerate(rows, start=1)]  # one call per subject
     # a subject depends on (seed, index) only, not on how many subjects the cohort has
     mni = load_mni152()
     alone = make_subject(mni, output_grid(mni, 3.0), seed=11, index=1, kind="stroke")

@@ -14,8 +14,8 @@ this driver (and a local instance) registers under; None lets Ray choose, which 
 a machine without usable networking pass a loopback address such as 127.0.0.2.
 
 Faults: an inference actor that dies is restarted by Ray and its in-flight calls are retried
-(`max_restarts`, `max_task_retries`); a volume whose inference still fails after that becomes a failure
-row and the actor is replaced. A task whose worker crashes is retried by Ray, then recorded as failed.
+(`max_restarts`, `max_task_retries`); when a call still fails after that, the actor is replaced by a
+fresh one and the volume is tried once more there, then recorded as a failure. A task whose worker crashes is retried by Ray, then recorded as failed.
 Errors inside a stage (unreadable file, NaN output, out of memory) fail only that volume.
 
 Resume: a volume is skipped when its done marker matches (see `outputs`). Failures are retried on the
@@ -56,7 +56,9 @@ EXIT_OK = 0
 EXIT_SOME_FAILED = 3
 ACTOR_MAX_RESTARTS = 3
 ACTOR_TASK_RETRIES = 2
+INFERENCE_ATTEMPTS = 2  # driver-level: a volume whose actor died for good is tried once more on a fresh actor
 TASK_RETRIES = 2
+INFERENCE_ATTEMPTS = 2  # driver-level: a volume whose actor died for good is tried once more on a fresh actor
 
 
 @dataclass
@@ -184,6 +186,8 @@ class _Flight:
     maps: Any = None
     decode: DecodeResult | None = None
     actor: int = -1
+    generation: int = 0  # of the actor at `actor` when the call was made
+    attempts: int = 0
 
 
 @dataclass
@@ -200,6 +204,7 @@ class _Pipeline:
     display: ProgressDisplay
     run_id: str
     actors: list[Any] = field(default_factory=list)
+    generations: list[int] = field(default_factory=list)
     load: list[int] = field(default_factory=list)
     pending: dict[Any, _Flight] = field(default_factory=dict)
     replacements: int = 0
@@ -222,6 +227,7 @@ class _Pipeline:
 
     def start_actors(self) -> None:
         self.actors = [self._new_actor(i) for i in range(self.plan.count)]
+        self.generations = [0] * self.plan.count
         self.load = [0] * self.plan.count
 
     def wait_actors(self) -> None:
@@ -260,6 +266,7 @@ class _Pipeline:
     def _submit_inference(self, flight: _Flight) -> None:
         flight.actor = min(range(len(self.actors)), key=lambda i: self.load[i])
         self.load[flight.actor] += 1
+        flight.generation, flight.attempts = self.generations[flight.actor], flight.attempts + 1
         info, flight.maps = self.actors[flight.actor].infer.options(num_returns=2).remote(flight.slices)
         flight.stage = "inference"
         self.pending[info] = flight
@@ -279,7 +286,10 @@ class _Pipeline:
             try:
                 inferred: InferenceResult = ray.get(ref)
             except RayActorError as exc:
-                self._replace_actor(flight.actor, exc)
+                if self.generations[flight.actor] == flight.generation:
+                    self._replace_actor(flight.actor, exc)
+                if flight.attempts < INFERENCE_ATTEMPTS:
+                    return self._submit_inference(flight)
                 return self._fail(flight, Failure("inference", *describe_ray(exc)))
             except Exception as exc:  # noqa: BLE001
                 return self._fail(flight, Failure("inference", *describe_ray(exc)))
@@ -310,6 +320,7 @@ class _Pipeline:
         self.replacements += 1
         ray.kill(self.actors[index], no_restart=True)
         self.actors[index] = self._new_actor(index)
+        self.generations[index] += 1
         self.log.event("actor_replaced", index=index, error=_short(exc))
 
     def _fail(self, flight: _Flight, failure: Failure) -> None:
@@ -419,7 +430,8 @@ def screen(inputs: list[str], options: ScreenOptions) -> ScreenSummary:
     summary = ScreenSummary(total=counts.total, done=counts.done, failed=counts.failed, skipped=counts.skipped,
                             out=layout.root, seconds=seconds)
     if not options.quiet:
-        failures = [r for r in _read_failures(layout) if r["id"] in {row.id for row in rows}]
+        ids = {row.id for row in rows}
+        failures = [r for r in _read_failures(layout) if r["id"] in ids]
         print_summary(display.console, counts, seconds, layout.root, failures)
     return summary
 

@@ -9,9 +9,10 @@ Templates are used round-robin by index (the nilearn MNI152 first, then `--templ
 
 Splits: healthy subjects are train/val (the last max(1, round(20%)) indices are val when there are at
 least two; val calibrates the anomaly thresholds on healthy data), lesion subjects are test.
-Voxel size: 1.5 mm by default. The model sees axial slices resized to 128 x 128; the brain's largest
-in-plane extent (~170 mm with margin) maps to ~115 voxels at 1.5 mm, close to 128, so little detail is
-lost, while a volume has 3.4x fewer voxels than at 1 mm (synthesis and screening are that much faster).
+Voxel size: 1.5 mm by default. The model sees axial slices padded square and resized to 128 x 128;
+at 1.5 mm the MNI grid (brain box + 10 mm margin) is 111 x 135 x 117, so a slice is ~135 voxels across,
+already about the model's 128: finer grids add no detail the model keeps, while a volume has 3.4x fewer
+voxels than at 1 mm (synthesis, preprocessing and screening are that much faster). 2 mm would upsample.
 """
 
 from __future__ import annotations
@@ -119,15 +120,14 @@ def synth_cohort(out: Path, healthy: int, lesions: int, kind: str = "stroke", se
     Layout: out/images/<id>.nii.gz (float32), out/masks/<id>_brain.nii.gz (uint8),
     out/labels/<id>_lesion.nii.gz (uint8, lesion subjects), out/manifest.parquet.
     Ids: healthy-0000..., and stroke-0000... or sprites-0000....
+    `progress` is called exactly once per subject written, with "<id> (k/n)".
     """
     out = Path(out)
     _validate(out, healthy, lesions, kind, seed, voxel_size, lesion_shapes)
     shapes = nifti_files(Path(lesion_shapes), "lesion-shapes") if lesion_shapes is not None else None
     report = progress or (lambda message: None)
-    report("loading templates")
     pool = load_templates(None if templates is None else Path(templates))
     grids = [output_grid(t, voxel_size) for t in pool]
-    report(f"{len(pool)} template(s) ready: {', '.join(t.name for t in pool)}")
     rows: list[ManifestRow] = []
     plan = [(None, i) for i in range(healthy)] + [(kind, i) for i in range(lesions)]
     for done, (subject_kind, index) in enumerate(plan, start=1):
