@@ -135,7 +135,7 @@ def _ray_session(options: ScreenOptions) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    common: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
+    common: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR if options.quiet else logging.WARNING}
     if options.node_ip is not None:
         common["_node_ip_address"] = options.node_ip
     if options.address is None:
