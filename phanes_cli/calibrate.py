@@ -29,6 +29,7 @@ from phanes_cli.config import PhanesConfig
 from phanes_cli.errors import PhanesError
 from phanes_cli.pipeline import Calibration, run_slices, stage1_map
 from phanes_cli.training.data import SliceSet, healthy_rows, load_slices
+from phanes_cli.training.progress import make_progress
 
 
 def _percentile(chunks: list[Tensor], q: float) -> float:
@@ -39,36 +40,38 @@ def _percentile(chunks: list[Tensor], q: float) -> float:
 
 
 def calibration_thresholds(backend: Backend, data: SliceSet, cfg: PhanesConfig, batch_size: int = 32,
-                           progress: bool = False, n_volumes: int = 0) -> Calibration:
+                           bar: Progress | None = None, n_volumes: int = 0) -> Calibration:
     """Both thresholds from healthy slices (see the module docstring for the rules)."""
     if len(data) == 0:
         raise PhanesError("calibration: the healthy volumes hold no brain slices")
     starts = range(0, len(data), batch_size)
     ra_values: list[Tensor] = []
-    with Progress(transient=True, disable=not progress) as bar:
-        task = bar.add_task("calibrating: stage 1 maps", total=2 * len(starts))
-        for start in starts:
-            x = data.images[start : start + batch_size].to(backend.device)
-            brain = data.brain[start : start + batch_size].to(backend.device)
-            ra_map = stage1_map(x, backend.reconstruct(x), brain, backend, cfg.mask)
-            ra_values.append(ra_map[brain > 0].float().cpu())
-            bar.advance(task)
-        mask_threshold = _percentile(ra_values, cfg.mask.mask_percentile)
-        if not np.isfinite(mask_threshold):
-            raise PhanesError("calibration: the validation slices hold no brain pixels")
-        provisional = Calibration(mask_threshold=mask_threshold, anomaly_threshold=float("inf"))
-        bar.update(task, description="calibrating: anomaly maps")
-        anomaly_values: list[Tensor] = []
-        for start in starts:
-            part = slice(start, start + batch_size)
-            maps = run_slices(data.images[part], data.brain[part], backend, cfg, provisional)
-            s = maps.anomaly
-            anomaly_values.append(s[(s > 0) & (data.brain[part].to(s.device) > 0)].float().cpu())
-            bar.advance(task)
+    if bar is None:
+        bar = make_progress(False)
+    task = bar.add_task("calibration", total=2 * len(starts), info="stage 1 maps")
+    for start in starts:
+        x = data.images[start : start + batch_size].to(backend.device)
+        brain = data.brain[start : start + batch_size].to(backend.device)
+        ra_map = stage1_map(x, backend.reconstruct(x), brain, backend, cfg.mask)
+        ra_values.append(ra_map[brain > 0].float().cpu())
+        bar.advance(task)
+    mask_threshold = _percentile(ra_values, cfg.mask.mask_percentile)
+    if not np.isfinite(mask_threshold):
+        raise PhanesError("calibration: the validation slices hold no brain pixels")
+    provisional = Calibration(mask_threshold=mask_threshold, anomaly_threshold=float("inf"))
+    bar.update(task, info=f"mask threshold {mask_threshold:.4g}; anomaly maps")
+    anomaly_values: list[Tensor] = []
+    for start in starts:
+        part = slice(start, start + batch_size)
+        maps = run_slices(data.images[part], data.brain[part], backend, cfg, provisional)
+        s = maps.anomaly
+        anomaly_values.append(s[(s > 0) & (data.brain[part].to(s.device) > 0)].float().cpu())
+        bar.advance(task)
     anomaly_threshold = _percentile(anomaly_values, cfg.mask.anomaly_percentile)
     if not np.isfinite(anomaly_threshold):
         raise PhanesError("calibration: stage 1 masked no pixel of the validation slices, so s(x) is zero everywhere; "
                           "the model cannot be calibrated (train longer or on more data)")
+    bar.update(task, info=f"mask threshold {mask_threshold:.4g}, anomaly threshold {anomaly_threshold:.4g}")
     return Calibration(mask_threshold=mask_threshold, anomaly_threshold=anomaly_threshold,
                        n_slices=len(data), n_volumes=n_volumes)
 
@@ -79,18 +82,20 @@ def calibrate(bundle: Path, manifest: Path, device: str = "auto", batch_size: in
     bundle = Path(bundle)
     config = load_bundle(bundle, require_calibration=False).config
     rows = healthy_rows(Path(manifest), split)
-    data = load_slices(rows, config.preprocess, progress, description=f"loading {split} volumes")
-    return calibrate_on_slices(bundle, data, select_device(device), batch_size, lpips_weights, progress, len(rows))
+    dev = select_device(device)
+    with make_progress(progress) as bar:
+        data = load_slices(rows, config.preprocess, bar, description=f"loading {split} volumes")
+        return calibrate_on_slices(bundle, data, dev, batch_size, lpips_weights, bar, len(rows))
 
 
 def calibrate_on_slices(bundle: Path, data: SliceSet, device: torch.device, batch_size: int = 32,
-                        lpips_weights: str | None = None, progress: bool = True, n_volumes: int = 0) -> Calibration:
+                        lpips_weights: str | None = None, bar: Progress | None = None, n_volumes: int = 0) -> Calibration:
     """Calibrate the networks stored in a bundle on prepared slices and seal the thresholds into it.
 
     The networks are read back from the verified bundle, so the thresholds belong to exactly the stored weights.
     """
     model = load_bundle(bundle, require_calibration=False)
     backend = TorchBackend(model.networks(lpips_weights), device)
-    calibration = calibration_thresholds(backend, data, model.config, batch_size, progress, n_volumes=n_volumes)
+    calibration = calibration_thresholds(backend, data, model.config, batch_size, bar, n_volumes=n_volumes)
     write_calibration(bundle, calibration)
     return calibration

@@ -51,7 +51,7 @@ def _burden_table(screen_dir: Path) -> Table:
         table.add_column(col, justify="right")
     for row in volumes:
         table.add_row(str(row["id"]), f"{row['brain_volume_ml']:.0f}", f"{row['lesion_burden_ml']:.2f}", str(row["lesion_count"]),
-                      f"{row['largest_lesion_ml']:.2f}", f"{row['max_anomaly_score']:.3f}", str(row["status"]))
+                      f"{row['largest_lesion_ml']:.2f}", f"{row['max_anomaly']:.3f}", str(row["status"]))
     return table
 
 

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from tests._tiny_cohort import tiny_config, write_cohort
 from phanes_cli.bundle import load_bundle
+from phanes_cli.config import StageTrainConfig
 from phanes_cli.errors import ConfigError
 from phanes_cli.training import losses
 from phanes_cli.training.augment import AffineParams, augment, sampling_matrices, apply_affine
@@ -282,3 +283,41 @@ def test_resume_after_kills_matches_the_uninterrupted_run(trained: Path, cohort:
     assert resumed.calibration == reference.calibration
     assert [(r["stage"], r["step"], r["val_loss"]) for r in _metrics(out)] == \
         [(r["stage"], r["step"], r["val_loss"]) for r in _metrics(trained)]
+
+
+def test_early_stopping_keeps_the_best_validation_weights(cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Validation losses that only get worse after the first epoch: each stage stops after `patience` more epochs."""
+    for method in ("stage1_validation", "stage2_validation"):
+        calls = {"n": 0}
+
+        def rising(self: Trainer, *args: object, calls: dict[str, int] = calls) -> float:
+            calls["n"] += 1
+            return float(calls["n"])
+
+        monkeypatch.setattr(Trainer, method, rising)
+    stage = StageTrainConfig(max_epochs=50, max_steps=None, lr=1e-3, patience=1, val_every=1)
+    cfg = dataclasses.replace(_config(), train=dataclasses.replace(_config().train, stage1=stage, stage2=stage))
+    out = train(cfg, cohort, tmp_path / "model", device="cpu", progress=False)
+    bundle = load_bundle(out)
+    stages = bundle.versions["training"]["stages"]
+    assert [(s["stopped_by"], s["epochs"], s["steps"], s["best_step"]) for s in stages] == [("early_stopping", 2, 6, 3)] * 2
+    gen = load_file(str(out / "checkpoints" / "best_stage2.safetensors"))
+    assert all(torch.equal(bundle.generator_state[k.removeprefix("generator.")], v) for k, v in gen.items())
+    last = load_file(str(out / "checkpoints" / "last.safetensors"))  # holds the final (worse) discriminator etc.
+    assert any(k.startswith("optim.generator.") for k in last)
+
+
+def test_resume_refuses_a_different_architecture(trained: Path, cohort: Path) -> None:
+    other = dataclasses.replace(_config(), ra=dataclasses.replace(_config().ra, latent_dim=4))
+    with pytest.raises(ConfigError, match="ra"):
+        train(other, cohort, trained, resume=True, device="cpu", progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bf16 autocast training path)")
+def test_training_on_cuda(cohort: Path, tmp_path: Path) -> None:
+    out = train(_config(), cohort, tmp_path / "model", device="cuda", progress=False)
+    bundle = load_bundle(out)
+    cal = bundle.require_calibration()
+    assert bundle.versions["training"]["device"].startswith("cuda")
+    assert math.isfinite(cal.mask_threshold) and cal.mask_threshold > 0
+    assert math.isfinite(cal.anomaly_threshold) and cal.anomaly_threshold > 0

@@ -18,6 +18,7 @@ from torch import Tensor
 from phanes_cli.config import PreprocessConfig
 from phanes_cli.errors import ConfigError
 from phanes_cli.manifest import ManifestRow, read_manifest, select
+from phanes_cli.training.progress import make_progress
 from phanes_cli.preprocess import auto_brain_mask, prepare_volume
 from phanes_cli.volume_io import load_mask, load_volume
 
@@ -52,22 +53,24 @@ def healthy_rows(manifest: Path, split: str) -> list[ManifestRow]:
     return chosen
 
 
-def load_slices(rows: Sequence[ManifestRow], cfg: PreprocessConfig, progress: bool = True,
+def load_slices(rows: Sequence[ManifestRow], cfg: PreprocessConfig, bar: Progress | None = None,
                 description: str = "loading volumes") -> SliceSet:
     """Read and prepare every volume once; brain masks come from the manifest or `auto_brain_mask`."""
     images: list[Tensor] = []
     brains: list[Tensor] = []
     owners: list[Tensor] = []
-    with Progress(transient=True, disable=not progress) as bar:
-        task = bar.add_task(description, total=len(rows))
-        for i, row in enumerate(rows):
-            volume = load_volume(row.image)
-            brain = load_mask(row.brain_mask, volume) if row.brain_mask is not None else auto_brain_mask(volume.data)
-            prepared = prepare_volume(volume.data, brain, cfg)
-            images.append(prepared.slices)
-            brains.append(prepared.brain)
-            owners.append(torch.full((prepared.slices.shape[0],), i, dtype=torch.int64))
-            bar.advance(task)
+    if bar is None:
+        bar = make_progress(False)
+    task = bar.add_task(description, total=len(rows), info="")
+    for i, row in enumerate(rows):
+        volume = load_volume(row.image)
+        brain = load_mask(row.brain_mask, volume) if row.brain_mask is not None else auto_brain_mask(volume.data)
+        prepared = prepare_volume(volume.data, brain, cfg)
+        images.append(prepared.slices)
+        brains.append(prepared.brain)
+        owners.append(torch.full((prepared.slices.shape[0],), i, dtype=torch.int64))
+        bar.update(task, advance=1, info=row.id)
+    bar.update(task, info=f"{sum(t.shape[0] for t in images)} slices")
     size = cfg.image_size
     if not images or sum(t.shape[0] for t in images) == 0:
         return SliceSet(torch.zeros(0, 1, size, size), torch.zeros(0, 1, size, size), torch.zeros(0, dtype=torch.int64),

@@ -3,10 +3,13 @@
 Why sequential: stage 2 learns to inpaint the holes that stage 1 cuts, so its training masks are the
 masks a converged stage 1 produces on healthy training images, united with random shapes. The stage 1
 threshold (the 99th percentile of the stage 1 maps over the healthy training slices) is computed once
-when stage 1 ends; the frozen stage 1 then masks every (augmented) stage 2 batch as inference would. Training both at once would feed
-the generator the masks of a half-trained RA that do not resemble those seen at inference. (The
-authors' code trains the inpainting network on random masks separately from the RA model and only
-combines them at test time; method.md asks for stage 1 masks in training, which needs this order.)
+when stage 1 ends; the frozen stage 1 then masks every (augmented) stage 2 batch as inference would.
+Training both at once would feed the generator masks of a half-trained RA that do not resemble those
+seen at inference. (The authors' code updates RA and generator in the same loop, optionally starting
+from a pre-trained RA, so its early stage 2 masks come from a moving stage 1.) As in AOT-GAN and the
+reference, the L1/style/perceptual terms compare the raw generator output with the image and the
+adversarial term judges the composite; unlike the reference, the generator's adversarial term is
+back-propagated.
 
 Per stage: seeded, augmented batches (paper augmentation); validation on the healthy val split after
 every `val_every` epochs (stage 1: reconstruction MSE; stage 2: L1 inside fixed random holes); early
@@ -30,8 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -56,6 +58,7 @@ from phanes_cli.training.checkpoint import (
     unflatten_optimizer,
 )
 from phanes_cli.training.data import SliceSet, epoch_batches, hash_seed, healthy_rows, load_slices, spread_subset
+from phanes_cli.training.progress import format_losses, make_progress
 from phanes_cli.training.shapes import random_training_masks
 
 CHECKPOINT_DIR = "checkpoints"
@@ -65,7 +68,6 @@ VAL_MAX_SLICES = 256  # validation runs on at most this many evenly spread slice
 EVAL_BATCH = 32
 STAGE1_THRESHOLD_SLICES = 512  # enough brain pixels (~10^6) for a stable 99th percentile, at a fixed cost
 SOFT_TARGET_SIGMA = 10.0 / 512.0  # AOT-GAN blurs the SM-GAN target with sigma 10 px at 512 px; fraction of the side
-FINISHED = 3  # stage value once both stages are done
 ARCHITECTURE_KEYS = ("ra", "aot", "preprocess")
 METRIC_COLUMNS = ("stage", "epoch", "step", "loss_encoder", "loss_decoder", "rec", "kl", "fake", "reversed",
                   "loss_generator", "l1", "style", "perceptual", "adv", "loss_discriminator",
@@ -401,15 +403,6 @@ def _check_out(out: Path, resume: bool) -> None:
         raise ConfigError(f"{out}: holds an unfinished training run; pass --resume to continue it or choose another --out folder")
 
 
-def _progress(enabled: bool) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled)
-
-
-def _format(values: dict[str, float], keys: tuple[str, ...]) -> str:
-    return " ".join(f"{k}={values[k]:.4g}" for k in keys if k in values)
-
-
 @dataclass(frozen=True)
 class _Stage:
     """What differs between the two stage loops."""
@@ -434,7 +427,6 @@ def _run_stage(spec: _Stage, trainer: Trainer, state: RunState, n_train: int, ou
     total = per_epoch * sched.max_epochs if sched.max_steps is None else min(per_epoch * sched.max_epochs, sched.max_steps)
     task = bar.add_task(f"stage {spec.number} ({spec.name})", total=total, completed=state.step, info="")
     averages = _Averages()
-    reason = "max_epochs"
 
     def capped() -> bool:
         return state.epoch >= sched.max_epochs or (sched.max_steps is not None and state.step >= sched.max_steps)
@@ -448,7 +440,7 @@ def _run_stage(spec: _Stage, trainer: Trainer, state: RunState, n_train: int, ou
             values = spec.step(index)
             state.step += 1
             averages.add(values)
-            bar.update(task, completed=state.step, info=_format(values, spec.shown))
+            bar.update(task, completed=state.step, info=format_losses(values, spec.shown))
         state.epoch += 1
         if state.epoch % sched.val_every == 0 or capped():
             val = spec.validate()
@@ -465,12 +457,14 @@ def _run_stage(spec: _Stage, trainer: Trainer, state: RunState, n_train: int, ou
                             "val_loss": val, "best_val": state.best_val,
                             "seconds": state.seconds + time.perf_counter() - session_start})
             averages = _Averages()
-        if state.bad_evals >= sched.patience:
-            reason = "early_stopping"
-        elif sched.max_steps is not None and state.step >= sched.max_steps:
-            reason = "max_steps"
         if state.epoch % cfg.checkpoint_every == 0 and not capped() and state.bad_evals < sched.patience:
             _checkpoint(trainer, state, out, session_start)
+    if state.bad_evals >= sched.patience:
+        reason = "early_stopping"
+    elif sched.max_steps is not None and state.step >= sched.max_steps:
+        reason = "max_steps"
+    else:
+        reason = "max_epochs"
     best = load_file(str(best_path))
     for name, module in spec.best_modules.items():
         module.load_state_dict(module_state(name, best))
@@ -503,9 +497,9 @@ def train(config: PhanesConfig, manifest: Path, out: Path, resume: bool = False,
     val_rows = healthy_rows(manifest, "val")
     ckpt_path = out / CHECKPOINT_DIR / LAST_CHECKPOINT
     metrics = MetricsLog(out / METRICS_FILE)
-    with _progress(progress) as bar:
-        train_set = load_slices(train_rows, config.preprocess, progress, "loading training volumes")
-        val_set = load_slices(val_rows, config.preprocess, progress, "loading validation volumes")
+    with make_progress(progress) as bar:
+        train_set = load_slices(train_rows, config.preprocess, bar, "loading training volumes")
+        val_set = load_slices(val_rows, config.preprocess, bar, "loading validation volumes")
         for name, data in (("train", train_set), ("val", val_set)):
             if len(data) == 0:
                 raise ConfigError(f"{manifest}: the healthy {name!r} volumes hold no brain slices")
@@ -548,5 +542,5 @@ def train(config: PhanesConfig, manifest: Path, out: Path, resume: bool = False,
                    "seconds": state.seconds + time.perf_counter() - session_start}
         trainer.networks.eval()
         save_bundle(out, config, trainer.networks.ra, trainer.networks.generator, extra={"training": summary})
-        calibrate_on_slices(out, val_set, dev, EVAL_BATCH, lpips_weights, progress, n_volumes=len(val_rows))
+        calibrate_on_slices(out, val_set, dev, EVAL_BATCH, lpips_weights, bar, n_volumes=len(val_rows))
     return out
