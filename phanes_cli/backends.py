@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from phanes_cli.config import PhanesConfig
+from phanes_cli.errors import ConfigError
 from phanes_cli.models import AOTGenerator, SoftIntroVAE, SpatialLPIPS
 
 
@@ -36,9 +37,12 @@ def select_device(requested: str = "auto") -> torch.device:
     """'auto' -> CUDA if available else CPU; an explicit 'cuda' without a GPU is an error, not a silent CPU run."""
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except RuntimeError as exc:
+        raise ConfigError(f"unknown device {requested!r}; use auto, cpu or cuda") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but no CUDA device is available; use --device cpu or auto")
+        raise ConfigError("device 'cuda' requested but no CUDA device is available; use --device cpu or auto")
     return device
 
 

@@ -66,8 +66,11 @@ class Bundle:
 
     def networks(self, lpips_weights: str | None = None) -> PhanesNetworks:
         nets = PhanesNetworks(self.config, lpips_weights=lpips_weights)
-        nets.ra.load_state_dict(self.ra_state)
-        nets.generator.load_state_dict(self.generator_state)
+        for name, module, state in (("ra", nets.ra, self.ra_state), ("generator", nets.generator, self.generator_state)):
+            try:
+                module.load_state_dict(state)
+            except RuntimeError as exc:
+                raise BundleError(f"{self.path / WEIGHT_FILES[name]}: weights do not fit the bundle's config ({str(exc).splitlines()[0]})") from exc
         return nets.eval()
 
     def require_calibration(self) -> Calibration:
@@ -144,15 +147,26 @@ def load_bundle(folder: str | Path, require_calibration: bool = True) -> Bundle:
         raise BundleError(f"{folder / 'config.json'}: {exc}") from exc
     calibration = None
     if CALIBRATION_FILE in listed:
-        calibration = Calibration(**json.loads((folder / CALIBRATION_FILE).read_text()))
+        try:
+            calibration = Calibration(**json.loads((folder / CALIBRATION_FILE).read_text()))
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise BundleError(f"{folder / CALIBRATION_FILE}: unreadable calibration ({exc})") from exc
     if require_calibration and calibration is None:
         raise BundleError(f"{folder}: bundle is not calibrated yet; run `phanes calibrate --bundle {folder} --data MANIFEST`")
     return Bundle(
         path=folder,
         config=config,
-        ra_state=load_file(str(folder / WEIGHT_FILES["ra"])),
-        generator_state=load_file(str(folder / WEIGHT_FILES["generator"])),
+        ra_state=_load_weights(folder / WEIGHT_FILES["ra"]),
+        generator_state=_load_weights(folder / WEIGHT_FILES["generator"]),
         calibration=calibration,
         versions=json.loads((folder / "versions.json").read_text()),
         hash=_sha256(index_path),
     )
+
+
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file; anything else (a pickle, say) is refused, never unpickled."""
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own SafetensorError for foreign formats
+        raise BundleError(f"{path}: not a valid safetensors weight file ({type(exc).__name__}: {exc})") from exc

@@ -93,8 +93,6 @@ def test_weights_are_safetensors_and_loading_never_unpickles(folder: Path, monke
     load_bundle(folder, require_calibration=False)
 
 
-@pytest.mark.xfail(strict=True, reason="bundle.load_bundle lets safetensors' own error escape for a resealed non-safetensors "
-                                        "weight file instead of raising BundleError (reported to the bundle owner)")
 def test_a_pickled_weight_file_is_refused_even_when_resealed(folder: Path, nets: PhanesNetworks) -> None:
     torch.save(nets.ra.state_dict(), folder / "ra.safetensors")
     index = json.loads((folder / INDEX_FILE).read_text())

@@ -263,6 +263,13 @@ class Trainer:
         return binary_mask(ra_map, brain, threshold, self.config.mask)
 
     # stage 2 ------------------------------------------------------------------------------------
+    def _perceptual_input(self, x: Tensor) -> Tensor:
+        """(N, 1, S, S) -> the resolution the VGG losses run at (config.train.perceptual_size)."""
+        size = self.config.train.perceptual_size
+        if size is None or size == x.shape[-1]:
+            return x
+        return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=size < x.shape[-1])
+
     def stage2_step(self, x: Tensor, brain: Tensor, threshold: float) -> dict[str, float]:
         """One AOT-GAN step on (N, 1, S, S) slices and brain masks.
 
@@ -280,9 +287,9 @@ class Trainer:
         with self.autocast():
             pred = gen(x * (1 - m) + m, m).float()
             comp = x * (1 - m) + pred * m
-            feats_pred = self.vgg(pred)
+            feats_pred = self.vgg(self._perceptual_input(pred))
             with torch.no_grad():
-                feats_x = self.vgg(x)
+                feats_x = self.vgg(self._perceptual_input(x))
             logits = disc(comp)
         m_small = F.interpolate(m, size=logits.shape[-2:], mode="area")
         adversarial = losses.generator_adversarial_loss(logits, m_small)
