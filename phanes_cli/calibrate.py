@@ -16,6 +16,7 @@ Both passes go through `pipeline.stage1_map` / `pipeline.run_slices`, the code s
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +25,9 @@ from rich.progress import Progress
 from torch import Tensor
 
 from phanes_cli.backends import Backend, TorchBackend, select_device
-from phanes_cli.bundle import load_bundle, write_calibration
+from phanes_cli.bundle import load_bundle, runtime_versions, save_bundle, write_calibration
 from phanes_cli.config import PhanesConfig
-from phanes_cli.errors import PhanesError
+from phanes_cli.errors import ConfigError, PhanesError
 from phanes_cli.pipeline import Calibration, run_slices, stage1_map
 from phanes_cli.training.data import SliceSet, healthy_rows, load_slices
 from phanes_cli.training.progress import make_progress
@@ -76,11 +77,33 @@ def calibration_thresholds(backend: Backend, data: SliceSet, cfg: PhanesConfig, 
                        n_slices=len(data), n_volumes=n_volumes)
 
 
+def _set_percentiles(bundle: Path, mask_percentile: float | None, anomaly_percentile: float | None) -> PhanesConfig:
+    """Store new calibration percentiles in the bundle's config (weights unchanged, index re-sealed)."""
+    model = load_bundle(bundle, require_calibration=False)
+    mask_cfg = model.config.mask
+    for name, value in (("mask_percentile", mask_percentile), ("anomaly_percentile", anomaly_percentile)):
+        if value is not None:
+            if not 0 < value < 100:
+                raise ConfigError(f"{name} must lie strictly between 0 and 100, got {value}")
+            mask_cfg = replace(mask_cfg, **{name: float(value)})
+    if mask_cfg == model.config.mask:
+        return model.config
+    config = replace(model.config, mask=mask_cfg)
+    nets = model.networks()
+    kept = {k: v for k, v in model.versions.items() if k not in runtime_versions()}
+    save_bundle(bundle, config, nets.ra, nets.generator, extra=kept)
+    return config
+
+
 def calibrate(bundle: Path, manifest: Path, device: str = "auto", batch_size: int = 32, split: str = "val",
-              lpips_weights: str | None = None, progress: bool = True) -> Calibration:
-    """Calibrate a bundle on the healthy volumes of `split` and store the thresholds in it."""
+              lpips_weights: str | None = None, progress: bool = True, mask_percentile: float | None = None,
+              anomaly_percentile: float | None = None) -> Calibration:
+    """Calibrate a bundle on the healthy volumes of `split` and store the thresholds in it.
+
+    `mask_percentile` / `anomaly_percentile` override the config's healthy percentiles and are stored in the bundle.
+    """
     bundle = Path(bundle)
-    config = load_bundle(bundle, require_calibration=False).config
+    config = _set_percentiles(bundle, mask_percentile, anomaly_percentile)
     rows = healthy_rows(Path(manifest), split)
     dev = select_device(device)
     with make_progress(progress) as bar:

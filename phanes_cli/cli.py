@@ -130,12 +130,15 @@ def calibrate(
     split: str = typer.Option("val", "--split", help="Manifest split of healthy volumes to calibrate on."),
     device: str = typer.Option("auto", "--device"),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
+    mask_percentile: Optional[float] = typer.Option(None, "--mask-percentile", help="Healthy percentile of m(x) that binarises the inpainting mask (default: the bundle's config)."),
+    anomaly_percentile: Optional[float] = typer.Option(None, "--anomaly-percentile", help="Healthy percentile of s(x) that binarises the lesion mask (default: the bundle's config)."),
     lpips_weights: Optional[str] = LPIPS_OPTION,
 ) -> None:
     """Compute the mask and anomaly thresholds on healthy validation slices and store them in the bundle."""
     from phanes_cli.calibrate import calibrate as run_calibration
 
-    cal = run_calibration(bundle, data, device=device, batch_size=batch_size, split=split, lpips_weights=lpips_weights)
+    cal = run_calibration(bundle, data, device=device, batch_size=batch_size, split=split, lpips_weights=lpips_weights,
+                          mask_percentile=mask_percentile, anomaly_percentile=anomaly_percentile)
     console.print(f"[green]calibrated[/] {bundle}: mask threshold {cal.mask_threshold:.4g}, anomaly threshold {cal.anomaly_threshold:.4g}")
 
 
