@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional, TypeVar
@@ -160,8 +161,10 @@ def evaluate(
     from phanes_cli.evaluation.evaluate import evaluate as run_evaluation
     from phanes_cli.evaluation.evaluate import render_tables
 
-    result = run_evaluation(bundle, data, out, methods=[m.strip() for m in methods.split(",") if m.strip()], split=split,
-                            device=device, batch_size=batch_size, synthetic=synthetic, seed=seed, lpips_weights=lpips_weights)
+    with warnings.catch_warnings():  # the notes are printed once below, as part of the report
+        warnings.simplefilter("ignore", UserWarning)
+        result = run_evaluation(bundle, data, out, methods=[m.strip() for m in methods.split(",") if m.strip()], split=split,
+                                device=device, batch_size=batch_size, synthetic=synthetic, seed=seed, lpips_weights=lpips_weights)
     out_console = Console()
     for table in render_tables(result):
         out_console.print(table)

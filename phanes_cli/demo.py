@@ -47,7 +47,8 @@ def _lesion_list(manifest: Path, out: Path) -> Path:
 def _burden_table(screen_dir: Path) -> Table:
     volumes = pq.read_table(screen_dir / "volumes.parquet").to_pylist()
     table = Table(title="Lesion burden per volume (phanes screen)")
-    for col in ("id", "brain mL", "lesion burden mL", "lesions", "largest mL", "max score", "status"):
+    table.add_column("id", no_wrap=True)
+    for col in ("brain mL", "lesion burden mL", "lesions", "largest mL", "max score", "status"):
         table.add_column(col, justify="right")
     for row in volumes:
         table.add_row(str(row["id"]), f"{row['brain_volume_ml']:.0f}", f"{row['lesion_burden_ml']:.2f}", str(row["lesion_count"]),
