@@ -82,3 +82,16 @@ def test_calibration_refuses_a_missing_bundle(tmp_path: Path) -> None:
     manifest = write_cohort(tmp_path, n_train=0, n_val=1)
     with pytest.raises(BundleError, match="not found"):
         calibrate(tmp_path / "nowhere", manifest, device="cpu", progress=False)
+
+
+def test_percentile_override_is_stored_in_the_bundle(setup: tuple[Path, Path]) -> None:
+    bundle, manifest = setup
+    weights_before = load_bundle(bundle, require_calibration=False).ra_state
+    cal = calibrate(bundle, manifest, device="cpu", batch_size=16, progress=False, mask_percentile=90.0)
+    stored = load_bundle(bundle)
+    assert stored.config.mask.mask_percentile == 90.0 and stored.calibration == cal
+    assert all(torch.equal(weights_before[k], v) for k, v in stored.ra_state.items())
+    t_mask, _, _ = _independent_thresholds(bundle, manifest)  # recomputed with the stored 90th percentile
+    assert cal.mask_threshold == pytest.approx(t_mask, rel=1e-4)
+    with pytest.raises(ConfigError, match="between 0 and 100"):
+        calibrate(bundle, manifest, device="cpu", progress=False, anomaly_percentile=100.0)
