@@ -27,8 +27,8 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 bench: $(STAMP)
-	$(PY) -m phanes_cli.cli bench --help >/dev/null
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/preprocess_bench.py --volumes 100
+	$(PY) benchmarks/screen_bench.py
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache
