@@ -103,6 +103,11 @@ def run_slices(
                      anomaly=anomaly_map(x, x_ph, mask, brain, backend))
 
 
+def lesion_mask(anomaly: np.ndarray, brain: np.ndarray, threshold: float) -> np.ndarray:
+    """The binary lesion mask: s(x) >= the calibrated threshold, where s(x) > 0, inside the brain."""
+    return (anomaly >= threshold) & (anomaly > 0) & np.asarray(brain, dtype=bool)
+
+
 @dataclass(frozen=True)
 class VolumeMaps:
     """Pipeline results on the native RAS+ voxel grid of one volume, (X, Y, Z) each."""
@@ -146,6 +151,6 @@ def run_volume(
     ra_map = np.clip(restore_volume(stacked["ra_map"], geom), 0, None) * brain
     x_ph = restore_volume(stacked["x_ph"], geom)
     inpaint_mask = (restore_volume(stacked["mask"], geom) >= 0.5) & brain
-    lesion = (anomaly >= calibration.anomaly_threshold) & (anomaly > 0) & brain
+    lesion = lesion_mask(anomaly, brain, calibration.anomaly_threshold)
     return VolumeMaps(anomaly=anomaly.astype(np.float32), ra_map=ra_map.astype(np.float32), pseudo_healthy=x_ph,
                       inpaint_mask=inpaint_mask, lesion_mask=lesion, slices_processed=n)

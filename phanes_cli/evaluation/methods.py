@@ -25,7 +25,7 @@ from torch import Tensor
 from phanes_cli.backends import Backend
 from phanes_cli.config import PhanesConfig
 from phanes_cli.errors import ConfigError
-from phanes_cli.pipeline import Calibration, anomaly_map, inpaint, run_slices, stage1_map
+from phanes_cli.pipeline import Calibration, anomaly_map, inpaint, lesion_mask, run_slices, stage1_map
 
 METHODS: dict[str, str] = {
     "phanes": "PHANES: s(x) of the pseudo-healthy image",
@@ -60,13 +60,12 @@ def threshold(method: str, calibration: Calibration) -> float:
 def predict(method: str, score: np.ndarray, brain: np.ndarray, calibration: Calibration) -> np.ndarray | None:
     """Binary prediction of a method from its score map (any shape); None for uncalibrated methods.
 
-    PHANES uses the same rule as `run_volume`'s lesion mask; RA the strict `>` of the stage 1 binarisation.
+    PHANES uses `pipeline.lesion_mask`; RA the strict `>` of the stage 1 binarisation.
     """
-    brain = np.asarray(brain, dtype=bool)
     if method in ("phanes", "phanes-gt"):
-        return (score >= calibration.anomaly_threshold) & (score > 0) & brain
+        return lesion_mask(score, brain, calibration.anomaly_threshold)
     if method == "ra":
-        return (score > calibration.mask_threshold) & brain
+        return (score > calibration.mask_threshold) & np.asarray(brain, dtype=bool)
     return None
 
 

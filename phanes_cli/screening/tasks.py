@@ -21,7 +21,7 @@ from phanes_cli.config import PreprocessConfig
 from phanes_cli.errors import InputError
 from phanes_cli.evaluation.lesions import lesion_table
 from phanes_cli.manifest import ManifestRow
-from phanes_cli.pipeline import Calibration
+from phanes_cli.pipeline import Calibration, lesion_mask
 from phanes_cli.preprocess import SliceGeometry, auto_brain_mask, prepare_volume, restore_volume
 from phanes_cli.screening.outputs import Failure, OutputLayout, commit_volume, input_signature
 from phanes_cli.volume_io import Volume, load_mask, load_volume, save_like
@@ -135,7 +135,7 @@ def restore_maps(maps: ModelMaps, context: VolumeContext, anomaly_threshold: flo
     """
     geometry, brain = context.geometry, context.brain
     anomaly = np.clip(restore_volume(torch.from_numpy(maps.anomaly), geometry), 0, None) * brain
-    lesion = (anomaly >= anomaly_threshold) & (anomaly > 0) & brain
+    lesion = lesion_mask(anomaly, brain, anomaly_threshold)
     pseudo = None
     if maps.pseudo_healthy is not None and maps.inpaint_mask is not None:
         x_ph = restore_volume(torch.from_numpy(maps.pseudo_healthy), geometry) * np.float32(context.scale)
