@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.phanes-installed
 DEMO_DIR ?= demo-output
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo lint test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -19,6 +19,11 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	PYTHONUNBUFFERED=1 $(PY) -m phanes_cli.demo --out $(DEMO_DIR)
+
+# ruff (style, imports, likely bugs) and mypy (types of phanes_cli and kernels), as configured in pyproject.toml.
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -1,6 +1,8 @@
 """Atomic file writes: a file either appears complete under its final name or not at all.
 
 Every writer in phanes goes through here, so an interrupted run never leaves a half file that looks done.
+Files get the mode an ordinary `open()` would give them (0666 less the user's umask), not mkstemp's 0600,
+so a shared cohort's results stay readable by the group when the umask allows it.
 """
 
 from __future__ import annotations
@@ -17,27 +19,71 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
-@contextmanager
-def atomic_path(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `target`; rename it onto `target` only if the block succeeds.
+def _umask_at_import() -> int:
+    """The process umask without a set-and-restore race: /proc first, os.umask only as a fallback."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # imports run single-threaded, so the brief change cannot race a writer
+    os.umask(mask)
+    return mask
 
-    The temporary name keeps the target's suffixes (nibabel picks the format from them) and starts
-    with '.tmp-' so listings and resume logic ignore it.
+
+_UMASK = _umask_at_import()
+FILE_MODE = 0o666 & ~_UMASK
+
+
+def _temp_beside(target: Path) -> Path:
+    """An empty temporary file in `target`'s folder, named '.tmp-...' so listings and resume logic ignore it.
+
+    It keeps the target's suffixes (nibabel picks the format from them). Missing folders are created with
+    the umask's mode.
     """
-    target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(target.suffixes)
     fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{target.name.split('.')[0]}-", suffix=suffix, dir=target.parent)
     os.close(fd)
-    tmp = Path(tmp_name)
+    return Path(tmp_name)
+
+
+def _seal(tmp: Path) -> None:
+    """Give a finished temporary file its final mode and flush it to disk before it is renamed."""
+    with open(tmp, "rb+") as handle:
+        os.fchmod(handle.fileno(), FILE_MODE)
+        os.fsync(handle.fileno())
+
+
+@contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; rename it onto `target` only if the block succeeds."""
+    target = Path(target)
+    tmp = _temp_beside(target)
     try:
         yield tmp
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
+        _seal(tmp)
         os.replace(tmp, target)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def stage_bytes(target: str | Path, data: bytes) -> Path:
+    """Write `data` to a sealed temporary file beside `target` and return it, for a commit of several files.
+
+    The caller renames it onto `target` (os.replace) once every file of the commit is staged, and removes
+    it if the commit is abandoned.
+    """
+    tmp = _temp_beside(Path(target))
+    try:
+        tmp.write_bytes(data)
+        _seal(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
 
 
 def write_bytes(target: str | Path, data: bytes) -> Path:
@@ -50,8 +96,13 @@ def write_text(target: str | Path, text: str) -> Path:
     return write_bytes(target, text.encode("utf-8"))
 
 
+def json_bytes(payload: Any) -> bytes:
+    """The one JSON layout of every file phanes writes: sorted keys, indented, newline-terminated."""
+    return (json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n").encode("utf-8")
+
+
 def write_json(target: str | Path, payload: Any) -> Path:
-    return write_text(target, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+    return write_bytes(target, json_bytes(payload))
 
 
 def write_parquet(target: str | Path, table: pa.Table) -> Path:

@@ -6,8 +6,8 @@ torch one without touching the data flow. `select_device` picks CUDA when presen
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import Protocol
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -56,31 +56,42 @@ class PhanesNetworks(nn.Module):
         self.lpips = SpatialLPIPS(weights_path=lpips_weights)
 
 
+def bf16_autocast(device: torch.device, enabled: bool = True) -> AbstractContextManager[Any]:
+    """bf16 autocast on CUDA (tensor cores, fp32 range), plain fp32 elsewhere."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
 class TorchBackend:
-    """Eager PyTorch on CPU or CUDA; on CUDA the convolutions run under bf16 autocast unless disabled."""
+    """Eager PyTorch on CPU or CUDA; on CUDA the convolutions run under bf16 autocast unless disabled.
+
+    Frozen (the default, for inference): eval mode, gradients off, `inference_mode`. Trainable (for the
+    trainer's validation and stage 2 masks): the networks keep their mode and `requires_grad`, and calls
+    run under `no_grad`, because inference-mode tensors cannot enter a later backward pass.
+    """
 
     name = "torch"
 
-    def __init__(self, networks: PhanesNetworks, device: torch.device, autocast: bool = True) -> None:
+    def __init__(self, networks: PhanesNetworks, device: torch.device, autocast: bool = True,
+                 trainable: bool = False) -> None:
         self.device = device
-        self.networks = networks.to(device).eval()
-        for p in self.networks.parameters():
-            p.requires_grad_(False)
-        self._autocast = autocast and device.type == "cuda"
+        self.networks = networks.to(device)
+        if not trainable:
+            self.networks.eval()
+            for p in self.networks.parameters():
+                p.requires_grad_(False)
+        self._autocast = autocast
+        self._no_grad = torch.no_grad if trainable else torch.inference_mode
 
-    def _ctx(self):  # type: ignore[no-untyped-def]
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self._autocast else nullcontext()
-
-    @torch.inference_mode()
     def reconstruct(self, x: Tensor) -> Tensor:
-        with self._ctx():
+        with self._no_grad(), bf16_autocast(self.device, self._autocast):
             return self.networks.ra.reconstruct(x).float()
 
-    @torch.inference_mode()
     def inpaint(self, masked: Tensor, mask: Tensor) -> Tensor:
-        with self._ctx():
+        with self._no_grad(), bf16_autocast(self.device, self._autocast):
             return self.networks.generator(masked, mask).float()
 
-    @torch.inference_mode()
     def lpips(self, a: Tensor, b: Tensor) -> Tensor:
-        return self.networks.lpips(a, b).float()
+        with self._no_grad():
+            return self.networks.lpips(a, b).float()

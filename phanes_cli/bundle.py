@@ -9,27 +9,28 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
+import math
+import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from phanes_cli import __version__
-from phanes_cli.atomic import atomic_path, write_json
+from phanes_cli.atomic import atomic_path, json_bytes, stage_bytes, write_json
 from phanes_cli.backends import PhanesNetworks
 from phanes_cli.config import PhanesConfig, config_from_dict
 from phanes_cli.errors import BundleError, ConfigError
 from phanes_cli.pipeline import Calibration
+from phanes_cli.versions import runtime_versions
 
 BUNDLE_FORMAT = 1
 WEIGHT_FILES = {"ra": "ra.safetensors", "generator": "generator.safetensors"}
 CALIBRATION_FILE = "calibration.json"
 INDEX_FILE = "bundle.json"
+ENGINES_DIR = "engines"  # ONNX graphs, TensorRT engines and their provenance (phanes_cli.runtimes)
 
 
 def _sha256(path: Path) -> str:
@@ -38,18 +39,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _pkg_version(name: str) -> str | None:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
-
-
-def runtime_versions() -> dict[str, str | None]:
-    return {"phanes": __version__, "torch": torch.__version__, "lpips": _pkg_version("lpips"),
-            "python": platform.python_version()}
 
 
 @dataclass(frozen=True)
@@ -79,11 +68,20 @@ class Bundle:
         return self.calibration
 
 
-def _write_index(folder: Path) -> str:
+def _index_payload(folder: Path, staged: dict[str, Path] | None = None) -> dict[str, Any]:
+    """The index of `folder`; `staged` maps a file name to the temporary file that is about to replace it."""
+    staged = staged or {}
     files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != INDEX_FILE and not p.name.startswith("."))
-    index = {"format": BUNDLE_FORMAT, "files": {name: _sha256(folder / name) for name in files},
-             "written": datetime.now(timezone.utc).isoformat()}
-    write_json(folder / INDEX_FILE, index)
+    engines = folder / ENGINES_DIR  # exported graphs and engines: verified when a backend uses them
+    if engines.is_dir():
+        files += sorted(f"{ENGINES_DIR}/{p.name}" for p in engines.iterdir() if p.is_file() and not p.name.startswith("."))
+    names = sorted(set(files) | set(staged))
+    return {"format": BUNDLE_FORMAT, "files": {name: _sha256(staged.get(name, folder / name)) for name in names},
+            "written": datetime.now(timezone.utc).isoformat()}
+
+
+def _write_index(folder: Path) -> str:
+    write_json(folder / INDEX_FILE, _index_payload(folder))
     return _sha256(folder / INDEX_FILE)
 
 
@@ -105,11 +103,36 @@ def save_bundle(folder: str | Path, config: PhanesConfig, ra: torch.nn.Module, g
     return _write_index(folder)
 
 
-def write_calibration(folder: str | Path, calibration: Calibration) -> str:
-    """Store calibration thresholds in a verified bundle and re-seal its index; returns the new hash."""
+def write_calibration(folder: str | Path, calibration: Calibration, config: PhanesConfig | None = None) -> str:
+    """Commit calibration thresholds (and the config that made them, if given) into a verified bundle.
+
+    Call it only once the calibration is computed: the new calibration.json, config.json and index are
+    first written in full under temporary names, then renamed over the old ones, the index last. Any
+    failure before the renames leaves the bundle byte-identical; returns the new bundle hash.
+    """
     folder = Path(folder)
     load_bundle(folder, require_calibration=False)
-    write_json(folder / CALIBRATION_FILE, calibration.to_dict())
+    _checked_calibration(calibration.to_dict(), folder / CALIBRATION_FILE)
+    contents = {CALIBRATION_FILE: calibration.to_dict()}
+    if config is not None:
+        contents["config.json"] = config.to_dict()
+    staged: dict[str, Path] = {}
+    try:
+        for name, payload in contents.items():
+            staged[name] = stage_bytes(folder / name, json_bytes(payload))
+        staged[INDEX_FILE] = stage_bytes(folder / INDEX_FILE, json_bytes(_index_payload(folder, staged)))
+        for name, tmp in staged.items():  # dicts keep insertion order: the index is renamed last
+            os.replace(tmp, folder / name)
+    finally:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
+    return _sha256(folder / INDEX_FILE)
+
+
+def seal_index(folder: str | Path) -> str:
+    """Re-seal a verified bundle's index after adding artefacts under engines/; returns the new hash."""
+    folder = Path(folder)
+    load_bundle(folder, require_calibration=False)
     return _write_index(folder)
 
 
@@ -128,11 +151,14 @@ def load_bundle(folder: str | Path, require_calibration: bool = True) -> Bundle:
         raise BundleError(f"{index_path}: unreadable bundle index ({exc})") from exc
     if index.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{folder}: bundle format {index.get('format')} is not supported (expected {BUNDLE_FORMAT})")
+    _check_index_names(folder, listed)
     required = ["config.json", "versions.json", *WEIGHT_FILES.values()]
     missing = [name for name in required if name not in listed or not (folder / name).is_file()]
     if missing:
         raise BundleError(f"{folder}: incomplete bundle, missing {', '.join(missing)}")
     for name, digest in listed.items():
+        if name.startswith(f"{ENGINES_DIR}/"):
+            continue  # phanes_cli.runtimes.artefacts checks these when a backend loads them, so torch still runs
         path = folder / name
         if not path.is_file():
             raise BundleError(f"{folder}: incomplete bundle, missing {name}")
@@ -145,12 +171,7 @@ def load_bundle(folder: str | Path, require_calibration: bool = True) -> Bundle:
         config = config_from_dict(json.loads((folder / "config.json").read_text()))
     except ConfigError as exc:
         raise BundleError(f"{folder / 'config.json'}: {exc}") from exc
-    calibration = None
-    if CALIBRATION_FILE in listed:
-        try:
-            calibration = Calibration(**json.loads((folder / CALIBRATION_FILE).read_text()))
-        except (json.JSONDecodeError, TypeError) as exc:
-            raise BundleError(f"{folder / CALIBRATION_FILE}: unreadable calibration ({exc})") from exc
+    calibration = _read_calibration(folder / CALIBRATION_FILE) if CALIBRATION_FILE in listed else None
     if require_calibration and calibration is None:
         raise BundleError(f"{folder}: bundle is not calibrated yet; run `phanes calibrate --bundle {folder} --data MANIFEST`")
     return Bundle(
@@ -162,6 +183,53 @@ def load_bundle(folder: str | Path, require_calibration: bool = True) -> Bundle:
         versions=json.loads((folder / "versions.json").read_text()),
         hash=_sha256(index_path),
     )
+
+
+def _check_index_names(folder: Path, listed: Any) -> None:
+    """Every index entry names a file inside the bundle: no absolute path, '..' or link leading out of it."""
+    if not isinstance(listed, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in listed.items()):
+        raise BundleError(f"{folder / INDEX_FILE}: unreadable bundle index ('files' must map file names to hashes)")
+    root = folder.resolve()
+    for name in listed:
+        parts = PurePosixPath(name).parts
+        if not name or "\\" in name or PurePosixPath(name).is_absolute() or any(p in ("..", ".", "") for p in parts):
+            raise BundleError(f"{folder / INDEX_FILE}: index entry {name!r} is not a plain path inside the bundle; "
+                              "the bundle is refused")
+        if not (folder / name).resolve().is_relative_to(root):
+            raise BundleError(f"{folder / INDEX_FILE}: index entry {name!r} leads outside the bundle (a link?); "
+                              "the bundle is refused")
+
+
+def _checked_calibration(values: Any, path: Path) -> Calibration:
+    """A Calibration from stored values; a missing, unknown, non-finite or out-of-range value names its key."""
+    if not isinstance(values, dict):
+        raise BundleError(f"{path}: calibration must be a JSON object, got {type(values).__name__}")
+    known = {"mask_threshold", "anomaly_threshold", "n_slices", "n_volumes", "min_lesion_ml", "tuning"}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise BundleError(f"{path}: unknown calibration key(s) {', '.join(unknown)}")
+    for key in ("mask_threshold", "anomaly_threshold"):
+        value = values.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise BundleError(f"{path}: calibration {key} must be a finite number above 0, got {value!r}")
+    for key in ("n_slices", "n_volumes"):
+        value = values.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise BundleError(f"{path}: calibration {key} must be a whole number >= 0, got {value!r}")
+    minimum = values.get("min_lesion_ml", 0.0)
+    if isinstance(minimum, bool) or not isinstance(minimum, (int, float)) or not math.isfinite(minimum) or minimum < 0:
+        raise BundleError(f"{path}: calibration min_lesion_ml must be a finite number >= 0, got {minimum!r}")
+    if not isinstance(values.get("tuning", {}), (dict, type(None))):
+        raise BundleError(f"{path}: calibration tuning must be a JSON object, got {values['tuning']!r}")
+    return Calibration(**values)
+
+
+def _read_calibration(path: Path) -> Calibration:
+    try:
+        values = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path}: unreadable calibration ({exc})") from exc
+    return _checked_calibration(values, path)
 
 
 def _load_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ Both passes go through `pipeline.stage1_map` / `pipeline.run_slices`, the code s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,18 +27,43 @@ from torch import Tensor
 
 from phanes_cli.backends import Backend, TorchBackend, select_device
 from phanes_cli.bundle import load_bundle, runtime_versions, save_bundle, write_calibration
-from phanes_cli.config import PhanesConfig
+from phanes_cli.config import MaskConfig, PhanesConfig
 from phanes_cli.errors import ConfigError, PhanesError
+from phanes_cli.manifest import ManifestRow
 from phanes_cli.pipeline import Calibration, run_slices, stage1_map
 from phanes_cli.training.data import SliceSet, healthy_rows, load_slices
 from phanes_cli.training.progress import make_progress
 
 
-def _percentile(chunks: list[Tensor], q: float) -> float:
+def percentile_of(chunks: list[Tensor], q: float) -> float:
+    """The q-th percentile of the concatenated values (float64); NaN when there are none."""
     values = torch.cat(chunks).double().numpy() if chunks else np.zeros(0)
     if values.size == 0:
         return float("nan")
     return float(np.percentile(values, q))
+
+
+def stage1_values(backend: Backend, data: SliceSet, cfg: MaskConfig, batch_size: int = 32,
+                  advance: Callable[[], object] = lambda: None) -> list[Tensor]:
+    """The stage 1 map m(x) over the brain pixels of `data`, one 1-D tensor per batch (`advance` after each)."""
+    values: list[Tensor] = []
+    for start in range(0, len(data), batch_size):
+        x = data.images[start : start + batch_size].to(backend.device)
+        brain = data.brain[start : start + batch_size].to(backend.device)
+        ra_map = stage1_map(x, backend.reconstruct(x), brain, backend, cfg)
+        values.append(ra_map[brain > 0].float().cpu())
+        advance()
+    return values
+
+
+def stage1_percentile(backend: Backend, data: SliceSet, cfg: MaskConfig, batch_size: int = 32,
+                      advance: Callable[[], object] = lambda: None) -> float:
+    """The `mask_percentile` of the stage 1 maps m(x) over the brain pixels of `data`; NaN if there are none.
+
+    The one rule for a mask threshold: calibration applies it to healthy validation slices, the trainer to
+    healthy training slices (the holes stage 2 learns to fill), `tune` to every percentile it tries.
+    """
+    return percentile_of(stage1_values(backend, data, cfg, batch_size, advance), cfg.mask_percentile)
 
 
 def calibration_thresholds(backend: Backend, data: SliceSet, cfg: PhanesConfig, batch_size: int = 32,
@@ -46,17 +72,10 @@ def calibration_thresholds(backend: Backend, data: SliceSet, cfg: PhanesConfig, 
     if len(data) == 0:
         raise PhanesError("calibration: the healthy volumes hold no brain slices")
     starts = range(0, len(data), batch_size)
-    ra_values: list[Tensor] = []
     if bar is None:
         bar = make_progress(False)
     task = bar.add_task("calibration", total=2 * len(starts), info="stage 1 maps")
-    for start in starts:
-        x = data.images[start : start + batch_size].to(backend.device)
-        brain = data.brain[start : start + batch_size].to(backend.device)
-        ra_map = stage1_map(x, backend.reconstruct(x), brain, backend, cfg.mask)
-        ra_values.append(ra_map[brain > 0].float().cpu())
-        bar.advance(task)
-    mask_threshold = _percentile(ra_values, cfg.mask.mask_percentile)
+    mask_threshold = stage1_percentile(backend, data, cfg.mask, batch_size, lambda: bar.advance(task))
     if not np.isfinite(mask_threshold):
         raise PhanesError("calibration: the validation slices hold no brain pixels")
     provisional = Calibration(mask_threshold=mask_threshold, anomaly_threshold=float("inf"))
@@ -68,7 +87,7 @@ def calibration_thresholds(backend: Backend, data: SliceSet, cfg: PhanesConfig, 
         s = maps.anomaly
         anomaly_values.append(s[(s > 0) & (data.brain[part].to(s.device) > 0)].float().cpu())
         bar.advance(task)
-    anomaly_threshold = _percentile(anomaly_values, cfg.mask.anomaly_percentile)
+    anomaly_threshold = percentile_of(anomaly_values, cfg.mask.anomaly_percentile)
     if not np.isfinite(anomaly_threshold):
         raise PhanesError("calibration: stage 1 masked no pixel of the validation slices, so s(x) is zero everywhere; "
                           "the model cannot be calibrated (train longer or on more data)")
@@ -77,48 +96,72 @@ def calibration_thresholds(backend: Backend, data: SliceSet, cfg: PhanesConfig, 
                        n_slices=len(data), n_volumes=n_volumes)
 
 
-def _set_percentiles(bundle: Path, mask_percentile: float | None, anomaly_percentile: float | None) -> PhanesConfig:
+def _set_percentiles(bundle: Path, mask_percentile: float | None, anomaly_percentile: float | None) -> None:
     """Store new calibration percentiles in the bundle's config (weights unchanged, index re-sealed)."""
     model = load_bundle(bundle, require_calibration=False)
-    mask_cfg = model.config.mask
     for name, value in (("mask_percentile", mask_percentile), ("anomaly_percentile", anomaly_percentile)):
-        if value is not None:
-            if not 0 < value < 100:
-                raise ConfigError(f"{name} must lie strictly between 0 and 100, got {value}")
-            mask_cfg = replace(mask_cfg, **{name: float(value)})
-    if mask_cfg == model.config.mask:
-        return model.config
-    config = replace(model.config, mask=mask_cfg)
+        if value is not None and not 0 < value < 100:
+            raise ConfigError(f"{name} must lie strictly between 0 and 100, got {value}")
+    old = model.config.mask
+    mask_q = old.mask_percentile if mask_percentile is None else float(mask_percentile)
+    anomaly_q = old.anomaly_percentile if anomaly_percentile is None else float(anomaly_percentile)
+    mask_cfg = replace(old, mask_percentile=mask_q, anomaly_percentile=anomaly_q)
+    if mask_cfg == old:
+        return
     nets = model.networks()
     kept = {k: v for k, v in model.versions.items() if k not in runtime_versions()}
-    save_bundle(bundle, config, nets.ra, nets.generator, extra=kept)
-    return config
+    save_bundle(bundle, replace(model.config, mask=mask_cfg), nets.ra, nets.generator, extra=kept)
+
+
+def _tuned(backend: Backend, cfg: PhanesConfig, healthy: SliceSet, rows: list[ManifestRow], batch_size: int,
+           bar: Progress, skull_strip: str) -> Calibration:
+    """`tune.tune` on the healthy validation rows with real lesion shapes from the shipped bank inserted."""
+    from phanes_cli.synth.shapes import npz_bank
+    from phanes_cli.synth.templates import load_mni152
+    from phanes_cli.tune import lesioned_validation, tune
+
+    task = bar.add_task("tuning on validation lesions", total=None, info="inserting lesions")
+    lesioned = lesioned_validation(rows, npz_bank(), load_mni152(), cfg.tune.copies, cfg.tune.seed, skull_strip,
+                                   cfg.tune.shapes_per_volume)
+    return tune(backend, cfg, healthy, lesioned, batch_size, lambda message: bar.update(task, info=message))
 
 
 def calibrate(bundle: Path, manifest: Path, device: str = "auto", batch_size: int = 32, split: str = "val",
               lpips_weights: str | None = None, progress: bool = True, mask_percentile: float | None = None,
-              anomaly_percentile: float | None = None) -> Calibration:
+              anomaly_percentile: float | None = None, tune: bool | None = None,
+              skull_strip: str = "auto") -> Calibration:
     """Calibrate a bundle on the healthy volumes of `split` and store the thresholds in it.
 
-    `mask_percentile` / `anomaly_percentile` override the config's healthy percentiles and are stored in the bundle.
+    `mask_percentile` / `anomaly_percentile` override the config's healthy percentiles and are stored in the
+    bundle. `tune` (default: the config's `tune.enabled`) instead picks the mask percentile, anomaly threshold
+    and minimum lesion size by Dice on the split's volumes with inserted lesions (`phanes_cli.tune`) and stores
+    the choice, its validation figures and the chosen percentile in the bundle. Volumes without a brain mask
+    get one under `skull_strip` (auto | always | never). The networks are read back from the verified bundle,
+    so the thresholds belong to exactly the stored weights. The test split is refused.
     """
     bundle = Path(bundle)
-    config = _set_percentiles(bundle, mask_percentile, anomaly_percentile)
+    if split == "test":
+        raise ConfigError("calibration never uses the 'test' split: thresholds chosen on test data would inflate "
+                          "every test figure")
+    config = load_bundle(bundle, require_calibration=False).config
+    tuning = config.tune.enabled if tune is None else tune
+    if tuning and (mask_percentile is not None or anomaly_percentile is not None):
+        raise ConfigError("--tune chooses the thresholds itself: drop --mask-percentile / --anomaly-percentile, "
+                          "or use --no-tune")
+    _set_percentiles(bundle, mask_percentile, anomaly_percentile)
     rows = healthy_rows(Path(manifest), split)
     dev = select_device(device)
-    with make_progress(progress) as bar:
-        data = load_slices(rows, config.preprocess, bar, description=f"loading {split} volumes")
-        return calibrate_on_slices(bundle, data, dev, batch_size, lpips_weights, bar, len(rows))
-
-
-def calibrate_on_slices(bundle: Path, data: SliceSet, device: torch.device, batch_size: int = 32,
-                        lpips_weights: str | None = None, bar: Progress | None = None, n_volumes: int = 0) -> Calibration:
-    """Calibrate the networks stored in a bundle on prepared slices and seal the thresholds into it.
-
-    The networks are read back from the verified bundle, so the thresholds belong to exactly the stored weights.
-    """
     model = load_bundle(bundle, require_calibration=False)
-    backend = TorchBackend(model.networks(lpips_weights), device)
-    calibration = calibration_thresholds(backend, data, model.config, batch_size, bar, n_volumes=n_volumes)
-    write_calibration(bundle, calibration)
+    backend = TorchBackend(model.networks(lpips_weights), dev)
+    cfg = model.config
+    with make_progress(progress) as bar:
+        data = load_slices(rows, cfg.preprocess, bar, description=f"loading {split} volumes", skull_strip=skull_strip,
+                           device=str(dev))
+        if tuning:
+            calibration = _tuned(backend, cfg, data, rows, batch_size, bar, skull_strip)
+            chosen = float(calibration.tuning["mask_percentile"])  # type: ignore[index]
+            cfg = replace(cfg, mask=replace(cfg.mask, mask_percentile=chosen))
+        else:
+            calibration = calibration_thresholds(backend, data, cfg, batch_size, bar, n_volumes=len(rows))
+    write_calibration(bundle, calibration, config=cfg if tuning else None)
     return calibration

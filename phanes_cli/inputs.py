@@ -26,7 +26,6 @@ Rules
 from __future__ import annotations
 
 import glob
-import math
 import os
 import re
 from collections.abc import Iterable
@@ -35,16 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
-
 from phanes_cli.errors import InputError
-from phanes_cli.manifest import ManifestRow, write_manifest
+from phanes_cli.manifest import ManifestRow, cell_path, clean, read_table, write_manifest
 from phanes_cli.volume_io import DEFAULT_MAX_VOXELS, is_nifti_path, load_mask, load_volume
 
 TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
-MASK_WORDS = frozenset({"brain", "mask", "brainmask", "lesion", "lesions", "seg", "dseg", "label", "labels", "labelmap"})
+MASK_WORDS = frozenset(
+    {"brain", "mask", "brainmask", "lesion", "lesions", "seg", "dseg", "label", "labels", "labelmap"}
+)
 IMAGE_COLUMNS = ("image", "path")
 ID_COLUMNS = ("id", "subject_id", "subject")
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -93,29 +90,15 @@ def _expand_glob(pattern: str) -> list[Path]:
             and not Path(m).name.startswith(".") and (wants_masks or not looks_like_mask(m))]
 
 
-def _clean(value: Any) -> Any:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    if isinstance(value, str) and not value.strip():
-        return None
-    return value
-
-
 def _read_list(path: Path) -> list[dict[str, Any]]:
-    try:
-        if path.suffix.lower() == ".csv":
-            table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
-                column_types={c: pa.string() for c in (*IMAGE_COLUMNS, *ID_COLUMNS, "brain_mask", "lesion_mask")}))
-        else:
-            table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise InputError(path, f"cannot read the volume list ({exc})") from exc
+    table = read_table(path, "volume list")
     column = next((c for c in IMAGE_COLUMNS if c in table.column_names), None)
     if column is None:
-        raise InputError(path, f"volume list needs a path column named 'image' or 'path'; it has {', '.join(table.column_names)}")
+        has = ", ".join(table.column_names)
+        raise InputError(path, f"volume list needs a path column named 'image' or 'path'; it has {has}")
     records = table.to_pylist()
     for number, record in enumerate(records, start=2 if path.suffix.lower() == ".csv" else 1):
-        if _clean(record.get(column)) is None:
+        if clean(record.get(column)) is None:
             raise InputError(path, f"row {number} has no {column!r} value")
     return [{**r, "_image": r[column]} for r in records]
 
@@ -133,12 +116,11 @@ def _from_list(path: Path) -> list[_Found]:
     root = path.parent.absolute()
     found = []
     for record in _read_list(path):
-        paths = {}
-        for key in ("_image", "brain_mask", "lesion_mask"):
-            value = _clean(record.get(key))
-            paths[key] = None if value is None else Path(os.path.normpath(root / str(value)))
-        explicit = next((_clean(record.get(c)) for c in ID_COLUMNS if _clean(record.get(c)) is not None), None)
-        extra = {k: v for k, v in record.items() if k not in (*IMAGE_COLUMNS, *ID_COLUMNS, "_image")}
+        paths = {key: cell_path(record.get(key), root) for key in ("_image", "brain_mask", "lesion_mask")}
+        id_column = next((c for c in ID_COLUMNS if clean(record.get(c)) is not None), None)
+        explicit = None if id_column is None else clean(record[id_column])
+        # only the column the id came from is dropped: a `subject` column beside `id` is carried through
+        extra = {k: v for k, v in record.items() if k not in (*IMAGE_COLUMNS, id_column, "_image")}
         extra.update(brain_mask=paths["brain_mask"], lesion_mask=paths["lesion_mask"])
         found.append(_Found(image=paths["_image"], id=None if explicit is None else str(explicit), record=extra))  # type: ignore[arg-type]
     return found
@@ -241,18 +223,18 @@ def resolve_inputs(inputs: list[str]) -> list[ManifestRow]:
             seen.add(key)
             found.append(item)
     rows = []
-    for item, vid in zip(found, _unique_ids(found)):
+    for item, vid in zip(found, _unique_ids(found), strict=True):
         record = dict(item.record)
-        lesion_ml = _clean(record.pop("lesion_ml", None))
+        lesion_ml = clean(record.pop("lesion_ml", None))
         rows.append(ManifestRow(
             id=vid,
             image=Path(os.path.normpath(item.image.absolute())),
             brain_mask=record.pop("brain_mask", None),
             lesion_mask=record.pop("lesion_mask", None),
-            split=str(_clean(record.pop("split", None)) or "test"),
-            kind=str(_clean(record.pop("kind", None)) or "unknown"),
+            split=str(clean(record.pop("split", None)) or "test"),
+            kind=str(clean(record.pop("kind", None)) or "unknown"),
             lesion_ml=None if lesion_ml is None else float(lesion_ml),
-            extra={k: v for k, v in record.items() if _clean(v) is not None},
+            extra={k: v for k, v in record.items() if clean(v) is not None},
         ))
     return rows
 
@@ -282,6 +264,6 @@ def prepare_manifest(inputs: list[str], out: Path, validate: bool = True,
         with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
             verdicts = list(pool.map(lambda r: validate_row(r, max_voxels), rows))
         rejected = [v for v in verdicts if v is not None]
-        rows = [r for r, v in zip(rows, verdicts) if v is None]
+        rows = [r for r, v in zip(rows, verdicts, strict=True) if v is None]
     write_manifest(rows, out)
     return rows, rejected

@@ -66,59 +66,72 @@ def write_manifest(rows: list[ManifestRow], path: str | Path) -> Path:
         "kind": [r.kind for r in rows],
         "lesion_ml": [None if r.lesion_ml is None else float(r.lesion_ml) for r in rows],
     }
-    schema = [
+    schema: list[pa.Field] = [
         pa.field("id", pa.string()), pa.field("image", pa.string()), pa.field("brain_mask", pa.string()),
         pa.field("lesion_mask", pa.string()), pa.field("split", pa.string()), pa.field("kind", pa.string()),
         pa.field("lesion_ml", pa.float64()),
     ]
-    arrays = {k: pa.array(v, type=f.type) for (k, v), f in zip(columns.items(), schema)}
+    arrays = {k: pa.array(v, type=f.type) for (k, v), f in zip(columns.items(), schema, strict=True)}
     for key in extra_keys:
         arrays[key] = pa.array([r.extra.get(key) for r in rows])
     return write_parquet(path, pa.table(arrays))
 
 
-def _read_table(path: Path) -> pa.Table:
+# CSV columns read as text whatever they hold: ids such as "007" keep their zeros, paths stay paths.
+TEXT_COLUMNS = ("id", "subject_id", "subject", "image", "path", "brain_mask", "lesion_mask", "split", "kind")
+
+
+def read_table(path: Path, what: str) -> pa.Table:
+    """Read a CSV or Parquet table of volumes (a manifest or a volume list); `what` names it in errors."""
     if not path.is_file():
-        raise InputError(path, "manifest not found")
+        raise InputError(path, f"{what} not found")
     try:
         if path.suffix.lower() == ".csv":
-            return pacsv.read_csv(path)
+            types = pacsv.ConvertOptions(column_types={c: pa.string() for c in TEXT_COLUMNS})
+            return pacsv.read_csv(path, convert_options=types)
         return pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise InputError(path, f"cannot read manifest table ({exc})") from exc
+        raise InputError(path, f"cannot read the {what} ({exc})") from exc
 
 
-def _clean(value: Any) -> Any:
-    if value is None or (isinstance(value, float) and math.isnan(value)) or value == "":
+def clean(value: Any) -> Any:
+    """A table cell, or None when it is empty: null, NaN or blank text."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, str) and not value.strip():
         return None
     return value
+
+
+def cell_path(value: Any, root: Path) -> Path | None:
+    """A path cell resolved against the table's folder (absolute paths stay), or None when empty."""
+    value = clean(value)
+    return None if value is None else Path(os.path.normpath(root / str(value)))
 
 
 def read_manifest(path: str | Path) -> list[ManifestRow]:
     """Read a manifest (Parquet or CSV); relative paths resolve against its folder."""
     path = Path(path)
-    table = _read_table(path)
+    table = read_table(path, "manifest")
     missing = [c for c in ("id", "image") if c not in table.column_names]
     if missing:
-        raise InputError(path, f"manifest lacks required column(s) {', '.join(missing)}; has {', '.join(table.column_names)}")
+        has = ", ".join(table.column_names)
+        raise InputError(path, f"manifest lacks required column(s) {', '.join(missing)}; has {has}")
     root = path.parent.absolute()
     rows: list[ManifestRow] = []
     for record in table.to_pylist():
-        paths = {}
-        for key in _PATH_COLUMNS:
-            value = _clean(record.get(key))
-            paths[key] = None if value is None else Path(os.path.normpath(root / str(value)))
+        paths = {key: cell_path(record.get(key), root) for key in _PATH_COLUMNS}
         if paths["image"] is None:
             raise InputError(path, f"row {record.get('id')!r} has no image path")
-        lesion_ml = _clean(record.get("lesion_ml"))
+        lesion_ml = clean(record.get("lesion_ml"))
         rows.append(
             ManifestRow(
                 id=str(record["id"]),
                 image=paths["image"],
                 brain_mask=paths["brain_mask"],
                 lesion_mask=paths["lesion_mask"],
-                split=str(_clean(record.get("split")) or "test"),
-                kind=str(_clean(record.get("kind")) or "unknown"),
+                split=str(clean(record.get("split")) or "test"),
+                kind=str(clean(record.get("kind")) or "unknown"),
                 lesion_ml=None if lesion_ml is None else float(lesion_ml),
                 extra={k: v for k, v in record.items() if k not in MANIFEST_COLUMNS},
             )

@@ -1,26 +1,52 @@
 """Batched pre- and post-processing of the mask and anomaly maps: the single dispatch point.
 
 Every function takes and returns tensors on any device and treats each image (and channel) of a
-batch on its own. The screening and training code calls only these functions, so an accelerated
-kernel (e.g. a Triton CLAHE beside `phanes_kernels.clahe`) replaces the torch reference here and
-nowhere else; today every function runs the torch reference.
+batch on its own. The screening and training code calls only these functions. The torch code here is
+the reference and the CPU path; on CUDA the fused steps (CLAHE, `stage1_map`, `binary_mask`, `compose`,
+`final_step`) run the Triton kernels of `phanes_kernels` instead, which compute the same values.
+PHANES_KERNELS=triton|torch|auto (default auto) forces either, for tests and benchmarks.
 """
 
 from __future__ import annotations
+
+import importlib.util
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from phanes_cli.config import MaskConfig
+from phanes_cli.errors import ConfigError
 from phanes_kernels.clahe import clahe_torch
 
 _EPS = 1e-8
 _GAUSSIAN_TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter's default: the kernel reaches 4 sigma
 
 
+KERNELS_ENV = "PHANES_KERNELS"
+
+
+def use_triton(x: Tensor) -> bool:
+    """Whether the fused steps run the Triton kernels for tensors like `x` (PHANES_KERNELS, default auto)."""
+    choice = os.environ.get(KERNELS_ENV, "auto")
+    if choice not in ("auto", "triton", "torch"):
+        raise ConfigError(f"{KERNELS_ENV} must be 'auto', 'triton' or 'torch', got {choice!r}")
+    if choice == "auto":
+        return x.is_cuda and importlib.util.find_spec("triton") is not None
+    return choice == "triton"
+
+
 def clahe(x: Tensor, cfg: MaskConfig) -> Tensor:
-    """CLAHE with the config's tiles, clip limit and bins (skimage-exact): (N,1,H,W) in [0,1] -> (N,1,H,W) in [0,1]."""
+    """CLAHE with the config's tiles, clip limit and bins (skimage-exact): (N,1,H,W) in [0,1] -> (N,1,H,W) in [0,1].
+
+    The Triton kernel covers sizes that are multiples of the tile (the model grid); others use the reference.
+    """
+    if use_triton(x):
+        from phanes_kernels import clahe_triton
+
+        if clahe_triton.supports(x.shape[-2], x.shape[-1], cfg.clahe_tiles):
+            return clahe_triton.clahe_triton(x, tiles=cfg.clahe_tiles, clip_limit=cfg.clahe_clip, nbins=cfg.clahe_bins)
     return clahe_torch(x, tiles=cfg.clahe_tiles, clip_limit=cfg.clahe_clip, nbins=cfg.clahe_bins)
 
 
@@ -34,6 +60,13 @@ def _gaussian_kernel(sigma: float, radius: int, dtype: torch.dtype, device: torc
     offsets = torch.arange(-radius, radius + 1, dtype=torch.float64, device=device)
     kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
     return (kernel / kernel.sum()).to(dtype)
+
+
+def _gaussian_taps(sigma: float, device: torch.device) -> Tensor:
+    """The float32 taps `gaussian_blur` uses for sigma (a single 1 for sigma <= 0), made on the device."""
+    if sigma <= 0:
+        return torch.ones(1, device=device)
+    return _gaussian_kernel(sigma, int(_GAUSSIAN_TRUNCATE * sigma + 0.5), torch.float32, device)
 
 
 def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
@@ -99,3 +132,63 @@ def norm_percentile(x: Tensor, q: float = 95.0, where: Tensor | None = None) -> 
     which is the limit of the paper's norm95.
     """
     return (x / percentile_per_image(x, q, where).clamp_min(_EPS)).clamp(0.0, 1.0)
+
+
+def stage1_map(eq_x: Tensor, eq_rec: Tensor, lpips: Tensor, brain: Tensor, cfg: MaskConfig) -> Tensor:
+    """m(x) = norm95(|eq(x_cph) - eq(x)| in the brain) * blur(LPIPS(eq(x_cph), eq(x))) * brain (paper Eq. 3).
+
+    All (N,1,H,W); `lpips` is the raw spatial LPIPS map of the equalised pair. The percentile is a separate
+    selection pass on the device; the Triton kernel fuses everything else.
+    """
+    residual = (eq_rec - eq_x).abs() * brain
+    if use_triton(eq_x):
+        from phanes_kernels.maps_triton import ra_map_triton
+
+        percentile = percentile_per_image(residual, cfg.norm_percentile, where=brain > 0)
+        return ra_map_triton(eq_x, eq_rec, lpips, brain, percentile, _gaussian_taps(cfg.lpips_sigma, eq_x.device), _EPS)
+    perceptual = gaussian_blur(lpips, cfg.lpips_sigma)
+    return norm_percentile(residual, cfg.norm_percentile, where=brain > 0) * perceptual * brain
+
+
+def binary_mask(ra_map: Tensor, brain: Tensor, threshold: float, cfg: MaskConfig) -> Tensor:
+    """Inpainting mask: m(x) > the calibrated threshold (or a per-image percentile when configured), inside the
+    brain, dilated per image, restricted to the brain: (N,1,H,W) float in {0, 1}."""
+    if cfg.per_image_percentile is not None:
+        level = percentile_per_image(ra_map, cfg.per_image_percentile, where=brain > 0)
+    else:
+        level = torch.full((ra_map.shape[0], 1, 1, 1), float(threshold), device=ra_map.device)
+    if use_triton(ra_map):
+        from phanes_kernels.maps_triton import dilated_mask_triton
+
+        taps = _gaussian_taps(cfg.dilation_sigma, ra_map.device)
+        return dilated_mask_triton(ra_map, brain, level, taps, cfg.dilation_threshold)
+    raw = ((ra_map > level) & (brain > 0)).float()
+    return dilate_mask(raw, cfg.dilation_sigma, cfg.dilation_threshold) * brain
+
+
+def mask_step(eq_x: Tensor, eq_rec: Tensor, lpips: Tensor, brain: Tensor, threshold: float,
+              cfg: MaskConfig) -> tuple[Tensor, Tensor]:
+    """The whole mask generation after the networks: (stage 1 map m(x), binary dilated mask)."""
+    ra_map = stage1_map(eq_x, eq_rec, lpips, brain, cfg)
+    return ra_map, binary_mask(ra_map, brain, threshold, cfg)
+
+
+def compose(x: Tensor, completed: Tensor, mask: Tensor) -> Tensor:
+    """x_ph = x * (1 - m) + G * m: the generator's output only inside the mask."""
+    if use_triton(x):
+        from phanes_kernels.maps_triton import compose_triton
+
+        return compose_triton(x, completed, mask)
+    return x * (1 - mask) + completed * mask
+
+
+def final_step(x: Tensor, x_ph: Tensor, lpips: Tensor, mask: Tensor, brain: Tensor,
+               threshold: float) -> tuple[Tensor, Tensor]:
+    """s(x) = |x_ph - x| * LPIPS(x_ph, x) * mask * brain (Eq. 4) and its lesion mask on the model grid
+    (s >= threshold where s > 0, inside the brain, bool)."""
+    if use_triton(x):
+        from phanes_kernels.maps_triton import final_triton
+
+        return final_triton(x, x_ph, lpips, mask, brain, threshold)
+    anomaly = (x_ph - x).abs() * lpips * mask * brain
+    return anomaly, (anomaly >= threshold) & (anomaly > 0) & (brain > 0)

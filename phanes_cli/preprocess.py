@@ -10,6 +10,7 @@ All steps are batched over slices with torch: no Python loop per slice or voxel.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from phanes_cli.config import PreprocessConfig
+from phanes_cli.volume_io import DEFAULT_MAX_VOXELS, Volume, load_volume
 
 AXIAL_AXIS = 2  # in RAS+ voxel order, axis 2 runs inferior -> superior
 
@@ -71,6 +73,20 @@ def auto_brain_mask(data: np.ndarray) -> np.ndarray:
     return full & (data > 0.25 * level)
 
 
+def load_with_brain(image: str | Path, brain_mask: str | Path | None, max_voxels: int = DEFAULT_MAX_VOXELS,
+                    skull_strip: str = "auto", device: str = "cpu") -> tuple[Volume, np.ndarray, str]:
+    """Read a volume and its brain mask: (Volume, bool brain, mask source "file" | "model" | "threshold").
+
+    The given mask file on the same grid, else `skullstrip.brain_mask_for` under `skull_strip`
+    (auto | always | never): a brain-extraction model on heads with skull, `auto_brain_mask` otherwise.
+    """
+    from phanes_cli.skullstrip import brain_mask_for  # here: skullstrip imports this module
+
+    volume = load_volume(image, max_voxels)
+    brain, source = brain_mask_for(volume, brain_mask, skull_strip, device, max_voxels)
+    return volume, brain, source
+
+
 def intensity_scale(data: np.ndarray, brain: np.ndarray, percentile: float) -> float:
     """The brain's intensity percentile (positive voxels), the divisor that maps tissue to [0, 1]."""
     values = data[brain]
@@ -111,7 +127,8 @@ def to_model_grid(stack: torch.Tensor, geometry: SliceGeometry, mode: str = "bil
     if mode == "nearest":
         return F.interpolate(padded, size=(g.image_size, g.image_size), mode="nearest")
     antialias = mode == "bilinear" and g.side > g.image_size
-    return F.interpolate(padded, size=(g.image_size, g.image_size), mode="bilinear", align_corners=False, antialias=antialias)
+    return F.interpolate(padded, size=(g.image_size, g.image_size), mode="bilinear", align_corners=False,
+                         antialias=antialias)
 
 
 def from_model_grid(maps: torch.Tensor, geometry: SliceGeometry, mode: str = "bilinear") -> torch.Tensor:
@@ -144,11 +161,13 @@ def prepare_volume(data: np.ndarray, brain: np.ndarray | None, cfg: PreprocessCo
 
 def slices_of(volume: np.ndarray, geometry: SliceGeometry, mode: str = "bilinear") -> torch.Tensor:
     """Take the selected axial slices of another array on the same grid (a lesion mask, say): (N, 1, S, S)."""
-    stack = torch.from_numpy(np.ascontiguousarray(np.moveaxis(volume[:, :, geometry.slice_index], 2, 0))).float()[:, None]
+    native = np.ascontiguousarray(np.moveaxis(volume[:, :, geometry.slice_index], 2, 0))
+    stack = torch.from_numpy(native).float()[:, None]
     return to_model_grid(stack, geometry, mode=mode)
 
 
-def restore_volume(maps: torch.Tensor, geometry: SliceGeometry, fill: float = 0.0, mode: str = "bilinear") -> np.ndarray:
+def restore_volume(maps: torch.Tensor, geometry: SliceGeometry, fill: float = 0.0,
+                   mode: str = "bilinear") -> np.ndarray:
     """(N, 1, S, S) model-grid maps -> (X, Y, Z) float32 on the native RAS+ grid; unprocessed slices hold `fill`."""
     out = np.full(geometry.volume_shape, fill, dtype=np.float32)
     if geometry.n_slices:

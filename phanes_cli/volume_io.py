@@ -14,10 +14,11 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.openers import ImageOpener
 from nibabel.orientations import inv_ornt_aff, io_orientation, ornt_transform
 
 from phanes_cli.atomic import atomic_path
-from phanes_cli.errors import InputError
+from phanes_cli.errors import InputAccessError, InputError
 
 DEFAULT_MAX_VOXELS = 512**3
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -57,7 +58,19 @@ class Volume:
         return np.ascontiguousarray(nib.apply_orientation(array, ornt))
 
 
-def _open(path: Path) -> nib.spatialimages.SpatialImage:
+def _access_error(path: Path, exc: PermissionError) -> InputAccessError:
+    return InputAccessError(path, f"permission denied ({exc.strerror}); fix the file's permissions and run again")
+
+
+def _open(path: Path) -> nib.Nifti1Image:
+    """Open the header; a permission problem is an InputAccessError (retryable), anything else an InputError."""
+    try:
+        return _open_header(path)
+    except PermissionError as exc:
+        raise _access_error(path, exc) from exc
+
+
+def _open_header(path: Path) -> nib.Nifti1Image:
     if not path.exists():
         raise InputError(path, "file not found")
     if path.is_dir():
@@ -66,6 +79,7 @@ def _open(path: Path) -> nib.spatialimages.SpatialImage:
         raise InputError(path, "file is empty")
     if not is_nifti_path(path):
         raise InputError(path, "not a NIfTI file (expected a .nii or .nii.gz name)")
+    open(path, "rb").close()  # a PermissionError here, before nibabel rewords it as an unreadable image
     try:
         img = nib.load(str(path))
     except (gzip.BadGzipFile, zlib.error, EOFError) as exc:
@@ -79,8 +93,51 @@ def _open(path: Path) -> nib.spatialimages.SpatialImage:
     return img
 
 
+def _checked_dtype(path: Path, img: nib.Nifti1Image) -> None:
+    """One real intensity per voxel: RGB / vector (structured) and complex images are refused by name."""
+    dtype = np.dtype(img.get_data_dtype())
+    if dtype.fields is not None or dtype.kind == "V":
+        raise InputError(path, f"RGB or vector-valued image (voxel type {dtype.descr}); "
+                               "phanes needs one grayscale intensity per voxel")
+    if dtype.kind == "c":
+        raise InputError(path, f"complex-valued image ({dtype}); phanes needs real magnitude intensities")
+    if dtype.kind not in "uif":
+        raise InputError(path, f"voxel type {dtype} is not a numeric intensity")
+
+
+def _raw_pixdim(path: Path, img: nib.Nifti1Image) -> np.ndarray:
+    """pixdim as stored in the file: nibabel silently turns a 0 voxel size into 1 mm when it loads a header."""
+    header_class = nib.Nifti2Header if isinstance(img, nib.Nifti2Image) else nib.Nifti1Header
+    with ImageOpener(str(path)) as handle:
+        raw = header_class.from_fileobj(handle, check=False)
+    return np.asarray(raw["pixdim"][1:4], dtype=np.float64)
+
+
+def _checked_geometry(path: Path, img: nib.Nifti1Image) -> np.ndarray:
+    """The voxel -> world affine, refused when the voxel size is zero, unknown or the axes degenerate."""
+    if int(img.header["sform_code"]) == 0:  # the affine is built from pixdim, which must be a real size
+        pixdim = _raw_pixdim(path, img)
+        bad = [f"{'xyz'[i]}={pixdim[i]:g}" for i in range(3) if not (np.isfinite(pixdim[i]) and pixdim[i] != 0)]
+        if bad:
+            raise InputError(path, f"voxel size is 0 or undefined ({', '.join(bad)} mm) "
+                                   "and the file has no sform affine to give it")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)):
+        raise InputError(path, "affine contains non-finite values")
+    sizes = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    if np.any(sizes < 1e-6):
+        axes = ", ".join("xyz"[i] for i in np.flatnonzero(sizes < 1e-6))
+        raise InputError(path, f"affine gives a voxel size of 0 along axis {axes}")
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise InputError(path, "affine is singular (zero voxel size or degenerate axes)")
+    return affine
+
+
 def _checked_shape(path: Path, img: nib.spatialimages.SpatialImage, max_voxels: int) -> tuple[int, int, int]:
     shape = tuple(int(s) for s in img.shape)
+    if any(s <= 0 for s in shape):
+        raise InputError(path, f"image dimensions {shape} must all be positive "
+                               "(the header declares a zero or negative size)")
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
     elif len(shape) == 4:
@@ -88,7 +145,8 @@ def _checked_shape(path: Path, img: nib.spatialimages.SpatialImage, max_voxels: 
     if len(shape) < 3 or (len(shape) == 3 and min(shape) == 1 and sum(s > 1 for s in shape) < 3):
         raise InputError(path, f"image of shape {shape} is not 3D (a 2D slice cannot be screened)")
     if len(shape) > 4:
-        raise InputError(path, f"image of shape {shape} has {len(shape)} dimensions; expected 3D")
+        raise InputError(path, f"image of shape {shape} has {len(shape)} dimensions (a vector or RGB image?); "
+                               "expected one 3D volume")
     n = int(np.prod(shape))
     if n > max_voxels:
         raise InputError(path, f"image of shape {shape} has {n} voxels, above the limit of {max_voxels}")
@@ -100,13 +158,12 @@ def load_volume(path: str | Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volum
     path = Path(path)
     img = _open(path)
     shape = _checked_shape(path, img, max_voxels)
-    affine = np.asarray(img.affine, dtype=np.float64)
-    if not np.all(np.isfinite(affine)):
-        raise InputError(path, "affine contains non-finite values")
-    if abs(np.linalg.det(affine[:3, :3])) < 1e-9:
-        raise InputError(path, "affine is singular (zero voxel size or degenerate axes)")
+    _checked_dtype(path, img)
+    affine = _checked_geometry(path, img)
     try:
         data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
+    except PermissionError as exc:
+        raise _access_error(path, exc) from exc
     except (EOFError, OSError, ValueError, zlib.error) as exc:
         raise InputError(path, f"voxel data is truncated or corrupt ({exc})") from exc
     if not np.all(np.isfinite(data)):
@@ -141,7 +198,7 @@ def load_mask(path: str | Path, like: Volume, max_voxels: int = DEFAULT_MAX_VOXE
 
 def save_like(array: np.ndarray, like: Volume, path: str | Path, dtype: type = np.float32) -> Path:
     """Write `array` (on `like`'s RAS+ grid) in exactly the input's geometry and header, atomically."""
-    native = like.to_native(np.asarray(array)).astype(dtype)
+    native: np.ndarray = like.to_native(np.asarray(array)).astype(dtype)
     header = like.header.copy()
     header.set_data_dtype(dtype)
     if len(header.get_data_shape()) == 4:

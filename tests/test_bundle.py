@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import pickle
 import struct
@@ -96,9 +98,20 @@ def test_weights_are_safetensors_and_loading_never_unpickles(folder: Path, monke
 def test_a_pickled_weight_file_is_refused_even_when_resealed(folder: Path, nets: PhanesNetworks) -> None:
     torch.save(nets.ra.state_dict(), folder / "ra.safetensors")
     index = json.loads((folder / INDEX_FILE).read_text())
-    import hashlib
-
     index["files"]["ra.safetensors"] = hashlib.sha256((folder / "ra.safetensors").read_bytes()).hexdigest()
     (folder / INDEX_FILE).write_text(json.dumps(index))
     with pytest.raises(BundleError):
         load_bundle(folder, require_calibration=False)
+
+
+GOOD_CALIBRATION = {"mask_threshold": 0.25, "anomaly_threshold": 0.125, "n_slices": 10, "n_volumes": 2}
+
+
+def test_calibration_commit_stores_thresholds_and_config_under_one_new_hash(folder: Path) -> None:
+    before = load_bundle(folder, require_calibration=False)
+    config = dataclasses.replace(before.config, mask=dataclasses.replace(before.config.mask, mask_percentile=95.0))
+    new_hash = write_calibration(folder, Calibration(**GOOD_CALIBRATION), config=config)
+    after = load_bundle(folder)
+    assert after.hash == new_hash != before.hash
+    assert after.config == config and after.calibration == Calibration(**GOOD_CALIBRATION)
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]

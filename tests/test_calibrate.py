@@ -11,19 +11,19 @@ import torch
 
 from phanes_cli.backends import PhanesNetworks, TorchBackend
 from phanes_cli.bundle import load_bundle, save_bundle
-from phanes_cli.calibrate import calibrate
-from phanes_cli.errors import BundleError, ConfigError
+from phanes_cli.calibrate import calibrate, calibration_thresholds, stage1_percentile
+from phanes_cli.errors import BundleError, ConfigError, PhanesError
 from phanes_cli.manifest import read_manifest
 from phanes_cli.pipeline import binary_mask, stage1_map
 from phanes_cli.preprocess import prepare_volume
+from phanes_cli.training.data import SliceSet
 from phanes_cli.volume_io import load_mask, load_volume
 from tests._tiny_cohort import tiny_config, write_cohort
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture()
+@pytest.fixture
 def setup(tmp_path: Path) -> tuple[Path, Path]:
     """An (untrained, seeded) tiny model bundle and a cohort with two healthy validation volumes."""
     cfg = tiny_config()
@@ -64,10 +64,12 @@ def test_thresholds_are_the_percentiles_of_healthy_maps(setup: tuple[Path, Path]
     t_mask, t_anomaly, n_slices = _independent_thresholds(bundle, manifest)
     assert cal.mask_threshold == pytest.approx(t_mask, rel=1e-4)
     assert cal.anomaly_threshold == pytest.approx(t_anomaly, rel=1e-3)
-    assert math.isfinite(cal.anomaly_threshold) and cal.anomaly_threshold > 0
+    assert math.isfinite(cal.anomaly_threshold)
+    assert cal.anomaly_threshold > 0
     assert (cal.n_slices, cal.n_volumes) == (n_slices, 2)
     stored = load_bundle(bundle)  # now calibrated: require_calibration passes
-    assert stored.calibration == cal and stored.hash != hash_before
+    assert stored.calibration == cal
+    assert stored.hash != hash_before
 
 
 def test_calibration_needs_healthy_volumes_of_the_split(setup: tuple[Path, Path]) -> None:
@@ -89,9 +91,23 @@ def test_percentile_override_is_stored_in_the_bundle(setup: tuple[Path, Path]) -
     weights_before = load_bundle(bundle, require_calibration=False).ra_state
     cal = calibrate(bundle, manifest, device="cpu", batch_size=16, progress=False, mask_percentile=90.0)
     stored = load_bundle(bundle)
-    assert stored.config.mask.mask_percentile == 90.0 and stored.calibration == cal
+    assert stored.config.mask.mask_percentile == 90.0
+    assert stored.calibration == cal
     assert all(torch.equal(weights_before[k], v) for k, v in stored.ra_state.items())
     t_mask, _, _ = _independent_thresholds(bundle, manifest)  # recomputed with the stored 90th percentile
     assert cal.mask_threshold == pytest.approx(t_mask, rel=1e-4)
     with pytest.raises(ConfigError, match="between 0 and 100"):
         calibrate(bundle, manifest, device="cpu", progress=False, anomaly_percentile=100.0)
+
+
+def test_slices_without_brain_pixels_give_no_mask_threshold(setup: tuple[Path, Path]) -> None:
+    """The shared stage 1 percentile is NaN without brain pixels; calibration then refuses with one clear line."""
+    bundle, _ = setup
+    model = load_bundle(bundle, require_calibration=False)
+    backend = TorchBackend(model.networks(), torch.device("cpu"))
+    size = model.config.preprocess.image_size
+    no_brain = torch.zeros(3, 1, size, size)
+    empty = SliceSet(torch.rand(3, 1, size, size), no_brain, torch.zeros(3, dtype=torch.int64), ("a",))
+    assert math.isnan(stage1_percentile(backend, empty, model.config.mask, batch_size=2))
+    with pytest.raises(PhanesError, match="no brain pixels"):
+        calibration_thresholds(backend, empty, model.config)

@@ -54,7 +54,8 @@ def test_matches_skimage_on_real_mri(mri_slices: np.ndarray) -> None:
     ours = clahe_torch(torch.from_numpy(mri_slices)[:, None])[:, 0].numpy()
     reference = np.stack([_skimage(s) for s in mri_slices])
     diff = np.abs(ours - reference)
-    # Measured: identical on every real slice and on float32 noise (mean 0, max 0); the bounds leave room for float rounding.
+    # Measured: identical on every real slice and on float32 noise (mean 0, max 0); the bounds leave room for
+    # float rounding.
     assert diff.mean() < 1e-4
     assert diff.max() < 1e-3
 
@@ -67,7 +68,8 @@ def test_matches_skimage_on_random_images() -> None:
     assert diff.max() < 1e-3
 
 
-@pytest.mark.parametrize(("size", "clip", "nbins"), [(100, 0.01, 256), (64, 0.05, 128), (128, 0.0, 256), (130, 0.5, 64)])
+@pytest.mark.parametrize(("size", "clip", "nbins"),
+                         [(100, 0.01, 256), (64, 0.05, 128), (128, 0.0, 256), (130, 0.5, 64)])
 def test_matches_skimage_other_settings(size: int, clip: float, nbins: int) -> None:
     """Sizes that are not a multiple of the tile (reflected last tiles), no clipping, other bin counts."""
     images = _random_images(2, size, seed=size)
@@ -90,7 +92,7 @@ def test_shapes_dtype_and_constant_images() -> None:
     assert out.shape == x.shape and out.dtype == torch.float64
     assert float(out.min()) == 0.0 and float(out.max()) == 1.0
     flat = torch.stack([torch.zeros(64, 64), torch.full((64, 64), 0.5)])[:, None]
-    for image, result in zip(flat[:, 0].numpy(), clahe_torch(flat)[:, 0].numpy()):
+    for image, result in zip(flat[:, 0].numpy(), clahe_torch(flat)[:, 0].numpy(), strict=True):
         np.testing.assert_allclose(result, _skimage(image), atol=1e-6)
 
 

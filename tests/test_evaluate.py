@@ -25,13 +25,16 @@ from phanes_cli.bundle import load_bundle, save_bundle
 from phanes_cli.config import AOTConfig, PhanesConfig, PreprocessConfig, RAConfig
 from phanes_cli.errors import ConfigError, InputError
 from phanes_cli.evaluation.evaluate import evaluate, evaluate_volume, render_tables
-from phanes_cli.evaluation.methods import method_outputs, predict, validate_methods
-from phanes_cli.evaluation.synthetic import central_positions, healthy_rows, mid_slices, run_synthetic
+from phanes_cli.evaluation.methods import predict, run_methods, validate_methods
+from phanes_cli.evaluation.synthetic import central_positions, mid_slices, run_synthetic, synthetic_subjects
 from phanes_cli.manifest import ManifestRow, read_manifest, write_manifest
 from phanes_cli.models import AOTGenerator, SoftIntroVAE
 from phanes_cli.pipeline import Calibration, run_volume
 from phanes_cli.preprocess import prepare_volume, slices_of
-from phanes_cli.volume_io import load_mask, load_volume
+from phanes_cli.screening.actors import InferenceActor
+from phanes_cli.screening.outputs import OutputLayout
+from phanes_cli.screening.tasks import WriteJob, decode_volume, write_volume
+from phanes_cli.volume_io import DEFAULT_MAX_VOXELS, load_mask, load_volume
 
 SHAPE = (40, 48, 20)
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
@@ -88,7 +91,8 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         image[lesion & brain] = 0.2 * TISSUE
         rows.append(ManifestRow(id=name, image=_save(root / f"{name}.nii.gz", image),
                                 brain_mask=_save(root / f"{name}_brain.nii.gz", brain),
-                                lesion_mask=_save(root / f"{name}_lesion.nii.gz", lesion & brain), split="test", kind="stroke"))
+                                lesion_mask=_save(root / f"{name}_lesion.nii.gz", lesion & brain), split="test",
+                                kind="stroke"))
     for name, split in (("h1", "test"), ("h2", "val")):
         image, brain = _brain(10 + len(rows))
         rows.append(ManifestRow(id=name, image=_save(root / f"{name}.nii.gz", image),
@@ -121,7 +125,8 @@ def test_outputs_have_a_row_per_method_and_volume(result, cohort: dict[str, Path
     assert summary["settings"]["bundle_hash"] == load_bundle(cohort["bundle"]).hash
     table = pq.read_table(out / "per_volume.parquet").to_pandas()
     assert len(table) == len(ALL_METHODS) * 2
-    assert sorted(zip(table["method"], table["id"])) == sorted((m, v) for m in ALL_METHODS for v in ("p1", "p2"))
+    pairs = sorted(zip(table["method"], table["id"], strict=True))
+    assert pairs == sorted((m, v) for m in ALL_METHODS for v in ("p1", "p2"))
     assert (table["slices_processed"] > 0).all()
     # p2 has two separate lesions; lesion counts come from the ground truth, the same for every method.
     assert set(table.loc[table["id"] == "p2", "lesions_gt"]) == {2}
@@ -161,20 +166,49 @@ def test_per_volume_figures_match_sklearn_on_the_native_maps(result, cohort: dic
         expected_dice = 2 * (pred & t).sum() / (pred.sum() + t.sum())
         got = table[(table["method"] == "ra") & (table["id"] == row.id)]["dice"].item()
         assert got == pytest.approx(expected_dice, abs=1e-12)
-        assert table[(table["method"] == "ra") & (table["id"] == row.id)]["true_ml"].item() == pytest.approx(t.sum() * 0.008)
+        true_ml = table[(table["method"] == "ra") & (table["id"] == row.id)]["true_ml"].item()
+        assert true_ml == pytest.approx(t.sum() * 0.008)
 
 
-def test_phanes_maps_equal_the_screening_pipeline(cohort: dict[str, Path], model) -> None:
+def test_screening_and_evaluation_give_the_maps_of_run_volume(cohort: dict[str, Path], model, tmp_path: Path) -> None:
+    """One volume through screening's stages (decode task, inference actor, write task, files on disk) and
+    through `evaluate_volume` gives the maps of `pipeline.run_volume`, whatever the batch size."""
     backend, cfg = model
     row = next(r for r in read_manifest(cohort["manifest"]) if r.id == "p1")
     volume = load_volume(row.image)
     brain = load_mask(row.brain_mask, volume)
-    screened = run_volume(prepare_volume(volume.data, brain, cfg.preprocess), brain, backend, cfg, CALIBRATION, batch_size=8)
-    maps = evaluate_volume(row, backend, cfg, CALIBRATION, ("phanes", "ra"), batch_size=16)
-    np.testing.assert_allclose(maps.scores["phanes"], screened.anomaly, atol=1e-6)
-    np.testing.assert_allclose(maps.scores["ra"], screened.ra_map, atol=1e-6)
-    np.testing.assert_array_equal(maps.inpaint_masks["phanes"], screened.inpaint_mask)
-    np.testing.assert_array_equal(predict("phanes", maps.scores["phanes"], brain, CALIBRATION), screened.lesion_mask)
+    reference = run_volume(volume.data, brain, backend, cfg, CALIBRATION, batch_size=8)
+    assert reference.anomaly.max() > 0 and reference.inpaint_mask is not None and reference.inpaint_mask.any()
+    # Pseudo-healthy at the input's intensities: the input itself outside the inpainted mask, and inside it
+    # x_ph in [0, 1] times the brain's 98th intensity percentile (not the model's [0, 1] scale).
+    inside = reference.inpaint_mask
+    np.testing.assert_array_equal(reference.pseudo_healthy[~inside], volume.data[~inside])
+    scale = np.percentile(volume.data[brain & (volume.data > 0)], 98)
+    assert 1.0 < reference.pseudo_healthy[inside].max() <= scale * (1 + 1e-5)
+
+    threads = torch.get_num_threads()  # the screening stages set their own; later tests compare across batch sizes
+    try:
+        decoded, slices, context = decode_volume(row, cfg.preprocess, DEFAULT_MAX_VOXELS, "auto")
+        bundle_hash = load_bundle(cohort["bundle"]).hash
+        actor = InferenceActor(str(cohort["bundle"]), bundle_hash, "torch", "cpu", threads, 16, True, None)
+        inferred, maps = actor.infer(slices)  # type: ignore[arg-type]
+        outputs = frozenset({"anomaly", "mask", "pseudohealthy"})
+        job = WriteJob(row=row, out=tmp_path, outputs=outputs, calibration=CALIBRATION, backend="torch",
+                       bundle_hash=bundle_hash, decode=decoded, inference=inferred)
+        assert write_volume(job, context, maps).failure is None  # type: ignore[arg-type]
+    finally:
+        torch.set_num_threads(threads)
+    written = {k: np.asarray(nib.load(str(OutputLayout(tmp_path).map_path(row.id, k))).dataobj) for k in outputs}
+    np.testing.assert_allclose(written["anomaly"], reference.anomaly, atol=1e-6)
+    np.testing.assert_array_equal(written["mask"] > 0, reference.lesion_mask)
+    np.testing.assert_allclose(written["pseudohealthy"], reference.pseudo_healthy, rtol=1e-5, atol=1e-4)
+
+    evaluated = evaluate_volume(row, backend, cfg, CALIBRATION, ("phanes", "ra"), batch_size=16)
+    np.testing.assert_allclose(evaluated.scores["phanes"], reference.anomaly, atol=1e-6)
+    np.testing.assert_allclose(evaluated.scores["ra"], reference.ra_map, atol=1e-6)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(evaluated.inpaint_masks["phanes"], reference.inpaint_mask)
+    predicted = predict("phanes", evaluated.scores["phanes"], brain, CALIBRATION)
+    np.testing.assert_array_equal(predicted, reference.lesion_mask)
 
 
 def test_phanes_gt_inpaints_the_ground_truth(result, cohort: dict[str, Path], model) -> None:
@@ -186,11 +220,13 @@ def test_phanes_gt_inpaints_the_ground_truth(result, cohort: dict[str, Path], mo
     prepared = prepare_volume(volume.data, brain, cfg.preprocess)
     gt = (slices_of(truth, prepared.geometry) >= 0.5).float()
     assert gt.sum() > 0
-    outputs = method_outputs(prepared.slices, prepared.brain, gt, backend, cfg, CALIBRATION, ("phanes", "phanes-gt"))
-    torch.testing.assert_close(outputs["phanes-gt"].inpaint_mask, gt * prepared.brain)
-    assert not torch.equal(outputs["phanes"].inpaint_mask, outputs["phanes-gt"].inpaint_mask)
+    maps = run_methods(prepared.slices, prepared.brain, gt, backend, cfg, CALIBRATION, ("phanes", "phanes-gt"),
+                       batch_size=4)
+    assert maps.phanes is not None and maps.phanes_gt is not None
+    np.testing.assert_array_equal(maps.phanes_gt.mask, (gt * prepared.brain).numpy() > 0.5)
+    assert not np.array_equal(maps.phanes.mask, maps.phanes_gt.mask)  # type: ignore[arg-type]
     # s(x) vanishes outside the inpainted mask, so the upper bound ranks the lesion first.
-    assert (outputs["phanes-gt"].score[gt == 0] == 0).all()
+    assert (maps.phanes_gt.anomaly[gt.numpy() == 0] == 0).all()
     assert result.summary["methods"]["phanes-gt"]["auprc"] > 0.9
     assert result.summary["synthetic"]["methods"]["phanes-gt"]["auprc"] > 0.99
 
@@ -247,23 +283,27 @@ def test_residual_ranks_a_dark_lesion_first(cohort: dict[str, Path], monkeypatch
 
 def test_same_inputs_give_identical_figures(result, cohort: dict[str, Path], model) -> None:
     """A rerun (here of PHANES alone: the other methods must not change its figures) repeats every number."""
-    with pytest.warns(UserWarning):
+    with pytest.warns(UserWarning, match="h1"):
         again = evaluate(cohort["bundle"], cohort["manifest"], cohort["root"] / "out-again", methods=("phanes",),
                          device="cpu", batch_size=16, synthetic=False, progress=False)
     assert again.summary["methods"]["phanes"] == result.summary["methods"]["phanes"]
     first = result.per_volume.filter(pc.equal(result.per_volume["method"], "phanes"))
     assert again.per_volume.equals(first)
     backend, cfg = model
-    rows, split = healthy_rows(read_manifest(cohort["manifest"]), "test")
-    synthetic = run_synthetic(rows, split, backend, cfg, CALIBRATION, ("phanes", "ra"), n_slices=6, seed=0, batch_size=4)
-    assert synthetic.per_slice.equals(result.synthetic.per_slice.filter(pc.is_in(result.synthetic.per_slice["method"], pa.array(["phanes", "ra"]))))
+    rows, split = synthetic_subjects(read_manifest(cohort["manifest"]), "test")
+    synthetic = run_synthetic(rows, split, backend, cfg, CALIBRATION, ("phanes", "ra"), n_slices=6, seed=0,
+                              batch_size=4)
+    table = result.synthetic.per_slice
+    first_two = table.filter(pc.is_in(table["method"], pa.array(["phanes", "ra"])))
+    assert synthetic.per_slice.equals(first_two)
     for method in ("phanes", "ra"):
         assert synthetic.summary["methods"][method] == result.synthetic.summary["methods"][method]
 
 
 def test_unknown_method_lists_valid_ones(cohort: dict[str, Path]) -> None:
     with pytest.raises(ConfigError, match="valid methods: phanes, ra, phanes-gt, residual"):
-        evaluate(cohort["bundle"], cohort["manifest"], cohort["root"] / "bad", methods=("phanes", "anoddpm"), progress=False)
+        evaluate(cohort["bundle"], cohort["manifest"], cohort["root"] / "bad", methods=("phanes", "anoddpm"),
+                 progress=False)
     assert validate_methods([" PHANES", "ra", "phanes"]) == ("phanes", "ra")
     with pytest.raises(ConfigError, match="batch size"):
         evaluate(cohort["bundle"], cohort["manifest"], cohort["root"] / "bad", batch_size=0, progress=False)

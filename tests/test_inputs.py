@@ -15,7 +15,9 @@ from phanes_cli.inputs import looks_like_mask, prepare_manifest, resolve_inputs
 from phanes_cli.manifest import read_manifest
 
 
-def _nifti(path: Path, shape: tuple[int, ...] = (8, 9, 7), value: float = 1.0, affine: np.ndarray | None = None) -> Path:
+def _nifti(
+    path: Path, shape: tuple[int, ...] = (8, 9, 7), value: float = 1.0, affine: np.ndarray | None = None
+) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = np.full(shape, value, dtype=np.float32)
     nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), str(path))
@@ -53,7 +55,8 @@ def test_colliding_names_get_folder_prefix_deterministically(tmp_path: Path) -> 
     by_path = {r.image.relative_to(tmp_path.absolute()).as_posix(): r.id for r in first}
     assert by_path["case1/T1.nii.gz"] == "case1_T1"
     assert by_path["case2/T1.nii.gz"] == "case2_T1"
-    assert sorted([by_path["x/a b.nii"], by_path["x/a b.nii.gz"]]) == ["a_b", "a_b-2"]  # same folder: numbered, no prefix
+    # same folder: numbered, no prefix
+    assert sorted([by_path["x/a b.nii"], by_path["x/a b.nii.gz"]]) == ["a_b", "a_b-2"]
     assert len({r.id for r in first}) == len(first)
 
 
@@ -78,8 +81,9 @@ def test_csv_and_parquet_lists(tmp_path: Path) -> None:
     _nifti(tmp_path / "img" / "a.nii.gz")
     _nifti(tmp_path / "img" / "b.nii.gz")
     _nifti(tmp_path / "img" / "a_brain.nii.gz")
-    pd.DataFrame({"path": ["img/a.nii.gz", "img/b.nii.gz"], "subject_id": ["001", "002"],
-                  "brain_mask": ["img/a_brain.nii.gz", None], "site": ["x", "y"]}).to_csv(tmp_path / "list.csv", index=False)
+    listing = pd.DataFrame({"path": ["img/a.nii.gz", "img/b.nii.gz"], "subject_id": ["001", "002"],
+                            "brain_mask": ["img/a_brain.nii.gz", None], "site": ["x", "y"]})
+    listing.to_csv(tmp_path / "list.csv", index=False)
     rows = resolve_inputs([str(tmp_path / "list.csv")])
     assert [r.id for r in rows] == ["001", "002"]  # kept as strings, leading zeros intact
     assert rows[0].brain_mask == (tmp_path / "img" / "a_brain.nii.gz").absolute()
@@ -91,7 +95,8 @@ def test_csv_and_parquet_lists(tmp_path: Path) -> None:
     pd.DataFrame({"file": ["img/a.nii.gz"]}).to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(InputError, match="path column"):
         resolve_inputs([str(tmp_path / "bad.csv")])
-    pd.DataFrame({"image": ["img/a.nii.gz", "img/b.nii.gz"], "id": ["s", "s"]}).to_csv(tmp_path / "dup.csv", index=False)
+    duplicated = pd.DataFrame({"image": ["img/a.nii.gz", "img/b.nii.gz"], "id": ["s", "s"]})
+    duplicated.to_csv(tmp_path / "dup.csv", index=False)
     with pytest.raises(InputError, match="more than once"):
         resolve_inputs([str(tmp_path / "dup.csv")])
     pd.DataFrame({"image": ["img/a.nii.gz"], "id": ["../evil"]}).to_csv(tmp_path / "evil.csv", index=False)
@@ -128,7 +133,8 @@ def test_prepare_manifest_rejects_each_bad_file_with_its_reason(tmp_path: Path) 
     rows, rejected = prepare_manifest([str(tmp_path / "masked.csv"), str(src)], manifest)
     assert [r.id for r in rows] == ["good"]
     reasons = {Path(r.path).name: r.reason for r in rejected}
-    assert set(reasons) == {"flat.nii.gz", "multi.nii.gz", "nan.nii.gz", "text.nii.gz", "cut.nii.gz", "small_mask.nii.gz"}
+    expected = {"flat.nii.gz", "multi.nii.gz", "nan.nii.gz", "text.nii.gz", "cut.nii.gz", "small_mask.nii.gz"}
+    assert set(reasons) == expected
     assert "not 3D" in reasons["flat.nii.gz"]
     assert "4D image with 3 volumes" in reasons["multi.nii.gz"]
     assert "NaN" in reasons["nan.nii.gz"]

@@ -9,6 +9,7 @@ from scipy.ndimage import gaussian_filter
 
 from phanes_cli import ops
 from phanes_cli.config import MaskConfig
+from phanes_cli.errors import ConfigError
 from phanes_kernels.clahe import clahe_torch
 
 torch.set_num_threads(2)
@@ -73,7 +74,8 @@ def test_percentile_matches_numpy(q: float) -> None:
         expected = np.percentile(selected, q) if selected.size else 0.0
         assert float(ours[i]) == pytest.approx(expected, abs=1e-12)
     everything = ops.percentile_per_image(x, q)
-    np.testing.assert_allclose(everything.flatten().numpy(), np.percentile(x.reshape(5, -1).numpy(), q, axis=1), atol=1e-12)
+    expected_all = np.percentile(x.reshape(5, -1).numpy(), q, axis=1)
+    np.testing.assert_allclose(everything.flatten().numpy(), expected_all, atol=1e-12)
 
 
 def test_percentile_rejects_bad_q() -> None:
@@ -103,6 +105,83 @@ def test_clahe_dispatch_uses_config() -> None:
     cfg = MaskConfig(clahe_tiles=4, clahe_clip=0.03, clahe_bins=128)
     assert torch.equal(ops.clahe(x, cfg), clahe_torch(x, tiles=4, clip_limit=0.03, nbins=128))
     assert not torch.equal(ops.clahe(x, cfg), ops.clahe(x, MaskConfig()))
+
+
+def test_kernel_choice_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.zeros(1)
+    monkeypatch.delenv(ops.KERNELS_ENV, raising=False)
+    assert not ops.use_triton(cpu)  # auto: Triton only for CUDA tensors
+    monkeypatch.setenv(ops.KERNELS_ENV, "triton")
+    assert ops.use_triton(cpu)
+    monkeypatch.setenv(ops.KERNELS_ENV, "torch")
+    assert not ops.use_triton(cpu)
+    monkeypatch.setenv(ops.KERNELS_ENV, "cuda")
+    with pytest.raises(ConfigError, match="PHANES_KERNELS must be 'auto', 'triton' or 'torch', got 'cuda'"):
+        ops.clahe(torch.rand(1, 1, 16, 16), MaskConfig())
+
+
+def _fused_inputs(seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    t = {k: torch.rand(4, 1, 24, 24, generator=gen) for k in ("eq_x", "eq_rec", "lpips", "x", "completed", "x_ph")}
+    t["brain"] = (torch.rand(4, 1, 24, 24, generator=gen) > 0.3).float()
+    t["brain"][1] = 0  # an all-zero brain
+    t["mask"] = (torch.rand(4, 1, 24, 24, generator=gen) > 0.6).float()
+    t["mask"][2] = 0  # an empty mask
+    return t
+
+
+@pytest.mark.parametrize("per_image", [None, 90.0])
+def test_mask_step_reference_matches_scipy(monkeypatch: pytest.MonkeyPatch, per_image: float | None) -> None:
+    """Eq. 3 one image at a time with numpy percentiles and scipy filters in float64."""
+    monkeypatch.setenv(ops.KERNELS_ENV, "torch")
+    t, cfg = _fused_inputs(5), MaskConfig(per_image_percentile=per_image)
+    ra, mask = ops.mask_step(t["eq_x"], t["eq_rec"], t["lpips"], t["brain"], 0.2, cfg)
+    for i in range(4):
+        a, b, lp, br = (t[k][i, 0].double().numpy() for k in ("eq_x", "eq_rec", "lpips", "brain"))
+        residual = np.abs(b - a) * br
+        p = np.percentile(residual[br > 0], 95) if br.any() else 0.0
+        expected = np.clip(residual / max(p, 1e-8), 0, 1) * gaussian_filter(lp, 2.0) * br
+        np.testing.assert_allclose(ra[i, 0].numpy(), expected, atol=1e-5)
+        level = np.percentile(expected[br > 0], per_image) if per_image is not None and br.any() else 0.2
+        raw = ((expected > level) & (br > 0)).astype(np.float64)
+        np.testing.assert_array_equal(mask[i, 0].numpy(), (gaussian_filter(raw, 1.2) > 0.1) * br)
+    assert float(ra[1].abs().max()) == 0 and float(mask[1].sum()) == 0 and float(mask.sum()) > 0
+
+
+def test_final_step_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ops.KERNELS_ENV, "torch")
+    t = _fused_inputs(6)
+    x_ph = ops.compose(t["x"], t["completed"], t["mask"])
+    x, g, m, br, lp = (t[k].numpy().astype(np.float64) for k in ("x", "completed", "mask", "brain", "lpips"))
+    np.testing.assert_allclose(x_ph.numpy(), x * (1 - m) + g * m, atol=1e-6)
+    anomaly, lesion = ops.final_step(t["x"], t["x_ph"], t["lpips"], t["mask"], t["brain"], 0.1)
+    score = np.abs(t["x_ph"].numpy().astype(np.float64) - x) * lp * m * br
+    np.testing.assert_allclose(anomaly.numpy(), score, atol=1e-6)
+    assert lesion.dtype == torch.bool
+    np.testing.assert_array_equal(lesion.numpy(), (score >= 0.1) & (score > 0) & (br > 0))
+    assert not lesion[1].any() and not lesion[2].any() and lesion.any()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fused_steps_on_cuda_match_cpu_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA (auto: the Triton kernels) the fused steps give the CPU reference's values."""
+    monkeypatch.delenv(ops.KERNELS_ENV, raising=False)
+    t = _fused_inputs(7)
+    x = torch.rand(64, 1, 128, 128, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(ops.clahe(x.cuda(), MaskConfig()).cpu(), ops.clahe(x, MaskConfig()))
+    for cfg in (MaskConfig(), MaskConfig(per_image_percentile=90.0)):
+        args = (t["eq_x"], t["eq_rec"], t["lpips"], t["brain"], 0.2)
+        ra, mask = ops.mask_step(*(a.cuda() for a in args[:4]), args[4], cfg)
+        ra_ref, mask_ref = ops.mask_step(*args, cfg)
+        torch.testing.assert_close(ra.cpu(), ra_ref, atol=1e-6, rtol=1e-6)
+        assert torch.equal(mask.cpu(), mask_ref)
+    gpu = {k: v.cuda() for k, v in t.items()}
+    composed = ops.compose(gpu["x"], gpu["completed"], gpu["mask"]).cpu()
+    assert torch.equal(composed, ops.compose(t["x"], t["completed"], t["mask"]))
+    fast = ops.final_step(gpu["x"], gpu["x_ph"], gpu["lpips"], gpu["mask"], gpu["brain"], 0.1)
+    reference = ops.final_step(t["x"], t["x_ph"], t["lpips"], t["mask"], t["brain"], 0.1)
+    assert all(torch.equal(f.cpu(), r) for f, r in zip(fast, reference, strict=True))
 
 
 @pytest.mark.gpu

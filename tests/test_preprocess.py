@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
 from phanes_cli.config import PreprocessConfig
+from phanes_cli.errors import InputError
 from phanes_cli.preprocess import (
     auto_brain_mask,
     intensity_scale,
+    load_with_brain,
     prepare_volume,
     restore_volume,
     select_slices,
@@ -93,6 +97,32 @@ def test_auto_brain_mask_matches_the_foreground_of_a_skull_stripped_volume() -> 
     dice = 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
     assert dice > 0.97
     assert mask[27, 32, 22]
+
+
+def test_load_with_brain_reads_the_given_mask_or_estimates_one(tmp_path: Path) -> None:
+    """A given mask file is read onto the volume's RAS+ grid; without one the automatic estimate is used."""
+    data = blob_volume((30, 34, 26))
+    flip = np.diag([-2.0, 2.0, 2.0, 1.0])  # an LAS file: the loaded arrays are flipped along axis 0
+    image = tmp_path / "t1.nii.gz"
+    nib.save(nib.Nifti1Image(data, flip), str(image))
+    given = np.zeros(data.shape, dtype=np.uint8)
+    given[3:12, 5:20, 4:9] = 1
+    mask_file = tmp_path / "brain.nii.gz"
+    nib.save(nib.Nifti1Image(given, flip), str(mask_file))
+    volume, brain, source = load_with_brain(image, mask_file)
+    np.testing.assert_array_equal(volume.data, data[::-1])
+    np.testing.assert_array_equal(brain, given[::-1] > 0)
+    assert source == "file"
+    volume, brain, source = load_with_brain(image, None)
+    np.testing.assert_array_equal(brain, auto_brain_mask(data[::-1]))
+    assert source == "threshold"
+    with pytest.raises(InputError, match="mask shape"):
+        load_with_brain(image, _saved(tmp_path / "small.nii.gz", np.ones((5, 5, 5), dtype=np.uint8)))
+
+
+def _saved(path: Path, array: np.ndarray) -> Path:
+    nib.save(nib.Nifti1Image(array, np.eye(4)), str(path))
+    return path
 
 
 @needs_shared()

@@ -9,14 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from phanes_cli.screening.engine import EXIT_OK, ScreenOptions, screen
-from tests.test_screening import HEAD_IP, RayCluster, make_bundle, ray_env, read_tables, series  # noqa: F401 (ray_env: fixture)
+from phanes_cli.screening.engine import EXIT_OK, screen
+from phanes_cli.screening.options import ScreenOptions
+from tests.test_screening import HEAD_IP, RayCluster, make_bundle, ray_env, read_tables, series  # noqa: F401
 
 SECOND_IP = "127.0.0.3"
 
 
 @pytest.fixture(scope="module")
-def two_nodes(ray_env: None) -> Iterator[RayCluster]:
+def two_nodes() -> Iterator[RayCluster]:
     import ray
 
     assert not ray.is_initialized()
@@ -30,6 +31,7 @@ def two_nodes(ray_env: None) -> Iterator[RayCluster]:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("ray_env")  # the driver must agree with the nodes on authentication
 def test_cohort_is_screened_across_two_nodes(two_nodes: RayCluster, tmp_path: Path) -> None:
     import ray
 
@@ -45,4 +47,5 @@ def test_cohort_is_screened_across_two_nodes(two_nodes: RayCluster, tmp_path: Pa
     assert set(volumes["decode_node"]) == {HEAD_IP, SECOND_IP}  # CPU tasks ran on both nodes
     assert set(volumes["inference_node"]) == {HEAD_IP, SECOND_IP}  # one actor per node
     manifest = json.loads((out / "run.json").read_text())
-    assert manifest["ray"]["nodes"] == 2 and manifest["ray"]["actors"] == 2
+    assert manifest["ray"]["nodes"] == 2
+    assert manifest["ray"]["actors"] == 2

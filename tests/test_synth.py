@@ -15,15 +15,17 @@ from scipy import ndimage
 from phanes_cli.errors import ConfigError, InputError
 from phanes_cli.manifest import read_manifest
 from phanes_cli.synth import make_subject, paint_sprites, synth_cohort
-from phanes_cli.synth.cohort import split_of
+from phanes_cli.synth.cohort import round_robin, source_splits
 from phanes_cli.synth.lesions import LesionConfig, allowed_region, blend_weight, lesion_mask, procedural_shape
+from phanes_cli.synth.shapes import folder_bank, npz_bank
 from phanes_cli.synth.sprites import PERCENTILE_BANDS
-from phanes_cli.synth.templates import Template, load_mni152, load_template_file, output_grid
+from phanes_cli.synth.templates import PACKAGED_TEMPLATES, Template, load_mni152, load_template_file, output_grid
 from phanes_cli.synth.variation import VariationConfig, sample_anatomy
 from tests.conftest import SHARED_DATA, needs_shared
 
 COARSE = 2.5  # mm: fast subjects for most tests
-NO_VARIATION = VariationConfig(rotation_deg=0.0, scale=0.0, translation_mm=0.0, elastic_mm=0.0)
+NO_VARIATION = VariationConfig(rotation_deg=0.0, head_scale=0.0, scale=0.0, translation_mm=0.0, elastic_mm=(0.0, 0.0),
+                               ventricle_scale=(1.0, 1.0), atrophy=0.0)
 NO_BLUR = VariationConfig(blur_sigma_vox=0.0, thick_slice_probability=0.0)
 LESION_DIR = SHARED_DATA / "stroke-lesion-masks"
 
@@ -135,9 +137,9 @@ def test_procedural_lesion_volume_tracks_target(fine_anatomy, target_ml: float) 
 def test_real_lesion_shapes_land_where_mni_says(mni: Template, grid, tmp_path: Path) -> None:
     if not LESION_DIR.is_dir():
         pytest.skip(f"{LESION_DIR} is not present")
-    files = sorted(LESION_DIR.glob("*.nii.gz"))[:40]
+    bank = folder_bank(LESION_DIR)
     for index in range(3):
-        s = make_subject(mni, grid, seed=3, index=index, kind="stroke", lesion_shapes=files, variation=NO_VARIATION)
+        s = make_subject(mni, grid, seed=3, index=index, kind="stroke", lesion_shapes=bank, variation=NO_VARIATION)
         assert s.lesion is not None and s.lesion.any() and (s.lesion <= s.brain).all()
         (name,) = s.lesion_sources
         # independent resampling of the LAS mask onto the RAS grid by nibabel (no deformation here)
@@ -161,7 +163,7 @@ def test_paint_sprites_protocol(mni: Template, grid) -> None:
     assert (masks <= brain).all()
     assert np.array_equal(painted[~masks], images[~masks].astype(np.float32))
     three = 0
-    for img, out, m, b in zip(images, painted, masks, brain):
+    for img, out, m, b in zip(images, painted, masks, brain, strict=True):
         assert m.any()
         values = np.unique(out[m])
         assert 1 <= len(values) <= 3  # one constant intensity per ellipse
@@ -186,24 +188,28 @@ def test_sprite_subject_changes_only_its_mask(mni: Template, grid) -> None:
 def test_cohort_on_disk_and_manifest(tmp_path: Path) -> None:
     messages: list[str] = []
     start = time.perf_counter()
-    manifest = synth_cohort(tmp_path / "c", healthy=3, lesions=2, kind="stroke", seed=11, voxel_size=3.0, progress=messages.append)
+    manifest = synth_cohort(tmp_path / "c", healthy=3, lesions=2, kind="stroke", seed=11, voxel_size=3.0,
+                            progress=messages.append)
     seconds = (time.perf_counter() - start) / 5
     print(f"synth: {seconds:.2f} s per subject at 3 mm (template load included)")
     rows = read_manifest(manifest)
     assert [r.id for r in rows] == ["healthy-0000", "healthy-0001", "healthy-0002", "stroke-0000", "stroke-0001"]
-    assert [r.split for r in rows] == ["train", "train", "val", "test", "test"]
+    # one subject per source in round-robin order: train, val, test (a healthy control); lesions on test sources
+    assert [r.split for r in rows] == ["train", "val", "test", "test", "test"]
+    templates = ["nilearn-mni152-2009a", "antspy_colin27_ch2_T1"] + ["niimath_adult_T1"] * 3
+    assert [r.extra["template"] for r in rows] == templates
     assert [r.kind for r in rows] == ["healthy"] * 3 + ["stroke"] * 2
     assert messages == [f"{r.id} ({k}/5)" for k, r in enumerate(rows, start=1)]  # one call per subject
     # a subject depends on (seed, index) only, not on how many subjects the cohort has
-    mni = load_mni152()
-    alone = make_subject(mni, output_grid(mni, 3.0), seed=11, index=1, kind="stroke")
+    adult = load_template_file(PACKAGED_TEMPLATES / "niimath_adult_T1.nii.gz", load_mni152())
+    alone = make_subject(adult, output_grid(adult, 3.0), seed=11, index=1, kind="stroke", lesion_shapes=npz_bank())
     on_disk = next(r for r in rows if r.id == "stroke-0001")
     assert np.array_equal(np.asarray(nib.load(on_disk.image).dataobj), alone.image)
     for r in rows:
         img = nib.load(r.image)
         brain = nib.load(r.brain_mask)
         assert img.get_data_dtype() == np.float32 and brain.get_data_dtype() == np.uint8
-        assert np.allclose(img.affine, brain.affine) and r.extra["template"] == "nilearn-mni152-2009a" and r.extra["seed"] == 11
+        assert np.allclose(img.affine, brain.affine) and r.extra["seed"] == 11
         if r.kind == "healthy":
             assert r.lesion_mask is None and r.lesion_ml is None
             continue
@@ -212,13 +218,22 @@ def test_cohort_on_disk_and_manifest(tmp_path: Path) -> None:
         voxel_ml = abs(np.linalg.det(label.affine[:3, :3])) / 1000
         assert label.get_data_dtype() == np.uint8 and voxels > 0
         assert r.lesion_ml == pytest.approx(voxels * voxel_ml)
-        assert 0.3 <= r.lesion_ml <= 3 * 80 * 1.5
+        assert r.extra["lesion_source"] in npz_bank().names  # a real shape from the shipped bank
 
 
-def test_splits() -> None:
-    assert [split_of(i, 1) for i in range(1)] == ["train"]
-    assert [split_of(i, 2) for i in range(2)] == ["train", "val"]
-    assert [split_of(i, 10) for i in range(10)] == ["train"] * 8 + ["val"] * 2
+def test_splits_by_source_brain() -> None:
+    names = ["mni", "colin", "adult", "icbm", "extra"]
+    splits = source_splits(names, val=("colin",), test=("adult",))
+    assert splits == {"mni": "train", "colin": "val", "adult": "test", "icbm": "train", "extra": "train"}
+    assert [names[i] for i in round_robin(names, splits)] == ["mni", "colin", "adult", "icbm", "extra"]
+    two = source_splits(names, val=("mni", "extra"), test=("icbm",))
+    assert [names[i] for i in round_robin(names, two)] == ["colin", "mni", "icbm", "adult", "extra"]
+    with pytest.raises(ConfigError, match="unknown source brain"):
+        source_splits(names, val=("nope",), test=("adult",))
+    with pytest.raises(ConfigError, match="both val and test"):
+        source_splits(names, val=("adult",), test=("adult",))
+    with pytest.raises(ConfigError, match="at least one for training"):
+        source_splits(names[:2], val=("mni",), test=("colin",))
 
 
 def test_invalid_requests_are_clear(tmp_path: Path) -> None:
@@ -237,6 +252,12 @@ def test_invalid_requests_are_clear(tmp_path: Path) -> None:
         synth_cohort(tmp_path / "out", healthy=1, lesions=0, templates=tmp_path / "missing")
     with pytest.raises(ConfigError, match="voxel size"):
         synth_cohort(tmp_path, healthy=1, lesions=0, voxel_size=0.1)
+    with pytest.raises(ConfigError, match="unknown --lesion-source"):
+        synth_cohort(tmp_path, healthy=1, lesions=1, lesion_source="drawn")
+    with pytest.raises(ConfigError, match="--lesion-source real"):
+        synth_cohort(tmp_path, healthy=1, lesions=1, lesion_source="procedural", lesion_shapes=tmp_path)
+    with pytest.raises(ConfigError, match="unknown source brain"):  # checked before any template is loaded
+        synth_cohort(tmp_path / "out", healthy=1, lesions=0, test_sources=("nope",))
 
 
 @needs_shared()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import math
@@ -10,18 +11,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
-from tests._tiny_cohort import tiny_config, write_cohort
+from phanes_cli.backends import PhanesNetworks, TorchBackend
 from phanes_cli.bundle import load_bundle
+from phanes_cli.calibrate import calibrate
+from phanes_cli.cli import app
 from phanes_cli.config import StageTrainConfig
-from phanes_cli.errors import ConfigError
-from phanes_cli.training import losses
-from phanes_cli.training.augment import AffineParams, augment, sampling_matrices, apply_affine
+from phanes_cli.errors import BundleError, ConfigError
+from phanes_cli.manifest import read_manifest
+from phanes_cli.pipeline import stage1_map
+from phanes_cli.preprocess import prepare_volume
+from phanes_cli.training import losses, validation
+from phanes_cli.training.augment import AffineParams, apply_affine, augment, sampling_matrices
 from phanes_cli.training.data import epoch_batches
 from phanes_cli.training.shapes import random_ellipses, random_training_masks
-from phanes_cli.training.trainer import Trainer, train
-
+from phanes_cli.training.steps import Learner, evaluating
+from phanes_cli.training.trainer import train
+from phanes_cli.volume_io import load_mask, load_volume
+from tests._tiny_cohort import tiny_config, write_cohort
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,7 +41,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_kl_and_reconstruction_match_their_definitions() -> None:
     assert torch.allclose(losses.kl_divergence(torch.zeros(2, 5), torch.zeros(2, 5)), torch.zeros(2))
     mu, logvar = torch.tensor([[1.0, -2.0]]), torch.tensor([[0.5, -1.0]])
-    expected = 0.5 * sum(math.exp(lv) + m * m - 1 - lv for m, lv in zip([1.0, -2.0], [0.5, -1.0]))
+    expected = 0.5 * sum(math.exp(lv) + m * m - 1 - lv for m, lv in zip([1.0, -2.0], [0.5, -1.0], strict=True))
     assert losses.kl_divergence(mu, logvar).item() == pytest.approx(expected, rel=1e-6)
     x, y = torch.rand(3, 1, 4, 4), torch.rand(3, 1, 4, 4)
     assert torch.allclose(losses.reconstruction_error(x, y), ((x - y) ** 2).sum(dim=(1, 2, 3)))
@@ -43,7 +53,7 @@ def test_reversed_embedding_is_zero_for_identical_features_and_matches_formula()
     assert losses.reversed_embedding_loss(feats, [f.clone() for f in feats]).item() == pytest.approx(0.0, abs=1e-6)
     other = [f + 0.3 * torch.randn(f.shape, generator=gen) for f in feats]
     expected = 0.0
-    for a, b in zip(feats, other):
+    for a, b in zip(feats, other, strict=True):
         a2, b2 = a.flatten(1).numpy().astype(np.float64), b.flatten(1).numpy().astype(np.float64)
         cos = (a2 * b2).sum(1) / (np.linalg.norm(a2, axis=1) * np.linalg.norm(b2, axis=1))
         expected += (1 - cos.mean()) + 0.5 * ((a2 - b2) ** 2).mean()
@@ -85,17 +95,43 @@ def test_encoder_and_decoder_losses_follow_method_constants() -> None:
 
 def test_stage1_step_on_fixed_batch_has_finite_structured_losses_and_updates_both_players() -> None:
     cfg = tiny_config()
-    trainer = Trainer(cfg, torch.device("cpu"), None)
+    trainer = Learner(cfg, torch.device("cpu"), None)
     size = cfg.preprocess.image_size
     x = torch.rand(4, 1, size, size, generator=torch.Generator().manual_seed(3))
     enc_before = [p.detach().clone() for p in trainer.networks.ra.encoder.parameters()]
     dec_before = [p.detach().clone() for p in trainer.networks.ra.decoder.parameters()]
     values = trainer.stage1_step(x)
     assert all(math.isfinite(v) for v in values.values()), values
-    assert values["rec"] > 0 and values["kl"] >= 0 and values["reversed"] >= 0
+    assert values["rec"] > 0
+    assert values["kl"] >= 0
+    assert values["reversed"] >= 0
     assert 0 < values["fake"] <= 0.5  # 0.25 * (two exponentials of non-positive arguments)
-    assert any(not torch.equal(a, b) for a, b in zip(enc_before, trainer.networks.ra.encoder.parameters()))
-    assert any(not torch.equal(a, b) for a, b in zip(dec_before, trainer.networks.ra.decoder.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(enc_before, trainer.networks.ra.encoder.parameters(), strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(dec_before, trainer.networks.ra.decoder.parameters(), strict=True))
+
+
+def test_trainable_backend_computes_what_the_frozen_one_does_and_leaves_the_networks_trainable() -> None:
+    """The trainer's backend must not freeze what it trains, and its outputs must be usable in a backward pass
+    (stage 2 holes multiply the generator input); the frozen inference backend gives the same numbers."""
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    live = PhanesNetworks(cfg).train()
+    still = copy.deepcopy(live)
+    trainable = TorchBackend(live, torch.device("cpu"), trainable=True)
+    frozen = TorchBackend(still, torch.device("cpu"))
+    size = cfg.preprocess.image_size
+    x = torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(4))
+    with evaluating(live.ra):
+        mine = trainable.reconstruct(x)
+    assert torch.equal(mine, frozen.reconstruct(x))
+    assert live.training
+    assert all(p.requires_grad for p in live.ra.parameters())
+    assert not still.training
+    assert not any(p.requires_grad for p in still.parameters())
+    (mine * live.ra.reconstruct(x)).sum().backward()
+    assert all(p.grad is not None for p in live.ra.decoder.parameters())
+    with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
+        (frozen.reconstruct(x) * live.ra.reconstruct(x)).sum().backward()
 
 
 def test_inpainting_losses() -> None:
@@ -115,7 +151,8 @@ def test_inpainting_losses() -> None:
     bad = losses.discriminator_loss(-20 * (2 * target - 1), torch.full_like(target, 20.0), target)
     assert good.item() < 1e-6 < 1.0 < bad.item()
     soft = losses.soft_mask_target(torch.ones(1, 1, 16, 16), (4, 4), sigma=2.0)
-    assert soft.shape == (1, 1, 4, 4) and torch.allclose(soft, torch.ones_like(soft), atol=1e-5)
+    assert soft.shape == (1, 1, 4, 4)
+    assert torch.allclose(soft, torch.ones_like(soft), atol=1e-5)
 
 
 # augmentation and masks ---------------------------------------------------------------------------
@@ -131,7 +168,8 @@ def test_augment_keeps_image_and_mask_aligned() -> None:
     img = _blob().repeat(16, 1, 1, 1)
     mask = (img > 0.5).float()
     out_img, out_mask = augment(img, mask, torch.Generator().manual_seed(0))
-    assert out_mask.shape == mask.shape and set(out_mask.unique().tolist()) <= {0.0, 1.0}
+    assert out_mask.shape == mask.shape
+    assert set(out_mask.unique().tolist()) <= {0.0, 1.0}
     assert not torch.equal(out_img, img)  # something moved
     agree = (out_mask == (out_img > 0.5).float()).float().mean().item()
     assert agree > 0.995
@@ -143,7 +181,8 @@ def test_augment_keeps_image_and_mask_aligned() -> None:
 def test_augment_flip_is_left_right_and_identity_is_exact() -> None:
     img = _blob()
     identity = AffineParams(torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64),
-                            torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64), torch.tensor([False]))
+                            torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64),
+                            torch.tensor([False]))
     assert torch.allclose(apply_affine(img, sampling_matrices(identity)), img, atol=1e-5)
     flipped = dataclasses.replace(identity, flip=torch.tensor([True]))
     assert torch.allclose(apply_affine(img, sampling_matrices(flipped)), torch.flip(img, dims=[-2]), atol=1e-5)
@@ -157,19 +196,26 @@ def test_augment_is_reproducible_from_the_seed() -> None:
     a = augment(img, img > 0.5, torch.Generator().manual_seed(5))
     b = augment(img, img > 0.5, torch.Generator().manual_seed(5))
     c = augment(img, img > 0.5, torch.Generator().manual_seed(6))
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], c[0])
+    assert torch.equal(a[0], b[0])
+    assert torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
 
 
 def test_random_ellipses_are_small_central_and_seeded() -> None:
     size = 128
     masks = random_ellipses(32, size, 10, torch.Generator().manual_seed(0))
-    assert masks.shape == (32, 1, size, size) and set(masks.unique().tolist()) == {0.0, 1.0}
+    assert masks.shape == (32, 1, size, size)
+    assert set(masks.unique().tolist()) == {0.0, 1.0}
     frac = masks.mean(dim=(1, 2, 3))
-    assert bool((frac > 0.002).all()) and bool((frac < 0.25).all())
+    assert bool((frac > 0.002).all())
+    assert bool((frac < 0.25).all())
     reach = size / 4 - size / 12 - 1  # centres in the central half, semi-axes at most S/12
     rows = masks.amax(dim=(0, 1, 3)).nonzero().flatten()
     cols = masks.amax(dim=(0, 1, 2)).nonzero().flatten()
-    assert rows.min() >= reach and rows.max() < size - reach and cols.min() >= reach and cols.max() < size - reach
+    assert rows.min() >= reach
+    assert rows.max() < size - reach
+    assert cols.min() >= reach
+    assert cols.max() < size - reach
     again = random_training_masks(4, 64, 10, torch.Generator().manual_seed(1))
     assert torch.equal(again, random_training_masks(4, 64, 10, torch.Generator().manual_seed(1)))
 
@@ -179,7 +225,7 @@ def test_epoch_order_is_seeded_full_batches_without_repeats() -> None:
     assert [len(b) for b in a] == [8, 8, 8]
     flat = torch.cat(a)
     assert len(flat.unique()) == 24
-    assert all(torch.equal(x, y) for x, y in zip(a, epoch_batches(30, 8, seed=0, stage=1, epoch=0)))
+    assert all(torch.equal(x, y) for x, y in zip(a, epoch_batches(30, 8, seed=0, stage=1, epoch=0), strict=True))
     assert not torch.equal(torch.cat(epoch_batches(30, 8, 0, 1, 1)), flat)
     assert [len(b) for b in epoch_batches(5, 8, 0, 1, 0)] == [5]
 
@@ -200,10 +246,15 @@ def _config():  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="module")
 def trained(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Trained, then calibrated, as `phanes train` does (train() itself leaves the bundle uncalibrated)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return train(_config(), cohort, tmp_path_factory.mktemp("run") / "model", device="cpu", progress=False)
+        out = train(_config(), cohort, tmp_path_factory.mktemp("run") / "model", device="cpu", progress=False)
+        with pytest.raises(BundleError, match="not calibrated"):
+            load_bundle(out)
+        calibrate(out, cohort, device="cpu", progress=False)
+        return out
     finally:
         torch.set_num_threads(before)
 
@@ -216,11 +267,15 @@ def _metrics(folder: Path) -> list[dict[str, str]]:
 def test_training_produces_a_verified_calibrated_bundle(trained: Path, cohort: Path) -> None:
     bundle = load_bundle(trained)
     cal = bundle.require_calibration()
-    assert math.isfinite(cal.mask_threshold) and cal.mask_threshold > 0
-    assert math.isfinite(cal.anomaly_threshold) and cal.anomaly_threshold > 0
-    assert cal.n_volumes == 1 and cal.n_slices > 0
+    assert math.isfinite(cal.mask_threshold)
+    assert cal.mask_threshold > 0
+    assert math.isfinite(cal.anomaly_threshold)
+    assert cal.anomaly_threshold > 0
+    assert cal.n_volumes == 1
+    assert cal.n_slices > 0
     stages = bundle.versions["training"]["stages"]
-    assert [s["stage"] for s in stages] == [1, 2] and all(s["steps"] == STEPS for s in stages)
+    assert [s["stage"] for s in stages] == [1, 2]
+    assert all(s["steps"] == STEPS for s in stages)
     rows = _metrics(trained)
     assert [(r["stage"], r["step"]) for r in rows] == [("1", "3"), ("1", "5"), ("2", "3"), ("2", "5")]
     assert all(math.isfinite(float(r["val_loss"])) for r in rows)
@@ -235,6 +290,22 @@ def test_training_produces_a_verified_calibrated_bundle(trained: Path, cohort: P
         train(_config(), cohort, trained, device="cpu", progress=False)
 
 
+def test_stage2_holes_use_the_calibration_percentile_of_the_trained_stage1(trained: Path, cohort: Path) -> None:
+    """The stored stage 2 mask threshold is the mask percentile of the final RA's stage 1 maps over the brain
+    pixels of the (here: all 29) healthy training slices, recomputed with a frozen backend in one batch."""
+    bundle = load_bundle(trained)
+    cfg = bundle.config
+    row = next(r for r in read_manifest(cohort) if r.split == "train")
+    volume = load_volume(row.image)
+    prepared = prepare_volume(volume.data, load_mask(row.brain_mask, volume), cfg.preprocess)
+    x, brain = prepared.slices, prepared.brain
+    backend = TorchBackend(bundle.networks(), torch.device("cpu"))
+    with torch.no_grad():
+        ra_map = stage1_map(x, backend.networks.ra.reconstruct(x), brain, backend, cfg.mask)
+    expected = float(np.percentile(ra_map[brain > 0].double().numpy(), cfg.mask.mask_percentile))
+    assert bundle.versions["training"]["stage2_mask_threshold"] == pytest.approx(expected, rel=1e-5)
+
+
 def test_missing_healthy_split_is_a_config_error(tmp_path: Path) -> None:
     manifest = write_cohort(tmp_path, n_train=1, n_val=0)
     with pytest.raises(ConfigError, match="'val'"):
@@ -242,16 +313,16 @@ def test_missing_healthy_split_is_a_config_error(tmp_path: Path) -> None:
 
 
 def _interrupt_after(monkeypatch: pytest.MonkeyPatch, method: str, calls: int) -> None:
-    original = getattr(Trainer, method)
+    original = getattr(Learner, method)
     count = {"n": 0}
 
-    def wrapper(self: Trainer, *args: object) -> dict[str, float]:
+    def wrapper(self: Learner, *args: object) -> dict[str, float]:
         count["n"] += 1
         if count["n"] > calls:
             raise KeyboardInterrupt
         return original(self, *args)
 
-    monkeypatch.setattr(Trainer, method, wrapper)
+    monkeypatch.setattr(Learner, method, wrapper)
 
 
 def test_resume_after_kills_matches_the_uninterrupted_run(trained: Path, cohort: Path, tmp_path: Path,
@@ -267,8 +338,12 @@ def test_resume_after_kills_matches_the_uninterrupted_run(trained: Path, cohort:
         _interrupt_after(patch, "stage2_step", 4)
         with pytest.raises(KeyboardInterrupt):
             train(_config(), cohort, out, resume=True, device="cpu", progress=False)
-    train(_config(), cohort, out, resume=True, device="cpu", progress=False)
-    resumed, reference = load_bundle(out), load_bundle(trained)
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump(_config().to_dict()))
+    finished = CliRunner().invoke(app, ["train", "--config", str(config_file), "--data", str(cohort), "--out", str(out),
+                                        "--resume", "--device", "cpu"])
+    assert finished.exit_code == 0, finished.output
+    resumed, reference = load_bundle(out), load_bundle(trained)  # the command calibrated its bundle
     assert resumed.versions["training"]["stages"] == reference.versions["training"]["stages"]
     for mine, theirs in ((resumed.ra_state, reference.ra_state), (resumed.generator_state, reference.generator_state)):
         assert mine.keys() == theirs.keys()
@@ -278,22 +353,24 @@ def test_resume_after_kills_matches_the_uninterrupted_run(trained: Path, cohort:
         [(r["stage"], r["step"], r["val_loss"]) for r in _metrics(trained)]
 
 
-def test_early_stopping_keeps_the_best_validation_weights(cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_early_stopping_keeps_the_best_validation_weights(cohort: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Validation losses that only get worse after the first epoch: each stage stops after `patience` more epochs."""
     for method in ("stage1_validation", "stage2_validation"):
         calls = {"n": 0}
 
-        def rising(self: Trainer, *args: object, calls: dict[str, int] = calls) -> float:
+        def rising(*args: object, calls: dict[str, int] = calls) -> float:
             calls["n"] += 1
             return float(calls["n"])
 
-        monkeypatch.setattr(Trainer, method, rising)
+        monkeypatch.setattr(validation, method, rising)
     stage = StageTrainConfig(max_epochs=50, max_steps=None, lr=1e-3, patience=1, val_every=1)
     cfg = dataclasses.replace(_config(), train=dataclasses.replace(_config().train, stage1=stage, stage2=stage))
     out = train(cfg, cohort, tmp_path / "model", device="cpu", progress=False)
-    bundle = load_bundle(out)
+    bundle = load_bundle(out, require_calibration=False)
     stages = bundle.versions["training"]["stages"]
-    assert [(s["stopped_by"], s["epochs"], s["steps"], s["best_step"]) for s in stages] == [("early_stopping", 2, 6, 3)] * 2
+    summaries = [(s["stopped_by"], s["epochs"], s["steps"], s["best_step"]) for s in stages]
+    assert summaries == [("early_stopping", 2, 6, 3)] * 2
     gen = load_file(str(out / "checkpoints" / "best_stage2.safetensors"))
     assert all(torch.equal(bundle.generator_state[k.removeprefix("generator.")], v) for k, v in gen.items())
     last = load_file(str(out / "checkpoints" / "last.safetensors"))  # holds the final (worse) discriminator etc.
@@ -309,8 +386,11 @@ def test_resume_refuses_a_different_architecture(trained: Path, cohort: Path) ->
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bf16 autocast training path)")
 def test_training_on_cuda(cohort: Path, tmp_path: Path) -> None:
     out = train(_config(), cohort, tmp_path / "model", device="cuda", progress=False)
+    calibrate(out, cohort, device="cuda", progress=False)
     bundle = load_bundle(out)
     cal = bundle.require_calibration()
     assert bundle.versions["training"]["device"].startswith("cuda")
-    assert math.isfinite(cal.mask_threshold) and cal.mask_threshold > 0
-    assert math.isfinite(cal.anomaly_threshold) and cal.anomaly_threshold > 0
+    assert math.isfinite(cal.mask_threshold)
+    assert cal.mask_threshold > 0
+    assert math.isfinite(cal.anomaly_threshold)
+    assert cal.anomaly_threshold > 0

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from phanes_cli.errors import InputError
+from phanes_cli.errors import InputAccessError, InputError
 from phanes_cli.volume_io import load_mask, load_volume, save_like
 from tests.conftest import blob_volume
 
@@ -147,7 +147,10 @@ def test_bad_inputs_are_rejected_with_a_specific_message(case: str, tmp_path: Pa
 
 @pytest.mark.parametrize(
     ("row", "message"),
-    [(np.array([np.nan, 0, 0, 0], "<f4"), "affine contains non-finite"), (np.zeros(4, "<f4"), "affine is singular")],
+    [
+        (np.array([np.nan, 0, 0, 0], "<f4"), "affine contains non-finite"),
+        (np.zeros(4, "<f4"), "voxel size of 0 along axis x"),
+    ],
 )
 def test_broken_affine_is_rejected(row: np.ndarray, message: str, write_nifti) -> None:
     path = write_nifti("ok.nii", blob_volume())
@@ -165,3 +168,19 @@ def test_absurd_size_is_rejected_before_reading_voxels(write_nifti) -> None:
     path = write_nifti("big.nii.gz", blob_volume())
     with pytest.raises(InputError, match="above the limit"):
         load_volume(path, max_voxels=1000)
+
+
+def test_a_file_without_any_affine_uses_its_voxel_size(tmp_path: Path) -> None:
+    img = nib.Nifti1Image(blob_volume(), np.diag([0.8, 1.2, 2.0, 1.0]))
+    img.set_qform(None, code=0)
+    img.set_sform(None, code=0)
+    nib.save(img, str(tmp_path / "analyze_style.nii"))
+    vol = load_volume(tmp_path / "analyze_style.nii")
+    assert vol.zooms == pytest.approx((0.8, 1.2, 2.0))
+
+
+def test_errors_say_whether_a_resumed_run_should_retry() -> None:
+    assert InputError("a.nii", "bad").retryable is False
+    assert InputAccessError("a.nii", "permission denied").retryable is True
+    assert isinstance(InputAccessError("a.nii", "x"), InputError)
+

@@ -1,14 +1,15 @@
 """`phanes evaluate`: score methods against ground-truth lesion masks over a manifest split.
 
-Every volume runs through the networks once (methods.py derives all methods from shared intermediates);
-the maps go back onto the native RAS+ grid and are scored there against the native ground truth with the
-streaming `CohortMetrics`, so a cohort never has to fit in memory.
+Every volume takes the pipeline's road (`infer_slices`, then `restore_maps`; methods.py picks each
+method's map), so its maps land on the native RAS+ grid exactly as screening's do; they are scored there
+against the native ground truth with the streaming `CohortMetrics`, so a cohort never has to fit in memory.
 
 Choices, documented here because they change the figures:
 - Evaluated region: brain voxels of the axial slices the pipeline processed (all slices with enough brain,
   or the single mid slice in the paper's `slice_mode: mid`). This is exactly what screening sees; lesion
   voxels on skipped slices are reported per volume as `lesion_ml_unevaluated`.
-- Brain: the row's brain mask, else `auto_brain_mask` as in screening.
+- Brain: the row's brain mask, else `skullstrip.brain_mask_for` under `skull_strip` (`preprocess.load_with_brain`,
+  as in screening).
 - Rows of the split without a lesion mask are skipped with a warning (their ids are listed in the
   summary); the split must keep at least one labelled row. A mask on another grid is an InputError.
 - Scores lie in [0, 1] in practice (products of [0, 1] factors; the LPIPS factor can exceed 1 by a hair),
@@ -21,14 +22,13 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import torch
 from rich.progress import Progress
 from rich.table import Table
 
@@ -38,14 +38,22 @@ from phanes_cli.backends import Backend, TorchBackend, select_device
 from phanes_cli.bundle import load_bundle
 from phanes_cli.config import PhanesConfig
 from phanes_cli.errors import ConfigError, InputError
-from phanes_cli.evaluation.methods import DEFAULT_METHODS, UNCALIBRATED, method_outputs, predict, threshold, validate_methods
-from phanes_cli.evaluation.metrics import CohortMetrics, VolumeScores
+from phanes_cli.evaluation.methods import (
+    DEFAULT_METHODS,
+    UNCALIBRATED,
+    predict,
+    run_methods,
+    scores_of,
+    threshold,
+    validate_methods,
+)
+from phanes_cli.evaluation.metrics import VOLUME_SCORES_SCHEMA, CohortMetrics
 from phanes_cli.evaluation.report import render_tables as _render_tables
-from phanes_cli.evaluation.synthetic import SyntheticResult, healthy_rows, run_synthetic
+from phanes_cli.evaluation.synthetic import SyntheticResult, run_synthetic, synthetic_subjects
 from phanes_cli.manifest import ManifestRow, read_manifest, select
-from phanes_cli.pipeline import Calibration
-from phanes_cli.preprocess import AXIAL_AXIS, auto_brain_mask, prepare_volume, restore_volume, slices_of
-from phanes_cli.volume_io import load_mask, load_volume
+from phanes_cli.pipeline import Calibration, restore_maps, restore_score
+from phanes_cli.preprocess import AXIAL_AXIS, load_with_brain, prepare_volume, slices_of
+from phanes_cli.volume_io import load_mask
 
 BINS = 65536
 MAX_SCORE = 1.0
@@ -63,12 +71,10 @@ _THRESHOLDED_COLUMNS = (
     "dice", "lesions_found", "pred_components", "fp_components", "lesion_recall", "lesion_precision",
     "lesion_f1", "predicted_ml", "abs_volume_error_ml",
 )
-_ARROW = {"str": pa.string(), "int": pa.int64(), "float": pa.float64()}
-PER_VOLUME_SCHEMA = pa.schema(
-    [("method", pa.string())]
-    + [(f.name, _ARROW[f.type]) for f in fields(VolumeScores)]
-    + [("slices_processed", pa.int64()), ("lesion_ml_unevaluated", pa.float64())]
-)
+PER_VOLUME_SCHEMA = pa.schema([
+    pa.field("method", pa.string()), *VOLUME_SCORES_SCHEMA,
+    pa.field("slices_processed", pa.int64()), pa.field("lesion_ml_unevaluated", pa.float64()),
+])
 
 
 @dataclass(frozen=True)
@@ -113,8 +119,9 @@ def labelled_rows(rows: list[ManifestRow], split: str, manifest: Path) -> tuple[
     labelled = [r for r in in_split if r.lesion_mask is not None]
     skipped = [r.id for r in in_split if r.lesion_mask is None]
     if not labelled:
-        raise InputError(manifest, f"no row of split {split!r} has a lesion_mask; real-lesion evaluation needs ground truth "
-                                   f"(rows without one: {', '.join(skipped[:10])}{' ...' if len(skipped) > 10 else ''})")
+        listing = f"{', '.join(skipped[:10])}{' ...' if len(skipped) > 10 else ''}"
+        raise InputError(manifest, f"no row of split {split!r} has a lesion_mask; real-lesion evaluation needs "
+                                   f"ground truth (rows without one: {listing})")
     return labelled, skipped
 
 
@@ -138,38 +145,32 @@ def evaluate_volume(
     calibration: Calibration,
     methods: Sequence[str],
     batch_size: int,
+    skull_strip: str = "auto",
 ) -> VolumeEvaluation:
     """Load one labelled volume, run every method on its slices and map the scores onto its native grid."""
-    volume = load_volume(row.image)
-    brain = load_mask(row.brain_mask, volume) if row.brain_mask is not None else auto_brain_mask(volume.data)
+    volume, brain, _ = load_with_brain(row.image, row.brain_mask, skull_strip=skull_strip, device=str(backend.device))
     if row.lesion_mask is None:
         raise InputError(row.image, f"row {row.id!r} has no lesion_mask")
     truth = load_mask(row.lesion_mask, volume)
     prepared = prepare_volume(volume.data, brain, cfg.preprocess)
     geometry = prepared.geometry
     truth_slices = (slices_of(truth, geometry, mode="bilinear") >= 0.5).float() if "phanes-gt" in methods else None
-    parts: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
-    masks: dict[str, list[torch.Tensor]] = {m: [] for m in methods if m in ("phanes", "phanes-gt")}
-    for start in range(0, geometry.n_slices, batch_size):
-        part = slice(start, start + batch_size)
-        gt = None if truth_slices is None else truth_slices[part]
-        outputs = method_outputs(prepared.slices[part], prepared.brain[part], gt, backend, cfg, calibration, methods)
-        for method, output in outputs.items():
-            if not torch.isfinite(output.score).all():
-                raise FloatingPointError(f"{row.id}: non-finite {method} scores in slices {start}..{start + output.score.shape[0] - 1}")
-            parts[method].append(output.score.cpu())
-            if method in masks and output.inpaint_mask is not None:
-                masks[method].append(output.inpaint_mask.cpu())
-    size = cfg.preprocess.image_size
-    empty = torch.zeros(0, 1, size, size)
-    scores = {m: (np.clip(restore_volume(torch.cat(v) if v else empty, geometry), 0, None) * brain).astype(np.float32)
-              for m, v in parts.items()}
-    inpaint = {m: (restore_volume(torch.cat(v) if v else empty, geometry) >= 0.5) & brain for m, v in masks.items()}
+    try:
+        maps = run_methods(prepared.slices, prepared.brain, truth_slices, backend, cfg, calibration, methods,
+                           batch_size)
+    except FloatingPointError as exc:
+        raise FloatingPointError(f"{row.id}: {exc}") from exc
+    main, gt = ((None if m is None else restore_maps(m, geometry, brain, prepared.scale, volume.data, calibration,
+                                                     volume.voxel_ml))
+                for m in (maps.phanes, maps.phanes_gt))
+    residual = None if maps.residual is None else restore_score(maps.residual, geometry, brain)
+    inpaint = {m: v.inpaint_mask for m, v in (("phanes", main), ("phanes-gt", gt))
+               if m in methods and v is not None and v.inpaint_mask is not None}
     processed = np.zeros(volume.data.shape[AXIAL_AXIS], dtype=bool)
     processed[geometry.slice_index] = True
     region = brain & processed[None, None, :]
-    return VolumeEvaluation(scores=scores, inpaint_masks=inpaint, truth=truth, region=region, brain=brain,
-                            voxel_ml=volume.voxel_ml, slices_processed=geometry.n_slices)
+    return VolumeEvaluation(scores=scores_of(methods, main, gt, residual), inpaint_masks=inpaint, truth=truth,
+                            region=region, brain=brain, voxel_ml=volume.voxel_ml, slices_processed=geometry.n_slices)
 
 
 def _blank(record: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
@@ -203,6 +204,7 @@ def evaluate(
     seed: int = 0,
     lpips_weights: str | None = None,
     progress: bool = True,
+    skull_strip: str = "auto",
 ) -> EvaluationResult:
     """Score `methods` of a calibrated bundle on the labelled rows of a manifest split; write the results to `out`.
 
@@ -231,16 +233,18 @@ def evaluate(
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task(f"evaluating {len(labelled)} volume(s)", total=len(labelled))
         for row in labelled:
-            result = evaluate_volume(row, backend, cfg, calibration, names, batch_size)
+            result = evaluate_volume(row, backend, cfg, calibration, names, batch_size, skull_strip)
             for method in names:
                 score = result.scores[method]
-                cohorts[method].add_volume(row.id, score, predict(method, score, result.region, calibration),
-                                           result.truth, result.region, result.voxel_ml)
+                prediction = predict(method, score, result.region, calibration, result.voxel_ml)
+                cohorts[method].add_volume(row.id, score, prediction, result.truth, result.region, result.voxel_ml)
             outside = int(np.count_nonzero(result.truth & result.brain & ~result.region))
-            extras.append({"slices_processed": result.slices_processed, "lesion_ml_unevaluated": outside * result.voxel_ml})
+            extras.append({"slices_processed": result.slices_processed,
+                           "lesion_ml_unevaluated": outside * result.voxel_ml})
             bar.advance(task)
 
-    per_volume = pa.Table.from_pylist([r for m in names for r in _method_rows(m, cohorts[m], extras)], schema=PER_VOLUME_SCHEMA)
+    per_volume = pa.Table.from_pylist([r for m in names for r in _method_rows(m, cohorts[m], extras)],
+                                      schema=PER_VOLUME_SCHEMA)
     method_summaries = {m: _method_summary(m, cohorts[m]) for m in names}
     for method, summary in method_summaries.items():
         if summary["clipped_fraction"] > 0:
@@ -249,17 +253,20 @@ def evaluate(
 
     synthetic_result = None
     if synthetic:
-        healthy, source = healthy_rows(rows, split)
+        healthy, source = synthetic_subjects(rows, split)
         if healthy:
-            synthetic_result = run_synthetic(healthy, source, backend, cfg, calibration, names, n_slices=synthetic_slices,
-                                             seed=seed, batch_size=batch_size, bins=BINS, max_score=MAX_SCORE)
+            synthetic_result = run_synthetic(healthy, source, backend, cfg, calibration, names,
+                                             n_slices=synthetic_slices,
+                                             seed=seed, batch_size=batch_size, bins=BINS, max_score=MAX_SCORE,
+                                             skull_strip=skull_strip)
         else:
             notes.append(f"synthetic protocol skipped: no healthy rows in split {split!r} nor in 'val'")
     for note in notes:
         warnings.warn(note, stacklevel=2)
 
     settings = {
-        "bundle": str(bundle), "bundle_hash": loaded.hash, "config": cfg.name, "manifest": str(manifest), "split": split,
+        "bundle": str(bundle), "bundle_hash": loaded.hash, "config": cfg.name, "manifest": str(manifest),
+        "split": split,
         "n_volumes": len(labelled), "skipped_without_lesion_mask": skipped, "methods": list(names),
         "calibration": calibration.to_dict(), "slice_mode": cfg.preprocess.slice_mode, "bins": BINS,
         "max_score": MAX_SCORE, "device": str(backend.device), "date": datetime.now(timezone.utc).isoformat(),

@@ -1,15 +1,16 @@
-"""The methods `phanes evaluate` compares, derived from one pass of the networks per batch of slices.
+"""The methods `phanes evaluate` compares, all taken from `pipeline.infer_slices`, the road screening takes.
 
 - `phanes`: the full pipeline; score s(x) (paper Eq. 4), prediction s(x) >= the calibrated anomaly threshold.
 - `ra`: stage 1 alone, the paper's RA row; score m(x) (Eq. 3), prediction m(x) > the calibrated mask
   threshold *before* dilation. Dilation only gives the inpainter context around a lesion; it is a PHANES
   step, not part of RA's own segmentation, and would bias RA's Dice and lesion volume upwards.
-- `phanes-gt`: stage 2 inpaints the ground-truth mask instead of the stage 1 mask (the upper bound);
-  scored like `phanes`.
+- `phanes-gt`: stage 2 inpaints the ground-truth mask instead of the stage 1 mask (the upper bound), via
+  `run_slices(given_mask=...)`; scored like `phanes`.
 - `residual`: the plain baseline |x - x_cph| inside the brain. It has no calibrated threshold, so only
   threshold-free metrics (AUPRC, [Dice]) are reported for it.
 
-Stage 1 runs once per batch and is shared by every method; `phanes-gt` only reruns stage 2.
+`phanes`, `ra` and `residual` share one pass (RA's map and the reconstruction are kept from it);
+`phanes-gt` is a second pass with the given mask (its stage 1 work is repeated: the price of one road).
 """
 
 from __future__ import annotations
@@ -19,13 +20,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from phanes_cli.backends import Backend
 from phanes_cli.config import PhanesConfig
 from phanes_cli.errors import ConfigError
-from phanes_cli.pipeline import Calibration, anomaly_map, inpaint, lesion_mask, run_slices, stage1_map
+from phanes_cli.pipeline import Calibration, ModelMaps, VolumeMaps, infer_slices, lesion_mask, threshold_lesions
 
 METHODS: dict[str, str] = {
     "phanes": "PHANES: s(x) of the pseudo-healthy image",
@@ -57,28 +57,33 @@ def threshold(method: str, calibration: Calibration) -> float:
     return math.inf
 
 
-def predict(method: str, score: np.ndarray, brain: np.ndarray, calibration: Calibration) -> np.ndarray | None:
+def predict(method: str, score: np.ndarray, brain: np.ndarray, calibration: Calibration,
+            voxel_ml: float | None = None) -> np.ndarray | None:
     """Binary prediction of a method from its score map (any shape); None for uncalibrated methods.
 
-    PHANES uses `pipeline.lesion_mask`; RA the strict `>` of the stage 1 binarisation.
+    PHANES uses `pipeline.threshold_lesions`, and on a volume (`voxel_ml` given) `pipeline.lesion_mask`, which
+    also drops components under the calibration's minimum lesion size, as screening does; RA the strict `>`
+    of the stage 1 binarisation.
     """
     if method in ("phanes", "phanes-gt"):
-        return lesion_mask(score, brain, calibration.anomaly_threshold)
+        if voxel_ml is not None:
+            return lesion_mask(score, brain, calibration, voxel_ml)
+        return threshold_lesions(score, brain, calibration.anomaly_threshold)
     if method == "ra":
         return (score > calibration.mask_threshold) & np.asarray(brain, dtype=bool)
     return None
 
 
 @dataclass(frozen=True)
-class MethodOutput:
-    """One method's maps for a batch on the model grid, all (N, 1, S, S) float32."""
+class MethodMaps:
+    """Model-grid maps of the requested methods over a set of slices."""
 
-    score: Tensor  # the anomaly map the method is scored on
-    pseudo_healthy: Tensor  # x_ph for the PHANES variants, x_cph for stage 1 methods
-    inpaint_mask: Tensor | None  # the mask stage 2 inpainted (PHANES variants only)
+    phanes: ModelMaps | None  # the PHANES pass; RA's m(x) and the reconstruction come from it too
+    phanes_gt: ModelMaps | None  # the pass that inpaints the ground truth
+    residual: np.ndarray | None  # |x - x_cph| inside the brain, (N, 1, S, S)
 
 
-def method_outputs(
+def run_methods(
     x: Tensor,
     brain: Tensor,
     truth: Tensor | None,
@@ -86,27 +91,48 @@ def method_outputs(
     cfg: PhanesConfig,
     calibration: Calibration,
     methods: Sequence[str],
-) -> dict[str, MethodOutput]:
-    """Run every requested method on one batch: x, brain, truth (N, 1, S, S); truth only for `phanes-gt`."""
-    dev = backend.device
-    x = x.to(dev, torch.float32)
-    brain = brain.to(dev, torch.float32)
-    out: dict[str, MethodOutput] = {}
-    if "phanes" in methods:
-        maps = run_slices(x, brain, backend, cfg, calibration)
-        x_cph, ra_map = maps.x_cph, maps.ra_map
-        out["phanes"] = MethodOutput(maps.anomaly, maps.x_ph, maps.mask)
-    elif "ra" in methods or "residual" in methods:
-        x_cph = backend.reconstruct(x)
-        ra_map = stage1_map(x, x_cph, brain, backend, cfg.mask)
+    batch_size: int,
+    pseudo_healthy: bool = False,
+) -> MethodMaps:
+    """Run every requested method over (N, 1, S, S) slices; `truth` (same shape) only for `phanes-gt`.
+
+    `pseudo_healthy` also keeps each method's pseudo-healthy image (x_ph, or x_cph for the stage 1 methods).
+    """
+    keep = {"mask"}
     if "ra" in methods:
-        out["ra"] = MethodOutput(ra_map, x_cph, None)
-    if "residual" in methods:
-        out["residual"] = MethodOutput((x - x_cph).abs() * brain, x_cph, None)
+        keep.add("ra_map")
+    if "residual" in methods or pseudo_healthy:
+        keep.add("x_cph")
+    if pseudo_healthy:
+        keep.add("x_ph")
+    main = gt = residual = None
+    if set(methods) - {"phanes-gt"}:
+        main = infer_slices(x, brain, backend, cfg, calibration, batch_size, keep)
     if "phanes-gt" in methods:
         if truth is None:
             raise ValueError("phanes-gt needs the ground-truth mask")
-        mask = (truth.to(dev) > 0.5).float() * brain
-        x_ph = inpaint(x, mask, backend)
-        out["phanes-gt"] = MethodOutput(anomaly_map(x, x_ph, mask, brain, backend), x_ph, mask)
-    return {m: out[m] for m in methods}
+        gt = infer_slices(x, brain, backend, cfg, calibration, batch_size, keep & {"mask", "x_ph"}, given_mask=truth)
+    if main is not None and main.x_cph is not None and "residual" in methods:
+        residual = (np.abs(x.numpy() - main.x_cph) * brain.numpy()).astype(np.float32)
+    return MethodMaps(phanes=main, phanes_gt=gt, residual=residual)
+
+
+def scores_of(methods: Sequence[str], main: ModelMaps | VolumeMaps | None, gt: ModelMaps | VolumeMaps | None,
+              residual: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Each method's score map, on either grid: s(x) and m(x) of the PHANES pass, s(x) of the PHANES-GT pass."""
+    found = {"phanes": None if main is None else main.anomaly, "ra": None if main is None else main.ra_map,
+             "phanes-gt": None if gt is None else gt.anomaly, "residual": residual}
+    out = {m: found[m] for m in methods}
+    missing = [m for m, v in out.items() if v is None]
+    if missing:
+        raise ValueError(f"no map was computed for method(s) {', '.join(missing)}")
+    return {m: v for m, v in out.items() if v is not None}
+
+
+def model_pseudo_healthy(maps: MethodMaps, method: str) -> np.ndarray:
+    """A method's pseudo-healthy image on the model grid (run with `pseudo_healthy=True`)."""
+    source = maps.phanes_gt if method == "phanes-gt" else maps.phanes
+    image = None if source is None else (source.x_ph if method in ("phanes", "phanes-gt") else source.x_cph)
+    if image is None:
+        raise ValueError(f"no pseudo-healthy image was kept for method {method}")
+    return image

@@ -157,10 +157,12 @@ class VolumeScores:
     abs_volume_error_ml: float
 
 
-_ARROW_TYPES = {"str": pa.string(), "int": pa.int64(), "float": pa.float64()}
+# VolumeScores as Arrow columns: the one map of its field types (annotations are strings here).
+_ARROW_TYPES: dict[str, pa.DataType] = {"str": pa.string(), "int": pa.int64(), "float": pa.float64()}
+VOLUME_SCORES_SCHEMA = pa.schema([(f.name, _ARROW_TYPES[str(f.type)]) for f in fields(VolumeScores)])
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and population std (ddof=0) of the non-NaN values; NaN, NaN when there are none."""
     array = np.asarray(values, dtype=np.float64)
     array = array[~np.isnan(array)]
@@ -267,8 +269,8 @@ class CohortMetrics:
             "clipped_fraction": self.histogram.clipped / max(self.histogram.n_samples, 1),
         }
         for name in ("auprc", "best_dice", "dice"):
-            out[f"{name}_mean"], out[f"{name}_std"] = _mean_std([getattr(v, name) for v in with_lesions])
-        out["abs_volume_error_ml_mean"], out["abs_volume_error_ml_std"] = _mean_std(
+            out[f"{name}_mean"], out[f"{name}_std"] = mean_std([getattr(v, name) for v in with_lesions])
+        out["abs_volume_error_ml_mean"], out["abs_volume_error_ml_std"] = mean_std(
             [v.abs_volume_error_ml for v in self.volumes]
         )
         out.update(
@@ -284,6 +286,4 @@ class CohortMetrics:
 
     def per_volume_table(self) -> pa.Table:
         """One row per volume in the order added, columns as in VolumeScores."""
-        schema = pa.schema([(f.name, _ARROW_TYPES[f.type]) for f in fields(VolumeScores)])
-        rows = [asdict(v) for v in self.volumes]
-        return pa.Table.from_pylist(rows, schema=schema)
+        return pa.Table.from_pylist([asdict(v) for v in self.volumes], schema=VOLUME_SCORES_SCHEMA)

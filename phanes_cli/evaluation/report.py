@@ -35,7 +35,7 @@ def _pm(mean: Any, std: Any, digits: int = 2) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if _defined(mean) and _defined(std) else _DASH
 
 
-def lesion_table(methods: dict[str, dict[str, Any]], settings: dict[str, Any]) -> Table:
+def real_lesion_rich_table(methods: dict[str, dict[str, Any]], settings: dict[str, Any]) -> Table:
     """Real-lesion results (paper Table 2 plus Dice at the calibrated threshold, detection and volume error)."""
     table = Table(title=f"Real lesions: split {settings.get('split')!r}, {settings.get('n_volumes')} volume(s), "
                         f"bundle {str(settings.get('bundle_hash', ''))[:12]}")
@@ -45,7 +45,8 @@ def lesion_table(methods: dict[str, dict[str, Any]], settings: dict[str, Any]) -
     for method, s in methods.items():
         found = f"{s['lesions_found']}/{s['lesions_gt']}" if _defined(s.get("lesions_found")) else _DASH
         fp = str(s["fp_components"]) if _defined(s.get("fp_components")) else _DASH
-        table.add_row(DISPLAY_NAMES.get(method, method), _pct(s.get("auprc")), _pct_pm(s.get("auprc_mean"), s.get("auprc_std")),
+        table.add_row(DISPLAY_NAMES.get(method, method), _pct(s.get("auprc")),
+                      _pct_pm(s.get("auprc_mean"), s.get("auprc_std")),
                       _pct(s.get("best_dice")), _pct(s.get("dice")), _pct_pm(s.get("dice_mean"), s.get("dice_std")),
                       found, fp, _pm(s.get("abs_volume_error_ml_mean"), s.get("abs_volume_error_ml_std")))
     return table
@@ -64,9 +65,10 @@ def synthetic_table(synthetic: dict[str, Any]) -> Table:
     return table
 
 
-def render_tables(methods: dict[str, dict[str, Any]], synthetic: dict[str, Any] | None, settings: dict[str, Any]) -> list[Table]:
+def render_tables(methods: dict[str, dict[str, Any]], synthetic: dict[str, Any] | None,
+                  settings: dict[str, Any]) -> list[Table]:
     """The real-lesion table, then the synthetic one when the protocol ran."""
-    tables = [lesion_table(methods, settings)]
+    tables = [real_lesion_rich_table(methods, settings)]
     if synthetic is not None:
         tables.append(synthetic_table(synthetic))
     return tables

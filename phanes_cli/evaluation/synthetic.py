@@ -28,20 +28,27 @@ from torch import Tensor
 
 from phanes_cli.backends import Backend
 from phanes_cli.config import PhanesConfig
-from phanes_cli.evaluation.methods import UNCALIBRATED, method_outputs, predict, threshold
-from phanes_cli.evaluation.metrics import CohortMetrics
+from phanes_cli.evaluation.methods import (
+    UNCALIBRATED,
+    model_pseudo_healthy,
+    predict,
+    run_methods,
+    scores_of,
+    threshold,
+)
+from phanes_cli.evaluation.metrics import CohortMetrics, mean_std
 from phanes_cli.manifest import ManifestRow, select
 from phanes_cli.pipeline import Calibration
-from phanes_cli.preprocess import auto_brain_mask, prepare_volume
+from phanes_cli.preprocess import load_with_brain, prepare_volume
 from phanes_cli.synth.sprites import paint_sprites
-from phanes_cli.volume_io import load_mask, load_volume
 
 SPRITES_PER_SLICE = 3
-PER_SLICE_SCHEMA = pa.schema([
+_PER_SLICE_COLUMNS: list[tuple[str, pa.DataType]] = [
     ("method", pa.string()), ("id", pa.string()), ("slice", pa.int64()), ("anomaly_pixels", pa.int64()),
     ("lpips_anomaly", pa.float64()), ("lpips_healthy", pa.float64()),
     ("auprc", pa.float64()), ("best_dice", pa.float64()), ("dice", pa.float64()),
-])
+]
+PER_SLICE_SCHEMA = pa.schema(_PER_SLICE_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -62,7 +69,7 @@ class SyntheticResult:
     per_slice: pa.Table
 
 
-def healthy_rows(rows: list[ManifestRow], split: str) -> tuple[list[ManifestRow], str]:
+def synthetic_subjects(rows: list[ManifestRow], split: str) -> tuple[list[ManifestRow], str]:
     """Healthy subjects for the protocol and the split they came from (see the module docstring)."""
     in_split = [r for r in select(rows, split=split) if r.kind == "healthy"]
     if in_split:
@@ -76,24 +83,27 @@ def central_positions(n_available: int, k: int) -> list[int]:
         return []
     centre = (n_available - 1) / 2
     if k == 1:
-        return [int(round(centre))]
+        return [round(centre)]
     half = n_available / 6
     positions = np.clip(np.round(centre + np.linspace(-half, half, k)), 0, n_available - 1).astype(int)
     return [int(p) for p in np.unique(positions)]
 
 
-def mid_slices(rows: Sequence[ManifestRow], cfg: PhanesConfig, n_slices: int) -> HealthySlices:
+def mid_slices(rows: Sequence[ManifestRow], cfg: PhanesConfig, n_slices: int, skull_strip: str = "auto",
+               device: str = "cpu") -> HealthySlices:
     """`n_slices` clean slices: the mid slice of each subject, or several central ones per subject when few."""
     if n_slices < 1:
         raise ValueError(f"synthetic_slices must be >= 1, got {n_slices}")
     rows = list(rows)[:n_slices]
     per_subject = math.ceil(n_slices / max(len(rows), 1))
     preprocess = replace(cfg.preprocess, slice_mode="brain")
-    xs, brains, ids, index = [], [], [], []
+    xs: list[Tensor] = []
+    brains: list[Tensor] = []
+    ids: list[str] = []
+    index: list[int] = []
     for row in rows:
-        volume = load_volume(row.image)
-        brain = load_mask(row.brain_mask, volume) if row.brain_mask is not None else auto_brain_mask(volume.data)
-        prepared = prepare_volume(volume.data, brain, preprocess)
+        volume, volume_brain, _ = load_with_brain(row.image, row.brain_mask, skull_strip=skull_strip, device=device)
+        prepared = prepare_volume(volume.data, volume_brain, preprocess)
         picks = central_positions(prepared.geometry.n_slices, per_subject)
         xs.append(prepared.slices[picks])
         brains.append(prepared.brain[picks])
@@ -109,10 +119,12 @@ def _masked_mean(values: np.ndarray, where: np.ndarray) -> float:
     return float(values[where].mean()) if where.any() else float("nan")
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    array = np.asarray(values, dtype=np.float64)
-    array = array[~np.isnan(array)]
-    return (float(array.mean()), float(array.std())) if array.size else (float("nan"), float("nan"))
+def _lpips_to(images: np.ndarray, reference: Tensor, backend: Backend, batch_size: int) -> np.ndarray:
+    """Spatial LPIPS of (N, 1, S, S) images against the clean slices, in batches: (N, S, S)."""
+    parts = [backend.lpips(torch.from_numpy(images[i : i + batch_size]).to(backend.device),
+                           reference[i : i + batch_size].to(backend.device))[:, 0].cpu().numpy()
+             for i in range(0, images.shape[0], batch_size)]
+    return np.concatenate(parts) if parts else np.zeros((0, *images.shape[2:]), dtype=np.float32)
 
 
 def run_synthetic(
@@ -127,9 +139,10 @@ def run_synthetic(
     batch_size: int = 32,
     bins: int = 65536,
     max_score: float = 1.0,
+    skull_strip: str = "auto",
 ) -> SyntheticResult:
     """Paint sprites on healthy slices of `rows`, run `methods`, and score them (paper Table 1)."""
-    slices = mid_slices(rows, cfg, n_slices)
+    slices = mid_slices(rows, cfg, n_slices, skull_strip, str(backend.device))
     clean = slices.x[:, 0].numpy()
     brain = slices.brain[:, 0].numpy() > 0.5
     painted, masks = paint_sprites(clean, brain, np.random.default_rng(seed), count=SPRITES_PER_SLICE)
@@ -137,19 +150,16 @@ def run_synthetic(
     truth = torch.from_numpy(masks)[:, None].float()
     cohorts = {m: CohortMetrics(threshold=threshold(m, calibration), bins=bins, max_score=max_score) for m in methods}
     lpips: dict[str, list[tuple[float, float]]] = {m: [] for m in methods}
-    for start in range(0, x.shape[0], batch_size):
-        part = slice(start, start + batch_size)
-        outputs = method_outputs(x[part], slices.brain[part], truth[part], backend, cfg, calibration, methods)
-        reference = slices.x[part].to(backend.device)
-        for method, output in outputs.items():
-            lpips_map = backend.lpips(output.pseudo_healthy, reference)[:, 0].cpu().numpy()
-            scores = output.score[:, 0].cpu().numpy()
-            for i in range(scores.shape[0]):
-                j = start + i
-                name = f"{slices.ids[j]}:{slices.slice_index[j]}"
-                cohorts[method].add_volume(name, scores[i], predict(method, scores[i], brain[j], calibration),
-                                           masks[j], brain[j], voxel_ml=1.0)
-                lpips[method].append((_masked_mean(lpips_map[i], masks[j]), _masked_mean(lpips_map[i], brain[j] & ~masks[j])))
+    maps = run_methods(x, slices.brain, truth, backend, cfg, calibration, methods, batch_size, pseudo_healthy=True)
+    scores = scores_of(methods, maps.phanes, maps.phanes_gt, maps.residual)
+    for method in methods:
+        lpips_map = _lpips_to(model_pseudo_healthy(maps, method), slices.x, backend, batch_size)
+        for j in range(x.shape[0]):
+            score = scores[method][j, 0]
+            cohorts[method].add_volume(f"{slices.ids[j]}:{slices.slice_index[j]}", score,
+                                       predict(method, score, brain[j], calibration), masks[j], brain[j], voxel_ml=1.0)
+            healthy_part = brain[j] & ~masks[j]
+            lpips[method].append((_masked_mean(lpips_map[j], masks[j]), _masked_mean(lpips_map[j], healthy_part)))
 
     rows_out: list[dict[str, Any]] = []
     figures: dict[str, dict[str, Any]] = {}
@@ -157,11 +167,11 @@ def run_synthetic(
         summary = cohorts[method].summary()
         for volume, (anomaly, healthy) in zip(cohorts[method].volumes, lpips[method], strict=True):
             name, _, index = volume.id.rpartition(":")
-            rows_out.append({"method": method, "id": name, "slice": int(index), "anomaly_pixels": int(round(volume.true_ml)),
+            rows_out.append({"method": method, "id": name, "slice": int(index), "anomaly_pixels": round(volume.true_ml),
                              "lpips_anomaly": anomaly, "lpips_healthy": healthy, "auprc": volume.auprc,
                              "best_dice": volume.best_dice, "dice": None if method in UNCALIBRATED else volume.dice})
-        anomaly_mean, anomaly_std = _mean_std([a for a, _ in lpips[method]])
-        healthy_mean, healthy_std = _mean_std([h for _, h in lpips[method]])
+        anomaly_mean, anomaly_std = mean_std([a for a, _ in lpips[method]])
+        healthy_mean, healthy_std = mean_std([h for _, h in lpips[method]])
         figures[method] = {
             "n_slices": len(cohorts[method].volumes),
             "lpips_anomaly": anomaly_mean, "lpips_anomaly_std": anomaly_std,

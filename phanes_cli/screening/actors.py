@@ -12,16 +12,15 @@ from __future__ import annotations
 import os
 import time
 
-import numpy as np
 import ray
 import torch
 
 from phanes_cli.backends import Backend, TorchBackend
 from phanes_cli.bundle import Bundle, load_bundle
 from phanes_cli.errors import BundleError, ConfigError
-from phanes_cli.pipeline import run_slices
+from phanes_cli.pipeline import ModelMaps, infer_slices
 from phanes_cli.screening.outputs import Failure
-from phanes_cli.screening.tasks import InferenceResult, ModelMaps, ModelSlices, describe, node_ip
+from phanes_cli.screening.tasks import InferenceResult, ModelSlices, describe, node_ip
 
 BACKENDS = ("torch",)
 
@@ -36,9 +35,9 @@ def resolve_backend(name: str) -> str:
 
 
 def make_backend(name: str, bundle: Bundle, device: torch.device, lpips_weights: str | None) -> Backend:
-    if resolve_backend(name) == "torch":
-        return TorchBackend(bundle.networks(lpips_weights), device)
-    raise ConfigError(f"backend {name!r} is not available")
+    """The bundle's networks behind the backend `name` resolves to (a ConfigError for an unknown name)."""
+    resolve_backend(name)  # torch is the only backend so far
+    return TorchBackend(bundle.networks(lpips_weights), device)
 
 
 class InferenceActor:
@@ -55,7 +54,7 @@ class InferenceActor:
         self.calibration = bundle.require_calibration()
         self.backend = make_backend(backend, bundle, torch.device(device), lpips_weights)
         self.batch_size = batch_size
-        self.pseudo_healthy = pseudo_healthy
+        self.keep: tuple[str, ...] = ("x_ph", "mask") if pseudo_healthy else ()
 
     @ray.method(concurrency_group="control")
     def pid(self) -> int:
@@ -66,33 +65,13 @@ class InferenceActor:
         """(N, 1, S, S) slices -> (record, maps); a failure (NaN output, out of memory) is in the record."""
         start = time.perf_counter()
         try:
-            maps = self._run(slices)
-        except Exception as exc:  # noqa: BLE001 - the volume fails, the actor carries on
+            maps = infer_slices(slices.slices, slices.brain, self.backend, self.cfg, self.calibration, self.batch_size,
+                                self.keep)
+        except Exception as exc:  # the volume fails, the actor carries on
             if self.backend.device.type == "cuda":
                 torch.cuda.empty_cache()
             kind, message = describe(exc)
-            return InferenceResult(Failure("inference", kind, message), time.perf_counter() - start, node_ip(), os.getpid()), None
+            failure = Failure("inference", kind, message)
+            return InferenceResult(failure, time.perf_counter() - start, node_ip(), os.getpid()), None
         return InferenceResult(None, time.perf_counter() - start, node_ip(), os.getpid()), maps
 
-    def _run(self, slices: ModelSlices) -> ModelMaps:
-        x = torch.tensor(slices.slices)
-        brain = torch.tensor(slices.brain)
-        anomaly, x_ph, mask = [], [], []
-        for begin in range(0, x.shape[0], self.batch_size):
-            part = slice(begin, begin + self.batch_size)
-            out = run_slices(x[part], brain[part], self.backend, self.cfg, self.calibration)
-            checked = [("anomaly", out.anomaly)] + ([("pseudo-healthy", out.x_ph)] if self.pseudo_healthy else [])
-            for name, value in checked:
-                if not torch.isfinite(value).all():
-                    raise FloatingPointError(
-                        f"non-finite values in the {name} map (slices {begin}..{begin + value.shape[0] - 1} of {x.shape[0]})")
-            anomaly.append(out.anomaly.float().cpu().numpy())
-            if self.pseudo_healthy:
-                x_ph.append(out.x_ph.float().cpu().numpy())
-                mask.append(out.mask.cpu().numpy() > 0.5)
-        empty = np.zeros((0, *x.shape[1:]), dtype=np.float32)
-        return ModelMaps(
-            anomaly=np.concatenate(anomaly) if anomaly else empty,
-            pseudo_healthy=(np.concatenate(x_ph) if x_ph else empty) if self.pseudo_healthy else None,
-            inpaint_mask=(np.concatenate(mask) if mask else empty.astype(bool)) if self.pseudo_healthy else None,
-        )

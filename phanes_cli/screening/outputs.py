@@ -1,7 +1,8 @@
 """Where a screening run puts things, and the commit protocol that makes resume exact.
 
 Layout of OUT:
-    maps/<id>_anomaly.nii.gz, maps/<id>_mask.nii.gz, maps/<id>_pseudohealthy.nii.gz
+    maps/<id>_anomaly.nii.gz, maps/<id>_lesionmask.nii.gz, maps/<id>_pseudohealthy.nii.gz
+        (`_lesionmask`, not `_mask`: HD-BET and FSL name brain masks `_mask`)
     parts/volumes/<id>.parquet   one row, written when the volume is committed
     parts/lesions/<id>.parquet   its lesions (possibly zero rows)
     parts/failures/<id>.parquet  one row when the volume failed
@@ -31,25 +32,51 @@ import pyarrow.parquet as pq
 
 from phanes_cli.atomic import atomic_path, write_json, write_parquet
 
+SCHEMA_VERSION = "2"  # 2: `id` in every table, flat geometry columns, size bins, thresholds, manifest columns
 OUTPUT_KINDS = ("anomaly", "mask", "pseudohealthy")
+MAP_SUFFIX = {"anomaly": "anomaly", "mask": "lesionmask", "pseudohealthy": "pseudohealthy"}  # file name per kind
+# `--layout bids`: OUT is a BIDS-derivatives dataset (its dataset_description.json says so, and every reader of
+# OUT follows it); maps go to sub-<label>/[ses-<label>/]anat/<source entities>_<name>.nii.gz (bids_out.py).
+BIDS_DESCRIPTION = "dataset_description.json"
+BIDS_MAP_NAMES = {"anomaly": "desc-anomaly_map", "mask": "desc-lesion_mask", "pseudohealthy": "desc-pseudohealthy_T1w"}
 _LIST_I = pa.list_(pa.int64())
 _LIST_F = pa.list_(pa.float64())
+# Lesion size bins in mL: [low, high) each; the counts per volume go to SIZE_BIN_COLUMNS.
+SIZE_BINS_ML = ((0.0, 0.1), (0.1, 1.0), (1.0, 10.0), (10.0, float("inf")))
+SIZE_BIN_COLUMNS = ("lesions_lt_0_1ml", "lesions_0_1_to_1ml", "lesions_1_to_10ml", "lesions_ge_10ml")
+UNITS = {"*_ml": "millilitre", "*_mm, voxel_mm_*, voxel_size_mm": "millimetre (world, input affine)",
+         "centroid_voxel, bbox_*, slice_*, shape*": "voxel indices in the input file's axis order",
+         "lesion_burden_fraction": "fraction of brain_volume_ml", "*_s": "second",
+         "*_anomaly, *_score, *_threshold": "anomaly score s(x) (mask_threshold: stage 1 map m(x))"}
 
-VOLUME_SCHEMA = pa.schema([
+
+def _schema(*fields: pa.Field[Any]) -> pa.Schema:
+    return pa.schema(fields)
+
+
+VOLUME_SCHEMA = _schema(
     pa.field("id", pa.string()),
     pa.field("input_path", pa.string()),
     pa.field("status", pa.string()),  # "ok" or "failed" (details in failures.parquet)
     pa.field("shape", _LIST_I),  # in the input file's voxel order
     pa.field("voxel_size_mm", _LIST_F),  # in the input file's voxel order
+    *(pa.field(f"shape_{a}", pa.int64()) for a in "xyz"),  # `shape` flat: file axes 0, 1, 2
+    *(pa.field(f"voxel_mm_{a}", pa.float64()) for a in "xyz"),  # `voxel_size_mm` flat
+    pa.field("brain_mask_source", pa.string()),  # file, model (skull stripped) or threshold (skullstrip.py)
     pa.field("brain_volume_ml", pa.float64()),
     pa.field("lesion_burden_ml", pa.float64()),
+    pa.field("lesion_burden_fraction", pa.float64()),  # lesion_burden_ml / brain_volume_ml
     pa.field("lesion_count", pa.int64()),
+    *(pa.field(name, pa.int64()) for name in SIZE_BIN_COLUMNS),  # lesion counts by size (SIZE_BINS_ML)
     pa.field("largest_lesion_ml", pa.float64()),
     pa.field("max_anomaly", pa.float64()),  # max of s(x) in the brain
     pa.field("mean_anomaly", pa.float64()),  # mean of s(x) over brain voxels
     pa.field("slices_processed", pa.int64()),
     pa.field("backend", pa.string()),
     pa.field("bundle_hash", pa.string()),
+    pa.field("mask_threshold", pa.float64()),  # the thresholds and minimum lesion size the lesion mask used
+    pa.field("anomaly_threshold", pa.float64()),
+    pa.field("min_lesion_ml", pa.float64()),
     pa.field("runtime_s", pa.float64()),  # decode_s + inference_s + write_s
     pa.field("decode_s", pa.float64()),
     pa.field("inference_s", pa.float64()),
@@ -57,15 +84,16 @@ VOLUME_SCHEMA = pa.schema([
     pa.field("decode_node", pa.string()),  # IP of the Ray node that ran each stage
     pa.field("inference_node", pa.string()),
     pa.field("write_node", pa.string()),
-])
+)
 
-LESION_SCHEMA = pa.schema([
-    pa.field("volume_id", pa.string()),
+LESION_SCHEMA = _schema(
+    pa.field("id", pa.string()),  # the volume's id, the key of every table
     pa.field("lesion_index", pa.int64()),  # 1 = largest
     pa.field("volume_ml", pa.float64()),
     pa.field("voxel_count", pa.int64()),
     pa.field("centroid_voxel", _LIST_F),  # input file voxel order (i, j, k)
     pa.field("centroid_world_mm", _LIST_F),  # through the input affine
+    *(pa.field(f"centroid_{a}_mm", pa.float64()) for a in "xyz"),  # `centroid_world_mm` flat
     pa.field("bbox_min", _LIST_I),  # inclusive, input file voxel order
     pa.field("bbox_max", _LIST_I),
     pa.field("mean_score", pa.float64()),
@@ -73,9 +101,9 @@ LESION_SCHEMA = pa.schema([
     pa.field("axial_axis", pa.int64()),  # the file axis running inferior-superior
     pa.field("slice_min", pa.int64()),  # along axial_axis, file voxel indices
     pa.field("slice_max", pa.int64()),
-])
+)
 
-FAILURE_SCHEMA = pa.schema([
+FAILURE_SCHEMA = _schema(
     pa.field("id", pa.string()),
     pa.field("path", pa.string()),
     pa.field("stage", pa.string()),  # input, decode, inference, write
@@ -85,9 +113,45 @@ FAILURE_SCHEMA = pa.schema([
     pa.field("input_size", pa.int64()),
     pa.field("input_mtime_ns", pa.int64()),
     pa.field("bundle_hash", pa.string()),
-])
+)
 
 _TABLES = {"volumes": VOLUME_SCHEMA, "lesions": LESION_SCHEMA, "failures": FAILURE_SCHEMA}
+_RESERVED = frozenset(VOLUME_SCHEMA.names) | frozenset(FAILURE_SCHEMA.names) | frozenset(LESION_SCHEMA.names)
+THRESHOLD_COLUMNS = ("mask_threshold", "anomaly_threshold", "min_lesion_ml")
+
+
+def manifest_columns(extra: dict[str, Any]) -> dict[str, str]:
+    """The input's extra manifest columns (subject, session, site...) as text, for the volume and failure rows.
+
+    A name that is already a column of the tables is carried as `input_<name>`.
+    """
+    return {(f"input_{k}" if k in _RESERVED else k): str(v) for k, v in extra.items() if v is not None}
+
+
+def with_text_columns(schema: pa.Schema, rows: Iterable[dict[str, Any]]) -> pa.Schema:
+    """`schema` plus one string column per key of `rows` it lacks (the run's manifest columns), sorted."""
+    extra = sorted({k for r in rows for k in r} - set(schema.names))
+    return pa.schema([*schema, *(pa.field(k, pa.string()) for k in extra)])
+
+
+def file_metadata(thresholds: dict[str, Any], bundle_hash: str | None) -> dict[str, str]:
+    """Parquet key-value metadata of a table: schema version, units, thresholds, bundle hash, phanes version."""
+    from phanes_cli import __version__
+
+    return {"phanes.schema_version": SCHEMA_VERSION, "phanes.version": __version__, "phanes.units": json.dumps(UNITS),
+            "phanes.thresholds": json.dumps(thresholds), "phanes.bundle_hash": bundle_hash or ""}
+
+
+def bids_stem(vid: str) -> str:
+    """A BIDS volume id (`sub-01_ses-2_desc-brain`) without its desc entity: the outputs add their own."""
+    return "_".join(part for part in vid.split("_") if not part.startswith("desc-"))
+
+
+def bids_folder(root: Path, vid: str) -> Path:
+    """OUT/sub-<label>/[ses-<label>/]anat for a BIDS id (ids are checked to start with sub-<label> first)."""
+    entities = dict(part.split("-", 1) for part in vid.split("_") if "-" in part)
+    folder = root / f"sub-{entities['sub']}"
+    return (folder / f"ses-{entities['ses']}" if "ses" in entities else folder) / "anat"
 
 
 def input_signature(path: str | Path) -> tuple[int | None, int | None]:
@@ -130,8 +194,15 @@ class OutputLayout:
     def done_marker(self, vid: str) -> Path:
         return self.root / "parts" / "done" / f"{vid}.json"
 
+    @property
+    def bids(self) -> bool:
+        """True for a `--layout bids` run (OUT holds a dataset_description.json)."""
+        return (self.root / BIDS_DESCRIPTION).is_file()
+
     def map_path(self, vid: str, kind: str) -> Path:
-        return self.maps / f"{vid}_{kind}.nii.gz"
+        if self.bids:
+            return bids_folder(self.root, vid) / f"{bids_stem(vid)}_{BIDS_MAP_NAMES[kind]}.nii.gz"
+        return self.maps / f"{vid}_{MAP_SUFFIX[kind]}.nii.gz"
 
     def table(self, name: str) -> Path:
         return self.root / f"{name}.parquet"
@@ -151,6 +222,7 @@ class OutputLayout:
     def clear(self, vid: str) -> None:
         """Remove every output of one id (for --overwrite and before a failure is recorded)."""
         paths = [self.map_path(vid, k) for k in OUTPUT_KINDS]
+        paths += [p.with_name(p.name.removesuffix(".nii.gz") + ".json") for p in paths]  # BIDS sidecars
         paths += [self.done_marker(vid), *(self.part(t, vid) for t in _TABLES)]
         for path in paths:
             path.unlink(missing_ok=True)
@@ -161,21 +233,38 @@ class OutputLayout:
             if folder.is_dir():
                 for path in folder.glob(".tmp-*"):
                     path.unlink(missing_ok=True)
+        for path in self.root.glob("sub-*/**/.tmp-*"):  # --layout bids maps
+            path.unlink(missing_ok=True)
+
+
+def run_metadata(layout: OutputLayout) -> dict[str, str]:
+    """`file_metadata` of a screening run, from the calibration its run.json records (as applied)."""
+    try:
+        bundle = json.loads(layout.run_manifest.read_text()).get("bundle", {})
+    except (OSError, json.JSONDecodeError):
+        bundle = {}
+    calibration = bundle.get("calibration", {})
+    thresholds = {k: calibration.get(k, 0.0 if k == "min_lesion_ml" else None) for k in THRESHOLD_COLUMNS}
+    return file_metadata(thresholds, bundle.get("hash"))
 
 
 def commit_volume(layout: OutputLayout, vid: str, volume_row: dict[str, Any], lesion_rows: list[dict[str, Any]],
                   marker: dict[str, Any]) -> None:
     """Write a volume's rows and then its done marker (maps must already be written)."""
     write_parquet(layout.part("lesions", vid), table_from_rows(lesion_rows, LESION_SCHEMA))
-    write_parquet(layout.part("volumes", vid), table_from_rows([volume_row], VOLUME_SCHEMA))
+    volume_schema = with_text_columns(VOLUME_SCHEMA, [volume_row])  # plus the input's manifest columns
+    write_parquet(layout.part("volumes", vid), table_from_rows([volume_row], volume_schema))
     write_json(layout.done_marker(vid), marker)
     layout.part("failures", vid).unlink(missing_ok=True)
 
 
 def record_failure(layout: OutputLayout, vid: str, row: dict[str, Any]) -> None:
-    """Replace any previous output of `vid` by one failure row (a failed volume leaves no maps)."""
+    """Replace any previous output of `vid` by one failure row (a failed volume leaves no maps).
+
+    Keys beyond FAILURE_SCHEMA are the input's manifest columns (`manifest_columns`), kept as text.
+    """
     layout.clear(vid)
-    write_parquet(layout.part("failures", vid), table_from_rows([row], FAILURE_SCHEMA))
+    write_parquet(layout.part("failures", vid), table_from_rows([row], with_text_columns(FAILURE_SCHEMA, [row])))
 
 
 def read_marker(layout: OutputLayout, vid: str) -> dict[str, Any] | None:
@@ -185,10 +274,13 @@ def read_marker(layout: OutputLayout, vid: str) -> dict[str, Any] | None:
         return None
 
 
-def is_done(layout: OutputLayout, vid: str, image: Path, bundle_hash: str, outputs: Iterable[str]) -> bool:
-    """True when `vid` was committed for this very input file and bundle with every requested output."""
+def is_done(layout: OutputLayout, vid: str, image: Path, bundle_hash: str, outputs: Iterable[str],
+            min_lesion_ml: float = 0.0) -> bool:
+    """True when `vid` was committed for this input file, bundle and minimum lesion size with every requested output."""
     marker = read_marker(layout, vid)
     if marker is None or marker.get("bundle_hash") != bundle_hash or marker.get("input_path") != str(image):
+        return False
+    if marker.get("min_lesion_ml", 0.0) != min_lesion_ml:
         return False
     if list(input_signature(image)) != marker.get("input_signature"):
         return False
@@ -220,28 +312,41 @@ def previous_failure(layout: OutputLayout, vid: str, image: Path, bundle_hash: s
 def _ids_with(folder: Path, suffix: str) -> list[str]:
     if not folder.is_dir():
         return []
-    return sorted(p.name[: -len(suffix)] for p in folder.iterdir() if p.name.endswith(suffix) and not p.name.startswith("."))
+    names = (p.name for p in folder.iterdir())
+    return sorted(n[: -len(suffix)] for n in names if n.endswith(suffix) and not n.startswith("."))
 
 
-def _stream(tables: Iterator[pa.Table], schema: pa.Schema, target: Path, group_rows: int = 4096) -> int:
-    """Concatenate small tables into one Parquet file, row group by row group, with bounded memory."""
+def _rows(layout: OutputLayout, table: str, ids: list[str]) -> Iterator[dict[str, Any]]:
+    """The rows of the part files of `ids`, in that order, one file open at a time.
+
+    Rows, not Arrow tables: thousands of one-row tables (or a dataset over thousands of files) hold tens
+    of MB per thousand parts in Arrow's allocator, where a few thousand rows at a time keep memory flat.
+    """
+    for vid in ids:
+        with pq.ParquetFile(layout.part(table, vid)) as part:
+            yield from part.read().to_pylist()
+
+
+def _tables(rows: Iterable[dict[str, Any]], schema: pa.Schema, group_rows: int = 4096) -> Iterator[pa.Table]:
+    """Rows gathered into tables of up to `group_rows` rows; at least one table, possibly empty."""
+    batch: list[dict[str, Any]] = []
+    yielded = False
+    for row in rows:
+        batch.append(row)
+        if len(batch) >= group_rows:
+            yield table_from_rows(batch, schema)
+            batch, yielded = [], True
+    if batch or not yielded:
+        yield table_from_rows(batch, schema)
+
+
+def _write_groups(groups: Iterable[pa.Table], schema: pa.Schema, target: Path) -> int:
+    """Write tables into one Parquet file, one row group each; returns the number of rows."""
     written = 0
-    with atomic_path(target) as tmp:
-        with pq.ParquetWriter(tmp, schema) as writer:
-            batch: list[pa.Table] = []
-            rows = 0
-            for table in tables:
-                table = table.select(schema.names).cast(schema)
-                batch.append(table)
-                rows += table.num_rows
-                if rows >= group_rows:
-                    writer.write_table(pa.concat_tables(batch))
-                    written, batch, rows = written + rows, [], 0
-            if batch:
-                writer.write_table(pa.concat_tables(batch))
-                written += rows
-            if written == 0:
-                writer.write_table(schema.empty_table())
+    with atomic_path(target) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        for group in groups:
+            writer.write_table(group)
+            written += group.num_rows
     return written
 
 
@@ -249,27 +354,25 @@ def consolidate(layout: OutputLayout) -> dict[str, int]:
     """Rebuild volumes/lesions/failures.parquet from the committed parts; deterministic order by id.
 
     Committed volumes come from their parts; a failed volume (failure part, no marker) appears in
-    failures.parquet and as a 'failed' row in volumes.parquet. Idempotent: run it as often as you like.
+    failures.parquet and as a 'failed' row in volumes.parquet. The volumes table (one row per volume) is
+    sorted in memory; lesions stream through in bounded memory. Idempotent: run it as often as you like.
+    The input's manifest columns become string columns of volumes and failures (so the schema is per run),
+    and every table carries `run_metadata` as Parquet key-value metadata.
     """
     parts = layout.root / "parts"
     done = _ids_with(parts / "done", ".json")
     done_set = set(done)
     failed = [v for v in _ids_with(parts / "failures", ".parquet") if v not in done_set]
-    failure_rows = []
-    for vid in failed:
-        failure_rows.extend(pq.read_table(layout.part("failures", vid)).to_pylist())
-    failed_volume_rows = {r["id"]: {"id": r["id"], "input_path": r["path"], "status": "failed",
-                                    "bundle_hash": r["bundle_hash"]} for r in failure_rows}
-
-    def volume_tables() -> Iterator[pa.Table]:
-        for vid in sorted(done_set | set(failed_volume_rows)):
-            if vid in done_set:
-                yield pq.read_table(layout.part("volumes", vid))
-            else:
-                yield table_from_rows([failed_volume_rows[vid]], VOLUME_SCHEMA)
-
-    n_volumes = _stream(volume_tables(), VOLUME_SCHEMA, layout.table("volumes"))
-    n_lesions = _stream((pq.read_table(layout.part("lesions", v)) for v in done), LESION_SCHEMA, layout.table("lesions"))
-    write_parquet(layout.table("failures"), table_from_rows(sorted(failure_rows, key=lambda r: r["id"]), FAILURE_SCHEMA))
-    return {"volumes": n_volumes, "lesions": n_lesions, "failures": len(failure_rows), "done": len(done)}
-
+    meta = run_metadata(layout)
+    failure_rows = sorted(_rows(layout, "failures", failed), key=lambda r: r["id"])
+    failures = table_from_rows(failure_rows, with_text_columns(FAILURE_SCHEMA, failure_rows))
+    extra = set(failures.column_names) - set(FAILURE_SCHEMA.names)
+    failed_rows = [{**{k: r[k] for k in extra}, "id": r["id"], "input_path": r["path"], "status": "failed",
+                    "bundle_hash": r["bundle_hash"]} for r in failure_rows]
+    volume_rows = [*failed_rows, *_rows(layout, "volumes", done)]
+    volumes = pa.concat_tables(list(_tables(volume_rows, with_text_columns(VOLUME_SCHEMA, volume_rows))))
+    write_parquet(layout.table("volumes"), volumes.sort_by("id").replace_schema_metadata(meta))
+    n_lesions = _write_groups(_tables(_rows(layout, "lesions", done), LESION_SCHEMA), LESION_SCHEMA.with_metadata(meta),
+                              layout.table("lesions"))
+    write_parquet(layout.table("failures"), failures.replace_schema_metadata(meta))
+    return {"volumes": volumes.num_rows, "lesions": n_lesions, "failures": failures.num_rows, "done": len(done)}

@@ -9,12 +9,10 @@ written when the run starts (status "running") and rewritten when it ends ("fini
 from __future__ import annotations
 
 import json
-import platform
 import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO
@@ -22,23 +20,12 @@ from typing import Any, TextIO
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from phanes_cli import __version__
 from phanes_cli.atomic import write_json
+from phanes_cli.versions import runtime_versions
 
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def versions() -> dict[str, str | None]:
-    """Versions that decide the numbers a run produces."""
-    found: dict[str, str | None] = {"phanes": __version__, "python": platform.python_version()}
-    for name in ("torch", "ray", "numpy", "nibabel", "pyarrow", "lpips"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = None
-    return found
 
 
 class JsonLog:
@@ -48,7 +35,7 @@ class JsonLog:
         self._handle: TextIO | None = None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._handle = open(path, "a", encoding="utf-8")
+            self._handle = open(path, "a", encoding="utf-8")  # noqa: SIM115 - open for the whole run
 
     def event(self, kind: str, **fields: Any) -> None:
         if self._handle is not None:
@@ -132,4 +119,4 @@ def print_summary(console: Console, counts: Counts, seconds: float, out: Path, f
 
 def write_run_manifest(path: Path, payload: dict[str, Any]) -> None:
     """The run manifest: command line, versions, bundle, options, times and counts."""
-    write_json(path, {"command": sys.argv, "versions": versions(), **payload})
+    write_json(path, {"command": sys.argv, "versions": runtime_versions(), **payload})

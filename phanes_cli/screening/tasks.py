@@ -21,10 +21,19 @@ from phanes_cli.config import PreprocessConfig
 from phanes_cli.errors import InputError
 from phanes_cli.evaluation.lesions import lesion_table
 from phanes_cli.manifest import ManifestRow
-from phanes_cli.pipeline import Calibration, lesion_mask
-from phanes_cli.preprocess import SliceGeometry, auto_brain_mask, prepare_volume, restore_volume
-from phanes_cli.screening.outputs import Failure, OutputLayout, commit_volume, input_signature
-from phanes_cli.volume_io import Volume, load_mask, load_volume, save_like
+from phanes_cli.pipeline import Calibration, ModelMaps, restore_maps
+from phanes_cli.preprocess import SliceGeometry, load_with_brain, prepare_volume
+from phanes_cli.screening.bids_out import write_sidecar
+from phanes_cli.screening.outputs import (
+    SIZE_BIN_COLUMNS,
+    SIZE_BINS_ML,
+    Failure,
+    OutputLayout,
+    commit_volume,
+    input_signature,
+    manifest_columns,
+)
+from phanes_cli.volume_io import Volume, save_like
 
 
 def node_ip() -> str:
@@ -63,6 +72,7 @@ class VolumeContext:
     brain: np.ndarray  # (X, Y, Z) bool on the RAS+ grid
     geometry: SliceGeometry
     scale: float
+    brain_source: str  # file, model or threshold (skullstrip.brain_mask_for)
 
 
 @dataclass(frozen=True)
@@ -75,25 +85,26 @@ class DecodeResult:
     n_slices: int = 0
 
 
-def decode_volume(row: ManifestRow, cfg: PreprocessConfig, max_voxels: int
+def decode_volume(row: ManifestRow, cfg: PreprocessConfig, max_voxels: int, skull_strip: str
                   ) -> tuple[DecodeResult, ModelSlices | None, VolumeContext | None]:
     """Read, validate and preprocess one volume: (record, model slices, context for the write stage)."""
     torch.set_num_threads(1)
     start = time.perf_counter()
     try:
-        volume = load_volume(row.image, max_voxels)
-        brain = load_mask(row.brain_mask, volume, max_voxels) if row.brain_mask is not None else auto_brain_mask(volume.data)
+        volume, brain, source = load_with_brain(row.image, row.brain_mask, max_voxels, skull_strip)
         prepared = prepare_volume(volume.data, brain, cfg)
     except InputError as exc:
         kind, message = describe(exc)
         if exc.path != str(row.image):
             message = f"{exc.path}: {message}"
-        return DecodeResult(Failure("decode", kind, message, retry_on_resume=False), time.perf_counter() - start, node_ip()), None, None
-    except Exception as exc:  # noqa: BLE001 - any other error (memory, a library bug) fails this volume only
+        failure = Failure("decode", kind, message, retry_on_resume=False)
+        return DecodeResult(failure, time.perf_counter() - start, node_ip()), None, None
+    except Exception as exc:  # any other error (memory, a library bug) fails this volume only
         kind, message = describe(exc)
         return DecodeResult(Failure("decode", kind, message), time.perf_counter() - start, node_ip()), None, None
     slices = ModelSlices(prepared.slices.numpy(), prepared.brain.numpy())
-    context = VolumeContext(volume=volume, brain=brain, geometry=prepared.geometry, scale=prepared.scale)
+    context = VolumeContext(volume=volume, brain=brain, geometry=prepared.geometry, scale=prepared.scale,
+                            brain_source=source)
     return DecodeResult(None, time.perf_counter() - start, node_ip(), prepared.geometry.n_slices), slices, context
 
 
@@ -107,71 +118,56 @@ class InferenceResult:
     pid: int
 
 
-@dataclass(frozen=True)
-class ModelMaps:
-    """Model-grid maps of one volume's processed slices, each (N, 1, S, S)."""
-
-    anomaly: np.ndarray  # float32 s(x)
-    pseudo_healthy: np.ndarray | None  # float32 x_ph in [0, 1], only when that output is asked for
-    inpaint_mask: np.ndarray | None  # bool, the stage 1 mask (where x_ph differs from x)
-
-
-@dataclass(frozen=True)
-class NativeMaps:
-    """Results on the volume's RAS+ grid, (X, Y, Z) each."""
-
-    anomaly: np.ndarray  # float32, zero outside the brain
-    lesion: np.ndarray  # bool
-    pseudo_healthy: np.ndarray | None  # float32 in input intensities
-
-
-def restore_maps(maps: ModelMaps, context: VolumeContext, anomaly_threshold: float) -> NativeMaps:
-    """Bring model-grid maps back onto the input grid and threshold the lesion mask.
-
-    lesion = s(x) >= calibrated threshold, inside the brain, where s(x) > 0 (the same rule as
-    `pipeline.run_volume`). The pseudo-healthy image keeps the input intensities everywhere except
-    inside the restored inpainting mask, where it takes x_ph times the volume's intensity scale: by
-    definition x_ph equals x outside the mask, and this avoids resampling blur there.
-    """
-    geometry, brain = context.geometry, context.brain
-    anomaly = np.clip(restore_volume(torch.from_numpy(maps.anomaly), geometry), 0, None) * brain
-    lesion = lesion_mask(anomaly, brain, anomaly_threshold)
-    pseudo = None
-    if maps.pseudo_healthy is not None and maps.inpaint_mask is not None:
-        x_ph = restore_volume(torch.from_numpy(maps.pseudo_healthy), geometry) * np.float32(context.scale)
-        inpainted = (restore_volume(torch.from_numpy(maps.inpaint_mask.astype(np.float32)), geometry) >= 0.5) & brain
-        pseudo = np.where(inpainted, x_ph, context.volume.data).astype(np.float32)
-    return NativeMaps(anomaly=anomaly.astype(np.float32), lesion=lesion, pseudo_healthy=pseudo)
-
-
 def native_zooms(volume: Volume) -> tuple[float, float, float]:
     """Voxel size along the input file's axes (from its affine, the same numbers as volume.voxel_ml)."""
     return tuple(float(z) for z in np.sqrt((volume.native_affine[:3, :3] ** 2).sum(axis=0)))  # type: ignore[return-value]
 
 
-def volume_statistics(vid: str, volume: Volume, brain: np.ndarray, anomaly: np.ndarray, lesion: np.ndarray
-                      ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def brain_statistics(volume: Volume, brain: np.ndarray, anomaly: np.ndarray) -> dict[str, float]:
+    """The threshold-free numbers of a volume: brain volume (mL), max and mean of s(x) over the brain."""
+    in_brain = anomaly[brain]
+    return {"brain_volume_ml": float(np.count_nonzero(brain)) * volume.voxel_ml,
+            "max_anomaly": float(in_brain.max()) if in_brain.size else 0.0,
+            "mean_anomaly": float(in_brain.mean()) if in_brain.size else 0.0}
+
+
+def geometry_columns(volume: Volume) -> dict[str, Any]:
+    """Shape and voxel size in the input file's axis order, as lists and as flat x/y/z columns."""
+    shape, zooms = list(volume.native_shape), list(native_zooms(volume))
+    return {"shape": shape, "voxel_size_mm": zooms, **{f"shape_{a}": int(n) for a, n in zip("xyz", shape, strict=True)},
+            **{f"voxel_mm_{a}": z for a, z in zip("xyz", zooms, strict=True)}}
+
+
+def calibration_columns(calibration: Calibration) -> dict[str, float]:
+    """The thresholds and minimum lesion size a lesion mask was made with, as volume-table columns."""
+    return {"mask_threshold": calibration.mask_threshold, "anomaly_threshold": calibration.anomaly_threshold,
+            "min_lesion_ml": calibration.min_lesion_ml}
+
+
+def volume_statistics(vid: str, volume: Volume, brain_stats: dict[str, float], anomaly: np.ndarray,
+                      lesion: np.ndarray) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Per-volume statistics and one row per connected lesion, from arrays on the RAS+ grid.
 
-    Components are labelled on the input file's own voxel grid (a flip/permutation of RAS+, so the
-    components are the same), which puts centroids, boxes and slice ranges in the file's voxel order;
-    world coordinates go through the input affine. `axial_axis` is the file axis that runs
+    `brain_stats` is `brain_statistics` of the volume (`phanes stats` takes it from the screening row, as
+    it has no brain mask). Components are labelled on the input file's own voxel grid (a flip/permutation
+    of RAS+, so the components are the same), which puts centroids, boxes and slice ranges in the file's
+    voxel order; world coordinates go through the input affine. `axial_axis` is the file axis that runs
     inferior-superior. Volumes in mL are voxel counts times the voxel volume.
     """
     axial = int(volume.to_native_ornt[2, 0])
     lesions = lesion_table(volume.to_native(lesion), volume.to_native(anomaly), volume.native_affine,
                            native_zooms(volume), axial_axis=axial)
-    in_brain = anomaly[brain]
+    sizes = np.array([r["volume_ml"] for r in lesions], dtype=np.float64)
+    burden, brain_ml = float(np.count_nonzero(lesion)) * volume.voxel_ml, brain_stats["brain_volume_ml"]
     stats = {
-        "brain_volume_ml": float(np.count_nonzero(brain)) * volume.voxel_ml,
-        "lesion_burden_ml": float(np.count_nonzero(lesion)) * volume.voxel_ml,
-        "lesion_count": len(lesions),
-        "largest_lesion_ml": max((r["volume_ml"] for r in lesions), default=0.0),
-        "max_anomaly": float(in_brain.max()) if in_brain.size else 0.0,
-        "mean_anomaly": float(in_brain.mean()) if in_brain.size else 0.0,
+        **geometry_columns(volume), **brain_stats, "lesion_burden_ml": burden,
+        "lesion_burden_fraction": burden / brain_ml if brain_ml > 0 else None, "lesion_count": len(lesions),
+        **{name: int(np.count_nonzero((sizes >= low) & (sizes < high)))
+           for name, (low, high) in zip(SIZE_BIN_COLUMNS, SIZE_BINS_ML, strict=True)},
+        "largest_lesion_ml": float(sizes.max()) if sizes.size else 0.0,
     }
-    rows = [{**{k: (list(v) if isinstance(v, tuple) else v) for k, v in r.items()}, "volume_id": vid, "axial_axis": axial}
-            for r in lesions]
+    rows = [{**{k: (list(v) if isinstance(v, tuple) else v) for k, v in r.items()}, "id": vid, "axial_axis": axial,
+             **{f"centroid_{a}_mm": c for a, c in zip("xyz", r["centroid_world_mm"], strict=True)}} for r in lesions]
     return stats, rows
 
 
@@ -207,29 +203,34 @@ def write_volume(job: WriteJob, context: VolumeContext, maps: ModelMaps) -> Writ
     layout = OutputLayout(job.out)
     vid, volume = job.row.id, context.volume
     try:
-        native = restore_maps(maps, context, job.calibration.anomaly_threshold)
-        stats, lesion_rows = volume_statistics(vid, volume, context.brain, native.anomaly, native.lesion)
-        arrays = {"anomaly": (native.anomaly, np.float32), "mask": (native.lesion.astype(np.uint8), np.uint8),
+        native = restore_maps(maps, context.geometry, context.brain, context.scale, volume.data, job.calibration,
+                              volume.voxel_ml)
+        brain_stats = brain_statistics(volume, context.brain, native.anomaly)
+        stats, lesion_rows = volume_statistics(vid, volume, brain_stats, native.anomaly, native.lesion_mask)
+        arrays = {"anomaly": (native.anomaly, np.float32), "mask": (native.lesion_mask.astype(np.uint8), np.uint8),
                   "pseudohealthy": (native.pseudo_healthy, np.float32)}
         for kind in sorted(job.outputs):
             array, dtype = arrays[kind]
             if array is None:
                 raise RuntimeError(f"output {kind!r} was requested but the inference stage did not return it")
             save_like(array, volume, layout.map_path(vid, kind), dtype)
+            if layout.bids:
+                write_sidecar(layout.map_path(vid, kind), kind, job.row.image, job.bundle_hash, job.calibration)
         write_s = time.perf_counter() - start
         row = {
-            "id": vid, "input_path": str(job.row.image), "status": "ok",
-            "shape": list(volume.native_shape), "voxel_size_mm": list(native_zooms(volume)), **stats,
-            "slices_processed": job.decode.n_slices, "backend": job.backend, "bundle_hash": job.bundle_hash,
+            **manifest_columns(job.row.extra), "id": vid, "input_path": str(job.row.image), "status": "ok",
+            "brain_mask_source": context.brain_source, **stats, "slices_processed": job.decode.n_slices,
+            "backend": job.backend, "bundle_hash": job.bundle_hash, **calibration_columns(job.calibration),
             "runtime_s": job.decode.seconds + job.inference.seconds + write_s,
             "decode_s": job.decode.seconds, "inference_s": job.inference.seconds, "write_s": write_s,
             "decode_node": job.decode.node, "inference_node": job.inference.node, "write_node": node_ip(),
         }
         marker = {"id": vid, "input_path": str(job.row.image), "input_signature": list(input_signature(job.row.image)),
-                  "bundle_hash": job.bundle_hash, "outputs": sorted(job.outputs),
+                  "bundle_hash": job.bundle_hash, "min_lesion_ml": job.calibration.min_lesion_ml,
+                  "outputs": sorted(job.outputs),
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         commit_volume(layout, vid, row, lesion_rows, marker)
-    except Exception as exc:  # noqa: BLE001 - a disk or memory error fails this volume only
+    except Exception as exc:  # a disk or memory error fails this volume only
         kind, message = describe(exc)
         return WriteResult(Failure("write", kind, message), time.perf_counter() - start, node_ip())
     return WriteResult(None, time.perf_counter() - start, node_ip(), stats["lesion_count"], stats["lesion_burden_ml"])

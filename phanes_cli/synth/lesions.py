@@ -2,7 +2,8 @@
 
 Every lesion starts as a binary shape S on the subject grid: either procedural (an ellipsoid roughened
 by smooth noise, grown around a seed in grey/white matter to a target volume) or a real expert-drawn
-stroke mask resampled from MNI space. The blend weight w ramps smoothly from 1 inside to 0 across the
+stroke mask resampled from MNI space (`synth.shapes`: the bank shipped with the package by default).
+The blend weight w ramps smoothly from 1 inside to 0 across the
 shape's surface (see `blend_weight`), and the image becomes x * (1 - w) + min(x, t) * w with t a
 CSF-like target (20-45% of white matter, with a little smooth texture): a T1 hypo-intensity with a
 soft border that never brightens anything.
@@ -16,14 +17,13 @@ would otherwise label CSF that the image cannot show as changed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
 from phanes_cli.errors import InputError
+from phanes_cli.synth.shapes import Shape, ShapeBank
 from phanes_cli.synth.variation import Anatomy
-from phanes_cli.volume_io import load_volume
 
 TISSUE_THRESHOLD = 0.5
 
@@ -64,7 +64,7 @@ def blend_weight(core: np.ndarray, anatomy: Anatomy, cfg: LesionConfig) -> np.nd
     idx = np.argwhere(core)
     lo = np.maximum(idx.min(0) - 3, 0)
     hi = np.minimum(idx.max(0) + 4, core.shape)
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
     local = core[box]
     inside = ndimage.distance_transform_edt(local) - 0.5
     outside = ndimage.distance_transform_edt(~local) - 0.5
@@ -86,7 +86,8 @@ def brain_depth(anatomy: Anatomy) -> np.ndarray:
     Computed on every second voxel and repeated back: seeding only needs depth to a few mm, at 1/8
     of the cost of the full-resolution transform.
     """
-    coarse = ndimage.distance_transform_edt(np.pad(anatomy.brain[::2, ::2, ::2], 1), sampling=2 * anatomy.grid.voxel_size)[1:-1, 1:-1, 1:-1]
+    padded = np.pad(anatomy.brain[::2, ::2, ::2], 1)
+    coarse = ndimage.distance_transform_edt(padded, sampling=2 * anatomy.grid.voxel_size)[1:-1, 1:-1, 1:-1]
     full = coarse.astype(np.float32).repeat(2, 0).repeat(2, 1).repeat(2, 2)
     return full[tuple(slice(0, n) for n in anatomy.grid.shape)] * anatomy.brain
 
@@ -123,8 +124,8 @@ def procedural_shape(anatomy: Anatomy, volume_ml: float, rng: np.random.Generato
     half = int(np.ceil((2.2 * radius + 3.0) / vs))
     lo = np.maximum(seed - half, 0)
     hi = np.minimum(seed + half + 1, anatomy.grid.shape)
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
-    axes = [(np.arange(a, b) - s) * vs for a, b, s in zip(lo, hi, seed)]
+    box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+    axes = [(np.arange(a, b) - s) * vs for a, b, s in zip(lo, hi, seed, strict=True)]
     offsets = np.stack(np.meshgrid(*axes, indexing="ij"))  # (3, bx, by, bz) mm from the seed
     q, _ = np.linalg.qr(rng.standard_normal((3, 3)))
     elong = np.exp(rng.uniform(-np.log(cfg.max_elongation), np.log(cfg.max_elongation), 3))
@@ -136,7 +137,7 @@ def procedural_shape(anatomy: Anatomy, volume_ml: float, rng: np.random.Generato
     allowed = allowed_region(anatomy)[box]
     order = np.argsort(-np.where(allowed, -distance + cfg.roughness * noise, -np.inf), axis=None)[: int(allowed.sum())]
     target = volume_ml * 1000.0 / vs**3
-    k = max(1, int(round(target)))
+    k = max(1, round(target))
     shape = np.zeros(anatomy.grid.shape, dtype=bool)
     for _ in range(5):
         chosen = np.zeros(distance.size, dtype=bool)
@@ -149,7 +150,7 @@ def procedural_shape(anatomy: Anatomy, volume_ml: float, rng: np.random.Generato
     return shape
 
 
-def real_shape(anatomy: Anatomy, path: Path, mni_from_template: np.ndarray, cfg: LesionConfig) -> np.ndarray:
+def real_shape(anatomy: Anatomy, shape: Shape, mni_from_template: np.ndarray, cfg: LesionConfig) -> np.ndarray:
     """A real binary lesion mask (any NIfTI grid in MNI space) resampled onto the subject. (X, Y, Z) bool.
 
     Each subject voxel knows the template world point it was sampled from; `mni_from_template` takes
@@ -158,11 +159,11 @@ def real_shape(anatomy: Anatomy, path: Path, mni_from_template: np.ndarray, cfg:
     kept inside brain tissue (only there does darkening change the image) and regularised like the
     procedural ones; several disconnected parts stay (real strokes can be multifocal).
     """
-    volume = load_volume(path)
-    to_vox = np.linalg.inv(volume.affine) @ mni_from_template
+    to_vox = np.linalg.inv(shape.affine) @ mni_from_template
     world = anatomy.source_world.reshape(3, -1).astype(np.float64)
     vox = (to_vox[:3, :3] @ world + to_vox[:3, 3:4]).reshape(anatomy.source_world.shape)
-    sampled = ndimage.map_coordinates((volume.data > 0.5).astype(np.float32), vox, order=1, mode="constant", cval=0.0, output=np.float32)
+    sampled = ndimage.map_coordinates(shape.mask.astype(np.float32), vox, order=1, mode="constant", cval=0.0,
+                                      output=np.float32)
     allowed = allowed_region(anatomy)
     return regularise((sampled >= 0.5) & allowed, allowed, cfg.border_mm / anatomy.grid.voxel_size)
 
@@ -180,30 +181,33 @@ class Lesioned:
 def darken(anatomy: Anatomy, weight: np.ndarray, rng: np.random.Generator, cfg: LesionConfig) -> np.ndarray:
     """Blend toward a CSF-like target t: x * (1 - w) + min(x, t) * w. (X, Y, Z) float32."""
     level = rng.uniform(*cfg.darkening)
-    texture = ndimage.gaussian_filter(rng.standard_normal(anatomy.grid.shape).astype(np.float32), 2.0 / anatomy.grid.voxel_size)
+    noise = rng.standard_normal(anatomy.grid.shape).astype(np.float32)
+    texture = ndimage.gaussian_filter(noise, 2.0 / anatomy.grid.voxel_size)
     texture /= max(float(texture.std()), 1e-6)
     target = level * (1.0 + 0.08 * texture)
     image = anatomy.image
     return (image * (1.0 - weight) + np.minimum(image, target) * weight).astype(np.float32)
 
 
-def stroke_lesions(anatomy: Anatomy, rng: np.random.Generator, cfg: LesionConfig, shapes: list[Path] | None = None,
+def stroke_lesions(anatomy: Anatomy, rng: np.random.Generator, cfg: LesionConfig, shapes: ShapeBank | None = None,
                    mni_from_template: np.ndarray | None = None) -> Lesioned:
-    """Insert 1-3 procedural lesions, or one real lesion mask picked from `shapes` (a real mask is a
-    patient's whole lesion pattern, so it comes alone). Empty picks (no tissue overlap) are redrawn."""
+    """Insert 1-3 procedural lesions, or one real lesion mask picked uniformly from `shapes` (a real mask is
+    a patient's whole lesion pattern, so it comes alone; uniform picks keep the bank's real size
+    distribution). Empty picks (no tissue overlap) are redrawn."""
     union = np.zeros(anatomy.grid.shape, dtype=bool)
     sources: list[str] = []
     if shapes:
         if mni_from_template is None:
             raise ValueError("real lesion shapes need the template -> MNI world transform")
         for _ in range(cfg.shape_tries):
-            path = shapes[int(rng.integers(len(shapes)))]
-            shape = real_shape(anatomy, path, mni_from_template, cfg)
+            picked = shapes.get(int(rng.integers(len(shapes))))
+            shape = real_shape(anatomy, picked, mni_from_template, cfg)
             if shape.any():
-                union, sources = shape, [path.name]
+                union, sources = shape, [picked.name]
                 break
         else:
-            raise InputError(path.parent, f"{cfg.shape_tries} random lesion masks in a row miss the brain tissue; are they in MNI space?")
+            raise InputError(shapes.source, f"{cfg.shape_tries} random lesion masks in a row miss the brain tissue; "
+                             "are they in MNI space?")
     else:
         lo, hi = np.log(cfg.volume_ml[0]), np.log(cfg.volume_ml[1])
         depth = brain_depth(anatomy)
@@ -211,4 +215,5 @@ def stroke_lesions(anatomy: Anatomy, rng: np.random.Generator, cfg: LesionConfig
             union |= procedural_shape(anatomy, float(np.exp(rng.uniform(lo, hi))), rng, cfg, depth)
             sources.append("procedural")
     weight = blend_weight(union, anatomy, cfg)
-    return Lesioned(image=darken(anatomy, weight, rng, cfg), weight=weight, mask=lesion_mask(weight, anatomy), sources=tuple(sources))
+    return Lesioned(image=darken(anatomy, weight, rng, cfg), weight=weight, mask=lesion_mask(weight, anatomy),
+                    sources=tuple(sources))

@@ -46,7 +46,8 @@ def _centre(brain: np.ndarray, rng: np.random.Generator) -> tuple[float, float]:
     return rng.uniform(h / 4, 3 * h / 4), rng.uniform(w / 4, 3 * w / 4)
 
 
-def paint_slice(image: np.ndarray, brain: np.ndarray, rng: np.random.Generator, count: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
+def paint_slice(image: np.ndarray, brain: np.ndarray, rng: np.random.Generator, count: int,
+                scale: float) -> tuple[np.ndarray, np.ndarray]:
     """Paint `count` ellipses on one slice (H, W), any intensity units. Returns (painted, mask)."""
     out = image.copy()
     mask = np.zeros(image.shape, dtype=bool)
@@ -57,7 +58,8 @@ def paint_slice(image: np.ndarray, brain: np.ndarray, rng: np.random.Generator, 
         lo, hi = np.percentile(values, PERCENTILE_BANDS[int(rng.integers(len(PERCENTILE_BANDS)))])
         intensity = rng.uniform(lo, hi)
         axes = np.maximum(np.abs(rng.normal(4.0, 6.0, 2)), 2.0) * scale
-        shape = ellipse(image.shape, _centre(brain, rng), (float(axes[0]), float(axes[1])), rng.uniform(0.0, np.pi)) & brain
+        angle = rng.uniform(0.0, np.pi)
+        shape = ellipse(image.shape, _centre(brain, rng), (float(axes[0]), float(axes[1])), angle) & brain
         out[shape] = intensity
         mask |= shape
     return out, mask
@@ -87,7 +89,8 @@ def paint_sprites(images: np.ndarray, brain: np.ndarray, rng: np.random.Generato
     return painted, masks
 
 
-def sprite_volume(image: np.ndarray, brain: np.ndarray, rng: np.random.Generator, count: int = 3) -> tuple[np.ndarray, np.ndarray]:
+def sprite_volume(image: np.ndarray, brain: np.ndarray, rng: np.random.Generator,
+                  count: int = 3) -> tuple[np.ndarray, np.ndarray]:
     """Sprites on the central band of axial slices of a RAS+ volume (X, Y, Z); returns (image, mask)."""
     z = np.flatnonzero(brain.any(axis=(0, 1)))
     out = image.astype(np.float32, copy=True)
@@ -95,7 +98,7 @@ def sprite_volume(image: np.ndarray, brain: np.ndarray, rng: np.random.Generator
     if z.size == 0:
         return out, mask
     span = z[-1] - z[0] + 1
-    half = max(1, int(round(span * BAND_FRACTION / 2)))
+    half = max(1, round(span * BAND_FRACTION / 2))
     mid = (z[0] + z[-1]) // 2
     scale = max(image.shape[:2]) / REFERENCE_SIZE
     for k in range(max(z[0], mid - half), min(z[-1], mid + half) + 1):

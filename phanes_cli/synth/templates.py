@@ -1,10 +1,12 @@
 """Real T1 templates that synthetic subjects are grown from.
 
-The default template is the MNI152 2009a brain that ships inside nilearn (read from the installed
-package, no network), with its brain mask and grey/white-matter probability maps. Extra real T1s
-(`--templates DIR`) are read through `volume_io.load_volume` (canonical RAS+, any file orientation);
-they come without masks, so the brain mask is computed from intensities and the tissue map from a
-white-matter intensity estimate.
+The first template is the MNI152 2009a brain that ships inside nilearn (read from the installed
+package, no network), with its brain mask and grey/white-matter probability maps. Four more real T1s
+ship with phanes (`phanes_cli/data/healthy_t1`: one adult, Colin27, the ANTs MNI152 and ICBM 2009
+templates). They and extra real T1s (`--templates DIR`) are read through `volume_io.load_volume`
+(canonical RAS+, any file orientation); they come without masks, so the brain mask is
+`preprocess.auto_brain_mask` (the one screening uses) and the tissue map comes from a white-matter
+intensity estimate.
 
 Intensities are normalised so that white matter is 1.0 in every template: lesion contrast and noise
 levels are then defined once, relative to white matter, whatever the source scanner units were.
@@ -12,17 +14,19 @@ levels are then defined once, relative to white matter, whatever the source scan
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from phanes_cli.errors import InputError
+from phanes_cli.preprocess import auto_brain_mask
 from phanes_cli.volume_io import is_nifti_path, load_volume
 
 MNI152_NAME = "nilearn-mni152-2009a"
-BRAIN_FRACTION = 0.05  # extra templates: brain = intensity above this fraction of the 98th percentile
+# Real healthy T1s shipped with the package (unchanged files; licences and sources in data/NOTICE)
+PACKAGED_TEMPLATES = Path(__file__).resolve().parent.parent / "data" / "healthy_t1"
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,8 @@ class Grid:
 
     def world(self) -> np.ndarray:
         """World coordinates of every voxel centre, (3, X, Y, Z) float32."""
-        axes = [self.affine[i, 3] + self.affine[i, i] * np.arange(n, dtype=np.float64) for i, n in enumerate(self.shape)]
+        axes = [self.affine[i, 3] + self.affine[i, i] * np.arange(n, dtype=np.float64)
+                for i, n in enumerate(self.shape)]
         return np.stack(np.meshgrid(*axes, indexing="ij")).astype(np.float32)
 
 
@@ -81,7 +86,7 @@ def output_grid(template: Template, voxel_size: float, margin_mm: float = 10.0) 
     lo, hi = template.brain_box_world
     lo = lo - margin_mm
     hi = hi + margin_mm
-    shape = tuple(int(np.ceil((h - l) / voxel_size)) + 1 for l, h in zip(lo, hi))
+    shape = tuple(int(np.ceil((h - low) / voxel_size)) + 1 for low, h in zip(lo, hi, strict=True))
     affine = np.diag([voxel_size, voxel_size, voxel_size, 1.0])
     affine[:3, 3] = lo
     return Grid(shape=shape, affine=affine)  # type: ignore[arg-type]
@@ -95,21 +100,6 @@ def white_matter_level(image: np.ndarray, brain: np.ndarray) -> float:
     """
     values = image[brain]
     return float(np.median(values[values >= np.percentile(values, 70)]))
-
-
-def compute_brain_mask(image: np.ndarray) -> np.ndarray:
-    """Brain mask of a skull-stripped T1: foreground above a small intensity, holes filled, largest part."""
-    values = image[image > 0]
-    if values.size == 0:
-        return np.zeros(image.shape, dtype=bool)
-    mask = image > BRAIN_FRACTION * np.percentile(values, 98)
-    labels, count = ndimage.label(mask)
-    if count > 1:
-        sizes = np.bincount(labels.ravel())
-        sizes[0] = 0
-        mask = labels == int(np.argmax(sizes))
-    filled: np.ndarray = ndimage.binary_fill_holes(mask)
-    return filled
 
 
 def _array(img: object) -> np.ndarray:
@@ -159,6 +149,11 @@ def _box_fit(src: tuple[np.ndarray, np.ndarray], dst: tuple[np.ndarray, np.ndarr
     return out
 
 
+def box_to_mni(brain: np.ndarray, affine: np.ndarray, reference: Template) -> np.ndarray:
+    """World affine fitting a brain's bounding box (bool mask on `affine`'s grid) onto the reference brain's box."""
+    return _box_fit(_world_box(brain, affine), reference.brain_box_world)
+
+
 def load_template_file(path: Path, reference: Template) -> Template:
     """An extra real T1: brain mask from intensities; tissue = brain voxels brighter than half of WM.
 
@@ -166,7 +161,7 @@ def load_template_file(path: Path, reference: Template) -> Template:
     shapes drawn in MNI space land on comparable anatomy even for a template in native space.
     """
     volume = load_volume(path)
-    brain = compute_brain_mask(volume.data)
+    brain = auto_brain_mask(volume.data)
     if brain.sum() < 1000:
         raise InputError(path, "no brain found (fewer than 1000 foreground voxels); expected a skull-stripped T1")
     wm_level = white_matter_level(volume.data, brain)
@@ -174,14 +169,13 @@ def load_template_file(path: Path, reference: Template) -> Template:
         raise InputError(path, "brain intensities are not positive; expected a T1-weighted image")
     image = np.where(brain, volume.data / wm_level, 0.0).astype(np.float32)
     tissue = (brain & (image > 0.5)).astype(np.float32)
-    box = _world_box(brain, volume.affine)
     return Template(
-        name=path.name.split(".")[0],
+        name=template_name(path),
         image=image,
         affine=volume.affine,
         brain=brain.astype(np.float32),
         tissue=tissue,
-        to_mni=_box_fit(box, reference.brain_box_world),
+        to_mni=box_to_mni(brain, volume.affine, reference),
     )
 
 
@@ -197,9 +191,34 @@ def nifti_files(folder: Path, what: str) -> list[Path]:
     return files
 
 
-def load_templates(extra: Path | None = None) -> list[Template]:
-    """The bundled MNI152 template, then every T1 of `extra` in name order."""
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def template_name(path: Path) -> str:
+    """A template file's source name: its file name without extensions."""
+    return path.name.split(".")[0]
+
+
+def template_files(extra: Path | None = None, packaged: bool = True) -> list[Path]:
+    """The real T1s after nilearn's MNI152: the shipped ones (`PACKAGED_TEMPLATES`, name order), then `extra`'s.
+
+    A file of `extra` byte-identical to a shipped one is skipped: the same brain twice could land in two
+    splits. Names must be unique (they decide the split of a source); a clash is an InputError.
+    """
+    files = nifti_files(PACKAGED_TEMPLATES, "packaged templates") if packaged else []
+    shipped = {_digest(p) for p in files}
+    if extra is not None:
+        files += [p for p in nifti_files(Path(extra), "templates") if _digest(p) not in shipped]
+    names = [MNI152_NAME] + [template_name(p) for p in files]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise InputError(extra or PACKAGED_TEMPLATES,
+                         f"template name(s) {', '.join(twice)} appear twice; rename the file(s)")
+    return files
+
+
+def load_templates(files: list[Path]) -> list[Template]:
+    """nilearn's MNI152 first, then `files` (see `template_files`) as templates fitted to it."""
     mni = load_mni152()
-    if extra is None:
-        return [mni]
-    return [mni] + [load_template_file(p, mni) for p in nifti_files(extra, "templates")]
+    return [mni] + [load_template_file(p, mni) for p in files]

@@ -1,12 +1,15 @@
 """Training of the two PHANES stages on healthy data (`phanes train`).
 
-- `trainer`: the stage 1 / stage 2 loops, validation, early stopping, checkpoints, resume, bundle.
+- `trainer`: the stage 1 / stage 2 loop: epochs, early stopping, resume, the (uncalibrated) bundle.
+- `steps`: the optimisation steps of both stages (`Learner`: networks, optimisers, seeded sampler).
+- `validation`: validation scores and the stage 1 threshold that cuts stage 2's holes.
 - `losses`: Soft-IntroVAE + reversed embedding losses (stage 1), AOT-GAN losses (stage 2).
 - `augment`: the paper's batched 2D augmentation, identical for images and masks.
 - `shapes`: random inpainting holes (ellipses, strokes) for stage 2.
 - `data`: healthy slices held in memory, seeded batch order.
-- `checkpoint`: pickle-free resumable checkpoints.
+- `checkpoint`: pickle-free resumable checkpoints, run progress and best weights.
+- `metrics_log`: `metrics.csv`, one row per validation.
 - `progress`: the shared rich progress display.
 
-Calibration of a trained bundle lives in `phanes_cli.calibrate`.
+Calibration of a trained bundle lives in `phanes_cli.calibrate`; `phanes train` runs it after training.
 """

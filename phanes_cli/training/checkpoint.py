@@ -4,27 +4,60 @@ One file, `checkpoints/last.safetensors`, holds every tensor (weights, optimiser
 states) and, in its safetensors metadata, the JSON of everything else (run progress, optimiser
 hyper-parameters, Python and NumPy RNG states, the config). The file is replaced atomically, so a
 kill at any moment leaves either the previous or the new checkpoint; `last.json` is a readable copy
-of the metadata written right after it. Nothing is ever unpickled.
+of the metadata written right after it. Nothing is ever unpickled. The best weights of each stage by
+validation go to `checkpoints/best_stage<N>.safetensors`, the same way.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from phanes_cli.atomic import atomic_path, write_json
-from phanes_cli.errors import BundleError
+from phanes_cli.config import PhanesConfig
+from phanes_cli.errors import BundleError, ConfigError
 
 CHECKPOINT_FORMAT = 1
 METADATA_KEY = "phanes_checkpoint"
+CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.safetensors"
+ARCHITECTURE_KEYS = ("ra", "aot", "preprocess")  # a checkpoint resumes only into the same network shapes
+
+
+@dataclass
+class RunState:
+    """Progress of a run; everything a resumed run needs besides tensors (stored as JSON)."""
+
+    stage: int = 1
+    epoch: int = 0  # completed epochs of the current stage
+    step: int = 0  # optimisation steps of the current stage
+    best_val: float = math.inf
+    best_step: int = -1
+    bad_evals: int = 0  # validations since the last improvement
+    seconds: float = 0.0  # training wall time over all sessions
+    stage2_mask_threshold: float | None = None
+    stages: list[dict[str, Any]] = field(default_factory=list)  # one summary per finished stage
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["best_val"] = None if not math.isfinite(self.best_val) else self.best_val
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunState:
+        data = dict(data)
+        data["best_val"] = math.inf if data.get("best_val") is None else float(data["best_val"])
+        return cls(**data)
 
 
 def flatten_optimizer(name: str, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -70,7 +103,8 @@ def rng_snapshot(sampler: torch.Generator) -> tuple[dict[str, torch.Tensor], dic
 def rng_restore(tensors: dict[str, torch.Tensor], meta: dict[str, Any], sampler: torch.Generator) -> None:
     torch.set_rng_state(tensors["rng.torch"])
     sampler.set_state(tensors["rng.sampler"])
-    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))]
+    cuda_keys = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+    cuda = [tensors[k] for k in cuda_keys]
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
     version, internal, gauss = meta["python"]
@@ -102,12 +136,58 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            names = handle.keys()  # safe_open handles are not iterable
+            tensors = {key: handle.get_tensor(key) for key in names}
     except (OSError, SafetensorError) as exc:
         raise BundleError(f"{path}: unreadable training checkpoint ({exc}); delete it to start over") from exc
     if METADATA_KEY not in metadata:
         raise BundleError(f"{path}: not a phanes training checkpoint (no {METADATA_KEY} metadata)")
     meta = json.loads(metadata[METADATA_KEY])
     if meta.get("format") != CHECKPOINT_FORMAT:
-        raise BundleError(f"{path}: checkpoint format {meta.get('format')} is not supported (expected {CHECKPOINT_FORMAT})")
+        raise BundleError(f"{path}: checkpoint format {meta.get('format')} is not supported "
+                          f"(expected {CHECKPOINT_FORMAT})")
     return tensors, meta
+
+
+def save_run(path: Path, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+             sampler: torch.Generator, state: RunState, config: PhanesConfig) -> None:
+    """Checkpoint a whole run: named modules, optimisers, every random stream, progress and config."""
+    tensors = {k: v for name, module in modules.items() for k, v in module_tensors(name, module).items()}
+    optim_meta: dict[str, Any] = {}
+    for name, opt in optimizers.items():
+        opt_tensors, optim_meta[name] = flatten_optimizer(name, opt)
+        tensors.update(opt_tensors)
+    rng_tensors, rng_meta = rng_snapshot(sampler)
+    tensors.update(rng_tensors)
+    save_checkpoint(path, tensors, {"state": state.to_json(), "optimizers": optim_meta, "rng": rng_meta,
+                                    "config": config.to_dict()})
+
+
+def load_run(path: Path, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+             sampler: torch.Generator, config: PhanesConfig) -> RunState:
+    """Restore what `save_run` wrote into the given modules, optimisers and sampler; returns the progress."""
+    tensors, meta = load_checkpoint(path)
+    changed = [k for k in ARCHITECTURE_KEYS if meta["config"].get(k) != config.to_dict()[k]]
+    if changed:
+        raise ConfigError(f"{path}: the checkpoint was trained with different {', '.join(changed)} settings; "
+                          "resume with the original config or train into another --out folder")
+    for name, module in modules.items():
+        module.load_state_dict(module_state(name, tensors))
+    for name, opt in optimizers.items():
+        opt.load_state_dict(unflatten_optimizer(name, tensors, meta["optimizers"][name]))
+    rng_restore(tensors, meta["rng"], sampler)
+    return RunState.from_json(meta["state"])
+
+
+def save_weights(path: Path, modules: dict[str, nn.Module]) -> None:
+    """Atomically write the weights of named modules (a stage's best weights)."""
+    tensors = {k: v for name, module in modules.items() for k, v in module_tensors(name, module).items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))
+
+
+def load_weights(path: Path, modules: dict[str, nn.Module]) -> None:
+    """Load weights written by `save_weights` back into the same named modules."""
+    tensors = load_file(str(path))
+    for name, module in modules.items():
+        module.load_state_dict(module_state(name, tensors))

@@ -18,9 +18,8 @@ from torch import Tensor
 from phanes_cli.config import PreprocessConfig
 from phanes_cli.errors import ConfigError
 from phanes_cli.manifest import ManifestRow, read_manifest, select
+from phanes_cli.preprocess import load_with_brain, prepare_volume
 from phanes_cli.training.progress import make_progress
-from phanes_cli.preprocess import auto_brain_mask, prepare_volume
-from phanes_cli.volume_io import load_mask, load_volume
 
 HEALTHY = "healthy"
 
@@ -54,8 +53,8 @@ def healthy_rows(manifest: Path, split: str) -> list[ManifestRow]:
 
 
 def load_slices(rows: Sequence[ManifestRow], cfg: PreprocessConfig, bar: Progress | None = None,
-                description: str = "loading volumes") -> SliceSet:
-    """Read and prepare every volume once; brain masks come from the manifest or `auto_brain_mask`."""
+                description: str = "loading volumes", skull_strip: str = "auto", device: str = "cpu") -> SliceSet:
+    """Read and prepare every volume once; brain masks come from the manifest or `skullstrip.brain_mask_for`."""
     images: list[Tensor] = []
     brains: list[Tensor] = []
     owners: list[Tensor] = []
@@ -63,8 +62,7 @@ def load_slices(rows: Sequence[ManifestRow], cfg: PreprocessConfig, bar: Progres
         bar = make_progress(False)
     task = bar.add_task(description, total=len(rows), info="")
     for i, row in enumerate(rows):
-        volume = load_volume(row.image)
-        brain = load_mask(row.brain_mask, volume) if row.brain_mask is not None else auto_brain_mask(volume.data)
+        volume, brain, _ = load_with_brain(row.image, row.brain_mask, skull_strip=skull_strip, device=device)
         prepared = prepare_volume(volume.data, brain, cfg)
         images.append(prepared.slices)
         brains.append(prepared.brain)
@@ -95,7 +93,8 @@ def hash_seed(*parts: int) -> int:
     """A stable 63-bit seed from integers (Python's hash() is salted per process for some types)."""
     value = 0x9E3779B97F4A7C15
     for part in parts:
-        value = (value ^ (int(part) + 0x9E3779B97F4A7C15 + ((value << 6) & 0xFFFFFFFFFFFFFFFF) + (value >> 2))) & 0xFFFFFFFFFFFFFFFF
+        mixed = int(part) + 0x9E3779B97F4A7C15 + ((value << 6) & 0xFFFFFFFFFFFFFFFF) + (value >> 2)
+        value = (value ^ mixed) & 0xFFFFFFFFFFFFFFFF
     return value & 0x7FFFFFFFFFFFFFFF
 
 

@@ -87,7 +87,7 @@ def reversed_embedding_loss(features_x: Sequence[Tensor], features_rec: Sequence
     if len(features_x) != len(features_rec):
         raise ValueError(f"feature lists differ in length: {len(features_x)} vs {len(features_rec)}")
     total = torch.zeros((), device=features_x[0].device)
-    for a, b in zip(features_x, features_rec):
+    for a, b in zip(features_x, features_rec, strict=True):
         a, b = a.float().flatten(1), b.float().flatten(1)
         cosine = F.cosine_similarity(a, b, dim=1, eps=1e-8).mean()
         total = total + (1.0 - cosine) + 0.5 * F.mse_loss(a, b)
@@ -137,7 +137,8 @@ def gram(features: Tensor) -> Tensor:
 
 def style_loss(feats_a: Mapping[str, Tensor], feats_b: Mapping[str, Tensor], layers: Sequence[str]) -> Tensor:
     """Sum over `layers` of the L1 distance between Gram matrices."""
-    return sum((F.l1_loss(gram(feats_a[k]), gram(feats_b[k])) for k in layers), torch.zeros((), device=feats_a[layers[0]].device))
+    zero = torch.zeros((), device=feats_a[layers[0]].device)
+    return sum((F.l1_loss(gram(feats_a[k]), gram(feats_b[k])) for k in layers), zero)
 
 
 def perceptual_loss(feats_a: Mapping[str, Tensor], feats_b: Mapping[str, Tensor], layers: Sequence[str]) -> Tensor:
@@ -168,18 +169,20 @@ def generator_adversarial_loss(logits_fake: Tensor, mask_small: Tensor) -> Tenso
     logits (N, 1, h, w); `mask_small` (N, 1, h, w), the inpainting mask at the logits' size. Normalised by
     the mean mask so the term does not shrink with small holes; zero when nothing was painted.
     """
-    per_pixel = F.binary_cross_entropy_with_logits(logits_fake.float(), torch.zeros_like(logits_fake, dtype=torch.float32),
-                                                   reduction="none")
+    real = torch.zeros_like(logits_fake, dtype=torch.float32)
+    per_pixel = F.binary_cross_entropy_with_logits(logits_fake.float(), real, reduction="none")
     weight = mask_small.float()
     return (per_pixel * weight).sum() / weight.sum().clamp_min(1e-6)
 
 
-def inpaint_generator_loss(pred: Tensor, target: Tensor, feats_pred: Mapping[str, Tensor], feats_target: Mapping[str, Tensor],
-                           adversarial: Tensor, style_layers: Sequence[str], perceptual_layers: Sequence[str],
+def inpaint_generator_loss(pred: Tensor, target: Tensor, feats_pred: Mapping[str, Tensor],
+                           feats_target: Mapping[str, Tensor], adversarial: Tensor, style_layers: Sequence[str],
+                           perceptual_layers: Sequence[str],
                            w: InpaintWeights = InpaintWeights()) -> tuple[Tensor, dict[str, Tensor]]:
     """L1 + 250*style + 0.1*perceptual + 0.01*adversarial; images (N, 1, S, S), VGG features by layer name."""
     l1 = F.l1_loss(pred.float(), target.float())
     style = style_loss(feats_pred, feats_target, style_layers)
     perceptual = perceptual_loss(feats_pred, feats_target, perceptual_layers)
     loss = w.l1 * l1 + w.style * style + w.perceptual * perceptual + w.adversarial * adversarial
-    return loss, {"l1": l1.detach(), "style": style.detach(), "perceptual": perceptual.detach(), "adv": adversarial.detach()}
+    terms = {"l1": l1, "style": style, "perceptual": perceptual, "adv": adversarial}
+    return loss, {k: v.detach() for k, v in terms.items()}

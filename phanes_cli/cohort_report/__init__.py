@@ -1,0 +1,1 @@
+"""Cohort reports: a self-contained HTML page and QC figures for a screening run."""

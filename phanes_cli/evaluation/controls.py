@@ -1,0 +1,56 @@
+"""Healthy controls and lesion-wise recall by lesion size.
+
+A screening tool is judged as much by what it flags in healthy brains as by what it finds in patients:
+a test volume of kind `healthy` without a lesion mask is an all-negative volume, and everything a
+method predicts there is a false positive (components and millilitres per healthy volume). Recall by
+size bin says which lesions a method misses: a good pooled Dice can hide that every lesion under 1 mL
+is lost. Components use `lesions.label_components` (full connectivity), as every lesion count does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from phanes_cli.evaluation.lesions import label_components
+
+SIZE_BINS: tuple[tuple[str, float, float], ...] = (("<1 mL", 0.0, 1.0), ("1-10 mL", 1.0, 10.0),
+                                                   (">10 mL", 10.0, float("inf")))
+
+
+@dataclass(frozen=True)
+class ControlFalsePositives:
+    """What a method flags in one healthy volume: every component and every millilitre is a false positive."""
+
+    components: int
+    ml: float
+
+
+def control_false_positives(pred: np.ndarray, brain: np.ndarray, voxel_ml: float) -> ControlFalsePositives:
+    """Predicted components and volume (mL) inside the brain of a healthy (all-negative) volume."""
+    flagged = np.asarray(pred, dtype=bool) & np.asarray(brain, dtype=bool)
+    _, n = label_components(flagged)
+    return ControlFalsePositives(components=n, ml=float(flagged.sum()) * voxel_ml)
+
+
+def size_bin(volume_ml: float) -> str:
+    """The name of the size bin a lesion of `volume_ml` falls in (lower edge inclusive)."""
+    return next(name for name, low, high in SIZE_BINS if low <= volume_ml < high)
+
+
+def recall_by_size(pred: np.ndarray, truth: np.ndarray, brain: np.ndarray,
+                   voxel_ml: float) -> dict[str, tuple[int, int]]:
+    """(found, total) ground-truth lesions per size bin; a lesion is found when any predicted voxel touches it."""
+    brain = np.asarray(brain, dtype=bool)
+    truth = np.asarray(truth, dtype=bool) & brain
+    hit = np.asarray(pred, dtype=bool) & brain & truth
+    labels, n = label_components(truth)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:] * voxel_ml
+    touched = np.bincount(labels[hit], minlength=n + 1)[1:] > 0
+    counts = {name: (0, 0) for name, _, _ in SIZE_BINS}
+    for size, found in zip(sizes, touched, strict=True):
+        name = size_bin(float(size))
+        done, total = counts[name]
+        counts[name] = (done + int(found), total + 1)
+    return counts

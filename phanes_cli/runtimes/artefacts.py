@@ -1,0 +1,124 @@
+"""Exported artefacts inside a bundle (engines/): provenance, and the checks that refuse tampered or stale ones.
+
+`engines/provenance.json` describes every artefact: the graph it holds, the sha256 of the weights it was
+built from, opset, exporter and runtime versions, precision, batch profile and, for TensorRT engines, the
+TensorRT version and GPU compute capability. The bundle index (bundle.json) seals the files; a backend
+loads an artefact only through `read_artefact`, which checks the seal, the provenance and staleness.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from phanes_cli.bundle import ENGINES_DIR, INDEX_FILE, WEIGHT_FILES, Bundle
+from phanes_cli.errors import BundleError, ConfigError
+
+PROVENANCE_FILE = "provenance.json"
+BENCH_FILE = "bench.json"
+GRAPH_WEIGHTS = {"stage1": WEIGHT_FILES["ra"], "stage2": WEIGHT_FILES["generator"]}  # lpips: weights outside the bundle
+
+
+class ArtefactError(BundleError):
+    """An exported graph or engine that cannot be used: missing, tampered, stale or built for another machine."""
+
+
+class NotExported(ArtefactError):
+    """The bundle has no such artefact: a normal state, `auto` moves on quietly."""
+
+
+class RuntimeUnavailable(ArtefactError):
+    """The runtime itself is missing here (no tensorrt package, no CUDA provider): `auto` moves on quietly."""
+
+
+class EngineIncompatible(ArtefactError):
+    """A TensorRT engine built for another TensorRT version or GPU: refused, the next backend runs instead."""
+
+
+@dataclass(frozen=True)
+class BatchProfile:
+    """The batch sizes a graph is built for (TensorRT optimisation profile; ONNX graphs take any batch)."""
+
+    min: int = 1
+    opt: int = 32
+    max: int = 64
+
+    def validate(self) -> BatchProfile:
+        if not 1 <= self.min <= self.opt <= self.max:
+            raise ConfigError(f"batch profile needs 1 <= min <= opt <= max, got {self.min}, {self.opt}, {self.max}")
+        return self
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def engines_dir(bundle_path: Path) -> Path:
+    return bundle_path / ENGINES_DIR
+
+
+def reexport_hint(bundle_path: Path) -> str:
+    return f"re-export with `phanes export --bundle {bundle_path}`"
+
+
+def _sealed_index(bundle: Bundle) -> dict[str, str]:
+    """The bundle's file list, checked to be the index this Bundle was loaded with."""
+    data = (bundle.path / INDEX_FILE).read_bytes()
+    if sha256_bytes(data) != bundle.hash:
+        raise BundleError(f"{bundle.path / INDEX_FILE}: bundle changed since it was loaded; reload it")
+    files: dict[str, str] = json.loads(data)["files"]
+    return files
+
+
+def read_provenance(bundle: Bundle) -> dict[str, Any]:
+    """engines/provenance.json of a bundle, verified against the index; ArtefactError when absent or changed."""
+    path = engines_dir(bundle.path) / PROVENANCE_FILE
+    listed = _sealed_index(bundle).get(f"{ENGINES_DIR}/{PROVENANCE_FILE}")
+    if listed is None or not path.is_file():
+        raise NotExported(f"{path}: no exported graphs in this bundle; "
+                          f"export them with `phanes export --bundle {bundle.path}`")
+    data = path.read_bytes()
+    if sha256_bytes(data) != listed:
+        raise ArtefactError(f"{path}: changed since export (hash mismatch); {reexport_hint(bundle.path)}")
+    provenance: dict[str, Any] = json.loads(data)
+    return provenance
+
+
+def read_artefact(bundle: Bundle, name: str) -> tuple[bytes, dict[str, Any]]:
+    """The bytes and provenance entry of engines/NAME, refused when tampered with, unsealed or stale."""
+    path = engines_dir(bundle.path) / name
+    index = _sealed_index(bundle)
+    entry = read_provenance(bundle).get("artefacts", {}).get(name)
+    listed = index.get(f"{ENGINES_DIR}/{name}")
+    if entry is None or listed is None or not path.is_file():
+        raise NotExported(f"{path}: not exported for this bundle; {reexport_hint(bundle.path)}")
+    data = path.read_bytes()
+    if sha256_bytes(data) != listed or sha256_bytes(data) != entry.get("sha256"):
+        raise ArtefactError(f"{path}: changed since export (hash mismatch); the file is refused, "
+                            f"{reexport_hint(bundle.path)}")
+    weights = GRAPH_WEIGHTS.get(entry.get("graph", ""))
+    if weights is not None and entry.get("source_sha256") != index.get(weights):
+        raise ArtefactError(f"{path}: stale, exported from other weights ({weights} changed since export); "
+                            f"{reexport_hint(bundle.path)}")
+    return data, entry
+
+
+def artefact_name(graph: str, fmt: str, precision: str = "fp32") -> str:
+    """engines/ file name of one graph: stage1.onnx, stage1.fp16.engine, ..."""
+    return f"{graph}.onnx" if fmt == "onnx" else f"{graph}.{precision}.engine"
+
+
+def read_bench(bundle: Bundle) -> dict[str, Any] | None:
+    """engines/bench.json when `phanes bench` recorded one and the index seals it, else None."""
+    path = engines_dir(bundle.path) / BENCH_FILE
+    listed = _sealed_index(bundle).get(f"{ENGINES_DIR}/{BENCH_FILE}")
+    if listed is None or not path.is_file():
+        return None
+    data = path.read_bytes()
+    if sha256_bytes(data) != listed:
+        return None
+    bench: dict[str, Any] = json.loads(data)
+    return bench

@@ -1,0 +1,231 @@
+"""The streaming loop: per volume a decode task, a call on an inference actor, a write task.
+
+The driver only passes object references along and reads small records, keeping at most
+`max_in_flight` volumes in the pipeline, so its memory does not grow with the cohort. Ray's own actor
+pools do not fit this: `ray.util.ActorPool` waits only on its own calls (the loop here waits on decode,
+inference and write references together), keeps one call per actor (here an actor gets the next volume's
+slices while it works on the current one) and returns a dead actor to the pool instead of replacing it.
+
+Faults: an inference actor that dies is restarted by Ray and its in-flight calls are retried
+(`max_restarts`, `max_task_retries`); when a call still fails after that, the actor is replaced by a
+fresh one and the volume is tried once more there, then recorded as a failure. A task whose worker
+crashes is retried by Ray, then recorded as failed. Errors inside a stage (unreadable file, NaN output,
+out of memory) fail only that volume: the stages return them as a `Failure`, written to the failures table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, cast
+
+import ray
+from ray.exceptions import RayActorError
+
+from phanes_cli.bundle import Bundle
+from phanes_cli.errors import PhanesError
+from phanes_cli.manifest import ManifestRow
+from phanes_cli.screening.actors import InferenceActor
+from phanes_cli.screening.options import ScreenOptions
+from phanes_cli.screening.outputs import Failure, OutputLayout, input_signature, manifest_columns, record_failure
+from phanes_cli.screening.plan import ActorPlan
+from phanes_cli.screening.report import Counts, JsonLog, ProgressDisplay
+from phanes_cli.screening.tasks import (
+    DecodeResult,
+    InferenceResult,
+    WriteJob,
+    WriteResult,
+    decode_volume,
+    describe,
+    write_volume,
+)
+
+ACTOR_MAX_RESTARTS = 3
+ACTOR_TASK_RETRIES = 2
+TASK_RETRIES = 2
+INFERENCE_ATTEMPTS = 2  # a volume whose actor died for good is tried once more on a fresh actor
+
+
+def short_error(exc: BaseException) -> str:
+    """The line of a (possibly multi-line, remote) error message that names the error."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line.split(":")[0]]
+    return (errors[-1] if errors else (lines[-1] if lines else type(exc).__name__))[:2000]
+
+
+def describe_ray(exc: BaseException) -> tuple[str, str]:
+    """(error type, message) for an exception raised by Ray itself (a dead worker or actor)."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException) and not isinstance(cause, RayActorError):
+        return describe(cause)
+    return type(exc).__name__, short_error(exc)
+
+
+class Actors:
+    """The inference actors: the least loaded one takes the next volume; one that died for good is replaced."""
+
+    def __init__(self, options: ScreenOptions, bundle: Bundle, backend: str, plan: ActorPlan, run_id: str,
+                 log: JsonLog) -> None:
+        self.options, self.bundle, self.backend, self.plan = options, bundle, backend, plan
+        self.run_id, self.log = run_id, log
+        # `pid` runs in its own group so it answers while `infer` is busy; Ray's typed overloads omit the option
+        self.cls = ray.remote(concurrency_groups={"control": 1})(InferenceActor)  # type: ignore[call-overload]
+        self.replacements = 0
+        self.handles = [self._new(i) for i in range(plan.count)]
+        self.generations = [0] * plan.count  # bumped on replacement, so a late error of the old actor is ignored
+        self.load = [0] * plan.count
+
+    def _new(self, index: int) -> Any:
+        return self.cls.options(
+            num_cpus=self.plan.cpus, num_gpus=self.plan.gpus, max_restarts=ACTOR_MAX_RESTARTS,
+            max_task_retries=ACTOR_TASK_RETRIES, scheduling_strategy="SPREAD",
+            name=f"phanes-infer-{self.run_id}-{index}-{self.replacements}",
+        ).remote(str(self.bundle.path.absolute()), self.bundle.hash, self.backend,
+                 "cuda" if self.plan.gpus > 0 else "cpu", max(1, int(self.plan.cpus)), self.options.batch_size,
+                 "pseudohealthy" in self.options.outputs, self.options.lpips_weights)
+
+    def wait_ready(self) -> None:
+        try:
+            ray.get([a.pid.remote() for a in self.handles])
+        except RayActorError as exc:
+            raise PhanesError(f"the inference actors could not start: {short_error(exc)}") from exc
+
+    def stop(self) -> None:
+        for actor in self.handles:
+            ray.kill(actor, no_restart=True)
+
+    def least_loaded(self) -> int:
+        return min(range(len(self.handles)), key=lambda i: self.load[i])
+
+    def replace(self, index: int, exc: BaseException) -> None:
+        """An actor call failed after Ray's restarts and retries: put a fresh actor in its place."""
+        if self.replacements >= 2 * self.plan.count:
+            raise PhanesError(f"inference actors keep dying ({self.replacements} replaced); "
+                              f"last error: {short_error(exc)}")
+        self.replacements += 1
+        ray.kill(self.handles[index], no_restart=True)
+        self.handles[index] = self._new(index)
+        self.generations[index] += 1
+        self.log.event("actor_replaced", index=index, error=short_error(exc))
+
+
+@dataclass
+class Flight:
+    """One volume moving through the pipeline; holds only object references and small records."""
+
+    row: ManifestRow
+    stage: str = "decode"
+    slices: Any = None
+    context: Any = None
+    maps: Any = None
+    decode: DecodeResult | None = None
+    actor: int = -1
+    generation: int = 0  # of the actor at `actor` when the call was made
+    attempts: int = 0
+
+
+class Dispatcher:
+    """Moves each volume decode -> inference -> write and records how it ended (done or a failure row)."""
+
+    def __init__(self, options: ScreenOptions, bundle: Bundle, backend: str, layout: OutputLayout, actors: Actors,
+                 counts: Counts, log: JsonLog, display: ProgressDisplay) -> None:
+        self.options, self.bundle, self.backend, self.layout, self.actors = options, bundle, backend, layout, actors
+        self.counts, self.log, self.display = counts, log, display
+        self.decode_fn = ray.remote(decode_volume).options(num_returns=3, num_cpus=1, max_retries=TASK_RETRIES,
+                                                            scheduling_strategy="SPREAD")
+        self.write_fn = ray.remote(write_volume).options(num_cpus=1, max_retries=TASK_RETRIES)
+        self.pending: dict[Any, Flight] = {}
+        self.peak_in_flight = 0
+
+    def run(self, rows: Iterator[ManifestRow], limit: int) -> None:
+        handlers = {"decode": self._decoded, "inference": self._inferred, "write": self._written}
+        exhausted = False
+        while True:
+            while not exhausted and len(self.pending) < limit:
+                row = next(rows, None)
+                exhausted = row is None
+                if row is not None:
+                    self._submit_decode(Flight(row))
+            self.peak_in_flight = max(self.peak_in_flight, len(self.pending))
+            if not self.pending:
+                return
+            ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=0.5)
+            for ref in ready:
+                flight = self.pending.pop(ref)
+                handlers[flight.stage](ref, flight)
+            self.display.refresh()
+
+    def _submit_decode(self, flight: Flight) -> None:
+        refs = self.decode_fn.remote(flight.row, self.bundle.config.preprocess, self.options.max_voxels,
+                                     self.options.skull_strip)
+        info, flight.slices, flight.context = cast("list[Any]", refs)  # num_returns=3: one reference each
+        flight.stage = "decode"
+        self.pending[info] = flight
+
+    def _submit_inference(self, flight: Flight) -> None:
+        actors = self.actors
+        flight.actor = actors.least_loaded()
+        actors.load[flight.actor] += 1
+        flight.generation, flight.attempts = actors.generations[flight.actor], flight.attempts + 1
+        info, flight.maps = actors.handles[flight.actor].infer.options(num_returns=2).remote(flight.slices)
+        flight.stage = "inference"
+        self.pending[info] = flight
+
+    def _submit_write(self, flight: Flight, inferred: InferenceResult) -> None:
+        assert flight.decode is not None  # set when the decode stage succeeded
+        job = WriteJob(row=flight.row, out=self.layout.root, outputs=frozenset(self.options.outputs),
+                       calibration=self.bundle.require_calibration(), backend=self.backend,
+                       bundle_hash=self.bundle.hash, decode=flight.decode, inference=inferred)
+        flight.slices, flight.stage = None, "write"
+        self.pending[self.write_fn.remote(job, flight.context, flight.maps)] = flight
+
+    def _decoded(self, ref: Any, flight: Flight) -> None:
+        try:
+            decoded: DecodeResult = ray.get(ref)
+        except Exception as exc:
+            return self._fail(flight, Failure("decode", *describe_ray(exc)))
+        if decoded.failure is not None:
+            return self._fail(flight, decoded.failure)
+        flight.decode = decoded
+        return self._submit_inference(flight)
+
+    def _inferred(self, ref: Any, flight: Flight) -> None:
+        actors = self.actors
+        actors.load[flight.actor] -= 1
+        try:
+            inferred: InferenceResult = ray.get(ref)
+        except RayActorError as exc:
+            if actors.generations[flight.actor] == flight.generation:
+                actors.replace(flight.actor, exc)
+            if flight.attempts < INFERENCE_ATTEMPTS:
+                return self._submit_inference(flight)
+            return self._fail(flight, Failure("inference", *describe_ray(exc)))
+        except Exception as exc:
+            return self._fail(flight, Failure("inference", *describe_ray(exc)))
+        if inferred.failure is not None:
+            return self._fail(flight, inferred.failure)
+        return self._submit_write(flight, inferred)
+
+    def _written(self, ref: Any, flight: Flight) -> None:
+        try:
+            written: WriteResult = ray.get(ref)
+        except Exception as exc:
+            return self._fail(flight, Failure("write", *describe_ray(exc)))
+        if written.failure is not None:
+            return self._fail(flight, written.failure)
+        self.counts.done += 1
+        self.log.event("volume", id=flight.row.id, status="ok", lesion_count=written.lesion_count,
+                       lesion_burden_ml=written.lesion_burden_ml)
+        return None
+
+    def _fail(self, flight: Flight, failure: Failure) -> None:
+        row = flight.row
+        size, mtime = input_signature(row.image)
+        record_failure(self.layout, row.id, {
+            "id": row.id, "path": str(row.image), "stage": failure.stage, "error_type": failure.error_type,
+            "message": failure.message, "retry_on_resume": failure.retry_on_resume, "input_size": size,
+            "input_mtime_ns": mtime, "bundle_hash": self.bundle.hash, **manifest_columns(row.extra),
+        })
+        self.counts.failed += 1
+        self.log.event("volume", id=row.id, status="failed", stage=failure.stage, error_type=failure.error_type,
+                       message=failure.message)

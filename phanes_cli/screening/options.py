@@ -1,0 +1,87 @@
+"""The options of one screening run (`phanes screen` flags) and their validation."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from phanes_cli.errors import ConfigError
+from phanes_cli.pipeline import Calibration
+from phanes_cli.screening.actors import resolve_backend
+from phanes_cli.screening.bids_out import check_layout
+from phanes_cli.screening.outputs import OUTPUT_KINDS
+from phanes_cli.skullstrip import check_mode
+from phanes_cli.volume_io import DEFAULT_MAX_VOXELS
+
+
+@dataclass
+class ScreenOptions:
+    """Everything `phanes screen` takes besides INPUTS (`session` explains address and node_ip)."""
+
+    bundle: Path
+    out: Path
+    address: str | None = None
+    num_actors: int | None = None  # default: one per GPU (with gpus_per_actor), else CPUs // (2 * cpus_per_actor)
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs, else 0
+    batch_size: int = 32
+    backend: str = "torch"
+    outputs: frozenset[str] = frozenset({"anomaly", "mask"})
+    resume: bool = True
+    overwrite: bool = False
+    quiet: bool = False
+    log_jsonl: Path | None = None
+    max_voxels: int = DEFAULT_MAX_VOXELS
+    lpips_weights: str | None = None
+    max_in_flight: int | None = None  # default: 4 per actor, at least 4
+    node_ip: str | None = None
+    object_store_mb: int | None = None  # local instance only; None: Ray's default
+    skull_strip: str = "auto"  # auto | always | never (skullstrip.py); the model runs in the decode tasks
+    layout: str = "default"  # default | bids (bids_out.py: OUT as a BIDS-derivatives dataset)
+    min_lesion_ml: float | None = None  # lesion components under this are dropped; default: the bundle's calibration
+
+    def validate(self) -> None:
+        unknown = sorted(set(self.outputs) - set(OUTPUT_KINDS))
+        if unknown:
+            raise ConfigError(f"unknown output(s) {', '.join(unknown)}; choose from {', '.join(OUTPUT_KINDS)}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
+        if self.num_actors is not None and self.num_actors < 1:
+            raise ConfigError(f"number of actors must be at least 1, got {self.num_actors}")
+        if self.cpus_per_actor < 0 or (self.gpus_per_actor is not None and self.gpus_per_actor < 0):
+            raise ConfigError("CPUs and GPUs per actor cannot be negative")
+        if self.max_in_flight is not None and self.max_in_flight < 1:
+            raise ConfigError(f"max in flight must be at least 1, got {self.max_in_flight}")
+        resolve_backend(self.backend)
+        check_mode(self.skull_strip)
+        check_layout(self.layout)
+        if self.min_lesion_ml is not None and not (math.isfinite(self.min_lesion_ml) and self.min_lesion_ml >= 0):
+            raise ConfigError(f"minimum lesion size must be a number >= 0 (mL), got {self.min_lesion_ml}")
+
+    def calibration_for(self, bundle_calibration: Calibration) -> Calibration:
+        """The bundle's calibration with `--min-lesion-ml` applied when given."""
+        if self.min_lesion_ml is None:
+            return bundle_calibration
+        return replace(bundle_calibration, min_lesion_ml=float(self.min_lesion_ml))
+
+    @staticmethod
+    def gpus_for_device(device: str, gpus_per_actor: float | None) -> float | None:
+        """`--device` in GPUs per actor: cpu -> 0, cuda -> at least a share of one, auto -> as given (or planned)."""
+        if device == "cpu":
+            if gpus_per_actor:
+                raise ConfigError(f"--device cpu contradicts --gpus-per-actor {gpus_per_actor:g}")
+            return 0.0
+        if device == "cuda":
+            if gpus_per_actor == 0:
+                raise ConfigError("--device cuda contradicts --gpus-per-actor 0")
+            return gpus_per_actor if gpus_per_actor is not None else 1.0
+        if device != "auto":
+            raise ConfigError(f"unknown device {device!r}; use auto, cpu or cuda")
+        return gpus_per_actor
+
+    def to_json(self) -> dict[str, Any]:
+        """The options as JSON values, for the run manifest."""
+        return {k: (sorted(v) if isinstance(v, frozenset) else str(v) if isinstance(v, Path) else v)
+                for k, v in asdict(self).items()}

@@ -1,0 +1,56 @@
+"""What a run holds while it works: the lock on OUT and the Ray session.
+
+Ray: `address=None` starts a private local instance and shuts it down at the end (no process is left);
+`"auto"`, `"host:port"` or `"ray://host:port"` joins a running cluster and only disconnects. If the
+calling process already has Ray initialised, that session is used as it is. On a multi-node cluster the
+inputs and OUT must be on a file system every node sees at the same paths. `node_ip` sets the address
+this driver (and a local instance) registers under; None lets Ray choose, which suits a laptop; tests on
+a machine without usable networking pass a loopback address such as 127.0.0.2.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import ray
+
+from phanes_cli.errors import PhanesError
+from phanes_cli.screening.options import ScreenOptions
+from phanes_cli.screening.outputs import OutputLayout
+
+
+@contextmanager
+def run_lock(layout: OutputLayout) -> Iterator[None]:
+    """One run per OUT at a time; the OS drops the lock when the process dies, even on SIGKILL."""
+    with open(layout.lock, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise PhanesError(f"{layout.root}: another `phanes screen` is writing to this folder") from exc
+        yield
+
+
+@contextmanager
+def ray_session(options: ScreenOptions) -> Iterator[None]:
+    """Use the caller's Ray session, join a cluster, or start (and later stop) a local instance."""
+    if ray.is_initialized():
+        yield
+        return
+    level = logging.ERROR if options.quiet else logging.WARNING
+    common: dict[str, Any] = {"log_to_driver": False, "logging_level": level}
+    if options.node_ip is not None:
+        common["_node_ip_address"] = options.node_ip
+    if options.address is None:
+        if options.object_store_mb is not None:
+            common["object_store_memory"] = options.object_store_mb * 2**20
+        ray.init(include_dashboard=False, **common)
+    else:
+        ray.init(address=options.address, **common)
+    try:
+        yield
+    finally:
+        ray.shutdown()

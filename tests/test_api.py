@@ -1,0 +1,34 @@
+"""The documented Python API: every exported name is the function the commands call, and importing the
+package stays light (no torch, no Ray) so `phanes --help` starts fast."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import phanes_cli
+from phanes_cli.bundle import load_bundle
+from phanes_cli.calibrate import calibrate
+from phanes_cli.screening.engine import screen
+from phanes_cli.screening.options import ScreenOptions
+from phanes_cli.skullstrip import brain_mask_for
+
+
+def test_exports_are_the_library_functions() -> None:
+    assert set(phanes_cli.__all__) == {"__version__", *phanes_cli._EXPORTS}
+    from phanes_cli import ScreenOptions as Options
+    from phanes_cli import brain_mask_for as strip
+    from phanes_cli import calibrate_bundle
+    from phanes_cli import load_bundle as load
+    from phanes_cli import screen as run
+
+    assert (Options, strip, calibrate_bundle, load, run) == (ScreenOptions, brain_mask_for, calibrate, load_bundle,
+                                                             screen)
+    for name in phanes_cli.__all__:  # each resolves (an AttributeError or ImportError fails the test)
+        getattr(phanes_cli, name)
+
+
+def test_importing_the_package_loads_neither_torch_nor_ray() -> None:
+    code = "import sys, phanes_cli; print(sorted({'torch', 'ray'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

@@ -1,0 +1,165 @@
+"""The `phanes` command as a user runs it: the installed console script in a subprocess, every command's
+exit status (0 success, 2 bad input, 3 some volumes failed, 130 interrupted) and its one-line messages.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from phanes_cli import __version__
+from tests.test_screening import RayCluster, make_bundle, series
+
+PHANES = Path(sys.executable).parent / "phanes"
+COMMANDS = (["data", "synth"], ["data", "prepare"], ["train"], ["calibrate"], ["evaluate"], ["screen"])
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+
+
+def phanes(*args: str | Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the installed `phanes` console script, as a shell would."""
+    return subprocess.run([str(PHANES), *map(str, args)], capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def assert_one_error_line(run: subprocess.CompletedProcess[str], *expected: str) -> None:
+    """Exit 2, nothing on stdout, one line on stderr that names the problem, and no traceback."""
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "Traceback" not in run.stdout + run.stderr
+    assert lines(run.stdout) == []
+    (line,) = lines(run.stderr)
+    assert line.startswith("error: ")
+    for text in expected:
+        assert text in line, line
+
+
+def write_volume(path: Path, seed: int) -> Path:
+    """A small textured ellipsoid, enough for `data prepare` to accept it as an image."""
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in (20, 24, 16)], indexing="ij"))
+    inside = (grid**2).sum(0) < 0.8
+    data = (100 + np.random.default_rng(seed).normal(0, 5, inside.shape)) * inside
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data.astype(np.float32), np.diag([2.0, 2.0, 2.0, 1.0])), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ray_head() -> Iterator[RayCluster]:
+    head = RayCluster()
+    try:
+        head.start_head(cpus=2)
+        yield head
+    finally:
+        head.stop()
+
+
+# ---------------------------------------------------------------- exit 0
+
+def test_version_and_help_list_every_command() -> None:
+    version = phanes("--version")
+    assert (version.returncode, version.stdout.strip()) == (0, f"phanes {__version__}")
+    top = phanes("--help")
+    assert top.returncode == 0, top.stderr
+    for name in ("data", "train", "calibrate", "evaluate", "screen"):
+        assert name in top.stdout
+    for command in COMMANDS:
+        run = phanes(*command, "--help")
+        assert run.returncode == 0, run.stderr
+        assert f"Usage: phanes {' '.join(command)}" in " ".join(run.stdout.split())
+
+
+def test_data_prepare_writes_a_manifest_and_exits_0(tmp_path: Path) -> None:
+    write_volume(tmp_path / "in" / "a.nii.gz", 0)
+    write_volume(tmp_path / "in" / "b" / "c.nii.gz", 1)
+    run = phanes("data", "prepare", tmp_path / "in", "--out", tmp_path / "m.parquet")
+    assert run.returncode == 0, run.stderr
+    assert "Traceback" not in run.stderr
+    table = pq.read_table(tmp_path / "m.parquet").to_pydict()
+    assert sorted(table["id"]) == ["a", "c"]
+    assert sorted(Path(p).name for p in table["image"]) == ["a.nii.gz", "c.nii.gz"]
+
+
+# ---------------------------------------------------------------- exit 2: one line, no traceback
+
+def test_every_command_reports_bad_input_in_one_line(tmp_path: Path) -> None:
+    missing = tmp_path / "no such [dir]" / ("deep" * 30)  # long and with brackets: must stay one literal line
+    write_volume(tmp_path / "in" / "a.nii.gz", 0)
+    cases = {  # command line -> what its one error line must say
+        ("data", "synth", "--out", tmp_path / "s", "--kind", "tumour"): ("tumour", "stroke"),
+        ("data", "prepare", missing, "--out", tmp_path / "m.parquet"): (str(missing), "matches no NIfTI"),  # a glob
+        ("train", "--config", missing, "--data", tmp_path, "--out", tmp_path / "b"): (str(missing),),
+        ("calibrate", "--bundle", missing, "--data", tmp_path): (str(missing),),
+        ("evaluate", "--bundle", missing, "--data", tmp_path, "--out", tmp_path / "e"): (str(missing),),
+        ("screen", tmp_path / "in", "--bundle", missing, "--out", tmp_path / "o"): (str(missing),),
+    }
+    with ThreadPoolExecutor(max_workers=3) as pool:  # each run mostly waits on its imports: overlap them
+        runs = list(pool.map(lambda args: phanes(*args), cases))
+    for run, expected in zip(runs, cases.values(), strict=True):
+        assert_one_error_line(run, *expected)
+    assert not (tmp_path / "s").exists() and not (tmp_path / "m.parquet").exists()
+
+
+def test_usage_errors_exit_2_without_traceback(tmp_path: Path) -> None:
+    for args in (["screen", tmp_path, "--bundle", tmp_path, "--out", tmp_path, "--bogus"], ["train"], ["nope"],
+                 ["screen", tmp_path, "--bundle", tmp_path, "--out", tmp_path, "--batch-size", "0"]):
+        run = phanes(*args)
+        assert run.returncode == 2, (args, run.stderr)
+        assert "Traceback" not in run.stderr + run.stdout
+        assert len([line for line in lines(run.stderr) if "Error" in line or "error" in line]) == 1, run.stderr
+
+
+# ---------------------------------------------------------------- exit 3: some volumes failed
+
+@pytest.mark.slow
+def test_screen_with_a_corrupt_volume_exits_3_and_keeps_the_good_ones(ray_head: RayCluster, tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path / "bundle")
+    good = series(tmp_path / "cohort", 2)
+    corrupt = tmp_path / "cohort" / "s99.nii.gz"
+    corrupt.write_bytes(b"\x1f\x8b this is not a gzip stream")
+    run = phanes("screen", tmp_path / "cohort", "--bundle", bundle, "--out", tmp_path / "out", "--address",
+                 ray_head.address, "--actors", "1", "--batch-size", "8", "--quiet", timeout=600)
+    assert run.returncode == 3, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
+    volumes = pq.read_table(tmp_path / "out" / "volumes.parquet").to_pydict()
+    status = dict(zip(volumes["id"], volumes["status"], strict=True))
+    assert status == {**{p.name.split(".")[0]: "ok" for p in good}, "s99": "failed"}
+    failures = pq.read_table(tmp_path / "out" / "failures.parquet").to_pydict()
+    assert failures["id"] == ["s99"]
+    for path in good:
+        assert (tmp_path / "out" / "maps" / f"{path.name.split('.')[0]}_anomaly.nii.gz").is_file()
+
+
+# ---------------------------------------------------------------- exit 130: Ctrl-C
+
+def test_ctrl_c_exits_130_with_one_line_and_keeps_finished_subjects(tmp_path: Path) -> None:
+    out = tmp_path / "synth"
+    proc = subprocess.Popen([str(PHANES), "data", "synth", "--out", str(out), "--healthy", "500", "--lesions", "0",
+                             "--voxel-size", "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None and not list(out.glob("images/healthy-*.nii.gz")):
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and lines(stdout) == []
+    (line,) = lines(stderr)
+    assert line.startswith("interrupted")
+    written = sorted(out.glob("images/healthy-*.nii.gz"))
+    assert 1 <= len(written) < 500
+    for path in written:  # every subject written before the interrupt is a whole, readable file
+        assert nib.load(str(path)).get_fdata().any()
+    assert not list(out.rglob(".tmp-*"))

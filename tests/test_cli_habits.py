@@ -1,0 +1,94 @@
+"""The command-line habits of the field, through the installed `phanes` script: -h, completion, flags shown as
+flags, --device / --skull-strip where networks run, screen's Ray sizing options, and `phanes config`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from phanes_cli.config import LIMITS, PhanesConfig, config_from_dict, load_config
+from phanes_cli.config_show import limit_key, render_config
+from tests.test_cli import assert_one_error_line, phanes
+
+ROOT = Path(__file__).resolve().parents[1]
+NETWORK_COMMANDS = (["data", "prepare"], ["train"], ["calibrate"], ["evaluate"], ["screen"])
+
+
+def _help(*command: str) -> str:
+    run = phanes(*command, "-h")
+    assert run.returncode == 0, run.stderr
+    return " ".join(run.stdout.split())
+
+
+@pytest.mark.parametrize("command", NETWORK_COMMANDS, ids=" ".join)
+def test_short_help_lists_device_and_skull_strip_and_shows_flags_as_flags(command: list[str]) -> None:
+    text = _help(*command)
+    assert f"Usage: phanes {' '.join(command)}" in text
+    assert "--device" in text and "--skull-strip" in text and "auto|always|never" in text
+    assert "<bool>" not in text
+
+
+def test_screen_exposes_ray_sizing_options() -> None:
+    text = _help("screen")
+    for option in ("--max-in-flight", "--object-store-mb", "--node-ip", "--actors", "--gpus-per-actor"):
+        assert option in text
+
+
+def test_bad_choices_are_usage_errors() -> None:
+    run = phanes("calibrate", "--bundle", "b", "--data", "d", "--skull-strip", "sometimes")
+    assert run.returncode == 2 and "sometimes" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_shell_completion_is_available() -> None:
+    run = phanes("--show-completion", "bash")
+    assert run.returncode == 0, run.stderr
+    assert "complete" in run.stdout and "_PHANES_COMPLETE" in run.stdout
+
+
+def _leaves(data: dict[str, Any], path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    return [leaf for k, v in data.items()
+            for leaf in (_leaves(v, (*path, k)) if isinstance(v, dict) else [(*path, k)])]
+
+
+def _rendered(text: str) -> dict[tuple[str, ...], str]:
+    """Leaf key path -> its line, read back by indentation (two spaces per level)."""
+    stack: list[str] = []
+    leaves = {}
+    for line in text.splitlines():
+        depth = (len(line) - len(line.lstrip())) // 2
+        key, _, rest = line.strip().partition(":")
+        stack[depth:] = [key]
+        if rest.strip():
+            leaves[tuple(stack)] = line
+    return leaves
+
+
+@pytest.mark.parametrize("name", ["paper", "cpu", "demo"])
+def test_config_show_is_complete_yaml_that_loads_back(name: str) -> None:
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+    text = render_config(cfg)
+    assert config_from_dict(yaml.safe_load(text)) == cfg
+    lines = _rendered(text)
+    assert sorted(lines) == sorted(_leaves(cfg.to_dict()))  # every key printed, once
+    for path, line in lines.items():  # with its range exactly where one is enforced
+        assert ("# allowed:" in line) == (limit_key(path) in LIMITS), line
+
+
+def test_configs_readme_documents_every_key() -> None:
+    readme = (ROOT / "configs" / "README.md").read_text()
+    for path in _leaves(PhanesConfig().to_dict()):
+        assert f"`{'.'.join(path)}`" in readme, ".".join(path)
+
+
+def test_config_commands(tmp_path: Path) -> None:
+    shown = phanes("config", "show", ROOT / "configs" / "cpu.yaml")
+    assert shown.returncode == 0
+    assert config_from_dict(yaml.safe_load(shown.stdout)) == load_config(ROOT / "configs" / "cpu.yaml")
+    ok = phanes("config", "validate", *(ROOT / "configs" / f"{n}.yaml" for n in ("paper", "cpu", "demo")))
+    assert ok.returncode == 0 and ok.stderr.count("valid") == 3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("preprocess:\n  image_size: big\n")
+    assert_one_error_line(phanes("config", "validate", bad), "preprocess.image_size", "'big'")

@@ -1,0 +1,143 @@
+"""Input quality checks on real files: clean brains pass; empty, noise, thick-slice, wrong-size, skull-on are flagged.
+
+Oracles: the flags are asserted on inputs built to violate exactly one documented limit (a synthetic head
+is the real MNI152 brain with CSF, skull and scalp layers added at distances computed here with scipy),
+and on real skull-stripped brains vs a real head with its skull.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from phanes_cli.preprocess import auto_brain_mask
+from phanes_cli.quality import FATAL, FLAGS, check_volume
+from phanes_cli.synth.templates import Template, load_mni152
+from phanes_cli.volume_io import Volume, load_volume, save_nifti
+from tests.conftest import SHARED_DATA, blob_volume, needs_shared
+
+
+def _volume(tmp_path: Path, data: np.ndarray, zooms: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> Volume:
+    return load_volume(save_nifti(data.astype(np.float32), np.diag([*zooms, 1.0]), tmp_path / "v.nii"))
+
+
+@pytest.fixture(scope="module")
+def mni() -> Template:
+    return load_mni152()
+
+
+@pytest.fixture(scope="module")
+def gap(mni: Template) -> np.ndarray:
+    return ndimage.distance_transform_edt(mni.brain < 0.5)  # 1 mm voxels: distance in mm from the brain
+
+
+def _head(mni: Template, gap: np.ndarray, skull_level: float) -> np.ndarray:
+    """The MNI152 brain inside 2 mm of CSF, 6 mm of skull at `skull_level` and 6 mm of bright scalp."""
+    head = mni.image.copy()
+    head[(gap > 0) & (gap <= 2)] = 0.1
+    head[(gap > 2) & (gap <= 8)] = skull_level
+    head[(gap > 8) & (gap <= 14)] = 1.2  # scalp fat is brighter than white matter (1.0) on T1
+    return head
+
+
+def test_flags_are_documented_and_fatal_ones_are_flags() -> None:
+    assert set(FLAGS) >= FATAL
+    assert all(FLAGS.values())
+
+
+def test_the_template_brain_is_clean_with_either_mask(mni: Template, tmp_path: Path) -> None:
+    vol = _volume(tmp_path, mni.image)
+    assert check_volume(vol, mni.brain > 0.5) == []
+    assert check_volume(vol, auto_brain_mask(vol.data)) == []
+
+
+@pytest.mark.parametrize("skull_level", [0.03, 0.3], ids=["dark_skull", "grey_skull"])
+def test_a_synthetic_head_is_flagged_as_skull_present(skull_level: float, mni: Template, gap: np.ndarray,
+                                                       tmp_path: Path) -> None:
+    vol = _volume(tmp_path, _head(mni, gap, skull_level))
+    assert "skull_present" in check_volume(vol, mni.brain > 0.5)  # tissue outside a correct brain mask
+    # an automatic mask stops at a dark skull, or takes in the whole head through a grey one
+    assert "skull_present" in check_volume(vol, auto_brain_mask(vol.data))
+
+
+@needs_shared()
+@pytest.mark.parametrize("name", sorted(p.name for p in (SHARED_DATA / "healthy-t1").glob("*.nii.gz")) or ["absent"])
+def test_real_skull_stripped_brains_pass(name: str) -> None:
+    vol = load_volume(SHARED_DATA / "healthy-t1" / name)
+    assert check_volume(vol, auto_brain_mask(vol.data)) == []
+
+
+HEAD = SHARED_DATA / "head-t1" / "niivue_otsu_head_T1.nii.gz"
+
+
+@pytest.mark.skipif(not HEAD.is_file(), reason="../shared/data/head-t1 is not present")
+def test_a_real_head_with_its_skull_is_flagged() -> None:
+    vol = load_volume(HEAD)
+    flags = check_volume(vol, auto_brain_mask(vol.data))
+    assert "skull_present" in flags and "brain_volume_high" in flags  # the automatic mask takes the whole head
+    assert not FATAL & set(flags)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "gaussian", "magnitude"])
+def test_pure_noise_is_flagged_with_any_mask(kind: str, mni: Template, tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    shape = mni.image.shape
+    noise = {"uniform": rng.random(shape), "gaussian": rng.normal(0, 1, shape),
+             "magnitude": np.abs(rng.normal(0, 1, shape))}[kind]
+    vol = _volume(tmp_path, noise)
+    assert "intensity_noise" in check_volume(vol, auto_brain_mask(vol.data))
+    assert "intensity_noise" in check_volume(vol, mni.brain > 0.5)
+
+
+def test_a_noisy_but_real_brain_is_not_noise(mni: Template, tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    noisy = mni.image + rng.normal(0, 0.15 * float(mni.image.max()), mni.image.shape)
+    assert "intensity_noise" not in check_volume(_volume(tmp_path, noisy), mni.brain > 0.5)
+
+
+@pytest.mark.parametrize(
+    ("data", "flag"),
+    [(np.zeros((40, 48, 36)), "all_zero"), (np.full((40, 48, 36), 7.0), "constant"),
+     (blob_volume(), "empty_brain_mask")],
+)
+def test_volumes_with_nothing_to_screen_are_fatal(data: np.ndarray, flag: str, tmp_path: Path) -> None:
+    vol = _volume(tmp_path, data)
+    brain = np.zeros(data.shape, bool) if flag == "empty_brain_mask" else auto_brain_mask(vol.data)
+    assert check_volume(vol, brain) == [flag] and flag in FATAL
+
+
+@pytest.mark.parametrize(
+    ("zooms", "expected"),
+    [
+        ((0.5, 0.5, 6.0), {"voxel_too_large", "voxel_anisotropic"}),
+        ((1.0, 1.0, 3.0), set()),  # at the limits: 3.0 mm and anisotropy 3
+        ((1.0, 1.0, 3.5), {"voxel_too_large"}),
+        ((0.2, 0.2, 0.2), {"voxel_too_small"}),
+        ((0.5, 0.5, 2.5), {"voxel_anisotropic"}),
+    ],
+)
+def test_voxel_size_limits(zooms: tuple[float, float, float], expected: set[str], tmp_path: Path) -> None:
+    flags = set(check_volume(_volume(tmp_path, blob_volume(), zooms), blob_volume() > 0))
+    assert flags & {"voxel_too_large", "voxel_too_small", "voxel_anisotropic"} == expected
+
+
+@pytest.mark.parametrize(("voxel_mm", "flag"), [(0.7, "brain_volume_low"), (1.15, "brain_volume_high")])
+def test_brain_volume_limits(voxel_mm: float, flag: str, mni: Template, tmp_path: Path) -> None:
+    brain = mni.brain > 0.5
+    brain_ml = brain.sum() * voxel_mm**3 / 1000  # the oracle: the same brain at another voxel size
+    assert (brain_ml < 800) if flag.endswith("low") else (brain_ml > 2200)
+    assert flag in check_volume(_volume(tmp_path, mni.image, (voxel_mm,) * 3), brain)
+
+
+def test_a_file_without_orientation_is_flagged(tmp_path: Path) -> None:
+    import nibabel as nib
+
+    img = nib.Nifti1Image(blob_volume(), np.eye(4))
+    img.set_qform(None, code=0)
+    img.set_sform(None, code=0)
+    nib.save(img, str(tmp_path / "no_affine.nii"))
+    vol = load_volume(tmp_path / "no_affine.nii")
+    assert "no_affine" in check_volume(vol, vol.data > 0)

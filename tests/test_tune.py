@@ -1,0 +1,176 @@
+"""`calibrate --tune`: lesions inserted into validation volumes only, Dice-optimal choice stored in the bundle."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+import phanes_cli.preprocess
+from phanes_cli.backends import PhanesNetworks, TorchBackend
+from phanes_cli.bundle import load_bundle, save_bundle
+from phanes_cli.calibrate import calibrate
+from phanes_cli.config import TuneConfig
+from phanes_cli.errors import ConfigError
+from phanes_cli.manifest import ManifestRow, read_manifest, write_manifest
+from phanes_cli.pipeline import drop_small_lesions, run_volume
+from phanes_cli.synth.shapes import npz_bank
+from phanes_cli.synth.templates import load_mni152
+from phanes_cli.tune import LesionedVolume, dice_grid, insert_lesion, lesioned_validation
+from phanes_cli.volume_io import load_mask, load_volume
+from tests._tiny_cohort import tiny_config, write_cohort
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+FULL = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity, the project's lesion connectivity
+
+
+def _oracle_drop(mask: np.ndarray, min_ml: float, voxel_ml: float) -> np.ndarray:
+    labels, n = ndimage.label(mask, structure=FULL)
+    out = np.zeros_like(mask)
+    for k in range(1, n + 1):
+        if (labels == k).sum() * voxel_ml >= min_ml:
+            out |= labels == k
+    return out
+
+
+def test_drop_small_lesions_matches_scipy() -> None:
+    rng = np.random.default_rng(0)
+    mask = ndimage.gaussian_filter(rng.normal(size=(30, 30, 30)), 1.5) > 0.12
+    for min_ml in (0.0, 0.01, 0.05, 0.3):
+        assert np.array_equal(drop_small_lesions(mask, min_ml, 0.003375), _oracle_drop(mask, min_ml, 0.003375))
+
+
+def test_dice_grid_matches_a_numpy_oracle() -> None:
+    rng = np.random.default_rng(1)
+    volumes, scores = [], []
+    for k in range(2):
+        brain = np.zeros((24, 24, 24), dtype=bool)
+        brain[2:-2, 2:-2, 2:-2] = True
+        truth = (ndimage.gaussian_filter(rng.normal(size=brain.shape), 2.0) > 0.1) & brain
+        score = np.clip(truth * 1.0 + rng.normal(0, 0.4, brain.shape), 0, None).astype(np.float32) * brain
+        volumes.append(LesionedVolume(f"v{k}", score, brain, truth, 0.008))
+        scores.append(score)
+    thresholds, sizes = np.array([0.3, 0.6, 0.9]), [0.0, 0.02, 0.2]
+    grid = dice_grid(scores, volumes, thresholds, sizes)
+    for i, t in enumerate(thresholds):
+        for j, m in enumerate(sizes):
+            tp = pred = true = 0
+            for s, v in zip(scores, volumes, strict=True):
+                p = _oracle_drop((s >= t) & (s > 0) & v.brain, m, v.voxel_ml)
+                tp, pred, true = tp + (p & v.truth).sum(), pred + p.sum(), true + v.truth.sum()
+            assert grid[i, j] == pytest.approx(2 * tp / (pred + true))
+
+
+def test_inserted_lesion_changes_only_its_blend_region(tmp_path: Path) -> None:
+    manifest = write_cohort(tmp_path, n_train=0, n_val=1)
+    row = read_manifest(manifest)[0]
+    volume = load_volume(row.image)
+    assert row.brain_mask is not None
+    brain = load_mask(row.brain_mask, volume)
+    image, truth = insert_lesion(volume.data, brain, volume.affine, npz_bank(), load_mni152(), np.random.default_rng(4))
+    assert truth.any() and (truth <= brain).all()
+    changed = image != volume.data
+    near = ndimage.distance_transform_edt(~truth) <= 2.0  # the soft border reaches at most 2 voxels out
+    assert (changed <= near).all()
+    assert image[truth].mean() < 0.8 * volume.data[truth].mean()  # a T1 hypo-intensity
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[str]]:
+    """A seeded tiny bundle tuned on a manifest whose test rows point at files that must never be read."""
+    tmp_path = tmp_path_factory.mktemp("tuned")
+    cfg = dataclasses.replace(tiny_config(), tune=TuneConfig(enabled=True, mask_percentiles=(90.0, 99.0),
+                                                             min_lesion_ml=(0.0, 0.5), anomaly_candidates=8, copies=1))
+    torch.manual_seed(0)
+    nets = PhanesNetworks(cfg)
+    save_bundle(tmp_path / "bundle", cfg, nets.ra, nets.generator)
+    rows = read_manifest(write_cohort(tmp_path / "data", n_train=1, n_val=2))
+    test_rows = [ManifestRow(id=f"t{k}", image=tmp_path / f"test{k}.nii.gz", brain_mask=tmp_path / f"t{k}_brain.nii.gz",
+                             split="test", kind=kind) for k, kind in enumerate(("healthy", "stroke"))]
+    for r in test_rows:  # present but not NIfTI: reading one would fail loudly, besides being recorded below
+        r.image.write_text("test data")
+    manifest = write_manifest(rows + test_rows, tmp_path / "mixed.parquet")
+    reads: list[str] = []
+    real = phanes_cli.preprocess.load_volume
+
+    def recording(path: object, *args: object, **kwargs: object) -> object:
+        reads.append(str(path))
+        return real(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(phanes_cli.preprocess, "load_volume", recording)
+            calibrate(tmp_path / "bundle", manifest, device="cpu", batch_size=16, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return tmp_path / "bundle", manifest, reads
+
+
+def test_tune_reads_validation_only_and_stores_its_choice(tuned: tuple[Path, Path, list[str]]) -> None:
+    bundle, manifest, reads = tuned
+    rows = read_manifest(manifest)
+    val = {str(r.image) for r in rows if r.split == "val"}
+    assert reads and set(reads) <= val, reads  # never a test (or train) row
+    model = load_bundle(bundle)
+    cal = model.calibration
+    assert cal is not None and cal.tuning is not None
+    assert cal.tuning["mask_percentile"] in (90.0, 99.0) and cal.min_lesion_ml in (0.0, 0.5)
+    assert model.config.mask.mask_percentile == cal.tuning["mask_percentile"]  # the choice is in the bundle config
+    stored = json.loads((bundle / "calibration.json").read_text())
+    assert stored["tuning"]["validation"]["volumes"] == 2 and stored["min_lesion_ml"] == cal.min_lesion_ml
+    best = max(cal.tuning["dice_by_mask_percentile"].values())
+    assert cal.tuning["validation"]["dice"] == pytest.approx(best)
+
+
+def test_tuned_validation_dice_matches_an_independent_recount(tuned: tuple[Path, Path, list[str]]) -> None:
+    """Re-insert the same seeded lesions, run the stored operating point, count Dice with scipy/numpy."""
+    bundle, manifest, _ = tuned
+    model = load_bundle(bundle)
+    cal = model.calibration
+    assert cal is not None and cal.tuning is not None
+    val_rows = [r for r in read_manifest(manifest) if r.split == "val"]
+    lesioned = lesioned_validation(val_rows, npz_bank(), load_mni152(), copies=1, seed=model.config.tune.seed,
+                                   shapes=model.config.tune.shapes_per_volume)
+    backend = TorchBackend(model.networks(), torch.device("cpu"))
+    tp = pred = true = 0
+    for v in lesioned:
+        s = run_volume(v.image, v.brain, backend, model.config, cal, 16, keep=()).anomaly
+        p = _oracle_drop((s >= cal.anomaly_threshold) & (s > 0) & v.brain, cal.min_lesion_ml, v.voxel_ml)
+        tp, pred, true = tp + (p & v.truth).sum(), pred + p.sum(), true + v.truth.sum()
+    assert cal.tuning["validation"]["dice"] == pytest.approx(2 * tp / max(pred + true, 1), abs=1e-6)
+
+
+def test_tune_refuses_test_split_and_percentile_overrides(tmp_path: Path) -> None:
+    cfg = dataclasses.replace(tiny_config(), tune=TuneConfig(enabled=True))
+    nets = PhanesNetworks(cfg)
+    save_bundle(tmp_path / "bundle", cfg, nets.ra, nets.generator)
+    manifest = write_cohort(tmp_path / "data", n_train=1, n_val=1)
+    with pytest.raises(ConfigError, match="'test' split"):
+        calibrate(tmp_path / "bundle", manifest, device="cpu", split="test", progress=False)
+    with pytest.raises(ConfigError, match="--tune chooses"):
+        calibrate(tmp_path / "bundle", manifest, device="cpu", mask_percentile=95.0, progress=False)
+
+
+def test_cli_tune_conflicts_and_bad_lesion_source_are_one_line_errors(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from phanes_cli.cli import app
+
+    cfg = dataclasses.replace(tiny_config(), tune=TuneConfig(enabled=False))
+    nets = PhanesNetworks(cfg)
+    save_bundle(tmp_path / "bundle", cfg, nets.ra, nets.generator)
+    manifest = write_cohort(tmp_path / "data", n_train=1, n_val=1)
+    runner = CliRunner()
+    run = runner.invoke(app, ["calibrate", "--bundle", str(tmp_path / "bundle"), "--data", str(manifest), "--tune",
+                              "--mask-percentile", "95"])
+    assert run.exit_code == 2 and "--tune chooses" in run.output and "Traceback" not in run.output
+    run = runner.invoke(app, ["data", "synth", "--out", str(tmp_path / "s"), "--lesion-source", "drawn"])
+    assert run.exit_code == 2 and "unknown --lesion-source 'drawn'" in run.output
+    assert not (tmp_path / "s").exists()
