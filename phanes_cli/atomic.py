@@ -39,12 +39,13 @@ FILE_MODE = 0o666 & ~_UMASK
 def _temp_beside(target: Path) -> Path:
     """An empty temporary file in `target`'s folder, named '.tmp-...' so listings and resume logic ignore it.
 
-    It keeps the target's suffixes (nibabel picks the format from them). Missing folders are created with
+    It keeps the target's last two suffixes (nibabel picks the format from them). Missing folders are created with
     the umask's mode.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(target.suffixes)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{target.name.split('.')[0]}-", suffix=suffix, dir=target.parent)
+    suffix = "".join(target.suffixes[-2:])[-24:]  # .nii.gz, .parquet...; capped, like the prefix, so a
+    prefix = f".tmp-{target.name.split('.')[0][:64]}-"  # target name near the 255-byte limit still has a temp
+    fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=target.parent)
     os.close(fd)
     return Path(tmp_name)
 

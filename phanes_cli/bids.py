@@ -47,6 +47,18 @@ class BidsSelection:
     skipped: list[Skipped]
 
 
+@dataclass(frozen=True)
+class BidsQuery:
+    """Which images of a BIDS root to take: `--suffix` and `--bids-filter ENTITY=VALUE` (all must match)."""
+
+    suffix: str = "T1w"
+    filters: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def from_options(cls, suffix: str, filters: list[str] | None) -> BidsQuery:
+        return cls(suffix, tuple(parse_filters(filters).items()))
+
+
 def parse_filters(items: list[str] | None) -> dict[str, str]:
     """`--bids-filter key=value` options -> {entity: value}; a ConfigError names a malformed one."""
     filters: dict[str, str] = {}

@@ -1,4 +1,4 @@
-"""Calibration: the two thresholds of a model, learnt on healthy validation slices (method.md).
+"""Calibration: the two thresholds of a model, learnt on healthy validation slices (method.md), and a minimum lesion size.
 
 1. mask_threshold: the `mask_percentile` (99th) percentile of the stage 1 map m(x) over the brain
    pixels of every validation slice (paper: "the 99th percentile value on the healthy validation set").
@@ -10,6 +10,10 @@ only a few percent of healthy brain, so a percentile over all brain pixels is us
 would flag every inpainted pixel. s(x) is a measurement only where the generator painted; taking
 the percentile there makes the lesion mask flag the top 1% of healthy inpainting residuals, i.e. far
 fewer than 1% of healthy brain pixels, a conservative operating point for screening.
+
+3. min_lesion_ml (without --tune): with both thresholds, each healthy volume's largest lesion component
+   on its own grid; the `anomaly_percentile` of those sizes (`healthy_min_lesion_ml`). Screening drops
+   smaller components, so a healthy brain almost never keeps one.
 
 Both passes go through `pipeline.stage1_map` / `pipeline.run_slices`, the code screening uses.
 """
@@ -26,11 +30,13 @@ from rich.progress import Progress
 from torch import Tensor
 
 from phanes_cli.backends import Backend, TorchBackend, select_device
-from phanes_cli.bundle import load_bundle, runtime_versions, save_bundle, write_calibration
+from phanes_cli.bundle import load_bundle, write_calibration
 from phanes_cli.config import MaskConfig, PhanesConfig
 from phanes_cli.errors import ConfigError, PhanesError
+from phanes_cli.evaluation.lesions import label_components
 from phanes_cli.manifest import ManifestRow
-from phanes_cli.pipeline import Calibration, run_slices, stage1_map
+from phanes_cli.pipeline import Calibration, run_slices, run_volume, stage1_map
+from phanes_cli.preprocess import load_with_brain
 from phanes_cli.training.data import SliceSet, healthy_rows, load_slices
 from phanes_cli.training.progress import make_progress
 
@@ -96,21 +102,17 @@ def calibration_thresholds(backend: Backend, data: SliceSet, cfg: PhanesConfig, 
                        n_slices=len(data), n_volumes=n_volumes)
 
 
-def _set_percentiles(bundle: Path, mask_percentile: float | None, anomaly_percentile: float | None) -> None:
-    """Store new calibration percentiles in the bundle's config (weights unchanged, index re-sealed)."""
-    model = load_bundle(bundle, require_calibration=False)
+def _with_percentiles(config: PhanesConfig, mask_percentile: float | None,
+                      anomaly_percentile: float | None) -> PhanesConfig:
+    """The config with the given calibration percentiles, built in memory: the bundle is written only once
+    the calibration that uses them has succeeded (`bundle.write_calibration`)."""
     for name, value in (("mask_percentile", mask_percentile), ("anomaly_percentile", anomaly_percentile)):
         if value is not None and not 0 < value < 100:
             raise ConfigError(f"{name} must lie strictly between 0 and 100, got {value}")
-    old = model.config.mask
+    old = config.mask
     mask_q = old.mask_percentile if mask_percentile is None else float(mask_percentile)
     anomaly_q = old.anomaly_percentile if anomaly_percentile is None else float(anomaly_percentile)
-    mask_cfg = replace(old, mask_percentile=mask_q, anomaly_percentile=anomaly_q)
-    if mask_cfg == old:
-        return
-    nets = model.networks()
-    kept = {k: v for k, v in model.versions.items() if k not in runtime_versions()}
-    save_bundle(bundle, replace(model.config, mask=mask_cfg), nets.ra, nets.generator, extra=kept)
+    return replace(config, mask=replace(old, mask_percentile=mask_q, anomaly_percentile=anomaly_q))
 
 
 def _tuned(backend: Backend, cfg: PhanesConfig, healthy: SliceSet, rows: list[ManifestRow], batch_size: int,
@@ -124,6 +126,25 @@ def _tuned(backend: Backend, cfg: PhanesConfig, healthy: SliceSet, rows: list[Ma
     lesioned = lesioned_validation(rows, npz_bank(), load_mni152(), cfg.tune.copies, cfg.tune.seed, skull_strip,
                                    cfg.tune.shapes_per_volume)
     return tune(backend, cfg, healthy, lesioned, batch_size, lambda message: bar.update(task, info=message))
+
+
+def healthy_min_lesion_ml(backend: Backend, rows: list[ManifestRow], cfg: PhanesConfig, calibration: Calibration,
+                          batch_size: int, skull_strip: str, device: str, bar: Progress) -> float:
+    """The smallest lesion size the healthy volumes almost never reach; 0 when none has a lesion component.
+
+    Per healthy volume, the largest component of its lesion mask (screening's rule, on the volume grid);
+    the `anomaly_percentile` of those sizes in mL. Smaller components are what healthy brains give, so
+    screening drops them (`pipeline.drop_small_lesions`): most components a small model finds are tiny.
+    """
+    task = bar.add_task("minimum lesion size", total=len(rows), info="healthy volumes")
+    largest: list[float] = []
+    for row in rows:
+        volume, brain, _ = load_with_brain(row.image, row.brain_mask, skull_strip=skull_strip, device=device)
+        lesion = run_volume(volume.data, brain, backend, cfg, calibration, batch_size, keep=()).lesion_mask
+        labels, n = label_components(lesion)
+        largest.append(float(np.bincount(labels.ravel())[1:].max()) * volume.voxel_ml if n else 0.0)
+        bar.advance(task)
+    return float(np.percentile(largest, cfg.mask.anomaly_percentile)) if largest else 0.0
 
 
 def calibrate(bundle: Path, manifest: Path, device: str = "auto", batch_size: int = 32, split: str = "val",
@@ -143,17 +164,15 @@ def calibrate(bundle: Path, manifest: Path, device: str = "auto", batch_size: in
     if split == "test":
         raise ConfigError("calibration never uses the 'test' split: thresholds chosen on test data would inflate "
                           "every test figure")
-    config = load_bundle(bundle, require_calibration=False).config
-    tuning = config.tune.enabled if tune is None else tune
+    model = load_bundle(bundle, require_calibration=False)
+    tuning = model.config.tune.enabled if tune is None else tune
     if tuning and (mask_percentile is not None or anomaly_percentile is not None):
         raise ConfigError("--tune chooses the thresholds itself: drop --mask-percentile / --anomaly-percentile, "
                           "or use --no-tune")
-    _set_percentiles(bundle, mask_percentile, anomaly_percentile)
+    cfg = _with_percentiles(model.config, mask_percentile, anomaly_percentile)
     rows = healthy_rows(Path(manifest), split)
     dev = select_device(device)
-    model = load_bundle(bundle, require_calibration=False)
     backend = TorchBackend(model.networks(lpips_weights), dev)
-    cfg = model.config
     with make_progress(progress) as bar:
         data = load_slices(rows, cfg.preprocess, bar, description=f"loading {split} volumes", skull_strip=skull_strip,
                            device=str(dev))
@@ -163,5 +182,7 @@ def calibrate(bundle: Path, manifest: Path, device: str = "auto", batch_size: in
             cfg = replace(cfg, mask=replace(cfg.mask, mask_percentile=chosen))
         else:
             calibration = calibration_thresholds(backend, data, cfg, batch_size, bar, n_volumes=len(rows))
-    write_calibration(bundle, calibration, config=cfg if tuning else None)
+            minimum = healthy_min_lesion_ml(backend, rows, cfg, calibration, batch_size, skull_strip, str(dev), bar)
+            calibration = replace(calibration, min_lesion_ml=minimum)
+    write_calibration(bundle, calibration, config=None if cfg == model.config else cfg)
     return calibration

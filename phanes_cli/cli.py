@@ -289,7 +289,7 @@ def screen(
         help="Ray object store size (MiB) of the local instance started for this run (default: Ray's)."),
     skull_strip: SkullStrip = SKULL_STRIP_OPTION,
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Slices per inference batch."),
-    backend: str = typer.Option("auto", "--backend", help="Inference backend: auto or torch."),
+    backend: str = typer.Option("auto", "--backend", help="Inference backend: auto, torch, onnxruntime or tensorrt (auto: the fastest usable here)."),
     pseudo_healthy: bool = typer.Option(False, "--pseudo-healthy/--no-pseudo-healthy",
                                         help="Also write <id>_pseudohealthy.nii.gz."),
     anomaly_maps: bool = typer.Option(True, "--anomaly-maps/--no-anomaly-maps",

@@ -33,6 +33,10 @@ class InputAccessError(InputError):
     retryable = True
 
 
+class QualityError(InputError):
+    """A volume that loads but holds nothing to screen (quality.FATAL: all zero, constant, empty brain mask)."""
+
+
 class ConfigError(PhanesError):
     """A run configuration (YAML or CLI options) that is missing a value or holds an invalid one."""
 

@@ -20,7 +20,8 @@ Rules
   prepended (``case1_T1``, ``case2_T1``) until unique, then a ``-2``, ``-3`` suffix in path order, so the
   same inputs always give the same ids. Ids from a list are kept verbatim and must be unique and usable
   as file names.
-- The same file reached twice (a folder and a glob, say) is listed once, at its first place.
+- The same file reached twice (a folder and a glob, say) is listed once, at its first place; a list that
+  names it under two ids keeps both rows. Linked folders are followed, each real folder once.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from phanes_cli.errors import InputError
-from phanes_cli.manifest import ManifestRow, cell_path, clean, read_table, write_manifest
+from phanes_cli.manifest import ManifestRow, cell_path, clean, lesion_volume, read_table, write_manifest
 from phanes_cli.volume_io import DEFAULT_MAX_VOXELS, is_nifti_path, load_mask, load_volume
 
 TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
@@ -73,20 +74,42 @@ def looks_like_mask(path: str | Path) -> bool:
     return any(word in MASK_WORDS for word in words)
 
 
-def _scan_folder(folder: Path) -> list[Path]:
+def _folder_key(path: str | Path) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
+def _scan_folder(folder: Path, exclude: Path | None = None) -> list[Path]:
+    """NIfTI images under `folder`; linked folders are followed, but each real folder is read once (a link to
+    a parent or to itself is no cycle) and `exclude` (the run's OUT) is never entered."""
     found = []
+    seen = {_folder_key(folder)}
+    skip = _folder_key(exclude) if exclude is not None else None
     for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        kept = []
+        for name in sorted(d for d in dirs if not d.startswith(".")):
+            key = _folder_key(Path(root) / name)
+            if key is not None and key not in seen and key != skip:
+                seen.add(key)
+                kept.append(name)
+        dirs[:] = kept
         for name in sorted(files):
             if not name.startswith(".") and is_nifti_path(name) and not looks_like_mask(name):
                 found.append(Path(root) / name)
     return found
 
 
-def _expand_glob(pattern: str) -> list[Path]:
+def _inside(path: str | Path, folder: Path | None) -> bool:
+    return folder is not None and Path(os.path.realpath(folder)) in Path(os.path.realpath(path)).parents
+
+
+def _expand_glob(pattern: str, exclude: Path | None = None) -> list[Path]:
     matches = sorted(glob.glob(pattern, recursive=True))
     wants_masks = looks_like_mask(Path(pattern).name)
-    return [Path(m) for m in matches if Path(m).is_file() and is_nifti_path(m)
+    return [Path(m) for m in matches if Path(m).is_file() and is_nifti_path(m) and not _inside(m, exclude)
             and not Path(m).name.startswith(".") and (wants_masks or not looks_like_mask(m))]
 
 
@@ -126,10 +149,10 @@ def _from_list(path: Path) -> list[_Found]:
     return found
 
 
-def _discover(argument: str) -> list[_Found]:
+def _discover(argument: str, exclude: Path | None = None) -> list[_Found]:
     path = Path(argument)
     if path.is_dir():
-        files = _scan_folder(path)
+        files = _scan_folder(path, exclude)
         if not files:
             raise InputError(path, "folder holds no NIfTI images (*.nii, *.nii.gz) besides masks")
         return [_Found(f, None, {}) for f in files]
@@ -140,7 +163,7 @@ def _discover(argument: str) -> list[_Found]:
             return [_Found(path, None, {})]
         raise InputError(path, "not a NIfTI image, a folder, or a CSV/Parquet volume list")
     if _GLOB_CHARS.search(argument):
-        files = _expand_glob(argument)
+        files = _expand_glob(argument, exclude)
         if not files:
             raise InputError(argument, "pattern matches no NIfTI images")
         return [_Found(f, None, {}) for f in files]
@@ -205,27 +228,29 @@ def _unique_ids(found: list[_Found]) -> list[str]:
     return [ids[i] for i in range(len(found))]
 
 
-def resolve_inputs(inputs: list[str]) -> list[ManifestRow]:
+def resolve_inputs(inputs: list[str], exclude: Path | None = None) -> list[ManifestRow]:
     """Expand INPUTS into manifest rows with unique ids, in input order (folders/globs sorted).
 
-    Raises InputError for an argument that does not exist, matches nothing or cannot be read; files
-    named inside a volume list are not opened here.
+    Folders and globs never yield files under `exclude` (screening's OUT, which may sit inside an input
+    folder). The same file under two explicit ids of a list stays two rows (screened twice). Raises
+    InputError for an argument that does not exist, matches nothing or cannot be read; files named
+    inside a volume list are not opened here.
     """
     if not inputs:
         raise InputError("INPUTS", "no inputs given; name folders, files, globs or a CSV/Parquet list")
     found: list[_Found] = []
     seen: set[Path] = set()
     for argument in inputs:
-        for item in _discover(str(argument)):
+        for item in _discover(str(argument), exclude):
             key = Path(os.path.normpath(item.image.absolute()))
-            if key in seen:
+            if key in seen and item.id is None:
                 continue
             seen.add(key)
             found.append(item)
     rows = []
     for item, vid in zip(found, _unique_ids(found), strict=True):
         record = dict(item.record)
-        lesion_ml = clean(record.pop("lesion_ml", None))
+        lesion_ml = lesion_volume(record.pop("lesion_ml", None), item.image, vid)
         rows.append(ManifestRow(
             id=vid,
             image=Path(os.path.normpath(item.image.absolute())),
@@ -233,7 +258,7 @@ def resolve_inputs(inputs: list[str]) -> list[ManifestRow]:
             lesion_mask=record.pop("lesion_mask", None),
             split=str(clean(record.pop("split", None)) or "test"),
             kind=str(clean(record.pop("kind", None)) or "unknown"),
-            lesion_ml=None if lesion_ml is None else float(lesion_ml),
+            lesion_ml=lesion_ml,
             extra={k: v for k, v in record.items() if clean(v) is not None},
         ))
     return rows

@@ -109,8 +109,22 @@ def cell_path(value: Any, root: Path) -> Path | None:
     return None if value is None else Path(os.path.normpath(root / str(value)))
 
 
+def lesion_volume(value: Any, path: Path, vid: Any) -> float | None:
+    """A `lesion_ml` cell as a number of mL (text such as '12.5' included), None when empty."""
+    value = clean(value)
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InputError(path, f"row {vid!r}: lesion_ml must be a number of mL, got {value!r}") from None
+    if not math.isfinite(number) or number < 0:
+        raise InputError(path, f"row {vid!r}: lesion_ml must be a finite number >= 0, got {value!r}")
+    return number
+
+
 def read_manifest(path: str | Path) -> list[ManifestRow]:
-    """Read a manifest (Parquet or CSV); relative paths resolve against its folder."""
+    """Read a manifest (Parquet or CSV); relative paths resolve against its folder; ids must be unique."""
     path = Path(path)
     table = read_table(path, "manifest")
     missing = [c for c in ("id", "image") if c not in table.column_names]
@@ -123,7 +137,6 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
         paths = {key: cell_path(record.get(key), root) for key in _PATH_COLUMNS}
         if paths["image"] is None:
             raise InputError(path, f"row {record.get('id')!r} has no image path")
-        lesion_ml = clean(record.get("lesion_ml"))
         rows.append(
             ManifestRow(
                 id=str(record["id"]),
@@ -132,10 +145,14 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
                 lesion_mask=paths["lesion_mask"],
                 split=str(clean(record.get("split")) or "test"),
                 kind=str(clean(record.get("kind")) or "unknown"),
-                lesion_ml=None if lesion_ml is None else float(lesion_ml),
+                lesion_ml=lesion_volume(record.get("lesion_ml"), path, record["id"]),
                 extra={k: v for k, v in record.items() if k not in MANIFEST_COLUMNS},
             )
         )
+    ids = [r.id for r in rows]
+    dupes = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) < len(ids) else []
+    if dupes:
+        raise InputError(path, f"duplicate ids in manifest: {', '.join(dupes[:5])}; each volume needs its own id")
     return rows
 
 

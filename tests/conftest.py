@@ -29,7 +29,7 @@ def blob_volume(shape: tuple[int, int, int] = (40, 48, 36), seed: int = 0) -> np
     return data.astype(np.float32)
 
 
-@pytest.fixture()
+@pytest.fixture
 def one_thread():
     """One torch thread for the block: results must not depend on thread races on a shared 2-core machine."""
     before = torch.get_num_threads()
@@ -38,7 +38,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture()
+@pytest.fixture
 def write_nifti(tmp_path: Path):
     """Write an array with an affine to tmp_path/name and return the path."""
 

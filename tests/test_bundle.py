@@ -25,7 +25,7 @@ def nets() -> PhanesNetworks:
     return PhanesNetworks(tiny_config()).eval()
 
 
-@pytest.fixture()
+@pytest.fixture
 def folder(tmp_path: Path, nets: PhanesNetworks) -> Path:
     save_bundle(tmp_path / "b", tiny_config(), nets.ra, nets.generator, extra={"training": {"steps": 3}})
     return tmp_path / "b"

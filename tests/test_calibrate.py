@@ -111,3 +111,26 @@ def test_slices_without_brain_pixels_give_no_mask_threshold(setup: tuple[Path, P
     assert math.isnan(stage1_percentile(backend, empty, model.config.mask, batch_size=2))
     with pytest.raises(PhanesError, match="no brain pixels"):
         calibration_thresholds(backend, empty, model.config)
+
+
+def test_minimum_lesion_size_is_the_percentile_of_healthy_largest_components(setup: tuple[Path, Path]) -> None:
+    """Without --tune, min_lesion_ml is the anomaly percentile of each healthy volume's largest component (scipy)."""
+    from scipy import ndimage
+
+    from phanes_cli.pipeline import run_volume
+
+    bundle, manifest = setup
+    cal = calibrate(bundle, manifest, device="cpu", batch_size=16, progress=False)
+    model = load_bundle(bundle)
+    backend = TorchBackend(model.networks(), torch.device("cpu"))
+    largest = []
+    for row in read_manifest(manifest):
+        if row.split == "val" and row.kind == "healthy":
+            volume = load_volume(row.image)
+            brain = load_mask(row.brain_mask, volume)
+            s = run_volume(volume.data, brain, backend, model.config, cal, 16, keep=()).anomaly
+            labels, n = ndimage.label((s >= cal.anomaly_threshold) & (s > 0) & brain, structure=np.ones((3, 3, 3)))
+            largest.append(np.bincount(labels.ravel())[1:].max() * volume.voxel_ml if n else 0.0)
+    expected = float(np.percentile(largest, model.config.mask.anomaly_percentile))
+    assert cal.min_lesion_ml == pytest.approx(expected) and cal.min_lesion_ml > 0
+    assert model.calibration is not None and model.calibration.min_lesion_ml == cal.min_lesion_ml

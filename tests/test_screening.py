@@ -351,7 +351,7 @@ def test_actor_turns_non_finite_output_into_a_failure_record(bundle: Path) -> No
     weight = next(actor.backend.networks.generator.parameters())  # type: ignore[attr-defined]
     saved = weight.detach().clone()
     with torch.no_grad():
-        weight.view(-1)[0] = float("nan")  # a broken network: NaN output, not a NaN input
+        weight[(0,) * weight.dim()] = float("nan")  # a broken network: NaN output, not a NaN input
     bad, none = actor.infer(slices)
     assert none is None
     assert bad.failure is not None

@@ -15,29 +15,22 @@ import time
 import ray
 import torch
 
-from phanes_cli.backends import Backend, TorchBackend
+from phanes_cli.backends import Backend
 from phanes_cli.bundle import Bundle, load_bundle
-from phanes_cli.errors import BundleError, ConfigError
+from phanes_cli.errors import BundleError
 from phanes_cli.pipeline import ModelMaps, infer_slices
+from phanes_cli.runtimes.select import choose_backend, validate_backend_name
 from phanes_cli.screening.outputs import Failure
 from phanes_cli.screening.tasks import InferenceResult, ModelSlices, describe, node_ip
 
-BACKENDS = ("torch",)
-
-
 def resolve_backend(name: str) -> str:
-    """Validate a --backend value; 'auto' picks the best available one (torch for now)."""
-    if name == "auto":
-        return "torch"
-    if name not in BACKENDS:
-        raise ConfigError(f"backend {name!r} is not available; choose one of: auto, {', '.join(BACKENDS)}")
-    return name
+    """Validate a --backend value (auto, torch, onnxruntime, tensorrt); each actor resolves `auto` itself."""
+    return validate_backend_name(name)
 
 
 def make_backend(name: str, bundle: Bundle, device: torch.device, lpips_weights: str | None) -> Backend:
-    """The bundle's networks behind the backend `name` resolves to (a ConfigError for an unknown name)."""
-    resolve_backend(name)  # torch is the only backend so far
-    return TorchBackend(bundle.networks(lpips_weights), device)
+    """The bundle's networks behind `name`, or for `auto` the fastest usable backend on this device."""
+    return choose_backend(name, bundle, device, lpips_weights)
 
 
 class InferenceActor:
@@ -72,6 +65,6 @@ class InferenceActor:
                 torch.cuda.empty_cache()
             kind, message = describe(exc)
             failure = Failure("inference", kind, message)
-            return InferenceResult(failure, time.perf_counter() - start, node_ip(), os.getpid()), None
-        return InferenceResult(None, time.perf_counter() - start, node_ip(), os.getpid()), maps
+            return InferenceResult(failure, time.perf_counter() - start, node_ip(), os.getpid(), self.backend.name), None
+        return InferenceResult(None, time.perf_counter() - start, node_ip(), os.getpid(), self.backend.name), maps
 

@@ -27,6 +27,7 @@ from phanes_cli.errors import PhanesError
 from phanes_cli.manifest import ManifestRow
 from phanes_cli.screening.actors import InferenceActor
 from phanes_cli.screening.options import ScreenOptions
+from phanes_cli.quality import FLAGS
 from phanes_cli.screening.outputs import Failure, OutputLayout, input_signature, manifest_columns, record_failure
 from phanes_cli.screening.plan import ActorPlan
 from phanes_cli.screening.report import Counts, JsonLog, ProgressDisplay
@@ -187,6 +188,9 @@ class Dispatcher:
         if decoded.failure is not None:
             return self._fail(flight, decoded.failure)
         flight.decode = decoded
+        if decoded.qc_flags:  # screened anyway; the flags also go to the volume's `qc_flags` column
+            self.log.event("warning", id=flight.row.id, qc_flags=list(decoded.qc_flags),
+                           message="; ".join(FLAGS[f] for f in decoded.qc_flags))
         return self._submit_inference(flight)
 
     def _inferred(self, ref: Any, flight: Flight) -> None:

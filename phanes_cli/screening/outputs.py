@@ -20,6 +20,7 @@ temporary files start with '.', which readers skip.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -63,6 +64,7 @@ VOLUME_SCHEMA = _schema(
     *(pa.field(f"shape_{a}", pa.int64()) for a in "xyz"),  # `shape` flat: file axes 0, 1, 2
     *(pa.field(f"voxel_mm_{a}", pa.float64()) for a in "xyz"),  # `voxel_size_mm` flat
     pa.field("brain_mask_source", pa.string()),  # file, model (skull stripped) or threshold (skullstrip.py)
+    pa.field("qc_flags", pa.list_(pa.string())),  # quality.check_volume warnings; [] when clean
     pa.field("brain_volume_ml", pa.float64()),
     pa.field("lesion_burden_ml", pa.float64()),
     pa.field("lesion_burden_fraction", pa.float64()),  # lesion_burden_ml / brain_volume_ml
@@ -168,6 +170,22 @@ def table_from_rows(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema)
 
 
+MAX_STEM_BYTES = 120  # leaves room for a map suffix and the '.tmp-' names of atomic writes within 255 bytes
+
+
+def file_stem(vid: str) -> str:
+    """The name an id's files take in OUT: the id itself, unless it starts with '.' or is over-long.
+
+    Such ids become up to 80 bytes of the id (leading dots dropped), '~' and 16 hex digits of its sha256,
+    so no output is hidden from readers or mistaken for a temporary ('.tmp-...') file, and no name
+    exceeds the file system's limit. The tables keep the full id. Idempotent: a stem maps to itself.
+    """
+    if not vid.startswith(".") and len(vid.encode()) <= MAX_STEM_BYTES:
+        return vid
+    head = vid.lstrip(".").encode()[:80].decode(errors="ignore")
+    return f"{head}~{hashlib.sha256(vid.encode()).hexdigest()[:16]}"
+
+
 @dataclass(frozen=True)
 class Failure:
     """Why a volume failed, at which stage; `retry_on_resume` is False for errors of the input file itself."""
@@ -189,10 +207,10 @@ class OutputLayout:
         return self.root / "maps"
 
     def part(self, table: str, vid: str) -> Path:
-        return self.root / "parts" / table / f"{vid}.parquet"
+        return self.root / "parts" / table / f"{file_stem(vid)}.parquet"
 
     def done_marker(self, vid: str) -> Path:
-        return self.root / "parts" / "done" / f"{vid}.json"
+        return self.root / "parts" / "done" / f"{file_stem(vid)}.json"
 
     @property
     def bids(self) -> bool:
@@ -202,7 +220,7 @@ class OutputLayout:
     def map_path(self, vid: str, kind: str) -> Path:
         if self.bids:
             return bids_folder(self.root, vid) / f"{bids_stem(vid)}_{BIDS_MAP_NAMES[kind]}.nii.gz"
-        return self.maps / f"{vid}_{MAP_SUFFIX[kind]}.nii.gz"
+        return self.maps / f"{file_stem(vid)}_{MAP_SUFFIX[kind]}.nii.gz"
 
     def table(self, name: str) -> Path:
         return self.root / f"{name}.parquet"
@@ -310,6 +328,7 @@ def previous_failure(layout: OutputLayout, vid: str, image: Path, bundle_hash: s
 
 
 def _ids_with(folder: Path, suffix: str) -> list[str]:
+    """The file stems (`file_stem`) of the committed parts in `folder`; temporaries start with '.'."""
     if not folder.is_dir():
         return []
     names = (p.name for p in folder.iterdir())

@@ -18,11 +18,12 @@ import numpy as np
 import torch
 
 from phanes_cli.config import PreprocessConfig
-from phanes_cli.errors import InputError
+from phanes_cli.errors import InputError, QualityError
 from phanes_cli.evaluation.lesions import lesion_table
 from phanes_cli.manifest import ManifestRow
 from phanes_cli.pipeline import Calibration, ModelMaps, restore_maps
 from phanes_cli.preprocess import SliceGeometry, load_with_brain, prepare_volume
+from phanes_cli.quality import FATAL, FLAGS, check_volume
 from phanes_cli.screening.bids_out import write_sidecar
 from phanes_cli.screening.outputs import (
     SIZE_BIN_COLUMNS,
@@ -73,6 +74,7 @@ class VolumeContext:
     geometry: SliceGeometry
     scale: float
     brain_source: str  # file, model or threshold (skullstrip.brain_mask_for)
+    qc_flags: tuple[str, ...] = ()  # quality.check_volume warnings (fatal flags fail the volume instead)
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ class DecodeResult:
     seconds: float
     node: str
     n_slices: int = 0
+    qc_flags: tuple[str, ...] = ()
 
 
 def decode_volume(row: ManifestRow, cfg: PreprocessConfig, max_voxels: int, skull_strip: str
@@ -92,20 +95,25 @@ def decode_volume(row: ManifestRow, cfg: PreprocessConfig, max_voxels: int, skul
     start = time.perf_counter()
     try:
         volume, brain, source = load_with_brain(row.image, row.brain_mask, max_voxels, skull_strip)
+        flags = tuple(check_volume(volume, brain))
+        fatal = [f for f in flags if f in FATAL]
+        if fatal:  # nothing to screen: a property of the file, not retried while it is unchanged
+            raise QualityError(row.image, f"quality check {fatal[0]}: {FLAGS[fatal[0]]}")
         prepared = prepare_volume(volume.data, brain, cfg)
     except InputError as exc:
         kind, message = describe(exc)
         if exc.path != str(row.image):
             message = f"{exc.path}: {message}"
-        failure = Failure("decode", kind, message, retry_on_resume=False)
+        failure = Failure("decode", kind, message, retry_on_resume=exc.retryable)
         return DecodeResult(failure, time.perf_counter() - start, node_ip()), None, None
     except Exception as exc:  # any other error (memory, a library bug) fails this volume only
         kind, message = describe(exc)
         return DecodeResult(Failure("decode", kind, message), time.perf_counter() - start, node_ip()), None, None
     slices = ModelSlices(prepared.slices.numpy(), prepared.brain.numpy())
     context = VolumeContext(volume=volume, brain=brain, geometry=prepared.geometry, scale=prepared.scale,
-                            brain_source=source)
-    return DecodeResult(None, time.perf_counter() - start, node_ip(), prepared.geometry.n_slices), slices, context
+                            brain_source=source, qc_flags=flags)
+    decoded = DecodeResult(None, time.perf_counter() - start, node_ip(), prepared.geometry.n_slices, flags)
+    return decoded, slices, context
 
 
 @dataclass(frozen=True)
@@ -116,6 +124,7 @@ class InferenceResult:
     seconds: float
     node: str
     pid: int
+    backend: str = ""  # what the actor actually ran (`--backend auto` resolves per actor)
 
 
 def native_zooms(volume: Volume) -> tuple[float, float, float]:
@@ -219,8 +228,8 @@ def write_volume(job: WriteJob, context: VolumeContext, maps: ModelMaps) -> Writ
         write_s = time.perf_counter() - start
         row = {
             **manifest_columns(job.row.extra), "id": vid, "input_path": str(job.row.image), "status": "ok",
-            "brain_mask_source": context.brain_source, **stats, "slices_processed": job.decode.n_slices,
-            "backend": job.backend, "bundle_hash": job.bundle_hash, **calibration_columns(job.calibration),
+            "brain_mask_source": context.brain_source, "qc_flags": list(context.qc_flags), **stats, "slices_processed": job.decode.n_slices,
+            "backend": job.inference.backend or job.backend, "bundle_hash": job.bundle_hash, **calibration_columns(job.calibration),
             "runtime_s": job.decode.seconds + job.inference.seconds + write_s,
             "decode_s": job.decode.seconds, "inference_s": job.inference.seconds, "write_s": write_s,
             "decode_node": job.decode.node, "inference_node": job.inference.node, "write_node": node_ip(),
