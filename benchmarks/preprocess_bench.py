@@ -54,7 +54,8 @@ def main() -> None:
             timings["prepare slices"] += t3 - t2
             slices += prepared.slices.shape[0]
     total = sum(timings.values())
-    table = Table(title=f"Preprocessing {args.volumes} volumes of {base.shape} at 1 mm ({slices} slices, {args.threads} threads)")
+    table = Table(title=f"Preprocessing {args.volumes} volumes of {base.shape} at 1 mm "
+                        f"({slices} slices, {args.threads} threads)")
     for col in ("step", "total s", "ms / volume", "share"):
         table.add_column(col, justify="right")
     for name, seconds in timings.items():

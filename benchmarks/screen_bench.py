@@ -82,7 +82,8 @@ def main() -> None:
                 volumes = pd.read_parquet(work / f"out{n}" / "volumes.parquet")
                 stages = volumes[["decode_s", "inference_s", "write_s"]].mean()
                 share = 100 * stages / stages.sum()
-                table.add_row(str(n), f"{per_actor:g}", f"{summary.seconds:.1f}", f"{60 * summary.done / summary.seconds:.1f}",
+                table.add_row(str(n), f"{per_actor:g}", f"{summary.seconds:.1f}",
+                              f"{60 * summary.done / summary.seconds:.1f}",
                               f"{volumes['slices_processed'].mean():.0f}",
                               *(f"{stages[k]:.2f}" for k in ("decode_s", "inference_s", "write_s")),
                               *(f"{share[k]:.0f}" for k in ("decode_s", "inference_s", "write_s")))

@@ -55,26 +55,37 @@ class Bundle:
 
     def networks(self, lpips_weights: str | None = None) -> PhanesNetworks:
         nets = PhanesNetworks(self.config, lpips_weights=lpips_weights)
-        for name, module, state in (("ra", nets.ra, self.ra_state), ("generator", nets.generator, self.generator_state)):
+        parts = (("ra", nets.ra, self.ra_state), ("generator", nets.generator, self.generator_state))
+        for name, module, state in parts:
             try:
                 module.load_state_dict(state)
             except RuntimeError as exc:
-                raise BundleError(f"{self.path / WEIGHT_FILES[name]}: weights do not fit the bundle's config ({str(exc).splitlines()[0]})") from exc
+                reason = str(exc).splitlines()[0]
+                raise BundleError(
+                    f"{self.path / WEIGHT_FILES[name]}: weights do not fit the bundle's config ({reason})"
+                ) from exc
         return nets.eval()
 
     def require_calibration(self) -> Calibration:
         if self.calibration is None:
-            raise BundleError(f"{self.path}: bundle is not calibrated yet; run `phanes calibrate --bundle {self.path} --data MANIFEST`")
+            raise BundleError(
+                f"{self.path}: bundle is not calibrated yet; "
+                f"run `phanes calibrate --bundle {self.path} --data MANIFEST`"
+            )
         return self.calibration
 
 
 def _index_payload(folder: Path, staged: dict[str, Path] | None = None) -> dict[str, Any]:
     """The index of `folder`; `staged` maps a file name to the temporary file that is about to replace it."""
     staged = staged or {}
-    files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != INDEX_FILE and not p.name.startswith("."))
+    files = sorted(
+        p.name for p in folder.iterdir() if p.is_file() and p.name != INDEX_FILE and not p.name.startswith(".")
+    )
     engines = folder / ENGINES_DIR  # exported graphs and engines: verified when a backend uses them
     if engines.is_dir():
-        files += sorted(f"{ENGINES_DIR}/{p.name}" for p in engines.iterdir() if p.is_file() and not p.name.startswith("."))
+        files += sorted(
+            f"{ENGINES_DIR}/{p.name}" for p in engines.iterdir() if p.is_file() and not p.name.startswith(".")
+        )
     names = sorted(set(files) | set(staged))
     return {"format": BUNDLE_FORMAT, "files": {name: _sha256(staged.get(name, folder / name)) for name in names},
             "written": datetime.now(timezone.utc).isoformat()}
@@ -163,8 +174,11 @@ def load_bundle(folder: str | Path, require_calibration: bool = True) -> Bundle:
         if not path.is_file():
             raise BundleError(f"{folder}: incomplete bundle, missing {name}")
         if _sha256(path) != digest:
-            raise BundleError(f"{path}: file changed since the bundle was written (hash mismatch); the bundle is refused")
-    unlisted = [p.name for p in folder.iterdir() if p.is_file() and p.name in (CALIBRATION_FILE, *WEIGHT_FILES.values()) and p.name not in listed]
+            raise BundleError(
+                f"{path}: file changed since the bundle was written (hash mismatch); the bundle is refused"
+            )
+    guarded = (CALIBRATION_FILE, *WEIGHT_FILES.values())
+    unlisted = [p.name for p in folder.iterdir() if p.is_file() and p.name in guarded and p.name not in listed]
     if unlisted:
         raise BundleError(f"{folder}: file(s) {', '.join(unlisted)} are not covered by the bundle index")
     try:
@@ -173,7 +187,9 @@ def load_bundle(folder: str | Path, require_calibration: bool = True) -> Bundle:
         raise BundleError(f"{folder / 'config.json'}: {exc}") from exc
     calibration = _read_calibration(folder / CALIBRATION_FILE) if CALIBRATION_FILE in listed else None
     if require_calibration and calibration is None:
-        raise BundleError(f"{folder}: bundle is not calibrated yet; run `phanes calibrate --bundle {folder} --data MANIFEST`")
+        raise BundleError(
+            f"{folder}: bundle is not calibrated yet; run `phanes calibrate --bundle {folder} --data MANIFEST`"
+        )
     return Bundle(
         path=folder,
         config=config,

@@ -1,4 +1,4 @@
-"""Calibration: the two thresholds of a model, learnt on healthy validation slices (method.md), and a minimum lesion size.
+"""Calibration: a model's two thresholds, learnt on healthy validation slices (method.md), and a minimum lesion size.
 
 1. mask_threshold: the `mask_percentile` (99th) percentile of the stage 1 map m(x) over the brain
    pixels of every validation slice (paper: "the 99th percentile value on the healthy validation set").
@@ -38,7 +38,7 @@ from phanes_cli.manifest import ManifestRow
 from phanes_cli.pipeline import Calibration, run_slices, run_volume, stage1_map
 from phanes_cli.preprocess import load_with_brain
 from phanes_cli.training.data import SliceSet, healthy_rows, load_slices
-from phanes_cli.training.progress import make_progress
+from phanes_cli.progress import make_progress
 
 
 def percentile_of(chunks: list[Tensor], q: float) -> float:

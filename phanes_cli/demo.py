@@ -2,7 +2,9 @@
 
 Builds a small cohort from five real brains (nilearn's MNI152 and the four T1s shipped with phanes; healthy
 subjects with realistic variation, split by source brain, and lesion subjects with real stroke shapes and
-exact ground truth), trains the demo-size model, calibrates it (tuned on validation lesions), screens the lesion subjects, scores them against the ground truth, and says where everything went.
+exact ground truth), trains the demo-size model, calibrates it (tuned on validation lesions), screens the
+test subjects, scores them against the ground truth, renders the HTML report, and says where everything
+went.
 Each step is the real `phanes` command, printed before it runs.
 """
 
@@ -51,9 +53,16 @@ def _burden_table(screen_dir: Path) -> Table:
     for col in ("brain mL", "lesion burden mL", "lesions", "largest mL", "max score", "status"):
         table.add_column(col, justify="right")
     for row in volumes:
-        table.add_row(str(row["id"]), f"{row['brain_volume_ml']:.0f}", f"{row['lesion_burden_ml']:.2f}", str(row["lesion_count"]),
-                      f"{row['largest_lesion_ml']:.2f}", f"{row['max_anomaly']:.3f}", str(row["status"]))
+        cells = [_fmt(row.get(key), digits) for key, digits in (
+            ("brain_volume_ml", 0), ("lesion_burden_ml", 2), ("lesion_count", 0), ("largest_lesion_ml", 2),
+            ("max_anomaly", 3))]
+        table.add_row(str(row["id"]), *cells, str(row["status"]))
     return table
+
+
+def _fmt(value: float | int | None, digits: int) -> str:
+    """A table cell; a failed volume's metrics are null and show as a dash."""
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def main() -> None:
@@ -66,12 +75,16 @@ def main() -> None:
     out = args.out.absolute()
     cohort, bundle, screened, evaluation = out / "cohort", out / "bundle", out / "screen", out / "evaluation"
     start = time.perf_counter()
-    _run(["data", "synth", "--out", str(cohort), "--healthy", str(args.healthy), "--lesions", str(args.lesions), "--seed", "0"])
+    _run(["data", "synth", "--out", str(cohort), "--healthy", str(args.healthy), "--lesions", str(args.lesions),
+          "--seed", "0"])
     manifest = cohort / "manifest.parquet"
-    _run(["train", "--config", str(args.config), "--data", str(manifest), "--out", str(bundle), *(["--resume"] if (bundle / "checkpoints").exists() else [])])
+    resume = ["--resume"] if (bundle / "checkpoints").exists() else []
+    _run(["train", "--config", str(args.config), "--data", str(manifest), "--out", str(bundle), *resume])
     lesion_list = _lesion_list(manifest, out / "lesion_subjects.csv")
     _run(["screen", str(lesion_list), "--bundle", str(bundle), "--out", str(screened), "--pseudo-healthy"])
     _run(["evaluate", "--bundle", str(bundle), "--data", str(manifest), "--out", str(evaluation), "--split", "test"])
+    report = screened / "report.html"
+    _run(["report", str(screened), "--out", str(report), "--top", "4"])
     console.rule("[bold green]demo finished")
     console.print(_burden_table(screened))
     console.print(f"Finished in {(time.perf_counter() - start) / 60:.1f} min. What it produced:")
@@ -81,6 +94,7 @@ def main() -> None:
         ("per-volume anomaly maps, lesion masks, pseudo-healthy images", screened),
         ("lesion-burden tables: volumes.parquet, lesions.parquet, failures.parquet", screened),
         ("evaluation against ground truth: summary.json, per_volume.parquet", evaluation),
+        ("cohort report (open in any browser; QC figures in report/figures/)", report),
     ):
         console.print(f"  • {label}: [bold]{path}[/]")
 

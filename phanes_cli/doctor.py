@@ -17,7 +17,7 @@ from phanes_cli.backends import select_device
 from phanes_cli.bundle import load_bundle
 from phanes_cli.errors import PhanesError
 from phanes_cli.models.backbones import backbone_source
-from phanes_cli.models.lpips import _LPIPS_LINEAR_WEIGHTS
+from phanes_cli.models.lpips import LPIPS_LINEAR_WEIGHTS
 from phanes_cli.runtimes.artefacts import ArtefactError, artefact_name, read_artefact, read_provenance
 from phanes_cli.runtimes.graphs import GRAPHS
 from phanes_cli.runtimes.select import plan_backend
@@ -45,8 +45,8 @@ def machine_report(lpips_weights: str | None = None) -> Report:
     cores = len(os.sched_getaffinity(0))
     rows.append(("cpu", f"{cores} cores available, torch uses {torch.get_num_threads()} threads"))
     rows.append(("lpips trunk", f"AlexNet ImageNet weights, {backbone_source('alexnet', lpips_weights)}"))
-    found = "found" if _LPIPS_LINEAR_WEIGHTS.is_file() else "MISSING (pip install lpips==0.1.4)"
-    rows.append(("lpips heads", f"{_LPIPS_LINEAR_WEIGHTS} {found}"))
+    found = "found" if LPIPS_LINEAR_WEIGHTS.is_file() else "MISSING (pip install lpips==0.1.4)"
+    rows.append(("lpips heads", f"{LPIPS_LINEAR_WEIGHTS} {found}"))
     return rows
 
 

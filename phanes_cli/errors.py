@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 from pathlib import Path
+from types import FrameType
 
 
 class PhanesError(Exception):
@@ -47,3 +50,17 @@ class WeightsError(PhanesError):
 
 class BundleError(PhanesError):
     """A model bundle that is incomplete, tampered with, or made by an incompatible version."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler's stop), raised in the main thread so a run stops as cleanly as on Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise Terminated()
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM raise `Terminated` in the main thread (Ray's init installs its own handler: call again after)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)

@@ -9,7 +9,8 @@ Rules
   ``brain, mask, brainmask, lesion, lesions, seg, dseg, label, labels, labelmap`` (``sub-1_brain``,
   ``sub-1_brain_mask``, ``T1_lesion``, ``tumor_seg_model`` are skipped). A glob whose own file-name part
   holds such a word (``data/*_brain.nii.gz``) asks for those files and keeps them. Hidden files are
-  skipped.
+  skipped. The mask-like files a folder leaves out are returned as unused (``resolve_with_unused``), so
+  commands can say what they did not take.
 - A file named explicitly is taken as it is (even if it looks like a mask); a ``.csv``, ``.parquet`` or
   ``.pq`` file is a list of volumes with a path column ``image`` (or ``path``), and optional ``id`` (or
   ``subject_id``/``subject``), ``brain_mask``, ``lesion_mask``, ``split``, ``kind``, ``lesion_ml``
@@ -20,6 +21,9 @@ Rules
   prepended (``case1_T1``, ``case2_T1``) until unique, then a ``-2``, ``-3`` suffix in path order, so the
   same inputs always give the same ids. Ids from a list are kept verbatim and must be unique and usable
   as file names.
+- A folder holding ``dataset_description.json`` is a BIDS dataset: ``bids.select_bids`` takes its raw T1w
+  images (or ``--suffix``, narrowed by ``--bids-filter``), pairs ``desc-brain_mask`` files as brain masks,
+  names ids after the files (``sub-01_ses-1``) and returns every other NIfTI file as unused, with its reason.
 - The same file reached twice (a folder and a glob, say) is listed once, at its first place; a list that
   names it under two ids keeps both rows. Linked folders are followed, each real folder once.
 """
@@ -35,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from phanes_cli.bids import BidsQuery, is_bids_root, select_bids
 from phanes_cli.errors import InputError
 from phanes_cli.manifest import ManifestRow, cell_path, clean, lesion_volume, read_table, write_manifest
 from phanes_cli.volume_io import DEFAULT_MAX_VOXELS, is_nifti_path, load_mask, load_volume
@@ -44,6 +49,7 @@ MASK_WORDS = frozenset(
     {"brain", "mask", "brainmask", "lesion", "lesions", "seg", "dseg", "label", "labels", "labelmap"}
 )
 IMAGE_COLUMNS = ("image", "path")
+MASK_REASON = "the file name reads as a mask or label map (module rules); name the file, or a glob, to use it"
 ID_COLUMNS = ("id", "subject_id", "subject")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
@@ -56,6 +62,7 @@ class Rejected:
     path: str
     reason: str
     id: str | None = None
+    unused: bool = False  # True: a file found and deliberately left out (BIDS selection), not a broken one
 
 
 def nifti_stem(path: str | Path) -> str:
@@ -82,10 +89,12 @@ def _folder_key(path: str | Path) -> tuple[int, int] | None:
     return stat.st_dev, stat.st_ino
 
 
-def _scan_folder(folder: Path, exclude: Path | None = None) -> list[Path]:
-    """NIfTI images under `folder`; linked folders are followed, but each real folder is read once (a link to
-    a parent or to itself is no cycle) and `exclude` (the run's OUT) is never entered."""
-    found = []
+def _scan_folder(folder: Path, exclude: Path | None = None) -> tuple[list[Path], list[Path]]:
+    """(NIfTI images, mask-like NIfTI files left out) under `folder`; linked folders are followed, but each real
+    folder is read once (a link to a parent or to itself is no cycle) and `exclude` (the run's OUT) is never
+    entered."""
+    found: list[Path] = []
+    masks: list[Path] = []
     seen = {_folder_key(folder)}
     skip = _folder_key(exclude) if exclude is not None else None
     for root, dirs, files in os.walk(folder, followlinks=True):
@@ -97,9 +106,9 @@ def _scan_folder(folder: Path, exclude: Path | None = None) -> list[Path]:
                 kept.append(name)
         dirs[:] = kept
         for name in sorted(files):
-            if not name.startswith(".") and is_nifti_path(name) and not looks_like_mask(name):
-                found.append(Path(root) / name)
-    return found
+            if not name.startswith(".") and is_nifti_path(name):
+                (masks if looks_like_mask(name) else found).append(Path(root) / name)
+    return found, masks
 
 
 def _inside(path: str | Path, folder: Path | None) -> bool:
@@ -149,24 +158,25 @@ def _from_list(path: Path) -> list[_Found]:
     return found
 
 
-def _discover(argument: str, exclude: Path | None = None) -> list[_Found]:
+def _discover(argument: str, exclude: Path | None = None) -> tuple[list[_Found], list[Rejected]]:
+    """The images one argument names, and the files of a folder it left out as masks (`Rejected.unused`)."""
     path = Path(argument)
     if path.is_dir():
-        files = _scan_folder(path, exclude)
+        files, masks = _scan_folder(path, exclude)
         if not files:
             raise InputError(path, "folder holds no NIfTI images (*.nii, *.nii.gz) besides masks")
-        return [_Found(f, None, {}) for f in files]
+        return [_Found(f, None, {}) for f in files], [Rejected(str(m), MASK_REASON, unused=True) for m in masks]
     if path.is_file():
         if path.name.lower().endswith(TABLE_SUFFIXES):
-            return _from_list(path)
+            return _from_list(path), []
         if is_nifti_path(path):
-            return [_Found(path, None, {})]
+            return [_Found(path, None, {})], []
         raise InputError(path, "not a NIfTI image, a folder, or a CSV/Parquet volume list")
     if _GLOB_CHARS.search(argument):
         files = _expand_glob(argument, exclude)
         if not files:
             raise InputError(argument, "pattern matches no NIfTI images")
-        return [_Found(f, None, {}) for f in files]
+        return [_Found(f, None, {}) for f in files], []
     raise InputError(path, "not found")
 
 
@@ -228,20 +238,41 @@ def _unique_ids(found: list[_Found]) -> list[str]:
     return [ids[i] for i in range(len(found))]
 
 
-def resolve_inputs(inputs: list[str], exclude: Path | None = None) -> list[ManifestRow]:
+def _from_bids(root: Path, query: BidsQuery) -> tuple[list[_Found], list[Rejected]]:
+    """The selected images of a BIDS root (ids, masks and entities set) and the unused files with reasons."""
+    selection = select_bids(root, query.suffix, dict(query.filters))
+    unused = [Rejected(path=str(s.path), reason=s.reason, unused=True) for s in selection.skipped]
+    if not selection.rows:
+        matching = " matching --bids-filter" if query.filters else ""
+        raise InputError(root, f"BIDS dataset holds no {query.suffix} images{matching} "
+                               f"({len(unused)} other NIfTI files; choose with --suffix / --bids-filter)")
+    return [_Found(r.image, r.id, {**r.extra, "brain_mask": r.brain_mask}) for r in selection.rows], unused
+
+
+def resolve_inputs(inputs: list[str], exclude: Path | None = None, bids: BidsQuery | None = None) -> list[ManifestRow]:
+    """Expand INPUTS into manifest rows (`resolve_with_unused` without the list of unused files)."""
+    return resolve_with_unused(inputs, exclude, bids)[0]
+
+
+def resolve_with_unused(inputs: list[str], exclude: Path | None = None, bids: BidsQuery | None = None
+                        ) -> tuple[list[ManifestRow], list[Rejected]]:
     """Expand INPUTS into manifest rows with unique ids, in input order (folders/globs sorted).
 
     Folders and globs never yield files under `exclude` (screening's OUT, which may sit inside an input
     folder). The same file under two explicit ids of a list stays two rows (screened twice). Raises
     InputError for an argument that does not exist, matches nothing or cannot be read; files named
-    inside a volume list are not opened here.
+    inside a volume list are not opened here. Also returns the files of BIDS roots left out (`unused`).
     """
     if not inputs:
         raise InputError("INPUTS", "no inputs given; name folders, files, globs or a CSV/Parquet list")
     found: list[_Found] = []
+    unused: list[Rejected] = []
     seen: set[Path] = set()
     for argument in inputs:
-        for item in _discover(str(argument), exclude):
+        bids_root = is_bids_root(argument)
+        items, skipped = _from_bids(Path(argument), bids or BidsQuery()) if bids_root else _discover(argument, exclude)
+        unused.extend(skipped)
+        for item in items:
             key = Path(os.path.normpath(item.image.absolute()))
             if key in seen and item.id is None:
                 continue
@@ -261,7 +292,7 @@ def resolve_inputs(inputs: list[str], exclude: Path | None = None) -> list[Manif
             lesion_ml=lesion_ml,
             extra={k: v for k, v in record.items() if clean(v) is not None},
         ))
-    return rows
+    return rows, unused
 
 
 def validate_row(row: ManifestRow, max_voxels: int = DEFAULT_MAX_VOXELS) -> Rejected | None:
@@ -273,17 +304,21 @@ def validate_row(row: ManifestRow, max_voxels: int = DEFAULT_MAX_VOXELS) -> Reje
                 load_mask(mask, volume, max_voxels)
     except InputError as exc:
         return Rejected(path=exc.path, reason=exc.reason, id=row.id)
+    except Exception as exc:  # a file no check foresaw: rejected on its own, the manifest is still written
+        detail = (str(exc).strip().splitlines() or [""])[0][:300]
+        return Rejected(path=str(row.image), reason=f"cannot be read ({type(exc).__name__}: {detail})", id=row.id)
     return None
 
 
-def prepare_manifest(inputs: list[str], out: Path, validate: bool = True,
-                     max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[list[ManifestRow], list[Rejected]]:
+def prepare_manifest(inputs: list[str], out: Path, validate: bool = True, max_voxels: int = DEFAULT_MAX_VOXELS,
+                     bids: BidsQuery | None = None) -> tuple[list[ManifestRow], list[Rejected]]:
     """Resolve INPUTS, check each file (image and masks) and write the manifest of the usable ones.
 
     Files are checked in a few threads (decompression releases the GIL). Returns the written rows and
-    every rejected file with its reason, in input order.
+    every rejected file with its reason, in input order, then the files left out of BIDS roots
+    (`Rejected.unused`).
     """
-    rows = resolve_inputs(inputs)
+    rows, unused = resolve_with_unused(inputs, bids=bids)
     rejected: list[Rejected] = []
     if validate:
         with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
@@ -291,4 +326,4 @@ def prepare_manifest(inputs: list[str], out: Path, validate: bool = True,
         rejected = [v for v in verdicts if v is not None]
         rows = [r for r, v in zip(rows, verdicts, strict=True) if v is None]
     write_manifest(rows, out)
-    return rows, rejected
+    return rows, rejected + unused

@@ -217,7 +217,7 @@ def restore_maps(maps: ModelMaps, geometry: SliceGeometry, brain: np.ndarray, sc
     """Bring one volume's model-grid maps back onto its grid (`brain`, `volume_data`: (X, Y, Z)) and threshold lesions.
 
     `voxel_ml` (the volume's voxel volume in mL) lets `lesion_mask` drop components under the calibration's
-    `min_lesion_ml`; without it (`run_volume`, which gets no voxel size) no component is dropped.
+    `min_lesion_ml`; without it no component is dropped.
 
     The pseudo-healthy image keeps the input intensities everywhere except inside the restored inpainting
     mask, where it takes x_ph times the volume's intensity scale: x_ph equals x outside the mask by
@@ -244,12 +244,14 @@ def run_volume(
     calibration: Calibration,
     batch_size: int = 32,
     keep: Collection[str] = ("ra_map", "x_ph", "mask"),
+    voxel_ml: float | None = None,
 ) -> VolumeMaps:
     """One volume end to end: (X, Y, Z) RAS+ intensities and brain mask -> maps on the same grid.
 
     The composition of `prepare_volume`, `infer_slices` and `restore_maps`; screening runs the same two
-    halves in separate processes (inference actor, CPU write task).
+    halves in separate processes (inference actor, CPU write task). Give `voxel_ml` (`Volume.voxel_ml`) to
+    drop lesion components under the calibration's minimum size, as screening does.
     """
     prepared = prepare_volume(data, brain, cfg.preprocess)
     maps = infer_slices(prepared.slices, prepared.brain, backend, cfg, calibration, batch_size, keep)
-    return restore_maps(maps, prepared.geometry, brain, prepared.scale, data, calibration)
+    return restore_maps(maps, prepared.geometry, brain, prepared.scale, data, calibration, voxel_ml)

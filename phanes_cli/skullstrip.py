@@ -36,7 +36,6 @@ from phanes_cli.quality import GRID_MM, skull_present
 from phanes_cli.volume_io import DEFAULT_MAX_VOXELS, Volume, load_mask, load_volume, save_like
 
 SKULL_STRIP_MODES = ("auto", "always", "never")
-MASK_SOURCES = ("file", "model", "threshold")
 MODEL_THRESHOLD = 0.5  # deepbet's own default cut on its brain probability
 
 

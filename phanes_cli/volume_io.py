@@ -190,7 +190,9 @@ def load_mask(path: str | Path, like: Volume, max_voxels: int = DEFAULT_MAX_VOXE
     """Read a mask that must share `like`'s grid; returns a bool array on `like`'s RAS+ grid."""
     mask = load_volume(path, max_voxels)
     if mask.native_shape != like.native_shape:
-        raise InputError(path, f"mask shape {mask.native_shape} differs from image shape {like.native_shape} ({like.path.name})")
+        raise InputError(
+            path, f"mask shape {mask.native_shape} differs from image shape {like.native_shape} ({like.path.name})"
+        )
     if not np.allclose(mask.native_affine, like.native_affine, atol=1e-3):
         raise InputError(path, f"mask affine differs from the affine of {like.path.name}")
     return mask.data > 0.5

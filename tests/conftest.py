@@ -16,7 +16,9 @@ SHARED_DATA = SHARED / "data"
 
 
 def needs_shared() -> pytest.MarkDecorator:
-    return pytest.mark.skipif(not (SHARED_DATA / "healthy-t1").is_dir(), reason="../shared/data is not present on this machine")
+    return pytest.mark.skipif(
+        not (SHARED_DATA / "healthy-t1").is_dir(), reason="../shared/data is not present on this machine"
+    )
 
 
 def blob_volume(shape: tuple[int, int, int] = (40, 48, 36), seed: int = 0) -> np.ndarray:

@@ -10,26 +10,38 @@ test_volume_io.py (geometry, corrupt files), test_quality.py (limits on real dat
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
+from phanes_cli.atomic import write_bytes
 from phanes_cli.backends import PhanesNetworks
 from phanes_cli.bundle import INDEX_FILE, load_bundle, save_bundle, write_calibration
+from phanes_cli.calibrate import calibrate
 from phanes_cli.config import load_config
-from phanes_cli.errors import BundleError, ConfigError, InputError
+from phanes_cli.errors import BundleError, ConfigError, InputError, PhanesError
+from phanes_cli.inputs import prepare_manifest, resolve_inputs
+from phanes_cli.manifest import ManifestRow, read_manifest, write_manifest
 from phanes_cli.pipeline import Calibration
 from phanes_cli.preprocess import auto_brain_mask
 from phanes_cli.quality import FATAL, check_volume
+from phanes_cli.screening.outputs import OutputLayout, commit_volume, consolidate, file_stem
+from phanes_cli.training.data import healthy_rows
 from phanes_cli.volume_io import load_volume
 from tests._tiny_cohort import tiny_config
 from tests.conftest import blob_volume
@@ -287,3 +299,269 @@ except OSError as exc:
 # ---------------------------------------------------------------------------------------------------------
 # Screening, data prepare, evaluate, train: sections added by the owners of those commands
 # ---------------------------------------------------------------------------------------------------------
+
+PHANES = Path(sys.executable).parent / "phanes"
+CLI_ENV = {**ENV, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+
+
+def _phanes(*args: str | Path, prefix: tuple[str, ...] = (), timeout: float = 300,
+            **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*prefix, str(PHANES), *map(str, args)], capture_output=True, text=True, env=CLI_ENV,
+                          timeout=timeout, **kw)  # type: ignore[call-overload]
+
+
+def _one_error_line(run: subprocess.CompletedProcess[str], *expected: str) -> str:
+    """Exit 2, no traceback, one line on stderr naming the problem."""
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "Traceback" not in run.stdout + run.stderr
+    (line,) = [x for x in run.stderr.splitlines() if x.strip()]
+    assert line.startswith("error: ")
+    for text in expected:
+        assert text in line, line
+    return line
+
+
+@pytest.fixture
+def calibrated(folder: Path) -> Path:
+    write_calibration(folder, Calibration(**GOOD_CALIBRATION))
+    return folder
+
+
+# --- calibrate: the bundle changes only when a calibration is complete ------------------------------------
+
+
+def _manifest_with_missing_images(tmp: Path) -> Path:
+    rows = [ManifestRow(id=f"v{i}", image=tmp / f"gone{i}.nii.gz", split="val", kind="healthy") for i in range(2)]
+    return write_manifest(rows, tmp / "missing_images.parquet")
+
+
+BAD_MANIFESTS = {
+    "missing": lambda t: t / "nowhere.parquet",
+    "no_columns": lambda t: (t / "cols.csv").write_text("a,b\n1,2\n") and t / "cols.csv",
+    "images_missing_mid_way": _manifest_with_missing_images,
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_MANIFESTS))
+def test_a_failed_calibration_leaves_the_bundle_byte_identical(case: str, calibrated: Path, tmp_path: Path) -> None:
+    manifest = BAD_MANIFESTS[case](tmp_path)
+    before = _snapshot(calibrated)
+    with pytest.raises(PhanesError):  # new percentiles: the old code re-saved the bundle before failing
+        calibrate(calibrated, manifest, device="cpu", progress=False, mask_percentile=90.0, anomaly_percentile=95.0)
+    assert _snapshot(calibrated) == before
+    assert load_bundle(calibrated).calibration == Calibration(**GOOD_CALIBRATION)
+
+
+# --- screening outputs: names of ids that look hidden, temporary or too long --------------------------------
+
+ODD_IDS = [".x", ".tmp-x", "..", "a" * 300, "é" * 130, "tmp-y", "plain"]
+
+
+def test_output_names_are_never_hidden_temporary_or_too_long_and_rows_survive_reruns(tmp_path: Path) -> None:
+    layout = OutputLayout(tmp_path / "out")
+    layout.ensure()
+    for vid in ODD_IDS:
+        write_bytes(layout.map_path(vid, "anomaly"), b"map of " + vid.encode())
+        commit_volume(layout, vid, {"id": vid, "status": "ok", "lesion_count": 0}, [], {"id": vid})
+    files = [p for p in (tmp_path / "out").rglob("*") if p.is_file() and p.name != INDEX_FILE]
+    assert files and all(not p.name.startswith(".") and len(p.name.encode()) <= 255 for p in files)
+    assert len({file_stem(v) for v in ODD_IDS}) == len(ODD_IDS)
+    for _ in range(2):  # a rerun starts by deleting temporaries: nothing of these ids may go
+        layout.remove_temporaries()
+        consolidate(layout)
+        assert sorted(pq.read_table(layout.table("volumes"))["id"].to_pylist()) == sorted(ODD_IDS)
+    for vid in ODD_IDS:
+        assert layout.map_path(vid, "anomaly").read_bytes() == b"map of " + vid.encode()
+
+
+# --- input discovery: link cycles, OUT inside the inputs, one image under two ids, text numbers -------------
+
+
+def test_a_folder_with_links_to_itself_and_its_parent_is_walked_once(tmp_path: Path) -> None:
+    root = tmp_path / "cohort"
+    (root / "sub").mkdir(parents=True)
+    for i in range(12):
+        _nifti(root / ("sub" if i % 2 else ""), f"s{i:02d}.nii.gz", blob_volume((8, 8, 8), i))
+    (root / "sub" / "up").symlink_to(root)
+    (root / "sub" / "self").symlink_to(root / "sub")
+    (root / "again").symlink_to(root / "sub")
+    rows = resolve_inputs([str(root)])
+    assert sorted(r.image.name for r in rows) == [f"s{i:02d}.nii.gz" for i in range(12)]
+    kept, rejected = prepare_manifest([str(root)], tmp_path / "m.parquet")
+    assert len(kept) == 12 and not rejected
+
+
+def test_out_inside_the_input_folder_is_not_screened_as_subjects(tmp_path: Path) -> None:
+    root = tmp_path / "cohort"
+    root.mkdir()
+    _nifti(root, "subject.nii.gz", blob_volume((8, 8, 8)))
+    out = root / "results"
+    (out / "maps").mkdir(parents=True)
+    _nifti(out / "maps", "subject_anomaly.nii.gz", blob_volume((8, 8, 8)))
+    assert [r.id for r in resolve_inputs([str(root)], exclude=out)] == ["subject"]
+    assert [r.id for r in resolve_inputs([str(root / "**" / "*.nii.gz")], exclude=out)] == ["subject"]
+
+
+def test_one_image_under_two_ids_stays_two_rows_and_text_numbers_are_read(tmp_path: Path) -> None:
+    image = _nifti(tmp_path, "scan.nii.gz", blob_volume((8, 8, 8)))
+    listing = tmp_path / "list.csv"
+    listing.write_text(f"id,image,lesion_ml\nfirst,{image},12.5\nsecond,{image},\n")
+    rows = resolve_inputs([str(listing), str(tmp_path)])  # the folder finds the file again: listed already
+    assert [(r.id, r.image, r.lesion_ml) for r in rows] == [("first", image, 12.5), ("second", image, None)]
+    listing.write_text(f"id,image,lesion_ml\nfirst,{image},twelve\n")
+    with pytest.raises(InputError, match="lesion_ml must be a number of mL, got 'twelve'"):
+        resolve_inputs([str(listing)])
+
+
+def test_evaluate_train_and_calibrate_refuse_duplicate_ids(tmp_path: Path) -> None:
+    image = _nifti(tmp_path, "scan.nii.gz", blob_volume((8, 8, 8)))
+    manifest = tmp_path / "dupes.csv"
+    manifest.write_text(f"id,image,split,kind,lesion_ml\na,{image},val,healthy,1\na,{image},val,healthy,2\n")
+    with pytest.raises(InputError, match="duplicate ids in manifest: a"):
+        read_manifest(manifest)
+    with pytest.raises(InputError, match="duplicate ids"):
+        healthy_rows(manifest, "val")  # what train and calibrate read
+    manifest.write_text(f"id,image,split,kind,lesion_ml\na,{image},val,healthy,2 mL\n")
+    with pytest.raises(InputError, match="lesion_ml must be a number"):
+        read_manifest(manifest)
+
+
+def test_data_prepare_rejects_bad_files_one_by_one_and_writes_the_manifest(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for case in ("rgb", "negative_dimension", "zero_dimension", "complex"):
+        BAD_FILES[case][0](folder)
+    good = _nifti(folder, "good.nii.gz", blob_volume((8, 8, 8)))
+    rows, rejected = prepare_manifest([str(folder)], tmp_path / "m.parquet")
+    assert [r.image for r in rows] == [good]
+    assert [r.image for r in read_manifest(tmp_path / "m.parquet")] == [good]
+    reasons = {Path(r.path).name: r.reason for r in rejected}
+    assert set(reasons) == {"rgb.nii.gz", "neg.nii", "zero.nii", "cplx.nii.gz"}
+    assert "(0, 100, 100) must all be positive" in reasons["zero.nii"]
+
+
+# --- screening decode stage: quality gate and what a resumed run retries ------------------------------------
+
+
+def _decode(path: Path) -> tuple[object, ...]:
+    from phanes_cli.screening.tasks import decode_volume
+
+    return decode_volume(ManifestRow(id="v", image=path), tiny_config().preprocess, 10**8, "never")
+
+
+def test_the_decode_stage_fails_fatal_quality_and_flags_warnings(tmp_path: Path) -> None:
+    decoded, _, _ = _decode(_content(tmp_path, np.zeros((40, 48, 36))))
+    assert decoded.failure.error_type == "QualityError"  # type: ignore[attr-defined]
+    assert decoded.failure.message == "quality check all_zero: every voxel is 0"  # type: ignore[attr-defined]
+    assert decoded.failure.retry_on_resume is False  # type: ignore[attr-defined]
+    decoded, _, context = _decode(_content(tmp_path, np.random.default_rng(0).random((80, 96, 72))))
+    assert decoded.failure is None and "intensity_noise" in decoded.qc_flags  # type: ignore[attr-defined]
+    assert context.qc_flags == decoded.qc_flags  # type: ignore[attr-defined]
+    decoded, _, _ = _decode(BAD_FILES["rgb"][0](tmp_path))
+    assert decoded.failure.retry_on_resume is False  # type: ignore[attr-defined]
+
+
+@pytest.mark.skipif(bool(_UNPRIVILEGED) and shutil.which("setpriv") is None,
+                    reason="running as root without setpriv to drop file-access privileges")
+def test_an_unreadable_input_fails_as_retryable_and_decodes_once_readable(tmp_path: Path) -> None:
+    path = _nifti(tmp_path, "locked.nii.gz", blob_volume())
+    path.chmod(0)
+    probe = ("import sys\nfrom tests.test_adversarial import _decode\nf = _decode(__import__('pathlib').Path("
+             "sys.argv[1]))[0].failure\nprint(f.error_type, f.retry_on_resume)\n")
+    try:
+        done = subprocess.run([*_UNPRIVILEGED, sys.executable, "-c", probe, str(path)], capture_output=True,
+                              text=True, env=ENV, timeout=300, cwd=ROOT)
+    finally:
+        path.chmod(0o644)
+    assert done.stdout.split() == ["InputAccessError", "True"], done.stdout + done.stderr
+    assert _decode(path)[0].failure is None  # type: ignore[attr-defined]
+
+
+# --- the command line under faults: one line, exit 2 (or 143 on SIGTERM), nothing committed lost ----------
+
+
+def _cohort(tmp: Path) -> Path:
+    (tmp / "in").mkdir()
+    _nifti(tmp / "in", "a.nii.gz", blob_volume())
+    return tmp / "in"
+
+
+def _fsize_limit() -> None:
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))
+
+
+def test_file_system_faults_are_one_line_errors(calibrated: Path, tmp_path: Path) -> None:
+    cohort = _cohort(tmp_path)
+    (tmp_path / "file").write_text("not a folder")
+    (tmp_path / "logdir").mkdir()
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    readonly.chmod(0o555)
+    screen = ("screen", cohort, "--bundle", calibrated, "--quiet")
+    runs = {
+        "out_is_file": lambda: _phanes(*screen, "--out", tmp_path / "file"),
+        "log_is_folder": lambda: _phanes(*screen, "--out", tmp_path / "o1", "--log-jsonl", tmp_path / "logdir"),
+        "log_disk_full": lambda: _phanes(*screen, "--out", tmp_path / "o2", "--log-jsonl", "/dev/full"),
+        "read_only_out": lambda: _phanes(*screen, "--out", readonly, prefix=tuple(_UNPRIVILEGED)),
+        "evaluate_out_is_file": lambda: _phanes("evaluate", "--bundle", calibrated, "--data", tmp_path / "m.parquet",
+                                                "--out", tmp_path / "file"),
+        "file_size_limit": lambda: _phanes("data", "prepare", cohort, "--out", tmp_path / "m2.parquet",
+                                           preexec_fn=_fsize_limit),
+    }
+    with ThreadPoolExecutor(max_workers=3) as pool:  # each run mostly waits on its imports: overlap them
+        done = {name: pool.submit(run) for name, run in runs.items()}
+        results = {name: future.result() for name, future in done.items()}
+    readonly.chmod(0o755)
+    _one_error_line(results["out_is_file"], str(tmp_path / "file"))
+    _one_error_line(results["log_is_folder"], str(tmp_path / "logdir"), "Is a directory")
+    _one_error_line(results["log_disk_full"], "No space left on device")
+    assert json.loads((tmp_path / "o2" / "run.json").read_text())["status"] == "crashed"
+    if not _UNPRIVILEGED or shutil.which("setpriv"):
+        _one_error_line(results["read_only_out"], "Permission denied")
+    _one_error_line(results["evaluate_out_is_file"], "--out must be a folder")
+    _one_error_line(results["file_size_limit"], "File too large")
+    assert (tmp_path / "file").read_text() == "not a folder"
+
+
+def test_a_cluster_that_does_not_answer_times_out_naming_it_and_a_stale_run_is_marked(calibrated: Path,
+                                                                                      tmp_path: Path) -> None:
+    cohort, out = _cohort(tmp_path), tmp_path / "out"
+    out.mkdir()
+    stale = {"run_id": "old", "status": "running", "pid": 999999, "host": "gone", "started": "2020-01-01"}
+    (out / "run.json").write_text(json.dumps(stale))
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.9", 0))
+        address = f"127.0.0.9:{probe.getsockname()[1]}"
+    began = time.monotonic()
+    run = _phanes("screen", cohort, "--bundle", calibrated, "--out", out, "--quiet", "--address", address,
+                  "--connect-timeout", "5", timeout=240)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    last = [x for x in run.stderr.splitlines() if x.strip()][-1]  # after Ray's own warnings of the attempt
+    assert last.startswith(f"error: the Ray cluster at {address} did not answer within 5 s"), run.stderr
+    assert time.monotonic() - began < 200
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["status"] == "crashed" and address in manifest["error"]
+    assert manifest["previous_run"] == {**stale, "status": "abandoned", "finished": None}
+    with open(out / ".phanes-screen.lock", "a+") as handle:  # the lock was released
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_sigterm_stops_a_command_like_ctrl_c_with_exit_143(tmp_path: Path) -> None:
+    out = tmp_path / "synth"
+    proc = subprocess.Popen([str(PHANES), "data", "synth", "--out", str(out), "--healthy", "500", "--lesions", "0",
+                             "--voxel-size", "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=CLI_ENV)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None and not list(out.glob("images/healthy-*.nii.gz")):
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert "Traceback" not in stderr and "Fatal Python error" not in stderr
+    assert next(x for x in stderr.splitlines() if x.strip()).startswith("terminated")
+    assert not list(out.rglob(".tmp-*"))

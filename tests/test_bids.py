@@ -157,3 +157,17 @@ def test_screen_layout_bids_writes_a_derivatives_dataset(dataset: Path, tmp_path
     assert (run2["sub"], run2["ses"], run2["acq"], run2["run"]) == ("03", "1", "mprage", "2")
     with pytest.raises(ConfigError, match="holds a --layout bids run"):
         screen([str(dataset)], replace(options, layout="default"))
+
+
+def test_a_plain_folder_says_which_files_it_left_out(tmp_path: Path) -> None:
+    """Outside BIDS the mask-word rule still applies (FSL's T1_brain is left out), but never silently."""
+    folder = tmp_path / "fsl"
+    _nifti(folder / "T1.nii.gz", blob_volume((30, 34, 28)))
+    _nifti(folder / "T1_brain.nii.gz", blob_volume((30, 34, 28)))
+    _nifti(folder / "T1_brain_mask.nii.gz", (blob_volume((30, 34, 28)) > 0).astype(np.uint8))
+    run = phanes("data", "prepare", folder, "--out", tmp_path / "m.parquet", "--skull-strip", "never", "-v")
+    assert run.returncode == 0, run.stderr
+    text = " ".join(run.stderr.split())
+    assert pq.read_table(tmp_path / "m.parquet").column("id").to_pylist() == ["T1"]
+    assert "2 files found and not used" in text
+    assert f"not used {folder / 'T1_brain.nii.gz'}: the file name reads as a mask" in text

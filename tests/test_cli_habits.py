@@ -92,3 +92,14 @@ def test_config_commands(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("preprocess:\n  image_size: big\n")
     assert_one_error_line(phanes("config", "validate", bad), "preprocess.image_size", "'big'")
+
+
+def test_the_cli_choices_are_the_library_modes() -> None:
+    from typing import get_args
+
+    from phanes_cli.cli import SkullStrip
+    from phanes_cli.screening.bids_out import LAYOUTS
+    from phanes_cli.skullstrip import SKULL_STRIP_MODES
+
+    assert get_args(SkullStrip) == SKULL_STRIP_MODES
+    assert "<default|bids>" in _help("screen") and LAYOUTS == ("default", "bids")

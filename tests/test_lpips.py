@@ -213,7 +213,9 @@ def test_lpips_pinned_values(lpips_model: SpatialLPIPS) -> None:
     torch.testing.assert_close(
         out.mean(dim=(1, 2, 3)), torch.tensor([0.23992331, 0.10643063, 0.25642329]), atol=1e-4, rtol=0
     )
-    torch.testing.assert_close(out.amax(dim=(1, 2, 3)), torch.tensor([1.20657670, 0.27493271, 0.51934111]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        out.amax(dim=(1, 2, 3)), torch.tensor([1.20657670, 0.27493271, 0.51934111]), atol=1e-4, rtol=0
+    )
     torch.testing.assert_close(out[:, 0, 50, 80], torch.tensor([1.16529167, 0.08565807, 0.17948532]), atol=1e-4, rtol=0)
 
 
@@ -250,9 +252,9 @@ def test_vgg16_perceptual_layers() -> None:
     state = load_backbone_state_dict("vgg16")
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    expected = torch.relu(
-        torch.nn.functional.conv2d((x.detach().repeat(1, 3, 1, 1) - mean) / std, state["features.0.weight"], state["features.0.bias"], padding=1)
-    )
+    normalised = (x.detach().repeat(1, 3, 1, 1) - mean) / std
+    conv = torch.nn.functional.conv2d(normalised, state["features.0.weight"], state["features.0.bias"], padding=1)
+    expected = torch.relu(conv)
     torch.testing.assert_close(feats["relu1_1"].detach(), expected, atol=1e-5, rtol=1e-5)
     sum(f.mean() for f in feats.values()).backward()
     assert x.grad is not None and float(x.grad.abs().sum()) > 0

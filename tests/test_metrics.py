@@ -271,10 +271,10 @@ def test_streaming_over_volumes_equals_concatenated_computation() -> None:
     pooled_dice = dice(all_scores >= threshold, all_truth, np.ones_like(all_truth))
     assert summary["dice"] == pytest.approx(pooled_dice)
 
-    per_volume_ap = [average_precision_score(t, s) for s, t in zip(scores, truths)]
+    per_volume_ap = [average_precision_score(t, s) for s, t in zip(scores, truths, strict=True)]
     assert summary["auprc_mean"] == pytest.approx(np.mean(per_volume_ap), abs=5e-3)
     assert summary["auprc_std"] == pytest.approx(np.std(per_volume_ap), abs=5e-3)
-    per_volume_dice = [dice(s >= threshold, t, np.ones_like(t)) for s, t in zip(scores, truths)]
+    per_volume_dice = [dice(s >= threshold, t, np.ones_like(t)) for s, t in zip(scores, truths, strict=True)]
     assert summary["dice_mean"] == pytest.approx(np.mean(per_volume_dice))
 
     table = cohort.per_volume_table()

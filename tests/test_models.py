@@ -59,7 +59,9 @@ def test_paper_shapes() -> None:
     mu, logvar, features = vae.encoder(x, return_features=True)
     x_rec, _, _ = vae(x)
     assert mu.shape == logvar.shape == (2, 128)
-    assert [tuple(f.shape[1:]) for f in features] == [(64, 64, 64), (128, 32, 32), (256, 16, 16), (512, 8, 8), (512, 4, 4)]
+    assert [tuple(f.shape[1:]) for f in features] == [
+        (64, 64, 64), (128, 32, 32), (256, 16, 16), (512, 8, 8), (512, 4, 4)
+    ]
     assert x_rec.shape == (2, 1, 128, 128)
     assert generator(x, x).shape == (2, 1, 128, 128)
     assert discriminator(x).shape == (2, 1, 14, 14)
@@ -74,7 +76,7 @@ def test_outputs_are_images_in_unit_range() -> None:
     mask = torch.zeros(2, 1, 128, 128)
     mask[..., 40:70, 50:90] = 1
     with torch.no_grad():
-        x_rec, mu, _ = vae(x)
+        x_rec, _, _ = vae(x)
         out = generator(x * (1 - mask) + mask, mask)
     for image in (x_rec, out):
         assert image.shape == (2, 1, 128, 128)

@@ -50,7 +50,8 @@ def make_run(root: Path, n_ok: int = 5, n_failed: int = 2, with_maps: bool = Tru
             nib.save(nib.Nifti1Image(np.where(lesion, 50.0, image).astype(np.float32), affine),
                      str(layout.map_path(vid, "pseudohealthy")))
         volumes.append({"id": vid, "input_path": str(path), "status": "ok", "lesion_count": 1,
-                        "lesion_burden_ml": float(lesion.sum()) * 0.008, "brain_volume_ml": float((image > 0).sum()) * 0.008,
+                        "lesion_burden_ml": float(lesion.sum()) * 0.008,
+                        "brain_volume_ml": float((image > 0).sum()) * 0.008,
                         "largest_lesion_ml": float(lesion.sum()) * 0.008, "max_anomaly": float(anomaly.max()),
                         "mean_anomaly": float(anomaly.mean()), "slices_processed": 20})
     for j in range(n_failed):
@@ -74,7 +75,7 @@ def test_report_summary_figures_and_pngs(tmp_path: Path) -> None:
     assert f'id="n-screened">{len(ok)}<' in page and f'id="n-failed">{result.failed}<' in page
     assert f'id="burden-median">{np.median(ok.lesion_burden_ml):.2f}<' in page
     top = ok.sort_values("lesion_burden_ml", ascending=False).id.tolist()[:3]
-    assert sorted(p.stem for p in result.figures) == sorted(top + ["sub-000"])
+    assert sorted(p.stem for p in result.figures) == sorted([*top, "sub-000"])
     for png in result.figures:
         with Image.open(png) as im:
             assert im.format == "PNG" and im.size[0] > 100
@@ -89,7 +90,7 @@ def test_report_survives_missing_maps_and_rejects_bad_arguments(tmp_path: Path) 
     assert result.figures == [] and "no figure" in result.html.read_text()
     with pytest.raises(InputError, match="not an id of this run"):
         render_report(out, ids=["nobody"])
-    with pytest.raises(InputError, match="volumes.parquet"):
+    with pytest.raises(InputError, match=r"volumes\.parquet"):
         render_report(tmp_path / "empty")
     (out / "volumes.parquet").write_text("garbage")
     with pytest.raises(InputError, match="cannot read"):
@@ -107,8 +108,8 @@ def test_slice_choice_includes_the_lesion_slice() -> None:
 def test_report_cli_writes_to_out_and_exit_codes(tmp_path: Path) -> None:
     out = make_run(tmp_path, n_ok=2, n_failed=0)
     target = tmp_path / "elsewhere" / "r.html"
-    run = subprocess.run([sys.executable, "-m", "phanes_cli.cli", "report", str(out), "--out", str(target), "--top", "1"],
-                         capture_output=True, text=True, timeout=120)
+    command = [sys.executable, "-m", "phanes_cli.cli", "report", str(out), "--out", str(target), "--top", "1"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert target.is_file() and (target.parent / "report" / "figures").is_dir()
     bad = subprocess.run([sys.executable, "-m", "phanes_cli.cli", "report", str(tmp_path / "missing")],

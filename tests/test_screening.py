@@ -271,7 +271,8 @@ def test_volume_statistics_match_hand_made_masks(tmp_path: Path) -> None:
     assert all(r["id"] == "v" for r in rows)
     assert [r["centroid_x_mm"] for r in rows] == [r["centroid_world_mm"][0] for r in rows]
     assert (stats["shape_x"], stats["shape_y"], stats["shape_z"]) == shape
-    assert (stats["voxel_mm_x"], stats["voxel_mm_y"], stats["voxel_mm_z"]) == pytest.approx((3.0, 1.5, 2.0))  # file axes S, L, A
+    zooms = (stats["voxel_mm_x"], stats["voxel_mm_y"], stats["voxel_mm_z"])
+    assert zooms == pytest.approx((3.0, 1.5, 2.0))  # file axes S, L, A
     assert stats["lesion_burden_fraction"] == pytest.approx(33 / np.prod(shape))
     sizes_ml = np.array([27, 4, 2]) * voxel_ml  # 0.243, 0.036, 0.018 mL
     assert stats["lesions_lt_0_1ml"] == int((sizes_ml < 0.1).sum()) == 2
@@ -602,3 +603,81 @@ def test_consolidation_orders_rows_by_id_whatever_the_commit_order(tmp_path: Pat
                                                                      for i in range(10)}
     assert list(zip(tables["lesions"]["id"], tables["lesions"]["lesion_index"], strict=True)) == expected_lesions
     assert tables["failures"]["message"].tolist() == ["disk full"]
+
+
+def test_hostile_names_duplicates_quality_and_out_inside_the_inputs(cluster: RayCluster, bundle: Path,
+                                                                    tmp_path: Path) -> None:
+    """Issue 9 in one run: ids that look hidden, temporary or too long, one image under three ids, a volume
+    that fails quality (all zero), one that is flagged (noise), and OUT inside the input folder; a rerun
+    screens nothing again, deletes nothing, and does not take OUT's own maps for subjects."""
+    src, hidden = tmp_path / "cohort", tmp_path / "hidden"
+    heads = [write_head(src / f"h{i}.nii.gz", affines()["ras"], seed=i) for i in range(2)]
+    nib.save(nib.Nifti1Image(np.zeros((40, 48, 24), np.float32), affines()["ras"]), str(src / "zero.nii.gz"))
+    noise = np.random.default_rng(3).random((40, 48, 24)).astype(np.float32)
+    nib.save(nib.Nifti1Image(noise, affines()["ras"]), str(src / "noise.nii.gz"))
+    for i, name in enumerate((".x.nii.gz", ".tmp-x.nii.gz")):
+        write_head(hidden / name, affines()["ras"], seed=10 + i)
+    (tmp_path / "hidden.csv").write_text(f"image\n{hidden / '.x.nii.gz'}\n{hidden / '.tmp-x.nii.gz'}\n")
+    long_ids = ["L" * 260, "M" * 300]
+    (tmp_path / "long.csv").write_text("id,image\n" + "".join(f"{vid},{heads[0]}\n" for vid in long_ids))
+    inputs = [str(src), str(tmp_path / "hidden.csv"), str(tmp_path / "long.csv")]
+    out, log = src / "out", tmp_path / "log.jsonl"
+    ids = sorted(["h0", "h1", "zero", "noise", ".x", ".tmp-x", *long_ids])
+
+    summary = screen(inputs, _options(bundle, out, log_jsonl=log, max_in_flight=3))
+
+    assert (summary.total, summary.done, summary.failed) == (8, 7, 1)
+    tables = read_tables(out)
+    volumes = tables["volumes"].set_index("id")
+    assert sorted(volumes.index) == ids
+    failure = tables["failures"].set_index("id").loc["zero"]
+    assert (failure["error_type"], failure["message"]) == ("QualityError", "quality check all_zero: every voxel is 0")
+    assert not failure["retry_on_resume"]
+    ok = volumes[volumes["status"] == "ok"]
+    for vid in ok.index:  # heads of ~140 mL are flagged, as the limit says; screened all the same
+        assert "brain_volume_low" in list(ok.loc[vid, "qc_flags"])
+    assert "intensity_noise" in list(ok.loc["noise", "qc_flags"])
+    warned = {e["id"] for e in map(json.loads, log.read_text().splitlines()) if e["event"] == "warning"}
+    assert warned == set(ok.index)
+    first = ok.loc["h0"].drop(TIMING_COLUMNS)
+    for vid in long_ids:  # the same image under three ids: three equal rows
+        assert ok.loc[vid].drop([*TIMING_COLUMNS, "input_path"]).equals(first.drop("input_path"))
+    assert len(tables["lesions"].loc[tables["lesions"]["id"] == long_ids[1]]) == (tables["lesions"]["id"] == "h0").sum()
+    names = [p.name for p in out.rglob("*") if p.is_file()]
+    assert all(len(n.encode()) <= 255 for n in names)
+    assert not [n for n in names if n.startswith(".") and n != ".phanes-screen.lock"]
+    maps = sorted(out.glob("maps/*.nii.gz"))
+
+    again = screen(inputs, _options(bundle, out))
+
+    assert (again.total, again.done, again.failed, again.skipped) == (8, 0, 1, 7)
+    assert sorted(out.glob("maps/*.nii.gz")) == maps
+    pd.testing.assert_frame_equal(read_tables(out)["volumes"].drop(columns=TIMING_COLUMNS),
+                                  tables["volumes"].drop(columns=TIMING_COLUMNS))
+
+
+def test_sigterm_ends_a_screening_run_cleanly_with_exit_143(cluster: RayCluster, bundle: Path, tmp_path: Path) -> None:
+    """SIGTERM mid-run (a scheduler's stop): exit 143, no native stack dump, run.json says 'interrupted', and
+    the committed volumes stay committed."""
+    series(tmp_path / "cohort", 8)
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "phanes"), "screen", str(tmp_path / "cohort"),
+                             "--bundle", str(bundle), "--out", str(out), "--address", cluster.address,
+                             "--node-ip", HEAD_IP, "--actors", "1", "--quiet"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / "parts" / "done").is_dir() and list((out / "parts" / "done").glob("*.json")):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 143, stderr
+    assert "Traceback" not in stderr and "Fatal Python error" not in stderr and "Stack trace" not in stderr
+    assert any(line.startswith("terminated") for line in stderr.splitlines())
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["status"] == "interrupted" and manifest["finished"]
+    committed = {p.stem for p in (out / "parts" / "done").glob("*.json")}
+    assert committed and set(read_tables(out)["volumes"]["id"]) >= committed

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
@@ -46,7 +45,7 @@ def oracle(anomaly_file: Path, threshold: float, min_ml: float) -> tuple[np.ndar
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     """Two screens of one cohort (a CSV list with subject/site columns and one missing file) in one local Ray:
     at the bundle's calibration, and with a minimum lesion size chosen from the first run's lesions."""
     import ray
@@ -79,7 +78,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]
             os.environ.pop("RAY_AUTH_MODE", None)
         else:
             os.environ["RAY_AUTH_MODE"] = old
-    yield {"bundle": bundle, "first": first, "second": second, "min_ml": min_ml, "names": names}
+    return {"bundle": bundle, "first": first, "second": second, "min_ml": min_ml, "names": names}
 
 
 def test_screening_tables_flat_columns_manifest_columns_and_metadata(runs: dict) -> None:
@@ -188,7 +187,7 @@ def test_stats_missing_map_formats_and_cli(runs: dict, tmp_path: Path) -> None:
         run_stats(run, tmp_path / "x", threshold=float("nan"))
     with pytest.raises(ConfigError, match="format"):
         run_stats(run, tmp_path / "x", fmt="xlsx")
-    with pytest.raises(InputError, match="run.json"):
+    with pytest.raises(InputError, match=r"run\.json"):
         run_stats(tmp_path / "nothing")
     bad = CliRunner().invoke(app, ["stats", str(tmp_path / "nothing")])
     assert bad.exit_code == 2 and "run.json" in bad.output

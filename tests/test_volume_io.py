@@ -130,7 +130,9 @@ REJECTED = {
     "slice_2d": (lambda tmp, w: w("flat.nii.gz", np.ones((30, 30), np.float32)), "not 3D"),
     "slice_3d_flat": (lambda tmp, w: w("flat3.nii.gz", np.ones((30, 30, 1), np.float32)), "not 3D"),
     "multi_4d": (lambda tmp, w: w("multi.nii.gz", np.ones((10, 10, 10, 3), np.float32)), "4D image with 3 volumes"),
-    "nan_voxels": (lambda tmp, w: w("nan.nii.gz", np.where(blob_volume() > 50, np.nan, 1).astype(np.float32)), "NaN or infinite"),
+    "nan_voxels": (
+        lambda tmp, w: w("nan.nii.gz", np.where(blob_volume() > 50, np.nan, 1).astype(np.float32)), "NaN or infinite"
+    ),
     "inf_voxels": (lambda tmp, w: w("inf.nii.gz", np.full((8, 8, 8), np.inf, np.float32)), "NaN or infinite"),
     "folder": (_folder, "folder"),
 }
@@ -155,7 +157,8 @@ def test_bad_inputs_are_rejected_with_a_specific_message(case: str, tmp_path: Pa
 def test_broken_affine_is_rejected(row: np.ndarray, message: str, write_nifti) -> None:
     path = write_nifti("ok.nii", blob_volume())
     raw = bytearray(path.read_bytes())
-    # srow_x starts at byte 280 of the NIfTI-1 header (4 x float32); qform_code (int16) at 252 is zeroed so the sform is used
+    # srow_x starts at byte 280 of the NIfTI-1 header (4 x float32);
+    # qform_code (int16) at 252 is zeroed so the sform is used
     raw[280:296] = row.tobytes()
     raw[252:254] = np.array([0], dtype="<i2").tobytes()
     path.write_bytes(bytes(raw))

@@ -9,6 +9,7 @@ top-N volumes by burden plus any ids asked for; each figure is also written as `
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
 import json
@@ -72,7 +73,7 @@ def summary_figures(volumes: list[dict[str, Any]]) -> dict[str, Any]:
             "with_lesions": int(sum(1 for v in ok if (v.get("lesion_count") or 0) > 0))}
 
 
-def histogram_svg(values: Sequence[float], title: str, unit: str, bins: int = 20) -> str:
+def histogram_svg(values: Sequence[float | None], title: str, unit: str, bins: int = 20) -> str:
     """An inline SVG bar histogram with its axis range and counts in tooltips."""
     data = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
     width, height, pad = 360, 160, 28
@@ -184,23 +185,24 @@ def render_report(run_dir: Path, out: Path | None = None, top: int = 10, ids: Se
 
 def _summary_html(stats: dict[str, Any], layout: OutputLayout) -> str:
     run: dict[str, Any] = {}
-    try:
+    with contextlib.suppress(OSError, ValueError):
         run = json.loads(layout.run_manifest.read_text())
-    except (OSError, ValueError):
-        pass
 
     def fmt(x: float) -> str:
         return "n/a" if not math.isfinite(x) else f"{x:.2f}"
 
     items = [("volumes", "n-total", str(stats["total"])), ("screened", "n-screened", str(stats["screened"])),
-             ("failed", "n-failed", str(stats["failed"])), ("with lesions", "n-with-lesions", str(stats["with_lesions"])),
+             ("failed", "n-failed", str(stats["failed"])),
+             ("with lesions", "n-with-lesions", str(stats["with_lesions"])),
              ("median burden (mL)", "burden-median", fmt(stats["burden_median"])),
              ("IQR (mL)", "burden-iqr", f"{fmt(stats['burden_q1'])} to {fmt(stats['burden_q3'])}"),
              ("max burden (mL)", "burden-max", fmt(stats["burden_max"]))]
     cells = "".join(f'<div class="stat"><span class="label">{label}</span><span id="{key}">{value}</span></div>'
                     for label, key, value in items)
-    bundle = run.get("bundle") if isinstance(run.get("bundle"), dict) else {}
+    raw_bundle = run.get("bundle")
+    bundle: dict[str, Any] = raw_bundle if isinstance(raw_bundle, dict) else {}
     calibration = bundle.get("calibration") or {}
-    meta = (f"bundle {str(bundle.get('hash', ''))[:12]} · run {run.get('status', 'unknown')} · started {run.get('started', '')}"
+    meta = (f"bundle {str(bundle.get('hash', ''))[:12]} · run {run.get('status', 'unknown')}"
+            f" · started {run.get('started', '')}"
             f" · anomaly threshold {calibration.get('anomaly_threshold', 'n/a')}")
     return f'<div class="stats">{cells}</div><p class="meta">{html.escape(meta)}</p>'

@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from rich.progress import Progress
 from rich.table import Table
 
 from phanes_cli import __version__
@@ -53,6 +52,7 @@ from phanes_cli.evaluation.synthetic import SyntheticResult, run_synthetic, synt
 from phanes_cli.manifest import ManifestRow, read_manifest, select
 from phanes_cli.pipeline import Calibration, restore_maps, restore_score
 from phanes_cli.preprocess import AXIAL_AXIS, load_with_brain, prepare_volume, slices_of
+from phanes_cli.progress import LoggedProgress
 from phanes_cli.volume_io import load_mask
 
 BINS = 65536
@@ -230,7 +230,7 @@ def evaluate(
 
     cohorts = {m: CohortMetrics(threshold=threshold(m, calibration), bins=BINS, max_score=MAX_SCORE) for m in names}
     extras: list[dict[str, Any]] = []
-    with Progress(disable=not progress, transient=True) as bar:
+    with LoggedProgress(disable=not progress, transient=True) as bar:
         task = bar.add_task(f"evaluating {len(labelled)} volume(s)", total=len(labelled))
         for row in labelled:
             result = evaluate_volume(row, backend, cfg, calibration, names, batch_size, skull_strip)

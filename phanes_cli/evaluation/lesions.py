@@ -22,7 +22,8 @@ def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     """
     mask = np.asarray(mask, dtype=bool)
     structure = ndimage.generate_binary_structure(mask.ndim, mask.ndim)
-    labels, n = ndimage.label(mask, structure=structure, output=np.int32)
+    labels = np.empty(mask.shape, dtype=np.int32)  # given as an array: scipy then returns only the count
+    n = ndimage.label(mask, structure=structure, output=labels)
     return labels, int(n)
 
 

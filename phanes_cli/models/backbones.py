@@ -21,7 +21,7 @@ import os
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -46,7 +46,13 @@ _CONV_INDICES: dict[str, tuple[int, ...]] = {
     "alexnet": (0, 3, 6, 8, 10),
     "vgg16": (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28),
 }
-_VGG16_LAYOUT: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+_VGG16_LAYOUT: tuple[int | str, ...] = (
+    64, 64, "M",
+    128, 128, "M",
+    256, 256, 256, "M",
+    512, 512, 512, "M",
+    512, 512, 512, "M",
+)  # fmt: skip
 
 
 def _alexnet_layers() -> nn.Sequential:
@@ -88,7 +94,7 @@ _BUILDERS = {"alexnet": _alexnet_layers, "vgg16": _vgg16_layers}
 class NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickler that can rebuild numpy arrays and nothing else, so a tampered file cannot run code."""
 
-    _ALLOWED: dict[tuple[str, str], Any] = {
+    _ALLOWED: ClassVar[dict[tuple[str, str], Any]] = {
         ("numpy.core.multiarray", "_reconstruct"): _multiarray._reconstruct,
         ("numpy._core.multiarray", "_reconstruct"): _multiarray._reconstruct,
         ("numpy.core.multiarray", "scalar"): _multiarray.scalar,

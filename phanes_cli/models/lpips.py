@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from phanes_cli.errors import WeightsError
 from phanes_cli.models.backbones import load_backbone_state_dict, vgg16_features
 
-_LPIPS_LINEAR_WEIGHTS = Path(lpips.__file__).parent / "weights" / "v0.1" / "alex.pth"
+LPIPS_LINEAR_WEIGHTS = Path(lpips.__file__).parent / "weights" / "v0.1" / "alex.pth"
 
 
 class _FrozenModule(nn.Module):
@@ -45,14 +45,15 @@ class SpatialLPIPS(_FrozenModule):
         self.net.net.load_state_dict(
             {name: trunk[f"features.{name.split('.', 1)[1]}"] for name in self.net.net.state_dict()}, strict=True
         )
-        if not _LPIPS_LINEAR_WEIGHTS.is_file():
+        if not LPIPS_LINEAR_WEIGHTS.is_file():
             raise WeightsError(
-                f"{_LPIPS_LINEAR_WEIGHTS}: LPIPS linear-layer weights missing; reinstall the package: pip install lpips==0.1.4"
+                f"{LPIPS_LINEAR_WEIGHTS}: LPIPS linear-layer weights missing; "
+                "reinstall the package: pip install lpips==0.1.4"
             )
-        linear = torch.load(_LPIPS_LINEAR_WEIGHTS, map_location="cpu", weights_only=True)
+        linear = torch.load(LPIPS_LINEAR_WEIGHTS, map_location="cpu", weights_only=True)
         missing = [f"lin{i}.model.1.weight" for i in range(5) if f"lin{i}.model.1.weight" not in linear]
         if missing:
-            raise WeightsError(f"{_LPIPS_LINEAR_WEIGHTS}: not LPIPS AlexNet linear weights (missing {missing})")
+            raise WeightsError(f"{LPIPS_LINEAR_WEIGHTS}: not LPIPS AlexNet linear weights (missing {missing})")
         self.net.lins.load_state_dict({k.removeprefix("lin"): v for k, v in linear.items()}, strict=True)
         self.requires_grad_(False)
         self.eval()
@@ -85,6 +86,8 @@ class VGG16Perceptual(_FrozenModule):
 
     STYLE_LAYERS: tuple[str, ...] = ("relu2_2", "relu3_3", "relu4_3", "relu5_2")
     PERCEPTUAL_LAYERS: tuple[str, ...] = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
+    mean: Tensor  # ImageNet normalisation buffers, registered in __init__
+    std: Tensor
 
     def __init__(self, weights_path: str | Path | None = None) -> None:
         super().__init__()

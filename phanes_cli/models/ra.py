@@ -6,6 +6,7 @@ output at the posterior mean is the coarse pseudo-healthy reconstruction x_cph.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -74,7 +75,7 @@ class RAEncoder(nn.Module):
                 nn.AvgPool2d(2),
             )
         ]
-        for c_in, c_out in zip(channels[:-1], channels[1:]):
+        for c_in, c_out in itertools.pairwise(channels):
             stages.append(nn.Sequential(ResidualBlock(c_in, c_out), nn.AvgPool2d(2)))
         self.stages = nn.ModuleList(stages)
         self.bottom = ResidualBlock(channels[-1], channels[-1])

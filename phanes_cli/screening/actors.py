@@ -23,6 +23,7 @@ from phanes_cli.runtimes.select import choose_backend, validate_backend_name
 from phanes_cli.screening.outputs import Failure
 from phanes_cli.screening.tasks import InferenceResult, ModelSlices, describe, node_ip
 
+
 def resolve_backend(name: str) -> str:
     """Validate a --backend value (auto, torch, onnxruntime, tensorrt); each actor resolves `auto` itself."""
     return validate_backend_name(name)
@@ -65,6 +66,7 @@ class InferenceActor:
                 torch.cuda.empty_cache()
             kind, message = describe(exc)
             failure = Failure("inference", kind, message)
-            return InferenceResult(failure, time.perf_counter() - start, node_ip(), os.getpid(), self.backend.name), None
+            elapsed = time.perf_counter() - start
+            return InferenceResult(failure, elapsed, node_ip(), os.getpid(), self.backend.name), None
         return InferenceResult(None, time.perf_counter() - start, node_ip(), os.getpid(), self.backend.name), maps
 

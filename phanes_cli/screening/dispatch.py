@@ -25,9 +25,9 @@ from ray.exceptions import RayActorError
 from phanes_cli.bundle import Bundle
 from phanes_cli.errors import PhanesError
 from phanes_cli.manifest import ManifestRow
+from phanes_cli.quality import FLAGS
 from phanes_cli.screening.actors import InferenceActor
 from phanes_cli.screening.options import ScreenOptions
-from phanes_cli.quality import FLAGS
 from phanes_cli.screening.outputs import Failure, OutputLayout, input_signature, manifest_columns, record_failure
 from phanes_cli.screening.plan import ActorPlan
 from phanes_cli.screening.report import Counts, JsonLog, ProgressDisplay

@@ -3,11 +3,16 @@
 The parts: `options` (the flags), `session` (the lock on OUT and the Ray session), `plan` (resume: which
 volumes; which actors), `dispatch` (the streaming loop and its fault handling), `outputs` (layout and
 commit protocol), `report` (progress, JSON-lines log, run manifest). Whatever happens, the part files
-are consolidated into the tables and the manifest records how the run ended ("finished" or "aborted").
+are consolidated into the tables and the manifest records how the run ended: "finished", "interrupted"
+(Ctrl-C, SIGTERM) or "crashed" (with the error). A manifest still saying "running" when the next run takes
+the lock belongs to a process that is gone (the OS dropped its lock): it is marked "abandoned".
 """
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -57,11 +62,12 @@ def screen(inputs: list[str], options: ScreenOptions) -> ScreenSummary:
     bundle = load_bundle(options.bundle)
     bundle = replace(bundle, calibration=options.calibration_for(bundle.require_calibration()))
     options = replace(options, min_lesion_ml=bundle.require_calibration().min_lesion_ml)
-    rows = resolve_inputs(inputs)
+    rows = resolve_inputs(inputs, exclude=Path(options.out), bids=options.bids)
     layout = OutputLayout(Path(options.out))
     layout.root.mkdir(parents=True, exist_ok=True)
     log = JsonLog(options.log_jsonl)
     with run_lock(layout):
+        previous = mark_abandoned(layout)
         layout.ensure()
         layout.remove_temporaries()
         start_layout(layout, options.layout, [r.id for r in rows])
@@ -69,19 +75,26 @@ def screen(inputs: list[str], options: ScreenOptions) -> ScreenSummary:
         counts = Counts(total=len(rows), failed=plan.standing, skipped=plan.skipped)
         manifest: dict[str, Any] = {
             "run_id": uuid.uuid4().hex[:12], "status": "running", "started": started_iso, "finished": None,
+            "pid": os.getpid(), "host": socket.gethostname(), "previous_run": previous,
             "inputs": list(inputs), "bundle": {"path": str(bundle.path), "hash": bundle.hash,
                                                "calibration": bundle.require_calibration().to_dict()},
             "options": options.to_json(), "backend": backend, "counts": {}, "ray": {},
         }
         write_run_manifest(layout.run_manifest, manifest)
-        log.event("start", total=len(rows), todo=len(plan.todo), skipped=plan.skipped, standing_failures=plan.standing,
-                  out=str(layout.root), bundle_hash=bundle.hash)
         display = ProgressDisplay(counts, options.quiet)
-        status = "aborted"
+        status = "crashed"
         try:
+            log.event("start", total=len(rows), todo=len(plan.todo), skipped=plan.skipped,
+                      standing_failures=plan.standing, out=str(layout.root), bundle_hash=bundle.hash)
             if plan.todo:
                 _dispatch(plan.todo, options, bundle, backend, layout, counts, log, display, manifest)
             status = "finished"
+        except KeyboardInterrupt:
+            status = "interrupted"
+            raise
+        except Exception as exc:
+            manifest["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            raise
         finally:
             tables = consolidate(layout)
             seconds = time.monotonic() - started
@@ -89,13 +102,30 @@ def screen(inputs: list[str], options: ScreenOptions) -> ScreenSummary:
                             counts={"total": counts.total, "done": counts.done, "failed": counts.failed,
                                     "skipped": counts.skipped})
             write_run_manifest(layout.run_manifest, manifest)
-            log.event("end", status=status, total=counts.total, done=counts.done, failed=counts.failed,
-                      skipped=counts.skipped, seconds=seconds)
-            log.close()
+            try:
+                log.event("end", status=status, total=counts.total, done=counts.done, failed=counts.failed,
+                          skipped=counts.skipped, seconds=seconds)
+            finally:
+                log.close()
     if not options.quiet:
         print_summary(display.console, counts, seconds, layout.root, _failures_of(layout, rows))
     return ScreenSummary(total=counts.total, done=counts.done, failed=counts.failed, skipped=counts.skipped,
                          out=layout.root, seconds=seconds)
+
+
+def mark_abandoned(layout: OutputLayout) -> dict[str, Any] | None:
+    """Mark a run.json left "running" as "abandoned" (call holding the lock: its process is gone).
+
+    Returns the previous run's id, status, pid, host and start time, or None when there is no run.json.
+    """
+    try:
+        old = json.loads(layout.run_manifest.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if old.get("status") == "running":
+        old.update(status="abandoned", abandoned=now_iso())
+        write_run_manifest(layout.run_manifest, old)
+    return {k: old.get(k) for k in ("run_id", "status", "pid", "host", "started", "finished")}
 
 
 def _dispatch(todo: list[ManifestRow], options: ScreenOptions, bundle: Bundle, backend: str, layout: OutputLayout,

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from phanes_cli.bids import BidsQuery
 from phanes_cli.errors import ConfigError
 from phanes_cli.pipeline import Calibration
 from phanes_cli.screening.actors import resolve_backend
@@ -23,6 +24,7 @@ class ScreenOptions:
     bundle: Path
     out: Path
     address: str | None = None
+    connect_timeout: float = 60.0  # seconds to join the cluster at `address` (session.py)
     num_actors: int | None = None  # default: one per GPU (with gpus_per_actor), else CPUs // (2 * cpus_per_actor)
     cpus_per_actor: float = 1.0
     gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs, else 0
@@ -40,12 +42,15 @@ class ScreenOptions:
     object_store_mb: int | None = None  # local instance only; None: Ray's default
     skull_strip: str = "auto"  # auto | always | never (skullstrip.py); the model runs in the decode tasks
     layout: str = "default"  # default | bids (bids_out.py: OUT as a BIDS-derivatives dataset)
+    bids: BidsQuery = field(default_factory=BidsQuery)  # which images of a BIDS root input to take
     min_lesion_ml: float | None = None  # lesion components under this are dropped; default: the bundle's calibration
 
     def validate(self) -> None:
         unknown = sorted(set(self.outputs) - set(OUTPUT_KINDS))
         if unknown:
             raise ConfigError(f"unknown output(s) {', '.join(unknown)}; choose from {', '.join(OUTPUT_KINDS)}")
+        if not (math.isfinite(self.connect_timeout) and self.connect_timeout > 0):
+            raise ConfigError(f"connect timeout must be a number of seconds > 0, got {self.connect_timeout}")
         if self.batch_size < 1:
             raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
         if self.num_actors is not None and self.num_actors < 1:

@@ -9,6 +9,8 @@ Layout of OUT:
     parts/done/<id>.json         the commit marker, written last
     volumes.parquet, lesions.parquet, failures.parquet   consolidated, sorted by id
     run.json                     the run manifest
+<id> in a file name is `file_stem(id)`: the id itself, or for ids that start with '.' or are over-long a
+shortened, hashed form (the tables keep the full id).
 
 A volume counts as done only when its marker exists, records the same bundle hash and input file
 (path, size, mtime) and lists every requested output file, and those files exist. Every file is
@@ -386,7 +388,7 @@ def consolidate(layout: OutputLayout) -> dict[str, int]:
     failure_rows = sorted(_rows(layout, "failures", failed), key=lambda r: r["id"])
     failures = table_from_rows(failure_rows, with_text_columns(FAILURE_SCHEMA, failure_rows))
     extra = set(failures.column_names) - set(FAILURE_SCHEMA.names)
-    failed_rows = [{**{k: r[k] for k in extra}, "id": r["id"], "input_path": r["path"], "status": "failed",
+    failed_rows = [{**{k: r.get(k) for k in extra}, "id": r["id"], "input_path": r["path"], "status": "failed",
                     "bundle_hash": r["bundle_hash"]} for r in failure_rows]
     volume_rows = [*failed_rows, *_rows(layout, "volumes", done)]
     volumes = pa.concat_tables(list(_tables(volume_rows, with_text_columns(VOLUME_SCHEMA, volume_rows))))

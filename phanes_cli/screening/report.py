@@ -3,7 +3,8 @@
 The progress display (rich, on stderr) shows volumes done/failed, volumes per minute and the ETA; it is
 off with `quiet`. The JSON-lines log (one object per line, flushed per line) is for batch schedulers:
 events `start`, `volume` (one per finished or failed volume), `end`. The run manifest `OUT/run.json` is
-written when the run starts (status "running") and rewritten when it ends ("finished" or "aborted").
+written when the run starts (status "running", with pid and host) and rewritten when it ends ("finished",
+"interrupted" or "crashed"; engine.py). Events also include `warning` (a volume's quality flags).
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from types import TracebackType
 from typing import Any, TextIO
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from phanes_cli.atomic import write_json
+from phanes_cli.progress import LoggedProgress
 from phanes_cli.versions import runtime_versions
 
 
@@ -74,10 +76,10 @@ class ProgressDisplay:
     def __init__(self, counts: Counts, quiet: bool) -> None:
         self.counts = counts
         self.console = Console(stderr=True, quiet=quiet)
-        self._progress: Progress | None = None
+        self._progress: LoggedProgress | None = None
         self._task: Any = None
         if not quiet:
-            self._progress = Progress(
+            self._progress = LoggedProgress(
                 TextColumn("[bold]screening"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("[green]{task.fields[done]} done[/] [red]{task.fields[failed]} failed[/] "
                            "[dim]{task.fields[skipped]} skipped[/]"),

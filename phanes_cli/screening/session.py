@@ -5,20 +5,23 @@ Ray: `address=None` starts a private local instance and shuts it down at the end
 calling process already has Ray initialised, that session is used as it is. On a multi-node cluster the
 inputs and OUT must be on a file system every node sees at the same paths. `node_ip` sets the address
 this driver (and a local instance) registers under; None lets Ray choose, which suits a laptop; tests on
-a machine without usable networking pass a loopback address such as 127.0.0.2.
+a machine without usable networking pass a loopback address such as 127.0.0.2. Joining a cluster that does
+not answer would retry forever (Ray's driver waits for its GCS with no limit), so the join runs in a helper
+thread and gives up after `connect_timeout` seconds with an error naming the address.
 """
 
 from __future__ import annotations
 
 import fcntl
 import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import ray
 
-from phanes_cli.errors import PhanesError
+from phanes_cli.errors import PhanesError, stop_on_sigterm
 from phanes_cli.screening.options import ScreenOptions
 from phanes_cli.screening.outputs import OutputLayout
 
@@ -32,6 +35,26 @@ def run_lock(layout: OutputLayout) -> Iterator[None]:
         except BlockingIOError as exc:
             raise PhanesError(f"{layout.root}: another `phanes screen` is writing to this folder") from exc
         yield
+
+
+def _join(address: str, timeout: float, common: dict[str, Any]) -> None:
+    """`ray.init(address)` in a daemon thread; a PhanesError naming the address if it takes over `timeout` s."""
+    errors: list[BaseException] = []
+
+    def connect() -> None:
+        try:
+            ray.init(address=address, **common)
+        except BaseException as exc:  # handed to the caller's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=connect, name="phanes-ray-connect", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise PhanesError(f"the Ray cluster at {address} did not answer within {timeout:g} s (--connect-timeout); "
+                          "check that it is running and reachable from this machine")
+    if errors:
+        raise errors[0]
 
 
 @contextmanager
@@ -49,7 +72,8 @@ def ray_session(options: ScreenOptions) -> Iterator[None]:
             common["object_store_memory"] = options.object_store_mb * 2**20
         ray.init(include_dashboard=False, **common)
     else:
-        ray.init(address=options.address, **common)
+        _join(options.address, options.connect_timeout, common)
+    stop_on_sigterm()  # ray.init replaced the SIGTERM handler by one that exits without cleaning up
     try:
         yield
     finally:

@@ -19,7 +19,7 @@ from phanes_cli.config import PreprocessConfig
 from phanes_cli.errors import ConfigError
 from phanes_cli.manifest import ManifestRow, read_manifest, select
 from phanes_cli.preprocess import load_with_brain, prepare_volume
-from phanes_cli.training.progress import make_progress
+from phanes_cli.progress import make_progress
 
 HEALTHY = "healthy"
 

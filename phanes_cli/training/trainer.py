@@ -42,7 +42,7 @@ from phanes_cli.training.checkpoint import (
 )
 from phanes_cli.training.data import SliceSet, epoch_batches, healthy_rows, load_slices
 from phanes_cli.training.metrics_log import METRICS_FILE, Averages, MetricsLog
-from phanes_cli.training.progress import format_losses, make_progress
+from phanes_cli.progress import format_losses, make_progress
 from phanes_cli.training.steps import Learner
 
 

@@ -1,0 +1,93 @@
+"""Progress for every long command: a rich bar on a terminal, plain periodic lines everywhere else.
+
+Under a batch scheduler (SLURM, a CI log, `> file`) a live bar prints nothing until the end, so a user
+sees nothing for an hour; there, each task prints one plain line (`what: done/total, rate, ETA, info`)
+when it starts, every `PHANES_PROGRESS_SECONDS` (default 30 s) and when it completes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+DEFAULT_SECONDS = 30.0
+
+
+def _interval() -> float:
+    try:
+        return max(0.0, float(os.environ.get("PHANES_PROGRESS_SECONDS", DEFAULT_SECONDS)))
+    except ValueError:
+        return DEFAULT_SECONDS
+
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60:d}:{minutes % 60:02d}:{secs:02d}"
+
+
+class LoggedProgress(Progress):
+    """A rich Progress that also writes plain lines to stderr when its console is not a terminal."""
+
+    def __init__(self, *columns: str | ProgressColumn, every: float | None = None, **kwargs: Any) -> None:
+        super().__init__(*columns, **kwargs)
+        self._every = _interval() if every is None else every
+        self._logged: dict[TaskID, float] = {}
+        self._plain = not self.console.is_terminal and not self.disable
+
+    def add_task(self, description: str, *args: Any, **kwargs: Any) -> TaskID:
+        task_id = super().add_task(description, *args, **kwargs)
+        self._log(task_id, force=True)
+        return task_id
+
+    def update(self, task_id: TaskID, *args: Any, **kwargs: Any) -> None:
+        super().update(task_id, *args, **kwargs)
+        self._log(task_id)
+
+    def advance(self, task_id: TaskID, advance: float = 1) -> None:
+        super().advance(task_id, advance)
+        self._log(task_id)
+
+    def _log(self, task_id: TaskID, force: bool = False) -> None:
+        if not self._plain:
+            return
+        task = self._tasks[task_id]
+        now = time.monotonic()
+        done = task.total is not None and task.completed >= task.total
+        last = self._logged.get(task_id)
+        if not (force or last is None or now - last >= self._every or (done and last != -1.0)):
+            return
+        self._logged[task_id] = -1.0 if done else now
+        total = "?" if task.total is None else f"{task.total:g}"
+        rate = f", {task.speed:.3g}/s" if task.speed else ""
+        info = task.fields.get("info", "")
+        line = (f"{task.description}: {task.completed:g}/{total}{rate}, elapsed {_clock(task.elapsed)}, "
+                f"ETA {_clock(task.time_remaining)}{' ' + str(info) if info else ''}")
+        print(line, file=sys.stderr, flush=True)
+
+
+def make_progress(enabled: bool = True, every: float | None = None) -> LoggedProgress:
+    """Bars with description, count, a free `info` field (losses) and timing, on stderr."""
+    return LoggedProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                          TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                          console=Console(stderr=True), disable=not enabled, every=every)
+
+
+def format_losses(values: dict[str, float], keys: tuple[str, ...]) -> str:
+    """'name=value' pairs of the chosen keys, for the `info` field."""
+    return " ".join(f"{k}={values[k]:.4g}" for k in keys if k in values)

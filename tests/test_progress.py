@@ -1,0 +1,41 @@
+"""Plain progress lines when the output is not a terminal (batch schedulers, log files)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from phanes_cli.progress import make_progress
+
+
+def test_plain_lines_at_start_periodically_and_at_the_end(capsys: pytest.CaptureFixture[str]) -> None:
+    with make_progress(enabled=True, every=0.0) as bar:  # stderr is captured: not a terminal
+        task = bar.add_task("stage 1", total=3, info="")
+        for step in range(3):
+            bar.update(task, advance=1, info=f"loss={step}")
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("stage 1:")]
+    assert lines[0].startswith("stage 1: 0/3")
+    assert any(line.startswith("stage 1: 2/3") and "loss=1" in line for line in lines)
+    assert lines[-1].startswith("stage 1: 3/3") and "ETA" in lines[-1] and "loss=2" in lines[-1]
+
+
+def test_no_lines_when_disabled(capsys: pytest.CaptureFixture[str]) -> None:
+    with make_progress(enabled=False, every=0.0) as bar:
+        task = bar.add_task("quiet", total=2, info="")
+        bar.advance(task)
+    assert "quiet" not in capsys.readouterr().err
+
+
+def test_data_synth_to_a_log_file_prints_progress_lines(tmp_path: Path) -> None:
+    """A real `phanes data synth` with its output redirected prints dated lines, not a silent bar."""
+    run = subprocess.run([sys.executable, "-m", "phanes_cli.cli", "data", "synth", "--out", str(tmp_path / "c"),
+                          "--healthy", "2", "--lesions", "0", "--seed", "0", "--voxel-size", "4"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ,
+                                                                            "PHANES_PROGRESS_SECONDS": "0"})
+    assert run.returncode == 0, run.stderr
+    progress = [line for line in run.stderr.splitlines() if "/2" in line and "ETA" in line]
+    assert progress and progress[-1].split(":")[1].strip().startswith("2/2")
