@@ -37,8 +37,8 @@ from phanes_cli.evaluation.lesions import label_components
 from phanes_cli.manifest import ManifestRow
 from phanes_cli.pipeline import Calibration, run_slices, run_volume, stage1_map
 from phanes_cli.preprocess import load_with_brain
-from phanes_cli.training.data import SliceSet, healthy_rows, load_slices
 from phanes_cli.progress import make_progress
+from phanes_cli.training.data import SliceSet, healthy_rows, load_slices
 
 
 def percentile_of(chunks: list[Tensor], q: float) -> float:

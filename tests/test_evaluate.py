@@ -8,6 +8,7 @@ with a known answer (reconstruct = healthy tissue level) makes it so.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -103,9 +104,12 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def result(cohort: dict[str, Path]):
-    with pytest.warns(UserWarning, match="h1"):
-        return evaluate(cohort["bundle"], cohort["manifest"], cohort["root"] / "out", methods=ALL_METHODS,
-                        device="cpu", batch_size=16, synthetic_slices=6, progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = evaluate(cohort["bundle"], cohort["manifest"], cohort["root"] / "out", methods=ALL_METHODS,
+                          device="cpu", batch_size=16, synthetic_slices=6, progress=False)
+    assert not [w for w in caught if "skipped" in str(w.message)]  # h1 is a healthy control, not skipped
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +125,11 @@ def test_outputs_have_a_row_per_method_and_volume(result, cohort: dict[str, Path
     assert list(result.summary["methods"]) == list(ALL_METHODS)
     assert set(summary["methods"]) == set(ALL_METHODS)
     assert summary["settings"]["n_volumes"] == 2
-    assert summary["settings"]["skipped_without_lesion_mask"] == ["h1"]
+    assert summary["settings"]["healthy_controls"] == ["h1"]  # a healthy test row without mask: a control
+    assert summary["settings"]["skipped_without_lesion_mask"] == []
+    controls = pq.read_table(out / "healthy_controls.parquet").to_pylist()
+    assert sorted((r["method"], r["id"]) for r in controls) == [("phanes", "h1"), ("phanes-gt", "h1"), ("ra", "h1")]
+    assert summary["methods"]["residual"]["healthy_controls"] is None  # no threshold, no false positives to count
     assert summary["settings"]["bundle_hash"] == load_bundle(cohort["bundle"]).hash
     table = pq.read_table(out / "per_volume.parquet").to_pandas()
     assert len(table) == len(ALL_METHODS) * 2

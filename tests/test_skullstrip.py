@@ -13,14 +13,17 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from scipy import ndimage
 
+from phanes_cli.config import PreprocessConfig
 from phanes_cli.errors import ConfigError
 from phanes_cli.manifest import ManifestRow
-from phanes_cli.preprocess import load_with_brain
+from phanes_cli.preprocess import load_with_brain, prepare_volume
+from phanes_cli.screening.tasks import decode_volume
 from phanes_cli.skullstrip import add_model_masks, brain_mask_for
 from phanes_cli.synth.templates import Template, load_mni152
-from phanes_cli.volume_io import load_volume, save_nifti
+from phanes_cli.volume_io import DEFAULT_MAX_VOXELS, load_volume, save_nifti
 from tests.conftest import SHARED_DATA
 
 HEAD_T1 = SHARED_DATA / "head-t1" / "niivue_otsu_head_T1.nii.gz"
@@ -55,15 +58,36 @@ def test_a_stripped_brain_keeps_the_threshold_mask_under_auto(files: dict[str, P
     assert _dice(brain, mni.brain > 0.5) > 0.97
 
 
-def test_a_head_is_stripped_by_the_model_under_auto(files: dict[str, Path], mni: Template) -> None:
+@pytest.fixture(scope="module")
+def head_auto(files: dict[str, Path]) -> tuple[np.ndarray, str]:
+    return brain_mask_for(load_volume(files["head"]), None, "auto")
+
+
+def test_a_head_is_stripped_by_the_model_under_auto(files: dict[str, Path], mni: Template,
+                                                    head_auto: tuple[np.ndarray, str]) -> None:
     truth = mni.brain > 0.5
-    volume = load_volume(files["head"])
-    threshold, source = brain_mask_for(volume, None, "never")
+    threshold, source = brain_mask_for(load_volume(files["head"]), None, "never")
     assert source == "threshold"
     assert np.count_nonzero(threshold) > 1.5 * np.count_nonzero(truth)  # the threshold mask takes the head
-    brain, source = brain_mask_for(volume, None, "auto")
+    brain, source = head_auto
     assert source == "model"
     assert _dice(brain, truth) > 0.95
+
+
+def test_screening_decode_uses_the_model_mask(files: dict[str, Path], head_auto: tuple[np.ndarray, str]) -> None:
+    """The Ray decode task (called directly: same function) strips the head and says so for the volumes table."""
+    cfg = PreprocessConfig(image_size=64)
+    threads = torch.get_num_threads()  # the decode task sets its own
+    try:
+        decoded, slices, context = decode_volume(ManifestRow(id="head", image=files["head"]), cfg,
+                                                 DEFAULT_MAX_VOXELS, "auto")
+    finally:
+        torch.set_num_threads(threads)
+    assert decoded.failure is None and slices is not None and context is not None
+    assert context.brain_source == "model"
+    assert _dice(context.brain, head_auto[0]) > 0.99  # one thread here, two there: the same mask up to rounding
+    expected = prepare_volume(load_volume(files["head"]).data, context.brain, cfg)
+    np.testing.assert_array_equal(slices.brain, expected.brain.numpy())
 
 
 def test_always_runs_the_model_on_a_stripped_brain_too(files: dict[str, Path], mni: Template) -> None:

@@ -10,11 +10,15 @@ is lost. Components use `lesions.label_components` (full connectivity), as every
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from phanes_cli.evaluation.lesions import label_components
 
+CONTROLS_SCHEMA = pa.schema([pa.field("method", pa.string()), pa.field("id", pa.string()),
+                             pa.field("fp_components", pa.int64()), pa.field("fp_ml", pa.float64())])
 SIZE_BINS: tuple[tuple[str, float, float], ...] = (("<1 mL", 0.0, 1.0), ("1-10 mL", 1.0, 10.0),
                                                    (">10 mL", 10.0, float("inf")))
 
@@ -54,3 +58,40 @@ def recall_by_size(pred: np.ndarray, truth: np.ndarray, brain: np.ndarray,
         done, total = counts[name]
         counts[name] = (done + int(found), total + 1)
     return counts
+
+
+class DetectionBreakdown:
+    """Healthy-control false positives and lesion recall by size bin of every method, volume by volume."""
+
+    def __init__(self, methods: list[str]) -> None:
+        self.controls: dict[str, list[tuple[str, ControlFalsePositives]]] = {m: [] for m in methods}
+        self.bins: dict[str, dict[str, tuple[int, int]]] = {m: {name: (0, 0) for name, _, _ in SIZE_BINS}
+                                                            for m in methods}
+
+    def add_lesion_volume(self, method: str, pred: np.ndarray, truth: np.ndarray, region: np.ndarray,
+                          voxel_ml: float) -> None:
+        for name, (found, total) in recall_by_size(pred, truth, region, voxel_ml).items():
+            done, seen = self.bins[method][name]
+            self.bins[method][name] = (done + found, seen + total)
+
+    def add_control(self, volume_id: str, method: str, pred: np.ndarray, region: np.ndarray, voxel_ml: float) -> None:
+        self.controls[method].append((volume_id, control_false_positives(pred, region, voxel_ml)))
+
+    def summary(self, method: str) -> dict[str, Any]:
+        """`healthy_controls` (means and medians per healthy volume) and `lesion_recall_by_size` of a method."""
+        stats = [c for _, c in self.controls[method]]
+        comps = np.array([c.components for c in stats], dtype=np.float64)
+        mls = np.array([c.ml for c in stats], dtype=np.float64)
+        controls: dict[str, float | int] = {"volumes": len(stats)}
+        if stats:
+            controls.update(fp_components_per_volume=float(comps.mean()), fp_components_median=float(np.median(comps)),
+                            fp_ml_per_volume=float(mls.mean()), fp_ml_median=float(np.median(mls)))
+        by_size = {name: {"found": found, "total": total, "recall": found / total if total else float("nan")}
+                   for name, (found, total) in self.bins[method].items()}
+        return {"healthy_controls": controls, "lesion_recall_by_size": by_size}
+
+    def table(self) -> pa.Table:
+        """One row per method and healthy control: method, id, fp_components, fp_ml."""
+        rows = [{"method": m, "id": vid, "fp_components": c.components, "fp_ml": c.ml}
+                for m, items in self.controls.items() for vid, c in items]
+        return pa.Table.from_pylist(rows, schema=CONTROLS_SCHEMA)

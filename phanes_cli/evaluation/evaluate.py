@@ -10,8 +10,13 @@ Choices, documented here because they change the figures:
   voxels on skipped slices are reported per volume as `lesion_ml_unevaluated`.
 - Brain: the row's brain mask, else `skullstrip.brain_mask_for` under `skull_strip` (`preprocess.load_with_brain`,
   as in screening).
-- Rows of the split without a lesion mask are skipped with a warning (their ids are listed in the
-  summary); the split must keep at least one labelled row. A mask on another grid is an InputError.
+- Healthy controls: rows of the split without a lesion mask and of kind `healthy` are all-negative volumes;
+  every component a method predicts there is a false positive (`healthy_controls` per method in the
+  summary: components and mL per healthy volume; one row per volume in healthy_controls.parquet). They
+  are not mixed into the lesion metrics, which stay comparable with the paper's.
+- Lesion-wise recall by lesion size (< 1, 1-10, > 10 mL) per method: `lesion_recall_by_size`.
+- Other rows without a lesion mask are skipped with a warning (their ids are listed in the summary); the
+  split must keep at least one labelled row. A mask on another grid is an InputError.
 - Scores lie in [0, 1] in practice (products of [0, 1] factors; the LPIPS factor can exceed 1 by a hair),
   so histograms span [0, 1]; the share of voxels above is reported as `clipped_fraction`.
 - Determinism: inference uses the posterior mean and no sampling, the synthetic protocol a seeded rng.
@@ -37,6 +42,7 @@ from phanes_cli.backends import Backend, TorchBackend, select_device
 from phanes_cli.bundle import load_bundle
 from phanes_cli.config import PhanesConfig
 from phanes_cli.errors import ConfigError, InputError
+from phanes_cli.evaluation.controls import DetectionBreakdown
 from phanes_cli.evaluation.methods import (
     DEFAULT_METHODS,
     UNCALIBRATED,
@@ -61,11 +67,14 @@ SUMMARY_FILE = "summary.json"
 PER_VOLUME_FILE = "per_volume.parquet"
 SYNTHETIC_TABLE_FILE = "synthetic.parquet"
 SYNTHETIC_SUMMARY_FILE = "synthetic.json"
+CONTROLS_FILE = "healthy_controls.parquet"
+HEALTHY = "healthy"
 
 # Summary keys and per-volume columns that need a calibrated threshold: blank for uncalibrated methods.
 _THRESHOLDED_SUMMARY = (
     "threshold", "dice", "dice_mean", "dice_std", "abs_volume_error_ml_mean", "abs_volume_error_ml_std",
     "lesions_found", "pred_components", "fp_components", "lesion_recall", "lesion_precision", "lesion_f1",
+    "healthy_controls", "lesion_recall_by_size",
 )
 _THRESHOLDED_COLUMNS = (
     "dice", "lesions_found", "pred_components", "fp_components", "lesion_recall", "lesion_precision",
@@ -147,11 +156,12 @@ def evaluate_volume(
     batch_size: int,
     skull_strip: str = "auto",
 ) -> VolumeEvaluation:
-    """Load one labelled volume, run every method on its slices and map the scores onto its native grid."""
+    """Load one labelled volume (or healthy control: all-negative truth), run every method on its slices and
+    map the scores onto its native grid."""
     volume, brain, _ = load_with_brain(row.image, row.brain_mask, skull_strip=skull_strip, device=str(backend.device))
-    if row.lesion_mask is None:
+    if row.lesion_mask is None and row.kind != HEALTHY:
         raise InputError(row.image, f"row {row.id!r} has no lesion_mask")
-    truth = load_mask(row.lesion_mask, volume)
+    truth = np.zeros(brain.shape, dtype=bool) if row.lesion_mask is None else load_mask(row.lesion_mask, volume)
     prepared = prepare_volume(volume.data, brain, cfg.preprocess)
     geometry = prepared.geometry
     truth_slices = (slices_of(truth, geometry, mode="bilinear") >= 0.5).float() if "phanes-gt" in methods else None
@@ -186,8 +196,8 @@ def _method_rows(method: str, cohort: CohortMetrics, extras: list[dict[str, Any]
     return rows
 
 
-def _method_summary(method: str, cohort: CohortMetrics) -> dict[str, Any]:
-    summary = cohort.summary()
+def _method_summary(method: str, cohort: CohortMetrics, breakdown: DetectionBreakdown) -> dict[str, Any]:
+    summary = {**cohort.summary(), **breakdown.summary(method)}
     return _blank(summary, _THRESHOLDED_SUMMARY) if method in UNCALIBRATED else summary
 
 
@@ -209,7 +219,8 @@ def evaluate(
     """Score `methods` of a calibrated bundle on the labelled rows of a manifest split; write the results to `out`.
 
     Writes summary.json (settings + per-method summary + synthetic summary), per_volume.parquet (one row
-    per method and volume) and, with `synthetic`, synthetic.parquet/synthetic.json (paper Table 1).
+    per method and volume), healthy_controls.parquet (false positives per method and healthy control, when
+    the split has any) and, with `synthetic`, synthetic.parquet/synthetic.json (paper Table 1).
     """
     bundle, manifest, out = Path(bundle), Path(manifest), Path(out)
     names = validate_methods(methods)
@@ -222,6 +233,8 @@ def evaluate(
     cfg = loaded.config
     rows = read_manifest(manifest)
     labelled, skipped = labelled_rows(rows, split, manifest)
+    controls = [r for r in select(rows, split=split) if r.lesion_mask is None and r.kind == HEALTHY]
+    skipped = [i for i in skipped if i not in {r.id for r in controls}]
     notes: list[str] = []
     if skipped:
         notes.append(f"{len(skipped)} row(s) of split {split!r} have no lesion_mask and were skipped: "
@@ -230,14 +243,25 @@ def evaluate(
 
     cohorts = {m: CohortMetrics(threshold=threshold(m, calibration), bins=BINS, max_score=MAX_SCORE) for m in names}
     extras: list[dict[str, Any]] = []
+    breakdown = DetectionBreakdown(list(names))
     with LoggedProgress(disable=not progress, transient=True) as bar:
-        task = bar.add_task(f"evaluating {len(labelled)} volume(s)", total=len(labelled))
+        total = len(labelled) + len(controls)
+        task = bar.add_task(f"evaluating {total} volume(s)", total=total)
+        for row in controls:
+            result = evaluate_volume(row, backend, cfg, calibration, names, batch_size, skull_strip)
+            for method in names:
+                prediction = predict(method, result.scores[method], result.region, calibration, result.voxel_ml)
+                if prediction is not None:
+                    breakdown.add_control(row.id, method, prediction, result.region, result.voxel_ml)
+            bar.advance(task)
         for row in labelled:
             result = evaluate_volume(row, backend, cfg, calibration, names, batch_size, skull_strip)
             for method in names:
                 score = result.scores[method]
                 prediction = predict(method, score, result.region, calibration, result.voxel_ml)
                 cohorts[method].add_volume(row.id, score, prediction, result.truth, result.region, result.voxel_ml)
+                if prediction is not None:
+                    breakdown.add_lesion_volume(method, prediction, result.truth, result.region, result.voxel_ml)
             outside = int(np.count_nonzero(result.truth & result.brain & ~result.region))
             extras.append({"slices_processed": result.slices_processed,
                            "lesion_ml_unevaluated": outside * result.voxel_ml})
@@ -245,7 +269,7 @@ def evaluate(
 
     per_volume = pa.Table.from_pylist([r for m in names for r in _method_rows(m, cohorts[m], extras)],
                                       schema=PER_VOLUME_SCHEMA)
-    method_summaries = {m: _method_summary(m, cohorts[m]) for m in names}
+    method_summaries = {m: _method_summary(m, cohorts[m], breakdown) for m in names}
     for method, summary in method_summaries.items():
         if summary["clipped_fraction"] > 0:
             notes.append(f"{method}: {summary['clipped_fraction']:.2e} of brain voxels scored above {MAX_SCORE} "
@@ -267,7 +291,8 @@ def evaluate(
     settings = {
         "bundle": str(bundle), "bundle_hash": loaded.hash, "config": cfg.name, "manifest": str(manifest),
         "split": split,
-        "n_volumes": len(labelled), "skipped_without_lesion_mask": skipped, "methods": list(names),
+        "n_volumes": len(labelled), "healthy_controls": [r.id for r in controls],
+        "skipped_without_lesion_mask": skipped, "methods": list(names),
         "calibration": calibration.to_dict(), "slice_mode": cfg.preprocess.slice_mode, "bins": BINS,
         "max_score": MAX_SCORE, "device": str(backend.device), "date": datetime.now(timezone.utc).isoformat(),
         "phanes_version": __version__,
@@ -276,6 +301,8 @@ def evaluate(
                           "synthetic": None if synthetic_result is None else synthetic_result.summary})
     out.mkdir(parents=True, exist_ok=True)
     write_parquet(out / PER_VOLUME_FILE, per_volume)
+    if controls:
+        write_parquet(out / CONTROLS_FILE, breakdown.table())
     if synthetic_result is not None:
         write_parquet(out / SYNTHETIC_TABLE_FILE, synthetic_result.per_slice)
         write_json(out / SYNTHETIC_SUMMARY_FILE, summary["synthetic"])

@@ -229,8 +229,8 @@ def write_volume(job: WriteJob, context: VolumeContext, maps: ModelMaps) -> Writ
         row = {
             **manifest_columns(job.row.extra), "id": vid, "input_path": str(job.row.image), "status": "ok",
             "brain_mask_source": context.brain_source, "qc_flags": list(context.qc_flags), **stats,
-            "slices_processed": job.decode.n_slices,
-            "backend": job.inference.backend or job.backend, "bundle_hash": job.bundle_hash, **calibration_columns(job.calibration),
+            "slices_processed": job.decode.n_slices, "backend": job.inference.backend or job.backend,
+            "bundle_hash": job.bundle_hash, **calibration_columns(job.calibration),
             "runtime_s": job.decode.seconds + job.inference.seconds + write_s,
             "decode_s": job.decode.seconds, "inference_s": job.inference.seconds, "write_s": write_s,
             "decode_node": job.decode.node, "inference_node": job.inference.node, "write_node": node_ip(),

@@ -30,6 +30,7 @@ from phanes_cli.backends import select_device
 from phanes_cli.bundle import INDEX_FILE, save_bundle
 from phanes_cli.config import PhanesConfig, StageTrainConfig
 from phanes_cli.errors import ConfigError
+from phanes_cli.progress import format_losses, make_progress
 from phanes_cli.training import validation
 from phanes_cli.training.checkpoint import (
     CHECKPOINT_DIR,
@@ -42,7 +43,6 @@ from phanes_cli.training.checkpoint import (
 )
 from phanes_cli.training.data import SliceSet, epoch_batches, healthy_rows, load_slices
 from phanes_cli.training.metrics_log import METRICS_FILE, Averages, MetricsLog
-from phanes_cli.progress import format_losses, make_progress
 from phanes_cli.training.steps import Learner
 
 
