@@ -34,6 +34,8 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/preprocess_bench.py --volumes 100
 	$(PY) benchmarks/screen_bench.py
+	$(PY) benchmarks/scale_bench.py --volumes 100,1000,5000
+	$(PY) benchmarks/kernels_bench.py
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

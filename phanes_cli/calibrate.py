@@ -29,7 +29,7 @@ import torch
 from rich.progress import Progress
 from torch import Tensor
 
-from phanes_cli.backends import Backend, TorchBackend, select_device
+from phanes_cli.backends import Backend, select_device
 from phanes_cli.bundle import load_bundle, write_calibration
 from phanes_cli.config import MaskConfig, PhanesConfig
 from phanes_cli.errors import ConfigError, PhanesError
@@ -38,6 +38,7 @@ from phanes_cli.manifest import ManifestRow
 from phanes_cli.pipeline import Calibration, run_slices, run_volume, stage1_map
 from phanes_cli.preprocess import load_with_brain
 from phanes_cli.progress import make_progress
+from phanes_cli.runtimes.select import choose_backend
 from phanes_cli.training.data import SliceSet, healthy_rows, load_slices
 
 
@@ -150,7 +151,7 @@ def healthy_min_lesion_ml(backend: Backend, rows: list[ManifestRow], cfg: Phanes
 def calibrate(bundle: Path, manifest: Path, device: str = "auto", batch_size: int = 32, split: str = "val",
               lpips_weights: str | None = None, progress: bool = True, mask_percentile: float | None = None,
               anomaly_percentile: float | None = None, tune: bool | None = None,
-              skull_strip: str = "auto") -> Calibration:
+              skull_strip: str = "auto", backend_name: str = "auto") -> Calibration:
     """Calibrate a bundle on the healthy volumes of `split` and store the thresholds in it.
 
     `mask_percentile` / `anomaly_percentile` override the config's healthy percentiles and are stored in the
@@ -172,7 +173,7 @@ def calibrate(bundle: Path, manifest: Path, device: str = "auto", batch_size: in
     cfg = _with_percentiles(model.config, mask_percentile, anomaly_percentile)
     rows = healthy_rows(Path(manifest), split)
     dev = select_device(device)
-    backend = TorchBackend(model.networks(lpips_weights), dev)
+    backend = choose_backend(backend_name, model, dev, lpips_weights)
     with make_progress(progress) as bar:
         data = load_slices(rows, cfg.preprocess, bar, description=f"loading {split} volumes", skull_strip=skull_strip,
                            device=str(dev))

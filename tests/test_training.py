@@ -112,7 +112,8 @@ def test_stage1_step_on_fixed_batch_has_finite_structured_losses_and_updates_bot
 
 def test_trainable_backend_computes_what_the_frozen_one_does_and_leaves_the_networks_trainable() -> None:
     """The trainer's backend must not freeze what it trains, and its outputs must be usable in a backward pass
-    (stage 2 holes multiply the generator input); the frozen inference backend gives the same numbers."""
+    (stage 2 holes multiply the generator input); the frozen inference backend gives the same numbers (to the
+    last bits: it runs channels-last convolutions on the CPU, which sum in another order)."""
     cfg = tiny_config()
     torch.manual_seed(0)
     live = PhanesNetworks(cfg).train()
@@ -123,7 +124,7 @@ def test_trainable_backend_computes_what_the_frozen_one_does_and_leaves_the_netw
     x = torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(4))
     with evaluating(live.ra):
         mine = trainable.reconstruct(x)
-    assert torch.equal(mine, frozen.reconstruct(x))
+    torch.testing.assert_close(mine, frozen.reconstruct(x), rtol=1e-5, atol=1e-6)
     assert live.training
     assert all(p.requires_grad for p in live.ra.parameters())
     assert not still.training

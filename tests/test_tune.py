@@ -12,13 +12,14 @@ import torch
 from scipy import ndimage
 
 import phanes_cli.preprocess
-from phanes_cli.backends import PhanesNetworks, TorchBackend
+from phanes_cli.backends import PhanesNetworks
 from phanes_cli.bundle import load_bundle, save_bundle
 from phanes_cli.calibrate import calibrate
 from phanes_cli.config import TuneConfig
 from phanes_cli.errors import ConfigError
 from phanes_cli.manifest import ManifestRow, read_manifest, write_manifest
 from phanes_cli.pipeline import drop_small_lesions, run_volume
+from phanes_cli.runtimes.select import choose_backend
 from phanes_cli.synth.shapes import npz_bank
 from phanes_cli.synth.templates import load_mni152
 from phanes_cli.tune import LesionedVolume, dice_grid, insert_lesion, lesioned_validation
@@ -138,7 +139,7 @@ def test_tuned_validation_dice_matches_an_independent_recount(tuned: tuple[Path,
     val_rows = [r for r in read_manifest(manifest) if r.split == "val"]
     lesioned = lesioned_validation(val_rows, npz_bank(), load_mni152(), copies=1, seed=model.config.tune.seed,
                                    shapes=model.config.tune.shapes_per_volume)
-    backend = TorchBackend(model.networks(), torch.device("cpu"))
+    backend = choose_backend("auto", model, torch.device("cpu"))  # the backend calibrate runs on
     tp = pred = true = 0
     for v in lesioned:
         s = run_volume(v.image, v.brain, backend, model.config, cal, 16, keep=()).anomaly

@@ -17,8 +17,9 @@ import pyarrow as pa
 
 from phanes_cli.evaluation.lesions import label_components
 
-CONTROLS_SCHEMA = pa.schema([pa.field("method", pa.string()), pa.field("id", pa.string()),
-                             pa.field("fp_components", pa.int64()), pa.field("fp_ml", pa.float64())])
+_CONTROL_FIELDS: list[pa.Field] = [pa.field("method", pa.string()), pa.field("id", pa.string()),
+                                   pa.field("fp_components", pa.int64()), pa.field("fp_ml", pa.float64())]
+CONTROLS_SCHEMA = pa.schema(_CONTROL_FIELDS)
 SIZE_BINS: tuple[tuple[str, float, float], ...] = (("<1 mL", 0.0, 1.0), ("1-10 mL", 1.0, 10.0),
                                                    (">10 mL", 10.0, float("inf")))
 

@@ -38,7 +38,7 @@ from rich.table import Table
 
 from phanes_cli import __version__
 from phanes_cli.atomic import write_json, write_parquet
-from phanes_cli.backends import Backend, TorchBackend, select_device
+from phanes_cli.backends import Backend, select_device
 from phanes_cli.bundle import load_bundle
 from phanes_cli.config import PhanesConfig
 from phanes_cli.errors import ConfigError, InputError
@@ -59,6 +59,7 @@ from phanes_cli.manifest import ManifestRow, read_manifest, select
 from phanes_cli.pipeline import Calibration, restore_maps, restore_score
 from phanes_cli.preprocess import AXIAL_AXIS, load_with_brain, prepare_volume, slices_of
 from phanes_cli.progress import LoggedProgress
+from phanes_cli.runtimes.select import choose_backend
 from phanes_cli.volume_io import load_mask
 
 BINS = 65536
@@ -215,6 +216,7 @@ def evaluate(
     lpips_weights: str | None = None,
     progress: bool = True,
     skull_strip: str = "auto",
+    backend_name: str = "auto",
 ) -> EvaluationResult:
     """Score `methods` of a calibrated bundle on the labelled rows of a manifest split; write the results to `out`.
 
@@ -239,7 +241,7 @@ def evaluate(
     if skipped:
         notes.append(f"{len(skipped)} row(s) of split {split!r} have no lesion_mask and were skipped: "
                      f"{', '.join(skipped[:10])}{' ...' if len(skipped) > 10 else ''}")
-    backend = TorchBackend(loaded.networks(lpips_weights), select_device(device))
+    backend = choose_backend(backend_name, loaded, select_device(device), lpips_weights)
 
     cohorts = {m: CohortMetrics(threshold=threshold(m, calibration), bins=BINS, max_score=MAX_SCORE) for m in names}
     extras: list[dict[str, Any]] = []
@@ -247,13 +249,6 @@ def evaluate(
     with LoggedProgress(disable=not progress, transient=True) as bar:
         total = len(labelled) + len(controls)
         task = bar.add_task(f"evaluating {total} volume(s)", total=total)
-        for row in controls:
-            result = evaluate_volume(row, backend, cfg, calibration, names, batch_size, skull_strip)
-            for method in names:
-                prediction = predict(method, result.scores[method], result.region, calibration, result.voxel_ml)
-                if prediction is not None:
-                    breakdown.add_control(row.id, method, prediction, result.region, result.voxel_ml)
-            bar.advance(task)
         for row in labelled:
             result = evaluate_volume(row, backend, cfg, calibration, names, batch_size, skull_strip)
             for method in names:
@@ -265,6 +260,13 @@ def evaluate(
             outside = int(np.count_nonzero(result.truth & result.brain & ~result.region))
             extras.append({"slices_processed": result.slices_processed,
                            "lesion_ml_unevaluated": outside * result.voxel_ml})
+            bar.advance(task)
+        for row in controls:
+            result = evaluate_volume(row, backend, cfg, calibration, names, batch_size, skull_strip)
+            for method in names:
+                prediction = predict(method, result.scores[method], result.region, calibration, result.voxel_ml)
+                if prediction is not None:
+                    breakdown.add_control(row.id, method, prediction, result.region, result.voxel_ml)
             bar.advance(task)
 
     per_volume = pa.Table.from_pylist([r for m in names for r in _method_rows(m, cohorts[m], extras)],

@@ -52,6 +52,26 @@ def real_lesion_rich_table(methods: dict[str, dict[str, Any]], settings: dict[st
     return table
 
 
+def _recall(bins: dict[str, Any] | None, name: str) -> str:
+    entry = (bins or {}).get(name)
+    return f"{entry['found']}/{entry['total']}" if entry and entry["total"] else _DASH
+
+
+def controls_table(methods: dict[str, dict[str, Any]]) -> Table:
+    """False positives per healthy control volume, and lesions found per size bin."""
+    table = Table(title="Healthy controls (false positives per healthy volume) and lesions found by size")
+    for header in ("Method", "Healthy vols", "FP comp./vol", "FP mL/vol", "Found <1 mL", "Found 1-10 mL",
+                   "Found >10 mL"):
+        table.add_column(header, justify="left" if header == "Method" else "right")
+    for method, s in methods.items():
+        controls = s.get("healthy_controls") or {}
+        bins = s.get("lesion_recall_by_size")
+        table.add_row(DISPLAY_NAMES.get(method, method), str(controls.get("volumes", _DASH)),
+                      _num(controls.get("fp_components_per_volume"), 1), _num(controls.get("fp_ml_per_volume"), 2),
+                      _recall(bins, "<1 mL"), _recall(bins, "1-10 mL"), _recall(bins, ">10 mL"))
+    return table
+
+
 def synthetic_table(synthetic: dict[str, Any]) -> Table:
     """Synthetic sprites (paper Table 1): LPIPS of the pseudo-healthy image, AUPRC and [Dice]."""
     settings = synthetic.get("settings", {})
@@ -67,8 +87,10 @@ def synthetic_table(synthetic: dict[str, Any]) -> Table:
 
 def render_tables(methods: dict[str, dict[str, Any]], synthetic: dict[str, Any] | None,
                   settings: dict[str, Any]) -> list[Table]:
-    """The real-lesion table, then the synthetic one when the protocol ran."""
+    """The real-lesion table, healthy controls and recall by size, then the synthetic one when the protocol ran."""
     tables = [real_lesion_rich_table(methods, settings)]
+    if settings.get("healthy_controls") or any(s.get("lesion_recall_by_size") for s in methods.values()):
+        tables.append(controls_table(methods))
     if synthetic is not None:
         tables.append(synthetic_table(synthetic))
     return tables
