@@ -141,7 +141,7 @@ def healthy_min_lesion_ml(backend: Backend, rows: list[ManifestRow], cfg: Phanes
     largest: list[float] = []
     for row in rows:
         volume, brain, _ = load_with_brain(row.image, row.brain_mask, skull_strip=skull_strip, device=device)
-        lesion = run_volume(volume.data, brain, backend, cfg, calibration, batch_size, keep=()).lesion_mask
+        lesion = run_volume(volume.data, brain, backend, cfg, calibration, batch_size, keep=()).predicted_lesions
         labels, n = label_components(lesion)
         largest.append(float(np.bincount(labels.ravel())[1:].max()) * volume.voxel_ml if n else 0.0)
         bar.advance(task)

@@ -126,7 +126,7 @@ def threshold_lesions(anomaly: np.ndarray, brain: np.ndarray, threshold: float) 
     return (anomaly >= threshold) & (anomaly > 0) & np.asarray(brain, dtype=bool)
 
 
-def lesion_mask(anomaly: np.ndarray, brain: np.ndarray, calibration: Calibration, voxel_ml: float) -> np.ndarray:
+def predict_lesions(anomaly: np.ndarray, brain: np.ndarray, calibration: Calibration, voxel_ml: float) -> np.ndarray:
     """The lesion mask of a volume-grid map: `threshold_lesions`, then `drop_small_lesions` (the one rule)."""
     mask = threshold_lesions(anomaly, brain, calibration.anomaly_threshold)
     return drop_small_lesions(mask, calibration.min_lesion_ml, voxel_ml)
@@ -195,7 +195,7 @@ class VolumeMaps:
     """Pipeline results on the native RAS+ voxel grid of one volume, (X, Y, Z) each; None where not kept."""
 
     anomaly: np.ndarray  # float32 s(x), zero outside the brain
-    lesion_mask: np.ndarray  # bool, s(x) >= anomaly threshold inside the brain
+    predicted_lesions: np.ndarray  # bool, s(x) >= anomaly threshold inside the brain
     ra_map: np.ndarray | None  # float32 m(x), the stage 1 map, zero outside the brain
     pseudo_healthy: np.ndarray | None  # float32 at the input's intensities
     inpaint_mask: np.ndarray | None  # bool, the mask that was inpainted
@@ -216,7 +216,7 @@ def restore_maps(maps: ModelMaps, geometry: SliceGeometry, brain: np.ndarray, sc
                  calibration: Calibration, voxel_ml: float | None = None) -> VolumeMaps:
     """Bring one volume's model-grid maps back onto its grid (`brain`, `volume_data`: (X, Y, Z)) and threshold lesions.
 
-    `voxel_ml` (the volume's voxel volume in mL) lets `lesion_mask` drop components under the calibration's
+    `voxel_ml` (the volume's voxel volume in mL) lets `predict_lesions` drop components under the calibration's
     `min_lesion_ml`; without it no component is dropped.
 
     The pseudo-healthy image keeps the input intensities everywhere except inside the restored inpainting
@@ -230,8 +230,8 @@ def restore_maps(maps: ModelMaps, geometry: SliceGeometry, brain: np.ndarray, sc
         x_ph = restore_volume(torch.from_numpy(maps.x_ph), geometry) * np.float32(scale)
         pseudo = np.where(inpainted, x_ph, volume_data).astype(np.float32)
     lesions = (threshold_lesions(anomaly, brain, calibration.anomaly_threshold) if voxel_ml is None
-               else lesion_mask(anomaly, brain, calibration, voxel_ml))
-    return VolumeMaps(anomaly=anomaly, lesion_mask=lesions,
+               else predict_lesions(anomaly, brain, calibration, voxel_ml))
+    return VolumeMaps(anomaly=anomaly, predicted_lesions=lesions,
                       ra_map=None if maps.ra_map is None else restore_score(maps.ra_map, geometry, brain),
                       pseudo_healthy=pseudo, inpaint_mask=inpainted, slices_processed=geometry.n_slices)
 

@@ -1,7 +1,7 @@
 """`phanes stats`: a run's lesion masks and tables again, from its anomaly maps, at new thresholds.
 
 No network is loaded: each volume's written map s(x) (OUT/maps/<id>_anomaly.nii.gz) goes through the
-screening road again, `pipeline.lesion_mask` (threshold, then the minimum lesion size) and
+screening road again, `pipeline.predict_lesions` (threshold, then the minimum lesion size) and
 `screening.tasks.volume_statistics`, so at the run's own thresholds the tables equal screening's. The
 brain mask is not among a run's outputs: s(x) is zero outside the brain, so its support stands in for
 the brain in the lesion rule, and the threshold-free brain numbers (brain volume, max and mean of s(x))
@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from phanes_cli.atomic import atomic_path, write_json, write_parquet
 from phanes_cli.errors import ConfigError, InputError
-from phanes_cli.pipeline import Calibration, lesion_mask
+from phanes_cli.pipeline import Calibration, predict_lesions
 from phanes_cli.screening.outputs import (
     FAILURE_SCHEMA,
     LESION_SCHEMA,
@@ -88,7 +88,7 @@ def restat_volume(row: dict[str, Any], layout: OutputLayout, calibration: Calibr
         raise InputError(path, "anomaly map not found (screen with --anomaly-maps to use `phanes stats`)")
     volume = load_volume(path, _MAP_VOXEL_LIMIT)
     anomaly = volume.data
-    lesion = lesion_mask(anomaly, anomaly > 0, calibration, volume.voxel_ml)
+    lesion = predict_lesions(anomaly, anomaly > 0, calibration, volume.voxel_ml)
     stats, lesions = volume_statistics(vid, volume, {k: row[k] for k in _BRAIN_COLUMNS}, anomaly, lesion)
     save_like(lesion.astype(np.uint8), volume, target.map_path(vid, "mask"), np.uint8)
     volume_row = {**row, **stats, **calibration_columns(calibration), **dict.fromkeys(_SCREENING_ONLY)}

@@ -208,7 +208,7 @@ def test_screening_and_evaluation_give_the_maps_of_run_volume(cohort: dict[str, 
         torch.set_num_threads(threads)
     written = {k: np.asarray(nib.load(str(OutputLayout(tmp_path).map_path(row.id, k))).dataobj) for k in outputs}
     np.testing.assert_allclose(written["anomaly"], reference.anomaly, atol=1e-6)
-    np.testing.assert_array_equal(written["mask"] > 0, reference.lesion_mask)
+    np.testing.assert_array_equal(written["mask"] > 0, reference.predicted_lesions)
     np.testing.assert_allclose(written["pseudohealthy"], reference.pseudo_healthy, rtol=1e-5, atol=1e-4)
 
     evaluated = evaluate_volume(row, backend, cfg, CALIBRATION, ("phanes", "ra"), batch_size=16)
@@ -216,7 +216,7 @@ def test_screening_and_evaluation_give_the_maps_of_run_volume(cohort: dict[str, 
     np.testing.assert_allclose(evaluated.scores["ra"], reference.ra_map, atol=1e-6)  # type: ignore[arg-type]
     np.testing.assert_array_equal(evaluated.inpaint_masks["phanes"], reference.inpaint_mask)
     predicted = predict("phanes", evaluated.scores["phanes"], brain, CALIBRATION)
-    np.testing.assert_array_equal(predicted, reference.lesion_mask)
+    np.testing.assert_array_equal(predicted, reference.predicted_lesions)
 
 
 def test_phanes_gt_inpaints_the_ground_truth(result, cohort: dict[str, Path], model) -> None:

@@ -16,7 +16,7 @@ from phanes_cli.errors import ConfigError, InputError
 from phanes_cli.manifest import read_manifest
 from phanes_cli.synth import make_subject, paint_sprites, synth_cohort
 from phanes_cli.synth.cohort import round_robin, source_splits
-from phanes_cli.synth.lesions import LesionConfig, allowed_region, blend_weight, lesion_mask, procedural_shape
+from phanes_cli.synth.lesions import LesionConfig, allowed_region, blend_weight, ground_truth_mask, procedural_shape
 from phanes_cli.synth.shapes import folder_bank, npz_bank
 from phanes_cli.synth.sprites import PERCENTILE_BANDS
 from phanes_cli.synth.templates import PACKAGED_TEMPLATES, Template, load_mni152, load_template_file, output_grid
@@ -130,7 +130,7 @@ def test_procedural_lesion_volume_tracks_target(fine_anatomy, target_ml: float) 
         assert 0.8 * target_ml <= ml <= 1.5 * target_ml, (target_ml, ml)
         assert (core <= allowed_region(fine_anatomy)).all()
         assert ndimage.label(core)[1] == 1
-        assert np.array_equal(lesion_mask(blend_weight(core, fine_anatomy, cfg), fine_anatomy), core)
+        assert np.array_equal(ground_truth_mask(blend_weight(core, fine_anatomy, cfg), fine_anatomy), core)
 
 
 @needs_shared()

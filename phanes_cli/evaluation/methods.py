@@ -25,7 +25,7 @@ from torch import Tensor
 from phanes_cli.backends import Backend
 from phanes_cli.config import PhanesConfig
 from phanes_cli.errors import ConfigError
-from phanes_cli.pipeline import Calibration, ModelMaps, VolumeMaps, infer_slices, lesion_mask, threshold_lesions
+from phanes_cli.pipeline import Calibration, ModelMaps, VolumeMaps, infer_slices, predict_lesions, threshold_lesions
 
 METHODS: dict[str, str] = {
     "phanes": "PHANES: s(x) of the pseudo-healthy image",
@@ -61,13 +61,13 @@ def predict(method: str, score: np.ndarray, brain: np.ndarray, calibration: Cali
             voxel_ml: float | None = None) -> np.ndarray | None:
     """Binary prediction of a method from its score map (any shape); None for uncalibrated methods.
 
-    PHANES uses `pipeline.threshold_lesions`, and on a volume (`voxel_ml` given) `pipeline.lesion_mask`, which
+    PHANES uses `pipeline.threshold_lesions`, and on a volume (`voxel_ml` given) `pipeline.predict_lesions`, which
     also drops components under the calibration's minimum lesion size, as screening does; RA the strict `>`
     of the stage 1 binarisation.
     """
     if method in ("phanes", "phanes-gt"):
         if voxel_ml is not None:
-            return lesion_mask(score, brain, calibration, voxel_ml)
+            return predict_lesions(score, brain, calibration, voxel_ml)
         return threshold_lesions(score, brain, calibration.anomaly_threshold)
     if method == "ra":
         return (score > calibration.mask_threshold) & np.asarray(brain, dtype=bool)

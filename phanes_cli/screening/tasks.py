@@ -215,8 +215,9 @@ def write_volume(job: WriteJob, context: VolumeContext, maps: ModelMaps) -> Writ
         native = restore_maps(maps, context.geometry, context.brain, context.scale, volume.data, job.calibration,
                               volume.voxel_ml)
         brain_stats = brain_statistics(volume, context.brain, native.anomaly)
-        stats, lesion_rows = volume_statistics(vid, volume, brain_stats, native.anomaly, native.lesion_mask)
-        arrays = {"anomaly": (native.anomaly, np.float32), "mask": (native.lesion_mask.astype(np.uint8), np.uint8),
+        stats, lesion_rows = volume_statistics(vid, volume, brain_stats, native.anomaly, native.predicted_lesions)
+        arrays = {"anomaly": (native.anomaly, np.float32),
+                  "mask": (native.predicted_lesions.astype(np.uint8), np.uint8),
                   "pseudohealthy": (native.pseudo_healthy, np.float32)}
         for kind in sorted(job.outputs):
             array, dtype = arrays[kind]

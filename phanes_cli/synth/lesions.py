@@ -75,7 +75,7 @@ def blend_weight(core: np.ndarray, anatomy: Anatomy, cfg: LesionConfig) -> np.nd
     return weight
 
 
-def lesion_mask(weight: np.ndarray, anatomy: Anatomy) -> np.ndarray:
+def ground_truth_mask(weight: np.ndarray, anatomy: Anatomy) -> np.ndarray:
     """Ground truth from a blend weight: half-complete darkening, inside brain tissue. (X, Y, Z) bool."""
     return (weight >= 0.5) & allowed_region(anatomy)
 
@@ -215,5 +215,5 @@ def stroke_lesions(anatomy: Anatomy, rng: np.random.Generator, cfg: LesionConfig
             union |= procedural_shape(anatomy, float(np.exp(rng.uniform(lo, hi))), rng, cfg, depth)
             sources.append("procedural")
     weight = blend_weight(union, anatomy, cfg)
-    return Lesioned(image=darken(anatomy, weight, rng, cfg), weight=weight, mask=lesion_mask(weight, anatomy),
+    return Lesioned(image=darken(anatomy, weight, rng, cfg), weight=weight, mask=ground_truth_mask(weight, anatomy),
                     sources=tuple(sources))
