@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+
+from tests._ray import RayCluster
 
 torch.set_num_threads(2)
 
@@ -54,3 +58,28 @@ def write_nifti(tmp_path: Path):
         return path
 
     return _write
+
+
+@pytest.fixture(scope="session")
+def ray_head() -> Iterator[RayCluster]:
+    """One real Ray head node (`ray start --head` on 127.0.0.2) for every test that screens on an existing
+    cluster: starting Ray costs ~15-20 s on this machine, once is enough. Stopped at the end of the session,
+    with a check that none of its processes is left."""
+    head = RayCluster()
+    try:
+        head.start_head(cpus=2)
+        yield head
+    finally:
+        head.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_env() -> Iterator[None]:
+    """Token authentication off for loopback test clusters (the driver must agree with the nodes)."""
+    old = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    yield
+    if old is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = old

@@ -45,6 +45,7 @@ from phanes_cli.training.data import healthy_rows
 from phanes_cli.volume_io import load_volume
 from tests._tiny_cohort import tiny_config
 from tests.conftest import blob_volume
+from tests.test_cli import phanes_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -502,19 +503,21 @@ def test_file_system_faults_are_one_line_errors(calibrated: Path, tmp_path: Path
     readonly.mkdir()
     readonly.chmod(0o555)
     screen = ("screen", cohort, "--bundle", calibrated, "--quiet")
-    runs = {
-        "out_is_file": lambda: _phanes(*screen, "--out", tmp_path / "file"),
-        "log_is_folder": lambda: _phanes(*screen, "--out", tmp_path / "o1", "--log-jsonl", tmp_path / "logdir"),
-        "log_disk_full": lambda: _phanes(*screen, "--out", tmp_path / "o2", "--log-jsonl", "/dev/full"),
+    processes = {  # these need a process of their own (fewer capabilities, a file size limit): the console script
         "read_only_out": lambda: _phanes(*screen, "--out", readonly, prefix=tuple(_UNPRIVILEGED)),
-        "evaluate_out_is_file": lambda: _phanes("evaluate", "--bundle", calibrated, "--data", tmp_path / "m.parquet",
-                                                "--out", tmp_path / "file"),
         "file_size_limit": lambda: _phanes("data", "prepare", cohort, "--out", tmp_path / "m2.parquet",
                                            preexec_fn=_fsize_limit),
     }
-    with ThreadPoolExecutor(max_workers=3) as pool:  # each run mostly waits on its imports: overlap them
-        done = {name: pool.submit(run) for name, run in runs.items()}
-        results = {name: future.result() for name, future in done.items()}
+    with ThreadPoolExecutor(max_workers=2) as pool:  # meanwhile the same app runs the other cases in this process
+        done = {name: pool.submit(run) for name, run in processes.items()}
+        results = {
+            "out_is_file": phanes_in_process(*screen, "--out", tmp_path / "file"),
+            "log_is_folder": phanes_in_process(*screen, "--out", tmp_path / "o1", "--log-jsonl", tmp_path / "logdir"),
+            "log_disk_full": phanes_in_process(*screen, "--out", tmp_path / "o2", "--log-jsonl", "/dev/full"),
+            "evaluate_out_is_file": phanes_in_process("evaluate", "--bundle", calibrated, "--data",
+                                                      tmp_path / "m.parquet", "--out", tmp_path / "file"),
+        }
+        results.update({name: future.result() for name, future in done.items()})
     readonly.chmod(0o755)
     _one_error_line(results["out_is_file"], str(tmp_path / "file"))
     _one_error_line(results["log_is_folder"], str(tmp_path / "logdir"), "Is a directory")

@@ -21,9 +21,10 @@ from phanes_cli.screening.bids_out import start_layout
 from phanes_cli.screening.engine import screen
 from phanes_cli.screening.options import ScreenOptions
 from phanes_cli.screening.outputs import OutputLayout
+from tests._ray import HEAD_IP, RayCluster
 from tests.conftest import blob_volume
-from tests.test_cli import phanes
-from tests.test_screening import HEAD_IP, make_bundle, ray_env  # noqa: F401 - ray_env is a fixture
+from tests.test_cli import phanes_in_process
+from tests.test_screening import make_bundle
 
 RUN1 = "sub-03/ses-1/anat/sub-03_ses-1_acq-mprage_run-1"
 RUN2 = "sub-03/ses-1/anat/sub-03_ses-1_acq-mprage_run-2"
@@ -95,14 +96,14 @@ def test_suffix_and_filters_choose_other_images(dataset: Path) -> None:
 
 def test_data_prepare_on_a_bids_root(dataset: Path, tmp_path: Path) -> None:
     manifest = tmp_path / "m.parquet"
-    quiet = phanes("data", "prepare", dataset, "--out", manifest, "--skull-strip", "never")
+    quiet = phanes_in_process("data", "prepare", dataset, "--out", manifest, "--skull-strip", "never")
     assert quiet.returncode == 0, quiet.stderr
     assert f"{len(UNUSED)} files found and not used" in quiet.stderr and "FLAIR" not in quiet.stderr
     table = pq.read_table(manifest).to_pydict()
     assert sorted(table["id"]) == sorted(IMAGES)
     assert {(i, s, r) for i, s, r in zip(table["id"], table["sub"], table["run"], strict=True)} >= {
         ("sub-01", "01", None), ("sub-03_ses-1_acq-mprage_run-1", "03", "1")}
-    verbose = phanes("data", "prepare", dataset, "--out", manifest, "--skull-strip", "never", "--verbose",
+    verbose = phanes_in_process("data", "prepare", dataset, "--out", manifest, "--skull-strip", "never", "--verbose",
                      "--suffix", "T1w", "--bids-filter", "sub=01")
     assert verbose.returncode == 0, verbose.stderr
     assert pq.read_table(manifest).column("id").to_pylist() == ["sub-01"]
@@ -129,11 +130,12 @@ def test_bids_layout_refuses_what_it_cannot_name(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_env")
-def test_screen_layout_bids_writes_a_derivatives_dataset(dataset: Path, tmp_path: Path) -> None:
+def test_screen_layout_bids_writes_a_derivatives_dataset(ray_head: RayCluster, dataset: Path, tmp_path: Path) -> None:
     bundle = make_bundle(tmp_path / "bundle")
     out = tmp_path / "out"
-    options = ScreenOptions(bundle=bundle, out=out, node_ip=HEAD_IP, quiet=True, num_actors=1, object_store_mb=200,
-                            layout="bids", skull_strip="never", outputs=frozenset({"anomaly", "mask", "pseudohealthy"}))
+    options = ScreenOptions(bundle=bundle, out=out, address=ray_head.address, node_ip=HEAD_IP, quiet=True,
+                            num_actors=1, layout="bids", skull_strip="never",
+                            outputs=frozenset({"anomaly", "mask", "pseudohealthy"}))
     summary = screen([str(dataset)], options)
     assert (summary.done, summary.failed) == (4, 0)
     description = json.loads((out / "dataset_description.json").read_text())
@@ -165,7 +167,7 @@ def test_a_plain_folder_says_which_files_it_left_out(tmp_path: Path) -> None:
     _nifti(folder / "T1.nii.gz", blob_volume((30, 34, 28)))
     _nifti(folder / "T1_brain.nii.gz", blob_volume((30, 34, 28)))
     _nifti(folder / "T1_brain_mask.nii.gz", (blob_volume((30, 34, 28)) > 0).astype(np.uint8))
-    run = phanes("data", "prepare", folder, "--out", tmp_path / "m.parquet", "--skull-strip", "never", "-v")
+    run = phanes_in_process("data", "prepare", folder, "--out", tmp_path / "m.parquet", "--skull-strip", "never", "-v")
     assert run.returncode == 0, run.stderr
     text = " ".join(run.stderr.split())
     assert pq.read_table(tmp_path / "m.parquet").column("id").to_pylist() == ["T1"]

@@ -1,5 +1,6 @@
-"""The `phanes` command as a user runs it: the installed console script in a subprocess, every command's
-exit status (0 success, 2 bad input, 3 some volumes failed, 130 interrupted) and its one-line messages.
+"""The `phanes` command as a user runs it: every command's exit status (0 success, 2 bad input, 3 some volumes
+failed, 130 interrupted) and its one-line messages. Each kind of outcome goes through the installed console
+script in a subprocess at least once; the other bad-input cases run the same Typer app in this process.
 """
 
 from __future__ import annotations
@@ -10,17 +11,19 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+import traceback
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from typer.testing import CliRunner
 
 from phanes_cli import __version__
-from tests.test_screening import RayCluster, make_bundle, series
+from phanes_cli.cli import app
+from tests._ray import RayCluster
+from tests.test_screening import make_bundle, series
 
 PHANES = Path(sys.executable).parent / "phanes"
 COMMANDS = (["data", "synth"], ["data", "prepare"], ["train"], ["calibrate"], ["evaluate"], ["screen"])
@@ -30,6 +33,19 @@ ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"
 def phanes(*args: str | Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """Run the installed `phanes` console script, as a shell would."""
     return subprocess.run([str(PHANES), *map(str, args)], capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def phanes_in_process(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    """The same Typer app run in this process (no ~5 s of torch + Ray imports per call), as a CompletedProcess.
+
+    For bad-input cases only: the console script itself (exit status, one line, no traceback) keeps a real
+    subprocess case in each test. An exception that escapes the app is appended to stderr as its traceback,
+    as the console script would print it, so that "no traceback" still means what it says."""
+    result = CliRunner().invoke(app, [str(a) for a in args], prog_name="phanes")
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(result.exception))
+    return subprocess.CompletedProcess(["phanes", *map(str, args)], result.exit_code, result.stdout, stderr)
 
 
 # The plain progress lines long commands print when stderr is not a terminal ("what: done/total, ... ETA ...").
@@ -62,16 +78,6 @@ def write_volume(path: Path, seed: int) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def ray_head() -> Iterator[RayCluster]:
-    head = RayCluster()
-    try:
-        head.start_head(cpus=2)
-        yield head
-    finally:
-        head.stop()
-
-
 # ---------------------------------------------------------------- exit 0
 
 def test_version_and_help_list_every_command() -> None:
@@ -82,7 +88,7 @@ def test_version_and_help_list_every_command() -> None:
     for name in ("data", "train", "calibrate", "evaluate", "screen"):
         assert name in top.stdout
     for command in COMMANDS:
-        run = phanes(*command, "--help")
+        run = phanes_in_process(*command, "--help")
         assert run.returncode == 0, run.stderr
         assert f"Usage: phanes {' '.join(command)}" in " ".join(run.stdout.split())
 
@@ -90,7 +96,7 @@ def test_version_and_help_list_every_command() -> None:
 def test_data_prepare_writes_a_manifest_and_exits_0(tmp_path: Path) -> None:
     write_volume(tmp_path / "in" / "a.nii.gz", 0)
     write_volume(tmp_path / "in" / "b" / "c.nii.gz", 1)
-    run = phanes("data", "prepare", tmp_path / "in", "--out", tmp_path / "m.parquet")
+    run = phanes_in_process("data", "prepare", tmp_path / "in", "--out", tmp_path / "m.parquet")
     assert run.returncode == 0, run.stderr
     assert "Traceback" not in run.stderr
     table = pq.read_table(tmp_path / "m.parquet").to_pydict()
@@ -111,8 +117,8 @@ def test_every_command_reports_bad_input_in_one_line(tmp_path: Path) -> None:
         ("evaluate", "--bundle", missing, "--data", tmp_path, "--out", tmp_path / "e"): (str(missing),),
         ("screen", tmp_path / "in", "--bundle", missing, "--out", tmp_path / "o"): (str(missing),),
     }
-    with ThreadPoolExecutor(max_workers=3) as pool:  # each run mostly waits on its imports: overlap them
-        runs = list(pool.map(lambda args: phanes(*args), cases))
+    console_script = next(args for args in cases if args[0] == "screen")  # one case through the real console script
+    runs = [phanes(*args) if args == console_script else phanes_in_process(*args) for args in cases]
     for run, expected in zip(runs, cases.values(), strict=True):
         assert_one_error_line(run, *expected)
     assert not (tmp_path / "s").exists() and not (tmp_path / "m.parquet").exists()
@@ -121,7 +127,7 @@ def test_every_command_reports_bad_input_in_one_line(tmp_path: Path) -> None:
 def test_usage_errors_exit_2_without_traceback(tmp_path: Path) -> None:
     for args in (["screen", tmp_path, "--bundle", tmp_path, "--out", tmp_path, "--bogus"], ["train"], ["nope"],
                  ["screen", tmp_path, "--bundle", tmp_path, "--out", tmp_path, "--batch-size", "0"]):
-        run = phanes(*args)
+        run = phanes(*args) if "--bogus" in args else phanes_in_process(*args)  # one through the console script
         assert run.returncode == 2, (args, run.stderr)
         assert "Traceback" not in run.stderr + run.stdout
         assert len([line for line in lines(run.stderr) if "Error" in line or "error" in line]) == 1, run.stderr

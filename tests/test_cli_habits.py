@@ -1,5 +1,6 @@
-"""The command-line habits of the field, through the installed `phanes` script: -h, completion, flags shown as
-flags, --device / --skull-strip where networks run, screen's Ray sizing options, and `phanes config`."""
+"""The command-line habits of the field: -h, completion, flags shown as flags, --device / --skull-strip where
+networks run, screen's Ray sizing options, and `phanes config`. Completion goes through the installed `phanes`
+script; the other cases run the same Typer app in this process (no ~5 s of imports each)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,14 @@ import yaml
 
 from phanes_cli.config import LIMITS, PhanesConfig, config_from_dict, load_config
 from phanes_cli.config_show import limit_key, render_config
-from tests.test_cli import assert_one_error_line, phanes
+from tests.test_cli import assert_one_error_line, phanes, phanes_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 NETWORK_COMMANDS = (["data", "prepare"], ["train"], ["calibrate"], ["evaluate"], ["screen"])
 
 
 def _help(*command: str) -> str:
-    run = phanes(*command, "-h")
+    run = phanes_in_process(*command, "-h")
     assert run.returncode == 0, run.stderr
     return " ".join(run.stdout.split())
 
@@ -38,7 +39,7 @@ def test_screen_exposes_ray_sizing_options() -> None:
 
 
 def test_bad_choices_are_usage_errors() -> None:
-    run = phanes("calibrate", "--bundle", "b", "--data", "d", "--skull-strip", "sometimes")
+    run = phanes_in_process("calibrate", "--bundle", "b", "--data", "d", "--skull-strip", "sometimes")
     assert run.returncode == 2 and "sometimes" in run.stderr and "Traceback" not in run.stderr
 
 
@@ -84,14 +85,14 @@ def test_configs_readme_documents_every_key() -> None:
 
 
 def test_config_commands(tmp_path: Path) -> None:
-    shown = phanes("config", "show", ROOT / "configs" / "cpu.yaml")
+    shown = phanes_in_process("config", "show", ROOT / "configs" / "cpu.yaml")
     assert shown.returncode == 0
     assert config_from_dict(yaml.safe_load(shown.stdout)) == load_config(ROOT / "configs" / "cpu.yaml")
-    ok = phanes("config", "validate", *(ROOT / "configs" / f"{n}.yaml" for n in ("paper", "cpu", "demo")))
+    ok = phanes_in_process("config", "validate", *(ROOT / "configs" / f"{n}.yaml" for n in ("paper", "cpu", "demo")))
     assert ok.returncode == 0 and ok.stderr.count("valid") == 3
     bad = tmp_path / "bad.yaml"
     bad.write_text("preprocess:\n  image_size: big\n")
-    assert_one_error_line(phanes("config", "validate", bad), "preprocess.image_size", "'big'")
+    assert_one_error_line(phanes_in_process("config", "validate", bad), "preprocess.image_size", "'big'")
 
 
 def test_the_cli_choices_are_the_library_modes() -> None:

@@ -26,7 +26,8 @@ import yaml
 from typer.main import get_command
 
 from phanes_cli.cli import app
-from tests.test_screening import HEAD_IP, free_port, make_bundle, processes_of, series
+from tests._ray import HEAD_IP, free_port, processes_of
+from tests.test_screening import make_bundle, series
 from tests.test_screening_cluster import SECOND_IP
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"

@@ -4,7 +4,7 @@ Each oracle re-states method.md without the code under test; only the networks (
 stage 2 generator, LPIPS) are taken from a real backend, because they are networks, not formulas.
 Images are axial slices of the nilearn MNI152 template (shipped with nilearn, offline) plus random
 images, on small untrained networks. Mutant tests switch one step off and show the oracles notice.
-The end-to-end test screens a tiny volume through `phanes screen`'s engine on a local Ray instance and
+The end-to-end test screens a tiny volume through `phanes screen`'s engine on the session's Ray head node and
 checks the written files with nibabel only.
 
 Gaussian filters: `ops.gaussian_blur` documents scipy's mode 'reflect' (d c b a | a b c d, the edge
@@ -33,10 +33,10 @@ from phanes_cli.pipeline import Calibration, anomaly_map, binary_mask, inpaint, 
 from phanes_cli.preprocess import prepare_volume
 from phanes_cli.screening.engine import EXIT_OK, screen
 from phanes_cli.screening.options import ScreenOptions
+from tests._ray import HEAD_IP, RayCluster
 
 SIZE = 64
 TOL = 1e-4  # oracle vs code, measured ~2e-7 (float32 rounding); every mutant below misses by 3e-2 or more
-NODE_IP = "127.0.0.5"
 Slices = tuple[np.ndarray, np.ndarray]  # (x, brain), (N, 1, SIZE, SIZE) float32
 
 
@@ -306,8 +306,8 @@ def make_bundle(folder: Path, image: np.ndarray, brain: np.ndarray) -> Path:
 
 
 @pytest.fixture(scope="module")
-def screened(tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray]:
-    """One real screen (local Ray instance) of one volume: input intensities x1000, LPS anisotropic grid."""
+def screened(ray_head: RayCluster, tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray]:
+    """One real screen (on the session's Ray head node) of one volume: input intensities x1000, LPS anisotropic grid."""
     root = tmp_path_factory.mktemp("screen")
     base = ndimage.zoom(template(), 0.5, order=1)[4:-4, 4:-4, 6:-8]
     brain = base > 0.1 * base.max()
@@ -322,10 +322,10 @@ def screened(tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray]:
     bundle = make_bundle(root / "bundle", np.asarray(canonical.dataobj), np.asarray(canonical_brain.dataobj) > 0)
     out = root / "out"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("RAY_AUTH_MODE", "disabled")  # loopback instance, as the other Ray tests
+        patch.setenv("RAY_AUTH_MODE", "disabled")  # loopback cluster, as the other Ray tests
         summary = screen([str(root / "list.csv")],
-                         ScreenOptions(bundle=bundle, out=out, node_ip=NODE_IP, quiet=True, num_actors=1,
-                                       object_store_mb=200, outputs=frozenset({"anomaly", "mask", "pseudohealthy"})))
+                         ScreenOptions(bundle=bundle, out=out, address=ray_head.address, node_ip=HEAD_IP, quiet=True,
+                                       num_actors=1, outputs=frozenset({"anomaly", "mask", "pseudohealthy"})))
     assert summary.exit_code == EXIT_OK and summary.done == 1
     maps = {kind: np.asarray(nib.nifti1.load(str(out / "maps" / f"sub_{suffix}.nii.gz")).dataobj)
             for kind, suffix in (("pseudohealthy", "pseudohealthy"), ("anomaly", "anomaly"), ("mask", "lesionmask"))}

@@ -1,6 +1,6 @@
 """`phanes screen`: statistics, commit/resume bookkeeping, and end-to-end runs on a real Ray cluster.
 
-The Ray tests share one head node started with `ray start` on a loopback address (module fixture);
+The Ray tests share the session's head node (`ray start` on a loopback address, conftest.ray_head);
 they cover a mixed cohort (orientations + corrupt files), a killed inference actor, a SIGKILLed driver
 followed by a resume, and a local instance started on demand that leaves no process behind.
 Helpers here are reused by test_screening_cluster.py.
@@ -8,16 +8,12 @@ Helpers here are reused by test_screening_cluster.py.
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -53,93 +49,9 @@ from phanes_cli.screening.outputs import (
 from phanes_cli.screening.plan import plan_volumes
 from phanes_cli.screening.tasks import ModelSlices, brain_statistics, volume_statistics
 from phanes_cli.volume_io import load_volume
+from tests._ray import HEAD_IP, RayCluster
 
-RAY_BIN = Path(sys.executable).parent / "ray"
-HEAD_IP = "127.0.0.2"
 TIMING_COLUMNS = ["runtime_s", "decode_s", "inference_s", "write_s", "decode_node", "inference_node", "write_node"]
-
-
-# ---------------------------------------------------------------- helpers shared with the cluster test
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HEAD_IP, 0))
-        return int(sock.getsockname()[1])
-
-
-def _ppid(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def processes_of(temp_dir: str) -> list[int]:
-    """Pids of the Ray processes whose command line names `temp_dir`, plus all their descendants."""
-    pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
-    children: dict[int, list[int]] = {}
-    for pid in pids:
-        children.setdefault(_ppid(pid) or 0, []).append(pid)
-    roots = [pid for pid in pids if pid != os.getpid() and temp_dir in _cmdline(pid)]
-    found, stack = set(), list(roots)
-    while stack:
-        pid = stack.pop()
-        if pid not in found:
-            found.add(pid)
-            stack.extend(children.get(pid, []))
-    return sorted(found)
-
-
-class RayCluster:
-    """A real Ray cluster of `ray start` nodes on loopback addresses; stop() kills exactly its processes."""
-
-    def __init__(self) -> None:
-        self.temp_dir = tempfile.mkdtemp(prefix="phr", dir="/tmp")  # short: Ray's socket paths must fit
-        self.port = free_port()
-        self.address = f"{HEAD_IP}:{self.port}"
-        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-
-    def _ray(self, *args: str) -> None:
-        subprocess.run([str(RAY_BIN), "start", *args, f"--temp-dir={self.temp_dir}", "--disable-usage-stats"],
-                       env=self.env, check=True, capture_output=True, timeout=120)
-
-    def start_head(self, cpus: int = 2) -> None:
-        self._ray("--head", f"--node-ip-address={HEAD_IP}", f"--port={self.port}", f"--num-cpus={cpus}",
-                  "--num-gpus=0", "--include-dashboard=false", "--object-store-memory=300000000")
-
-    def add_node(self, ip: str, cpus: int, resources: str) -> None:
-        self._ray(f"--address={self.address}", f"--node-ip-address={ip}", f"--num-cpus={cpus}", "--num-gpus=0",
-                  f"--resources={resources}", "--object-store-memory=200000000")
-
-    def stop(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in processes_of(self.temp_dir):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            time.sleep(1.0)
-        left = [p for p in processes_of(self.temp_dir) if Path(f"/proc/{p}/stat").exists()
-                and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
-        assert not left, f"Ray processes left running: {left}"
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def ray_env() -> Iterator[None]:
-    """Token authentication off for loopback test clusters (the driver must agree with the nodes)."""
-    old = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    yield
-    if old is None:
-        os.environ.pop("RAY_AUTH_MODE", None)
-    else:
-        os.environ["RAY_AUTH_MODE"] = old
 
 
 def tiny_config() -> PhanesConfig:
@@ -372,17 +284,15 @@ def test_actor_turns_non_finite_output_into_a_failure_record(bundle: Path) -> No
 
 
 @pytest.fixture(scope="module")
-def cluster(ray_env: None) -> Iterator[RayCluster]:
+def cluster(ray_head: RayCluster, ray_env: None) -> Iterator[RayCluster]:
+    """This module's driver, connected to the session's head node for the module (and disconnected after it)."""
     import ray
 
-    head = RayCluster()
     try:
-        head.start_head(cpus=2)
-        ray.init(address=head.address, _node_ip_address=HEAD_IP, log_to_driver=False)
-        yield head
+        ray.init(address=ray_head.address, _node_ip_address=HEAD_IP, log_to_driver=False)
+        yield ray_head
     finally:
         ray.shutdown()
-        head.stop()
 
 
 def _options(bundle: Path, out: Path, **kw: object) -> ScreenOptions:

@@ -11,7 +11,8 @@ import pytest
 
 from phanes_cli.screening.engine import EXIT_OK, screen
 from phanes_cli.screening.options import ScreenOptions
-from tests.test_screening import HEAD_IP, RayCluster, make_bundle, ray_env, read_tables, series  # noqa: F401
+from tests._ray import HEAD_IP, RayCluster
+from tests.test_screening import make_bundle, read_tables, series
 
 SECOND_IP = "127.0.0.3"
 

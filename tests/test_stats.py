@@ -1,4 +1,4 @@
-"""`phanes stats` and the screening tables it shares, on real `phanes screen` runs (local Ray, tiny networks).
+"""`phanes stats` and the screening tables it shares, on real `phanes screen` runs (shared Ray head, tiny networks).
 
 Oracles are recomputed here from the written NIfTI maps with numpy and `scipy.ndimage.label` (full
 connectivity, the screening rule), never through the code under test.
@@ -26,9 +26,9 @@ from phanes_cli.errors import ConfigError, InputError
 from phanes_cli.screening.engine import screen
 from phanes_cli.screening.options import ScreenOptions
 from phanes_cli.stats import run_stats
+from tests._ray import HEAD_IP, RayCluster
 from tests.test_screening import affines, make_bundle, write_head
 
-NODE_IP = "127.0.0.7"
 SCREENING_ONLY = ["runtime_s", "decode_s", "inference_s", "write_s", "decode_node", "inference_node", "write_node"]
 
 
@@ -45,8 +45,8 @@ def oracle(anomaly_file: Path, threshold: float, min_ml: float) -> tuple[np.ndar
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    """Two screens of one cohort (a CSV list with subject/site columns and one missing file) in one local Ray:
+def runs(ray_head: RayCluster, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """Two screens of one cohort (a CSV list with subject/site columns and one missing file) in one Ray session:
     at the bundle's calibration, and with a minimum lesion size chosen from the first run's lesions."""
     import ray
 
@@ -63,14 +63,14 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
         writer.writerow(["gone", str(root / "in" / "gone.nii.gz"), "009", "C", "y"])
     old = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address=NODE_IP)
+    ray.init(address=ray_head.address, log_to_driver=False, _node_ip_address=HEAD_IP)
     try:
         first = root / "out"
-        screen([str(listing)], ScreenOptions(bundle=bundle, out=first, quiet=True, num_actors=1, node_ip=NODE_IP))
+        screen([str(listing)], ScreenOptions(bundle=bundle, out=first, quiet=True, num_actors=1, node_ip=HEAD_IP))
         sizes = pd.read_parquet(first / "lesions.parquet")["volume_ml"]
         min_ml = float(np.sort(sizes.unique())[len(sizes.unique()) // 2])  # drops about half the components
         second = root / "out_min"
-        screen([str(listing)], ScreenOptions(bundle=bundle, out=second, quiet=True, num_actors=1, node_ip=NODE_IP,
+        screen([str(listing)], ScreenOptions(bundle=bundle, out=second, quiet=True, num_actors=1, node_ip=HEAD_IP,
                                              min_lesion_ml=min_ml))
     finally:
         ray.shutdown()
