@@ -13,7 +13,8 @@ import torch
 
 from tests._ray import RayCluster
 
-torch.set_num_threads(2)
+# Two cores: one torch thread per pytest-xdist worker (two workers), two threads in a plain run.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SHARED_DATA = SHARED / "data"
