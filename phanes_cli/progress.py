@@ -48,6 +48,7 @@ class LoggedProgress(Progress):
         super().__init__(*columns, **kwargs)
         self._every = _interval() if every is None else every
         self._logged: dict[TaskID, float] = {}
+        self._finished: set[TaskID] = set()
         self._plain = not self.console.is_terminal and not self.disable
 
     def add_task(self, description: str, *args: Any, **kwargs: Any) -> TaskID:
@@ -69,10 +70,15 @@ class LoggedProgress(Progress):
         task = self._tasks[task_id]
         now = time.monotonic()
         done = task.total is not None and task.completed >= task.total
-        last = self._logged.get(task_id)
-        if not (force or last is None or now - last >= self._every or (done and last != -1.0)):
+        if done and task_id in self._finished:  # the end is printed once, even if fields change afterwards
             return
-        self._logged[task_id] = -1.0 if done else now
+        self._finished.discard(task_id)  # a task whose total grew runs again
+        last = self._logged.get(task_id)
+        if not (force or done or last is None or now - last >= self._every):
+            return
+        self._logged[task_id] = now
+        if done:
+            self._finished.add(task_id)
         total = "?" if task.total is None else f"{task.total:g}"
         rate = f", {task.speed:.3g}/s" if task.speed else ""
         info = task.fields.get("info", "")
