@@ -199,11 +199,11 @@ def test_screening_and_evaluation_give_the_maps_of_run_volume(cohort: dict[str, 
         decoded, slices, context = decode_volume(row, cfg.preprocess, DEFAULT_MAX_VOXELS, "auto")
         bundle_hash = load_bundle(cohort["bundle"]).hash
         actor = InferenceActor(str(cohort["bundle"]), bundle_hash, "torch", "cpu", threads, 16, True, None)
-        inferred, maps = actor.infer(slices)  # type: ignore[arg-type]
+        inferred, maps = actor.infer(slices)
         outputs = frozenset({"anomaly", "mask", "pseudohealthy"})
         job = WriteJob(row=row, out=tmp_path, outputs=outputs, calibration=CALIBRATION, backend="torch",
-                       bundle_hash=bundle_hash, decode=decoded, inference=inferred)
-        assert write_volume(job, context, maps).failure is None  # type: ignore[arg-type]
+                       bundle_hash=bundle_hash)
+        assert write_volume(job, decoded, inferred, context, maps).failure is None
     finally:
         torch.set_num_threads(threads)
     written = {k: np.asarray(nib.load(str(OutputLayout(tmp_path).map_path(row.id, k))).dataobj) for k in outputs}

@@ -47,7 +47,14 @@ from phanes_cli.screening.outputs import (
     record_failure,
 )
 from phanes_cli.screening.plan import plan_volumes
-from phanes_cli.screening.tasks import ModelSlices, brain_statistics, volume_statistics
+from phanes_cli.screening.tasks import (
+    ModelSlices,
+    WriteJob,
+    brain_statistics,
+    decode_volume,
+    volume_statistics,
+    write_volume,
+)
 from phanes_cli.volume_io import load_volume
 from tests._ray import HEAD_IP, RayCluster
 
@@ -278,6 +285,26 @@ def test_actor_turns_non_finite_output_into_a_failure_record(bundle: Path) -> No
     assert np.array_equal(maps_again.anomaly, maps.anomaly)
     with pytest.raises(BundleError, match="changed since the run started"):
         InferenceActor(str(bundle), "0" * 64, "torch", "cpu", 1, 4, False, None)
+
+
+def test_a_decode_failure_passes_through_the_chained_stages_unchanged(bundle: Path, tmp_path: Path) -> None:
+    """The stages are chained without the driver: a volume that failed to decode reaches the write stage's
+    record with its decode failure and flags, and nothing is written for it."""
+    bundle_obj = load_bundle(bundle)
+    (tmp_path / "in").mkdir()
+    garbage = tmp_path / "in" / "g.nii.gz"
+    garbage.write_bytes(b"not a NIfTI file")
+    row = ManifestRow(id="g", image=garbage)
+    decoded, slices, context = decode_volume(row, bundle_obj.config.preprocess, 10**8, "never")
+    assert decoded.failure is not None and slices is None and context is None
+    actor = InferenceActor(str(bundle), bundle_obj.hash, "torch", "cpu", 1, 4, False, None)
+    inferred, maps = actor.infer(slices)
+    assert inferred.failure is None and maps is None
+    job = WriteJob(row=row, out=tmp_path / "out", outputs=frozenset({"mask"}),
+                   calibration=bundle_obj.require_calibration(), backend="torch", bundle_hash=bundle_obj.hash)
+    written = write_volume(job, decoded, inferred, context, maps)
+    assert written.failure == decoded.failure
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------- end to end on a Ray cluster

@@ -36,6 +36,9 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # warnings about unused initialisers are noise to a user
+    # ORT's intra-op threads busy-wait after each run by default; the three sessions' pools then spin on the
+    # cores that the torch pre/post-processing between the graphs needs (measured in README: Backends)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 

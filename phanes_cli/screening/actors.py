@@ -55,9 +55,14 @@ class InferenceActor:
         """The actor's process id (tests kill it to check recovery)."""
         return os.getpid()
 
-    def infer(self, slices: ModelSlices) -> tuple[InferenceResult, ModelMaps | None]:
-        """(N, 1, S, S) slices -> (record, maps); a failure (NaN output, out of memory) is in the record."""
+    def infer(self, slices: ModelSlices | None) -> tuple[InferenceResult, ModelMaps | None]:
+        """(N, 1, S, S) slices -> (record, maps); a failure (NaN output, out of memory) is in the record.
+
+        `slices` is None when the volume's decode failed: nothing to run (the write stage reports the failure).
+        """
         start = time.perf_counter()
+        if slices is None:
+            return InferenceResult(None, 0.0, node_ip(), os.getpid(), self.backend.name), None
         try:
             maps = infer_slices(slices.slices, slices.brain, self.backend, self.cfg, self.calibration, self.batch_size,
                                 self.keep)

@@ -1,10 +1,10 @@
-"""The streaming loop: per volume a decode task, a call on an inference actor, a write task.
+"""The streaming loop: per volume a decode task, a call on an inference actor and a write task, chained.
 
 The driver only passes object references along and reads small records, keeping at most
 `max_in_flight` volumes in the pipeline, so its memory does not grow with the cohort. Ray's own actor
-pools do not fit this: `ray.util.ActorPool` waits only on its own calls (the loop here waits on decode,
-inference and write references together), keeps one call per actor (here an actor gets the next volume's
-slices while it works on the current one) and returns a dead actor to the pool instead of replacing it.
+pools do not fit this: `ray.util.ActorPool` submits a call only when an actor is idle and its input is
+ready (here the call is chained behind the decode task and queued on the actor while it works on the
+previous volume), and returns a dead actor to the pool instead of replacing it.
 
 Faults: an inference actor that dies is restarted by Ray and its in-flight calls are retried
 (`max_restarts`, `max_task_retries`); when a call still fails after that, the actor is replaced by a
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import ray
 from ray.exceptions import RayActorError
@@ -31,15 +31,7 @@ from phanes_cli.screening.options import ScreenOptions
 from phanes_cli.screening.outputs import Failure, OutputLayout, input_signature, manifest_columns, record_failure
 from phanes_cli.screening.plan import ActorPlan
 from phanes_cli.screening.report import Counts, JsonLog, ProgressDisplay
-from phanes_cli.screening.tasks import (
-    DecodeResult,
-    InferenceResult,
-    WriteJob,
-    WriteResult,
-    decode_volume,
-    describe,
-    write_volume,
-)
+from phanes_cli.screening.tasks import WriteJob, WriteResult, decode_volume, describe, write_volume
 
 ACTOR_MAX_RESTARTS = 3
 ACTOR_TASK_RETRIES = 2
@@ -70,7 +62,9 @@ class Actors:
         self.options, self.bundle, self.backend, self.plan = options, bundle, backend, plan
         self.run_id, self.log = run_id, log
         # `pid` runs in its own group so it answers while `infer` is busy; Ray's typed overloads omit the option
-        self.cls = ray.remote(concurrency_groups={"control": 1})(InferenceActor)  # type: ignore[call-overload]
+        # out of order: a call runs once its slices exist, not behind a volume that is still decoding
+        self.cls = ray.remote(concurrency_groups={"control": 1},  # type: ignore[call-overload]
+                              allow_out_of_order_execution=True)(InferenceActor)
         self.replacements = 0
         self.handles = [self._new(i) for i in range(plan.count)]
         self.generations = [0] * plan.count  # bumped on replacement, so a late error of the old actor is ignored
@@ -115,18 +109,23 @@ class Flight:
     """One volume moving through the pipeline; holds only object references and small records."""
 
     row: ManifestRow
-    stage: str = "decode"
-    slices: Any = None
-    context: Any = None
-    maps: Any = None
-    decode: DecodeResult | None = None
+    decoded: Any = None  # references to the decode stage's (record, slices, context)
+    inferred: Any = None  # references to the inference call's (record, maps)
     actor: int = -1
     generation: int = 0  # of the actor at `actor` when the call was made
     attempts: int = 0
 
 
 class Dispatcher:
-    """Moves each volume decode -> inference -> write and records how it ended (done or a failure row)."""
+    """Sends each volume decode -> inference -> write as one chain and records how it ended.
+
+    The three calls are submitted together, each taking the previous one's results as object references,
+    so Ray starts each stage as soon as its inputs exist without a round trip through the driver. The
+    actors execute calls out of order, so a volume that is slow to decode does not hold up the volumes
+    queued behind it. The driver waits only for the write stage, whose record carries any earlier
+    stage's failure; when a stage's worker or actor died instead, the driver finds which one from the
+    references it kept and retries the inference on a fresh actor or records the failure.
+    """
 
     def __init__(self, options: ScreenOptions, bundle: Bundle, backend: str, layout: OutputLayout, actors: Actors,
                  counts: Counts, log: JsonLog, display: ProgressDisplay) -> None:
@@ -139,88 +138,70 @@ class Dispatcher:
         self.peak_in_flight = 0
 
     def run(self, rows: Iterator[ManifestRow], limit: int) -> None:
-        handlers = {"decode": self._decoded, "inference": self._inferred, "write": self._written}
         exhausted = False
         while True:
             while not exhausted and len(self.pending) < limit:
                 row = next(rows, None)
                 exhausted = row is None
                 if row is not None:
-                    self._submit_decode(Flight(row))
+                    self._submit(Flight(row))
             self.peak_in_flight = max(self.peak_in_flight, len(self.pending))
             if not self.pending:
                 return
             ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=0.5)
             for ref in ready:
-                flight = self.pending.pop(ref)
-                handlers[flight.stage](ref, flight)
+                self._finished(ref, self.pending.pop(ref))
             self.display.refresh()
 
-    def _submit_decode(self, flight: Flight) -> None:
-        refs = self.decode_fn.remote(flight.row, self.bundle.config.preprocess, self.options.max_voxels,
-                                     self.options.skull_strip)
-        info, flight.slices, flight.context = cast("list[Any]", refs)  # num_returns=3: one reference each
-        flight.stage = "decode"
-        self.pending[info] = flight
-
-    def _submit_inference(self, flight: Flight) -> None:
+    def _submit(self, flight: Flight) -> None:
+        """Chain the volume's stages (its decode only the first time: a retry reuses the decoded objects)."""
+        if flight.decoded is None:
+            flight.decoded = self.decode_fn.remote(flight.row, self.bundle.config.preprocess, self.options.max_voxels,
+                                                   self.options.skull_strip)
+        decoded, slices, context = flight.decoded
         actors = self.actors
         flight.actor = actors.least_loaded()
         actors.load[flight.actor] += 1
         flight.generation, flight.attempts = actors.generations[flight.actor], flight.attempts + 1
-        info, flight.maps = actors.handles[flight.actor].infer.options(num_returns=2).remote(flight.slices)
-        flight.stage = "inference"
-        self.pending[info] = flight
-
-    def _submit_write(self, flight: Flight, inferred: InferenceResult) -> None:
-        assert flight.decode is not None  # set when the decode stage succeeded
+        flight.inferred = actors.handles[flight.actor].infer.options(num_returns=2).remote(slices)
+        inferred, maps = flight.inferred
         job = WriteJob(row=flight.row, out=self.layout.root, outputs=frozenset(self.options.outputs),
                        calibration=self.bundle.require_calibration(), backend=self.backend,
-                       bundle_hash=self.bundle.hash, decode=flight.decode, inference=inferred)
-        flight.slices, flight.stage = None, "write"
-        self.pending[self.write_fn.remote(job, flight.context, flight.maps)] = flight
+                       bundle_hash=self.bundle.hash)
+        self.pending[self.write_fn.remote(job, decoded, inferred, context, maps)] = flight
 
-    def _decoded(self, ref: Any, flight: Flight) -> None:
-        try:
-            decoded: DecodeResult = ray.get(ref)
-        except Exception as exc:
-            return self._fail(flight, Failure("decode", *describe_ray(exc)))
-        if decoded.failure is not None:
-            return self._fail(flight, decoded.failure)
-        flight.decode = decoded
-        if decoded.qc_flags:  # screened anyway; the flags also go to the volume's `qc_flags` column
-            self.log.event("warning", id=flight.row.id, qc_flags=list(decoded.qc_flags),
-                           message="; ".join(FLAGS[f] for f in decoded.qc_flags))
-        return self._submit_inference(flight)
-
-    def _inferred(self, ref: Any, flight: Flight) -> None:
-        actors = self.actors
-        actors.load[flight.actor] -= 1
-        try:
-            inferred: InferenceResult = ray.get(ref)
-        except RayActorError as exc:
-            if actors.generations[flight.actor] == flight.generation:
-                actors.replace(flight.actor, exc)
-            if flight.attempts < INFERENCE_ATTEMPTS:
-                return self._submit_inference(flight)
-            return self._fail(flight, Failure("inference", *describe_ray(exc)))
-        except Exception as exc:
-            return self._fail(flight, Failure("inference", *describe_ray(exc)))
-        if inferred.failure is not None:
-            return self._fail(flight, inferred.failure)
-        return self._submit_write(flight, inferred)
-
-    def _written(self, ref: Any, flight: Flight) -> None:
+    def _finished(self, ref: Any, flight: Flight) -> None:
+        self.actors.load[flight.actor] -= 1
         try:
             written: WriteResult = ray.get(ref)
         except Exception as exc:
-            return self._fail(flight, Failure("write", *describe_ray(exc)))
+            return self._crashed(flight, exc)
+        if written.qc_flags:  # screened anyway; the flags also go to the volume's `qc_flags` column
+            self.log.event("warning", id=flight.row.id, qc_flags=list(written.qc_flags),
+                           message="; ".join(FLAGS[f] for f in written.qc_flags))
         if written.failure is not None:
             return self._fail(flight, written.failure)
         self.counts.done += 1
         self.log.event("volume", id=flight.row.id, status="ok", lesion_count=written.lesion_count,
                        lesion_burden_ml=written.lesion_burden_ml)
         return None
+
+    def _crashed(self, flight: Flight, exc: BaseException) -> None:
+        """A stage's process died for good (after Ray's retries): find which; a dead actor gets one more try."""
+        stage, cause = "write", exc
+        for name, record in (("decode", flight.decoded[0]), ("inference", flight.inferred[0])):
+            try:
+                ray.get(record, timeout=0)
+            except Exception as error:  # this stage's own error, not the write stage's copy of it
+                stage, cause = name, error
+                break
+        actors = self.actors
+        if stage == "inference" and isinstance(cause, RayActorError):
+            if actors.generations[flight.actor] == flight.generation:
+                actors.replace(flight.actor, cause)
+            if flight.attempts < INFERENCE_ATTEMPTS:
+                return self._submit(flight)
+        return self._fail(flight, Failure(stage, *describe_ray(cause)))
 
     def _fail(self, flight: Flight, failure: Failure) -> None:
         row = flight.row

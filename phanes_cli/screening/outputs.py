@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,8 @@ FAILURE_SCHEMA = _schema(
 
 _TABLES = {"volumes": VOLUME_SCHEMA, "lesions": LESION_SCHEMA, "failures": FAILURE_SCHEMA}
 _RESERVED = frozenset(VOLUME_SCHEMA.names) | frozenset(FAILURE_SCHEMA.names) | frozenset(LESION_SCHEMA.names)
+PART_READERS = 4  # threads reading part files in `consolidate`
+PART_GROUP = 1024  # part files read and combined at a time
 THRESHOLD_COLUMNS = ("mask_threshold", "anomaly_threshold", "min_lesion_ml")
 
 
@@ -337,28 +340,35 @@ def _ids_with(folder: Path, suffix: str) -> list[str]:
     return sorted(n[: -len(suffix)] for n in names if n.endswith(suffix) and not n.startswith("."))
 
 
-def _rows(layout: OutputLayout, table: str, ids: list[str]) -> Iterator[dict[str, Any]]:
-    """The rows of the part files of `ids`, in that order, one file open at a time.
+def _read_part(path: Path) -> pa.Table:
+    with pq.ParquetFile(path) as part:
+        return part.read()
 
-    Rows, not Arrow tables: thousands of one-row tables (or a dataset over thousands of files) hold tens
-    of MB per thousand parts in Arrow's allocator, where a few thousand rows at a time keep memory flat.
+
+def _part_groups(layout: OutputLayout, table: str, ids: list[str], pool: ThreadPoolExecutor) -> Iterator[pa.Table]:
+    """The part files of `ids`, in that order, PART_GROUP files per table; one empty table when there are none.
+
+    A few threads read the files (opening and decoding Parquet releases the GIL), and each group is
+    combined into contiguous columns before the next is read: thousands of one-row Arrow tables alive at
+    once hold tens of MB in Arrow's allocator, a group at a time keeps memory flat.
     """
-    for vid in ids:
-        with pq.ParquetFile(layout.part(table, vid)) as part:
-            yield from part.read().to_pylist()
+    if not ids:
+        yield _TABLES[table].empty_table()
+    for start in range(0, len(ids), PART_GROUP):
+        paths = [layout.part(table, vid) for vid in ids[start:start + PART_GROUP]]
+        yield pa.concat_tables(list(pool.map(_read_part, paths)), promote_options="default").combine_chunks()
 
 
-def _tables(rows: Iterable[dict[str, Any]], schema: pa.Schema, group_rows: int = 4096) -> Iterator[pa.Table]:
-    """Rows gathered into tables of up to `group_rows` rows; at least one table, possibly empty."""
-    batch: list[dict[str, Any]] = []
-    yielded = False
-    for row in rows:
-        batch.append(row)
-        if len(batch) >= group_rows:
-            yield table_from_rows(batch, schema)
-            batch, yielded = [], True
-    if batch or not yielded:
-        yield table_from_rows(batch, schema)
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` with exactly `schema`'s columns, in its order and types (columns it lacks are nulls)."""
+    columns = [table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+               for f in schema]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _text_schema(schema: pa.Schema, tables: Iterable[pa.Table]) -> pa.Schema:
+    """`with_text_columns` for tables: `schema` plus the columns of `tables` it lacks, as sorted strings."""
+    return with_text_columns(schema, [dict.fromkeys(t.column_names) for t in tables])
 
 
 def _write_groups(groups: Iterable[pa.Table], schema: pa.Schema, target: Path) -> int:
@@ -366,7 +376,7 @@ def _write_groups(groups: Iterable[pa.Table], schema: pa.Schema, target: Path) -
     written = 0
     with atomic_path(target) as tmp, pq.ParquetWriter(tmp, schema) as writer:
         for group in groups:
-            writer.write_table(group)
+            writer.write_table(_conform(group, schema))
             written += group.num_rows
     return written
 
@@ -376,7 +386,8 @@ def consolidate(layout: OutputLayout) -> dict[str, int]:
 
     Committed volumes come from their parts; a failed volume (failure part, no marker) appears in
     failures.parquet and as a 'failed' row in volumes.parquet. The volumes table (one row per volume) is
-    sorted in memory; lesions stream through in bounded memory. Idempotent: run it as often as you like.
+    sorted in memory; lesions stream through, a group of part files at a time. Idempotent: run it as often
+    as you like.
     The input's manifest columns become string columns of volumes and failures (so the schema is per run),
     and every table carries `run_metadata` as Parquet key-value metadata.
     """
@@ -385,15 +396,18 @@ def consolidate(layout: OutputLayout) -> dict[str, int]:
     done_set = set(done)
     failed = [v for v in _ids_with(parts / "failures", ".parquet") if v not in done_set]
     meta = run_metadata(layout)
-    failure_rows = sorted(_rows(layout, "failures", failed), key=lambda r: r["id"])
-    failures = table_from_rows(failure_rows, with_text_columns(FAILURE_SCHEMA, failure_rows))
-    extra = set(failures.column_names) - set(FAILURE_SCHEMA.names)
-    failed_rows = [{**{k: r.get(k) for k in extra}, "id": r["id"], "input_path": r["path"], "status": "failed",
-                    "bundle_hash": r["bundle_hash"]} for r in failure_rows]
-    volume_rows = [*failed_rows, *_rows(layout, "volumes", done)]
-    volumes = pa.concat_tables(list(_tables(volume_rows, with_text_columns(VOLUME_SCHEMA, volume_rows))))
-    write_parquet(layout.table("volumes"), volumes.sort_by("id").replace_schema_metadata(meta))
-    n_lesions = _write_groups(_tables(_rows(layout, "lesions", done), LESION_SCHEMA), LESION_SCHEMA.with_metadata(meta),
-                              layout.table("lesions"))
+    with ThreadPoolExecutor(PART_READERS) as pool:
+        failure_parts = list(_part_groups(layout, "failures", failed, pool))
+        failure_schema = _text_schema(FAILURE_SCHEMA, failure_parts)
+        failures = pa.concat_tables([_conform(t, failure_schema) for t in failure_parts]).sort_by("id")
+        as_volumes = {**{k: failures[k] for k in failures.column_names if k not in FAILURE_SCHEMA.names},
+                      "id": failures["id"], "input_path": failures["path"], "bundle_hash": failures["bundle_hash"],
+                      "status": pa.array(["failed"] * failures.num_rows, pa.string())}
+        volume_parts = [pa.table(as_volumes), *_part_groups(layout, "volumes", done, pool)]
+        volume_schema = _text_schema(VOLUME_SCHEMA, volume_parts)
+        volumes = pa.concat_tables([_conform(t, volume_schema) for t in volume_parts]).sort_by("id")
+        write_parquet(layout.table("volumes"), volumes.replace_schema_metadata(meta))
+        lesion_parts = _part_groups(layout, "lesions", done, pool)
+        n_lesions = _write_groups(lesion_parts, LESION_SCHEMA.with_metadata(meta), layout.table("lesions"))
     write_parquet(layout.table("failures"), failures.replace_schema_metadata(meta))
     return {"volumes": volumes.num_rows, "lesions": n_lesions, "failures": failures.num_rows, "done": len(done)}

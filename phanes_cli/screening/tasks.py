@@ -190,8 +190,6 @@ class WriteJob:
     calibration: Calibration
     backend: str
     bundle_hash: str
-    decode: DecodeResult
-    inference: InferenceResult
 
 
 @dataclass(frozen=True)
@@ -203,12 +201,28 @@ class WriteResult:
     node: str
     lesion_count: int = 0
     lesion_burden_ml: float = 0.0
+    qc_flags: tuple[str, ...] = ()  # the decode stage's quality warnings, for the driver's log
 
 
-def write_volume(job: WriteJob, context: VolumeContext, maps: ModelMaps) -> WriteResult:
-    """Restore, measure and commit one volume: maps (atomic), lesion rows, volume row, done marker."""
+def write_volume(job: WriteJob, decoded: DecodeResult, inferred: InferenceResult, context: VolumeContext | None,
+                 maps: ModelMaps | None) -> WriteResult:
+    """Restore, measure and commit one volume: maps (atomic), lesion rows, volume row, done marker.
+
+    The driver submits this right behind the decode and inference calls it depends on, so a volume goes
+    through all three stages without waiting on the driver; a failure of an earlier stage is passed on.
+    """
     torch.set_num_threads(1)
     start = time.perf_counter()
+    earlier = decoded.failure or inferred.failure
+    if earlier is not None or context is None or maps is None:
+        failure = earlier or Failure("write", "RuntimeError", "the earlier stages returned no data")
+        return WriteResult(failure, 0.0, node_ip(), qc_flags=decoded.qc_flags)
+    return commit_outputs(job, decoded, inferred, context, maps, start)
+
+
+def commit_outputs(job: WriteJob, decoded: DecodeResult, inferred: InferenceResult, context: VolumeContext,
+                   maps: ModelMaps, start: float) -> WriteResult:
+    """The write stage proper: restore the maps, measure, save and commit (`write_volume`)."""
     layout = OutputLayout(job.out)
     vid, volume = job.row.id, context.volume
     try:
@@ -230,11 +244,11 @@ def write_volume(job: WriteJob, context: VolumeContext, maps: ModelMaps) -> Writ
         row = {
             **manifest_columns(job.row.extra), "id": vid, "input_path": str(job.row.image), "status": "ok",
             "brain_mask_source": context.brain_source, "qc_flags": list(context.qc_flags), **stats,
-            "slices_processed": job.decode.n_slices, "backend": job.inference.backend or job.backend,
+            "slices_processed": decoded.n_slices, "backend": inferred.backend or job.backend,
             "bundle_hash": job.bundle_hash, **calibration_columns(job.calibration),
-            "runtime_s": job.decode.seconds + job.inference.seconds + write_s,
-            "decode_s": job.decode.seconds, "inference_s": job.inference.seconds, "write_s": write_s,
-            "decode_node": job.decode.node, "inference_node": job.inference.node, "write_node": node_ip(),
+            "runtime_s": decoded.seconds + inferred.seconds + write_s,
+            "decode_s": decoded.seconds, "inference_s": inferred.seconds, "write_s": write_s,
+            "decode_node": decoded.node, "inference_node": inferred.node, "write_node": node_ip(),
         }
         marker = {"id": vid, "input_path": str(job.row.image), "input_signature": list(input_signature(job.row.image)),
                   "bundle_hash": job.bundle_hash, "min_lesion_ml": job.calibration.min_lesion_ml,
@@ -243,5 +257,7 @@ def write_volume(job: WriteJob, context: VolumeContext, maps: ModelMaps) -> Writ
         commit_volume(layout, vid, row, lesion_rows, marker)
     except Exception as exc:  # a disk or memory error fails this volume only
         kind, message = describe(exc)
-        return WriteResult(Failure("write", kind, message), time.perf_counter() - start, node_ip())
-    return WriteResult(None, time.perf_counter() - start, node_ip(), stats["lesion_count"], stats["lesion_burden_ml"])
+        return WriteResult(Failure("write", kind, message), time.perf_counter() - start, node_ip(),
+                           qc_flags=decoded.qc_flags)
+    return WriteResult(None, time.perf_counter() - start, node_ip(), stats["lesion_count"], stats["lesion_burden_ml"],
+                       decoded.qc_flags)
