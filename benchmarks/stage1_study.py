@@ -54,11 +54,6 @@ def slice_context(m: Tensor) -> Tensor:
     return 0.25 * padded[:-2] + 0.5 * padded[1:-1] + 0.25 * padded[2:]
 
 
-def eroded(brain: Tensor, pixels: int) -> Tensor:
-    """The brain mask shrunk by `pixels` (square structuring element), per slice."""
-    return 1.0 - torch.nn.functional.max_pool2d(1.0 - brain, 2 * pixels + 1, stride=1, padding=pixels)
-
-
 def variants() -> dict[str, Variant]:
     def paper(a: dict[str, Tensor], cfg: MaskConfig) -> Tensor:
         return ops.stage1_map(a["eq_x"], a["eq_rec"], a["lpips_eq"], a["brain"], cfg)
@@ -77,7 +72,7 @@ def variants() -> dict[str, Variant]:
         return ops.stage1_map(a["x"], a["x_cph"], a["lpips_raw"], a["brain"], cfg)
 
     def margin(k: int, base: Variant = paper) -> Variant:
-        return lambda a, cfg: base(a, cfg) * eroded(a["brain"], k)
+        return lambda a, cfg: base(a, cfg) * ops.erode(a["brain"], k)
 
     return {
         "paper (Eq. 3 as configured)": paper,

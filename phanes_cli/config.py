@@ -61,6 +61,9 @@ class MaskConfig:
     mask_percentile: float = 99.0
     anomaly_percentile: float = 99.0
     per_image_percentile: float | None = None  # reference-code behaviour, off by default
+    # m(x) is zeroed within this many model pixels of the brain boundary (0: the paper). A small model's
+    # reconstruction misses individual cortex and skull-strip edges; see README "Stage 1 map study".
+    edge_margin_px: int = 0
 
 
 @dataclass(frozen=True)
@@ -164,7 +167,8 @@ LIMITS: dict[str, _Limit] = {
     "preprocess.slice_mode": ((lambda v: v in ("brain", "mid")), "'brain' or 'mid'"),
     "mask.clahe_tiles": _at_least(1), "mask.clahe_clip": ((lambda v: 0 < v <= 1), "in (0, 1]"),
     "mask.clahe_bins": _at_least(2),
-    "mask.norm_percentile": _percentile(), "mask.lpips_sigma": _at_least(0), "mask.dilation_sigma": _at_least(0),
+    "mask.norm_percentile": _percentile(), "mask.lpips_sigma": _at_least(0), "mask.edge_margin_px": _at_least(0),
+    "mask.dilation_sigma": _at_least(0),
     "mask.dilation_threshold": _FRACTION, "mask.mask_percentile": _percentile(high_open=True),
     "mask.anomaly_percentile": _percentile(high_open=True), "mask.per_image_percentile": _percentile(high_open=True),
     "train.seed": _at_least(0), "train.batch_size": _at_least(1), "train.checkpoint_every": _at_least(1),

@@ -150,6 +150,13 @@ def stage1_map(eq_x: Tensor, eq_rec: Tensor, lpips: Tensor, brain: Tensor, cfg: 
     return norm_percentile(residual, cfg.norm_percentile, where=brain > 0) * perceptual * brain
 
 
+def erode(brain: Tensor, pixels: int) -> Tensor:
+    """A binary (N,1,H,W) mask shrunk by `pixels` (square structuring element, per image; outside = background)."""
+    if pixels == 0:
+        return brain
+    return 1.0 - torch.nn.functional.max_pool2d(1.0 - brain, 2 * pixels + 1, stride=1, padding=pixels)
+
+
 def binary_mask(ra_map: Tensor, brain: Tensor, threshold: float, cfg: MaskConfig) -> Tensor:
     """Inpainting mask: m(x) > the calibrated threshold (or a per-image percentile when configured), inside the
     brain, dilated per image, restricted to the brain: (N,1,H,W) float in {0, 1}."""

@@ -70,9 +70,11 @@ class SliceMaps:
 
 
 def stage1_map(x: Tensor, x_cph: Tensor, brain: Tensor, backend: Backend, cfg: MaskConfig) -> Tensor:
-    """m(x) = norm95(|eq(x_cph) - eq(x)|) * S_lpips(eq(x_cph), eq(x)), LPIPS smoothed, restricted to the brain."""
+    """m(x) = norm95(|eq(x_cph) - eq(x)|) * S_lpips(eq(x_cph), eq(x)), LPIPS smoothed, restricted to the brain
+    (less `cfg.edge_margin_px` pixels of its boundary)."""
     eq_x, eq_rec = ops.clahe(x, cfg), ops.clahe(x_cph, cfg)
-    return ops.stage1_map(eq_x, eq_rec, backend.lpips(eq_rec, eq_x), brain, cfg)
+    ra_map = ops.stage1_map(eq_x, eq_rec, backend.lpips(eq_rec, eq_x), brain, cfg)
+    return ra_map if cfg.edge_margin_px == 0 else ra_map * ops.erode(brain, cfg.edge_margin_px)
 
 
 def binary_mask(ra_map: Tensor, brain: Tensor, threshold: float, cfg: MaskConfig) -> Tensor:

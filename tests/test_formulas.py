@@ -14,6 +14,7 @@ mode="reflect" explicitly.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -194,6 +195,22 @@ def test_stage1_oracle_catches_a_broken_formula(mutant: str, backend: TorchBacke
         monkeypatch.setattr(ops, "norm_percentile", lambda x, q=95.0, where=None: original(x, q, None))
     x, brain = slices
     assert check_stage1(backend, x, brain) > 20 * TOL
+
+
+@pytest.mark.parametrize("margin", [1, 2, 4])
+def test_edge_margin_zeroes_the_stage1_map_near_the_brain_boundary(margin: int, backend: TorchBackend,
+                                                                   slices: Slices, one_thread: None) -> None:
+    """`mask.edge_margin_px` = Eq. 3 times the brain eroded by a (2k+1)-pixel square, per image (scipy oracle)."""
+    x, brain = slices
+    x_cph, lesioned = coarse_reconstruction(x)
+    cfg = replace(small_config().mask, edge_margin_px=margin)
+    ours = stage1_map(t(lesioned), t(x_cph), t(brain), backend, cfg).numpy()
+    square = np.ones((2 * margin + 1, 2 * margin + 1), dtype=bool)
+    inner = np.stack([ndimage.binary_erosion(b[0] > 0, square, border_value=1) for b in brain])[:, None]
+    assert 0 < inner.sum() < (brain > 0).sum()
+    expected = eq3_oracle(lesioned, x_cph, brain, backend, cfg) * inner
+    assert (ours[~inner] == 0).all()
+    assert np.abs(ours - expected).max() < TOL
 
 
 # ---------------------------------------------------------------- the binary inpainting mask

@@ -123,7 +123,7 @@ FAILURE_SCHEMA = _schema(
 _TABLES = {"volumes": VOLUME_SCHEMA, "lesions": LESION_SCHEMA, "failures": FAILURE_SCHEMA}
 _RESERVED = frozenset(VOLUME_SCHEMA.names) | frozenset(FAILURE_SCHEMA.names) | frozenset(LESION_SCHEMA.names)
 PART_READERS = 4  # threads reading part files in `consolidate`
-PART_GROUP = 1024  # part files read and combined at a time
+PART_GROUP = 128  # part files read and combined at a time (larger groups only cost memory)
 THRESHOLD_COLUMNS = ("mask_threshold", "anomaly_threshold", "min_lesion_ml")
 
 
