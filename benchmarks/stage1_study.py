@@ -36,7 +36,9 @@ from phanes_cli import ops
 from phanes_cli.backends import Backend
 from phanes_cli.bundle import load_bundle
 from phanes_cli.config import MaskConfig, PhanesConfig
+from phanes_cli.evaluation.evaluate import BINS, MAX_SCORE
 from phanes_cli.evaluation.lesions import label_components
+from phanes_cli.evaluation.metrics import PRHistogram
 from phanes_cli.pipeline import restore_score
 from phanes_cli.preprocess import SliceGeometry, prepare_volume
 from phanes_cli.runtimes.select import choose_backend
@@ -107,14 +109,6 @@ def stage1_inputs(volume: LesionedVolume, backend: Backend, config: PhanesConfig
     return {k: torch.cat(v) for k, v in parts.items()}, prepared.geometry
 
 
-def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
-    order = np.argsort(-scores, kind="stable")
-    hits = labels[order].astype(np.float64)
-    tp = np.cumsum(hits)
-    precision = tp / np.arange(1, hits.size + 1)
-    return float((precision * hits).sum() / max(hits.sum(), 1.0))
-
-
 def top_fraction(score: np.ndarray, brain: np.ndarray, fraction: float) -> np.ndarray:
     level = np.quantile(score[brain], 1.0 - fraction)
     return (score >= level) & (score > 0) & brain
@@ -133,8 +127,8 @@ def main() -> None:
     rows = healthy_rows(args.manifest, "val")
     lesioned = lesioned_validation(rows, npz_bank(), load_mni152(), cfg.tune.copies, cfg.tune.seed, "auto",
                                    cfg.tune.shapes_per_volume)
-    found: dict[str, dict[str, list[Any]]] = {name: {k: [] for k in ("scores", "labels", "c5", "c10", "fp")}
-                                              for name in variants()}
+    found: dict[str, dict[str, list[Any]]] = {name: {k: [] for k in ("c5", "c10", "fp")} for name in variants()}
+    curves = {name: PRHistogram(BINS, MAX_SCORE) for name in variants()}  # evaluation's AUPRC, same bins
     for volume in lesioned:
         inputs, geometry = stage1_inputs(volume, backend, cfg, args.batch_size)
         processed = np.zeros_like(volume.brain)
@@ -143,8 +137,7 @@ def main() -> None:
         for name, variant in variants().items():
             score = restore_score(variant(inputs, cfg.mask).numpy(), geometry, volume.brain)
             acc = found[name]
-            acc["scores"].append(score[region])
-            acc["labels"].append(volume.truth[region])
+            curves[name].update(score[region], volume.truth[region])
             lesion_voxels = max(int(volume.truth.sum()), 1)
             for key, fraction in (("c5", 0.05), ("c10", 0.10)):
                 acc[key].append((top_fraction(score, region, fraction) & volume.truth).sum() / lesion_voxels)
@@ -156,7 +149,7 @@ def main() -> None:
     for column in ("variant", "AUPRC %", "lesion in top 5% %", "lesion in top 10% %", "false comps / vol (top 5%)"):
         table.add_column(column)
     for name, acc in found.items():
-        ap = average_precision(np.concatenate(acc["scores"]), np.concatenate(acc["labels"]))
+        ap = curves[name].average_precision()
         table.add_row(name, f"{100 * ap:.2f}", f"{100 * np.mean(acc['c5']):.1f}", f"{100 * np.mean(acc['c10']):.1f}",
                       f"{np.mean(acc['fp']):.1f}")
     Console(width=140).print(table)

@@ -151,9 +151,8 @@ def stage1_map(eq_x: Tensor, eq_rec: Tensor, lpips: Tensor, brain: Tensor, cfg: 
 
 
 def erode(brain: Tensor, pixels: int) -> Tensor:
-    """A binary (N,1,H,W) mask shrunk by `pixels` (square structuring element, per image; outside = background)."""
-    if pixels == 0:
-        return brain
+    """A binary (N,1,H,W) mask shrunk by `pixels` (square structuring element, per image; the padding around
+    the image does not erode it)."""
     return 1.0 - torch.nn.functional.max_pool2d(1.0 - brain, 2 * pixels + 1, stride=1, padding=pixels)
 
 
