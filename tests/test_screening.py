@@ -44,6 +44,7 @@ from phanes_cli.screening.outputs import (
     consolidate,
     is_done,
     previous_failure,
+    read_marker,
     record_failure,
 )
 from phanes_cli.screening.plan import plan_volumes
@@ -231,7 +232,7 @@ def test_commit_resume_and_consolidation_rules(tmp_path: Path) -> None:
     assert previous_failure(layout, "b", bad, "h1") is None  # other errors are retried
 
     first = consolidate(layout)
-    assert first == {"volumes": 2, "lesions": 1, "failures": 1, "done": 1}
+    assert first == {"volumes": 2, "lesions": 1, "failures": 1, "done": 1, "damaged": 0}
     tables = read_tables(layout.root)
     assert tables["volumes"]["id"].tolist() == ["a", "b"]
     assert tables["volumes"]["status"].tolist() == ["ok", "failed"]
@@ -534,12 +535,34 @@ def test_consolidation_orders_rows_by_id_whatever_the_commit_order(tmp_path: Pat
     counts = consolidate(layout)
     tables = read_tables(layout.root)
     expected_lesions = [(f"v{i:02d}", k + 1) for i in range(10) if i != 6 for k in range(i % 3)]
-    assert counts == {"volumes": 10, "lesions": len(expected_lesions), "failures": 1, "done": 9}
+    assert counts == {"volumes": 10, "lesions": len(expected_lesions), "failures": 1, "done": 9, "damaged": 0}
     assert tables["volumes"]["id"].tolist() == [f"v{i:02d}" for i in range(10)]
     assert tables["volumes"].set_index("id")["status"].to_dict() == {f"v{i:02d}": "failed" if i == 6 else "ok"
                                                                      for i in range(10)}
     assert list(zip(tables["lesions"]["id"], tables["lesions"]["lesion_index"], strict=True)) == expected_lesions
     assert tables["failures"]["message"].tolist() == ["disk full"]
+
+
+def test_a_damaged_part_file_uncommits_its_volume_and_keeps_the_others(tmp_path: Path) -> None:
+    """A committed part overwritten with garbage after its atomic write (disk fault, another program): the
+    tables are built from every readable volume and the damaged ones lose their marker, so resume redoes them."""
+    layout = OutputLayout(tmp_path / "out")
+    layout.ensure()
+    for i in range(6):
+        vid = f"v{i}"
+        commit_volume(layout, vid, {"id": vid, "status": "ok", "lesion_count": 1},
+                      [{"id": vid, "lesion_index": 1, "voxel_count": 5}], {"id": vid})
+    layout.part("volumes", "v1").write_bytes(b"garbage")
+    layout.part("lesions", "v4").write_bytes(b"")
+    counts = consolidate(layout)
+    assert counts == {"volumes": 4, "lesions": 4, "failures": 0, "done": 4, "damaged": 2}
+    tables = read_tables(layout.root)
+    assert tables["volumes"]["id"].tolist() == ["v0", "v2", "v3", "v5"]
+    assert tables["lesions"]["id"].tolist() == ["v0", "v2", "v3", "v5"]
+    for vid in ("v1", "v4"):
+        assert read_marker(layout, vid) is None
+        assert not layout.part("volumes", vid).exists() and not layout.part("lesions", vid).exists()
+    assert consolidate(layout)["damaged"] == 0  # stable once un-committed
 
 
 def test_hostile_names_duplicates_quality_and_out_inside_the_inputs(cluster: RayCluster, bundle: Path,

@@ -97,6 +97,9 @@ def screen(inputs: list[str], options: ScreenOptions) -> ScreenSummary:
             raise
         finally:
             tables = consolidate(layout)
+            if tables["damaged"]:
+                log.event("warning", message=f"{tables['damaged']} committed volume(s) had unreadable part files "
+                          "and were un-committed: the next run screens them again")
             seconds = time.monotonic() - started
             manifest.update(status=status, finished=now_iso(), seconds=seconds, tables=tables,
                             counts={"total": counts.total, "done": counts.done, "failed": counts.failed,

@@ -340,23 +340,32 @@ def _ids_with(folder: Path, suffix: str) -> list[str]:
     return sorted(n[: -len(suffix)] for n in names if n.endswith(suffix) and not n.startswith("."))
 
 
-def _read_part(path: Path) -> pa.Table:
-    with pq.ParquetFile(path) as part:
-        return part.read()
+def _read_part(path: Path) -> pa.Table | None:
+    """A part file, or None when it cannot be read (damaged after its atomic write: disk, another program)."""
+    try:
+        with pq.ParquetFile(path) as part:
+            return part.read()
+    except (pa.ArrowInvalid, OSError):
+        return None
 
 
-def _part_groups(layout: OutputLayout, table: str, ids: list[str], pool: ThreadPoolExecutor) -> Iterator[pa.Table]:
+def _part_groups(layout: OutputLayout, table: str, ids: list[str], pool: ThreadPoolExecutor,
+                 damaged: set[str]) -> Iterator[pa.Table]:
     """The part files of `ids`, in that order, PART_GROUP files per table; one empty table when there are none.
 
-    A few threads read the files (opening and decoding Parquet releases the GIL), and each group is
+    The ids of unreadable files go to `damaged`. A few threads read the files (opening and decoding
+    Parquet releases the GIL), and each group is
     combined into contiguous columns before the next is read: thousands of one-row Arrow tables alive at
     once hold tens of MB in Arrow's allocator, a group at a time keeps memory flat.
     """
     if not ids:
         yield _TABLES[table].empty_table()
     for start in range(0, len(ids), PART_GROUP):
-        paths = [layout.part(table, vid) for vid in ids[start:start + PART_GROUP]]
-        yield pa.concat_tables(list(pool.map(_read_part, paths)), promote_options="default").combine_chunks()
+        group = ids[start:start + PART_GROUP]
+        tables = list(pool.map(_read_part, [layout.part(table, vid) for vid in group]))
+        damaged.update(vid for vid, t in zip(group, tables, strict=True) if t is None)
+        readable = [t for t in tables if t is not None] or [_TABLES[table].empty_table()]
+        yield pa.concat_tables(readable, promote_options="default").combine_chunks()
 
 
 def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
@@ -389,25 +398,33 @@ def consolidate(layout: OutputLayout) -> dict[str, int]:
     sorted in memory; lesions stream through, a group of part files at a time. Idempotent: run it as often
     as you like.
     The input's manifest columns become string columns of volumes and failures (so the schema is per run),
-    and every table carries `run_metadata` as Parquet key-value metadata.
+    and every table carries `run_metadata` as Parquet key-value metadata. A part file that cannot be read
+    (damaged after it was written) un-commits its volume, so the next run screens it again; `damaged`
+    counts those volumes.
     """
     parts = layout.root / "parts"
     done = _ids_with(parts / "done", ".json")
     done_set = set(done)
     failed = [v for v in _ids_with(parts / "failures", ".parquet") if v not in done_set]
-    meta = run_metadata(layout)
+    meta, damaged = run_metadata(layout), set[str]()
     with ThreadPoolExecutor(PART_READERS) as pool:
-        failure_parts = list(_part_groups(layout, "failures", failed, pool))
+        failure_parts = list(_part_groups(layout, "failures", failed, pool, damaged))
         failure_schema = _text_schema(FAILURE_SCHEMA, failure_parts)
         failures = pa.concat_tables([_conform(t, failure_schema) for t in failure_parts]).sort_by("id")
         as_volumes = {**{k: failures[k] for k in failures.column_names if k not in FAILURE_SCHEMA.names},
                       "id": failures["id"], "input_path": failures["path"], "bundle_hash": failures["bundle_hash"],
                       "status": pa.array(["failed"] * failures.num_rows, pa.string())}
-        volume_parts = [pa.table(as_volumes), *_part_groups(layout, "volumes", done, pool)]
+        volume_parts = [pa.table(as_volumes), *_part_groups(layout, "volumes", done, pool, damaged)]
         volume_schema = _text_schema(VOLUME_SCHEMA, volume_parts)
         volumes = pa.concat_tables([_conform(t, volume_schema) for t in volume_parts]).sort_by("id")
         write_parquet(layout.table("volumes"), volumes.replace_schema_metadata(meta))
-        lesion_parts = _part_groups(layout, "lesions", done, pool)
+        lesion_parts = _part_groups(layout, "lesions", done, pool, damaged)
         n_lesions = _write_groups(lesion_parts, LESION_SCHEMA.with_metadata(meta), layout.table("lesions"))
+    if damaged:  # un-commit those volumes (the next run redoes them), then rebuild the tables without them
+        for vid in damaged:
+            for path in (layout.done_marker(vid), *(layout.part(t, vid) for t in _TABLES)):
+                path.unlink(missing_ok=True)
+        return {**consolidate(layout), "damaged": len(damaged)}
     write_parquet(layout.table("failures"), failures.replace_schema_metadata(meta))
-    return {"volumes": volumes.num_rows, "lesions": n_lesions, "failures": failures.num_rows, "done": len(done)}
+    return {"volumes": volumes.num_rows, "lesions": n_lesions, "failures": failures.num_rows, "done": len(done),
+            "damaged": 0}
