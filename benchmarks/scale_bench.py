@@ -6,9 +6,12 @@ cohort size gets a fresh cohort and OUT folder; one local Ray instance serves th
 5-volume run that starts Ray's worker processes. Each run has one inference actor and one volume in
 flight, so the stages run one after another. Columns:
 
+- stages ms/vol: seconds spent inside the decode, inference and write stages (`stages_s` in run.json),
+  per volume; "of which commit" is the part the volume rows cannot time themselves (their `runtime_s`
+  stops before the rows and the done marker are written and fsynced);
 - orchestration ms/vol: the streaming loop's wall time (`stream_s` in run.json, after the actors are up)
-  minus the seconds spent inside the decode, inference and write stages (volumes.parquet), per volume:
-  scheduling, object transfers, worker start-up and the driver's own work;
+  minus the stage seconds, per volume: scheduling, object transfers, worker start-up and the driver's
+  own work;
 - driver CPU ms/vol: CPU time of the driver process (all its threads, Ray's included) per volume;
 - driver peak MB: resident memory of this process, sampled every 10 ms in a thread during the run,
   and its growth over the smallest cohort;
@@ -113,14 +116,15 @@ def measure(work: Path, bundle: Path, n: int) -> dict[str, float]:
     cpu = cpu_seconds() - cpu
     if summary.done != n:
         raise RuntimeError(f"{n - summary.done} of {n} volumes were not screened; see {out / 'failures.parquet'}")
-    stream_s = json.loads((out / "run.json").read_text())["ray"]["stream_s"]
-    volumes = pd.read_parquet(out / "volumes.parquet")
-    inside = float(volumes[["decode_s", "inference_s", "write_s"]].to_numpy().sum())
+    times = json.loads((out / "run.json").read_text())["ray"]
+    stream_s, stages_s = times["stream_s"], times["stages_s"]
+    rows_s = float(pd.read_parquet(out / "volumes.parquet", columns=["runtime_s"])["runtime_s"].sum())
     started = time.perf_counter()
     consolidate(OutputLayout(out))
     consolidate_s = time.perf_counter() - started
-    return {"n": n, "wall_s": summary.seconds, "stream_s": stream_s, "stages_ms": 1000 * inside / n,
-            "orchestration_ms": 1000 * (stream_s - inside) / n, "driver_cpu_ms": 1000 * cpu / n,
+    return {"n": n, "wall_s": summary.seconds, "stream_s": stream_s, "stages_ms": 1000 * stages_s / n,
+            "commit_ms": 1000 * (stages_s - rows_s) / n, "orchestration_ms": 1000 * (stream_s - stages_s) / n,
+            "driver_cpu_ms": 1000 * cpu / n,
             "peak_mb": rss.peak / 2**20, "consolidate_s": consolidate_s}
 
 
@@ -153,13 +157,14 @@ def main() -> None:
             ray.shutdown()
     table = Table(title=f"phanes screen at scale ({SHAPE[0]}x{SHAPE[1]}x{SHAPE[2]} volumes, 1 actor, "
                         f"1 in flight, {cpus} CPUs)")
-    for column in ("volumes", "wall s", "stream s", "stages ms/vol", "orchestration ms/vol", "driver CPU ms/vol",
-                   "driver peak MB", "growth MB", "consolidate s"):
+    for column in ("volumes", "wall s", "stream s", "stages ms/vol", "of which commit", "orchestration ms/vol",
+                   "driver CPU ms/vol", "driver peak MB", "growth MB", "consolidate s"):
         table.add_column(column, justify="right")
     for row in rows:
         table.add_row(f"{row['n']:,}", f"{row['wall_s']:.1f}", f"{row['stream_s']:.1f}", f"{row['stages_ms']:.1f}",
-                      f"{row['orchestration_ms']:.1f}", f"{row['driver_cpu_ms']:.1f}", f"{row['peak_mb']:.0f}",
-                      f"{row['peak_mb'] - rows[0]['peak_mb']:+.0f}", f"{row['consolidate_s']:.2f}")
+                      f"{row['commit_ms']:.1f}", f"{row['orchestration_ms']:.1f}", f"{row['driver_cpu_ms']:.1f}",
+                      f"{row['peak_mb']:.0f}", f"{row['peak_mb'] - rows[0]['peak_mb']:+.0f}",
+                      f"{row['consolidate_s']:.2f}")
     console.print(table)
 
 

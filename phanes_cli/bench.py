@@ -28,9 +28,10 @@ from phanes_cli.bundle import Bundle, load_bundle, seal_index
 from phanes_cli.errors import PhanesError
 from phanes_cli.export import reference_calibration
 from phanes_cli.pipeline import Calibration, run_slices
+from phanes_cli.runtimes import BACKENDS, validate_backend_name
 from phanes_cli.runtimes.artefacts import BENCH_FILE, engines_dir
 from phanes_cli.runtimes.samples import brain_slices
-from phanes_cli.runtimes.select import BACKENDS, build_backend, check_backend, validate_backend_name
+from phanes_cli.runtimes.select import build_backend, check_backend
 
 
 class TimedBackend:

@@ -14,17 +14,19 @@ import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from phanes_cli.atomic import atomic_path, json_bytes, stage_bytes, write_json
-from phanes_cli.backends import PhanesNetworks
 from phanes_cli.config import PhanesConfig, config_from_dict
 from phanes_cli.errors import BundleError, ConfigError
 from phanes_cli.pipeline import Calibration
 from phanes_cli.versions import runtime_versions
+
+if TYPE_CHECKING:
+    from phanes_cli.backends import PhanesNetworks
 
 BUNDLE_FORMAT = 1
 WEIGHT_FILES = {"ra": "ra.safetensors", "generator": "generator.safetensors"}
@@ -54,6 +56,10 @@ class Bundle:
     hash: str  # sha256 of bundle.json: identifies this exact model and calibration
 
     def networks(self, lpips_weights: str | None = None) -> PhanesNetworks:
+        # imported here: the networks pull in lpips and torchvision (~2 s), which the driver and the CPU
+        # stages of screening, reading only the bundle's config and calibration, never need
+        from phanes_cli.backends import PhanesNetworks
+
         nets = PhanesNetworks(self.config, lpips_weights=lpips_weights)
         parts = (("ra", nets.ra, self.ra_state), ("generator", nets.generator, self.generator_state))
         for name, module, state in parts:

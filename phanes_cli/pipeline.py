@@ -13,16 +13,18 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from phanes_cli import ops
-from phanes_cli.backends import Backend
 from phanes_cli.config import MaskConfig, PhanesConfig
 from phanes_cli.preprocess import SliceGeometry, prepare_volume, restore_volume
+
+if TYPE_CHECKING:  # the networks' modules import lpips and torchvision, which the CPU stages do not need
+    from phanes_cli.backends import Backend
 
 
 @dataclass(frozen=True)

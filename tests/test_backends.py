@@ -22,9 +22,10 @@ from phanes_cli.cli import app
 from phanes_cli.errors import ConfigError
 from phanes_cli.export import export_bundle
 from phanes_cli.pipeline import Calibration, run_slices
+from phanes_cli.runtimes import validate_backend_name
 from phanes_cli.runtimes.artefacts import ArtefactError, RuntimeUnavailable
 from phanes_cli.runtimes.samples import brain_slices
-from phanes_cli.runtimes.select import choose_backend, plan_backend, validate_backend_name
+from phanes_cli.runtimes.select import choose_backend, plan_backend
 from tests._tiny_cohort import tiny_config
 
 CPU = torch.device("cpu")

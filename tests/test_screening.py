@@ -418,6 +418,10 @@ def test_mixed_cohort_geometry_tables_failures_and_resume(cluster: RayCluster, b
     assert next(e["event"] for e in events) == "start"
     assert events[-1]["event"] == "end"
     assert sorted(e["id"] for e in events if e["event"] == "volume") == sorted([*good, *failures.index])
+    stages = {e["id"]: e["stages_s"] for e in events if e["event"] == "volume" and e["status"] == "ok"}
+    assert all(stages[name] >= volumes.loc[name, "runtime_s"] - 1e-3 for name in good)  # plus the commit
+    ray_times = manifest["ray"]
+    assert sum(stages.values()) - 1e-3 <= ray_times["stages_s"] <= 3 * ray_times["stream_s"]  # at most 3 at once
     assert len(pd.read_parquet(out / "parts" / "volumes")) == 5  # part files readable as a dataset mid-run
     assert pq.read_table(out / "lesions.parquet").schema.field("centroid_world_mm").type.value_type.bit_width == 64
 

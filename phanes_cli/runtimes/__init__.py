@@ -1,2 +1,19 @@
 """Accelerated inference runtimes: exported ONNX graphs run by ONNX Runtime, TensorRT engines, and the
-choice between them and eager torch (`select.choose_backend`)."""
+choice between them and eager torch (`select.choose_backend`).
+
+The backend names live here, apart from the backends themselves, so the screening driver can check a
+--backend value without importing the networks (lpips, torchvision: seconds of start-up per process).
+"""
+
+from __future__ import annotations
+
+from phanes_cli.errors import ConfigError
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+
+
+def validate_backend_name(name: str) -> str:
+    """A --backend value: auto or one of BACKENDS."""
+    if name != "auto" and name not in BACKENDS:
+        raise ConfigError(f"unknown backend {name!r}; choose one of: auto, {', '.join(BACKENDS)}")
+    return name

@@ -15,7 +15,7 @@ import torch
 
 from phanes_cli.backends import Backend, TorchBackend
 from phanes_cli.bundle import Bundle
-from phanes_cli.errors import ConfigError
+from phanes_cli.runtimes import BACKENDS, validate_backend_name
 from phanes_cli.runtimes.artefacts import (
     ArtefactError,
     NotExported,
@@ -29,18 +29,9 @@ from phanes_cli.runtimes.graphs import GRAPHS
 from phanes_cli.runtimes.onnx import OnnxRuntimeBackend, providers_for
 from phanes_cli.runtimes.tensorrt import TensorRTBackend, tensorrt_unavailable
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
-
 
 class BackendFallbackWarning(RuntimeWarning):
     """`auto` skipped a backend whose artefacts were refused; the message says which file and why."""
-
-
-def validate_backend_name(name: str) -> str:
-    """A --backend value: auto or one of BACKENDS."""
-    if name != "auto" and name not in BACKENDS:
-        raise ConfigError(f"unknown backend {name!r}; choose one of: auto, {', '.join(BACKENDS)}")
-    return name
 
 
 @dataclass

@@ -11,27 +11,19 @@ from __future__ import annotations
 
 import os
 import time
+from typing import TYPE_CHECKING
 
 import ray
 import torch
 
-from phanes_cli.backends import Backend
-from phanes_cli.bundle import Bundle, load_bundle
+from phanes_cli.bundle import load_bundle
 from phanes_cli.errors import BundleError
 from phanes_cli.pipeline import ModelMaps, infer_slices
-from phanes_cli.runtimes.select import choose_backend, validate_backend_name
 from phanes_cli.screening.outputs import Failure
 from phanes_cli.screening.tasks import InferenceResult, ModelSlices, describe, node_ip
 
-
-def resolve_backend(name: str) -> str:
-    """Validate a --backend value (auto, torch, onnxruntime, tensorrt); each actor resolves `auto` itself."""
-    return validate_backend_name(name)
-
-
-def make_backend(name: str, bundle: Bundle, device: torch.device, lpips_weights: str | None) -> Backend:
-    """The bundle's networks behind `name`, or for `auto` the fastest usable backend on this device."""
-    return choose_backend(name, bundle, device, lpips_weights)
+if TYPE_CHECKING:
+    from phanes_cli.backends import Backend
 
 
 class InferenceActor:
@@ -46,7 +38,10 @@ class InferenceActor:
                               f"expected {bundle_hash[:12]})")
         self.cfg = bundle.config
         self.calibration = bundle.require_calibration()
-        self.backend = make_backend(backend, bundle, torch.device(device), lpips_weights)
+        # imported in the actor only: the driver, which defines this class, never loads the networks
+        from phanes_cli.runtimes.select import choose_backend
+
+        self.backend: Backend = choose_backend(backend, bundle, torch.device(device), lpips_weights)
         self.batch_size = batch_size
         self.keep: tuple[str, ...] = ("x_ph", "mask") if pseudo_healthy else ()
 

@@ -136,6 +136,7 @@ class Dispatcher:
         self.write_fn = ray.remote(write_volume).options(num_cpus=1, max_retries=TASK_RETRIES)
         self.pending: dict[Any, Flight] = {}
         self.peak_in_flight = 0
+        self.stages_s = 0.0  # summed over volumes: with the wall time, what scheduling and transfers cost
 
     def run(self, rows: Iterator[ManifestRow], limit: int) -> None:
         exhausted = False
@@ -176,6 +177,7 @@ class Dispatcher:
             written: WriteResult = ray.get(ref)
         except Exception as exc:
             return self._crashed(flight, exc)
+        self.stages_s += written.stages_s
         if written.qc_flags:  # screened anyway; the flags also go to the volume's `qc_flags` column
             self.log.event("warning", id=flight.row.id, qc_flags=list(written.qc_flags),
                            message="; ".join(FLAGS[f] for f in written.qc_flags))
@@ -183,7 +185,7 @@ class Dispatcher:
             return self._fail(flight, written.failure)
         self.counts.done += 1
         self.log.event("volume", id=flight.row.id, status="ok", lesion_count=written.lesion_count,
-                       lesion_burden_ml=written.lesion_burden_ml)
+                       lesion_burden_ml=written.lesion_burden_ml, stages_s=round(written.stages_s, 4))
         return None
 
     def _crashed(self, flight: Flight, exc: BaseException) -> None:

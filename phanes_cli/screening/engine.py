@@ -25,7 +25,7 @@ import ray
 from phanes_cli.bundle import Bundle, load_bundle
 from phanes_cli.inputs import resolve_inputs
 from phanes_cli.manifest import ManifestRow
-from phanes_cli.screening.actors import resolve_backend
+from phanes_cli.runtimes import validate_backend_name
 from phanes_cli.screening.bids_out import start_layout
 from phanes_cli.screening.dispatch import Actors, Dispatcher
 from phanes_cli.screening.options import ScreenOptions
@@ -58,7 +58,7 @@ def screen(inputs: list[str], options: ScreenOptions) -> ScreenSummary:
     """Screen every volume named by INPUTS into `options.out`; resumable, one failure row per bad volume."""
     started, started_iso = time.monotonic(), now_iso()
     options.validate()
-    backend = resolve_backend(options.backend)
+    backend = validate_backend_name(options.backend)
     bundle = load_bundle(options.bundle)
     bundle = replace(bundle, calibration=options.calibration_for(bundle.require_calibration()))
     options = replace(options, min_lesion_ml=bundle.require_calibration().min_lesion_ml)
@@ -136,7 +136,8 @@ def _dispatch(todo: list[ManifestRow], options: ScreenOptions, bundle: Bundle, b
     """Inside a Ray session: plan and start the actors, stream `todo` through them, stop them.
 
     The manifest's `ray` section records the plan, the peak number of volumes in flight, the actors
-    replaced, and the seconds spent starting the actors (`startup_s`) and streaming (`stream_s`).
+    replaced, the seconds spent starting the actors (`startup_s`) and streaming (`stream_s`), and the
+    seconds the volumes spent inside the stages (`stages_s`, summed over volumes).
     """
     with ray_session(options), display:
         began = time.monotonic()
@@ -153,7 +154,8 @@ def _dispatch(todo: list[ManifestRow], options: ScreenOptions, bundle: Bundle, b
             manifest["ray"].update(startup_s=ready - began, stream_s=time.monotonic() - ready)
         finally:
             actors.stop()
-            manifest["ray"].update(peak_in_flight=dispatcher.peak_in_flight, actors_replaced=actors.replacements)
+            manifest["ray"].update(peak_in_flight=dispatcher.peak_in_flight, actors_replaced=actors.replacements,
+                                   stages_s=dispatcher.stages_s)
 
 
 def _failures_of(layout: OutputLayout, rows: list[ManifestRow]) -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ from typing import Any
 from phanes_cli.bids import BidsQuery
 from phanes_cli.errors import ConfigError
 from phanes_cli.pipeline import Calibration
-from phanes_cli.screening.actors import resolve_backend
+from phanes_cli.runtimes import validate_backend_name
 from phanes_cli.screening.bids_out import check_layout
 from phanes_cli.screening.outputs import OUTPUT_KINDS
 from phanes_cli.skullstrip import check_mode
@@ -59,7 +59,7 @@ class ScreenOptions:
             raise ConfigError("CPUs and GPUs per actor cannot be negative")
         if self.max_in_flight is not None and self.max_in_flight < 1:
             raise ConfigError(f"max in flight must be at least 1, got {self.max_in_flight}")
-        resolve_backend(self.backend)
+        validate_backend_name(self.backend)
         check_mode(self.skull_strip)
         check_layout(self.layout)
         if self.min_lesion_ml is not None and not (math.isfinite(self.min_lesion_ml) and self.min_lesion_ml >= 0):

@@ -197,7 +197,7 @@ class WriteResult:
     """What the driver learns about a finished volume (small; no arrays)."""
 
     failure: Failure | None
-    seconds: float
+    stages_s: float  # time inside decode, inference and write, the commit included (the row's runtime_s is not)
     node: str
     lesion_count: int = 0
     lesion_burden_ml: float = 0.0
@@ -216,7 +216,7 @@ def write_volume(job: WriteJob, decoded: DecodeResult, inferred: InferenceResult
     earlier = decoded.failure or inferred.failure
     if earlier is not None or context is None or maps is None:
         failure = earlier or Failure("write", "RuntimeError", "the earlier stages returned no data")
-        return WriteResult(failure, 0.0, node_ip(), qc_flags=decoded.qc_flags)
+        return WriteResult(failure, decoded.seconds + inferred.seconds, node_ip(), qc_flags=decoded.qc_flags)
     return commit_outputs(job, decoded, inferred, context, maps, start)
 
 
@@ -257,7 +257,9 @@ def commit_outputs(job: WriteJob, decoded: DecodeResult, inferred: InferenceResu
         commit_volume(layout, vid, row, lesion_rows, marker)
     except Exception as exc:  # a disk or memory error fails this volume only
         kind, message = describe(exc)
-        return WriteResult(Failure("write", kind, message), time.perf_counter() - start, node_ip(),
+        elapsed = decoded.seconds + inferred.seconds + time.perf_counter() - start
+        return WriteResult(Failure("write", kind, message), elapsed, node_ip(),
                            qc_flags=decoded.qc_flags)
-    return WriteResult(None, time.perf_counter() - start, node_ip(), stats["lesion_count"], stats["lesion_burden_ml"],
+    elapsed = decoded.seconds + inferred.seconds + time.perf_counter() - start
+    return WriteResult(None, elapsed, node_ip(), stats["lesion_count"], stats["lesion_burden_ml"],
                        decoded.qc_flags)
