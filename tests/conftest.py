@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests._ray import RayCluster
+from tests._ray import HEAD_IP, RayCluster
 
 # Two cores: one torch thread per pytest-xdist worker (two workers), two threads in a plain run.
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
@@ -84,3 +84,15 @@ def ray_env() -> Iterator[None]:
         os.environ.pop("RAY_AUTH_MODE", None)
     else:
         os.environ["RAY_AUTH_MODE"] = old
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_head: RayCluster, ray_env: None) -> Iterator[RayCluster]:
+    """This module's driver, connected to the session's head node for the module (and disconnected after it)."""
+    import ray
+
+    try:
+        ray.init(address=ray_head.address, _node_ip_address=HEAD_IP, log_to_driver=False)
+        yield ray_head
+    finally:
+        ray.shutdown()

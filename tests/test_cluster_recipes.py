@@ -61,9 +61,19 @@ def _alive(pids: list[int]) -> list[int]:
 
 def _kill(temp_dir: str) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in _alive(processes_of(temp_dir)):
+        left = _alive(processes_of(temp_dir))
+        for pid in left:
             os.kill(pid, sig)
-        time.sleep(1.0)
+        if left:
+            time.sleep(1.0)
+
+
+def _left_after(temp_dir: str, seconds: float) -> list[int]:
+    """The cluster's processes still alive once `seconds` have passed, or none as soon as they are all gone."""
+    deadline = time.monotonic() + seconds
+    while (left := _alive(processes_of(temp_dir))) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
 
 
 @pytest.mark.slow
@@ -87,8 +97,7 @@ def test_the_slurm_script_screens_on_two_ray_nodes(tmp_path: Path) -> None:
                                 env=env, capture_output=True, text=True, timeout=400)
         assert result.returncode == 0, result.stderr[-3000:]
         assert "2 Ray nodes up" in result.stdout
-        time.sleep(2.0)
-        assert _alive(processes_of(temp_dir)) == []  # the script's exit trap stopped both Ray nodes
+        assert _left_after(temp_dir, 10.0) == []  # the script's exit trap stopped both Ray nodes
     finally:
         _kill(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)

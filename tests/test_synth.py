@@ -57,6 +57,21 @@ def _outside_shell(mask: np.ndarray) -> np.ndarray:
     return ndimage.distance_transform_edt(~mask) > 2.0
 
 
+def test_output_grid_encloses_the_brain_with_its_margin() -> None:
+    """The grid's box is the brain's voxel-centre box in world mm (oracle: every voxel's world position) plus
+    the margin, on a flipped, anisotropic template grid."""
+    rng = np.random.default_rng(3)
+    brain = ndimage.binary_dilation(rng.random((30, 26, 22)) > 0.999, iterations=3)
+    affine = np.array([[-1.5, 0.0, 0.0, 40.0], [0.0, 2.0, 0.0, -30.0], [0.0, 0.0, 1.2, 5.0], [0, 0, 0, 1.0]])
+    template = Template(name="t", image=brain.astype(np.float32), affine=affine, brain=brain.astype(np.float32),
+                        tissue=brain.astype(np.float32), to_mni=np.eye(4))
+    centres = np.argwhere(brain) @ affine[:3, :3].T + affine[:3, 3]
+    grid = output_grid(template, 2.0, margin_mm=5.0)
+    np.testing.assert_allclose(grid.affine[:3, 3], centres.min(0) - 5.0)
+    far = grid.affine[:3, 3] + 2.0 * (np.array(grid.shape) - 1)
+    assert (far >= centres.max(0) + 5.0).all() and (far - 2.0 < centres.max(0) + 5.0).all()
+
+
 def test_template_is_a_real_brain(mni: Template) -> None:
     template = mni
     brain = template.brain > 0.5

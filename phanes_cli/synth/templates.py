@@ -69,9 +69,11 @@ class Grid:
 
 
 def _world_box(mask: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    idx = np.argwhere(mask)
+    """World bounding box of a mask's voxel centres (from per-axis projections, not a list of every voxel)."""
+    spans = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
     corners = np.array([[a, b, c] for a in (0, 1) for b in (0, 1) for c in (0, 1)], dtype=np.float64)
-    lo, hi = idx.min(0).astype(np.float64), idx.max(0).astype(np.float64)
+    lo = np.array([span[0] for span in spans], dtype=np.float64)
+    hi = np.array([span[-1] for span in spans], dtype=np.float64)
     vox = lo + corners * (hi - lo)
     world = vox @ affine[:3, :3].T + affine[:3, 3]
     return world.min(0), world.max(0)
