@@ -5,6 +5,7 @@ script in a subprocess at least once; the other bad-input cases run the same Typ
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -152,6 +153,20 @@ def test_screen_with_a_corrupt_volume_exits_3_and_keeps_the_good_ones(ray_head: 
     assert failures["id"] == ["s99"]
     for path in good:
         assert (tmp_path / "out" / "maps" / f"{path.name.split('.')[0]}_anomaly.nii.gz").is_file()
+
+
+def test_screen_whose_actors_cannot_start_exits_2_with_one_line(ray_head: RayCluster, tmp_path: Path) -> None:
+    """Garbage --lpips-weights: every inference actor fails to start. One error line naming the file (none
+    of Ray's per-retry messages or remote tracebacks), exit 2, the run marked crashed, nothing committed."""
+    bundle = make_bundle(tmp_path / "bundle")
+    series(tmp_path / "cohort", 1)
+    weights = tmp_path / "alexnet.pth"
+    weights.write_bytes(b"not a weights file")
+    run = phanes("screen", tmp_path / "cohort", "--bundle", bundle, "--out", tmp_path / "out", "--address",
+                 ray_head.address, "--actors", "1", "--lpips-weights", weights, "--quiet", timeout=600)
+    assert_one_error_line(run, "the inference actors could not start", str(weights))
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["status"] == "crashed"
+    assert not list((tmp_path / "out").glob("parts/done/*.json"))
 
 
 # ---------------------------------------------------------------- exit 130: Ctrl-C

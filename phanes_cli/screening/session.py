@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -58,6 +59,24 @@ def _join(address: str, timeout: float, common: dict[str, Any]) -> None:
 
 
 @contextmanager
+def _quiet_retries() -> Iterator[None]:
+    """While Ray starts up in this process: no message (with a remote traceback) on stderr per retried call.
+
+    The run reports how each volume ended in one line or one failure row and logs replaced actors; Ray
+    reads its settings from the environment when the driver connects, so the variable is set only for
+    that moment, and a value the user set is kept.
+    """
+    name = "RAY_enable_output_error_log_if_still_retry"
+    before = os.environ.get(name)
+    os.environ.setdefault(name, "0")
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+
+
+@contextmanager
 def ray_session(options: ScreenOptions) -> Iterator[None]:
     """Use the caller's Ray session, join a cluster, or start (and later stop) a local instance."""
     if ray.is_initialized():
@@ -67,12 +86,13 @@ def ray_session(options: ScreenOptions) -> Iterator[None]:
     common: dict[str, Any] = {"log_to_driver": False, "logging_level": level}
     if options.node_ip is not None:
         common["_node_ip_address"] = options.node_ip
-    if options.address is None:
-        if options.object_store_mb is not None:
-            common["object_store_memory"] = options.object_store_mb * 2**20
-        ray.init(include_dashboard=False, **common)
-    else:
-        _join(options.address, options.connect_timeout, common)
+    with _quiet_retries():
+        if options.address is None:
+            if options.object_store_mb is not None:
+                common["object_store_memory"] = options.object_store_mb * 2**20
+            ray.init(include_dashboard=False, **common)
+        else:
+            _join(options.address, options.connect_timeout, common)
     stop_on_sigterm()  # ray.init replaced the SIGTERM handler by one that exits without cleaning up
     try:
         yield
