@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -189,6 +191,19 @@ def test_volume_statistics_match_hand_made_masks(tmp_path: Path) -> None:
     sizes_ml = np.array([27, 4, 2]) * voxel_ml  # 0.243, 0.036, 0.018 mL
     assert stats["lesions_lt_0_1ml"] == int((sizes_ml < 0.1).sum()) == 2
     assert stats["lesions_0_1_to_1ml"] == 1 and stats["lesions_1_to_10ml"] == stats["lesions_ge_10ml"] == 0
+
+
+def test_the_driver_and_the_cpu_stages_import_no_network_code() -> None:
+    """lpips and torchvision cost every process that imports them ~2 s; only the inference actors need them,
+    not the driver or the Ray workers that decode and write. A fresh interpreter checks, then imports the
+    backends to show the check can see them."""
+    code = ("import sys, phanes_cli.screening.engine, phanes_cli.screening.tasks\n"
+            "names = ('lpips', 'torchvision', 'phanes_cli.backends')\n"
+            "print(sorted(m for m in names if m in sys.modules))\n"
+            "import phanes_cli.runtimes.select\n"
+            "print(sorted(m for m in names if m in sys.modules))\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert run.stdout.splitlines() == ["[]", "['lpips', 'phanes_cli.backends', 'torchvision']"]
 
 
 def test_commit_resume_and_consolidation_rules(tmp_path: Path) -> None:
