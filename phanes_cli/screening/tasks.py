@@ -225,6 +225,7 @@ def commit_outputs(job: WriteJob, decoded: DecodeResult, inferred: InferenceResu
     """The write stage proper: restore the maps, measure, save and commit (`write_volume`)."""
     layout = OutputLayout(job.out)
     vid, volume = job.row.id, context.volume
+    earlier_s = decoded.seconds + inferred.seconds
     try:
         native = restore_maps(maps, context.geometry, context.brain, context.scale, volume.data, job.calibration,
                               volume.voxel_ml)
@@ -246,7 +247,7 @@ def commit_outputs(job: WriteJob, decoded: DecodeResult, inferred: InferenceResu
             "brain_mask_source": context.brain_source, "qc_flags": list(context.qc_flags), **stats,
             "slices_processed": decoded.n_slices, "backend": inferred.backend or job.backend,
             "bundle_hash": job.bundle_hash, **calibration_columns(job.calibration),
-            "runtime_s": decoded.seconds + inferred.seconds + write_s,
+            "runtime_s": earlier_s + write_s,
             "decode_s": decoded.seconds, "inference_s": inferred.seconds, "write_s": write_s,
             "decode_node": decoded.node, "inference_node": inferred.node, "write_node": node_ip(),
         }
@@ -257,9 +258,7 @@ def commit_outputs(job: WriteJob, decoded: DecodeResult, inferred: InferenceResu
         commit_volume(layout, vid, row, lesion_rows, marker)
     except Exception as exc:  # a disk or memory error fails this volume only
         kind, message = describe(exc)
-        elapsed = decoded.seconds + inferred.seconds + time.perf_counter() - start
-        return WriteResult(Failure("write", kind, message), elapsed, node_ip(),
+        return WriteResult(Failure("write", kind, message), earlier_s + time.perf_counter() - start, node_ip(),
                            qc_flags=decoded.qc_flags)
-    elapsed = decoded.seconds + inferred.seconds + time.perf_counter() - start
-    return WriteResult(None, elapsed, node_ip(), stats["lesion_count"], stats["lesion_burden_ml"],
-                       decoded.qc_flags)
+    return WriteResult(None, earlier_s + time.perf_counter() - start, node_ip(), stats["lesion_count"],
+                       stats["lesion_burden_ml"], decoded.qc_flags)
