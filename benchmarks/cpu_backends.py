@@ -17,9 +17,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from phanes_cli.backends import Backend
-from phanes_cli.bench import brain_slices, build_backend, measure, reference_calibration
-from phanes_cli.bundle import load_bundle
+from phanes_cli.core.backend import Backend
+from phanes_cli.core.bundle import load_bundle
+from phanes_cli.runtimes.bench import brain_slices, build_backend, measure, reference_calibration
 
 
 def main() -> None:

@@ -2,8 +2,8 @@
 
 Stages (all of `ops`, on one (N, 1, S, S) batch of real MNI152 slices):
   clahe        CLAHE of x and of its reconstruction (2N images)
-  mask step    stage 1 map + threshold + dilation (`ops.mask_step`)
-  final step   composition + anomaly map + lesion threshold (`ops.compose` + `ops.final_step`)
+  mask step    stage 1 map + threshold + dilation (`ops.stage1_map` + `ops.binary_mask`)
+  final step   composition + anomaly map (`ops.compose` + `ops.anomaly_map`)
 "reference style" is how the authors' code does it: one image at a time on the CPU with skimage CLAHE,
 numpy percentiles and scipy Gaussian filters, after a host copy of each image. The torch reference runs on
 the GPU when there is one (else the CPU); Triton only on CUDA. With --networks, the paper-size networks'
@@ -31,11 +31,11 @@ from rich.table import Table
 from scipy.ndimage import gaussian_filter
 from skimage.exposure import equalize_adapthist
 
-from phanes_cli import ops
-from phanes_cli.backends import PhanesNetworks, TorchBackend
 from phanes_cli.config import MaskConfig, PhanesConfig, PreprocessConfig
+from phanes_cli.core import ops
+from phanes_cli.core.preprocess import prepare_volume
 from phanes_cli.errors import WeightsError
-from phanes_cli.preprocess import prepare_volume
+from phanes_cli.runtimes.pytorch import PhanesNetworks, TorchBackend
 
 Inputs = dict[str, torch.Tensor]
 
@@ -56,12 +56,16 @@ def make_inputs(batch: int, size: int, device: torch.device) -> Inputs:
 def torch_stages(t: Inputs, cfg: MaskConfig) -> dict[str, Callable[[], object]]:
     """The `ops` steps, run by whatever PHANES_KERNELS selects."""
     eq = {"x": ops.clahe(t["x"], cfg), "x_cph": ops.clahe(t["x_cph"], cfg)}
-    mask = ops.mask_step(eq["x"], eq["x_cph"], t["lpips"], t["brain"], 0.3, cfg)[1]
+
+    def mask_step() -> torch.Tensor:
+        return ops.binary_mask(ops.stage1_map(eq["x"], eq["x_cph"], t["lpips"], t["brain"], cfg), t["brain"], 0.3, cfg)
+
+    mask = mask_step()
     return {
         "clahe": lambda: (ops.clahe(t["x"], cfg), ops.clahe(t["x_cph"], cfg)),
-        "mask step": lambda: ops.mask_step(eq["x"], eq["x_cph"], t["lpips"], t["brain"], 0.3, cfg),
-        "final step": lambda: ops.final_step(t["x"], ops.compose(t["x"], t["completed"], mask), t["lpips"], mask,
-                                             t["brain"], 0.1),
+        "mask step": mask_step,
+        "final step": lambda: ops.anomaly_map(t["x"], ops.compose(t["x"], t["completed"], mask), t["lpips"], mask,
+                                              t["brain"]),
     }
 
 

@@ -19,8 +19,8 @@ from rich.console import Console
 from rich.table import Table
 
 from phanes_cli.config import PreprocessConfig
-from phanes_cli.preprocess import auto_brain_mask, prepare_volume
-from phanes_cli.volume_io import load_volume, save_nifti
+from phanes_cli.core.preprocess import auto_brain_mask, prepare_volume
+from phanes_cli.core.volume_io import load_volume, save_nifti
 
 
 def main() -> None:

@@ -42,13 +42,14 @@ from rich.console import Console
 from rich.table import Table
 from scipy import ndimage
 
-from phanes_cli.bundle import save_bundle
 from phanes_cli.config import AOTConfig, PhanesConfig, PreprocessConfig, RAConfig
+from phanes_cli.core.bundle import save_bundle
+from phanes_cli.core.calibration import Calibration
 from phanes_cli.models import AOTGenerator, SoftIntroVAE
-from phanes_cli.pipeline import Calibration
+from phanes_cli.screening.consolidate import consolidate
 from phanes_cli.screening.engine import screen
+from phanes_cli.screening.layout import OutputLayout
 from phanes_cli.screening.options import ScreenOptions
-from phanes_cli.screening.outputs import OutputLayout, consolidate
 
 SHAPE = (16, 16, 12)
 PAGE = os.sysconf("SC_PAGE_SIZE")

@@ -25,12 +25,12 @@ from rich.console import Console
 from rich.table import Table
 from scipy import ndimage
 
-from phanes_cli.bundle import save_bundle
 from phanes_cli.config import load_config
+from phanes_cli.core.bundle import save_bundle
+from phanes_cli.core.calibration import Calibration
+from phanes_cli.core.volume_io import save_nifti
 from phanes_cli.models import AOTGenerator, SoftIntroVAE
-from phanes_cli.pipeline import Calibration
 from phanes_cli.screening.engine import ScreenOptions, screen
-from phanes_cli.volume_io import save_nifti
 
 ROOT = Path(__file__).resolve().parents[1]
 

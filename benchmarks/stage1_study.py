@@ -32,20 +32,20 @@ from rich.console import Console
 from rich.table import Table
 from torch import Tensor
 
-from phanes_cli import ops
-from phanes_cli.backends import Backend
-from phanes_cli.bundle import load_bundle
+from phanes_cli.calibrate.tune import LesionedVolume, lesioned_validation
 from phanes_cli.config import MaskConfig, PhanesConfig
+from phanes_cli.core import ops
+from phanes_cli.core.backend import Backend
+from phanes_cli.core.bundle import load_bundle
+from phanes_cli.core.components import label_components
+from phanes_cli.core.pipeline import restore_score
+from phanes_cli.core.preprocess import SliceGeometry, prepare_volume
 from phanes_cli.evaluation.evaluate import BINS, MAX_SCORE
-from phanes_cli.evaluation.lesions import label_components
 from phanes_cli.evaluation.metrics import PRHistogram
-from phanes_cli.pipeline import restore_score
-from phanes_cli.preprocess import SliceGeometry, prepare_volume
 from phanes_cli.runtimes.select import choose_backend
-from phanes_cli.synth.shapes import npz_bank
+from phanes_cli.synth.lesion_bank import npz_bank
 from phanes_cli.synth.templates import load_mni152
 from phanes_cli.training.data import healthy_rows
-from phanes_cli.tune import LesionedVolume, lesioned_validation
 
 Variant = Callable[[dict[str, Tensor], MaskConfig], Tensor]
 

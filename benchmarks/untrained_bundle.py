@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from phanes_cli.backends import PhanesNetworks
-from phanes_cli.bundle import save_bundle
 from phanes_cli.config import load_config
+from phanes_cli.core.bundle import save_bundle
+from phanes_cli.runtimes.pytorch import PhanesNetworks
 
 
 def main() -> None:

@@ -1,9 +1,9 @@
 # mypy: disable-error-code="no-untyped-def"
 # (@triton.jit parameters are typed by Triton itself at launch: pointers, scalars, constexprs.)
-"""Triton kernels for the pixel-wise steps around the networks: the mask step (Eq. 3) and the final map (Eq. 4).
+"""Triton kernels for the pixel-wise steps around the networks: the mask step (Eq. 3) and the anomaly map (Eq. 4).
 
-The torch references are compositions of `phanes_cli.ops` functions (`ops.stage1_map`, `ops.binary_mask`,
-`ops.compose`, `ops.final_step` with PHANES_KERNELS=torch); these kernels compute the same values in fewer
+The torch references are the `phanes_cli.core.ops` functions (`ops.stage1_map`, `ops.binary_mask`,
+`ops.compose`, `ops.anomaly_map` with PHANES_KERNELS=torch); these kernels compute the same values in fewer
 passes over memory. The Gaussian filters are separable and use scipy's 'reflect' border like
 `ops.gaussian_blur`: a vertical pass writes one intermediate plane, the horizontal pass is fused with
 everything that follows it. Per-image thresholds and percentiles arrive as device tensors (from a
@@ -66,7 +66,7 @@ def _hblur(src_ptr, pix, inside, width, w_ptr, radius, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _ra_map_kernel(eq_x_ptr, eq_rec_ptr, vblur_ptr, brain_ptr, pct_ptr, w_ptr, out_ptr, total, plane, width,
+def _stage1_map_kernel(eq_x_ptr, eq_rec_ptr, vblur_ptr, brain_ptr, pct_ptr, w_ptr, out_ptr, total, plane, width,
                    radius, eps, BLOCK: tl.constexpr):
     """m(x) = clip(|eq_rec - eq_x| * brain / percentile, 0, 1) * blur(LPIPS) * brain."""
     pix = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -98,17 +98,14 @@ def _compose_kernel(x_ptr, completed_ptr, mask_ptr, out_ptr, total, BLOCK: tl.co
 
 
 @triton.jit
-def _final_kernel(x_ptr, x_ph_ptr, lpips_ptr, mask_ptr, brain_ptr, anomaly_ptr, lesion_ptr, total, threshold,
-                  BLOCK: tl.constexpr):
-    """s(x) = |x_ph - x| * LPIPS * mask * brain and the lesion mask s >= threshold, s > 0, inside the brain."""
+def _anomaly_kernel(x_ptr, x_ph_ptr, lpips_ptr, mask_ptr, brain_ptr, anomaly_ptr, total, BLOCK: tl.constexpr):
+    """s(x) = |x_ph - x| * LPIPS * mask * brain."""
     pix = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = pix < total
     brain = tl.load(brain_ptr + pix, mask=inside)
     diff = tl.load(x_ph_ptr + pix, mask=inside) - tl.load(x_ptr + pix, mask=inside)
     score = tl.abs(diff) * tl.load(lpips_ptr + pix, mask=inside) * tl.load(mask_ptr + pix, mask=inside) * brain
     tl.store(anomaly_ptr + pix, score, mask=inside)
-    lesion = (score >= threshold) & (score > 0) & (brain > 0)
-    tl.store(lesion_ptr + pix, lesion.to(tl.uint8), mask=inside)
 
 
 def _planes(*tensors: Tensor) -> list[Tensor]:
@@ -133,24 +130,24 @@ def _vblur(src: Tensor, weights: Tensor, brain: Tensor | None = None, level: Ten
     return out
 
 
-def ra_map_triton(eq_x: Tensor, eq_rec: Tensor, lpips: Tensor, brain: Tensor, percentile: Tensor,
+def stage1_map_triton(eq_x: Tensor, eq_rec: Tensor, lpips: Tensor, brain: Tensor, percentile: Tensor,
                   weights: Tensor, eps: float) -> Tensor:
     """Stage 1 map from equalised images, the raw LPIPS map, the residual's per-image percentile (N,1,1,1)
     and the LPIPS smoothing kernel's taps (odd length, float32 on the same device)."""
     eq_x, eq_rec, lpips, brain = _planes(eq_x, eq_rec, lpips, brain)
     vertical = _vblur(lpips, weights)
     out = torch.empty_like(eq_x)
-    _ra_map_kernel[_grid(out.numel())](eq_x, eq_rec, vertical, brain, percentile.to(torch.float32).contiguous(),
+    _stage1_map_kernel[_grid(out.numel())](eq_x, eq_rec, vertical, brain, percentile.to(torch.float32).contiguous(),
                                        weights, out, out.numel(), out.shape[2] * out.shape[3], out.shape[3],
                                        weights.numel() // 2, eps, BLOCK=_block(), enable_fp_fusion=False)
     return out
 
 
-def dilated_mask_triton(ra_map: Tensor, brain: Tensor, level: Tensor, weights: Tensor, threshold: float) -> Tensor:
-    """(ra_map > level per image) & brain, dilated by Gaussian blur > threshold, restricted to the brain."""
-    ra_map, brain = _planes(ra_map, brain)
-    vertical = _vblur(ra_map, weights, brain, level.to(torch.float32).contiguous())
-    out = torch.empty_like(ra_map)
+def dilated_mask_triton(stage1_map: Tensor, brain: Tensor, level: Tensor, weights: Tensor, threshold: float) -> Tensor:
+    """(stage1_map > level per image) & brain, dilated by Gaussian blur > threshold, restricted to the brain."""
+    stage1_map, brain = _planes(stage1_map, brain)
+    vertical = _vblur(stage1_map, weights, brain, level.to(torch.float32).contiguous())
+    out = torch.empty_like(stage1_map)
     _dilated_kernel[_grid(out.numel())](vertical, brain, weights, out, out.numel(), out.shape[3],
                                         weights.numel() // 2, threshold, BLOCK=_block(), enable_fp_fusion=False)
     return out
@@ -164,12 +161,10 @@ def compose_triton(x: Tensor, completed: Tensor, mask: Tensor) -> Tensor:
     return out
 
 
-def final_triton(x: Tensor, x_ph: Tensor, lpips: Tensor, mask: Tensor, brain: Tensor,
-                 threshold: float) -> tuple[Tensor, Tensor]:
-    """Anomaly map and bool lesion mask (anomaly >= threshold, > 0, inside the brain)."""
+def anomaly_triton(x: Tensor, x_ph: Tensor, lpips: Tensor, mask: Tensor, brain: Tensor) -> Tensor:
+    """The anomaly map s(x) (Eq. 4); the lesion rule is applied later, on the volume grid."""
     x, x_ph, lpips, mask, brain = _planes(x, x_ph, lpips, mask, brain)
     anomaly = torch.empty_like(x)
-    lesion = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
-    _final_kernel[_grid(x.numel())](x, x_ph, lpips, mask, brain, anomaly, lesion, x.numel(), threshold,
-                                    BLOCK=_block(), enable_fp_fusion=False)
-    return anomaly, lesion.view(torch.bool)
+    _anomaly_kernel[_grid(x.numel())](x, x_ph, lpips, mask, brain, anomaly, x.numel(), BLOCK=_block(),
+                                      enable_fp_fusion=False)
+    return anomaly

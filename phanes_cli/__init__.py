@@ -14,23 +14,23 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-# public name -> (defining module, its name there). `calibrate_bundle`: the module phanes_cli.calibrate
+# public name -> (defining module, its name there). `calibrate_bundle`: the module phanes_cli.calibrate.run
 # would shadow a package attribute named `calibrate` once imported.
 _EXPORTS = {
     "screen": ("phanes_cli.screening.engine", "screen"),
     "ScreenOptions": ("phanes_cli.screening.options", "ScreenOptions"),
     "ScreenSummary": ("phanes_cli.screening.engine", "ScreenSummary"),
-    "load_bundle": ("phanes_cli.bundle", "load_bundle"),
+    "load_bundle": ("phanes_cli.core.bundle", "load_bundle"),
     "train": ("phanes_cli.training.trainer", "train"),
-    "calibrate_bundle": ("phanes_cli.calibrate", "calibrate"),
+    "calibrate_bundle": ("phanes_cli.calibrate.run", "calibrate"),
     "evaluate": ("phanes_cli.evaluation.evaluate", "evaluate"),
-    "prepare_manifest": ("phanes_cli.inputs", "prepare_manifest"),
-    "read_manifest": ("phanes_cli.manifest", "read_manifest"),
+    "prepare_manifest": ("phanes_cli.inputs.discovery", "prepare_manifest"),
+    "read_manifest": ("phanes_cli.inputs.manifest", "read_manifest"),
     "load_config": ("phanes_cli.config", "load_config"),
-    "load_with_brain": ("phanes_cli.preprocess", "load_with_brain"),
-    "brain_mask_for": ("phanes_cli.skullstrip", "brain_mask_for"),
-    "run_volume": ("phanes_cli.pipeline", "run_volume"),
-    "check_volume": ("phanes_cli.quality", "check_volume"),
+    "load_with_brain": ("phanes_cli.inputs.brain_masks", "load_with_brain"),
+    "brain_mask_for": ("phanes_cli.inputs.brain_masks", "brain_mask_for"),
+    "run_volume": ("phanes_cli.core.pipeline", "run_volume"),
+    "check_volume": ("phanes_cli.inputs.quality", "check_volume"),
 }
 __all__ = [  # spelled out for linters and IDEs; the same names as _EXPORTS (a test checks)
     "ScreenOptions", "ScreenSummary", "__version__", "brain_mask_for", "calibrate_bundle", "check_volume", "evaluate",
@@ -39,18 +39,17 @@ __all__ = [  # spelled out for linters and IDEs; the same names as _EXPORTS (a t
 ]
 
 if TYPE_CHECKING:
-    from phanes_cli.bundle import load_bundle
-    from phanes_cli.calibrate import calibrate as calibrate_bundle
+    from phanes_cli.calibrate.run import calibrate as calibrate_bundle
     from phanes_cli.config import load_config
+    from phanes_cli.core.bundle import load_bundle
+    from phanes_cli.core.pipeline import run_volume
     from phanes_cli.evaluation.evaluate import evaluate
-    from phanes_cli.inputs import prepare_manifest
-    from phanes_cli.manifest import read_manifest
-    from phanes_cli.pipeline import run_volume
-    from phanes_cli.preprocess import load_with_brain
-    from phanes_cli.quality import check_volume
+    from phanes_cli.inputs.brain_masks import brain_mask_for, load_with_brain
+    from phanes_cli.inputs.discovery import prepare_manifest
+    from phanes_cli.inputs.manifest import read_manifest
+    from phanes_cli.inputs.quality import check_volume
     from phanes_cli.screening.engine import ScreenSummary, screen
     from phanes_cli.screening.options import ScreenOptions
-    from phanes_cli.skullstrip import brain_mask_for
     from phanes_cli.training.trainer import train
 
 

@@ -149,7 +149,7 @@ def data_synth(
     voxel_size: float | None = typer.Option(None, "--voxel-size", help="Voxel size (mm) of the synthesised grid."),
 ) -> None:
     """Build healthy subjects from real T1 brains (split by source brain) and lesion subjects with exact truth."""
-    from phanes_cli.progress import LoggedProgress
+    from phanes_cli.infra.progress import LoggedProgress
     from phanes_cli.synth.cohort import synth_cohort
 
     extra: dict[str, Any] = {} if voxel_size is None else {"voxel_size": voxel_size}
@@ -184,11 +184,11 @@ def data_prepare(
     Volumes that need brain extraction get its mask written to OUT's folder (brain_masks/<id>_brainmask.nii.gz)
     and recorded as their brain_mask, so later commands reuse it.
     """
-    from phanes_cli.backends import select_device
-    from phanes_cli.bids import BidsQuery
-    from phanes_cli.inputs import prepare_manifest
-    from phanes_cli.manifest import write_manifest
-    from phanes_cli.skullstrip import add_model_masks, check_mode
+    from phanes_cli.inputs.bids import BidsQuery
+    from phanes_cli.inputs.brain_masks import add_model_masks, check_mode
+    from phanes_cli.inputs.discovery import prepare_manifest
+    from phanes_cli.inputs.manifest import write_manifest
+    from phanes_cli.runtimes.pytorch import select_device
 
     check_mode(skull_strip)
     rows, listed = prepare_manifest(inputs, out, bids=BidsQuery.from_options(suffix, bids_filter))
@@ -218,13 +218,13 @@ def train(
     lpips_weights: str | None = LPIPS_OPTION,
 ) -> None:
     """Train stage 1 (RA) then stage 2 (AOT-GAN) on healthy data, then calibrate on the healthy val split."""
-    from phanes_cli.calibrate import calibrate as run_calibration
+    from phanes_cli.calibrate.run import calibrate as calibrate_bundle
     from phanes_cli.config import load_config
     from phanes_cli.training.trainer import train as run_training
 
     bundle = run_training(load_config(config), data, out, resume=resume, device=device, lpips_weights=lpips_weights,
                           skull_strip=skull_strip)
-    cal = run_calibration(bundle, data, device=device, lpips_weights=lpips_weights, skull_strip=skull_strip)
+    cal = calibrate_bundle(bundle, data, device=device, lpips_weights=lpips_weights, skull_strip=skull_strip)
     console.print(f"[green]model bundle[/]: {bundle} (mask threshold {cal.mask_threshold:.4g}, "
                   f"anomaly threshold {cal.anomaly_threshold:.4g})")
     _print_tuning(cal)
@@ -264,9 +264,9 @@ def calibrate(
     lpips_weights: str | None = LPIPS_OPTION,
 ) -> None:
     """Compute the mask and anomaly thresholds on validation volumes and store them in the bundle."""
-    from phanes_cli.calibrate import calibrate as run_calibration
+    from phanes_cli.calibrate.run import calibrate as calibrate_bundle
 
-    cal = run_calibration(bundle, data, device=device, batch_size=batch_size, split=split, lpips_weights=lpips_weights,
+    cal = calibrate_bundle(bundle, data, device=device, batch_size=batch_size, split=split, lpips_weights=lpips_weights,
                           mask_percentile=mask_percentile, anomaly_percentile=anomaly_percentile,
                           skull_strip=skull_strip, tune=tune, backend_name=backend)
     console.print(f"[green]calibrated[/] {bundle}: mask threshold {cal.mask_threshold:.4g}, "
@@ -364,8 +364,8 @@ def screen(
     verbose: bool = VERBOSE_OPTION,
 ) -> None:
     """Screen a cohort: anomaly maps, lesion masks, pseudo-healthy images and lesion-burden tables."""
-    from phanes_cli.bids import BidsQuery
-    from phanes_cli.inputs import resolve_with_unused
+    from phanes_cli.inputs.bids import BidsQuery
+    from phanes_cli.inputs.discovery import resolve_with_unused
     from phanes_cli.screening.engine import ScreenOptions
     from phanes_cli.screening.engine import screen as run_screen
 
@@ -373,7 +373,7 @@ def screen(
     if any(Path(i).is_dir() for i in inputs):  # the count of files left out (file names only: cheap)
         _report_unused([(u.path, u.reason) for u in resolve_with_unused(list(inputs), out, query)[1]], verbose)
 
-    chosen = (("anomaly", anomaly_maps), ("mask", masks), ("pseudohealthy", pseudo_healthy))
+    chosen = (("anomaly", anomaly_maps), ("lesion_mask", masks), ("pseudohealthy", pseudo_healthy))
     outputs = {name for name, on in chosen if on}
     options = ScreenOptions(bundle=bundle, out=out, address=address, connect_timeout=connect_timeout, num_actors=actors,
                             cpus_per_actor=cpus_per_actor,
@@ -415,7 +415,7 @@ def stats(
         None, "--out", help="Folder for the new tables and masks (default: RUN_DIR/stats)."),
 ) -> None:
     """Recompute lesion masks and tables from a run's anomaly maps at new thresholds, without the networks."""
-    from phanes_cli.stats import run_stats
+    from phanes_cli.screening.restat import run_stats
 
     result = run_stats(run_dir, out, threshold, min_lesion_ml, fmt)
     cal = result.calibration
@@ -435,8 +435,8 @@ def export_cmd(
     lpips_weights: str | None = LPIPS_OPTION,
 ) -> None:
     """Export the three inference graphs (ONNX; TensorRT engines on a GPU) into BUNDLE/engines/, parity-checked."""
-    from phanes_cli.export import export_bundle
     from phanes_cli.runtimes.artefacts import BatchProfile
+    from phanes_cli.runtimes.export import export_bundle
 
     result = export_bundle(bundle, fmt, precision, BatchProfile(min_batch, opt_batch, max_batch), lpips_weights)
     for runtime, checks in result.parity.items():
@@ -462,7 +462,7 @@ def bench_cmd(
     lpips_weights: str | None = LPIPS_OPTION,
 ) -> None:
     """Time the whole slice pipeline per backend; writes BUNDLE/engines/bench.json (auto uses it on the CPU)."""
-    from phanes_cli.bench import bench, format_table
+    from phanes_cli.runtimes.bench import bench, format_table
 
     section = bench(bundle, [b.strip() for b in backends.split(",") if b.strip()], slices, repeats, batch_size, device,
                     lpips_weights, report=lambda line: console.print(line))
@@ -480,7 +480,7 @@ def doctor(
     lpips_weights: str | None = LPIPS_OPTION,
 ) -> None:
     """Print GPUs, CUDA, TensorRT, ONNX Runtime providers, LPIPS weights, Ray reachability and backend choices."""
-    from phanes_cli.doctor import doctor as run_doctor
+    from phanes_cli.runtimes.doctor import doctor as run_doctor
 
     for topic, finding in run_doctor(address, bundle, device, lpips_weights):
         print(f"{topic:<14} {finding}")

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 
-from phanes_cli.manifest import read_manifest
+from phanes_cli.inputs.manifest import read_manifest
 
 console = Console()
 REPO = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ import numpy as np
 from scipy import ndimage
 
 from phanes_cli.config import AOTConfig, PhanesConfig, PreprocessConfig, RAConfig, StageTrainConfig, TrainConfig
-from phanes_cli.manifest import ManifestRow, write_manifest
+from phanes_cli.inputs.manifest import ManifestRow, write_manifest
 
 _TEMPLATE: np.ndarray | None = None
 

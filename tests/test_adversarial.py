@@ -28,20 +28,22 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from phanes_cli.atomic import write_bytes
-from phanes_cli.backends import PhanesNetworks
-from phanes_cli.bundle import INDEX_FILE, load_bundle, save_bundle, write_calibration
-from phanes_cli.calibrate import calibrate
+from phanes_cli.calibrate.run import calibrate
 from phanes_cli.config import load_config
+from phanes_cli.core.bundle import INDEX_FILE, load_bundle, save_bundle, write_calibration
+from phanes_cli.core.calibration import Calibration
+from phanes_cli.core.preprocess import auto_brain_mask
+from phanes_cli.core.volume_io import load_volume
 from phanes_cli.errors import BundleError, ConfigError, InputError, PhanesError
-from phanes_cli.inputs import prepare_manifest, resolve_inputs
-from phanes_cli.manifest import ManifestRow, read_manifest, write_manifest
-from phanes_cli.pipeline import Calibration
-from phanes_cli.preprocess import auto_brain_mask
-from phanes_cli.quality import FATAL, check_volume
-from phanes_cli.screening.outputs import OutputLayout, commit_volume, consolidate, file_stem
+from phanes_cli.infra.atomic import write_bytes
+from phanes_cli.inputs.discovery import prepare_manifest, resolve_inputs
+from phanes_cli.inputs.manifest import ManifestRow, read_manifest, write_manifest
+from phanes_cli.inputs.quality import FATAL, check_volume
+from phanes_cli.runtimes.pytorch import PhanesNetworks
+from phanes_cli.screening.commit import commit_volume
+from phanes_cli.screening.consolidate import consolidate
+from phanes_cli.screening.layout import OutputLayout, file_stem
 from phanes_cli.training.data import healthy_rows
-from phanes_cli.volume_io import load_volume
 from tests._tiny_cohort import tiny_config
 from tests.conftest import blob_volume
 from tests.test_cli import phanes_in_process
@@ -114,7 +116,7 @@ def test_an_unreadable_volume_is_an_access_error_that_is_retried(locked: str, tm
     path = _nifti(tmp_path / "sub", "locked.nii.gz", blob_volume())
     target = path if locked == "file" else path.parent
     target.chmod(0)
-    probe = ("import sys\nfrom phanes_cli.volume_io import load_volume\ntry:\n    load_volume(sys.argv[1])\n"
+    probe = ("import sys\nfrom phanes_cli.core.volume_io import load_volume\ntry:\n    load_volume(sys.argv[1])\n"
              "except Exception as exc:\n    print(type(exc).__name__, exc.retryable, exc)\n")
     try:
         done = subprocess.run([*_UNPRIVILEGED, sys.executable, "-c", probe, str(path)],
@@ -280,8 +282,8 @@ def test_a_calibration_commit_failing_mid_way_leaves_the_bundle_byte_identical(f
     before = _snapshot(folder)
     probe = f"""
 import resource, signal
-from phanes_cli.bundle import load_bundle, write_calibration
-from phanes_cli.pipeline import Calibration
+from phanes_cli.core.bundle import load_bundle, write_calibration
+from phanes_cli.core.calibration import Calibration
 bundle = load_bundle({str(folder)!r})
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (400, 400))

@@ -7,11 +7,11 @@ import subprocess
 import sys
 
 import phanes_cli
-from phanes_cli.bundle import load_bundle
-from phanes_cli.calibrate import calibrate
+from phanes_cli.calibrate.run import calibrate
+from phanes_cli.core.bundle import load_bundle
+from phanes_cli.inputs.brain_masks import brain_mask_for
 from phanes_cli.screening.engine import screen
 from phanes_cli.screening.options import ScreenOptions
-from phanes_cli.skullstrip import brain_mask_for
 
 
 def test_exports_are_the_library_functions() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from phanes_cli.atomic import atomic_path, stage_bytes, write_json
+from phanes_cli.infra.atomic import atomic_path, stage_bytes, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,8 +20,8 @@ _WRITER = """
 import sys
 import numpy as np, pyarrow as pa
 from pathlib import Path
-from phanes_cli.atomic import write_json, write_parquet, write_text
-from phanes_cli.volume_io import save_nifti
+from phanes_cli.infra.atomic import write_json, write_parquet, write_text
+from phanes_cli.core.volume_io import save_nifti
 out = Path(sys.argv[1])
 write_json(out / "new" / "deeper" / "run.json", {"a": 1})
 write_text(out / "log.txt", "x")

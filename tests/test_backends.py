@@ -16,14 +16,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from phanes_cli.backends import PhanesNetworks, TorchBackend
-from phanes_cli.bundle import load_bundle, save_bundle
 from phanes_cli.cli import app
+from phanes_cli.core.bundle import load_bundle, save_bundle
+from phanes_cli.core.calibration import Calibration
+from phanes_cli.core.pipeline import run_slices
 from phanes_cli.errors import ConfigError
-from phanes_cli.export import export_bundle
-from phanes_cli.pipeline import Calibration, run_slices
 from phanes_cli.runtimes import validate_backend_name
 from phanes_cli.runtimes.artefacts import ArtefactError, RuntimeUnavailable
+from phanes_cli.runtimes.export import export_bundle
+from phanes_cli.runtimes.pytorch import PhanesNetworks, TorchBackend, load_networks
 from phanes_cli.runtimes.samples import brain_slices
 from phanes_cli.runtimes.select import choose_backend, plan_backend
 from tests._tiny_cohort import tiny_config
@@ -81,8 +82,9 @@ def test_onnxruntime_and_torch_backends_give_the_same_maps(exported: Path) -> No
     bundle = load_bundle(exported, require_calibration=False)
     x, brain = brain_slices(bundle.config.preprocess, 5)
     cal = Calibration(mask_threshold=0.05, anomaly_threshold=0.01)
-    ref = run_slices(x, brain, TorchBackend(bundle.networks(), CPU), bundle.config, cal)
-    got = run_slices(x, brain, choose_backend("onnxruntime", bundle, CPU), bundle.config, cal, given_mask=ref.mask)
+    ref = run_slices(x, brain, TorchBackend(load_networks(bundle), CPU), bundle.config, cal.mask_threshold)
+    got = run_slices(x, brain, choose_backend("onnxruntime", bundle, CPU), bundle.config, cal.mask_threshold,
+                     given_mask=ref.inpaint_mask)
     for key in ("x_cph", "x_ph", "anomaly"):
         torch.testing.assert_close(getattr(got, key), getattr(ref, key), atol=1e-4, rtol=0)
 
@@ -142,14 +144,14 @@ def test_tensorrt_engines_build_run_and_match_torch(copy: Path) -> None:
     backend = choose_backend("auto", bundle, cuda)
     assert backend.name == "tensorrt"
     x = torch.rand(20, 1, 32, 32, device=cuda)  # more than max batch: the engine runs it in two chunks
-    ref = TorchBackend(bundle.networks(), cuda, autocast=False).reconstruct(x)
+    ref = TorchBackend(load_networks(bundle), cuda, autocast=False).reconstruct(x)
     torch.testing.assert_close(backend.reconstruct(x), ref, atol=2e-2, rtol=0)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_TENSORRT, reason="needs the tensorrt package and a CUDA GPU")
 def test_an_engine_for_another_gpu_is_refused_and_auto_falls_back(copy: Path) -> None:
-    from phanes_cli.bundle import seal_index
+    from phanes_cli.core.bundle import seal_index
     from phanes_cli.runtimes.select import BackendFallbackWarning
 
     export_bundle(copy, "all", "fp32")
@@ -165,7 +167,7 @@ def test_an_engine_for_another_gpu_is_refused_and_auto_falls_back(copy: Path) ->
 
 def test_calibrate_on_onnxruntime_matches_torch(copy: Path, tmp_path: Path) -> None:
     """`calibrate --backend onnxruntime` runs the exported graphs and finds the thresholds torch finds."""
-    from phanes_cli.calibrate import calibrate
+    from phanes_cli.calibrate.run import calibrate
     from tests._tiny_cohort import write_cohort
 
     manifest = write_cohort(tmp_path / "cohort", n_train=1, n_val=2)

@@ -14,13 +14,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from phanes_cli.bids import is_bids_root, parse_filters, select_bids
-from phanes_cli.bundle import load_bundle
+from phanes_cli.core.bundle import load_bundle
 from phanes_cli.errors import ConfigError
-from phanes_cli.screening.bids_out import start_layout
+from phanes_cli.inputs.bids import is_bids_root, parse_filters, select_bids
+from phanes_cli.screening.bids_derivative import start_layout
 from phanes_cli.screening.engine import screen
+from phanes_cli.screening.layout import OutputLayout
 from phanes_cli.screening.options import ScreenOptions
-from phanes_cli.screening.outputs import OutputLayout
 from tests._ray import HEAD_IP, RayCluster
 from tests.conftest import blob_volume
 from tests.test_cli import phanes_in_process
@@ -122,7 +122,7 @@ def test_bids_layout_refuses_what_it_cannot_name(tmp_path: Path) -> None:
     assert not layout.bids and not (tmp_path / "out").exists()
     start_layout(layout, "bids", ["sub-01", "sub-03_ses-1_run-2"])
     assert layout.bids
-    assert layout.map_path("sub-03_ses-1_run-2", "mask") == (
+    assert layout.map_path("sub-03_ses-1_run-2", "lesion_mask") == (
         tmp_path / "out" / "sub-03" / "ses-1" / "anat" / "sub-03_ses-1_run-2_desc-lesion_mask.nii.gz")
     with pytest.raises(ConfigError, match="holds a --layout bids run"):
         start_layout(layout, "default", ["sub-01"])
@@ -135,7 +135,7 @@ def test_screen_layout_bids_writes_a_derivatives_dataset(ray_head: RayCluster, d
     out = tmp_path / "out"
     options = ScreenOptions(bundle=bundle, out=out, address=ray_head.address, node_ip=HEAD_IP, quiet=True,
                             num_actors=1, layout="bids", skull_strip="never",
-                            outputs=frozenset({"anomaly", "mask", "pseudohealthy"}))
+                            outputs=frozenset({"anomaly", "lesion_mask", "pseudohealthy"}))
     summary = screen([str(dataset)], options)
     assert (summary.done, summary.failed) == (4, 0)
     description = json.loads((out / "dataset_description.json").read_text())

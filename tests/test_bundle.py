@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from phanes_cli.backends import PhanesNetworks
-from phanes_cli.bundle import INDEX_FILE, load_bundle, save_bundle, write_calibration
+from phanes_cli.core.bundle import INDEX_FILE, load_bundle, save_bundle, write_calibration
+from phanes_cli.core.calibration import Calibration
 from phanes_cli.errors import BundleError
-from phanes_cli.pipeline import Calibration
+from phanes_cli.runtimes.pytorch import PhanesNetworks, load_networks
 from tests._tiny_cohort import tiny_config
 
 
@@ -41,7 +41,7 @@ def test_round_trip_restores_config_weights_and_outputs(folder: Path, nets: Phan
         assert all(torch.equal(state[k], v) for k, v in module.state_dict().items())
     x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert torch.equal(bundle.networks().ra.reconstruct(x), nets.ra.reconstruct(x))
+        assert torch.equal(load_networks(bundle).ra.reconstruct(x), nets.ra.reconstruct(x))
 
 
 def test_calibration_is_required_by_default_and_sealed_when_written(folder: Path) -> None:

@@ -99,8 +99,8 @@ def test_the_cli_choices_are_the_library_modes() -> None:
     from typing import get_args
 
     from phanes_cli.cli import SkullStrip
-    from phanes_cli.screening.bids_out import LAYOUTS
-    from phanes_cli.skullstrip import SKULL_STRIP_MODES
+    from phanes_cli.inputs.brain_masks import SKULL_STRIP_MODES
+    from phanes_cli.screening.bids_derivative import LAYOUTS
 
     assert get_args(SkullStrip) == SKULL_STRIP_MODES
     assert "<default|bids>" in _help("screen") and LAYOUTS == ("default", "bids")

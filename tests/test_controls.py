@@ -12,14 +12,15 @@ import pytest
 import torch
 from scipy import ndimage
 
-from phanes_cli.backends import PhanesNetworks, TorchBackend
-from phanes_cli.bundle import load_bundle, save_bundle
+from phanes_cli.core.bundle import load_bundle, save_bundle
+from phanes_cli.core.calibration import Calibration
+from phanes_cli.core.pipeline import run_volume
+from phanes_cli.core.preprocess import prepare_volume
+from phanes_cli.core.volume_io import load_mask, load_volume
 from phanes_cli.evaluation.controls import control_false_positives, recall_by_size, size_bin
 from phanes_cli.evaluation.evaluate import evaluate
-from phanes_cli.manifest import ManifestRow, read_manifest, write_manifest
-from phanes_cli.pipeline import Calibration, run_volume
-from phanes_cli.preprocess import prepare_volume
-from phanes_cli.volume_io import load_mask, load_volume
+from phanes_cli.inputs.manifest import ManifestRow, read_manifest, write_manifest
+from phanes_cli.runtimes.pytorch import PhanesNetworks, TorchBackend, load_networks
 from tests._tiny_cohort import tiny_config
 
 FULL = np.ones((3, 3, 3), dtype=bool)
@@ -99,14 +100,15 @@ def _oracle_masks(bundle: Path, row: ManifestRow) -> dict[str, tuple[np.ndarray,
     assert cal is not None and row.brain_mask is not None
     volume = load_volume(row.image)
     brain = load_mask(row.brain_mask, volume)
-    maps = run_volume(volume.data, brain, TorchBackend(model.networks(), torch.device("cpu")), model.config, cal, 16)
+    maps = run_volume(volume.data, brain, TorchBackend(load_networks(model), torch.device("cpu")), model.config,
+                      cal.mask_threshold, 16)
     processed = np.zeros(brain.shape[2], dtype=bool)
     processed[prepare_volume(volume.data, brain, model.config.preprocess).geometry.slice_index] = True
     region = brain & processed[None, None, :]
     voxel_ml = abs(np.linalg.det(volume.affine[:3, :3])) / 1000.0
-    assert maps.ra_map is not None
+    assert maps.stage1_map is not None
     return {"phanes": ((maps.anomaly >= cal.anomaly_threshold) & (maps.anomaly > 0) & region, region, voxel_ml),
-            "ra": ((maps.ra_map > cal.mask_threshold) & region, region, voxel_ml)}
+            "ra": ((maps.stage1_map > cal.mask_threshold) & region, region, voxel_ml)}
 
 
 def test_healthy_controls_are_scored_as_all_negative(evaluated: tuple[Path, Path, Path]) -> None:

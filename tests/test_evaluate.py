@@ -21,21 +21,23 @@ import torch
 from rich.table import Table
 from sklearn.metrics import average_precision_score
 
-from phanes_cli.backends import TorchBackend
-from phanes_cli.bundle import load_bundle, save_bundle
 from phanes_cli.config import AOTConfig, PhanesConfig, PreprocessConfig, RAConfig
+from phanes_cli.core.bundle import load_bundle, save_bundle
+from phanes_cli.core.calibration import Calibration
+from phanes_cli.core.lesion_rule import LesionRule
+from phanes_cli.core.pipeline import run_volume
+from phanes_cli.core.preprocess import prepare_volume, slices_of
+from phanes_cli.core.volume_io import DEFAULT_MAX_VOXELS, load_mask, load_volume
 from phanes_cli.errors import ConfigError, InputError
 from phanes_cli.evaluation.evaluate import evaluate, evaluate_volume, render_tables
 from phanes_cli.evaluation.methods import predict, run_methods, validate_methods
 from phanes_cli.evaluation.synthetic import central_positions, mid_slices, run_synthetic, synthetic_subjects
-from phanes_cli.manifest import ManifestRow, read_manifest, write_manifest
+from phanes_cli.inputs.manifest import ManifestRow, read_manifest, write_manifest
 from phanes_cli.models import AOTGenerator, SoftIntroVAE
-from phanes_cli.pipeline import Calibration, run_volume
-from phanes_cli.preprocess import prepare_volume, slices_of
+from phanes_cli.runtimes.pytorch import TorchBackend, load_networks
 from phanes_cli.screening.actors import InferenceActor
-from phanes_cli.screening.outputs import OutputLayout
+from phanes_cli.screening.layout import OutputLayout
 from phanes_cli.screening.tasks import WriteJob, decode_volume, write_volume
-from phanes_cli.volume_io import DEFAULT_MAX_VOXELS, load_mask, load_volume
 
 SHAPE = (40, 48, 20)
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
@@ -116,7 +118,7 @@ def result(cohort: dict[str, Path]):
 def model(cohort: dict[str, Path]) -> tuple[TorchBackend, PhanesConfig]:
     """The bundle's networks on the CPU, loaded once (the LPIPS trunk takes seconds)."""
     loaded = load_bundle(cohort["bundle"])
-    return TorchBackend(loaded.networks(), torch.device("cpu")), loaded.config
+    return TorchBackend(load_networks(loaded), torch.device("cpu")), loaded.config
 
 
 def test_outputs_have_a_row_per_method_and_volume(result, cohort: dict[str, Path]) -> None:
@@ -185,7 +187,8 @@ def test_screening_and_evaluation_give_the_maps_of_run_volume(cohort: dict[str, 
     row = next(r for r in read_manifest(cohort["manifest"]) if r.id == "p1")
     volume = load_volume(row.image)
     brain = load_mask(row.brain_mask, volume)
-    reference = run_volume(volume.data, brain, backend, cfg, CALIBRATION, batch_size=8)
+    reference = run_volume(volume.data, brain, backend, cfg, CALIBRATION.mask_threshold, batch_size=8)
+    lesions = LesionRule.from_calibration(CALIBRATION).apply(reference.anomaly, brain, volume.voxel_ml)
     assert reference.anomaly.max() > 0 and reference.inpaint_mask is not None and reference.inpaint_mask.any()
     # Pseudo-healthy at the input's intensities: the input itself outside the inpainted mask, and inside it
     # x_ph in [0, 1] times the brain's 98th intensity percentile (not the model's [0, 1] scale).
@@ -200,7 +203,7 @@ def test_screening_and_evaluation_give_the_maps_of_run_volume(cohort: dict[str, 
         bundle_hash = load_bundle(cohort["bundle"]).hash
         actor = InferenceActor(str(cohort["bundle"]), bundle_hash, "torch", "cpu", threads, 16, True, None)
         inferred, maps = actor.infer(slices)
-        outputs = frozenset({"anomaly", "mask", "pseudohealthy"})
+        outputs = frozenset({"anomaly", "lesion_mask", "pseudohealthy"})
         job = WriteJob(row=row, out=tmp_path, outputs=outputs, calibration=CALIBRATION, backend="torch",
                        bundle_hash=bundle_hash)
         assert write_volume(job, decoded, inferred, context, maps).failure is None
@@ -208,15 +211,15 @@ def test_screening_and_evaluation_give_the_maps_of_run_volume(cohort: dict[str, 
         torch.set_num_threads(threads)
     written = {k: np.asarray(nib.load(str(OutputLayout(tmp_path).map_path(row.id, k))).dataobj) for k in outputs}
     np.testing.assert_allclose(written["anomaly"], reference.anomaly, atol=1e-6)
-    np.testing.assert_array_equal(written["mask"] > 0, reference.predicted_lesions)
+    np.testing.assert_array_equal(written["lesion_mask"] > 0, lesions)
     np.testing.assert_allclose(written["pseudohealthy"], reference.pseudo_healthy, rtol=1e-5, atol=1e-4)
 
     evaluated = evaluate_volume(row, backend, cfg, CALIBRATION, ("phanes", "ra"), batch_size=16)
     np.testing.assert_allclose(evaluated.scores["phanes"], reference.anomaly, atol=1e-6)
-    np.testing.assert_allclose(evaluated.scores["ra"], reference.ra_map, atol=1e-6)  # type: ignore[arg-type]
+    np.testing.assert_allclose(evaluated.scores["ra"], reference.stage1_map, atol=1e-6)  # type: ignore[arg-type]
     np.testing.assert_array_equal(evaluated.inpaint_masks["phanes"], reference.inpaint_mask)
-    predicted = predict("phanes", evaluated.scores["phanes"], brain, CALIBRATION)
-    np.testing.assert_array_equal(predicted, reference.predicted_lesions)
+    predicted = predict("phanes", evaluated.scores["phanes"], brain, CALIBRATION, volume.voxel_ml)
+    np.testing.assert_array_equal(predicted, lesions)
 
 
 def test_phanes_gt_inpaints_the_ground_truth(result, cohort: dict[str, Path], model) -> None:
@@ -231,8 +234,8 @@ def test_phanes_gt_inpaints_the_ground_truth(result, cohort: dict[str, Path], mo
     maps = run_methods(prepared.slices, prepared.brain, gt, backend, cfg, CALIBRATION, ("phanes", "phanes-gt"),
                        batch_size=4)
     assert maps.phanes is not None and maps.phanes_gt is not None
-    np.testing.assert_array_equal(maps.phanes_gt.mask, (gt * prepared.brain).numpy() > 0.5)
-    assert not np.array_equal(maps.phanes.mask, maps.phanes_gt.mask)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(maps.phanes_gt.inpaint_mask, (gt * prepared.brain).numpy() > 0.5)
+    assert not np.array_equal(maps.phanes.inpaint_mask, maps.phanes_gt.inpaint_mask)  # type: ignore[arg-type]
     # s(x) vanishes outside the inpainted mask, so the upper bound ranks the lesion first.
     assert (maps.phanes_gt.anomaly[gt.numpy() == 0] == 0).all()
     assert result.summary["methods"]["phanes-gt"]["auprc"] > 0.9

@@ -19,14 +19,15 @@ import torch
 from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
-from phanes_cli.backends import PhanesNetworks, TorchBackend
-from phanes_cli.bundle import INDEX_FILE, load_bundle, save_bundle
 from phanes_cli.cli import app
+from phanes_cli.core.bundle import INDEX_FILE, load_bundle, save_bundle
+from phanes_cli.core.calibration import Calibration
+from phanes_cli.core.pipeline import run_slices
 from phanes_cli.errors import BundleError
-from phanes_cli.export import OPSET, PARITY_ATOL, export_bundle
-from phanes_cli.pipeline import Calibration, run_slices
 from phanes_cli.runtimes.artefacts import ArtefactError, read_artefact
+from phanes_cli.runtimes.export import OPSET, PARITY_ATOL, export_bundle
 from phanes_cli.runtimes.onnx import OnnxRuntimeBackend
+from phanes_cli.runtimes.pytorch import PhanesNetworks, TorchBackend
 from phanes_cli.runtimes.samples import brain_slices
 from phanes_cli.runtimes.trt_operators import MAX_OPSET, SUPPORTED_OPS, unsupported_nodes
 from tests._tiny_cohort import tiny_config
@@ -103,9 +104,9 @@ def test_pipeline_parity_on_real_brain_slices(exported: Path, nets: PhanesNetwor
     bundle = load_bundle(exported, require_calibration=False)
     x, brain = brain_slices(bundle.config.preprocess, 6)
     cal = Calibration(mask_threshold=0.05, anomaly_threshold=0.01)
-    ref = run_slices(x, brain, TorchBackend(nets, torch.device("cpu")), bundle.config, cal)
-    got = run_slices(x, brain, OnnxRuntimeBackend.from_bundle(bundle, torch.device("cpu")), bundle.config, cal,
-                     given_mask=ref.mask)
+    ref = run_slices(x, brain, TorchBackend(nets, torch.device("cpu")), bundle.config, cal.mask_threshold)
+    got = run_slices(x, brain, OnnxRuntimeBackend.from_bundle(bundle, torch.device("cpu")), bundle.config,
+                     cal.mask_threshold, given_mask=ref.inpaint_mask)
     for key in ("x_cph", "x_ph", "anomaly"):
         assert float((getattr(got, key) - getattr(ref, key)).abs().max()) <= PARITY_ATOL["fp32"][key]
     recorded = json.loads((exported / "engines" / "provenance.json").read_text())["parity"]["onnxruntime"]

@@ -25,13 +25,15 @@ import torch
 from scipy import ndimage
 from skimage.exposure import equalize_adapthist
 
-from phanes_cli import ops
-from phanes_cli.backends import PhanesNetworks, TorchBackend
-from phanes_cli.bundle import load_bundle, save_bundle
 from phanes_cli.config import AOTConfig, MaskConfig, PhanesConfig, PreprocessConfig, RAConfig
+from phanes_cli.core import ops
+from phanes_cli.core.bundle import load_bundle, save_bundle
+from phanes_cli.core.calibration import Calibration
+from phanes_cli.core.ops import binary_mask
+from phanes_cli.core.pipeline import anomaly_map, inpaint, run_slices, stage1_map
+from phanes_cli.core.preprocess import prepare_volume
 from phanes_cli.models import AOTGenerator, SoftIntroVAE
-from phanes_cli.pipeline import Calibration, anomaly_map, binary_mask, inpaint, run_slices, stage1_map
-from phanes_cli.preprocess import prepare_volume
+from phanes_cli.runtimes.pytorch import PhanesNetworks, TorchBackend, load_networks
 from phanes_cli.screening.engine import EXIT_OK, screen
 from phanes_cli.screening.options import ScreenOptions
 from tests._ray import HEAD_IP, RayCluster
@@ -282,11 +284,11 @@ def test_run_slices_composes_eq3_mask_and_eq4(backend: TorchBackend, slices: Sli
     x_cph = backend.reconstruct(t(x)).numpy()
     ra = eq3_oracle(x, x_cph, brain, backend, cfg.mask)
     threshold = separating_threshold(ra[brain > 0], 90)
-    maps = run_slices(t(x), t(brain), backend, cfg, Calibration(mask_threshold=threshold, anomaly_threshold=0.0))
+    maps = run_slices(t(x), t(brain), backend, cfg, threshold)
     np.testing.assert_array_equal(maps.x_cph.numpy(), x_cph)
-    np.testing.assert_allclose(maps.ra_map.numpy(), ra, atol=TOL)
+    np.testing.assert_allclose(maps.stage1_map.numpy(), ra, atol=TOL)
     mask = mask_oracle(ra, brain, threshold, cfg.mask)
-    np.testing.assert_array_equal(maps.mask.numpy(), mask)
+    np.testing.assert_array_equal(maps.inpaint_mask.numpy(), mask)
     assert 0 < mask.sum() < 0.6 * brain.sum()
     x_ph, s = eq4_oracle(x, mask, brain, backend)
     np.testing.assert_allclose(maps.x_ph.numpy(), x_ph, atol=TOL)
@@ -300,8 +302,8 @@ def test_run_slices_without_smoothing_misses_the_oracle(backend: TorchBackend, s
     x_cph = backend.reconstruct(t(x)).numpy()
     ra = eq3_oracle(x, x_cph, brain, backend, cfg.mask)
     monkeypatch.setattr(ops, "gaussian_blur", lambda x, sigma: x.clone())
-    maps = run_slices(t(x), t(brain), backend, cfg, Calibration(mask_threshold=1.0, anomaly_threshold=0.0))
-    assert np.abs(maps.ra_map.numpy() - ra).max() > 20 * TOL
+    maps = run_slices(t(x), t(brain), backend, cfg, 1.0)
+    assert np.abs(maps.stage1_map.numpy() - ra).max() > 20 * TOL
 
 
 # ---------------------------------------------------------------- end to end: the files `phanes screen` writes
@@ -311,11 +313,11 @@ def make_bundle(folder: Path, image: np.ndarray, brain: np.ndarray) -> Path:
     torch.manual_seed(0)
     cfg = small_config()
     save_bundle(folder, cfg, SoftIntroVAE(cfg.ra, cfg.preprocess.image_size), AOTGenerator(cfg.aot))
-    backend = TorchBackend(load_bundle(folder, require_calibration=False).networks(), torch.device("cpu"))
+    backend = TorchBackend(load_networks(load_bundle(folder, require_calibration=False)), torch.device("cpu"))
     prepared = prepare_volume(image, brain, cfg.preprocess)
-    first = run_slices(prepared.slices, prepared.brain, backend, cfg, Calibration(float("inf"), 0.0))
-    mask_threshold = float(torch.quantile(first.ra_map[prepared.brain > 0], 0.9))
-    second = run_slices(prepared.slices, prepared.brain, backend, cfg, Calibration(mask_threshold, 0.0))
+    first = run_slices(prepared.slices, prepared.brain, backend, cfg, float("inf"))
+    mask_threshold = float(torch.quantile(first.stage1_map[prepared.brain > 0], 0.9))
+    second = run_slices(prepared.slices, prepared.brain, backend, cfg, mask_threshold)
     anomaly_threshold = float(torch.quantile(second.anomaly[second.anomaly > 0], 0.8))
     nets = backend.networks
     save_bundle(folder, cfg, nets.ra, nets.generator, Calibration(mask_threshold, anomaly_threshold))
@@ -342,10 +344,11 @@ def screened(ray_head: RayCluster, tmp_path_factory: pytest.TempPathFactory) -> 
         patch.setenv("RAY_AUTH_MODE", "disabled")  # loopback cluster, as the other Ray tests
         summary = screen([str(root / "list.csv")],
                          ScreenOptions(bundle=bundle, out=out, address=ray_head.address, node_ip=HEAD_IP, quiet=True,
-                                       num_actors=1, outputs=frozenset({"anomaly", "mask", "pseudohealthy"})))
+                                       num_actors=1, outputs=frozenset({"anomaly", "lesion_mask", "pseudohealthy"})))
     assert summary.exit_code == EXIT_OK and summary.done == 1
     maps = {kind: np.asarray(nib.nifti1.load(str(out / "maps" / f"sub_{suffix}.nii.gz")).dataobj)
-            for kind, suffix in (("pseudohealthy", "pseudohealthy"), ("anomaly", "anomaly"), ("mask", "lesionmask"))}
+            for kind, suffix in (("pseudohealthy", "pseudohealthy"), ("anomaly", "anomaly"),
+                                 ("lesion_mask", "lesionmask"))}
     assert all(m.shape == data.shape for m in maps.values())
     (row,) = pq.read_table(out / "volumes.parquet").to_pylist()
     assert row["id"] == "sub" and row["status"] == "ok" and row["brain_mask_source"] == "file"
@@ -369,7 +372,7 @@ def test_screen_writes_the_pseudo_healthy_image_at_input_intensities(screened: d
 
 @pytest.mark.slow
 def test_screen_anomaly_map_and_lesion_mask_stay_in_the_brain(screened: dict[str, np.ndarray]) -> None:
-    brain, anomaly, lesion = screened["brain"], screened["anomaly"], screened["mask"].astype(bool)
+    brain, anomaly, lesion = screened["brain"], screened["anomaly"], screened["lesion_mask"].astype(bool)
     assert (anomaly[~brain] == 0).all() and anomaly[brain].max() > 0
     assert lesion.any() and not (lesion & (~brain | (anomaly <= 0))).any()
 
@@ -378,5 +381,5 @@ def test_screen_anomaly_map_and_lesion_mask_stay_in_the_brain(screened: dict[str
 def test_screen_lesion_burden_counts_the_written_mask(screened: dict[str, np.ndarray]) -> None:
     """lesion_burden_ml = nonzero voxels of the written mask x the voxel volume from the affine."""
     voxel_ml = abs(np.linalg.det(screened["affine"][:3, :3])) / 1000.0
-    assert screened["burden_ml"] == pytest.approx(np.count_nonzero(screened["mask"]) * voxel_ml, rel=1e-9)
+    assert screened["burden_ml"] == pytest.approx(np.count_nonzero(screened["lesion_mask"]) * voxel_ml, rel=1e-9)
     assert screened["brain_ml"] == pytest.approx(np.count_nonzero(screened["brain"]) * voxel_ml, rel=1e-9)

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from phanes_cli.errors import InputError
-from phanes_cli.inputs import looks_like_mask, prepare_manifest, resolve_inputs
-from phanes_cli.manifest import read_manifest
+from phanes_cli.inputs.discovery import looks_like_mask, prepare_manifest, resolve_inputs
+from phanes_cli.inputs.manifest import read_manifest
 
 
 def _nifti(

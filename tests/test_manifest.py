@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from phanes_cli.errors import InputError
-from phanes_cli.manifest import MANIFEST_COLUMNS, ManifestRow, read_manifest, select, write_manifest
+from phanes_cli.inputs.manifest import MANIFEST_COLUMNS, ManifestRow, read_manifest, select, write_manifest
 
 
 def test_round_trip_resolves_relative_paths(tmp_path: Path) -> None:

@@ -7,8 +7,8 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from phanes_cli import ops
 from phanes_cli.config import MaskConfig
+from phanes_cli.core import ops
 from phanes_cli.errors import ConfigError
 from phanes_kernels.clahe import clahe_torch
 
@@ -130,12 +130,19 @@ def _fused_inputs(seed: int) -> dict[str, torch.Tensor]:
     return t
 
 
+def _mask_step(eq_x: torch.Tensor, eq_rec: torch.Tensor, lpips: torch.Tensor, brain: torch.Tensor, threshold: float,
+               cfg: MaskConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mask generation after the networks: (stage 1 map m(x), binary dilated inpainting mask)."""
+    m = ops.stage1_map(eq_x, eq_rec, lpips, brain, cfg)
+    return m, ops.binary_mask(m, brain, threshold, cfg)
+
+
 @pytest.mark.parametrize("per_image", [None, 90.0])
 def test_mask_step_reference_matches_scipy(monkeypatch: pytest.MonkeyPatch, per_image: float | None) -> None:
     """Eq. 3 one image at a time with numpy percentiles and scipy filters in float64."""
     monkeypatch.setenv(ops.KERNELS_ENV, "torch")
     t, cfg = _fused_inputs(5), MaskConfig(per_image_percentile=per_image)
-    ra, mask = ops.mask_step(t["eq_x"], t["eq_rec"], t["lpips"], t["brain"], 0.2, cfg)
+    ra, mask = _mask_step(t["eq_x"], t["eq_rec"], t["lpips"], t["brain"], 0.2, cfg)
     for i in range(4):
         a, b, lp, br = (t[k][i, 0].double().numpy() for k in ("eq_x", "eq_rec", "lpips", "brain"))
         residual = np.abs(b - a) * br
@@ -148,18 +155,16 @@ def test_mask_step_reference_matches_scipy(monkeypatch: pytest.MonkeyPatch, per_
     assert float(ra[1].abs().max()) == 0 and float(mask[1].sum()) == 0 and float(mask.sum()) > 0
 
 
-def test_final_step_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_anomaly_map_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(ops.KERNELS_ENV, "torch")
     t = _fused_inputs(6)
     x_ph = ops.compose(t["x"], t["completed"], t["mask"])
     x, g, m, br, lp = (t[k].numpy().astype(np.float64) for k in ("x", "completed", "mask", "brain", "lpips"))
     np.testing.assert_allclose(x_ph.numpy(), x * (1 - m) + g * m, atol=1e-6)
-    anomaly, lesion = ops.final_step(t["x"], t["x_ph"], t["lpips"], t["mask"], t["brain"], 0.1)
+    anomaly = ops.anomaly_map(t["x"], t["x_ph"], t["lpips"], t["mask"], t["brain"])
     score = np.abs(t["x_ph"].numpy().astype(np.float64) - x) * lp * m * br
     np.testing.assert_allclose(anomaly.numpy(), score, atol=1e-6)
-    assert lesion.dtype == torch.bool
-    np.testing.assert_array_equal(lesion.numpy(), (score >= 0.1) & (score > 0) & (br > 0))
-    assert not lesion[1].any() and not lesion[2].any() and lesion.any()
+    assert not anomaly[1].any() and not anomaly[2].any() and anomaly.any()
 
 
 @pytest.mark.gpu
@@ -172,16 +177,15 @@ def test_fused_steps_on_cuda_match_cpu_reference(monkeypatch: pytest.MonkeyPatch
     assert torch.equal(ops.clahe(x.cuda(), MaskConfig()).cpu(), ops.clahe(x, MaskConfig()))
     for cfg in (MaskConfig(), MaskConfig(per_image_percentile=90.0)):
         args = (t["eq_x"], t["eq_rec"], t["lpips"], t["brain"], 0.2)
-        ra, mask = ops.mask_step(*(a.cuda() for a in args[:4]), args[4], cfg)
-        ra_ref, mask_ref = ops.mask_step(*args, cfg)
+        ra, mask = _mask_step(*(a.cuda() for a in args[:4]), args[4], cfg)
+        ra_ref, mask_ref = _mask_step(*args, cfg)
         torch.testing.assert_close(ra.cpu(), ra_ref, atol=1e-6, rtol=1e-6)
         assert torch.equal(mask.cpu(), mask_ref)
     gpu = {k: v.cuda() for k, v in t.items()}
     composed = ops.compose(gpu["x"], gpu["completed"], gpu["mask"]).cpu()
     assert torch.equal(composed, ops.compose(t["x"], t["completed"], t["mask"]))
-    fast = ops.final_step(gpu["x"], gpu["x_ph"], gpu["lpips"], gpu["mask"], gpu["brain"], 0.1)
-    reference = ops.final_step(t["x"], t["x_ph"], t["lpips"], t["mask"], t["brain"], 0.1)
-    assert all(torch.equal(f.cpu(), r) for f, r in zip(fast, reference, strict=True))
+    fast = ops.anomaly_map(gpu["x"], gpu["x_ph"], gpu["lpips"], gpu["mask"], gpu["brain"])
+    assert torch.equal(fast.cpu(), ops.anomaly_map(t["x"], t["x_ph"], t["lpips"], t["mask"], t["brain"]))
 
 
 @pytest.mark.gpu

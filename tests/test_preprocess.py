@@ -11,17 +11,17 @@ import pytest
 import torch
 
 from phanes_cli.config import PreprocessConfig
-from phanes_cli.errors import InputError
-from phanes_cli.preprocess import (
+from phanes_cli.core.preprocess import (
     auto_brain_mask,
     intensity_scale,
-    load_with_brain,
     prepare_volume,
     restore_volume,
     select_slices,
     slices_of,
 )
-from phanes_cli.volume_io import load_volume
+from phanes_cli.core.volume_io import load_volume
+from phanes_cli.errors import InputError
+from phanes_cli.inputs.brain_masks import load_with_brain
 from tests.conftest import SHARED_DATA, blob_volume, needs_shared
 
 CFG = PreprocessConfig()

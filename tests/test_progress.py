@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from phanes_cli.cli import app
-from phanes_cli.progress import make_progress
+from phanes_cli.infra.progress import make_progress
 
 
 def test_plain_lines_at_start_periodically_and_at_the_end(capsys: pytest.CaptureFixture[str]) -> None:

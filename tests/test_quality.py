@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from phanes_cli.preprocess import auto_brain_mask
-from phanes_cli.quality import FATAL, FLAGS, check_volume
+from phanes_cli.core.preprocess import auto_brain_mask
+from phanes_cli.core.volume_io import Volume, load_volume, save_nifti
+from phanes_cli.inputs.quality import FATAL, FLAGS, check_volume
 from phanes_cli.synth.templates import Template, load_mni152
-from phanes_cli.volume_io import Volume, load_volume, save_nifti
 from tests.conftest import SHARED_DATA, blob_volume, needs_shared
 
 

@@ -10,9 +10,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from phanes_cli.manifest import read_manifest
+from phanes_cli.inputs.manifest import read_manifest
 from phanes_cli.synth.cohort import DEFAULT_TEST_SOURCES, DEFAULT_VAL_SOURCES, synth_cohort
-from phanes_cli.synth.shapes import PACKAGED_BANK, build_bank, folder_bank, npz_bank, pick_by_volume
+from phanes_cli.synth.lesion_bank import PACKAGED_BANK, build_bank, folder_bank, npz_bank, pick_by_volume
 from phanes_cli.synth.templates import PACKAGED_TEMPLATES
 from phanes_cli.synth.variation import VariationConfig, _ventricle_warp, acquire, atrophy
 from tests.conftest import SHARED_DATA, needs_shared

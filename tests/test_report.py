@@ -18,11 +18,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from phanes_cli.atomic import write_json, write_parquet
 from phanes_cli.cohort_report.figures import pick_slices
 from phanes_cli.cohort_report.page import render_report
 from phanes_cli.errors import InputError
-from phanes_cli.screening.outputs import FAILURE_SCHEMA, VOLUME_SCHEMA, OutputLayout, table_from_rows
+from phanes_cli.infra.atomic import write_json, write_parquet
+from phanes_cli.screening.layout import OutputLayout
+from phanes_cli.screening.schemas import FAILURE_SCHEMA, VOLUME_SCHEMA, table_from_rows
 from tests.conftest import blob_volume
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -46,7 +47,7 @@ def make_run(root: Path, n_ok: int = 5, n_failed: int = 2, with_maps: bool = Tru
         nib.save(nib.Nifti1Image(image, affine), str(path))
         if with_maps:
             nib.save(nib.Nifti1Image(anomaly, affine), str(layout.map_path(vid, "anomaly")))
-            nib.save(nib.Nifti1Image(lesion.astype(np.uint8), affine), str(layout.map_path(vid, "mask")))
+            nib.save(nib.Nifti1Image(lesion.astype(np.uint8), affine), str(layout.map_path(vid, "lesion_mask")))
             nib.save(nib.Nifti1Image(np.where(lesion, 50.0, image).astype(np.float32), affine),
                      str(layout.map_path(vid, "pseudohealthy")))
         volumes.append({"id": vid, "input_path": str(path), "status": "ok", "lesion_count": 1,

@@ -21,26 +21,22 @@ import pytest
 import torch
 from scipy import ndimage
 
-from phanes_cli.backends import TorchBackend
-from phanes_cli.bundle import load_bundle, save_bundle, write_calibration
 from phanes_cli.config import AOTConfig, PhanesConfig, PreprocessConfig, RAConfig
+from phanes_cli.core.bundle import load_bundle, save_bundle, write_calibration
+from phanes_cli.core.calibration import Calibration
+from phanes_cli.core.pipeline import run_slices
+from phanes_cli.core.preprocess import prepare_volume
+from phanes_cli.core.volume_io import load_volume
 from phanes_cli.errors import BundleError
-from phanes_cli.manifest import ManifestRow
+from phanes_cli.inputs.manifest import ManifestRow
 from phanes_cli.models import AOTGenerator, SoftIntroVAE
-from phanes_cli.pipeline import Calibration, run_slices
-from phanes_cli.preprocess import prepare_volume
+from phanes_cli.runtimes.pytorch import TorchBackend, load_networks
 from phanes_cli.screening.actors import InferenceActor
+from phanes_cli.screening.commit import commit_volume, is_done, previous_failure, read_marker, record_failure
+from phanes_cli.screening.consolidate import consolidate
 from phanes_cli.screening.engine import EXIT_OK, EXIT_SOME_FAILED, screen
+from phanes_cli.screening.layout import OutputLayout
 from phanes_cli.screening.options import ScreenOptions
-from phanes_cli.screening.outputs import (
-    OutputLayout,
-    commit_volume,
-    consolidate,
-    is_done,
-    previous_failure,
-    read_marker,
-    record_failure,
-)
 from phanes_cli.screening.plan import plan_volumes
 from phanes_cli.screening.tasks import (
     ModelSlices,
@@ -50,7 +46,6 @@ from phanes_cli.screening.tasks import (
     volume_statistics,
     write_volume,
 )
-from phanes_cli.volume_io import load_volume
 from tests._ray import HEAD_IP, RayCluster
 
 TIMING_COLUMNS = ["runtime_s", "decode_s", "inference_s", "write_s", "decode_node", "inference_node", "write_node"]
@@ -81,11 +76,11 @@ def make_bundle(folder: Path) -> Path:
     torch.manual_seed(0)
     cfg = tiny_config()
     save_bundle(folder, cfg, SoftIntroVAE(cfg.ra, cfg.preprocess.image_size), AOTGenerator(cfg.aot))
-    backend = TorchBackend(load_bundle(folder, require_calibration=False).networks(), torch.device("cpu"))
+    backend = TorchBackend(load_networks(load_bundle(folder, require_calibration=False)), torch.device("cpu"))
     prepared = prepare_volume(head_volume((40, 48, 24), seed=99), None, cfg.preprocess)
-    first = run_slices(prepared.slices, prepared.brain, backend, cfg, Calibration(float("inf"), 0.0))
-    mask_threshold = float(torch.quantile(first.ra_map[prepared.brain > 0], 0.9))
-    second = run_slices(prepared.slices, prepared.brain, backend, cfg, Calibration(mask_threshold, 0.0))
+    first = run_slices(prepared.slices, prepared.brain, backend, cfg, float("inf"))
+    mask_threshold = float(torch.quantile(first.stage1_map[prepared.brain > 0], 0.9))
+    second = run_slices(prepared.slices, prepared.brain, backend, cfg, mask_threshold)
     scores = second.anomaly[second.anomaly > 0]
     write_calibration(folder, Calibration(mask_threshold, float(torch.quantile(scores, 0.8))))
     return folder
@@ -198,12 +193,12 @@ def test_the_driver_and_the_cpu_stages_import_no_network_code() -> None:
     not the driver or the Ray workers that decode and write. A fresh interpreter checks, then imports the
     backends to show the check can see them."""
     code = ("import sys, phanes_cli.screening.engine, phanes_cli.screening.tasks\n"
-            "names = ('lpips', 'torchvision', 'phanes_cli.backends')\n"
+            "names = ('lpips', 'torchvision', 'phanes_cli.runtimes.pytorch')\n"
             "print(sorted(m for m in names if m in sys.modules))\n"
             "import phanes_cli.runtimes.select\n"
             "print(sorted(m for m in names if m in sys.modules))\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
-    assert run.stdout.splitlines() == ["[]", "['lpips', 'phanes_cli.backends', 'torchvision']"]
+    assert run.stdout.splitlines() == ["[]", "['lpips', 'phanes_cli.runtimes.pytorch', 'torchvision']"]
 
 
 def test_commit_resume_and_consolidation_rules(tmp_path: Path) -> None:
@@ -211,7 +206,7 @@ def test_commit_resume_and_consolidation_rules(tmp_path: Path) -> None:
     image.write_bytes(b"x")
     layout = OutputLayout(tmp_path / "out")
     layout.ensure()
-    outputs = ("anomaly", "mask")
+    outputs = ("anomaly", "lesion_mask")
     for kind in outputs:
         layout.map_path("a", kind).write_bytes(b"nifti")
     marker = {"id": "a", "input_path": str(image), "input_signature": [1, image.stat().st_mtime_ns],
@@ -221,9 +216,9 @@ def test_commit_resume_and_consolidation_rules(tmp_path: Path) -> None:
     assert is_done(layout, "a", image, "h1", outputs)
     assert not is_done(layout, "a", image, "h2", outputs)  # another bundle
     assert not is_done(layout, "a", image, "h1", (*outputs, "pseudohealthy"))  # a new output asked for
-    layout.map_path("a", "mask").unlink()
+    layout.map_path("a", "lesion_mask").unlink()
     assert not is_done(layout, "a", image, "h1", outputs)  # a file went missing
-    layout.map_path("a", "mask").write_bytes(b"nifti")
+    layout.map_path("a", "lesion_mask").write_bytes(b"nifti")
     image.write_bytes(b"changed!")
     assert not is_done(layout, "a", image, "h1", outputs)  # the input changed
 
@@ -308,7 +303,7 @@ def test_a_decode_failure_passes_through_the_chained_stages_unchanged(bundle: Pa
     actor = InferenceActor(str(bundle), bundle_obj.hash, "torch", "cpu", 1, 4, False, None)
     inferred, maps = actor.infer(slices)
     assert inferred.failure is None and maps is None
-    job = WriteJob(row=row, out=tmp_path / "out", outputs=frozenset({"mask"}),
+    job = WriteJob(row=row, out=tmp_path / "out", outputs=frozenset({"lesion_mask"}),
                    calibration=bundle_obj.require_calibration(), backend="torch", bundle_hash=bundle_obj.hash)
     written = write_volume(job, decoded, inferred, context, maps)
     assert written.failure == decoded.failure
@@ -337,7 +332,7 @@ def test_mixed_cohort_geometry_tables_failures_and_resume(cluster: RayCluster, b
     nan[20, 20, 10] = np.nan
     nib.save(nib.Nifti1Image(nan, np.diag([2.0, 2.0, 2.0, 1.0])), str(src / "nan.nii.gz"))
     out, log = tmp_path / "out", tmp_path / "log.jsonl"
-    outputs = frozenset({"anomaly", "mask", "pseudohealthy"})
+    outputs = frozenset({"anomaly", "lesion_mask", "pseudohealthy"})
 
     summary = screen([str(src)], _options(bundle, out, outputs=outputs, log_jsonl=log, batch_size=7, max_in_flight=3))
 

@@ -17,13 +17,13 @@ import torch
 from scipy import ndimage
 
 from phanes_cli.config import PreprocessConfig
+from phanes_cli.core.preprocess import prepare_volume
+from phanes_cli.core.volume_io import DEFAULT_MAX_VOXELS, load_volume, save_nifti
 from phanes_cli.errors import ConfigError
-from phanes_cli.manifest import ManifestRow
-from phanes_cli.preprocess import load_with_brain, prepare_volume
+from phanes_cli.inputs.brain_masks import add_model_masks, brain_mask_for, load_with_brain
+from phanes_cli.inputs.manifest import ManifestRow
 from phanes_cli.screening.tasks import decode_volume
-from phanes_cli.skullstrip import add_model_masks, brain_mask_for
 from phanes_cli.synth.templates import Template, load_mni152
-from phanes_cli.volume_io import DEFAULT_MAX_VOXELS, load_volume, save_nifti
 from tests.conftest import SHARED_DATA
 
 HEAD_T1 = SHARED_DATA / "head-t1" / "niivue_otsu_head_T1.nii.gz"

@@ -20,12 +20,12 @@ from scipy import ndimage
 from typer.testing import CliRunner
 
 from phanes_cli import __version__
-from phanes_cli.bundle import load_bundle
 from phanes_cli.cli import app
+from phanes_cli.core.bundle import load_bundle
 from phanes_cli.errors import ConfigError, InputError
 from phanes_cli.screening.engine import screen
 from phanes_cli.screening.options import ScreenOptions
-from phanes_cli.stats import run_stats
+from phanes_cli.screening.restat import run_stats
 from tests._ray import HEAD_IP, RayCluster
 from tests.test_screening import affines, make_bundle, write_head
 

@@ -13,11 +13,11 @@ import pytest
 from scipy import ndimage
 
 from phanes_cli.errors import ConfigError, InputError
-from phanes_cli.manifest import read_manifest
+from phanes_cli.inputs.manifest import read_manifest
 from phanes_cli.synth import make_subject, paint_sprites, synth_cohort
 from phanes_cli.synth.cohort import round_robin, source_splits
+from phanes_cli.synth.lesion_bank import folder_bank, npz_bank
 from phanes_cli.synth.lesions import LesionConfig, allowed_region, blend_weight, ground_truth_mask, procedural_shape
-from phanes_cli.synth.shapes import folder_bank, npz_bank
 from phanes_cli.synth.sprites import PERCENTILE_BANDS
 from phanes_cli.synth.templates import PACKAGED_TEMPLATES, Template, load_mni152, load_template_file, output_grid
 from phanes_cli.synth.variation import VariationConfig, sample_anatomy

@@ -15,22 +15,22 @@ import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from phanes_cli.backends import PhanesNetworks, TorchBackend
-from phanes_cli.bundle import load_bundle
-from phanes_cli.calibrate import calibrate
+from phanes_cli.calibrate.run import calibrate
 from phanes_cli.cli import app
 from phanes_cli.config import StageTrainConfig
+from phanes_cli.core.bundle import load_bundle
+from phanes_cli.core.pipeline import stage1_map
+from phanes_cli.core.preprocess import prepare_volume
+from phanes_cli.core.volume_io import load_mask, load_volume
 from phanes_cli.errors import BundleError, ConfigError
-from phanes_cli.manifest import read_manifest
-from phanes_cli.pipeline import stage1_map
-from phanes_cli.preprocess import prepare_volume
+from phanes_cli.inputs.manifest import read_manifest
+from phanes_cli.runtimes.pytorch import PhanesNetworks, TorchBackend, load_networks
 from phanes_cli.training import losses, validation
 from phanes_cli.training.augment import AffineParams, apply_affine, augment, sampling_matrices
 from phanes_cli.training.data import epoch_batches
-from phanes_cli.training.shapes import random_ellipses, random_training_masks
+from phanes_cli.training.holes import random_ellipses, random_training_masks
 from phanes_cli.training.steps import Learner, evaluating
 from phanes_cli.training.trainer import train
-from phanes_cli.volume_io import load_mask, load_volume
 from tests._tiny_cohort import tiny_config, write_cohort
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -300,7 +300,7 @@ def test_stage2_holes_use_the_calibration_percentile_of_the_trained_stage1(train
     volume = load_volume(row.image)
     prepared = prepare_volume(volume.data, load_mask(row.brain_mask, volume), cfg.preprocess)
     x, brain = prepared.slices, prepared.brain
-    backend = TorchBackend(bundle.networks(), torch.device("cpu"))
+    backend = TorchBackend(load_networks(bundle), torch.device("cpu"))
     with torch.no_grad():
         ra_map = stage1_map(x, backend.networks.ra.reconstruct(x), brain, backend, cfg.mask)
     expected = float(np.percentile(ra_map[brain > 0].double().numpy(), cfg.mask.mask_percentile))

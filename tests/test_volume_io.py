@@ -9,8 +9,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from phanes_cli.core.volume_io import load_mask, load_volume, save_like
 from phanes_cli.errors import InputAccessError, InputError
-from phanes_cli.volume_io import load_mask, load_volume, save_like
 from tests.conftest import blob_volume
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from phanes_cli.synth.shapes import PACKAGED_BANK, build_bank
+from phanes_cli.synth.lesion_bank import PACKAGED_BANK, build_bank
 
 if __name__ == "__main__":
     default = Path(__file__).resolve().parents[2] / "shared" / "data" / "stroke-lesion-masks"

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from phanes_cli.atomic import atomic_path
+from phanes_cli.infra.atomic import atomic_path
 
 OUTLINE_RGB = np.array([0, 230, 255], dtype=np.float32)
 MIN_TILE_PX = 160

@@ -24,11 +24,11 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from phanes_cli import __version__
-from phanes_cli.atomic import write_text
 from phanes_cli.cohort_report.figures import CaseArrays, render_case, save_png
+from phanes_cli.core.volume_io import load_volume
 from phanes_cli.errors import InputError
-from phanes_cli.screening.outputs import OutputLayout
-from phanes_cli.volume_io import load_volume
+from phanes_cli.infra.atomic import write_text
+from phanes_cli.screening.layout import OutputLayout
 
 TABLE_COLUMNS = ("id", "status", "lesion_burden_ml", "lesion_count", "largest_lesion_ml", "brain_volume_ml",
                  "lesion_burden_fraction", "max_anomaly", "mean_anomaly", "slices_processed", "qc_flags", "runtime_s")
@@ -99,7 +99,7 @@ def _case_arrays(layout: OutputLayout, row: dict[str, Any]) -> CaseArrays:
     vid = row["id"]
     image = load_volume(row["input_path"])
     anomaly = load_volume(layout.map_path(vid, "anomaly")).data
-    lesion = load_volume(layout.map_path(vid, "mask")).data > 0
+    lesion = load_volume(layout.map_path(vid, "lesion_mask")).data > 0
     pseudo_path = layout.map_path(vid, "pseudohealthy")
     pseudo = load_volume(pseudo_path).data if pseudo_path.is_file() else None
     return CaseArrays(image=image.data, anomaly=anomaly, lesion=lesion, pseudo_healthy=pseudo)

@@ -5,7 +5,8 @@ lesion-wise detection and lesion-volume error over a cohort without keeping voxe
 `lesions` holds the connected-component helpers shared with screening.
 """
 
-from phanes_cli.evaluation.lesions import LesionDetection, label_components, lesion_detection, lesion_table
+from phanes_cli.core.components import label_components, lesion_table
+from phanes_cli.evaluation.detection import LesionDetection, lesion_detection
 from phanes_cli.evaluation.metrics import CohortMetrics, PRHistogram, VolumeScores, dice
 
 __all__ = [

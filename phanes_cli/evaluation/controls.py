@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from phanes_cli.evaluation.lesions import label_components
+from phanes_cli.core.components import label_components
 
 _CONTROL_FIELDS: list[pa.Field] = [pa.field("method", pa.string()), pa.field("id", pa.string()),
                                    pa.field("fp_components", pa.int64()), pa.field("fp_ml", pa.float64())]

@@ -37,10 +37,13 @@ import pyarrow as pa
 from rich.table import Table
 
 from phanes_cli import __version__
-from phanes_cli.atomic import write_json, write_parquet
-from phanes_cli.backends import Backend, select_device
-from phanes_cli.bundle import load_bundle
 from phanes_cli.config import PhanesConfig
+from phanes_cli.core.backend import Backend
+from phanes_cli.core.bundle import load_bundle
+from phanes_cli.core.calibration import Calibration
+from phanes_cli.core.pipeline import restore_maps, restore_score
+from phanes_cli.core.preprocess import AXIAL_AXIS, prepare_volume, slices_of
+from phanes_cli.core.volume_io import load_mask
 from phanes_cli.errors import ConfigError, InputError
 from phanes_cli.evaluation.controls import DetectionBreakdown
 from phanes_cli.evaluation.methods import (
@@ -53,14 +56,14 @@ from phanes_cli.evaluation.methods import (
     validate_methods,
 )
 from phanes_cli.evaluation.metrics import VOLUME_SCORES_SCHEMA, CohortMetrics
-from phanes_cli.evaluation.report import render_tables as _render_tables
 from phanes_cli.evaluation.synthetic import SyntheticResult, run_synthetic, synthetic_subjects
-from phanes_cli.manifest import ManifestRow, read_manifest, select
-from phanes_cli.pipeline import Calibration, restore_maps, restore_score
-from phanes_cli.preprocess import AXIAL_AXIS, load_with_brain, prepare_volume, slices_of
-from phanes_cli.progress import LoggedProgress
+from phanes_cli.evaluation.tables import render_tables as _render_tables
+from phanes_cli.infra.atomic import write_json, write_parquet
+from phanes_cli.infra.progress import LoggedProgress
+from phanes_cli.inputs.brain_masks import load_with_brain
+from phanes_cli.inputs.manifest import ManifestRow, read_manifest, select
+from phanes_cli.runtimes.pytorch import select_device
 from phanes_cli.runtimes.select import choose_backend
-from phanes_cli.volume_io import load_mask
 
 BINS = 65536
 MAX_SCORE = 1.0
@@ -171,8 +174,7 @@ def evaluate_volume(
                            batch_size)
     except FloatingPointError as exc:
         raise FloatingPointError(f"{row.id}: {exc}") from exc
-    main, gt = ((None if m is None else restore_maps(m, geometry, brain, prepared.scale, volume.data, calibration,
-                                                     volume.voxel_ml))
+    main, gt = ((None if m is None else restore_maps(m, geometry, brain, prepared.scale, volume.data))
                 for m in (maps.phanes, maps.phanes_gt))
     residual = None if maps.residual is None else restore_score(maps.residual, geometry, brain)
     inpaint = {m: v.inpaint_mask for m, v in (("phanes", main), ("phanes-gt", gt))

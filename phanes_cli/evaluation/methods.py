@@ -22,10 +22,12 @@ from dataclasses import dataclass
 import numpy as np
 from torch import Tensor
 
-from phanes_cli.backends import Backend
 from phanes_cli.config import PhanesConfig
+from phanes_cli.core.backend import Backend
+from phanes_cli.core.calibration import Calibration
+from phanes_cli.core.lesion_rule import LesionRule
+from phanes_cli.core.pipeline import ModelMaps, VolumeMaps, infer_slices
 from phanes_cli.errors import ConfigError
-from phanes_cli.pipeline import Calibration, ModelMaps, VolumeMaps, infer_slices, predict_lesions, threshold_lesions
 
 METHODS: dict[str, str] = {
     "phanes": "PHANES: s(x) of the pseudo-healthy image",
@@ -61,14 +63,13 @@ def predict(method: str, score: np.ndarray, brain: np.ndarray, calibration: Cali
             voxel_ml: float | None = None) -> np.ndarray | None:
     """Binary prediction of a method from its score map (any shape); None for uncalibrated methods.
 
-    PHANES uses `pipeline.threshold_lesions`, and on a volume (`voxel_ml` given) `pipeline.predict_lesions`, which
-    also drops components under the calibration's minimum lesion size, as screening does; RA the strict `>`
-    of the stage 1 binarisation.
+    PHANES applies the lesion rule (`core.lesion_rule`): on a volume (`voxel_ml` given) with the calibration's
+    minimum lesion size, as screening does; on slices its threshold alone. RA the strict `>` of the stage 1
+    binarisation.
     """
     if method in ("phanes", "phanes-gt"):
-        if voxel_ml is not None:
-            return predict_lesions(score, brain, calibration, voxel_ml)
-        return threshold_lesions(score, brain, calibration.anomaly_threshold)
+        rule = LesionRule.from_calibration(calibration)
+        return rule.candidates(score, brain) if voxel_ml is None else rule.apply(score, brain, voxel_ml)
     if method == "ra":
         return (score > calibration.mask_threshold) & np.asarray(brain, dtype=bool)
     return None
@@ -98,20 +99,21 @@ def run_methods(
 
     `pseudo_healthy` also keeps each method's pseudo-healthy image (x_ph, or x_cph for the stage 1 methods).
     """
-    keep = {"mask"}
+    keep = {"inpaint_mask"}
     if "ra" in methods:
-        keep.add("ra_map")
+        keep.add("stage1_map")
     if "residual" in methods or pseudo_healthy:
         keep.add("x_cph")
     if pseudo_healthy:
         keep.add("x_ph")
     main = gt = residual = None
     if set(methods) - {"phanes-gt"}:
-        main = infer_slices(x, brain, backend, cfg, calibration, batch_size, keep)
+        main = infer_slices(x, brain, backend, cfg, calibration.mask_threshold, batch_size, keep)
     if "phanes-gt" in methods:
         if truth is None:
             raise ValueError("phanes-gt needs the ground-truth mask")
-        gt = infer_slices(x, brain, backend, cfg, calibration, batch_size, keep & {"mask", "x_ph"}, given_mask=truth)
+        gt = infer_slices(x, brain, backend, cfg, calibration.mask_threshold, batch_size,
+                          keep & {"inpaint_mask", "x_ph"}, given_mask=truth)
     if main is not None and main.x_cph is not None and "residual" in methods:
         residual = (np.abs(x.numpy() - main.x_cph) * brain.numpy()).astype(np.float32)
     return MethodMaps(phanes=main, phanes_gt=gt, residual=residual)
@@ -120,7 +122,7 @@ def run_methods(
 def scores_of(methods: Sequence[str], main: ModelMaps | VolumeMaps | None, gt: ModelMaps | VolumeMaps | None,
               residual: np.ndarray | None) -> dict[str, np.ndarray]:
     """Each method's score map, on either grid: s(x) and m(x) of the PHANES pass, s(x) of the PHANES-GT pass."""
-    found = {"phanes": None if main is None else main.anomaly, "ra": None if main is None else main.ra_map,
+    found = {"phanes": None if main is None else main.anomaly, "ra": None if main is None else main.stage1_map,
              "phanes-gt": None if gt is None else gt.anomaly, "residual": residual}
     out = {m: found[m] for m in methods}
     missing = [m for m, v in out.items() if v is None]

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import pyarrow as pa
 
-from phanes_cli.evaluation.lesions import LesionDetection, lesion_detection
+from phanes_cli.evaluation.detection import LesionDetection, lesion_detection
 
 
 class PRHistogram:

@@ -26,8 +26,10 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
-from phanes_cli.backends import Backend
 from phanes_cli.config import PhanesConfig
+from phanes_cli.core.backend import Backend
+from phanes_cli.core.calibration import Calibration
+from phanes_cli.core.preprocess import prepare_volume
 from phanes_cli.evaluation.methods import (
     UNCALIBRATED,
     model_pseudo_healthy,
@@ -37,9 +39,8 @@ from phanes_cli.evaluation.methods import (
     threshold,
 )
 from phanes_cli.evaluation.metrics import CohortMetrics, mean_std
-from phanes_cli.manifest import ManifestRow, select
-from phanes_cli.pipeline import Calibration
-from phanes_cli.preprocess import load_with_brain, prepare_volume
+from phanes_cli.inputs.brain_masks import load_with_brain
+from phanes_cli.inputs.manifest import ManifestRow, select
 from phanes_cli.synth.sprites import paint_sprites
 
 SPRITES_PER_SLICE = 3

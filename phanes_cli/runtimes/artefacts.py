@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from phanes_cli.bundle import ENGINES_DIR, INDEX_FILE, WEIGHT_FILES, Bundle
+from phanes_cli.core.bundle import ENGINES_DIR, INDEX_FILE, WEIGHT_FILES, Bundle
 from phanes_cli.errors import BundleError, ConfigError
 
 PROVENANCE_FILE = "provenance.json"

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from phanes_cli.backends import PhanesNetworks
+from phanes_cli.runtimes.pytorch import PhanesNetworks
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import torch
 from torch import Tensor
 
-from phanes_cli.bundle import Bundle
+from phanes_cli.core.bundle import Bundle
 from phanes_cli.runtimes.artefacts import RuntimeUnavailable, artefact_name, read_artefact
 from phanes_cli.runtimes.graphs import GRAPHS, LPIPS, STAGE1, STAGE2, GraphSpec
 

@@ -15,9 +15,9 @@ from scipy import ndimage
 from torch import Tensor
 
 from phanes_cli.config import PreprocessConfig
+from phanes_cli.core.preprocess import prepare_volume
+from phanes_cli.core.volume_io import load_volume
 from phanes_cli.errors import WeightsError
-from phanes_cli.preprocess import prepare_volume
-from phanes_cli.volume_io import load_volume
 
 TEMPLATE_FILE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from phanes_cli.backends import Backend, TorchBackend
-from phanes_cli.bundle import Bundle
+from phanes_cli.core.backend import Backend
+from phanes_cli.core.bundle import Bundle
 from phanes_cli.runtimes import BACKENDS, validate_backend_name
 from phanes_cli.runtimes.artefacts import (
     ArtefactError,
@@ -27,6 +27,7 @@ from phanes_cli.runtimes.artefacts import (
 )
 from phanes_cli.runtimes.graphs import GRAPHS
 from phanes_cli.runtimes.onnx import OnnxRuntimeBackend, providers_for
+from phanes_cli.runtimes.pytorch import TorchBackend, load_networks
 from phanes_cli.runtimes.tensorrt import TensorRTBackend, tensorrt_unavailable
 
 
@@ -107,7 +108,7 @@ def build_backend(name: str, bundle: Bundle, device: torch.device, lpips_weights
         return TensorRTBackend.from_bundle(bundle, device)
     if name == "onnxruntime":
         return OnnxRuntimeBackend.from_bundle(bundle, device)
-    return TorchBackend(bundle.networks(lpips_weights), device)
+    return TorchBackend(load_networks(bundle, lpips_weights), device)
 
 
 def choose_backend(name: str, bundle: Bundle, device: torch.device, lpips_weights: str | None = None) -> Backend:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from phanes_cli.bundle import Bundle
+from phanes_cli.core.bundle import Bundle
 from phanes_cli.runtimes.artefacts import (
     ArtefactError,
     BatchProfile,

@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING
 import ray
 import torch
 
-from phanes_cli.bundle import load_bundle
+from phanes_cli.core.bundle import load_bundle
+from phanes_cli.core.pipeline import ModelMaps, infer_slices
 from phanes_cli.errors import BundleError
-from phanes_cli.pipeline import ModelMaps, infer_slices
-from phanes_cli.screening.outputs import Failure
+from phanes_cli.screening.commit import Failure
 from phanes_cli.screening.tasks import InferenceResult, ModelSlices, describe, node_ip
 
 if TYPE_CHECKING:
-    from phanes_cli.backends import Backend
+    from phanes_cli.core.backend import Backend
 
 
 class InferenceActor:
@@ -37,13 +37,13 @@ class InferenceActor:
             raise BundleError(f"{bundle_path}: bundle changed since the run started (hash {bundle.hash[:12]}, "
                               f"expected {bundle_hash[:12]})")
         self.cfg = bundle.config
-        self.calibration = bundle.require_calibration()
+        self.mask_threshold = bundle.require_calibration().mask_threshold
         # imported in the actor only: the driver, which defines this class, never loads the networks
         from phanes_cli.runtimes.select import choose_backend
 
         self.backend: Backend = choose_backend(backend, bundle, torch.device(device), lpips_weights)
         self.batch_size = batch_size
-        self.keep: tuple[str, ...] = ("x_ph", "mask") if pseudo_healthy else ()
+        self.keep: tuple[str, ...] = ("x_ph",) if pseudo_healthy else ()
 
     @ray.method(concurrency_group="control")
     def pid(self) -> int:
@@ -59,8 +59,8 @@ class InferenceActor:
         if slices is None:
             return InferenceResult(None, 0.0, node_ip(), os.getpid(), self.backend.name), None
         try:
-            maps = infer_slices(slices.slices, slices.brain, self.backend, self.cfg, self.calibration, self.batch_size,
-                                self.keep)
+            maps = infer_slices(slices.slices, slices.brain, self.backend, self.cfg, self.mask_threshold,
+                                self.batch_size, self.keep)
         except Exception as exc:  # the volume fails, the actor carries on
             if self.backend.device.type == "cuda":
                 torch.cuda.empty_cache()

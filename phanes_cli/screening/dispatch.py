@@ -22,15 +22,17 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError
 
-from phanes_cli.bundle import Bundle
+from phanes_cli.core.bundle import Bundle
 from phanes_cli.errors import PhanesError
-from phanes_cli.manifest import ManifestRow
-from phanes_cli.quality import FLAGS
+from phanes_cli.inputs.manifest import ManifestRow
+from phanes_cli.inputs.quality import FLAGS
 from phanes_cli.screening.actors import InferenceActor
+from phanes_cli.screening.commit import Failure, input_signature, record_failure
+from phanes_cli.screening.layout import OutputLayout
 from phanes_cli.screening.options import ScreenOptions
-from phanes_cli.screening.outputs import Failure, OutputLayout, input_signature, manifest_columns, record_failure
 from phanes_cli.screening.plan import ActorPlan
-from phanes_cli.screening.report import Counts, JsonLog, ProgressDisplay
+from phanes_cli.screening.run_log import Counts, JsonLog, ProgressDisplay
+from phanes_cli.screening.schemas import manifest_columns
 from phanes_cli.screening.tasks import WriteJob, WriteResult, decode_volume, describe, write_volume
 
 ACTOR_MAX_RESTARTS = 3

@@ -22,16 +22,17 @@ from typing import Any
 import pyarrow.parquet as pq
 import ray
 
-from phanes_cli.bundle import Bundle, load_bundle
-from phanes_cli.inputs import resolve_inputs
-from phanes_cli.manifest import ManifestRow
+from phanes_cli.core.bundle import Bundle, load_bundle
+from phanes_cli.inputs.discovery import resolve_inputs
+from phanes_cli.inputs.manifest import ManifestRow
 from phanes_cli.runtimes import validate_backend_name
-from phanes_cli.screening.bids_out import start_layout
+from phanes_cli.screening.bids_derivative import start_layout
+from phanes_cli.screening.consolidate import consolidate
 from phanes_cli.screening.dispatch import Actors, Dispatcher
+from phanes_cli.screening.layout import OutputLayout
 from phanes_cli.screening.options import ScreenOptions
-from phanes_cli.screening.outputs import OutputLayout, consolidate
 from phanes_cli.screening.plan import plan_actors, plan_volumes
-from phanes_cli.screening.report import Counts, JsonLog, ProgressDisplay, now_iso, print_summary, write_run_manifest
+from phanes_cli.screening.run_log import Counts, JsonLog, ProgressDisplay, now_iso, print_summary, write_run_manifest
 from phanes_cli.screening.session import ray_session, run_lock
 
 EXIT_OK = 0
@@ -60,7 +61,8 @@ def screen(inputs: list[str], options: ScreenOptions) -> ScreenSummary:
     options.validate()
     backend = validate_backend_name(options.backend)
     bundle = load_bundle(options.bundle)
-    bundle = replace(bundle, calibration=options.calibration_for(bundle.require_calibration()))
+    calibration = bundle.require_calibration().with_lesion_rule(min_lesion_ml=options.min_lesion_ml)
+    bundle = replace(bundle, calibration=calibration)
     options = replace(options, min_lesion_ml=bundle.require_calibration().min_lesion_ml)
     rows = resolve_inputs(inputs, exclude=Path(options.out), bids=options.bids)
     layout = OutputLayout(Path(options.out))

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from phanes_cli.bids import BidsQuery
+from phanes_cli.core.volume_io import DEFAULT_MAX_VOXELS
 from phanes_cli.errors import ConfigError
-from phanes_cli.pipeline import Calibration
+from phanes_cli.inputs.bids import BidsQuery
+from phanes_cli.inputs.brain_masks import check_mode
 from phanes_cli.runtimes import validate_backend_name
-from phanes_cli.screening.bids_out import check_layout
-from phanes_cli.screening.outputs import OUTPUT_KINDS
-from phanes_cli.skullstrip import check_mode
-from phanes_cli.volume_io import DEFAULT_MAX_VOXELS
+from phanes_cli.screening.bids_derivative import check_layout
+from phanes_cli.screening.layout import OUTPUT_KINDS
 
 
 @dataclass
@@ -30,7 +29,7 @@ class ScreenOptions:
     gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs, else 0
     batch_size: int = 32
     backend: str = "torch"
-    outputs: frozenset[str] = frozenset({"anomaly", "mask"})
+    outputs: frozenset[str] = frozenset({"anomaly", "lesion_mask"})
     resume: bool = True
     overwrite: bool = False
     quiet: bool = False
@@ -64,12 +63,6 @@ class ScreenOptions:
         check_layout(self.layout)
         if self.min_lesion_ml is not None and not (math.isfinite(self.min_lesion_ml) and self.min_lesion_ml >= 0):
             raise ConfigError(f"minimum lesion size must be a number >= 0 (mL), got {self.min_lesion_ml}")
-
-    def calibration_for(self, bundle_calibration: Calibration) -> Calibration:
-        """The bundle's calibration with `--min-lesion-ml` applied when given."""
-        if self.min_lesion_ml is None:
-            return bundle_calibration
-        return replace(bundle_calibration, min_lesion_ml=float(self.min_lesion_ml))
 
     @staticmethod
     def gpus_for_device(device: str, gpus_per_actor: float | None) -> float | None:

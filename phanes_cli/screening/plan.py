@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import ray
 
 from phanes_cli.errors import ConfigError
-from phanes_cli.manifest import ManifestRow
+from phanes_cli.inputs.manifest import ManifestRow
+from phanes_cli.screening.commit import is_done, previous_failure
+from phanes_cli.screening.layout import OutputLayout
 from phanes_cli.screening.options import ScreenOptions
-from phanes_cli.screening.outputs import OutputLayout, is_done, previous_failure
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ from typing import Any
 import ray
 
 from phanes_cli.errors import PhanesError, stop_on_sigterm
+from phanes_cli.screening.layout import OutputLayout
 from phanes_cli.screening.options import ScreenOptions
-from phanes_cli.screening.outputs import OutputLayout
 
 
 @contextmanager

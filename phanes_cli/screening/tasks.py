@@ -12,29 +12,25 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from phanes_cli.config import PreprocessConfig
+from phanes_cli.core.calibration import Calibration
+from phanes_cli.core.lesion_rule import LesionRule
+from phanes_cli.core.pipeline import ModelMaps, restore_maps
+from phanes_cli.core.preprocess import SliceGeometry, prepare_volume
+from phanes_cli.core.statistics import brain_statistics, volume_statistics
+from phanes_cli.core.volume_io import Volume, save_like
 from phanes_cli.errors import InputError, QualityError
-from phanes_cli.evaluation.lesions import lesion_table
-from phanes_cli.manifest import ManifestRow
-from phanes_cli.pipeline import Calibration, ModelMaps, restore_maps
-from phanes_cli.preprocess import SliceGeometry, load_with_brain, prepare_volume
-from phanes_cli.quality import FATAL, FLAGS, check_volume
-from phanes_cli.screening.bids_out import write_sidecar
-from phanes_cli.screening.outputs import (
-    SIZE_BIN_COLUMNS,
-    SIZE_BINS_ML,
-    Failure,
-    OutputLayout,
-    commit_volume,
-    input_signature,
-    manifest_columns,
-)
-from phanes_cli.volume_io import Volume, save_like
+from phanes_cli.inputs.brain_masks import load_with_brain
+from phanes_cli.inputs.manifest import ManifestRow
+from phanes_cli.inputs.quality import FATAL, FLAGS, check_volume
+from phanes_cli.screening.bids_derivative import write_sidecar
+from phanes_cli.screening.commit import Failure, commit_volume, input_signature
+from phanes_cli.screening.layout import OutputLayout
+from phanes_cli.screening.schemas import manifest_columns
 
 
 def node_ip() -> str:
@@ -127,59 +123,6 @@ class InferenceResult:
     backend: str = ""  # what the actor actually ran (`--backend auto` resolves per actor)
 
 
-def native_zooms(volume: Volume) -> tuple[float, float, float]:
-    """Voxel size along the input file's axes (from its affine, the same numbers as volume.voxel_ml)."""
-    return tuple(float(z) for z in np.sqrt((volume.native_affine[:3, :3] ** 2).sum(axis=0)))  # type: ignore[return-value]
-
-
-def brain_statistics(volume: Volume, brain: np.ndarray, anomaly: np.ndarray) -> dict[str, float]:
-    """The threshold-free numbers of a volume: brain volume (mL), max and mean of s(x) over the brain."""
-    in_brain = anomaly[brain]
-    return {"brain_volume_ml": float(np.count_nonzero(brain)) * volume.voxel_ml,
-            "max_anomaly": float(in_brain.max()) if in_brain.size else 0.0,
-            "mean_anomaly": float(in_brain.mean()) if in_brain.size else 0.0}
-
-
-def geometry_columns(volume: Volume) -> dict[str, Any]:
-    """Shape and voxel size in the input file's axis order, as lists and as flat x/y/z columns."""
-    shape, zooms = list(volume.native_shape), list(native_zooms(volume))
-    return {"shape": shape, "voxel_size_mm": zooms, **{f"shape_{a}": int(n) for a, n in zip("xyz", shape, strict=True)},
-            **{f"voxel_mm_{a}": z for a, z in zip("xyz", zooms, strict=True)}}
-
-
-def calibration_columns(calibration: Calibration) -> dict[str, float]:
-    """The thresholds and minimum lesion size a lesion mask was made with, as volume-table columns."""
-    return {"mask_threshold": calibration.mask_threshold, "anomaly_threshold": calibration.anomaly_threshold,
-            "min_lesion_ml": calibration.min_lesion_ml}
-
-
-def volume_statistics(vid: str, volume: Volume, brain_stats: dict[str, float], anomaly: np.ndarray,
-                      lesion: np.ndarray) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Per-volume statistics and one row per connected lesion, from arrays on the RAS+ grid.
-
-    `brain_stats` is `brain_statistics` of the volume (`phanes stats` takes it from the screening row, as
-    it has no brain mask). Components are labelled on the input file's own voxel grid (a flip/permutation
-    of RAS+, so the components are the same), which puts centroids, boxes and slice ranges in the file's
-    voxel order; world coordinates go through the input affine. `axial_axis` is the file axis that runs
-    inferior-superior. Volumes in mL are voxel counts times the voxel volume.
-    """
-    axial = int(volume.to_native_ornt[2, 0])
-    lesions = lesion_table(volume.to_native(lesion), volume.to_native(anomaly), volume.native_affine,
-                           native_zooms(volume), axial_axis=axial)
-    sizes = np.array([r["volume_ml"] for r in lesions], dtype=np.float64)
-    burden, brain_ml = float(np.count_nonzero(lesion)) * volume.voxel_ml, brain_stats["brain_volume_ml"]
-    stats = {
-        **geometry_columns(volume), **brain_stats, "lesion_burden_ml": burden,
-        "lesion_burden_fraction": burden / brain_ml if brain_ml > 0 else None, "lesion_count": len(lesions),
-        **{name: int(np.count_nonzero((sizes >= low) & (sizes < high)))
-           for name, (low, high) in zip(SIZE_BIN_COLUMNS, SIZE_BINS_ML, strict=True)},
-        "largest_lesion_ml": float(sizes.max()) if sizes.size else 0.0,
-    }
-    rows = [{**{k: (list(v) if isinstance(v, tuple) else v) for k, v in r.items()}, "id": vid, "axial_axis": axial,
-             **{f"centroid_{a}_mm": c for a, c in zip("xyz", r["centroid_world_mm"], strict=True)}} for r in lesions]
-    return stats, rows
-
-
 @dataclass(frozen=True)
 class WriteJob:
     """Everything the write stage needs besides the two big objects."""
@@ -227,12 +170,12 @@ def commit_outputs(job: WriteJob, decoded: DecodeResult, inferred: InferenceResu
     vid, volume = job.row.id, context.volume
     earlier_s = decoded.seconds + inferred.seconds
     try:
-        native = restore_maps(maps, context.geometry, context.brain, context.scale, volume.data, job.calibration,
-                              volume.voxel_ml)
+        native = restore_maps(maps, context.geometry, context.brain, context.scale, volume.data)
+        lesions = LesionRule.from_calibration(job.calibration).apply(native.anomaly, context.brain, volume.voxel_ml)
         brain_stats = brain_statistics(volume, context.brain, native.anomaly)
-        stats, lesion_rows = volume_statistics(vid, volume, brain_stats, native.anomaly, native.predicted_lesions)
+        stats, lesion_rows = volume_statistics(vid, volume, brain_stats, native.anomaly, lesions)
         arrays = {"anomaly": (native.anomaly, np.float32),
-                  "mask": (native.predicted_lesions.astype(np.uint8), np.uint8),
+                  "lesion_mask": (lesions.astype(np.uint8), np.uint8),
                   "pseudohealthy": (native.pseudo_healthy, np.float32)}
         for kind in sorted(job.outputs):
             array, dtype = arrays[kind]
@@ -246,7 +189,7 @@ def commit_outputs(job: WriteJob, decoded: DecodeResult, inferred: InferenceResu
             **manifest_columns(job.row.extra), "id": vid, "input_path": str(job.row.image), "status": "ok",
             "brain_mask_source": context.brain_source, "qc_flags": list(context.qc_flags), **stats,
             "slices_processed": decoded.n_slices, "backend": inferred.backend or job.backend,
-            "bundle_hash": job.bundle_hash, **calibration_columns(job.calibration),
+            "bundle_hash": job.bundle_hash, **job.calibration.columns(),
             "runtime_s": earlier_s + write_s,
             "decode_s": decoded.seconds, "inference_s": inferred.seconds, "write_s": write_s,
             "decode_node": decoded.node, "inference_node": inferred.node, "write_node": node_ip(),

@@ -31,10 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
+from phanes_cli.core.volume_io import save_nifti
 from phanes_cli.errors import ConfigError, InputError
-from phanes_cli.manifest import ManifestRow, write_manifest
+from phanes_cli.inputs.manifest import ManifestRow, write_manifest
+from phanes_cli.synth.lesion_bank import ShapeBank, folder_bank, npz_bank
 from phanes_cli.synth.lesions import LesionConfig, stroke_lesions
-from phanes_cli.synth.shapes import ShapeBank, folder_bank, npz_bank
 from phanes_cli.synth.sprites import sprite_volume
 from phanes_cli.synth.templates import (
     MNI152_NAME,
@@ -46,7 +47,6 @@ from phanes_cli.synth.templates import (
     template_name,
 )
 from phanes_cli.synth.variation import VariationConfig, acquire, sample_anatomy
-from phanes_cli.volume_io import save_nifti
 
 KINDS = ("stroke", "sprites")
 LESION_SOURCES = ("real", "procedural")

@@ -22,7 +22,7 @@ import numpy as np
 from scipy import ndimage
 
 from phanes_cli.errors import InputError
-from phanes_cli.synth.shapes import Shape, ShapeBank
+from phanes_cli.synth.lesion_bank import Shape, ShapeBank
 from phanes_cli.synth.variation import Anatomy
 
 TISSUE_THRESHOLD = 0.5

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from phanes_cli.core.preprocess import auto_brain_mask
+from phanes_cli.core.volume_io import is_nifti_path, load_volume
 from phanes_cli.errors import InputError
-from phanes_cli.preprocess import auto_brain_mask
-from phanes_cli.volume_io import is_nifti_path, load_volume
 
 MNI152_NAME = "nilearn-mni152-2009a"
 # Real healthy T1s shipped with the package (unchanged files; licences and sources in data/NOTICE)

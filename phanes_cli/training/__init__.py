@@ -11,5 +11,5 @@
 - `metrics_log`: `metrics.csv`, one row per validation.
 - `progress`: the shared rich progress display.
 
-Calibration of a trained bundle lives in `phanes_cli.calibrate`; `phanes train` runs it after training.
+Calibration of a trained bundle lives in `phanes_cli.calibrate.run`; `phanes train` runs it after training.
 """

@@ -23,9 +23,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from phanes_cli.atomic import atomic_path, write_json
 from phanes_cli.config import PhanesConfig
 from phanes_cli.errors import BundleError, ConfigError
+from phanes_cli.infra.atomic import atomic_path, write_json
 
 CHECKPOINT_FORMAT = 1
 METADATA_KEY = "phanes_checkpoint"

@@ -16,10 +16,11 @@ from rich.progress import Progress
 from torch import Tensor
 
 from phanes_cli.config import PreprocessConfig
+from phanes_cli.core.preprocess import prepare_volume
 from phanes_cli.errors import ConfigError
-from phanes_cli.manifest import ManifestRow, read_manifest, select
-from phanes_cli.preprocess import load_with_brain, prepare_volume
-from phanes_cli.progress import make_progress
+from phanes_cli.infra.progress import make_progress
+from phanes_cli.inputs.brain_masks import load_with_brain
+from phanes_cli.inputs.manifest import ManifestRow, read_manifest, select
 
 HEALTHY = "healthy"
 

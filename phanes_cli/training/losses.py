@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from phanes_cli import ops
+from phanes_cli.core import ops
 
 
 @dataclass(frozen=True)

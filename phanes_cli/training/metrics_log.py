@@ -10,7 +10,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from phanes_cli.atomic import atomic_path
+from phanes_cli.infra.atomic import atomic_path
 
 METRICS_FILE = "metrics.csv"
 METRIC_COLUMNS = ("stage", "epoch", "step", "loss_encoder", "loss_decoder", "rec", "kl", "fake", "reversed",

@@ -20,14 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from phanes_cli.backends import PhanesNetworks, TorchBackend, bf16_autocast
 from phanes_cli.config import PhanesConfig
+from phanes_cli.core.ops import binary_mask
+from phanes_cli.core.pipeline import stage1_map
 from phanes_cli.models import SoftMaskDiscriminator, VGG16Perceptual
-from phanes_cli.pipeline import binary_mask, stage1_map
+from phanes_cli.runtimes.pytorch import PhanesNetworks, TorchBackend, bf16_autocast
 from phanes_cli.training import losses
 from phanes_cli.training.augment import augment
 from phanes_cli.training.data import hash_seed
-from phanes_cli.training.shapes import random_training_masks
+from phanes_cli.training.holes import random_training_masks
 
 SOFT_TARGET_SIGMA = 10.0 / 512.0  # AOT-GAN blurs the SM-GAN target with sigma 10 px at 512 px; fraction of the side
 
@@ -150,8 +151,8 @@ class Learner:
     def stage1_mask(self, x: Tensor, brain: Tensor, threshold: float) -> Tensor:
         """The inference-time stage 1 mask of (N, 1, S, S) slices (RA in eval mode), float {0, 1}."""
         with evaluating(self.networks.ra):
-            ra_map = stage1_map(x, self.backend.reconstruct(x), brain, self.backend, self.config.mask)
-        return binary_mask(ra_map, brain, threshold, self.config.mask)
+            m = stage1_map(x, self.backend.reconstruct(x), brain, self.backend, self.config.mask)
+        return binary_mask(m, brain, threshold, self.config.mask)
 
     # stage 2 ------------------------------------------------------------------------------------
     def _perceptual_input(self, x: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ Per stage: seeded, augmented batches (`steps`); validation after every `val_ever
 (`validation`); early stopping after `patience` validations without improvement; `max_epochs` /
 `max_steps` caps. The best weights by validation go into the bundle. A checkpoint (`checkpoint`) is
 written every `checkpoint_every` epochs and at each stage end; `resume=True` continues from it. The
-bundle is left uncalibrated: the `train` command calibrates it next (`phanes_cli.calibrate`).
+bundle is left uncalibrated: the `train` command calibrates it next (`phanes_cli.calibrate.run`).
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ from pathlib import Path
 from rich.progress import Progress, TaskID
 from torch import Tensor, nn
 
-from phanes_cli.backends import select_device
-from phanes_cli.bundle import INDEX_FILE, save_bundle
 from phanes_cli.config import PhanesConfig, StageTrainConfig
+from phanes_cli.core.bundle import INDEX_FILE, save_bundle
 from phanes_cli.errors import ConfigError
-from phanes_cli.progress import format_losses, make_progress
+from phanes_cli.infra.progress import format_losses, make_progress
+from phanes_cli.runtimes.pytorch import select_device
 from phanes_cli.training import validation
 from phanes_cli.training.checkpoint import (
     CHECKPOINT_DIR,

@@ -12,11 +12,11 @@ import math
 import torch
 from torch import Tensor
 
-from phanes_cli.calibrate import stage1_percentile
 from phanes_cli.config import PhanesConfig
+from phanes_cli.core.percentiles import stage1_percentile
 from phanes_cli.errors import PhanesError
 from phanes_cli.training.data import SliceSet, hash_seed, spread_subset
-from phanes_cli.training.shapes import random_training_masks
+from phanes_cli.training.holes import random_training_masks
 from phanes_cli.training.steps import Learner, evaluating
 
 VAL_MAX_SLICES = 256
@@ -64,11 +64,11 @@ def stage2_validation(learner: Learner, data: SliceSet, holes: Tensor) -> float:
 
 @torch.no_grad()
 def stage1_threshold(learner: Learner, data: SliceSet) -> float:
-    """The calibration rule (`calibrate.stage1_percentile`) on up to STAGE1_THRESHOLD_SLICES evenly spread
+    """The calibration rule (`core.percentiles.stage1_percentile`) on up to STAGE1_THRESHOLD_SLICES evenly spread
     healthy training slices: the level that binarises stage 1 maps into stage 2 training holes."""
     view = data.subset(spread_subset(len(data), STAGE1_THRESHOLD_SLICES))
     with evaluating(learner.networks.ra):
-        threshold = stage1_percentile(learner.backend, view, learner.config.mask, EVAL_BATCH)
+        threshold = stage1_percentile(learner.backend, view.images, view.brain, learner.config.mask, EVAL_BATCH)
     if not math.isfinite(threshold):
         raise PhanesError("training: the healthy training slices hold no brain pixels, so stage 1 cannot mask any")
     return threshold

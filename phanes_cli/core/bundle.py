@@ -1,0 +1,217 @@
+"""The model bundle: one folder that holds everything inference needs, verified on load.
+
+Layout: config.json, ra.safetensors, generator.safetensors, calibration.json, versions.json and
+bundle.json (sha256 of every other file). Loading recomputes the hashes and refuses a bundle whose files
+are missing or changed. Weights are safetensors only: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from phanes_cli.config import PhanesConfig, config_from_dict
+from phanes_cli.core.calibration import Calibration
+from phanes_cli.errors import BundleError, ConfigError
+from phanes_cli.infra.atomic import atomic_path, json_bytes, stage_bytes, write_json
+from phanes_cli.infra.versions import runtime_versions
+
+BUNDLE_FORMAT = 1
+WEIGHT_FILES = {"ra": "ra.safetensors", "generator": "generator.safetensors"}
+CALIBRATION_FILE = "calibration.json"
+INDEX_FILE = "bundle.json"
+ENGINES_DIR = "engines"  # ONNX graphs, TensorRT engines and their provenance (phanes_cli.runtimes)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle: its config, weights, calibration (None before calibration) and content hash."""
+
+    path: Path
+    config: PhanesConfig
+    ra_state: dict[str, torch.Tensor]
+    generator_state: dict[str, torch.Tensor]
+    calibration: Calibration | None
+    versions: dict[str, Any]
+    hash: str  # sha256 of bundle.json: identifies this exact model and calibration
+
+    def require_calibration(self) -> Calibration:
+        if self.calibration is None:
+            raise BundleError(
+                f"{self.path}: bundle is not calibrated yet; "
+                f"run `phanes calibrate --bundle {self.path} --data MANIFEST`"
+            )
+        return self.calibration
+
+
+def _index_payload(folder: Path, staged: dict[str, Path] | None = None) -> dict[str, Any]:
+    """The index of `folder`; `staged` maps a file name to the temporary file that is about to replace it."""
+    staged = staged or {}
+    files = sorted(
+        p.name for p in folder.iterdir() if p.is_file() and p.name != INDEX_FILE and not p.name.startswith(".")
+    )
+    engines = folder / ENGINES_DIR  # exported graphs and engines: verified when a backend uses them
+    if engines.is_dir():
+        files += sorted(
+            f"{ENGINES_DIR}/{p.name}" for p in engines.iterdir() if p.is_file() and not p.name.startswith(".")
+        )
+    names = sorted(set(files) | set(staged))
+    return {"format": BUNDLE_FORMAT, "files": {name: _sha256(staged.get(name, folder / name)) for name in names},
+            "written": datetime.now(timezone.utc).isoformat()}
+
+
+def _write_index(folder: Path) -> str:
+    write_json(folder / INDEX_FILE, _index_payload(folder))
+    return _sha256(folder / INDEX_FILE)
+
+
+def save_bundle(folder: str | Path, config: PhanesConfig, ra: torch.nn.Module, generator: torch.nn.Module,
+                calibration: Calibration | None = None, extra: dict[str, Any] | None = None) -> str:
+    """Write (or rewrite) a bundle; returns its hash. Every file is written atomically, the index last."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / "config.json", config.to_dict())
+    for key, module in (("ra", ra), ("generator", generator)):
+        state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+        with atomic_path(folder / WEIGHT_FILES[key]) as tmp:
+            save_file(state, str(tmp))
+    write_json(folder / "versions.json", {**runtime_versions(), **(extra or {})})
+    if calibration is not None:
+        write_json(folder / CALIBRATION_FILE, calibration.to_dict())
+    elif (folder / CALIBRATION_FILE).exists():
+        (folder / CALIBRATION_FILE).unlink()
+    return _write_index(folder)
+
+
+def write_calibration(folder: str | Path, calibration: Calibration, config: PhanesConfig | None = None) -> str:
+    """Commit calibration thresholds (and the config that made them, if given) into a verified bundle.
+
+    Call it only once the calibration is computed: the new calibration.json, config.json and index are
+    first written in full under temporary names, then renamed over the old ones, the index last. Any
+    failure before the renames leaves the bundle byte-identical; returns the new bundle hash.
+    """
+    folder = Path(folder)
+    load_bundle(folder, require_calibration=False)
+    Calibration.from_dict(calibration.to_dict(), folder / CALIBRATION_FILE)
+    contents = {CALIBRATION_FILE: calibration.to_dict()}
+    if config is not None:
+        contents["config.json"] = config.to_dict()
+    staged: dict[str, Path] = {}
+    try:
+        for name, payload in contents.items():
+            staged[name] = stage_bytes(folder / name, json_bytes(payload))
+        staged[INDEX_FILE] = stage_bytes(folder / INDEX_FILE, json_bytes(_index_payload(folder, staged)))
+        for name, tmp in staged.items():  # dicts keep insertion order: the index is renamed last
+            os.replace(tmp, folder / name)
+    finally:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
+    return _sha256(folder / INDEX_FILE)
+
+
+def seal_index(folder: str | Path) -> str:
+    """Re-seal a verified bundle's index after adding artefacts under engines/; returns the new hash."""
+    folder = Path(folder)
+    load_bundle(folder, require_calibration=False)
+    return _write_index(folder)
+
+
+def load_bundle(folder: str | Path, require_calibration: bool = True) -> Bundle:
+    """Verify and load a bundle; any missing, extra-changed or unreadable file is a BundleError."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BundleError(f"{folder}: model bundle folder not found")
+    index_path = folder / INDEX_FILE
+    if not index_path.is_file():
+        raise BundleError(f"{folder}: not a model bundle ({INDEX_FILE} missing); train one with `phanes train`")
+    try:
+        index = json.loads(index_path.read_text())
+        listed: dict[str, str] = index["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise BundleError(f"{index_path}: unreadable bundle index ({exc})") from exc
+    if index.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{folder}: bundle format {index.get('format')} is not supported (expected {BUNDLE_FORMAT})")
+    _check_index_names(folder, listed)
+    required = ["config.json", "versions.json", *WEIGHT_FILES.values()]
+    missing = [name for name in required if name not in listed or not (folder / name).is_file()]
+    if missing:
+        raise BundleError(f"{folder}: incomplete bundle, missing {', '.join(missing)}")
+    for name, digest in listed.items():
+        if name.startswith(f"{ENGINES_DIR}/"):
+            continue  # phanes_cli.runtimes.artefacts checks these when a backend loads them, so torch still runs
+        path = folder / name
+        if not path.is_file():
+            raise BundleError(f"{folder}: incomplete bundle, missing {name}")
+        if _sha256(path) != digest:
+            raise BundleError(
+                f"{path}: file changed since the bundle was written (hash mismatch); the bundle is refused"
+            )
+    guarded = (CALIBRATION_FILE, *WEIGHT_FILES.values())
+    unlisted = [p.name for p in folder.iterdir() if p.is_file() and p.name in guarded and p.name not in listed]
+    if unlisted:
+        raise BundleError(f"{folder}: file(s) {', '.join(unlisted)} are not covered by the bundle index")
+    try:
+        config = config_from_dict(json.loads((folder / "config.json").read_text()))
+    except ConfigError as exc:
+        raise BundleError(f"{folder / 'config.json'}: {exc}") from exc
+    calibration = _read_calibration(folder / CALIBRATION_FILE) if CALIBRATION_FILE in listed else None
+    if require_calibration and calibration is None:
+        raise BundleError(
+            f"{folder}: bundle is not calibrated yet; run `phanes calibrate --bundle {folder} --data MANIFEST`"
+        )
+    return Bundle(
+        path=folder,
+        config=config,
+        ra_state=_load_weights(folder / WEIGHT_FILES["ra"]),
+        generator_state=_load_weights(folder / WEIGHT_FILES["generator"]),
+        calibration=calibration,
+        versions=json.loads((folder / "versions.json").read_text()),
+        hash=_sha256(index_path),
+    )
+
+
+def _check_index_names(folder: Path, listed: Any) -> None:
+    """Every index entry names a file inside the bundle: no absolute path, '..' or link leading out of it."""
+    if not isinstance(listed, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in listed.items()):
+        raise BundleError(f"{folder / INDEX_FILE}: unreadable bundle index ('files' must map file names to hashes)")
+    root = folder.resolve()
+    for name in listed:
+        parts = PurePosixPath(name).parts
+        if not name or "\\" in name or PurePosixPath(name).is_absolute() or any(p in ("..", ".", "") for p in parts):
+            raise BundleError(f"{folder / INDEX_FILE}: index entry {name!r} is not a plain path inside the bundle; "
+                              "the bundle is refused")
+        if not (folder / name).resolve().is_relative_to(root):
+            raise BundleError(f"{folder / INDEX_FILE}: index entry {name!r} leads outside the bundle (a link?); "
+                              "the bundle is refused")
+
+
+def _read_calibration(path: Path) -> Calibration:
+    try:
+        values = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path}: unreadable calibration ({exc})") from exc
+    return Calibration.from_dict(values, path)
+
+
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file; anything else (a pickle, say) is refused, never unpickled."""
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own SafetensorError for foreign formats
+        raise BundleError(f"{path}: not a valid safetensors weight file ({type(exc).__name__}: {exc})") from exc

@@ -1,0 +1,199 @@
+"""The PHANES inference core: the one data flow every command uses, spelled out here.
+
+volume -> slices (`preprocess.prepare_volume`) -> stage 1 x_cph -> stage 1 map m(x) (Eq. 3) -> inpainting
+mask (m > the calibrated mask threshold, dilated) -> stage 2 x_ph -> anomaly map s(x) (Eq. 4)
+-> back onto the volume grid (`restore_maps`) -> lesion mask (`core.lesion_rule`) -> statistics
+(`core.statistics`).
+
+`run_slices` is the batch-level core (method.md); `infer_slices` runs it over a volume's slices (model grid,
+numpy out) and `restore_maps` brings those maps onto the volume grid; `run_volume` composes the three.
+Screening runs the same parts in separate processes (decode task, inference actor, write task); evaluation,
+calibration and tuning call them in one. Pre- and post-processing go through `core.ops`, the single dispatch
+point for batched kernels; the networks run behind `core.backend.Backend`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from phanes_cli.config import MaskConfig, PhanesConfig
+from phanes_cli.core import ops
+from phanes_cli.core.backend import Backend
+from phanes_cli.core.preprocess import SliceGeometry, prepare_volume, restore_volume
+
+
+@dataclass(frozen=True)
+class SliceMaps:
+    """Every intermediate of the pipeline for a batch; all (N, 1, S, S) float32."""
+
+    x: Tensor
+    x_cph: Tensor  # coarse pseudo-healthy reconstruction (stage 1)
+    stage1_map: Tensor  # continuous stage 1 map m(x), inside the brain (also the RA method's score)
+    inpaint_mask: Tensor  # binary, dilated inpainting mask
+    x_ph: Tensor  # pseudo-healthy image
+    anomaly: Tensor  # final anomaly map s(x), inside the inpainting mask and the brain
+
+
+def stage1_map(x: Tensor, x_cph: Tensor, brain: Tensor, backend: Backend, cfg: MaskConfig) -> Tensor:
+    """m(x) = norm95(|eq(x_cph) - eq(x)|) * S_lpips(eq(x_cph), eq(x)), LPIPS smoothed, restricted to the brain
+    (less `cfg.edge_margin_px` pixels of its boundary)."""
+    eq_x, eq_rec = ops.clahe(x, cfg), ops.clahe(x_cph, cfg)
+    m = ops.stage1_map(eq_x, eq_rec, backend.lpips(eq_rec, eq_x), brain, cfg)
+    return m if cfg.edge_margin_px == 0 else m * ops.erode(brain, cfg.edge_margin_px)
+
+
+def inpaint(x: Tensor, mask: Tensor, backend: Backend) -> Tensor:
+    """x_ph = x * (1 - m) + G(x * (1 - m) + m, m) * m."""
+    return ops.compose(x, backend.inpaint(x * (1 - mask) + mask, mask), mask)
+
+
+def anomaly_map(x: Tensor, x_ph: Tensor, mask: Tensor, brain: Tensor, backend: Backend) -> Tensor:
+    """s(x) = |x_ph - x| * S_lpips(x_ph, x), zero outside the inpainting mask and the brain."""
+    return ops.anomaly_map(x, x_ph, backend.lpips(x_ph, x), mask, brain)
+
+
+def run_slices(x: Tensor, brain: Tensor, backend: Backend, cfg: PhanesConfig, mask_threshold: float,
+               given_mask: Tensor | None = None) -> SliceMaps:
+    """The PHANES core on one batch: (N, 1, S, S) slices and brain masks in, every map out.
+
+    `mask_threshold` binarises m(x) (the calibration's, or a candidate during calibration); `given_mask`
+    replaces the stage 1 mask (PHANES-GT: inpaint the ground truth, the upper bound).
+    """
+    dev = backend.device
+    x = x.to(dev, torch.float32)
+    brain = brain.to(dev, torch.float32)
+    x_cph = backend.reconstruct(x)
+    m = stage1_map(x, x_cph, brain, backend, cfg.mask)
+    if given_mask is None:
+        mask = ops.binary_mask(m, brain, mask_threshold, cfg.mask)
+    else:
+        mask = (given_mask.to(dev) > 0.5).float() * brain
+    x_ph = inpaint(x, mask, backend)
+    return SliceMaps(x=x, x_cph=x_cph, stage1_map=m, inpaint_mask=mask, x_ph=x_ph,
+                     anomaly=anomaly_map(x, x_ph, mask, brain, backend))
+
+
+# Readable names of the maps `infer_slices` can keep (SliceMaps fields), for its error messages.
+_MAP_NAMES = {"anomaly": "anomaly", "stage1_map": "stage 1", "x_cph": "reconstruction", "x_ph": "pseudo-healthy",
+              "inpaint_mask": "inpainting mask"}
+
+
+@dataclass(frozen=True)
+class ModelMaps:
+    """Model-grid maps of one volume's processed slices as numpy, (N, 1, S, S) each; None where not kept.
+
+    numpy so screening's inference actor can hand them to the CPU write task through Ray's object store.
+    """
+
+    anomaly: np.ndarray  # float32 s(x)
+    stage1_map: np.ndarray | None = None  # float32 m(x)
+    x_cph: np.ndarray | None = None  # float32 stage 1 reconstruction
+    x_ph: np.ndarray | None = None  # float32 pseudo-healthy image in [0, 1]
+    inpaint_mask: np.ndarray | None = None  # bool inpainting mask
+
+
+def infer_slices(
+    slices: Tensor | np.ndarray,
+    brain: Tensor | np.ndarray,
+    backend: Backend,
+    cfg: PhanesConfig,
+    mask_threshold: float,
+    batch_size: int,
+    keep: Collection[str] = (),
+    given_mask: Tensor | np.ndarray | None = None,
+) -> ModelMaps:
+    """`run_slices` over a volume's slices, `batch_size` at a time; s(x) and the `keep` maps come back as numpy.
+
+    keep: SliceMaps fields besides the anomaly map ("stage1_map", "x_cph", "x_ph", "inpaint_mask"); "x_ph"
+    brings "inpaint_mask" along, because the pseudo-healthy image is only taken inside it. A non-finite value in
+    a kept map is a FloatingPointError naming the map and the slices: a broken network fails the volume, never
+    writes NaNs.
+    """
+    unknown = set(keep) - set(_MAP_NAMES)
+    if unknown:
+        raise ValueError(f"unknown model map(s) {sorted(unknown)}; choose from {sorted(_MAP_NAMES)}")
+    names = ["anomaly", *sorted(set(keep) - {"anomaly"} | ({"inpaint_mask"} if "x_ph" in keep else set()))]
+    x, b = torch.as_tensor(slices), torch.as_tensor(brain)
+    gt = None if given_mask is None else torch.as_tensor(given_mask)
+    n = x.shape[0]
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for start in range(0, n, batch_size):
+        part = slice(start, start + batch_size)
+        out = run_slices(x[part], b[part], backend, cfg, mask_threshold, None if gt is None else gt[part])
+        for name in names:
+            value: Tensor = getattr(out, name)
+            if not torch.isfinite(value).all():
+                raise FloatingPointError(f"non-finite values in the {_MAP_NAMES[name]} map "
+                                         f"(slices {start}..{start + value.shape[0] - 1} of {n})")
+            parts[name].append(value.float().cpu().numpy())
+    arrays = {k: np.concatenate(v) if v else np.zeros((0, *x.shape[1:]), dtype=np.float32) for k, v in parts.items()}
+    if "inpaint_mask" in arrays:
+        arrays["inpaint_mask"] = arrays["inpaint_mask"] > 0.5
+    return ModelMaps(**arrays)
+
+
+@dataclass(frozen=True)
+class VolumeMaps:
+    """Pipeline results on the native RAS+ voxel grid of one volume, (X, Y, Z) each; None where not kept.
+
+    The lesion mask is not among them: `core.lesion_rule.LesionRule.apply(anomaly, brain, voxel_ml)` makes it.
+    """
+
+    anomaly: np.ndarray  # float32 s(x), zero outside the brain
+    stage1_map: np.ndarray | None  # float32 m(x), zero outside the brain
+    pseudo_healthy: np.ndarray | None  # float32 at the input's intensities
+    inpaint_mask: np.ndarray | None  # bool, the mask that was inpainted
+    slices_processed: int
+
+
+def restore_score(model_map: np.ndarray, geometry: SliceGeometry, brain: np.ndarray) -> np.ndarray:
+    """A continuous model-grid map on the volume grid: resampled back, clipped at 0, zero outside the brain."""
+    return (np.clip(restore_volume(torch.from_numpy(model_map), geometry), 0, None) * brain).astype(np.float32)
+
+
+def restore_mask(model_mask: np.ndarray, geometry: SliceGeometry, brain: np.ndarray) -> np.ndarray:
+    """A binary model-grid mask on the volume grid: its resampled 0.5 level set inside the brain."""
+    return (restore_volume(torch.from_numpy(model_mask.astype(np.float32)), geometry) >= 0.5) & brain
+
+
+def restore_maps(maps: ModelMaps, geometry: SliceGeometry, brain: np.ndarray, scale: float,
+                 volume_data: np.ndarray) -> VolumeMaps:
+    """Bring one volume's model-grid maps back onto its grid (`brain`, `volume_data`: (X, Y, Z)).
+
+    The pseudo-healthy image keeps the input intensities everywhere except inside the restored inpainting
+    mask, where it takes x_ph times the volume's intensity scale: x_ph equals x outside the mask by
+    definition, and this avoids resampling blur there.
+    """
+    inpainted = None if maps.inpaint_mask is None else restore_mask(maps.inpaint_mask, geometry, brain)
+    pseudo = None
+    if maps.x_ph is not None and inpainted is not None:
+        x_ph = restore_volume(torch.from_numpy(maps.x_ph), geometry) * np.float32(scale)
+        pseudo = np.where(inpainted, x_ph, volume_data).astype(np.float32)
+    return VolumeMaps(anomaly=restore_score(maps.anomaly, geometry, brain),
+                      stage1_map=None if maps.stage1_map is None else restore_score(maps.stage1_map, geometry, brain),
+                      pseudo_healthy=pseudo, inpaint_mask=inpainted, slices_processed=geometry.n_slices)
+
+
+def run_volume(
+    data: np.ndarray,
+    brain: np.ndarray,
+    backend: Backend,
+    cfg: PhanesConfig,
+    mask_threshold: float,
+    batch_size: int = 32,
+    keep: Collection[str] = ("stage1_map", "x_ph"),
+) -> VolumeMaps:
+    """One volume end to end: (X, Y, Z) RAS+ intensities and brain mask -> maps on the same grid.
+
+    The composition of `prepare_volume`, `infer_slices` and `restore_maps`; screening runs the same parts
+    in separate processes (inference actor, CPU write task). The lesion mask is the caller's next step:
+    `LesionRule.apply(maps.anomaly, brain, voxel_ml)`.
+    """
+    prepared = prepare_volume(data, brain, cfg.preprocess)
+    maps = infer_slices(prepared.slices, prepared.brain, backend, cfg, mask_threshold, batch_size, keep)
+    return restore_maps(maps, prepared.geometry, brain, prepared.scale, data)

@@ -1,0 +1,1 @@
+"""Infrastructure every command shares: atomic writes, progress display, version records."""

@@ -1,0 +1,115 @@
+"""`phanes doctor`: what this machine offers and which backend each stage of a bundle would use, and why.
+
+Every probe is read-only and cheap (no model is built, no Ray session is started), so a user sees at
+once why a run would be slow or refused.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import onnxruntime as ort
+import torch
+
+from phanes_cli.core.bundle import load_bundle
+from phanes_cli.errors import PhanesError
+from phanes_cli.infra.versions import package_version
+from phanes_cli.models.backbones import backbone_source
+from phanes_cli.models.lpips import LPIPS_LINEAR_WEIGHTS
+from phanes_cli.runtimes.artefacts import ArtefactError, artefact_name, read_artefact, read_provenance
+from phanes_cli.runtimes.graphs import GRAPHS
+from phanes_cli.runtimes.pytorch import select_device
+from phanes_cli.runtimes.select import plan_backend
+from phanes_cli.runtimes.tensorrt import tensorrt_unavailable
+
+Report = list[tuple[str, str]]  # (topic, finding) lines in print order
+
+
+def machine_report(lpips_weights: str | None = None) -> Report:
+    """GPUs and compute capability, CUDA, TensorRT, ONNX Runtime providers, LPIPS weights."""
+    rows: Report = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            major, minor = torch.cuda.get_device_capability(i)
+            rows.append(("gpu", f"cuda:{i} {torch.cuda.get_device_name(i)}, compute capability {major}.{minor}"))
+    else:
+        rows.append(("gpu", "none (torch sees no CUDA device)"))
+    rows.append(("cuda", f"torch {torch.__version__} built with CUDA {torch.version.cuda or 'none (CPU-only build)'}"))
+    trt_version = package_version("tensorrt")
+    trt_reason = tensorrt_unavailable()
+    unusable = f" (unusable: {trt_reason})" if trt_reason else ""
+    rows.append(("tensorrt", f"{trt_version or 'not installed'}{unusable}"))
+    rows.append(("onnxruntime", f"{ort.__version__}, providers: {', '.join(ort.get_available_providers())}"))
+    cores = len(os.sched_getaffinity(0))
+    rows.append(("cpu", f"{cores} cores available, torch uses {torch.get_num_threads()} threads"))
+    rows.append(("lpips trunk", f"AlexNet ImageNet weights, {backbone_source('alexnet', lpips_weights)}"))
+    found = "found" if LPIPS_LINEAR_WEIGHTS.is_file() else "MISSING (pip install lpips==0.1.4)"
+    rows.append(("lpips heads", f"{LPIPS_LINEAR_WEIGHTS} {found}"))
+    return rows
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    if address == "auto":
+        current = Path("/tmp/ray/ray_current_cluster")
+        address = os.environ.get("RAY_ADDRESS") or (current.read_text().strip() if current.is_file() else "")
+        if not address:
+            return None
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    return (host, int(port)) if host and port.isdigit() else None
+
+
+def ray_report(address: str | None, timeout: float = 2.0) -> Report:
+    """Whether the Ray cluster at --address accepts a TCP connection (no session is started)."""
+    if address is None:
+        return [("ray", "no --address: `phanes screen` starts a private local Ray instance")]
+    target = _host_port(address)
+    if target is None:
+        return [("ray", f"{address}: no running cluster found (set RAY_ADDRESS or pass host:port)")]
+    try:
+        with socket.create_connection(target, timeout=timeout):
+            return [("ray", f"{address}: reachable at {target[0]}:{target[1]}")]
+    except OSError as exc:
+        return [("ray", f"{address}: NOT reachable at {target[0]}:{target[1]} ({exc.strerror or exc})")]
+
+
+def bundle_report(folder: Path, device: torch.device, backend: str = "auto") -> Report:
+    """Per stage: the state of its ONNX graph and TensorRT engine; then the backend `backend` resolves to, and why."""
+    bundle = load_bundle(folder, require_calibration=False)
+    calibrated = "calibrated" if bundle.calibration else "NOT calibrated"
+    rows: Report = [("bundle", f"{folder} ({bundle.config.name}, {calibrated})")]
+    try:
+        precision = read_provenance(bundle).get("engine_precision")
+    except ArtefactError:
+        precision = None
+    for graph in GRAPHS:
+        states = []
+        for fmt in ("onnx", "tensorrt"):
+            if fmt == "tensorrt" and precision is None:
+                states.append("tensorrt: no engine exported")
+                continue
+            try:
+                read_artefact(bundle, artefact_name(graph.name, fmt, precision or "fp32"))
+                states.append(f"{fmt}: ok")
+            except ArtefactError as exc:
+                states.append(f"{fmt}: {exc}")
+        rows.append((f"stage {graph.name}", "; ".join(states)))
+    plan = plan_backend(backend, bundle, device)
+    for name, reason in plan.skipped.items():
+        rows.append(("skipped", f"{name}: {reason}"))
+    chosen = plan.chosen or "none: nothing can run this bundle here"
+    rows.append(("backend", f"every stage on {device}: {chosen} ({plan.why})"))
+    return rows
+
+
+def doctor(address: str | None = None, bundle: Path | None = None, device: str = "auto",
+           lpips_weights: str | None = None) -> Report:
+    """The full report; a bundle that cannot be loaded becomes a finding, not an abort."""
+    rows = machine_report(lpips_weights) + ray_report(address)
+    if bundle is not None:
+        try:
+            rows += bundle_report(bundle, select_device(device))
+        except PhanesError as exc:
+            rows.append(("bundle", f"refused: {exc}"))
+    return rows

@@ -1,0 +1,128 @@
+"""Consolidation: the committed part files of a run become its three tables."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from phanes_cli.infra.atomic import atomic_path, write_parquet
+from phanes_cli.screening.layout import OutputLayout
+from phanes_cli.screening.schemas import (
+    FAILURE_SCHEMA,
+    LESION_SCHEMA,
+    TABLES,
+    THRESHOLD_COLUMNS,
+    VOLUME_SCHEMA,
+    file_metadata,
+    with_text_columns,
+)
+
+PART_READERS = 4  # threads reading part files in `consolidate`
+
+PART_GROUP = 128  # part files read and combined at a time (larger groups only cost memory)
+
+def run_metadata(layout: OutputLayout) -> dict[str, str]:
+    """`file_metadata` of a screening run, from the calibration its run.json records (as applied)."""
+    try:
+        bundle = json.loads(layout.run_manifest.read_text()).get("bundle", {})
+    except (OSError, json.JSONDecodeError):
+        bundle = {}
+    calibration = bundle.get("calibration", {})
+    thresholds = {k: calibration.get(k, 0.0 if k == "min_lesion_ml" else None) for k in THRESHOLD_COLUMNS}
+    return file_metadata(thresholds, bundle.get("hash"))
+
+def _ids_with(folder: Path, suffix: str) -> list[str]:
+    """The file stems (`file_stem`) of the committed parts in `folder`; temporaries start with '.'."""
+    if not folder.is_dir():
+        return []
+    names = (p.name for p in folder.iterdir())
+    return sorted(n[: -len(suffix)] for n in names if n.endswith(suffix) and not n.startswith("."))
+
+def _read_part(path: Path) -> pa.Table | None:
+    """A part file, or None when it cannot be read (damaged after its atomic write: disk, another program)."""
+    try:
+        with pq.ParquetFile(path) as part:
+            return part.read()
+    except (pa.ArrowInvalid, OSError):
+        return None
+
+def _part_groups(layout: OutputLayout, table: str, ids: list[str], pool: ThreadPoolExecutor,
+                 damaged: set[str]) -> Iterator[pa.Table]:
+    """The part files of `ids`, in that order, PART_GROUP files per table; one empty table when there are none.
+
+    The ids of unreadable files go to `damaged`. A few threads read the files (opening and decoding
+    Parquet releases the GIL), and each group is
+    combined into contiguous columns before the next is read: thousands of one-row Arrow tables alive at
+    once hold tens of MB in Arrow's allocator, a group at a time keeps memory flat.
+    """
+    if not ids:
+        yield TABLES[table].empty_table()
+    for start in range(0, len(ids), PART_GROUP):
+        group = ids[start:start + PART_GROUP]
+        tables = list(pool.map(_read_part, [layout.part(table, vid) for vid in group]))
+        damaged.update(vid for vid, t in zip(group, tables, strict=True) if t is None)
+        readable = [t for t in tables if t is not None] or [TABLES[table].empty_table()]
+        yield pa.concat_tables(readable, promote_options="default").combine_chunks()
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` with exactly `schema`'s columns, in its order and types (columns it lacks are nulls)."""
+    columns = [table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+               for f in schema]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+def _text_schema(schema: pa.Schema, tables: Iterable[pa.Table]) -> pa.Schema:
+    """`with_text_columns` for tables: `schema` plus the columns of `tables` it lacks, as sorted strings."""
+    return with_text_columns(schema, [dict.fromkeys(t.column_names) for t in tables])
+
+def _write_groups(groups: Iterable[pa.Table], schema: pa.Schema, target: Path) -> int:
+    """Write tables into one Parquet file, one row group each; returns the number of rows."""
+    written = 0
+    with atomic_path(target) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        for group in groups:
+            writer.write_table(_conform(group, schema))
+            written += group.num_rows
+    return written
+
+def consolidate(layout: OutputLayout) -> dict[str, int]:
+    """Rebuild volumes/lesions/failures.parquet from the committed parts; deterministic order by id.
+
+    Committed volumes come from their parts; a failed volume (failure part, no marker) appears in
+    failures.parquet and as a 'failed' row in volumes.parquet. The volumes table (one row per volume) is
+    sorted in memory; lesions stream through, a group of part files at a time. Idempotent: run it as often
+    as you like.
+    The input's manifest columns become string columns of volumes and failures (so the schema is per run),
+    and every table carries `run_metadata` as Parquet key-value metadata. A part file that cannot be read
+    (damaged after it was written) un-commits its volume, so the next run screens it again; `damaged`
+    counts those volumes.
+    """
+    parts = layout.root / "parts"
+    done = _ids_with(parts / "done", ".json")
+    done_set = set(done)
+    failed = [v for v in _ids_with(parts / "failures", ".parquet") if v not in done_set]
+    meta, damaged = run_metadata(layout), set[str]()
+    with ThreadPoolExecutor(PART_READERS) as pool:
+        failure_parts = list(_part_groups(layout, "failures", failed, pool, damaged))
+        failure_schema = _text_schema(FAILURE_SCHEMA, failure_parts)
+        failures = pa.concat_tables([_conform(t, failure_schema) for t in failure_parts]).sort_by("id")
+        as_volumes = {**{k: failures[k] for k in failures.column_names if k not in FAILURE_SCHEMA.names},
+                      "id": failures["id"], "input_path": failures["path"], "bundle_hash": failures["bundle_hash"],
+                      "status": pa.array(["failed"] * failures.num_rows, pa.string())}
+        volume_parts = [pa.table(as_volumes), *_part_groups(layout, "volumes", done, pool, damaged)]
+        volume_schema = _text_schema(VOLUME_SCHEMA, volume_parts)
+        volumes = pa.concat_tables([_conform(t, volume_schema) for t in volume_parts]).sort_by("id")
+        write_parquet(layout.table("volumes"), volumes.replace_schema_metadata(meta))
+        lesion_parts = _part_groups(layout, "lesions", done, pool, damaged)
+        n_lesions = _write_groups(lesion_parts, LESION_SCHEMA.with_metadata(meta), layout.table("lesions"))
+    if damaged:  # un-commit those volumes (the next run redoes them), then rebuild the tables without them
+        for vid in damaged:
+            for path in (layout.done_marker(vid), *(layout.part(t, vid) for t in TABLES)):
+                path.unlink(missing_ok=True)
+        return {**consolidate(layout), "damaged": len(damaged)}
+    write_parquet(layout.table("failures"), failures.replace_schema_metadata(meta))
+    return {"volumes": volumes.num_rows, "lesions": n_lesions, "failures": failures.num_rows, "done": len(done),
+            "damaged": 0}

@@ -1,0 +1,99 @@
+"""Where a screening run puts things: every writer and reader of OUT goes through `OutputLayout`.
+
+Layout of OUT:
+    maps/<id>_anomaly.nii.gz, maps/<id>_lesionmask.nii.gz, maps/<id>_pseudohealthy.nii.gz
+        (`_lesionmask`, not `_mask`: HD-BET and FSL name brain masks `_mask`)
+    parts/volumes/<id>.parquet   one row, written when the volume is committed
+    parts/lesions/<id>.parquet   its lesions (possibly zero rows)
+    parts/failures/<id>.parquet  one row when the volume failed
+    parts/done/<id>.json         the commit marker, written last (`commit`)
+    volumes.parquet, lesions.parquet, failures.parquet   consolidated, sorted by id (`consolidate`)
+    run.json                     the run manifest
+<id> in a file name is `file_stem(id)`: the id itself, or for ids that start with '.' or are over-long a
+shortened, hashed form (the tables keep the full id). With `--layout bids` the maps follow `bids_naming`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from phanes_cli.screening.bids_naming import BIDS_DESCRIPTION, BIDS_MAP_NAMES, bids_folder, bids_stem
+from phanes_cli.screening.schemas import TABLES
+
+OUTPUT_KINDS = ("anomaly", "lesion_mask", "pseudohealthy")
+
+MAP_SUFFIX = {"anomaly": "anomaly", "lesion_mask": "lesionmask", "pseudohealthy": "pseudohealthy"}  # file name per kind
+
+MAX_STEM_BYTES = 120  # leaves room for a map suffix and the '.tmp-' names of atomic writes within 255 bytes
+
+def file_stem(vid: str) -> str:
+    """The name an id's files take in OUT: the id itself, unless it starts with '.' or is over-long.
+
+    Such ids become up to 80 bytes of the id (leading dots dropped), '~' and 16 hex digits of its sha256,
+    so no output is hidden from readers or mistaken for a temporary ('.tmp-...') file, and no name
+    exceeds the file system's limit. The tables keep the full id. Idempotent: a stem maps to itself.
+    """
+    if not vid.startswith(".") and len(vid.encode()) <= MAX_STEM_BYTES:
+        return vid
+    head = vid.lstrip(".").encode()[:80].decode(errors="ignore")
+    return f"{head}~{hashlib.sha256(vid.encode()).hexdigest()[:16]}"
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """Paths inside OUT; every writer and reader of a run goes through here."""
+
+    root: Path
+
+    @property
+    def maps(self) -> Path:
+        return self.root / "maps"
+
+    def part(self, table: str, vid: str) -> Path:
+        return self.root / "parts" / table / f"{file_stem(vid)}.parquet"
+
+    def done_marker(self, vid: str) -> Path:
+        return self.root / "parts" / "done" / f"{file_stem(vid)}.json"
+
+    @property
+    def bids(self) -> bool:
+        """True for a `--layout bids` run (OUT holds a dataset_description.json)."""
+        return (self.root / BIDS_DESCRIPTION).is_file()
+
+    def map_path(self, vid: str, kind: str) -> Path:
+        if self.bids:
+            return bids_folder(self.root, vid) / f"{bids_stem(vid)}_{BIDS_MAP_NAMES[kind]}.nii.gz"
+        return self.maps / f"{file_stem(vid)}_{MAP_SUFFIX[kind]}.nii.gz"
+
+    def table(self, name: str) -> Path:
+        return self.root / f"{name}.parquet"
+
+    @property
+    def run_manifest(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".phanes-screen.lock"
+
+    def ensure(self) -> None:
+        for sub in ("maps", "parts/volumes", "parts/lesions", "parts/failures", "parts/done"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    def clear(self, vid: str) -> None:
+        """Remove every output of one id (for --overwrite and before a failure is recorded)."""
+        paths = [self.map_path(vid, k) for k in OUTPUT_KINDS]
+        paths += [p.with_name(p.name.removesuffix(".nii.gz") + ".json") for p in paths]  # BIDS sidecars
+        paths += [self.done_marker(vid), *(self.part(t, vid) for t in TABLES)]
+        for path in paths:
+            path.unlink(missing_ok=True)
+
+    def remove_temporaries(self) -> None:
+        """Delete temp files a killed run left behind (only safe while holding the run lock)."""
+        for folder in (self.maps, *(self.root / "parts" / t for t in (*TABLES, "done"))):
+            if folder.is_dir():
+                for path in folder.glob(".tmp-*"):
+                    path.unlink(missing_ok=True)
+        for path in self.root.glob("sub-*/**/.tmp-*"):  # --layout bids maps
+            path.unlink(missing_ok=True)

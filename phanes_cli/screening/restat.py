@@ -1,0 +1,167 @@
+"""`phanes stats`: a run's lesion masks and tables again, from its anomaly maps, at new thresholds.
+
+No network is loaded: each volume's written map s(x) (OUT/maps/<id>_anomaly.nii.gz) goes through the
+screening road again, `core.lesion_rule.LesionRule` (threshold, then the minimum lesion size) and
+`core.statistics.volume_statistics`, so at the run's own thresholds the tables equal screening's. The
+brain mask is not among a run's outputs: s(x) is zero outside the brain, so its support stands in for
+the brain in the lesion rule, and the threshold-free brain numbers (brain volume, max and mean of s(x))
+come from the screening row. The stage 1 threshold cannot change without the networks; it is reported
+as the run used it. Timing and node columns are null: they describe screening.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from phanes_cli.core.calibration import Calibration
+from phanes_cli.core.lesion_rule import LesionRule
+from phanes_cli.core.statistics import volume_statistics
+from phanes_cli.core.volume_io import load_volume, save_like
+from phanes_cli.errors import BundleError, ConfigError, InputError
+from phanes_cli.infra.atomic import atomic_path, write_json, write_parquet
+from phanes_cli.screening.layout import OutputLayout
+from phanes_cli.screening.schemas import (
+    FAILURE_SCHEMA,
+    LESION_SCHEMA,
+    VOLUME_SCHEMA,
+    file_metadata,
+    table_from_rows,
+    with_text_columns,
+)
+from phanes_cli.screening.tasks import describe
+
+FORMATS = ("parquet", "csv", "json")
+_BRAIN_COLUMNS = ("brain_volume_ml", "max_anomaly", "mean_anomaly")
+_SCREENING_ONLY = ("runtime_s", "decode_s", "inference_s", "write_s", "decode_node", "inference_node", "write_node")
+_MAP_VOXEL_LIMIT = 2**40  # the maps were written by screening, which already bounded the volume size
+
+
+@dataclass(frozen=True)
+class StatsResult:
+    """What `phanes stats` wrote: the folder, its tables and the counts."""
+
+    out: Path
+    calibration: Calibration
+    tables: dict[str, Path]
+    volumes: int
+    failed: int
+    lesions: int
+
+
+def applied_calibration(layout: OutputLayout) -> tuple[Calibration, str | None]:
+    """The calibration a screening run applied (run.json) and its bundle hash."""
+    try:
+        bundle = json.loads(layout.run_manifest.read_text())["bundle"]
+        calibration = Calibration.from_dict(bundle["calibration"], layout.run_manifest)
+    except FileNotFoundError as exc:
+        raise InputError(layout.root, "not a `phanes screen` output folder (no run.json)") from exc
+    except (OSError, ValueError, KeyError, TypeError, BundleError) as exc:
+        raise InputError(layout.run_manifest, f"run manifest lacks the bundle's calibration ({exc})") from exc
+    return calibration, bundle.get("hash")
+
+
+def restat_volume(row: dict[str, Any], layout: OutputLayout, calibration: Calibration, target: OutputLayout
+                  ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One screened volume again: its anomaly map -> lesion mask (written under `target`) -> its rows."""
+    vid = row["id"]
+    path = layout.map_path(vid, "anomaly")
+    if not path.is_file():
+        raise InputError(path, "anomaly map not found (screen with --anomaly-maps to use `phanes stats`)")
+    volume = load_volume(path, _MAP_VOXEL_LIMIT)
+    anomaly = volume.data
+    lesion = LesionRule.from_calibration(calibration).apply(anomaly, anomaly > 0, volume.voxel_ml)
+    stats, lesions = volume_statistics(vid, volume, {k: row[k] for k in _BRAIN_COLUMNS}, anomaly, lesion)
+    save_like(lesion.astype(np.uint8), volume, target.map_path(vid, "lesion_mask"), np.uint8)
+    volume_row = {**row, **stats, **calibration.columns(), **dict.fromkeys(_SCREENING_ONLY)}
+    return volume_row, lesions
+
+
+def _failed_row(row: dict[str, Any], extra: list[str]) -> dict[str, Any]:
+    """A volume row with null metrics: only its identity and manifest columns."""
+    keep = ("id", "input_path", "bundle_hash", "brain_mask_source", *extra)
+    return {**{k: row.get(k) for k in keep}, "status": "failed"}
+
+
+def compute(run_dir: Path, calibration: Calibration, out: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]],
+                                                                        list[dict[str, Any]]]:
+    """Volume, lesion and failure rows for every volume of the run (its failures stay failures)."""
+    layout = OutputLayout(run_dir)
+    if not layout.table("volumes").is_file():
+        raise InputError(layout.table("volumes"), "not found: is this the OUT folder of a `phanes screen` run?")
+    screened = pq.read_table(layout.table("volumes"))
+    extra = [n for n in screened.column_names if n not in VOLUME_SCHEMA.names]
+    earlier = pq.read_table(layout.table("failures")).to_pylist() if layout.table("failures").is_file() else []
+    volumes: list[dict[str, Any]] = []
+    lesions: list[dict[str, Any]] = []
+    failures = list(earlier)
+    target = OutputLayout(out)
+    target.maps.mkdir(parents=True, exist_ok=True)
+    for row in screened.to_pylist():
+        if row["status"] != "ok":
+            volumes.append(_failed_row(row, extra))
+            continue
+        try:
+            volume_row, lesion_rows = restat_volume(row, layout, calibration, target)
+        except Exception as exc:  # a missing or broken map fails this volume only
+            kind, message = describe(exc)
+            failures.append({**{k: row.get(k) for k in extra}, "id": row["id"], "path": row["input_path"],
+                             "stage": "stats", "error_type": kind, "message": message, "retry_on_resume": True,
+                             "bundle_hash": row.get("bundle_hash")})
+            volumes.append(_failed_row(row, extra))
+            continue
+        volumes.append(volume_row)
+        lesions.extend(lesion_rows)
+    return volumes, lesions, sorted(failures, key=lambda r: r["id"])
+
+
+def write_table(table: pa.Table, target: Path, fmt: str) -> Path:
+    """One table in `fmt`: Parquet with key-value metadata, CSV (list cells as JSON text) or JSON."""
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    if fmt == "parquet":
+        return write_parquet(target, table)
+    if fmt == "json":
+        return write_json(target, {"metadata": meta, "rows": table.to_pylist()})
+    flat = table.replace_schema_metadata(None)
+    for i, field in enumerate(flat.schema):
+        if pa.types.is_list(field.type):
+            text = pa.array([None if v is None else json.dumps(v) for v in flat.column(i).to_pylist()], pa.string())
+            flat = flat.set_column(i, field.name, text)
+    with atomic_path(target) as tmp:
+        pacsv.write_csv(flat, tmp)
+    return target
+
+
+def run_stats(run_dir: Path, out: Path | None = None, threshold: float | None = None,
+              min_lesion_ml: float | None = None, fmt: str = "parquet") -> StatsResult:
+    """Recompute a run's lesion masks and tables into `out` (default RUN_DIR/stats) at the given thresholds.
+
+    Defaults are the thresholds and minimum lesion size the run applied (run.json). Writes
+    maps/<id>_lesionmask.nii.gz, volumes/lesions/failures.<fmt> and stats.json (thresholds, counts).
+    """
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    run_dir = Path(run_dir)
+    base, bundle_hash = applied_calibration(OutputLayout(run_dir))
+    calibration = base.with_lesion_rule(threshold, min_lesion_ml)
+    out = run_dir / "stats" if out is None else Path(out)
+    volumes, lesions, failures = compute(run_dir, calibration, out)
+    meta = file_metadata(calibration.columns(), bundle_hash)
+    tables = {"volumes": table_from_rows(volumes, with_text_columns(VOLUME_SCHEMA, volumes)),
+              "lesions": table_from_rows(lesions, LESION_SCHEMA),
+              "failures": table_from_rows(failures, with_text_columns(FAILURE_SCHEMA, failures))}
+    paths = {name: write_table(t.replace_schema_metadata(meta), out / f"{name}.{fmt}", fmt)
+             for name, t in tables.items()}
+    failed = sum(1 for v in volumes if v["status"] != "ok")
+    write_json(out / "stats.json", {"run": str(run_dir.absolute()), **calibration.columns(),
+                                    "bundle_hash": bundle_hash, "format": fmt, "volumes": len(volumes),
+                                    "failed": failed, "lesions": len(lesions), "metadata": meta})
+    return StatsResult(out=out, calibration=calibration, tables=paths, volumes=len(volumes), failed=failed,
+                       lesions=len(lesions))

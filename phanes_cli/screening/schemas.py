@@ -1,0 +1,117 @@
+"""The tables a screening run writes: their Parquet schemas, units, size bins and key-value metadata."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+import pyarrow as pa
+
+from phanes_cli.core.statistics import SIZE_BIN_COLUMNS
+
+SCHEMA_VERSION = "2"  # 2: `id` in every table, flat geometry columns, size bins, thresholds, manifest columns
+
+_LIST_I = pa.list_(pa.int64())
+
+_LIST_F = pa.list_(pa.float64())
+
+
+UNITS = {"*_ml": "millilitre", "*_mm, voxel_mm_*, voxel_size_mm": "millimetre (world, input affine)",
+         "centroid_voxel, bbox_*, slice_*, shape*": "voxel indices in the input file's axis order",
+         "lesion_burden_fraction": "fraction of brain_volume_ml", "*_s": "second",
+         "*_anomaly, *_score, *_threshold": "anomaly score s(x) (mask_threshold: stage 1 map m(x))"}
+
+def _schema(*fields: pa.Field[Any]) -> pa.Schema:
+    return pa.schema(fields)
+
+VOLUME_SCHEMA = _schema(
+    pa.field("id", pa.string()),
+    pa.field("input_path", pa.string()),
+    pa.field("status", pa.string()),  # "ok" or "failed" (details in failures.parquet)
+    pa.field("shape", _LIST_I),  # in the input file's voxel order
+    pa.field("voxel_size_mm", _LIST_F),  # in the input file's voxel order
+    *(pa.field(f"shape_{a}", pa.int64()) for a in "xyz"),  # `shape` flat: file axes 0, 1, 2
+    *(pa.field(f"voxel_mm_{a}", pa.float64()) for a in "xyz"),  # `voxel_size_mm` flat
+    pa.field("brain_mask_source", pa.string()),  # file, model (skull stripped) or threshold (skullstrip.py)
+    pa.field("qc_flags", pa.list_(pa.string())),  # quality.check_volume warnings; [] when clean
+    pa.field("brain_volume_ml", pa.float64()),
+    pa.field("lesion_burden_ml", pa.float64()),
+    pa.field("lesion_burden_fraction", pa.float64()),  # lesion_burden_ml / brain_volume_ml
+    pa.field("lesion_count", pa.int64()),
+    *(pa.field(name, pa.int64()) for name in SIZE_BIN_COLUMNS),  # lesion counts by size (SIZE_BINS_ML)
+    pa.field("largest_lesion_ml", pa.float64()),
+    pa.field("max_anomaly", pa.float64()),  # max of s(x) in the brain
+    pa.field("mean_anomaly", pa.float64()),  # mean of s(x) over brain voxels
+    pa.field("slices_processed", pa.int64()),
+    pa.field("backend", pa.string()),
+    pa.field("bundle_hash", pa.string()),
+    pa.field("mask_threshold", pa.float64()),  # the thresholds and minimum lesion size the lesion mask used
+    pa.field("anomaly_threshold", pa.float64()),
+    pa.field("min_lesion_ml", pa.float64()),
+    pa.field("runtime_s", pa.float64()),  # decode_s + inference_s + write_s
+    pa.field("decode_s", pa.float64()),
+    pa.field("inference_s", pa.float64()),
+    pa.field("write_s", pa.float64()),
+    pa.field("decode_node", pa.string()),  # IP of the Ray node that ran each stage
+    pa.field("inference_node", pa.string()),
+    pa.field("write_node", pa.string()),
+)
+
+LESION_SCHEMA = _schema(
+    pa.field("id", pa.string()),  # the volume's id, the key of every table
+    pa.field("lesion_index", pa.int64()),  # 1 = largest
+    pa.field("volume_ml", pa.float64()),
+    pa.field("voxel_count", pa.int64()),
+    pa.field("centroid_voxel", _LIST_F),  # input file voxel order (i, j, k)
+    pa.field("centroid_world_mm", _LIST_F),  # through the input affine
+    *(pa.field(f"centroid_{a}_mm", pa.float64()) for a in "xyz"),  # `centroid_world_mm` flat
+    pa.field("bbox_min", _LIST_I),  # inclusive, input file voxel order
+    pa.field("bbox_max", _LIST_I),
+    pa.field("mean_score", pa.float64()),
+    pa.field("max_score", pa.float64()),
+    pa.field("axial_axis", pa.int64()),  # the file axis running inferior-superior
+    pa.field("slice_min", pa.int64()),  # along axial_axis, file voxel indices
+    pa.field("slice_max", pa.int64()),
+)
+
+FAILURE_SCHEMA = _schema(
+    pa.field("id", pa.string()),
+    pa.field("path", pa.string()),
+    pa.field("stage", pa.string()),  # input, decode, inference, write
+    pa.field("error_type", pa.string()),
+    pa.field("message", pa.string()),
+    pa.field("retry_on_resume", pa.bool_()),
+    pa.field("input_size", pa.int64()),
+    pa.field("input_mtime_ns", pa.int64()),
+    pa.field("bundle_hash", pa.string()),
+)
+
+TABLES = {"volumes": VOLUME_SCHEMA, "lesions": LESION_SCHEMA, "failures": FAILURE_SCHEMA}
+
+_RESERVED = frozenset(VOLUME_SCHEMA.names) | frozenset(FAILURE_SCHEMA.names) | frozenset(LESION_SCHEMA.names)
+
+THRESHOLD_COLUMNS = ("mask_threshold", "anomaly_threshold", "min_lesion_ml")
+
+def manifest_columns(extra: dict[str, Any]) -> dict[str, str]:
+    """The input's extra manifest columns (subject, session, site...) as text, for the volume and failure rows.
+
+    A name that is already a column of the tables is carried as `input_<name>`.
+    """
+    return {(f"input_{k}" if k in _RESERVED else k): str(v) for k, v in extra.items() if v is not None}
+
+def with_text_columns(schema: pa.Schema, rows: Iterable[dict[str, Any]]) -> pa.Schema:
+    """`schema` plus one string column per key of `rows` it lacks (the run's manifest columns), sorted."""
+    extra = sorted({k for r in rows for k in r} - set(schema.names))
+    return pa.schema([*schema, *(pa.field(k, pa.string()) for k in extra)])
+
+def file_metadata(thresholds: dict[str, Any], bundle_hash: str | None) -> dict[str, str]:
+    """Parquet key-value metadata of a table: schema version, units, thresholds, bundle hash, phanes version."""
+    from phanes_cli import __version__
+
+    return {"phanes.schema_version": SCHEMA_VERSION, "phanes.version": __version__, "phanes.units": json.dumps(UNITS),
+            "phanes.thresholds": json.dumps(thresholds), "phanes.bundle_hash": bundle_hash or ""}
+
+def table_from_rows(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Rows -> a table with exactly `schema` (missing keys are nulls, so empty tables keep their types)."""
+    return pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema)
