@@ -85,7 +85,7 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
     """phanes: unsupervised anomaly screening of T1-weighted brain MRI (PHANES, MICCAI 2023)."""
 
 
-SkullStrip = Literal["auto", "always", "never"]  # = skullstrip.SKULL_STRIP_MODES (tested), for --help, completion
+SkullStrip = Literal["auto", "always", "never"]  # = brain_masks.SKULL_STRIP_MODES (tested), for --help, completion
 SKULL_STRIP_OPTION = typer.Option(
     "auto", "--skull-strip",
     help="Brain extraction (deepbet) for volumes without a brain mask file; auto runs it "
@@ -231,7 +231,7 @@ def train(
 
 
 def _print_tuning(cal: Any) -> None:
-    """One line on what `calibrate --tune` chose (a `pipeline.Calibration`) and how it did on validation lesions."""
+    """One line on what `calibrate --tune` chose (a `Calibration`) and how it did on validation lesions."""
     if cal.tuning is None:
         return
     val = cal.tuning["validation"]

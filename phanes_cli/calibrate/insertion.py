@@ -58,7 +58,7 @@ def volume_anatomy(data: np.ndarray, brain: np.ndarray, affine: np.ndarray) -> t
 
 def insert_lesion(data: np.ndarray, brain: np.ndarray, affine: np.ndarray, bank: ShapeBank, reference: Template,
                   rng: np.random.Generator, shapes: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """`shapes` real lesion masks blended into a volume one after the other: (image, truth, their union).
+    """`shapes` real lesion masks blended into a volume one after the other: (lesioned image, union of the masks).
 
     Voxels outside the blends are untouched. A later shape never darkens an earlier lesion again: the tissue
     map of each step (brain brighter than half of white matter) no longer contains it.

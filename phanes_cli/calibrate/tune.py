@@ -84,7 +84,11 @@ def validation_figures(scores: Sequence[np.ndarray], volumes: Sequence[LesionedV
 
 def tune(backend: Backend, cfg: PhanesConfig, healthy: SliceSet, lesioned: Sequence[LesionedVolume],
          batch_size: int = 32, report: Callable[[str], object] = lambda message: None) -> Calibration:
-    """Search (mask percentile, anomaly threshold, minimum lesion size) for the best validation Dice."""
+    """Search (mask percentile, anomaly threshold, minimum lesion size) for the best validation Dice.
+
+    Returns the Calibration of the choice; its `tuning` holds the chosen mask percentile, the validation figures
+    of the choice (`validation_figures`), the best Dice per mask percentile and the lesioned volumes' ids.
+    """
     values = stage1_values(backend, healthy.images, healthy.brain, cfg.mask, batch_size)
     best: dict[str, Any] = {"dice": -1.0}
     per_percentile: dict[str, float] = {}

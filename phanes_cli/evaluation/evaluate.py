@@ -8,7 +8,7 @@ Choices, documented here because they change the figures:
 - Evaluated region: brain voxels of the axial slices the pipeline processed (all slices with enough brain,
   or the single mid slice in the paper's `slice_mode: mid`). This is exactly what screening sees; lesion
   voxels on skipped slices are reported per volume as `lesion_ml_unevaluated`.
-- Brain: the row's brain mask, else `skullstrip.brain_mask_for` under `skull_strip` (`preprocess.load_with_brain`,
+- Brain: the row's brain mask, else `inputs.brain_masks.brain_mask_for` under `skull_strip` (`load_with_brain`,
   as in screening).
 - Healthy controls: rows of the split without a lesion mask and of kind `healthy` are all-negative volumes;
   every component a method predicts there is a false positive (`healthy_controls` per method in the

@@ -9,9 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 # `--layout bids`: OUT is a BIDS-derivatives dataset (its dataset_description.json says so, and every reader of
-# OUT follows it); maps go to sub-<label>/[ses-<label>/]anat/<source entities>_<name>.nii.gz (bids_out.py).
+# OUT follows it).
 BIDS_DESCRIPTION = "dataset_description.json"
-
 BIDS_MAP_NAMES = {"anomaly": "desc-anomaly_map", "lesion_mask": "desc-lesion_mask",
                   "pseudohealthy": "desc-pseudohealthy_T1w"}
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from phanes_cli.core.calibration import Calibration
+from phanes_cli.errors import BundleError
 from phanes_cli.infra.atomic import atomic_path, write_parquet
 from phanes_cli.screening.layout import OutputLayout
 from phanes_cli.screening.schemas import (
@@ -27,14 +29,15 @@ PART_READERS = 4  # threads reading part files in `consolidate`
 PART_GROUP = 128  # part files read and combined at a time (larger groups only cost memory)
 
 def run_metadata(layout: OutputLayout) -> dict[str, str]:
-    """`file_metadata` of a screening run, from the calibration its run.json records (as applied)."""
+    """`file_metadata` of a screening run, from the calibration its run.json records (as applied); the thresholds
+    are null when run.json is missing or unreadable (the tables are still written)."""
     try:
         bundle = json.loads(layout.run_manifest.read_text()).get("bundle", {})
-    except (OSError, json.JSONDecodeError):
-        bundle = {}
-    calibration = bundle.get("calibration", {})
-    thresholds = {k: calibration.get(k, 0.0 if k == "min_lesion_ml" else None) for k in THRESHOLD_COLUMNS}
+        thresholds: dict[str, Any] = Calibration.from_dict(bundle.get("calibration"), layout.run_manifest).columns()
+    except (OSError, json.JSONDecodeError, AttributeError, BundleError):
+        bundle, thresholds = {}, dict.fromkeys(THRESHOLD_COLUMNS)
     return file_metadata(thresholds, bundle.get("hash"))
+
 
 def _ids_with(folder: Path, suffix: str) -> list[str]:
     """The file stems (`file_stem`) of the committed parts in `folder`; temporaries start with '.'."""

@@ -39,8 +39,8 @@ class ScreenOptions:
     max_in_flight: int | None = None  # default: 4 per actor, at least 4
     node_ip: str | None = None
     object_store_mb: int | None = None  # local instance only; None: Ray's default
-    skull_strip: str = "auto"  # auto | always | never (skullstrip.py); the model runs in the decode tasks
-    layout: str = "default"  # default | bids (bids_out.py: OUT as a BIDS-derivatives dataset)
+    skull_strip: str = "auto"  # auto | always | never (inputs/brain_masks.py); the model runs in the decode tasks
+    layout: str = "default"  # default | bids (bids_derivative.py: OUT as a BIDS-derivatives dataset)
     bids: BidsQuery = field(default_factory=BidsQuery)  # which images of a BIDS root input to take
     min_lesion_ml: float | None = None  # lesion components under this are dropped; default: the bundle's calibration
 

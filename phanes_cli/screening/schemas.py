@@ -33,7 +33,7 @@ VOLUME_SCHEMA = _schema(
     pa.field("voxel_size_mm", _LIST_F),  # in the input file's voxel order
     *(pa.field(f"shape_{a}", pa.int64()) for a in "xyz"),  # `shape` flat: file axes 0, 1, 2
     *(pa.field(f"voxel_mm_{a}", pa.float64()) for a in "xyz"),  # `voxel_size_mm` flat
-    pa.field("brain_mask_source", pa.string()),  # file, model (skull stripped) or threshold (skullstrip.py)
+    pa.field("brain_mask_source", pa.string()),  # file, model (skull stripped) or threshold (inputs/brain_masks.py)
     pa.field("qc_flags", pa.list_(pa.string())),  # quality.check_volume warnings; [] when clean
     pa.field("brain_volume_ml", pa.float64()),
     pa.field("lesion_burden_ml", pa.float64()),

@@ -69,7 +69,7 @@ class VolumeContext:
     brain: np.ndarray  # (X, Y, Z) bool on the RAS+ grid
     geometry: SliceGeometry
     scale: float
-    brain_source: str  # file, model or threshold (skullstrip.brain_mask_for)
+    brain_source: str  # file, model or threshold (inputs.brain_masks.brain_mask_for)
     qc_flags: tuple[str, ...] = ()  # quality.check_volume warnings (fatal flags fail the volume instead)
 
 

@@ -2,7 +2,7 @@
 
 Every lesion starts as a binary shape S on the subject grid: either procedural (an ellipsoid roughened
 by smooth noise, grown around a seed in grey/white matter to a target volume) or a real expert-drawn
-stroke mask resampled from MNI space (`synth.shapes`: the bank shipped with the package by default).
+stroke mask resampled from MNI space (`synth.lesion_bank`: the bank shipped with the package by default).
 The blend weight w ramps smoothly from 1 inside to 0 across the
 shape's surface (see `blend_weight`), and the image becomes x * (1 - w) + min(x, t) * w with t a
 CSF-like target (20-45% of white matter, with a little smooth texture): a T1 hypo-intensity with a

@@ -5,11 +5,11 @@
 - `validation`: validation scores and the stage 1 threshold that cuts stage 2's holes.
 - `losses`: Soft-IntroVAE + reversed embedding losses (stage 1), AOT-GAN losses (stage 2).
 - `augment`: the paper's batched 2D augmentation, identical for images and masks.
-- `shapes`: random inpainting holes (ellipses, strokes) for stage 2.
+- `holes`: random inpainting holes (ellipses, strokes) for stage 2.
 - `data`: healthy slices held in memory, seeded batch order.
 - `checkpoint`: pickle-free resumable checkpoints, run progress and best weights.
 - `metrics_log`: `metrics.csv`, one row per validation.
-- `progress`: the shared rich progress display.
 
-Calibration of a trained bundle lives in `phanes_cli.calibrate.run`; `phanes train` runs it after training.
+Calibration of a trained bundle lives in `phanes_cli.calibrate`; `phanes train` runs it after training. The
+progress display is `phanes_cli.infra.progress`.
 """

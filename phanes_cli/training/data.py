@@ -55,7 +55,7 @@ def healthy_rows(manifest: Path, split: str) -> list[ManifestRow]:
 
 def load_slices(rows: Sequence[ManifestRow], cfg: PreprocessConfig, bar: Progress | None = None,
                 description: str = "loading volumes", skull_strip: str = "auto", device: str = "cpu") -> SliceSet:
-    """Read and prepare every volume once; brain masks come from the manifest or `skullstrip.brain_mask_for`."""
+    """Read and prepare every volume once; brain masks come from the manifest or `inputs.brain_masks.brain_mask_for`."""
     images: list[Tensor] = []
     brains: list[Tensor] = []
     owners: list[Tensor] = []
