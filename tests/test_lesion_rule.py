@@ -16,17 +16,22 @@ FULL = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity, the project's lesion c
 VOXEL_ML = 0.003375  # 1.5 mm voxels
 
 
+def oracle_drop(mask: np.ndarray, min_ml: float, voxel_ml: float) -> np.ndarray:
+    """scipy's components of a mask, each kept when it holds at least `min_ml` millilitres."""
+    labels, n = ndimage.label(mask, structure=FULL)
+    out = np.zeros_like(mask)
+    for k in range(1, n + 1):
+        if (labels == k).sum() * voxel_ml >= min_ml:
+            out |= labels == k
+    return out
+
+
 def _oracle(score: np.ndarray, brain: np.ndarray, threshold: float, min_ml: float, voxel_ml: float) -> np.ndarray:
     """The rule spelled out voxel by voxel and component by component."""
     candidates = np.zeros(score.shape, dtype=bool)
     for index in np.ndindex(score.shape):
         candidates[index] = bool(brain[index]) and score[index] > 0 and score[index] >= threshold
-    labels, n = ndimage.label(candidates, structure=FULL)
-    out = np.zeros_like(candidates)
-    for k in range(1, n + 1):
-        if (labels == k).sum() * voxel_ml >= min_ml:
-            out |= labels == k
-    return out
+    return oracle_drop(candidates, min_ml, voxel_ml)
 
 
 @pytest.fixture(scope="module")

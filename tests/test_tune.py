@@ -26,18 +26,9 @@ from phanes_cli.runtimes.select import choose_backend
 from phanes_cli.synth.lesion_bank import npz_bank
 from phanes_cli.synth.templates import load_mni152
 from tests._tiny_cohort import tiny_config, write_cohort
+from tests.test_lesion_rule import oracle_drop
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-FULL = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity, the project's lesion connectivity
-
-
-def _oracle_drop(mask: np.ndarray, min_ml: float, voxel_ml: float) -> np.ndarray:
-    labels, n = ndimage.label(mask, structure=FULL)
-    out = np.zeros_like(mask)
-    for k in range(1, n + 1):
-        if (labels == k).sum() * voxel_ml >= min_ml:
-            out |= labels == k
-    return out
 
 
 def test_dice_grid_matches_a_numpy_oracle() -> None:
@@ -56,7 +47,7 @@ def test_dice_grid_matches_a_numpy_oracle() -> None:
         for j, m in enumerate(sizes):
             tp = pred = true = 0
             for s, v in zip(scores, volumes, strict=True):
-                p = _oracle_drop((s >= t) & (s > 0) & v.brain, m, v.voxel_ml)
+                p = oracle_drop((s >= t) & (s > 0) & v.brain, m, v.voxel_ml)
                 tp, pred, true = tp + (p & v.truth).sum(), pred + p.sum(), true + v.truth.sum()
             assert grid[i, j] == pytest.approx(2 * tp / (pred + true))
 
@@ -137,7 +128,7 @@ def test_tuned_validation_dice_matches_an_independent_recount(tuned: tuple[Path,
     tp = pred = true = 0
     for v in lesioned:
         s = run_volume(v.image, v.brain, backend, model.config, cal.mask_threshold, 16, keep=()).anomaly
-        p = _oracle_drop((s >= cal.anomaly_threshold) & (s > 0) & v.brain, cal.min_lesion_ml, v.voxel_ml)
+        p = oracle_drop((s >= cal.anomaly_threshold) & (s > 0) & v.brain, cal.min_lesion_ml, v.voxel_ml)
         tp, pred, true = tp + (p & v.truth).sum(), pred + p.sum(), true + v.truth.sum()
     assert cal.tuning["validation"]["dice"] == pytest.approx(2 * tp / max(pred + true, 1), abs=1e-6)
 

@@ -124,8 +124,9 @@ def sizes(known: dict[str, Path]) -> None:
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 functions.append((node.end_lineno - node.lineno + 1, f"{m}.{node.name}"))  # type: ignore[operator]
     top = sorted(((n, m) for m, n in lines.items()), reverse=True)[:10]
-    print(f"modules: {len(lines)}, top-level modules of phanes_cli: "
-          f"{sum(1 for m in known if m.count('.') == 1 and m.startswith('phanes_cli.'))}, "
+    top_level = [m for m in known if m.count(".") == 1 and m.startswith("phanes_cli.")]
+    packages = sum(1 for m in top_level if known[m].name == "__init__.py")
+    print(f"modules: {len(lines)}; in phanes_cli/: {len(top_level) - packages} modules, {packages} packages; "
           f"lines: median {sorted(lines.values())[len(lines) // 2]}, max {top[0][0]}")
     print("largest modules: " + ", ".join(f"{m} {n}" for n, m in top))
     long = sorted(functions, reverse=True)

@@ -60,10 +60,7 @@ def screen(inputs: list[str], options: ScreenOptions) -> ScreenSummary:
     started, started_iso = time.monotonic(), now_iso()
     options.validate()
     backend = validate_backend_name(options.backend)
-    bundle = load_bundle(options.bundle)
-    calibration = bundle.require_calibration().with_lesion_rule(min_lesion_ml=options.min_lesion_ml)
-    bundle = replace(bundle, calibration=calibration)
-    options = replace(options, min_lesion_ml=bundle.require_calibration().min_lesion_ml)
+    bundle, options = _with_overrides(load_bundle(options.bundle), options)
     rows = resolve_inputs(inputs, exclude=Path(options.out), bids=options.bids)
     layout = OutputLayout(Path(options.out))
     layout.root.mkdir(parents=True, exist_ok=True)
@@ -116,6 +113,12 @@ def screen(inputs: list[str], options: ScreenOptions) -> ScreenSummary:
         print_summary(display.console, counts, seconds, layout.root, _failures_of(layout, rows))
     return ScreenSummary(total=counts.total, done=counts.done, failed=counts.failed, skipped=counts.skipped,
                          out=layout.root, seconds=seconds)
+
+
+def _with_overrides(bundle: Bundle, options: ScreenOptions) -> tuple[Bundle, ScreenOptions]:
+    """The bundle with `--min-lesion-ml` applied to its calibration, and the options recording the size used."""
+    calibration = bundle.require_calibration().with_lesion_rule(min_lesion_ml=options.min_lesion_ml)
+    return replace(bundle, calibration=calibration), replace(options, min_lesion_ml=calibration.min_lesion_ml)
 
 
 def mark_abandoned(layout: OutputLayout) -> dict[str, Any] | None:
