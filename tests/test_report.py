@@ -6,19 +6,27 @@ on exactly what it reads. Oracles (counts, medians, the top ids) are computed he
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import re
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import nibabel as nib
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 
 from phanes_cli.cohort_report.figures import pick_slices
 from phanes_cli.cohort_report.page import render_report
@@ -164,3 +172,157 @@ def test_report_cli_writes_to_out_and_exit_codes(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "phanes_cli.cli", "report", str(tmp_path / "missing")],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr + bad.stdout
+
+
+BROWSER = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="Debian chromium + chromium-driver are not installed")
+SCREENSHOTS = Path("/tmp/phanes_report_screens")
+
+
+@pytest.fixture(scope="module")
+def chrome(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One headless Chromium for the module (software WebGL for the viewer), downloads into a known folder."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    folder = tmp_path_factory.mktemp("chrome")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--enable-unsafe-swiftshader", "--use-angle=swiftshader",
+                 "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", f"--user-data-dir={folder / 'profile'}", "--window-size=1280,1400"):
+        options.add_argument(flag)
+    options.add_experimental_option("prefs", {"download.default_directory": str(folder / "downloads"),
+                                              "download.prompt_for_download": False})
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=CHROMEDRIVER), options=options)
+    driver.downloads = folder / "downloads"
+    SCREENSHOTS.mkdir(exist_ok=True)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _open(driver: Any, page: Path) -> list[dict[str, Any]]:
+    """Load a page; the SEVERE console entries it logged (a fresh log per page)."""
+    driver.get_log("browser")
+    driver.get(page.as_uri())
+    return [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def _download(driver: Any, button: str, name: str) -> str:
+    target = driver.downloads / name
+    target.unlink(missing_ok=True)
+    driver.find_element(By.ID, button).click()
+    deadline = time.monotonic() + 20
+    while not target.is_file() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return target.read_bytes().decode("utf-8")  # bytes: the CSV's CRLF line ends are part of what is checked
+
+
+HOSTILE_IDS = ["@@DATA@@", "<img src=x onerror=window.__pwned=1>", "</script><script>window.__pwned=1</script>",
+               "\"'quoted'\" & <b>bold</b>", "line\u2028sep", "__proto__"]
+
+
+@BROWSER
+def test_hostile_ids_run_no_script_and_show_as_text(chrome: Any, tmp_path: Path) -> None:
+    sites = ["<svg onload=window.__pwned=1>", "b", "<svg onload=window.__pwned=1>", "b", "c", "c"]
+    out = make_run(tmp_path, ids=HOSTILE_IDS, n_failed=1, extra={"site": sites})
+    result = render_report(out, top=10)
+    assert _open(chrome, result.html) == []
+    assert chrome.execute_script("return window.__pwned") is None
+    cells = {td.get_attribute("textContent")
+             for td in chrome.find_elements(By.CSS_SELECTOR, "#volumes tbody td:first-child")}
+    assert cells == {*HOSTILE_IDS, "bad-0"}
+    assert "<svg onload" in chrome.find_element(By.CSS_SELECTOR, ".chart:last-child").text  # the level, as text
+    assert len(result.pages) == sum("/" not in i for i in HOSTILE_IDS)  # an id holding "/" cannot name a file
+    for page in result.pages:
+        _open(chrome, page)
+        assert chrome.execute_script("return window.__pwned") is None
+        title = chrome.find_element(By.ID, "case-title").get_attribute("textContent")
+        assert title.removeprefix("phanes: ") in HOSTILE_IDS
+    chrome.save_screenshot(str(SCREENSHOTS / "hostile_page.png"))
+
+
+@BROWSER
+def test_viewer_loads_opens_on_the_lesion_and_toggles_overlays(chrome: Any, tmp_path: Path) -> None:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    truth = tmp_path / "truth.nii.gz"
+    mask = np.zeros((24, 28, 20), dtype=np.uint8)
+    mask[7:10, 9:14, 8:12] = 1
+    nib.save(nib.Nifti1Image(mask, np.diag([2.0, 2.0, 2.0, 1.0])), str(truth))
+    out = make_run(tmp_path, n_ok=2, n_failed=0, extra={"lesion_mask": [str(truth), None]})
+    page = next(p for p in render_report(out, top=2).pages if p.stem == "sub-000")
+    assert _open(chrome, page) == []
+    WebDriverWait(chrome, 60).until(lambda d: d.execute_script("return document.body.dataset.viewer") == "ready")
+    assert [e for e in chrome.get_log("browser") if e["level"] == "SEVERE"] == []
+    boxes = chrome.find_elements(By.CSS_SELECTOR, "#toggles input")
+    assert [b.get_attribute("id") for b in boxes] == ["show-anomaly", "show-lesion", "show-brain", "show-truth"]
+    assert chrome.execute_script("return window.phanesViewer.volumes.length") == 5
+    # sub-000's lesion is voxels x 8, y 10..12, z 9..10 on a 2 mm diagonal grid: centre (16, 22, 19) mm
+    centre = chrome.execute_script("const v = window.phanesViewer; return v.frac2mm(v.scene.crosshairPos);")
+    assert np.allclose(centre[:3], [16, 22, 19], atol=2.01)
+    canvas = chrome.find_element(By.ID, "viewer")
+    before = canvas.screenshot_as_png
+    chrome.save_screenshot(str(SCREENSHOTS / "viewer.png"))
+    chrome.find_element(By.ID, "show-lesion").click()
+    assert chrome.execute_script("return window.phanesViewer.volumes[2].opacity") == 0
+    time.sleep(0.5)
+    assert canvas.screenshot_as_png != before
+    chrome.find_element(By.ID, "show-lesion").click()
+    assert chrome.execute_script("return window.phanesViewer.volumes[2].opacity") == pytest.approx(0.6)
+    assert [e for e in chrome.get_log("browser") if e["level"] == "SEVERE"] == []
+
+
+@BROWSER
+def test_index_table_links_csv_and_qc_export(chrome: Any, tmp_path: Path) -> None:
+    from selenium.webdriver.support.ui import Select
+
+    out = make_run(tmp_path, n_ok=120, n_failed=3)
+    result = render_report(out, top=3)
+    assert _open(chrome, result.html) == []
+    table = pq.read_table(out / "volumes.parquet").to_pandas()
+    assert chrome.find_element(By.ID, "n-total").text == str(len(table))
+    assert chrome.find_element(By.ID, "row-count").text == f"{len(table)} of {len(table)} volumes"
+    assert len(chrome.find_elements(By.CSS_SELECTOR, "#volumes tbody tr")) == 100  # one page in the DOM
+    header = [th.text for th in chrome.find_elements(By.CSS_SELECTOR, "#volumes th")]
+    burden = header.index("lesion_burden_ml")
+    chrome.find_elements(By.CSS_SELECTOR, "#volumes th")[burden].click()
+    chrome.find_elements(By.CSS_SELECTOR, "#volumes th")[burden].click()  # descending
+    first = chrome.find_element(By.CSS_SELECTOR, "#volumes tbody tr").find_elements(By.TAG_NAME, "td")
+    assert float(first[burden].text) == pytest.approx(table.lesion_burden_ml.max(), abs=1e-4)
+    links = [a.get_attribute("href") for a in chrome.find_elements(By.CSS_SELECTOR, "#volumes tbody a")]
+    assert len(links) == 3 and all(Path(url2pathname(urlparse(u).path)).is_file() for u in links)
+    chrome.save_screenshot(str(SCREENSHOTS / "index.png"))
+    chrome.find_elements(By.CSS_SELECTOR, "#volumes th")[0].click()  # by id, ascending
+    first_id = sorted(table.id)[0]
+    Select(chrome.find_element(By.CSS_SELECTOR, "#volumes tbody tr td.qc select")).select_by_value("fail")
+    note = chrome.find_element(By.CSS_SELECTOR, "#volumes tbody tr td.qc input")
+    note.send_keys("motion, ghosting", Keys.TAB)
+    csv_rows = list(csv.DictReader(io.StringIO(_download(chrome, "download-csv", "volumes.csv"))))
+    assert [r["id"] for r in csv_rows] == sorted(table.id)
+    ok = {r["id"]: float(r["lesion_burden_ml"]) for r in csv_rows if r["status"] == "ok"}
+    assert ok == pytest.approx({r.id: round(r.lesion_burden_ml, 4) for r in table[table.status == "ok"].itertuples()})
+    assert csv_rows[0]["qc"] == "fail" and csv_rows[0]["qc_note"] == "motion, ghosting"
+    chrome.refresh()  # the verdicts live in localStorage: a reload keeps them
+    expected = [{"id": first_id, "qc": "fail", "qc_note": "motion, ghosting"}]
+    assert json.loads(_download(chrome, "export-qc-json", "qc.json")) == expected
+    assert _download(chrome, "export-qc-csv", "qc.csv") == f'id,qc,qc_note\r\n{first_id},fail,"motion, ghosting"\r\n'
+    assert chrome.find_element(By.ID, "qc-count").text.startswith("1 of")
+
+
+@BROWSER
+def test_index_of_ten_thousand_volumes_stays_fast(chrome: Any, tmp_path: Path) -> None:
+    layout = OutputLayout(tmp_path / "big")
+    layout.ensure()
+    rng = np.random.default_rng(1)
+    rows = [{"id": f"sub-{i:05d}", "input_path": f"/data/sub-{i:05d}.nii.gz", "status": "ok", "lesion_count": 2,
+             "lesion_burden_ml": float(b), "brain_volume_ml": 1200.0, "qc_flags": [], "site": f"s{i % 7}"}
+            for i, b in enumerate(rng.gamma(1.5, 2.0, 10_000))]
+    write_parquet(layout.table("volumes"), table_from_rows(rows, with_text_columns(VOLUME_SCHEMA, rows)))
+    write_parquet(layout.table("failures"), table_from_rows([], FAILURE_SCHEMA))
+    start = time.perf_counter()
+    result = render_report(layout.root, top=0)
+    assert time.perf_counter() - start < 30 and result.html.stat().st_size < 5_000_000
+    assert _open(chrome, result.html) == []
+    assert chrome.find_element(By.ID, "row-count").text == "10000 of 10000 volumes"
+    assert "Lesion burden by site" in chrome.page_source
