@@ -152,9 +152,9 @@ def test_fill_is_one_pass_and_script_json_cannot_close_its_element() -> None:
 def test_ids_from_a_tampered_table_write_nothing_outside_the_report(tmp_path: Path) -> None:
     ids = ["x/../../../escape", "/tmp/abs", "..", ".hidden/../../y", "back\\slash", "ok"]
     out = make_run(tmp_path / "run", ids=ids, n_failed=0)
-    before = {p for p in tmp_path.rglob("*")}
+    before = set(tmp_path.rglob("*"))
     result = render_report(out, top=10)
-    written = {p for p in tmp_path.rglob("*")} - before
+    written = set(tmp_path.rglob("*")) - before
     assert written and all(p.resolve().is_relative_to(out.resolve()) for p in written)
     assert not list(tmp_path.rglob("escape*")) and not Path("/tmp/abs.png").exists()
     assert [p.stem for p in result.pages] == ["ok"]
@@ -174,7 +174,8 @@ def test_report_cli_writes_to_out_and_exit_codes(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "Traceback" not in bad.stderr + bad.stdout
 
 
-BROWSER = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="Debian chromium + chromium-driver are not installed")
+BROWSER = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
+                             reason="Debian chromium + chromium-driver are not installed")
 SCREENSHOTS = Path("/tmp/phanes_report_screens")
 
 

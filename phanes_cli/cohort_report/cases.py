@@ -3,8 +3,9 @@
 The figures and the viewer draw the same things, so both read them here. The brain is the manifest's
 brain mask when the volumes table names one (a given file or `data prepare`'s skull-strip mask), else
 `core.preprocess.auto_brain_mask`, the threshold rule screening itself applies to such volumes. Not the
-anomaly map's support: s(x) is written inside the inpainting mask only, a small part of the brain. The view opens on the largest lesion: its centroid from
-lesions.parquet (world mm), or the lesion mask's centre when the table has none.
+anomaly map's support: s(x) is written inside the inpainting mask only, a small part of the brain.
+The views open on the largest lesion: its centroid from lesions.parquet (world mm), or the lesion
+mask's largest component when the table has none.
 """
 
 from __future__ import annotations

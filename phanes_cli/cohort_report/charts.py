@@ -26,7 +26,7 @@ def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
     magnitude = 10 ** math.floor(math.log10(raw))
     step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
     first = math.floor(low / step) * step
-    return [round(first + i * step, 10) for i in range(int(math.ceil((high - first) / step)) + 1)]
+    return [round(first + i * step, 10) for i in range(math.ceil((high - first) / step) + 1)]
 
 
 def _fmt(value: float) -> str:
@@ -62,8 +62,9 @@ def histogram_svg(values: Sequence[float | None], title: str, axis_label: str, b
     def sy(v: float) -> float:
         return HEIGHT - BOTTOM - v / yt[-1] * (HEIGHT - BOTTOM - TOP)
 
-    bars = "".join(f'<rect x="{sx(edges[i]):.1f}" y="{sy(n):.1f}" width="{max(sx(edges[i + 1]) - sx(edges[i]) - 1, 0.5):.1f}"'
-                   f' height="{sy(0) - sy(n):.1f}"><title>{_fmt(edges[i])} to {_fmt(edges[i + 1])}: {n} volumes'
+    bars = "".join(f'<rect x="{sx(edges[i]):.1f}" y="{sy(n):.1f}" '
+                   f'width="{max(sx(edges[i + 1]) - sx(edges[i]) - 1, 0.5):.1f}" height="{sy(0) - sy(n):.1f}">'
+                   f'<title>{_fmt(edges[i])} to {_fmt(edges[i + 1])}: {n} volumes'
                    f"</title></rect>" for i, n in enumerate(counts) if n)
     y_axis = "".join(f'<line x1="{LEFT - 4}" y1="{sy(t):.1f}" x2="{LEFT}" y2="{sy(t):.1f}"/>'
                      f'<text x="{LEFT - 6}" y="{sy(t) + 3:.1f}" text-anchor="end">{t:g}</text>' for t in yt)

@@ -273,7 +273,8 @@ def _summary_html(stats: dict[str, Any], layout: OutputLayout) -> str:
                     for label, key, value in items)
     raw_bundle = run.get("bundle")
     bundle: dict[str, Any] = raw_bundle if isinstance(raw_bundle, dict) else {}
-    calibration = bundle.get("calibration") if isinstance(bundle.get("calibration"), dict) else {}
+    raw_calibration = bundle.get("calibration")
+    calibration: dict[str, Any] = raw_calibration if isinstance(raw_calibration, dict) else {}
     meta = (f"bundle {str(bundle.get('hash', ''))[:12]} · run {run.get('status', 'unknown')}"
             f" · started {run.get('started', '')}"
             f" · anomaly threshold {calibration.get('anomaly_threshold', 'n/a')}")
