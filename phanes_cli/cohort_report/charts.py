@@ -18,13 +18,14 @@ MAX_LEVELS = 30  # a covariate with more distinct values is an identifier or a n
 MAX_POINTS = 600  # points drawn per chart; above that the boxes alone tell the spread
 
 
-def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
-    """Round tick values (1, 2, 5 x 10^k steps) covering [low, high]."""
+def nice_ticks(low: float, high: float, count: int = 5, integer: bool = False) -> list[float]:
+    """Round tick values (1, 2, 5 x 10^k steps; whole numbers when `integer`) covering [low, high]."""
     if not (math.isfinite(low) and math.isfinite(high)) or high <= low:
         return [low] if math.isfinite(low) else [0.0]
     raw = (high - low) / max(count, 1)
     magnitude = 10 ** math.floor(math.log10(raw))
     step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
+    step = max(step, 1) if integer else step
     first = math.floor(low / step) * step
     return [round(first + i * step, 10) for i in range(math.ceil((high - first) / step) + 1)]
 
@@ -48,13 +49,19 @@ def _svg(body: str, title: str, note: str) -> str:
 
 
 def histogram_svg(values: Sequence[float | None], title: str, axis_label: str, bins: int = 20) -> str:
-    """A histogram: x in the value's unit, y the number of volumes, both with ticks; counts in tooltips."""
+    """A histogram: x in the value's unit, y the number of volumes, both with ticks; counts in tooltips.
+
+    Whole-number data (counts) get one bar per value, centred on it, so no bar straddles two counts.
+    """
     data = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
     if data.size == 0:
         return f'<figure class="chart"><figcaption>{html.escape(title)}: no data</figcaption></figure>'
-    xt = nice_ticks(float(data.min()), float(data.max()) if data.max() > data.min() else float(data.min()) + 1)
-    counts, edges = np.histogram(data, bins=bins, range=(xt[0], xt[-1]))
-    yt = nice_ticks(0, max(int(counts.max()), 1), 4)
+    whole = bool(np.all(data == np.round(data))) and data.max() - data.min() <= 60
+    low, high = (data.min() - 0.5, data.max() + 0.5) if whole else (data.min(), data.max())
+    xt = nice_ticks(float(low), float(high) if high > low else float(low) + 1, integer=whole)
+    edges_wanted: Any = np.arange(data.min() - 0.5, data.max() + 1.5) if whole else bins
+    counts, edges = np.histogram(data, bins=edges_wanted, range=None if whole else (xt[0], xt[-1]))
+    yt = nice_ticks(0, max(int(counts.max()), 1), 4, integer=True)
 
     def sx(v: float) -> float:
         return LEFT + (v - xt[0]) / (xt[-1] - xt[0]) * (WIDTH - LEFT - RIGHT)
@@ -64,7 +71,7 @@ def histogram_svg(values: Sequence[float | None], title: str, axis_label: str, b
 
     bars = "".join(f'<rect x="{sx(edges[i]):.1f}" y="{sy(n):.1f}" '
                    f'width="{max(sx(edges[i + 1]) - sx(edges[i]) - 1, 0.5):.1f}" height="{sy(0) - sy(n):.1f}">'
-                   f'<title>{_fmt(edges[i])} to {_fmt(edges[i + 1])}: {n} volumes'
+                   f'<title>{_fmt(edges[i] + 0.5) if whole else f"{_fmt(edges[i])} to {_fmt(edges[i + 1])}"}: {n} volumes'
                    f"</title></rect>" for i, n in enumerate(counts) if n)
     y_axis = "".join(f'<line x1="{LEFT - 4}" y1="{sy(t):.1f}" x2="{LEFT}" y2="{sy(t):.1f}"/>'
                      f'<text x="{LEFT - 6}" y="{sy(t) + 3:.1f}" text-anchor="end">{t:g}</text>' for t in yt)

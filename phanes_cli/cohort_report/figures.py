@@ -25,7 +25,7 @@ from phanes_cli.infra.atomic import atomic_path
 LESION_RGB = np.array([0, 230, 255], dtype=np.float32)
 BRAIN_RGB = np.array([255, 220, 0], dtype=np.float32)
 TRUTH_RGB = np.array([255, 60, 220], dtype=np.float32)
-TILE_MM_PX = 200  # the largest field of view is drawn this many pixels wide
+TILE_MM_PX = 230  # the largest field of view is drawn this many pixels wide
 PLANES = (("axial", 2, ("L", "R")), ("coronal", 1, ("L", "R")), ("sagittal", 0, ("P", "A")))
 
 
@@ -39,10 +39,11 @@ def pick_slices(brain: np.ndarray, lesion: np.ndarray, axis: int, count: int, ce
     per_slice = lesion.sum(axis=others)
     brain_profile = brain.sum(axis=others).astype(float)
     chosen = [centre]
+    apart = max(3, int(np.count_nonzero(brain_profile)) // (3 * count))  # lesion slices this far from each other
     for z in np.argsort(-per_slice, kind="stable"):
         if len(chosen) >= (count + 1) // 2 or per_slice[z] == 0:
             break
-        if all(abs(int(z) - c) > 2 for c in chosen):
+        if all(abs(int(z) - c) >= apart for c in chosen):
             chosen.append(int(z))
     if brain_profile.sum() > 0:
         cdf = np.cumsum(brain_profile) / brain_profile.sum()
