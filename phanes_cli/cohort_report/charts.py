@@ -69,9 +69,10 @@ def histogram_svg(values: Sequence[float | None], title: str, axis_label: str, b
     def sy(v: float) -> float:
         return HEIGHT - BOTTOM - v / yt[-1] * (HEIGHT - BOTTOM - TOP)
 
+    spans = [_fmt(a + 0.5) if whole else f"{_fmt(a)} to {_fmt(b)}" for a, b in zip(edges[:-1], edges[1:], strict=True)]
     bars = "".join(f'<rect x="{sx(edges[i]):.1f}" y="{sy(n):.1f}" '
                    f'width="{max(sx(edges[i + 1]) - sx(edges[i]) - 1, 0.5):.1f}" height="{sy(0) - sy(n):.1f}">'
-                   f'<title>{_fmt(edges[i] + 0.5) if whole else f"{_fmt(edges[i])} to {_fmt(edges[i + 1])}"}: {n} volumes'
+                   f"<title>{spans[i]}: {n} volumes"
                    f"</title></rect>" for i, n in enumerate(counts) if n)
     y_axis = "".join(f'<line x1="{LEFT - 4}" y1="{sy(t):.1f}" x2="{LEFT}" y2="{sy(t):.1f}"/>'
                      f'<text x="{LEFT - 6}" y="{sy(t) + 3:.1f}" text-anchor="end">{t:g}</text>' for t in yt)
