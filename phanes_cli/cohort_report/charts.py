@@ -6,6 +6,7 @@ Every text drawn from data (covariate names and levels) is escaped; numbers are 
 from __future__ import annotations
 
 import html
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -69,7 +70,7 @@ def histogram_svg(values: Sequence[float | None], title: str, axis_label: str, b
     def sy(v: float) -> float:
         return HEIGHT - BOTTOM - v / yt[-1] * (HEIGHT - BOTTOM - TOP)
 
-    spans = [_fmt(a + 0.5) if whole else f"{_fmt(a)} to {_fmt(b)}" for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    spans = [_fmt(a + 0.5) if whole else f"{_fmt(a)} to {_fmt(b)}" for a, b in itertools.pairwise(edges)]
     bars = "".join(f'<rect x="{sx(edges[i]):.1f}" y="{sy(n):.1f}" '
                    f'width="{max(sx(edges[i + 1]) - sx(edges[i]) - 1, 0.5):.1f}" height="{sy(0) - sy(n):.1f}">'
                    f"<title>{spans[i]}: {n} volumes"
