@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 from phanes_cli.cohort_report.cases import CaseArrays
-from phanes_cli.infra.atomic import atomic_path
+from phanes_cli.infra.atomic import write_bytes
 
 LESION_RGB = np.array([0, 230, 255], dtype=np.float32)
 BRAIN_RGB = np.array([255, 220, 0], dtype=np.float32)
@@ -157,14 +157,12 @@ def render_case(arrays: CaseArrays, title: str, per_plane: int = 4) -> Image.Ima
 
 
 def png_base64(image: Image.Image) -> str:
-    """The image as PNG in base64, for a data: URL (pages stay self-contained)."""
+    """The image as PNG in base64, for data: URLs and for the file (encoded once, both use the same bytes)."""
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=True)
+    image.save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def save_png(image: Image.Image, target: Path) -> Path:
-    """Write a PNG atomically (a killed report never leaves half a picture)."""
-    with atomic_path(target) as tmp:
-        image.save(tmp, format="PNG", optimize=True)
-    return target
+def save_png(encoded: str, target: Path) -> Path:
+    """Write a `png_base64` PNG atomically (a killed report never leaves half a picture)."""
+    return write_bytes(target, base64.b64decode(encoded))

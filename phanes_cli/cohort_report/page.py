@@ -24,7 +24,6 @@ from urllib.parse import quote
 
 import numpy as np
 import pyarrow.parquet as pq
-from PIL import Image
 
 from phanes_cli import __version__
 from phanes_cli.cohort_report.cases import load_case
@@ -139,12 +138,12 @@ class _Cases:
 
 
 def _one_case(layout: OutputLayout, row: dict[str, Any], stem: str, target: Path, centroid: Any, columns: list[str],
-              result: ReportResult) -> Image.Image:
-    """Figure and page of one volume; returns the figure (the cohort page may show it too)."""
+              result: ReportResult) -> str:
+    """Figure and page of one volume; returns the figure as base64 PNG (the cohort page may show it too)."""
     folder = target.parent / REPORT_FOLDER
     arrays = load_case(layout, row, centroid)
     burden = row.get("lesion_burden_ml")
-    figure = render_case(arrays, f"{row['id']}   burden {burden if burden is not None else 0:.2f} mL")
+    figure = png_base64(render_case(arrays, f"{row['id']}   burden {burden if burden is not None else 0:.2f} mL"))
     result.figures.append(save_png(figure, inside(folder, folder / "figures" / f"{stem}.png")))
     page = inside(folder, folder / "volumes" / f"{stem}.html")
     shown = {c: _cell(row.get(c)) for c in columns}
@@ -166,14 +165,15 @@ def _cases(layout: OutputLayout, volumes: list[dict[str, Any]], chosen: tuple[li
             continue
         try:
             figure = _one_case(layout, by_id[vid], stem, target, centroids.get(vid), columns, result)
-        except (InputError, OSError, ValueError) as exc:  # a missing or damaged map costs its page only
+        except (InputError, OSError, ValueError, KeyError) as exc:  # a missing or damaged file costs its page only
+            # (KeyError: a BIDS run's id without sub-<label> has no folder)
             result.skipped.append((vid, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
             continue
         href = f"{REPORT_FOLDER}/volumes/{quote(stem)}.html"
         out.links[vid] = href
         if vid in figure_ids:
             out.blocks.append(f'<figure class="case"><a href="{html.escape(href)}"><img alt="{html.escape(vid)}" '
-                              f'src="data:image/png;base64,{png_base64(figure)}"></a>'
+                              f'src="data:image/png;base64,{figure}"></a>'
                               f"<figcaption>{html.escape(vid)}</figcaption></figure>")
         progress(f"page {n}/{len(page_ids)}")
     return out

@@ -21,11 +21,9 @@ from urllib.parse import quote
 
 import nibabel as nib
 import numpy as np
-from PIL import Image
 
 from phanes_cli import __version__
 from phanes_cli.cohort_report.cases import CaseArrays, outline
-from phanes_cli.cohort_report.figures import png_base64
 from phanes_cli.cohort_report.safe import fill, json_for_script, script_body
 from phanes_cli.infra.atomic import write_text
 from phanes_cli.screening.layout import OUTPUT_KINDS, OutputLayout
@@ -107,15 +105,14 @@ def _toggles(layers: list[dict[str, Any]]) -> str:
                    f"</label>" for layer in layers[1:])
 
 
-def _figure_tag(figure: Image.Image | None) -> str:
-    if figure is None:
-        return ""
-    return f'<img class="figure" alt="static QC figure" src="data:image/png;base64,{png_base64(figure)}">'
+def _figure_tag(figure: str) -> str:
+    return f'<img class="figure" alt="static QC figure" src="data:image/png;base64,{figure}">'
 
 
 def write_case_page(target: Path, index: Path, layout: OutputLayout, row: dict[str, Any], arrays: CaseArrays,
-                    figure: Image.Image | None, shown: dict[str, Any]) -> Path:
-    """Write one volume's page (`target`); `index` is the cohort page it links back to, `shown` its numbers."""
+                    figure: str, shown: dict[str, Any]) -> Path:
+    """Write one volume's page (`target`); `index` is the cohort page it links back to, `figure` its static
+    figure (base64 PNG), `shown` its numbers."""
     layers = viewer_layers(arrays)
     centre_mm = (arrays.affine @ np.array([*arrays.centre, 1.0]))[:3]
     payload = {"layers": [{k: v for k, v in layer.items() if k != "label"} for layer in layers],
