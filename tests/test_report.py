@@ -28,6 +28,7 @@ from PIL import Image
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
+from phanes_cli.cohort_report.cases import load_case
 from phanes_cli.cohort_report.figures import pick_slices
 from phanes_cli.cohort_report.page import render_report
 from phanes_cli.cohort_report.safe import fill, json_for_script, safe_stem
@@ -87,7 +88,8 @@ def make_run(root: Path, n_ok: int = 5, n_failed: int = 2, with_maps: bool = Tru
 
 def test_report_summary_pages_figures_and_covariates(tmp_path: Path) -> None:
     sites = ["siteA", "siteB", "siteA", "siteB", "siteA"]
-    out = make_run(tmp_path, extra={"site": sites, "subject": [f"s{i}" for i in range(5)]})
+    flags: list[list[str]] = [[], ["skull_present"], [], [], []]
+    out = make_run(tmp_path, extra={"site": sites, "subject": [f"s{i}" for i in range(5)], "qc_flags": flags})
     result = render_report(out, top=3, ids=["sub-000"])
     page = result.html.read_text()
     table = pq.read_table(out / "volumes.parquet").to_pandas()
@@ -96,8 +98,9 @@ def test_report_summary_pages_figures_and_covariates(tmp_path: Path) -> None:
     assert f'id="n-screened">{len(ok)}<' in page and f'id="n-failed">{result.failed}<' in page
     assert f'id="burden-median">{np.median(ok.lesion_burden_ml):.2f}<' in page
     top = ok.sort_values("lesion_burden_ml", ascending=False).id.tolist()[:3]
-    assert sorted(p.stem for p in result.figures) == sorted([*top, "sub-000"])
-    assert sorted(p.stem for p in result.pages) == sorted([*top, "sub-000"])
+    assert top == ["sub-004", "sub-003", "sub-002"]  # burden grows with the index; sub-001 is flagged
+    assert sorted(p.stem for p in result.figures) == sorted([*top, "sub-000", "sub-001"])
+    assert sorted(p.stem for p in result.pages) == sorted([*top, "sub-000", "sub-001"])
     assert all(p.parent == out / "report" / "volumes" for p in result.pages)
     for png in result.figures:
         with Image.open(png) as im:
@@ -108,7 +111,8 @@ def test_report_summary_pages_figures_and_covariates(tmp_path: Path) -> None:
     assert "by subject" not in page  # one volume per level: an identifier, not a grouping
     assert "lesion burden (mL)" in page and ">volumes</text>" in page  # axes are labelled
     data = json.loads(re.search(r'id="volume-data">(.*?)</script>', page, re.S).group(1))  # type: ignore[union-attr]
-    assert "site" in data["columns"] and data["links"].count(None) == len(table) - 4
+    assert "site" in data["columns"] and data["links"].count(None) == len(table) - 5
+    assert [p.stem for p in render_report(out, top=1, max_pages=0).pages] == ["sub-004"]
     for html_page in [result.html, *result.pages]:  # self-contained: no element loads anything from a server
         assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html_page.read_text())
 
@@ -142,6 +146,15 @@ def test_slices_are_where_the_lesion_and_the_brain_are() -> None:
     assert {23, 31} <= set(chosen) and len(chosen) == 6 and chosen == sorted(chosen)
     assert all(20 <= z < 40 for z in chosen)
     assert pick_slices(brain, lesion, axis=0, count=3, centre=4)[0] >= 0
+
+
+def test_views_open_on_the_lesions_table_centroid(tmp_path: Path) -> None:
+    out = make_run(tmp_path, n_ok=1, n_failed=0)
+    row = pq.read_table(out / "volumes.parquet").to_pylist()[0]
+    layout = OutputLayout(out)
+    assert load_case(layout, row, [10.0, 30.0, 2.0]).centre == (5, 15, 1)  # 2 mm voxels, origin 0
+    assert load_case(layout, row, [1e6, -1e6, float("nan")]).centre == (8, 11, 10)  # garbage: the mask's centre
+    assert load_case(layout, row, [1e6, -1e6, 0.0]).centre == (23, 0, 0)  # off the grid: clipped to it
 
 
 def test_fill_is_one_pass_and_script_json_cannot_close_its_element() -> None:
