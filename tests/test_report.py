@@ -35,7 +35,13 @@ from phanes_cli.cohort_report.safe import fill, json_for_script, safe_stem
 from phanes_cli.errors import InputError
 from phanes_cli.infra.atomic import write_json, write_parquet
 from phanes_cli.screening.layout import OutputLayout
-from phanes_cli.screening.schemas import FAILURE_SCHEMA, VOLUME_SCHEMA, table_from_rows, with_text_columns
+from phanes_cli.screening.schemas import (
+    FAILURE_SCHEMA,
+    LESION_SCHEMA,
+    VOLUME_SCHEMA,
+    table_from_rows,
+    with_text_columns,
+)
 from tests.conftest import blob_volume
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -155,6 +161,12 @@ def test_views_open_on_the_lesions_table_centroid(tmp_path: Path) -> None:
     assert load_case(layout, row, [10.0, 30.0, 2.0]).centre == (5, 15, 1)  # 2 mm voxels, origin 0
     assert load_case(layout, row, [1e6, -1e6, float("nan")]).centre == (8, 11, 10)  # garbage: the mask's centre
     assert load_case(layout, row, [1e6, -1e6, 0.0]).centre == (23, 0, 0)  # off the grid: clipped to it
+    lesions = [{"id": "sub-000", "lesion_index": 2, "centroid_world_mm": [0.0, 0.0, 0.0]},
+               {"id": "sub-000", "lesion_index": 1, "centroid_world_mm": [10.0, 30.0, 2.0]}]
+    write_parquet(layout.table("lesions"), table_from_rows(lesions, LESION_SCHEMA))
+    page = render_report(out, top=1).pages[0].read_text()
+    data = json.loads(re.search(r'id="case-data">(.*?)</script>', page, re.S).group(1))  # type: ignore[union-attr]
+    assert data["centre_voxel"] == [5, 15, 1] and data["centre_mm"] == [10.0, 30.0, 2.0]
 
 
 def test_fill_is_one_pass_and_script_json_cannot_close_its_element() -> None:
@@ -237,12 +249,12 @@ def _download(driver: Any, button: str, name: str) -> str:
 
 
 HOSTILE_IDS = ["@@DATA@@", "<img src=x onerror=window.__pwned=1>", "</script><script>window.__pwned=1</script>",
-               "\"'quoted'\" & <b>bold</b>", "line\u2028sep", "__proto__"]
+               "\"'quoted'\" & <b>bold</b>", "line\u2028sep", "__proto__", "a#b?c%20d e"]
 
 
 @BROWSER
 def test_hostile_ids_run_no_script_and_show_as_text(chrome: Any, tmp_path: Path) -> None:
-    sites = ["<svg onload=window.__pwned=1>", "b", "<svg onload=window.__pwned=1>", "b", "c", "c"]
+    sites = ["<svg onload=window.__pwned=1>", "b", "<svg onload=window.__pwned=1>", "b", "c", "c", "c"]
     out = make_run(tmp_path, ids=HOSTILE_IDS, n_failed=1, extra={"site": sites})
     result = render_report(out, top=10)
     assert _open(chrome, result.html) == []
@@ -252,6 +264,8 @@ def test_hostile_ids_run_no_script_and_show_as_text(chrome: Any, tmp_path: Path)
     assert cells == {*HOSTILE_IDS, "bad-0"}
     assert "<svg onload" in chrome.find_element(By.CSS_SELECTOR, ".chart:last-child").text  # the level, as text
     assert len(result.pages) == sum("/" not in i for i in HOSTILE_IDS)  # an id holding "/" cannot name a file
+    links = [a.get_attribute("href") for a in chrome.find_elements(By.CSS_SELECTOR, "#volumes tbody a")]
+    assert sorted(Path(url2pathname(urlparse(u).path)) for u in links) == sorted(result.pages)
     for page in [p for p in result.pages if p.stem in HOSTILE_IDS[:2]]:  # ids reach a page's title and table only
         _open(chrome, page)
         assert chrome.execute_script("return window.__pwned") is None

@@ -70,14 +70,11 @@ def _read_table(layout: OutputLayout, name: str) -> list[dict[str, Any]]:
 def _centroids(layout: OutputLayout, ids: set[str]) -> dict[str, Any]:
     """The largest lesion's world centroid per id, from lesions.parquet (absent or damaged: none)."""
     try:
-        table = pq.read_table(layout.table("lesions"), columns=["id", "lesion_index", "centroid_world_mm"])
-    except Exception:  # the views then open on the lesion mask's largest component
+        table = pq.read_table(layout.table("lesions"), columns=["id", "lesion_index", "centroid_world_mm"],
+                              filters=[("lesion_index", "=", 1)])  # one row per volume, not one per lesion
+    except Exception:  # absent or damaged: the views then open on the lesion mask's largest component
         return {}
-    found: dict[str, Any] = {}
-    for row in table.to_pylist():
-        if row["id"] in ids and row["lesion_index"] == 1:
-            found[row["id"]] = row["centroid_world_mm"]
-    return found
+    return {row["id"]: row["centroid_world_mm"] for row in table.to_pylist() if row["id"] in ids}
 
 
 def _cell(value: Any) -> Any:
