@@ -132,6 +132,11 @@ def test_report_survives_missing_maps_and_rejects_bad_arguments(tmp_path: Path) 
     nib.save(nib.Nifti1Image(np.zeros((5, 5, 5), np.float32), np.eye(4)), str(out / "maps" / "sub-001_anomaly.nii.gz"))
     result = render_report(out, top=2)
     assert [p.stem for p in result.pages] == ["sub-000"] and "grid" in dict(result.skipped)["sub-001"]
+    small = tmp_path / "small_truth.nii.gz"  # a ground truth off the grid is noted on the page, which stays
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.uint8), np.eye(4)), str(small))
+    out = make_run(tmp_path / "truth", n_ok=1, n_failed=0, extra={"lesion_mask": [str(small)]})
+    page = render_report(out, top=1).pages[0].read_text()
+    assert "ground truth not shown" in page and "small_truth.nii.gz" in page and 'id="show-truth"' not in page
     with pytest.raises(InputError, match="not an id of this run"):
         render_report(out, ids=["nobody"])
     with pytest.raises(InputError, match=r"volumes\.parquet"):

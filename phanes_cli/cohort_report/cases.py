@@ -37,6 +37,7 @@ class CaseArrays:
     zooms: tuple[float, float, float]
     centre: tuple[int, int, int]  # RAS+ voxel the views open on
     brain_source: str  # "brain mask file", "threshold rule" (as screening) or "threshold estimate"
+    notes: tuple[str, ...] = ()  # what could not be shown, and why (a ground truth off the grid)
 
 
 def _same_grid(volume: Volume, reference: Volume, what: str) -> np.ndarray:
@@ -81,10 +82,14 @@ def load_case(layout: OutputLayout, row: dict[str, Any], centroid_mm: Any = None
     if brain is None:
         model = row.get("brain_mask_source") == "model"
         brain, source = auto_brain_mask(image.data), "threshold estimate" if model else "threshold rule"
-    truth = _optional_mask(row, "lesion_mask", image, "the ground-truth lesion mask")
+    notes: tuple[str, ...] = ()
+    try:  # the manifest's ground truth is an extra: a bad one is noted, the case is still shown
+        truth = _optional_mask(row, "lesion_mask", image, "the ground-truth lesion mask")
+    except InputError as exc:
+        truth, notes = None, (f"ground truth not shown: {exc}",)
     return CaseArrays(image=image.data, anomaly=anomaly, lesion=lesion, brain=brain, truth=truth,
                       pseudo_healthy=pseudo, affine=image.affine, zooms=image.zooms,
-                      centre=_centre(lesion, brain, image.affine, centroid_mm), brain_source=source)
+                      centre=_centre(lesion, brain, image.affine, centroid_mm), brain_source=source, notes=notes)
 
 
 def outline(mask: np.ndarray) -> np.ndarray:

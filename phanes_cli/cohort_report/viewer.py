@@ -122,6 +122,7 @@ def write_case_page(target: Path, index: Path, layout: OutputLayout, row: dict[s
         "TITLE": html.escape(f"phanes: {row['id']}"),
         "BACK": _href(index.resolve(), target.parent.resolve()),
         "TOGGLES": _toggles(layers),
+        "NOTES": "".join(f'<p class="error">{html.escape(note)}</p>' for note in arrays.notes),
         "METRICS": _metrics(shown),
         "FILES": _file_links(layout, row, target.parent),
         "FIGURE": _figure_tag(figure),
