@@ -22,6 +22,7 @@ from urllib.request import url2pathname
 
 import nibabel as nib
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -143,6 +144,10 @@ def test_report_survives_missing_maps_and_rejects_bad_arguments(tmp_path: Path) 
         render_report(tmp_path / "empty")
     with pytest.raises(InputError, match="html"):  # would have replaced the table with HTML
         render_report(out, out=out / "volumes.parquet")
+    for ids in ([1, 2], ["a", None]):  # a tampered table: ids that are not text, or missing
+        write_parquet(out / "volumes.parquet", pa.table({"id": ids, "status": ["ok", "ok"]}))
+        with pytest.raises(InputError, match="id"):
+            render_report(out)
     (out / "volumes.parquet").write_text("garbage")
     with pytest.raises(InputError, match="cannot read"):
         render_report(out)

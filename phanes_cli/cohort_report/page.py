@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import quote
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from phanes_cli import __version__
@@ -59,12 +60,14 @@ def _read_table(layout: OutputLayout, name: str) -> list[dict[str, Any]]:
     if not path.is_file():
         raise InputError(path, f"no {name}.parquet: is this the OUT folder of a finished `phanes screen` run?")
     try:
-        rows = pq.read_table(path).to_pylist()
+        table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several types for damaged files
         raise InputError(path, f"cannot read the table ({type(exc).__name__}: {exc})") from exc
-    if rows and "id" not in rows[0]:
-        raise InputError(path, "has no id column")
-    return rows
+    if "id" not in table.column_names or not pa.types.is_string(table.schema.field("id").type):
+        raise InputError(path, "has no text id column: not a table written by `phanes screen`")
+    if table.column("id").null_count:
+        raise InputError(path, "has rows without an id")
+    return table.to_pylist()
 
 
 def _centroids(layout: OutputLayout, ids: set[str]) -> dict[str, Any]:
@@ -108,7 +111,7 @@ def _stems(volumes: list[dict[str, Any]]) -> dict[str, str | None]:
             while stem.casefold() in taken:
                 stem, n = f"{base}~{n}", n + 1
             taken.add(stem.casefold())
-        stems[str(vid)] = stem
+        stems[vid] = stem
     return stems
 
 
