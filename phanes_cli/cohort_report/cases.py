@@ -80,8 +80,9 @@ def load_case(layout: OutputLayout, row: dict[str, Any], centroid_mm: Any = None
     brain = _optional_mask(row, "brain_mask", image, "the brain mask")
     source = "brain mask file"
     if brain is None:
-        model = row.get("brain_mask_source") == "model"
-        brain, source = auto_brain_mask(image.data), "threshold estimate" if model else "threshold rule"
+        used = row.get("brain_mask_source")  # the table does not name the file or model mask a run used
+        source = "threshold rule" if used in (None, "threshold") else "threshold estimate"
+        brain = auto_brain_mask(image.data)
     notes: tuple[str, ...] = ()
     try:  # the manifest's ground truth is an extra: a bad one is noted, the case is still shown
         truth = _optional_mask(row, "lesion_mask", image, "the ground-truth lesion mask")
