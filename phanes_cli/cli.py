@@ -391,15 +391,23 @@ def screen(
 def report(
     run_dir: Path = typer.Argument(..., help="OUT folder of a `phanes screen` run."),
     out: Path | None = typer.Option(None, "--out", help="HTML file to write (default: RUN_DIR/report.html)."),
-    top: int = typer.Option(10, "--top", min=0, help="Figures for the N volumes with the largest lesion burden."),
-    ids: list[str] = typer.Option([], "--ids", help="Also draw these ids (repeat the option)."),
+    top: int = typer.Option(10, "--top", min=0, help="Pages and figures for the N volumes with the largest burden."),
+    ids: list[str] = typer.Option([], "--ids", help="Also write the page of these ids (repeat the option)."),
+    max_pages: int = typer.Option(200, "--max-pages", min=0,
+                                  help="At most this many pages for flagged volumes (qc_flags) beyond the top N."),
 ) -> None:
-    """Render a self-contained HTML report with QC figures (also written as report/figures/<id>.png)."""
+    """Render the cohort report (self-contained HTML) and a viewer page per volume worth a look.
+
+    Pages go to report/volumes/<id>.html beside the report, figures to report/figures/<id>.png.
+    """
     from phanes_cli.cohort_report.page import render_report
 
-    result = render_report(run_dir, out, top=top, ids=ids)
-    console.print(f"report: {result.html} ({result.volumes} volumes, {result.failed} failed, "
-                  f"{len(result.figures)} figures in {result.html.parent / 'report' / 'figures'})")
+    result = render_report(run_dir, out, top=top, ids=ids, max_pages=max_pages,
+                           progress=lambda line: console.print(line, markup=False, highlight=False))
+    for vid, reason in result.skipped:
+        console.print(f"[yellow]no page[/] for {escape(vid)}: {escape(reason)}")
+    console.print(f"report: {escape(str(result.html))} ({result.volumes} volumes, {result.failed} failed, "
+                  f"{len(result.pages)} volume pages in {escape(str(result.html.parent / 'report'))})")
 
 
 @app.command()

@@ -1,47 +1,58 @@
-"""`phanes report`: one self-contained HTML page for a screening run (no server, no CDN, images inline).
+"""`phanes report`: the cohort page of a screening run, and a page with a viewer for the volumes worth a look.
 
-The page holds the cohort summary, histograms of burden and lesion counts (inline SVG), a per-volume
-table that sorts, filters and pages in the browser (the rows travel as embedded JSON, so 10,000 rows
-stay fast: only one page is in the DOM), the failures with their messages, and a QC figure for the
-top-N volumes by burden plus any ids asked for; each figure is also written as `figures/<id>.png`.
+The cohort page (self-contained: no server, no CDN) holds the summary, charts with axes and units
+(burden and lesion-count histograms, burden by each categorical covariate of the volumes table), the
+per-volume table (rows travel as embedded JSON; the browser sorts, filters and pages them, so 10,000
+rows stay fast), a CSV download, a QC verdict per volume kept in the browser and exported as CSV or
+JSON, the failures and the QC figures of the top volumes. Each id with a page links to
+`report/volumes/<stem>.html` (`viewer.py`); pages are written for the top N by burden, the flagged
+volumes (qc_flags not empty, at most `max_pages` of them) and any id asked for.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import html
-import io
 import json
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from phanes_cli import __version__
-from phanes_cli.cohort_report.figures import CaseArrays, render_case, save_png
-from phanes_cli.core.volume_io import load_volume
+from phanes_cli.cohort_report.cases import load_case
+from phanes_cli.cohort_report.charts import burden_by_svg, categorical_columns, histogram_svg
+from phanes_cli.cohort_report.figures import png_base64, render_case, save_png
+from phanes_cli.cohort_report.safe import fill, inside, json_for_script, safe_stem
+from phanes_cli.cohort_report.viewer import write_case_page
 from phanes_cli.errors import InputError
 from phanes_cli.infra.atomic import write_text
 from phanes_cli.screening.layout import OutputLayout
+from phanes_cli.screening.schemas import FAILURE_SCHEMA, VOLUME_SCHEMA
 
 TABLE_COLUMNS = ("id", "status", "lesion_burden_ml", "lesion_count", "largest_lesion_ml", "brain_volume_ml",
                  "lesion_burden_fraction", "max_anomaly", "mean_anomaly", "slices_processed", "qc_flags", "runtime_s")
+NOT_COVARIATES = set(VOLUME_SCHEMA.names) | set(FAILURE_SCHEMA.names) | {"brain_mask", "lesion_mask", "split"}
+REPORT_FOLDER = "report"
 
 
-@dataclass(frozen=True)
+@dataclass
 class ReportResult:
-    """What `render_report` wrote."""
+    """What `render_report` wrote, and the volumes it could not draw (id, reason)."""
 
     html: Path
-    figures: list[Path]
-    volumes: int
-    failed: int
+    figures: list[Path] = field(default_factory=list)
+    pages: list[Path] = field(default_factory=list)
+    volumes: int = 0
+    failed: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
 def _read_table(layout: OutputLayout, name: str) -> list[dict[str, Any]]:
@@ -49,9 +60,24 @@ def _read_table(layout: OutputLayout, name: str) -> list[dict[str, Any]]:
     if not path.is_file():
         raise InputError(path, f"no {name}.parquet: is this the OUT folder of a finished `phanes screen` run?")
     try:
-        return pq.read_table(path).to_pylist()
+        table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several types for damaged files
         raise InputError(path, f"cannot read the table ({type(exc).__name__}: {exc})") from exc
+    if "id" not in table.column_names or not pa.types.is_string(table.schema.field("id").type):
+        raise InputError(path, "has no text id column: not a table written by `phanes screen`")
+    if table.column("id").null_count:
+        raise InputError(path, "has rows without an id")
+    return table.to_pylist()
+
+
+def _centroids(layout: OutputLayout, ids: set[str]) -> dict[str, Any]:
+    """The largest lesion's world centroid per id, from lesions.parquet (absent or damaged: none)."""
+    try:
+        table = pq.read_table(layout.table("lesions"), columns=["id", "lesion_index", "centroid_world_mm"],
+                              filters=[("lesion_index", "=", 1)])  # one row per volume, not one per lesion
+    except Exception:  # absent or damaged: the views then open on the lesion mask's largest component
+        return {}
+    return {row["id"]: row["centroid_world_mm"] for row in table.to_pylist() if row["id"] in ids}
 
 
 def _cell(value: Any) -> Any:
@@ -59,7 +85,7 @@ def _cell(value: Any) -> Any:
         return None if not math.isfinite(value) else round(value, 4)
     if isinstance(value, list):
         return ", ".join(str(v) for v in value)
-    return value
+    return value if value is None or isinstance(value, (int, str, bool)) else str(value)
 
 
 def summary_figures(volumes: list[dict[str, Any]]) -> dict[str, Any]:
@@ -73,68 +99,84 @@ def summary_figures(volumes: list[dict[str, Any]]) -> dict[str, Any]:
             "with_lesions": int(sum(1 for v in ok if (v.get("lesion_count") or 0) > 0))}
 
 
-def histogram_svg(values: Sequence[float | None], title: str, unit: str, bins: int = 20) -> str:
-    """An inline SVG bar histogram with its axis range and counts in tooltips."""
-    data = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
-    width, height, pad = 360, 160, 28
-    if data.size == 0:
-        return f'<figure class="hist"><figcaption>{html.escape(title)}: no data</figcaption></figure>'
-    low, high = float(data.min()), float(data.max())
-    counts, edges = np.histogram(data, bins=bins, range=(low, high if high > low else low + 1))
-    top = max(int(counts.max()), 1)
-    bar_w = (width - 2 * pad) / bins
-    bars = []
-    for i, n in enumerate(counts):
-        h = (height - 2 * pad) * n / top
-        bars.append(f'<rect x="{pad + i * bar_w:.1f}" y="{height - pad - h:.1f}" width="{bar_w - 1:.1f}" '
-                    f'height="{h:.1f}"><title>{edges[i]:.3g} to {edges[i + 1]:.3g} {unit}: {n}</title></rect>')
-    axis = (f'<text x="{pad}" y="{height - 8}">{low:.3g}</text>'
-            f'<text x="{width - pad}" y="{height - 8}" text-anchor="end">{high:.3g} {html.escape(unit)}</text>'
-            f'<text x="4" y="{pad - 8}">{top} max</text>')
-    return (f'<figure class="hist"><svg viewBox="0 0 {width} {height}" role="img" aria-label="{html.escape(title)}">'
-            f'{"".join(bars)}{axis}</svg><figcaption>{html.escape(title)} (n = {data.size})</figcaption></figure>')
+def _stems(volumes: list[dict[str, Any]]) -> dict[str, str | None]:
+    """Each id's report file stem, unique within the report; None for an id that cannot name a file."""
+    stems: dict[str, str | None] = {}
+    taken: set[str] = set()
+    for v in volumes:
+        vid = v["id"]
+        stem = safe_stem(vid)
+        if stem is not None:
+            base, n = stem, 2
+            while stem.casefold() in taken:
+                stem, n = f"{base}~{n}", n + 1
+            taken.add(stem.casefold())
+        stems[vid] = stem
+    return stems
 
 
-def _case_arrays(layout: OutputLayout, row: dict[str, Any]) -> CaseArrays:
-    vid = row["id"]
-    image = load_volume(row["input_path"])
-    anomaly = load_volume(layout.map_path(vid, "anomaly")).data
-    lesion = load_volume(layout.map_path(vid, "lesion_mask")).data > 0
-    pseudo_path = layout.map_path(vid, "pseudohealthy")
-    pseudo = load_volume(pseudo_path).data if pseudo_path.is_file() else None
-    return CaseArrays(image=image.data, anomaly=anomaly, lesion=lesion, pseudo_healthy=pseudo)
-
-
-def _figure_ids(volumes: list[dict[str, Any]], top: int, ids: Sequence[str]) -> list[str]:
+def select_ids(volumes: list[dict[str, Any]], top: int, ids: Sequence[str], max_pages: int
+               ) -> tuple[list[str], list[str]]:
+    """(ids with a figure on the cohort page: top N and asked; ids with a page: those and the flagged ones)."""
     known = {v["id"] for v in volumes}
     unknown = [i for i in ids if i not in known]
     if unknown:
         raise InputError(", ".join(unknown), "not an id of this run (see volumes.parquet)")
-    ok = sorted((v for v in volumes if v.get("status") == "ok"), key=lambda v: -(v.get("lesion_burden_ml") or 0.0))
-    chosen = [v["id"] for v in ok[:top]]
-    return chosen + [i for i in ids if i not in chosen]
+    ok = [v for v in volumes if v.get("status") == "ok"]
+    ranked = sorted(ok, key=lambda v: -(v.get("lesion_burden_ml") or 0.0))
+    figures = list(dict.fromkeys([v["id"] for v in ranked[:top]] + list(ids)))
+    flagged = [v["id"] for v in ranked if v.get("qc_flags") and v["id"] not in figures][:max_pages]
+    return figures, figures + flagged
 
 
-def _figures(layout: OutputLayout, volumes: list[dict[str, Any]], ids: list[str], folder: Path
-             ) -> tuple[list[str], list[Path]]:
-    """Render each figure to PNG; returns the HTML blocks (image inline) and the files written."""
-    by_id = {v["id"]: v for v in volumes}
-    blocks, paths = [], []
-    for vid in ids:
-        row = by_id[vid]
-        try:
-            image = render_case(_case_arrays(layout, row), f"{vid}  burden {row.get('lesion_burden_ml') or 0:.2f} mL")
-        except Exception as exc:  # a missing or damaged map must not cost the whole report
-            blocks.append(f'<p class="missing">{html.escape(vid)}: no figure ({html.escape(type(exc).__name__)}: '
-                          f'{html.escape(str(exc).splitlines()[0] if str(exc) else "")})</p>')
+@dataclass
+class _Cases:
+    """What the per-volume step produced: page links by id, the cohort page's figure blocks, the files."""
+
+    links: dict[str, str] = field(default_factory=dict)
+    blocks: list[str] = field(default_factory=list)
+
+
+def _one_case(layout: OutputLayout, row: dict[str, Any], stem: str, target: Path, centroid: Any, columns: list[str],
+              result: ReportResult) -> str:
+    """Figure and page of one volume; returns the figure as base64 PNG (the cohort page may show it too)."""
+    folder = target.parent / REPORT_FOLDER
+    arrays = load_case(layout, row, centroid)
+    burden = row.get("lesion_burden_ml")
+    figure = png_base64(render_case(arrays, f"{row['id']}   burden {burden if burden is not None else 0:.2f} mL"))
+    result.figures.append(save_png(figure, inside(folder, folder / "figures" / f"{stem}.png")))
+    page = inside(folder, folder / "volumes" / f"{stem}.html")
+    shown = {c: _cell(row.get(c)) for c in columns}
+    result.pages.append(write_case_page(page, target, layout, row, arrays, figure, shown))
+    return figure
+
+
+def _cases(layout: OutputLayout, volumes: list[dict[str, Any]], chosen: tuple[list[str], list[str]], target: Path,
+           columns: list[str], result: ReportResult, progress: Callable[[str], None]) -> _Cases:
+    """Write the figure and page of each chosen id; a volume that cannot be drawn is noted, not fatal."""
+    figure_ids, page_ids = chosen
+    by_id, stems = {v["id"]: v for v in volumes}, _stems(volumes)
+    centroids = _centroids(layout, set(page_ids))
+    out = _Cases()
+    for n, vid in enumerate(page_ids, 1):
+        stem = stems[vid]
+        if stem is None:
+            result.skipped.append((vid, "the id cannot name a file ('/', '\\', NUL, '.' or '..')"))
             continue
-        paths.append(save_png(image, folder / f"{vid}.png"))
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG", optimize=True)
-        data = base64.b64encode(buffer.getvalue()).decode("ascii")
-        blocks.append(f'<figure class="case" id="case-{html.escape(vid)}"><img alt="{html.escape(vid)}" '
-                      f'src="data:image/png;base64,{data}"><figcaption>{html.escape(vid)}</figcaption></figure>')
-    return blocks, paths
+        try:
+            figure = _one_case(layout, by_id[vid], stem, target, centroids.get(vid), columns, result)
+        except (InputError, OSError, ValueError, KeyError) as exc:  # a missing or damaged file costs its page only
+            # (KeyError: a BIDS run's id without sub-<label> has no folder)
+            result.skipped.append((vid, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
+            continue
+        href = f"{REPORT_FOLDER}/volumes/{quote(stem)}.html"
+        out.links[vid] = href
+        if vid in figure_ids:
+            out.blocks.append(f'<figure class="case"><a href="{html.escape(href)}"><img alt="{html.escape(vid)}" '
+                              f'src="data:image/png;base64,{figure}"></a>'
+                              f"<figcaption>{html.escape(vid)}</figcaption></figure>")
+        progress(f"page {n}/{len(page_ids)}")
+    return out
 
 
 def _failure_rows(failures: list[dict[str, Any]]) -> str:
@@ -147,46 +189,76 @@ def _failure_rows(failures: list[dict[str, Any]]) -> str:
             f"<tbody>{rows}</tbody></table>")
 
 
-def _json_for_script(payload: Any) -> str:
-    """JSON safe inside <script>: no '</' sequence can close the element early."""
-    return json.dumps(payload, allow_nan=False).replace("</", "<\\/").replace("<!--", "<\\!--")
+def _skipped_html(skipped: list[tuple[str, str]]) -> str:
+    if not skipped:
+        return ""
+    items = "".join(f"<li><code>{html.escape(vid)}</code>: {html.escape(reason)}</li>" for vid, reason in skipped)
+    return f'<p class="missing">No page or figure for {len(skipped)} volumes:</p><ul id="skipped">{items}</ul>'
 
 
-def render_report(run_dir: Path, out: Path | None = None, top: int = 10, ids: Sequence[str] = ()) -> ReportResult:
-    """Write RUN_DIR/report.html (or `out`) and a PNG per figure under `<out folder>/report/figures/`."""
-    if top < 0:
-        raise InputError(str(top), "--top must be 0 or more")
-    layout = OutputLayout(Path(run_dir))
-    volumes, failures = _read_table(layout, "volumes"), _read_table(layout, "failures")
+def _charts(volumes: list[dict[str, Any]], covariates: list[str]) -> str:
+    ok = [v for v in volumes if v.get("status") == "ok"]
+    charts = [histogram_svg([v.get("lesion_burden_ml") for v in ok], "Lesion burden", "lesion burden (mL)"),
+              histogram_svg([float(v.get("lesion_count") or 0) for v in ok], "Lesion count",
+                            "lesions per volume (count)")]
+    charts += [burden_by_svg(ok, c) for c in covariates]
+    return "".join(charts)
+
+
+def _target(out: Path | None, layout: OutputLayout) -> Path:
     target = Path(out) if out is not None else layout.root / "report.html"
     if target.is_dir():
         raise InputError(target, "is a folder; --out takes the path of the HTML file to write")
-    columns = [c for c in TABLE_COLUMNS if any(c in v for v in volumes)]
-    rows = [[_cell(v.get(c)) for c in columns] for v in volumes]
-    blocks, pngs = _figures(layout, volumes, _figure_ids(volumes, top, ids), target.parent / "report" / "figures")
+    if target.suffix.lower() not in (".html", ".htm"):
+        raise InputError(target, "--out must name an .html file (refusing to overwrite anything else)")
+    return target
+
+
+def render_report(run_dir: Path, out: Path | None = None, top: int = 10, ids: Sequence[str] = (),
+                  max_pages: int = 200, progress: Callable[[str], None] = lambda line: None) -> ReportResult:
+    """Write RUN_DIR/report.html (or `out`) and, under `<its folder>/report/`, the volume pages and PNG figures."""
+    if top < 0 or max_pages < 0:
+        raise InputError(str(min(top, max_pages)), "--top and --max-pages must be 0 or more")
+    layout = OutputLayout(Path(run_dir))
+    volumes, failures = _read_table(layout, "volumes"), _read_table(layout, "failures")
+    target = _target(out, layout)
+    covariates = categorical_columns(volumes, NOT_COVARIATES)
+    columns = [c for c in TABLE_COLUMNS if any(c in v for v in volumes)] + covariates
     stats = summary_figures(volumes)
-    ok = [v for v in volumes if v.get("status") == "ok"]
-    page = resources.files("phanes_cli.cohort_report").joinpath("template.html").read_text(encoding="utf-8")
+    result = ReportResult(html=target, volumes=len(volumes), failed=stats["failed"])
+    cases = _cases(layout, volumes, select_ids(volumes, top, ids, max_pages), target, columns, result, progress)
+    data = {"columns": columns, "rows": [[_cell(v.get(c)) for c in columns] for v in volumes],
+            "links": [cases.links.get(v["id"]) for v in volumes], "storage_key": _storage_key(layout)}
     fields = {
         "TITLE": html.escape(f"phanes report: {layout.root.name}"),
         "SUMMARY": _summary_html(stats, layout),
-        "HISTOGRAMS": histogram_svg([v.get("lesion_burden_ml") for v in ok], "Lesion burden", "mL")
-        + histogram_svg([float(v.get("lesion_count") or 0) for v in ok], "Lesion count", "lesions"),
+        "CHARTS": _charts(volumes, covariates),
         "FAILURES": _failure_rows(failures),
-        "FIGURES": "".join(blocks) or "<p>No figure requested.</p>",
-        "DATA": _json_for_script({"columns": columns, "rows": rows}),
+        "SKIPPED": _skipped_html(result.skipped),
+        "FIGURES": "".join(cases.blocks) or "<p>No figure requested.</p>",
+        "DATA": json_for_script(data),
         "VERSION": html.escape(__version__),
     }
-    for key, value in fields.items():
-        page = page.replace(f"@@{key}@@", value)
-    write_text(target, page)
-    return ReportResult(html=target, figures=pngs, volumes=len(volumes), failed=stats["failed"])
+    template = resources.files("phanes_cli.cohort_report").joinpath("template.html").read_text(encoding="utf-8")
+    write_text(target, fill(template, fields))
+    return result
+
+
+def _run_manifest(layout: OutputLayout) -> dict[str, Any]:
+    with contextlib.suppress(OSError, ValueError):
+        run = json.loads(layout.run_manifest.read_text())
+        if isinstance(run, dict):
+            return run
+    return {}
+
+
+def _storage_key(layout: OutputLayout) -> str:
+    """Where the browser keeps this run's QC verdicts: one key per run folder and start time."""
+    return f"phanes-qc:{layout.root.resolve()}:{_run_manifest(layout).get('started', '')}"
 
 
 def _summary_html(stats: dict[str, Any], layout: OutputLayout) -> str:
-    run: dict[str, Any] = {}
-    with contextlib.suppress(OSError, ValueError):
-        run = json.loads(layout.run_manifest.read_text())
+    run = _run_manifest(layout)
 
     def fmt(x: float) -> str:
         return "n/a" if not math.isfinite(x) else f"{x:.2f}"
@@ -201,7 +273,8 @@ def _summary_html(stats: dict[str, Any], layout: OutputLayout) -> str:
                     for label, key, value in items)
     raw_bundle = run.get("bundle")
     bundle: dict[str, Any] = raw_bundle if isinstance(raw_bundle, dict) else {}
-    calibration = bundle.get("calibration") or {}
+    raw_calibration = bundle.get("calibration")
+    calibration: dict[str, Any] = raw_calibration if isinstance(raw_calibration, dict) else {}
     meta = (f"bundle {str(bundle.get('hash', ''))[:12]} · run {run.get('status', 'unknown')}"
             f" · started {run.get('started', '')}"
             f" · anomaly threshold {calibration.get('anomaly_threshold', 'n/a')}")

@@ -1,0 +1,98 @@
+"""One volume's images for the report, on one RAS+ grid: input, anomaly map, lesion mask, brain, ground truth.
+
+The figures and the viewer draw the same things, so both read them here. The brain is the manifest's
+brain mask when the volumes table names one (a given file or `data prepare`'s skull-strip mask), else
+`core.preprocess.auto_brain_mask`, the threshold rule screening itself applies to such volumes. Not the
+anomaly map's support: s(x) is written inside the inpainting mask only, a small part of the brain.
+The views open on the largest lesion: its centroid from lesions.parquet (world mm), or the lesion
+mask's largest component when the table has none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from phanes_cli.core.preprocess import auto_brain_mask
+from phanes_cli.core.volume_io import Volume, load_volume
+from phanes_cli.errors import InputError
+from phanes_cli.screening.layout import OutputLayout
+
+
+@dataclass(frozen=True)
+class CaseArrays:
+    """One volume's arrays on its RAS+ grid, (X, Y, Z) each, and where the views open."""
+
+    image: np.ndarray
+    anomaly: np.ndarray
+    lesion: np.ndarray  # bool
+    brain: np.ndarray  # bool
+    truth: np.ndarray | None  # bool, the ground-truth lesion mask when the manifest has one
+    pseudo_healthy: np.ndarray | None
+    affine: np.ndarray  # RAS+ voxel -> world mm
+    zooms: tuple[float, float, float]
+    centre: tuple[int, int, int]  # RAS+ voxel the views open on
+    brain_source: str  # "brain mask file", "threshold rule" (as screening) or "threshold estimate"
+    notes: tuple[str, ...] = ()  # what could not be shown, and why (a ground truth off the grid)
+
+
+def _same_grid(volume: Volume, reference: Volume, what: str) -> np.ndarray:
+    if volume.data.shape != reference.data.shape or not np.allclose(volume.affine, reference.affine, atol=1e-3):
+        raise InputError(volume.path, f"{what} is not on the input image's grid {reference.data.shape}")
+    return volume.data
+
+
+def _optional_mask(row: dict[str, Any], column: str, reference: Volume, what: str) -> np.ndarray | None:
+    value = row.get(column)
+    if not isinstance(value, str) or not value or not Path(value).is_file():
+        return None
+    return _same_grid(load_volume(value), reference, what) > 0
+
+
+def _centre(lesion: np.ndarray, brain: np.ndarray, affine: np.ndarray, centroid_mm: Any) -> tuple[int, int, int]:
+    shape = np.array(lesion.shape)
+    if centroid_mm is not None and len(centroid_mm) == 3 and all(np.isfinite(centroid_mm)):
+        voxel = np.linalg.solve(affine, np.array([*centroid_mm, 1.0]))[:3]
+    elif lesion.any():
+        labels, n = ndimage.label(lesion)
+        largest = 1 + int(np.argmax(ndimage.sum_labels(lesion, labels, range(1, n + 1))))
+        voxel = np.array(ndimage.center_of_mass(labels == largest))
+    elif brain.any():
+        voxel = np.array(ndimage.center_of_mass(brain))
+    else:
+        voxel = (shape - 1) / 2
+    clipped = np.clip(np.round(voxel), 0, shape - 1).astype(int)
+    return int(clipped[0]), int(clipped[1]), int(clipped[2])
+
+
+def load_case(layout: OutputLayout, row: dict[str, Any], centroid_mm: Any = None) -> CaseArrays:
+    """Read and check one volume's files; an InputError names the file that is missing or off-grid."""
+    vid = row["id"]
+    image = load_volume(row["input_path"])
+    anomaly = _same_grid(load_volume(layout.map_path(vid, "anomaly")), image, "the anomaly map")
+    lesion = _same_grid(load_volume(layout.map_path(vid, "lesion_mask")), image, "the lesion mask") > 0
+    pseudo_path = layout.map_path(vid, "pseudohealthy")
+    pseudo = _same_grid(load_volume(pseudo_path), image, "the pseudo-healthy image") if pseudo_path.is_file() else None
+    brain = _optional_mask(row, "brain_mask", image, "the brain mask")
+    source = "brain mask file"
+    if brain is None:
+        used = row.get("brain_mask_source")  # the table does not name the file or model mask a run used
+        source = "threshold rule" if used in (None, "threshold") else "threshold estimate"
+        brain = auto_brain_mask(image.data)
+    notes: tuple[str, ...] = ()
+    try:  # the manifest's ground truth is an extra: a bad one is noted, the case is still shown
+        truth = _optional_mask(row, "lesion_mask", image, "the ground-truth lesion mask")
+    except InputError as exc:
+        truth, notes = None, (f"ground truth not shown: {exc}",)
+    return CaseArrays(image=image.data, anomaly=anomaly, lesion=lesion, brain=brain, truth=truth,
+                      pseudo_healthy=pseudo, affine=image.affine, zooms=image.zooms,
+                      centre=_centre(lesion, brain, image.affine, centroid_mm), brain_source=source, notes=notes)
+
+
+def outline(mask: np.ndarray) -> np.ndarray:
+    """The mask's boundary voxels (inside, touching outside): a 1-voxel shell, drawn as an outline."""
+    return mask & ~ndimage.binary_erosion(mask)
