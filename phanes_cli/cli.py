@@ -196,7 +196,7 @@ def data_prepare(
     for item in rejected:
         console.print(f"[yellow]rejected[/] {item.path}: {item.reason}")
     _report_unused([(item.path, item.reason) for item in listed if item.unused], verbose)
-    if skull_strip != "never" and rows:
+    if rows:  # every row records its brain_mask_source, the model's masks are written as files
         rows, sources = add_model_masks(rows, out.parent / "brain_masks", skull_strip, str(select_device(device)),
                                         progress=lambda line: console.print(f"brain mask {line}"))
         write_manifest(rows, out)
