@@ -17,7 +17,6 @@ every screening table, so burden by group or site needs no join by hand. Rules:
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from phanes_cli.errors import InputError
 
 NULLS = frozenset({"", "n/a"})
 _INT = re.compile(r"[-+]?(0|[1-9][0-9]*)")
+_DECIMAL = re.compile(r"[-+]?((0|[1-9][0-9]*)(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?")  # no inf, nan, 007
 
 
 @dataclass(frozen=True)
@@ -80,12 +80,8 @@ def typed(values: list[str | None]) -> list[Any]:
     present = [v for v in values if v is not None]
     if present and all(_INT.fullmatch(v) for v in present):
         return [None if v is None else int(v) for v in values]
-    try:
-        numbers = [None if v is None else float(v) for v in values]
-    except ValueError:
-        return values
-    if present and all(n is None or math.isfinite(n) for n in numbers):
-        return numbers
+    if present and all(_DECIMAL.fullmatch(v) for v in present):
+        return [None if v is None else float(v) for v in values]
     return values
 
 
