@@ -93,7 +93,8 @@ SKULL_STRIP_OPTION = typer.Option(
 DEVICE_HELP = "auto, cpu or cuda (also where brain extraction runs)."
 SUFFIX_OPTION = typer.Option("T1w", "--suffix", help="BIDS inputs: the suffix of the images to take.")
 BIDS_FILTER_OPTION = typer.Option([], "--bids-filter", help="BIDS inputs: ENTITY=VALUE every image must match "
-                                                          "(repeat the option), e.g. ses=01.")
+                                                          "(repeat the option), e.g. ses=01; template-space "
+                                                          "images are left out unless space=<label> asks for them.")
 VERBOSE_OPTION = typer.Option(False, "--verbose", "-v", help="List each input file found and not used, and why.")
 BACKEND_HELP = "Inference backend: auto (the fastest usable here), torch, onnxruntime or tensorrt."
 LPIPS_OPTION = typer.Option(None, "--lpips-weights", envvar="PHANES_ALEXNET_WEIGHTS",

@@ -101,6 +101,8 @@ def test_data_prepare_on_a_bids_root(dataset: Path, tmp_path: Path) -> None:
     assert f"{len(UNUSED)} files found and not used" in quiet.stderr and "FLAIR" not in quiet.stderr
     table = pq.read_table(manifest).to_pydict()
     assert sorted(table["id"]) == sorted(IMAGES)
+    sources = dict(zip(table["id"], table["brain_mask_source"], strict=True))
+    assert sources == {vid: "file" if vid in MASKS else "threshold" for vid in IMAGES}  # every row says
     assert {(i, s, r) for i, s, r in zip(table["id"], table["sub"], table["run"], strict=True)} >= {
         ("sub-01", "01", None), ("sub-03_ses-1_acq-mprage_run-1", "03", "1")}
     verbose = phanes_in_process("data", "prepare", dataset, "--out", manifest, "--skull-strip", "never", "--verbose",

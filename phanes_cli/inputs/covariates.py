@@ -35,13 +35,12 @@ class Covariates:
 
     participants: dict[str, dict[str, Any]]
     sessions: dict[tuple[str, str], dict[str, Any]]
+    columns: tuple[str, ...]  # every column of both files
 
     def of(self, sub: str | None, ses: str | None) -> dict[str, Any]:
         """The covariate columns of one image (all columns present, nulls where the files say nothing)."""
-        names = {k: None for row in self.participants.values() for k in row}
-        names.update({k: None for row in self.sessions.values() for k in row})
         found = {**self.participants.get(sub or "", {}), **self.sessions.get((sub or "", ses or ""), {})}
-        return {**names, **found}
+        return {**dict.fromkeys(self.columns), **found}
 
 
 def read_tsv(path: Path, key: str) -> tuple[list[str], dict[str, list[str | None]]]:
@@ -112,4 +111,5 @@ def read_covariates(root: Path, reserved: set[str]) -> Covariates:
     sessions = {(sub, ses.removeprefix("ses-")): {(f"sessions_{n}" if n in taken else n): columns[n][i]
                                                   for n in names}
                 for i, (sub, ses, _) in enumerate(cells)}
-    return Covariates(participants, sessions)
+    every = {k: None for row in [*participants.values(), *sessions.values()] for k in row}  # in file order
+    return Covariates(participants, sessions, tuple(every))
