@@ -16,8 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from phanes_cli.errors import InputError, PhanesError
-from phanes_cli.inputs.bids import BidsQuery, select_bids
+from phanes_cli.inputs.bids import OWN_OUTPUT, BidsQuery, select_bids
 from phanes_cli.inputs.covariates import typed
+from phanes_cli.inputs.discovery import resolve_with_unused
 from phanes_cli.screening.commit import record_failure
 from phanes_cli.screening.consolidate import consolidate
 from phanes_cli.screening.engine import screen
@@ -185,3 +186,20 @@ def test_covariates_survive_resume_and_consolidation(cluster: RayCluster, tmp_pa
     assert [str(failures.schema.field(c).type) for c in ("weight", "scanner")] == ["double", "string"]
     assert failures.select(["id", "weight", "scanner"]).to_pylist() == [
         {"id": "sub-02_ses-b", "weight": 80.0, "scanner": "skyra"}]
+
+
+def test_masks_in_out_never_come_back_as_given_masks(tmp_path: Path) -> None:
+    """OUT inside the dataset (derivatives/phanes): its brain masks, written by an earlier run, are not inputs."""
+    root = _dataset(tmp_path / "ds", IMAGES[:1], None)
+    out = root / "derivatives" / "phanes"
+    (out / "sub-01" / "anat").mkdir(parents=True)
+    (out / "dataset_description.json").write_text(json.dumps(
+        {"Name": "phanes", "BIDSVersion": "1.9.0", "DatasetType": "derivative", "GeneratedBy": [{"Name": "phanes"}]}))
+    for rel in ("sub-01/anat/sub-01_desc-brain_mask.nii.gz", "maps/sub-01_anomaly.nii.gz"):
+        _nifti(out / rel, (blob_volume((30, 34, 28)) > 0).astype(np.uint8))
+    rows, unused = resolve_with_unused([str(root)], exclude=out)
+    assert [(r.id, r.brain_mask) for r in rows] == [("sub-01", None)]
+    assert {Path(u.path).relative_to(out).as_posix(): u.reason for u in unused} == {
+        "sub-01/anat/sub-01_desc-brain_mask.nii.gz": OWN_OUTPUT, "maps/sub-01_anomaly.nii.gz": OWN_OUTPUT}
+    paired, _ = resolve_with_unused([str(root)])  # the same mask outside OUT is a given brain mask
+    assert paired[0].brain_mask == out / "sub-01/anat/sub-01_desc-brain_mask.nii.gz"

@@ -120,12 +120,26 @@ def _pair_key(record: dict[str, Any]) -> tuple[Any, ...]:
     return (*(record.get(k) for k in PAIRING), _space(record))
 
 
-def select_bids(root: str | Path, suffix: str = "T1w", filters: dict[str, str] | None = None) -> BidsSelection:
-    """The images of a BIDS root as manifest rows (brain masks paired), and every unused NIfTI with its reason."""
+OWN_OUTPUT = "in OUT, the screening run's own output"
+
+
+def select_bids(root: str | Path, suffix: str = "T1w", filters: dict[str, str] | None = None,
+                exclude: Path | None = None) -> BidsSelection:
+    """The images of a BIDS root as manifest rows (brain masks paired), and every unused NIfTI with its reason.
+
+    Files under `exclude` (screening's OUT, often `derivatives/phanes` of the same root) are never images
+    nor brain masks: a brain mask written by an earlier run must not come back as a given one.
+    """
     root = Path(root)
     filters = filters or {}
-    records = _index(root)
-    skipped: list[Skipped] = []
+    out = None if exclude is None else exclude.resolve()
+    every = _index(root)
+    records, skipped = [], []
+    for record in every:
+        if out is not None and record["file"].resolve().is_relative_to(out):
+            skipped.append(Skipped(record["file"], OWN_OUTPUT))
+        else:
+            records.append(record)
     images = []
     for record in records:
         if not record["raw"]:
@@ -142,10 +156,13 @@ def select_bids(root: str | Path, suffix: str = "T1w", filters: dict[str, str] |
         if not record["raw"] and record["suffix"] != "mask":
             reason = f"derivatives ({record['dataset']}): processed data, not an input image"
             skipped.append(Skipped(record["file"], reason))
-    known = {r["file"].resolve() for r in records}
+    known = {r["file"].resolve() for r in every}
     for path in sorted(p for ext in NIFTI_EXTS for p in root.rglob(f"*{ext}")):
-        if path.resolve() not in known and path.is_file():
-            skipped.append(Skipped(path, "not a BIDS file name (sub-<label>[_<entity>-<label>...]_<suffix>.nii[.gz])"))
+        if path.resolve() in known or not path.is_file():
+            continue
+        own = out is not None and path.resolve().is_relative_to(out)
+        skipped.append(Skipped(path, OWN_OUTPUT if own else
+                               "not a BIDS file name (sub-<label>[_<entity>-<label>...]_<suffix>.nii[.gz])"))
     covariates = read_covariates(root, RESERVED)
     rows = [ManifestRow(id=_row_id(r), image=r["file"], brain_mask=masks.get(id(r)),
                         extra={**{k: (None if r[k] is None else str(r[k])) for k in CARRIED},

@@ -12,6 +12,7 @@ thread and gives up after `connect_timeout` seconds with an error naming the add
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -66,7 +67,8 @@ def run_lock(layout: OutputLayout) -> Iterator[None]:
     try:
         yield
     finally:
-        layout.lock.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a folder made read-only meanwhile: the file stays, harmless
+            layout.lock.unlink(missing_ok=True)
         handle.close()
 
 
