@@ -166,7 +166,7 @@ def test_covariates_survive_resume_and_consolidation(cluster: RayCluster, tmp_pa
     (root / IMAGES[2]).write_bytes(b"not a nifti")  # sub-02_ses-b fails: its failure row carries the covariates too
     out = tmp_path / "out"
     options = ScreenOptions(bundle=make_bundle(tmp_path / "bundle"), out=out, quiet=True, num_actors=1, node_ip=HEAD_IP,
-                            skull_strip="never", bids=BidsQuery(filters=(("sub", "01"),)))
+                            skull_strip="never", layout="bids", bids=BidsQuery(filters=(("sub", "01"),)))
     first = screen([str(root)], options)
     assert (first.done, first.failed) == (1, 0)
     second = screen([str(root)], replace(options, bids=BidsQuery()))  # resumes sub-01 from the first run's parts
@@ -186,6 +186,10 @@ def test_covariates_survive_resume_and_consolidation(cluster: RayCluster, tmp_pa
     assert [str(failures.schema.field(c).type) for c in ("weight", "scanner")] == ["double", "string"]
     assert failures.select(["id", "weight", "scanner"]).to_pylist() == [
         {"id": "sub-02_ses-b", "weight": 80.0, "scanner": "skyra"}]
+    failed = (out / "sub-02/ses-b/anat/sub-02_ses-b_burden.tsv").read_text().splitlines()
+    assert len(failed) == 2 and failed[1].split("\t")[:4] == ["sub-02_ses-b", "failed", "n/a", "n/a"]
+    subject = (out / "sub-02/sub-02_burden.tsv").read_text().splitlines()
+    assert [line.split("\t")[:2] for line in subject[1:]] == [["sub-02_ses-a", "ok"], ["sub-02_ses-b", "failed"]]
 
 
 def test_masks_in_out_never_come_back_as_given_masks(tmp_path: Path) -> None:

@@ -109,7 +109,8 @@ def test_the_input_dataset_is_valid_and_the_output_has_no_errors(screened: dict[
     refused = {i["location"] for i in validate(unignored) if i["code"] == "NOT_INCLUDED"}
     stems = ("/sub-01/anat/sub-01", "/sub-02/ses-1/anat/sub-02_ses-1", "/sub-02/ses-2/anat/sub-02_ses-2")
     assert refused == {f"{stem}{end}" for stem in stems
-                       for end in ("_desc-anomaly_map.nii.gz", "_desc-anomaly_map.json", "_burden.tsv")}
+                       for end in ("_desc-anomaly_map.nii.gz", "_desc-anomaly_map.json", "_burden.tsv")} | {
+                           "/sub-02/sub-02_burden.tsv"}
 
 
 def _sidecar(out: Path, stem: str, name: str) -> dict[str, Any]:
@@ -146,16 +147,20 @@ def test_brain_masks_sidecars_and_what_the_root_holds(screened: dict[str, Any]) 
 def test_burden_tables_and_covariates_match_the_volumes_table(screened: dict[str, Any]) -> None:
     out = screened["out"]
     volumes = {r["id"]: r for r in pq.read_table(out / "volumes.parquet").to_pylist()}
-    for tsv in ("sub-01/anat/sub-01_burden.tsv", "sub-02/ses-1/anat/sub-02_ses-1_burden.tsv",
-                "sub-02/ses-2/anat/sub-02_ses-2_burden.tsv"):
+    tables = {"sub-01/anat/sub-01_burden.tsv": ["sub-01"],
+              "sub-02/ses-1/anat/sub-02_ses-1_burden.tsv": ["sub-02_ses-1"],
+              "sub-02/ses-2/anat/sub-02_ses-2_burden.tsv": ["sub-02_ses-2"],
+              "sub-02/sub-02_burden.tsv": ["sub-02_ses-1", "sub-02_ses-2"]}  # a subject's sessions together
+    for tsv, ids in tables.items():
         with open(out / tsv, newline="") as handle:
             rows = list(csv.DictReader(handle, delimiter="\t"))
-        assert len(rows) == 1
-        row, table = rows[0], volumes[rows[0]["id"]]
-        assert row["status"] == "ok" and row["brain_mask_source"] == table["brain_mask_source"]
-        for column in ("brain_volume_ml", "lesion_burden_ml", "lesion_burden_fraction", "max_anomaly"):
-            assert float(row[column]) == pytest.approx(table[column], rel=1e-12)
-        assert int(row["lesion_count"]) == table["lesion_count"]
+        assert [r["id"] for r in rows] == ids
+        for row in rows:
+            table = volumes[row["id"]]
+            assert row["status"] == "ok" and row["brain_mask_source"] == table["brain_mask_source"]
+            for column in ("brain_volume_ml", "lesion_burden_ml", "lesion_burden_fraction", "max_anomaly"):
+                assert float(row[column]) == pytest.approx(table[column], rel=1e-12)
+            assert int(row["lesion_count"]) == table["lesion_count"]
     schema = pq.read_schema(out / "volumes.parquet")
     assert (str(schema.field("age").type), str(schema.field("site").type)) == ("int64", "string")
     assert {v: (r["site"], r["group"], r["age"], r["scanner"]) for v, r in volumes.items()} == {

@@ -12,7 +12,8 @@ for (patterns without a trailing slash: the validator does not honour those). Pe
 - `<entities>_desc-pseudohealthy_T1w.nii.gz` (`SkullStripped`: whether skull lies outside the brain mask);
 - `<entities>_desc-anomaly_map.nii.gz`: a score, not a probability, so not a BIDS `probseg`; listed in
   `.bidsignore` (BIDS 1.9 has no suffix for a statistical map of an anatomical image);
-- `<sub>[_<ses>]_burden.tsv`: the folder's volumes, one row each, with their burden statistics (ignored too).
+- `<sub>[_<ses>]_burden.tsv`: the folder's volumes, one row each, with their burden statistics (ignored too);
+  a subject with sessions also gets `sub-<label>/sub-<label>_burden.tsv` with every session's rows.
 
 Every sidecar names the bundle hash and the thresholds. The ids must be BIDS ids (`sub-<label>...`, as a BIDS
 root input gives them). The layout of an OUT is fixed by its first run: resuming it with the other layout
@@ -35,7 +36,7 @@ from phanes_cli.core.calibration import Calibration
 from phanes_cli.core.statistics import SIZE_BIN_COLUMNS
 from phanes_cli.errors import ConfigError
 from phanes_cli.infra.atomic import write_bytes, write_json
-from phanes_cli.screening.bids_naming import BIDS_DESCRIPTION, BURDEN_SUFFIX, bids_folder, bids_stem, burden_path
+from phanes_cli.screening.bids_naming import BIDS_DESCRIPTION, BURDEN_SUFFIX, bids_stem, burden_paths
 from phanes_cli.screening.layout import OutputLayout
 
 LAYOUTS = ("default", "bids")
@@ -139,22 +140,24 @@ def write_sidecar(layout: OutputLayout, vid: str, kind: str, sources: list[Path]
 
 
 def write_burden_tables(layout: OutputLayout) -> list[Path]:
-    """`<sub>[_<ses>]_burden.tsv` in every anat folder of the run, from its volumes table (`n/a` for nulls)."""
+    """`<sub>[_<ses>]_burden.tsv` in every anat folder of the run, and `<sub>_burden.tsv` in the folder of a
+    subject with sessions (all its sessions), from the run's volumes table (`n/a` for nulls)."""
     if not layout.bids or not layout.table("volumes").is_file():
         return []
     volumes = pq.read_table(layout.table("volumes"), columns=list(BURDEN_COLUMNS))
-    folders: dict[Path, list[int]] = {}
+    tables: dict[Path, list[int]] = {}
     for index, vid in enumerate(volumes.column("id").to_pylist()):
         if isinstance(vid, str) and vid.startswith("sub-"):
-            folders.setdefault(bids_folder(layout.root, vid), []).append(index)
+            for path in burden_paths(layout.root, vid):
+                tables.setdefault(path, []).append(index)
     written = []
     options = pacsv.WriteOptions(delimiter="\t", quoting_style="none", include_header=False)
-    for folder, rows in sorted(folders.items()):
+    for path, rows in sorted(tables.items()):
         sink = pa.BufferOutputStream()
         pacsv.write_csv(volumes.take(pa.array(rows)), sink, options)
         text = sink.getvalue().to_pybytes().decode()  # unquoted: nulls are empty cells, BIDS writes n/a
         lines = ["\t".join(BURDEN_COLUMNS)]
         lines += ["\t".join("n/a" if cell == "" else cell for cell in line.split("\t")) for line in text.splitlines()]
-        folder.mkdir(parents=True, exist_ok=True)  # a folder of failed volumes only has no maps
-        written.append(write_bytes(burden_path(folder), ("\n".join(lines) + "\n").encode()))
+        path.parent.mkdir(parents=True, exist_ok=True)  # a folder of failed volumes only has no maps
+        written.append(write_bytes(path, ("\n".join(lines) + "\n").encode()))
     return written

@@ -27,8 +27,12 @@ def bids_folder(root: Path, vid: str) -> Path:
     folder = root / f"sub-{entities['sub']}"
     return (folder / f"ses-{entities['ses']}" if "ses" in entities else folder) / "anat"
 
-def burden_path(folder: Path) -> Path:
-    """The burden table of one anat folder: named after its subject (and session) folders."""
-    labels = [folder.parent.name] if folder.parent.name.startswith("sub-") else [folder.parent.parent.name,
-                                                                                 folder.parent.name]
-    return folder / f"{'_'.join(labels)}_{BURDEN_SUFFIX}"
+def burden_paths(root: Path, vid: str) -> list[Path]:
+    """The burden tables a BIDS id's row goes to: its anat folder's, and with sessions its subject's too."""
+    entities = dict(part.split("-", 1) for part in vid.split("_") if "-" in part)
+    subject = f"sub-{entities['sub']}"
+    if "ses" not in entities:
+        return [root / subject / "anat" / f"{subject}_{BURDEN_SUFFIX}"]
+    session = f"ses-{entities['ses']}"
+    return [root / subject / session / "anat" / f"{subject}_{session}_{BURDEN_SUFFIX}",
+            root / subject / f"{subject}_{BURDEN_SUFFIX}"]
