@@ -93,7 +93,8 @@ SKULL_STRIP_OPTION = typer.Option(
 DEVICE_HELP = "auto, cpu or cuda (also where brain extraction runs)."
 SUFFIX_OPTION = typer.Option("T1w", "--suffix", help="BIDS inputs: the suffix of the images to take.")
 BIDS_FILTER_OPTION = typer.Option([], "--bids-filter", help="BIDS inputs: ENTITY=VALUE every image must match "
-                                                          "(repeat the option), e.g. ses=01.")
+                                                          "(repeat the option), e.g. ses=01; template-space "
+                                                          "images are left out unless space=<label> asks for them.")
 VERBOSE_OPTION = typer.Option(False, "--verbose", "-v", help="List each input file found and not used, and why.")
 BACKEND_HELP = "Inference backend: auto (the fastest usable here), torch, onnxruntime or tensorrt."
 LPIPS_OPTION = typer.Option(None, "--lpips-weights", envvar="PHANES_ALEXNET_WEIGHTS",
@@ -196,7 +197,7 @@ def data_prepare(
     for item in rejected:
         console.print(f"[yellow]rejected[/] {item.path}: {item.reason}")
     _report_unused([(item.path, item.reason) for item in listed if item.unused], verbose)
-    if skull_strip != "never" and rows:
+    if rows:  # every row records its brain_mask_source, the model's masks are written as files
         rows, sources = add_model_masks(rows, out.parent / "brain_masks", skull_strip, str(select_device(device)),
                                         progress=lambda line: console.print(f"brain mask {line}"))
         write_manifest(rows, out)

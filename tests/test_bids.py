@@ -101,6 +101,8 @@ def test_data_prepare_on_a_bids_root(dataset: Path, tmp_path: Path) -> None:
     assert f"{len(UNUSED)} files found and not used" in quiet.stderr and "FLAIR" not in quiet.stderr
     table = pq.read_table(manifest).to_pydict()
     assert sorted(table["id"]) == sorted(IMAGES)
+    sources = dict(zip(table["id"], table["brain_mask_source"], strict=True))
+    assert sources == {vid: "file" if vid in MASKS else "threshold" for vid in IMAGES}  # every row says
     assert {(i, s, r) for i, s, r in zip(table["id"], table["sub"], table["run"], strict=True)} >= {
         ("sub-01", "01", None), ("sub-03_ses-1_acq-mprage_run-1", "03", "1")}
     verbose = phanes_in_process("data", "prepare", dataset, "--out", manifest, "--skull-strip", "never", "--verbose",
@@ -148,10 +150,16 @@ def test_screen_layout_bids_writes_a_derivatives_dataset(ray_head: RayCluster, d
             image = nib.load(str(out / f"{stem}_{name}.nii.gz"))
             assert image.shape == (30, 34, 28)
             sidecar = json.loads((out / f"{stem}_{name}.json").read_text())
-            assert sidecar["Sources"] == [str(dataset / IMAGES[vid])]
+            derived = [f"bids::{stem}_desc-anomaly_map.nii.gz"] if name == "desc-lesion_mask" else []
+            assert sidecar["Sources"] == [f"bids:raw:{IMAGES[vid]}", *derived]
             assert sidecar["BundleHash"] == load_bundle(bundle).hash
             assert sidecar["Thresholds"]["anomaly_threshold"] == calibration.anomaly_threshold
-    assert not list((out / "maps").glob("*.nii.gz"))
+        brain = json.loads((out / f"{stem}_desc-brain_mask.json").read_text())
+        given = [f"bids:raw:{MASKS[vid]}"] if vid in MASKS else []
+        assert brain["Sources"] == [f"bids:raw:{IMAGES[vid]}", *given] and brain["Type"] == "Brain"
+        assert brain["BrainMaskSource"] == ("file" if vid in MASKS else "threshold")
+    assert description["DatasetLinks"] == {"raw": dataset.as_uri()}
+    assert not (out / "maps").exists() and not (out / ".phanes-screen.lock").exists()
     volumes = {r["id"]: r for r in pq.read_table(out / "volumes.parquet").to_pylist()}
     assert volumes["sub-01"]["brain_mask_source"] == "file"  # paired from derivatives/fsl
     assert volumes["sub-02_desc-brain"]["brain_mask_source"] == "threshold"

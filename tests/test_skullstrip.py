@@ -116,13 +116,16 @@ def test_prepare_writes_model_masks_only_where_the_model_ran(files: dict[str, Pa
     rows = [ManifestRow(id="brain", image=files["brain"]), ManifestRow(id="head", image=files["head"])]
     out, counts = add_model_masks(rows, tmp_path / "brain_masks", "auto")
     assert dict(counts) == {"threshold": 1, "model": 1}
-    assert out[0] == rows[0]
+    assert out[0].brain_mask is None and out[0].extra == {"brain_mask_source": "threshold"}
     assert out[1].brain_mask == tmp_path / "brain_masks" / "head_brainmask.nii.gz"
     assert out[1].extra == {"brain_mask_source": "model"}
     written = np.asarray(nib.as_closest_canonical(nib.load(out[1].brain_mask)).dataobj) > 0
     assert _dice(written, mni.brain > 0.5) > 0.95
-    kept, counts = add_model_masks(rows, tmp_path / "none", "never")
-    assert kept == rows and dict(counts) == {"threshold": 2} and not (tmp_path / "none").exists()
+    given = ManifestRow(id="given", image=files["head"], brain_mask=out[1].brain_mask)
+    kept, counts = add_model_masks([*rows, given], tmp_path / "none", "never")
+    assert [r.brain_mask for r in kept] == [None, None, out[1].brain_mask] and not (tmp_path / "none").exists()
+    assert [r.extra["brain_mask_source"] for r in kept] == ["threshold", "threshold", "file"]
+    assert dict(counts) == {"threshold": 2, "file": 1}
 
 
 @pytest.mark.skipif(not HEAD_T1.is_file(), reason=f"{HEAD_T1} is not present on this machine")

@@ -6,10 +6,15 @@ the BIDS community; light: pyarrow only) indexes it and the datasets nested unde
 - images: raw-dataset files whose suffix is `suffix` (T1w by default; `--suffix`), matching every
   `--bids-filter key=value`, NIfTI only. Derivatives are never images: they are processed data
   (a skull-stripped `desc-brain_T1w` in the raw tree is an image, a derivative one is not);
-- brain masks: `desc-brain_mask` files (raw or derivatives) in the image's own space (no `space` entity, or
-  `space-T1w` / `space-orig`) with the same sub, ses, acq, ce, rec and run, paired to that image;
+- brain masks: `desc-brain_mask` files (raw or derivatives) in the image's space (no `space` entity,
+  `space-T1w` and `space-orig` being the same) with the same sub, ses, acq, ce, rec and run, paired to that image;
 - ids: the image's file name without its suffix (`sub-01_ses-1_run-2`), unique in a dataset; the entities
-  sub, ses, acq and run travel as manifest columns of those names into the screening tables;
+  sub, ses, acq and run travel as manifest columns of those names into the screening tables, and so do
+  the columns of `participants.tsv` and `sessions.tsv` (`covariates`, typed);
+- template-space images (a `space` entity other than T1w / orig, such as fMRIPrep's
+  `space-MNI152NLin2009cAsym_desc-preproc_T1w` beside its native `desc-preproc_T1w`) are left out unless
+  `--bids-filter space=<label>` asks for that space: screening them too would count every subject twice;
+  brain masks pair within one space;
 - every other NIfTI file under the root is listed with the reason it was not used.
 """
 
@@ -20,13 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from phanes_cli.errors import ConfigError
-from phanes_cli.inputs.manifest import ManifestRow
+from phanes_cli.inputs.covariates import read_covariates
+from phanes_cli.inputs.manifest import MANIFEST_COLUMNS, ManifestRow
 
 DESCRIPTION = "dataset_description.json"
 CARRIED = ("sub", "ses", "acq", "run")  # entities that become manifest columns
 PAIRING = ("sub", "ses", "acq", "ce", "rec", "run")  # a brain mask belongs to the image that agrees on all
 NATIVE_SPACES = (None, "T1w", "orig")  # a mask in another space (MNI152...) is not on the image's grid
 NIFTI_EXTS = (".nii", ".nii.gz")
+RESERVED = {*MANIFEST_COLUMNS, *CARRIED, "brain_mask_source"}  # covariate names that get a prefix
 
 
 def is_bids_root(path: str | Path) -> bool:
@@ -83,10 +90,18 @@ def _index(root: Path) -> list[dict[str, Any]]:
     return records
 
 
+def _space(record: dict[str, Any]) -> str | None:
+    """The record's space, None for the image's own (no space entity, or T1w / orig)."""
+    return None if record.get("space") in NATIVE_SPACES else str(record["space"])
+
+
 def _mismatch(record: dict[str, Any], suffix: str, filters: dict[str, str]) -> str | None:
     """Why a raw file is not an image, or None when it is one."""
     if record["suffix"] != suffix:
         return f"suffix {record['suffix']!r}, not {suffix!r} (choose with --suffix)"
+    if _space(record) is not None and "space" not in filters:
+        return (f"template space {record['space']!r}, not the subject's own (screen it with "
+                f"--bids-filter space={record['space']})")
     for key, want in filters.items():
         if key not in record and key not in dict(record["extra_entities"] or []):
             raise ConfigError(f"--bids-filter {key}={want}: {key!r} is not a BIDS entity")
@@ -102,15 +117,29 @@ def _row_id(record: dict[str, Any]) -> str:
 
 
 def _pair_key(record: dict[str, Any]) -> tuple[Any, ...]:
-    return tuple(record.get(k) for k in PAIRING)
+    return (*(record.get(k) for k in PAIRING), _space(record))
 
 
-def select_bids(root: str | Path, suffix: str = "T1w", filters: dict[str, str] | None = None) -> BidsSelection:
-    """The images of a BIDS root as manifest rows (brain masks paired), and every unused NIfTI with its reason."""
+OWN_OUTPUT = "in OUT, the screening run's own output"
+
+
+def select_bids(root: str | Path, suffix: str = "T1w", filters: dict[str, str] | None = None,
+                exclude: Path | None = None) -> BidsSelection:
+    """The images of a BIDS root as manifest rows (brain masks paired), and every unused NIfTI with its reason.
+
+    Files under `exclude` (screening's OUT, often `derivatives/phanes` of the same root) are never images
+    nor brain masks: a brain mask written by an earlier run must not come back as a given one.
+    """
     root = Path(root)
     filters = filters or {}
-    records = _index(root)
-    skipped: list[Skipped] = []
+    out = None if exclude is None else exclude.resolve()
+    every = _index(root)
+    records, skipped = [], []
+    for record in every:
+        if out is not None and record["file"].resolve().is_relative_to(out):
+            skipped.append(Skipped(record["file"], OWN_OUTPUT))
+        else:
+            records.append(record)
     images = []
     for record in records:
         if not record["raw"]:
@@ -127,12 +156,17 @@ def select_bids(root: str | Path, suffix: str = "T1w", filters: dict[str, str] |
         if not record["raw"] and record["suffix"] != "mask":
             reason = f"derivatives ({record['dataset']}): processed data, not an input image"
             skipped.append(Skipped(record["file"], reason))
-    known = {r["file"].resolve() for r in records}
+    known = {r["file"].resolve() for r in every}
     for path in sorted(p for ext in NIFTI_EXTS for p in root.rglob(f"*{ext}")):
-        if path.resolve() not in known and path.is_file():
-            skipped.append(Skipped(path, "not a BIDS file name (sub-<label>[_<entity>-<label>...]_<suffix>.nii[.gz])"))
+        if path.resolve() in known or not path.is_file():
+            continue
+        own = out is not None and path.resolve().is_relative_to(out)
+        skipped.append(Skipped(path, OWN_OUTPUT if own else
+                               "not a BIDS file name (sub-<label>[_<entity>-<label>...]_<suffix>.nii[.gz])"))
+    covariates = read_covariates(root, RESERVED)
     rows = [ManifestRow(id=_row_id(r), image=r["file"], brain_mask=masks.get(id(r)),
-                        extra={k: (None if r[k] is None else str(r[k])) for k in CARRIED}) for r in images]
+                        extra={**{k: (None if r[k] is None else str(r[k])) for k in CARRIED},
+                               **covariates.of(r["sub"], r["ses"])}) for r in images]
     return BidsSelection(rows=rows, skipped=sorted(skipped, key=lambda s: str(s.path)))
 
 
@@ -146,7 +180,7 @@ def _pair_masks(images: list[dict[str, Any]], masks: list[dict[str, Any]], skipp
         targets = by_key.get(_pair_key(mask), [])
         if mask["desc"] != "brain":
             skipped.append(Skipped(mask["file"], f"a mask with desc={mask['desc']!r}, not a brain mask (desc-brain)"))
-        elif mask["space"] not in NATIVE_SPACES:
+        elif _space(mask) is not None and not targets:
             skipped.append(Skipped(mask["file"], f"brain mask in space {mask['space']!r}, not on the image's grid"))
         elif not targets:
             skipped.append(Skipped(mask["file"], "brain mask with no matching image (sub, ses, acq, ce, rec, run)"))

@@ -112,7 +112,8 @@ def add_model_masks(rows: list[ManifestRow], folder: Path, mode: str, device: st
                     progress: Callable[[str], None] | None = None) -> tuple[list[ManifestRow], Counter[str]]:
     """`data prepare`: strip once, reuse everywhere. Rows without a brain mask whose brain needs the model
     get `<folder>/<id>_brainmask.nii.gz` (the model's mask) as their brain_mask, so training, calibration,
-    evaluation and screening read it as a file instead of running the model again.
+    evaluation and screening read it as a file instead of running the model again. Every row gets a
+    `brain_mask_source` column: file (given), model or threshold.
 
     Returns the rows (same order) and how many volumes have each mask source.
     """
@@ -125,7 +126,8 @@ def add_model_masks(rows: list[ManifestRow], folder: Path, mode: str, device: st
             brain, source = brain_mask_for(volume, None, mode, device)
             if source == "model":
                 path = save_like(brain.astype(np.uint8), volume, Path(folder) / f"{row.id}_brainmask.nii.gz", np.uint8)
-                row = replace(row, brain_mask=path, extra={**row.extra, "brain_mask_source": "model"})
+                row = replace(row, brain_mask=path)
+        row = replace(row, extra={**row.extra, "brain_mask_source": source})
         counts[source] += 1
         out.append(row)
         if progress is not None:

@@ -238,9 +238,10 @@ def _unique_ids(found: list[_Found]) -> list[str]:
     return [ids[i] for i in range(len(found))]
 
 
-def _from_bids(root: Path, query: BidsQuery) -> tuple[list[_Found], list[Rejected]]:
-    """The selected images of a BIDS root (ids, masks and entities set) and the unused files with reasons."""
-    selection = select_bids(root, query.suffix, dict(query.filters))
+def _from_bids(root: Path, query: BidsQuery, exclude: Path | None) -> tuple[list[_Found], list[Rejected]]:
+    """The selected images of a BIDS root (ids, masks and entities set) and the unused files with reasons;
+    nothing under `exclude` (screening's OUT) is used."""
+    selection = select_bids(root, query.suffix, dict(query.filters), exclude)
     unused = [Rejected(path=str(s.path), reason=s.reason, unused=True) for s in selection.skipped]
     if not selection.rows:
         matching = " matching --bids-filter" if query.filters else ""
@@ -269,8 +270,10 @@ def resolve_with_unused(inputs: list[str], exclude: Path | None = None, bids: Bi
     unused: list[Rejected] = []
     seen: set[Path] = set()
     for argument in inputs:
-        bids_root = is_bids_root(argument)
-        items, skipped = _from_bids(Path(argument), bids or BidsQuery()) if bids_root else _discover(argument, exclude)
+        if is_bids_root(argument):
+            items, skipped = _from_bids(Path(argument), bids or BidsQuery(), exclude)
+        else:
+            items, skipped = _discover(argument, exclude)
         unused.extend(skipped)
         for item in items:
             key = Path(os.path.normpath(item.image.absolute()))

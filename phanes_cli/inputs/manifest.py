@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from phanes_cli.errors import InputError
 from phanes_cli.infra.atomic import write_parquet
+from phanes_cli.infra.columns import cell, column_type
 
 MANIFEST_COLUMNS = ("id", "image", "brain_mask", "lesion_mask", "split", "kind", "lesion_ml")
 SPLITS = ("train", "val", "test")
@@ -72,8 +73,9 @@ def write_manifest(rows: list[ManifestRow], path: str | Path) -> Path:
         pa.field("lesion_ml", pa.float64()),
     ]
     arrays = {k: pa.array(v, type=f.type) for (k, v), f in zip(columns.items(), schema, strict=True)}
-    for key in extra_keys:
-        arrays[key] = pa.array([r.extra.get(key) for r in rows])
+    for key in extra_keys:  # typed from their values (numbers stay numbers; mixed kinds become text)
+        kind = column_type(r.extra.get(key) for r in rows)
+        arrays[key] = pa.array([cell(r.extra.get(key), kind) for r in rows], kind)
     return write_parquet(path, pa.table(arrays))
 
 

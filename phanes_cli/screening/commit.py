@@ -27,7 +27,7 @@ from phanes_cli.screening.schemas import (
     LESION_SCHEMA,
     VOLUME_SCHEMA,
     table_from_rows,
-    with_text_columns,
+    with_extra_columns,
 )
 
 
@@ -52,7 +52,7 @@ def commit_volume(layout: OutputLayout, vid: str, volume_row: dict[str, Any], le
                   marker: dict[str, Any]) -> None:
     """Write a volume's rows and then its done marker (maps must already be written)."""
     write_parquet(layout.part("lesions", vid), table_from_rows(lesion_rows, LESION_SCHEMA))
-    volume_schema = with_text_columns(VOLUME_SCHEMA, [volume_row])  # plus the input's manifest columns
+    volume_schema = with_extra_columns(VOLUME_SCHEMA, [volume_row])  # plus the input's manifest columns
     write_parquet(layout.part("volumes", vid), table_from_rows([volume_row], volume_schema))
     write_json(layout.done_marker(vid), marker)
     layout.part("failures", vid).unlink(missing_ok=True)
@@ -60,10 +60,10 @@ def commit_volume(layout: OutputLayout, vid: str, volume_row: dict[str, Any], le
 def record_failure(layout: OutputLayout, vid: str, row: dict[str, Any]) -> None:
     """Replace any previous output of `vid` by one failure row (a failed volume leaves no maps).
 
-    Keys beyond FAILURE_SCHEMA are the input's manifest columns (`manifest_columns`), kept as text.
+    Keys beyond FAILURE_SCHEMA are the input's manifest columns (`manifest_columns`), typed.
     """
     layout.clear(vid)
-    write_parquet(layout.part("failures", vid), table_from_rows([row], with_text_columns(FAILURE_SCHEMA, [row])))
+    write_parquet(layout.part("failures", vid), table_from_rows([row], with_extra_columns(FAILURE_SCHEMA, [row])))
 
 def read_marker(layout: OutputLayout, vid: str) -> dict[str, Any] | None:
     try:
@@ -84,6 +84,7 @@ def is_done(layout: OutputLayout, vid: str, image: Path, bundle_hash: str, outpu
     if not set(outputs) <= set(marker.get("outputs", [])):
         return False
     files = [layout.map_path(vid, k) for k in outputs] + [layout.part("volumes", vid), layout.part("lesions", vid)]
+    files += layout.brain_mask_files(vid)
     return all(p.is_file() for p in files)
 
 def previous_failure(layout: OutputLayout, vid: str, image: Path, bundle_hash: str) -> dict[str, Any] | None:

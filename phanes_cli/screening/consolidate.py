@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 from phanes_cli.core.calibration import Calibration
 from phanes_cli.errors import BundleError
 from phanes_cli.infra.atomic import atomic_path, write_parquet
+from phanes_cli.infra.columns import cast_column
 from phanes_cli.screening.layout import OutputLayout
 from phanes_cli.screening.schemas import (
     FAILURE_SCHEMA,
@@ -21,8 +22,8 @@ from phanes_cli.screening.schemas import (
     TABLES,
     THRESHOLD_COLUMNS,
     VOLUME_SCHEMA,
+    extra_fields,
     file_metadata,
-    with_text_columns,
 )
 
 PART_READERS = 4  # threads reading part files in `consolidate`
@@ -71,17 +72,20 @@ def _part_groups(layout: OutputLayout, table: str, ids: list[str], pool: ThreadP
         tables = list(pool.map(_read_part, [layout.part(table, vid) for vid in group]))
         damaged.update(vid for vid, t in zip(group, tables, strict=True) if t is None)
         readable = [t for t in tables if t is not None] or [TABLES[table].empty_table()]
-        yield pa.concat_tables(readable, promote_options="default").combine_chunks()
+        if any(t.schema != readable[0].schema for t in readable):  # parts may disagree (int, float, null)
+            schema = extra_fields(TABLES[table], [t.schema for t in readable])
+            readable = [_conform(t, schema) for t in readable]
+        yield pa.concat_tables(readable).combine_chunks()
 
 def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     """`table` with exactly `schema`'s columns, in its order and types (columns it lacks are nulls)."""
-    columns = [table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
-               for f in schema]
+    columns = [cast_column(table[f.name], f.type) if f.name in table.column_names
+               else pa.nulls(table.num_rows, f.type) for f in schema]
     return pa.Table.from_arrays(columns, schema=schema)
 
-def _text_schema(schema: pa.Schema, tables: Iterable[pa.Table]) -> pa.Schema:
-    """`with_text_columns` for tables: `schema` plus the columns of `tables` it lacks, as sorted strings."""
-    return with_text_columns(schema, [dict.fromkeys(t.column_names) for t in tables])
+def _extra_schema(schema: pa.Schema, tables: Iterable[pa.Table]) -> pa.Schema:
+    """`schema` plus the manifest columns of `tables`, each with one type for all the parts (`extra_fields`)."""
+    return extra_fields(schema, [t.schema for t in tables])
 
 def _write_groups(groups: Iterable[pa.Table], schema: pa.Schema, target: Path) -> int:
     """Write tables into one Parquet file, one row group each; returns the number of rows."""
@@ -99,7 +103,8 @@ def consolidate(layout: OutputLayout) -> dict[str, int]:
     failures.parquet and as a 'failed' row in volumes.parquet. The volumes table (one row per volume) is
     sorted in memory; lesions stream through, a group of part files at a time. Idempotent: run it as often
     as you like.
-    The input's manifest columns become string columns of volumes and failures (so the schema is per run),
+    The input's manifest columns become typed columns of volumes and failures (so the schema is per run;
+    a column whose parts disagree takes the type that holds them all: int and float make float),
     and every table carries `run_metadata` as Parquet key-value metadata. A part file that cannot be read
     (damaged after it was written) un-commits its volume, so the next run screens it again; `damaged`
     counts those volumes.
@@ -111,13 +116,13 @@ def consolidate(layout: OutputLayout) -> dict[str, int]:
     meta, damaged = run_metadata(layout), set[str]()
     with ThreadPoolExecutor(PART_READERS) as pool:
         failure_parts = list(_part_groups(layout, "failures", failed, pool, damaged))
-        failure_schema = _text_schema(FAILURE_SCHEMA, failure_parts)
+        failure_schema = _extra_schema(FAILURE_SCHEMA, failure_parts)
         failures = pa.concat_tables([_conform(t, failure_schema) for t in failure_parts]).sort_by("id")
         as_volumes = {**{k: failures[k] for k in failures.column_names if k not in FAILURE_SCHEMA.names},
                       "id": failures["id"], "input_path": failures["path"], "bundle_hash": failures["bundle_hash"],
                       "status": pa.array(["failed"] * failures.num_rows, pa.string())}
         volume_parts = [pa.table(as_volumes), *_part_groups(layout, "volumes", done, pool, damaged)]
-        volume_schema = _text_schema(VOLUME_SCHEMA, volume_parts)
+        volume_schema = _extra_schema(VOLUME_SCHEMA, volume_parts)
         volumes = pa.concat_tables([_conform(t, volume_schema) for t in volume_parts]).sort_by("id")
         write_parquet(layout.table("volumes"), volumes.replace_schema_metadata(meta))
         lesion_parts = _part_groups(layout, "lesions", done, pool, damaged)

@@ -23,10 +23,11 @@ import pyarrow.parquet as pq
 import ray
 
 from phanes_cli.core.bundle import Bundle, load_bundle
+from phanes_cli.inputs.bids import is_bids_root
 from phanes_cli.inputs.discovery import resolve_inputs
 from phanes_cli.inputs.manifest import ManifestRow
 from phanes_cli.runtimes import validate_backend_name
-from phanes_cli.screening.bids_derivative import start_layout
+from phanes_cli.screening.bids_derivative import start_layout, write_burden_tables
 from phanes_cli.screening.consolidate import consolidate
 from phanes_cli.screening.dispatch import Actors, Dispatcher
 from phanes_cli.screening.layout import OutputLayout
@@ -67,9 +68,9 @@ def screen(inputs: list[str], options: ScreenOptions) -> ScreenSummary:
     log = JsonLog(options.log_jsonl)
     with run_lock(layout):
         previous = mark_abandoned(layout)
+        start_layout(layout, options.layout, [r.id for r in rows], [Path(a) for a in inputs if is_bids_root(a)])
         layout.ensure()
         layout.remove_temporaries()
-        start_layout(layout, options.layout, [r.id for r in rows])
         plan = plan_volumes(rows, layout, options, bundle.hash)
         counts = Counts(total=len(rows), failed=plan.standing, skipped=plan.skipped)
         manifest: dict[str, Any] = {
@@ -96,6 +97,7 @@ def screen(inputs: list[str], options: ScreenOptions) -> ScreenSummary:
             raise
         finally:
             tables = consolidate(layout)
+            write_burden_tables(layout)
             if tables["damaged"]:
                 log.event("warning", message=f"{tables['damaged']} committed volume(s) had unreadable part files "
                           "and were un-committed: the next run screens them again")

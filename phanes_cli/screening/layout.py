@@ -10,7 +10,9 @@ Layout of OUT:
     volumes.parquet, lesions.parquet, failures.parquet   consolidated, sorted by id (`consolidate`)
     run.json                     the run manifest
 <id> in a file name is `file_stem(id)`: the id itself, or for ids that start with '.' or are over-long a
-shortened, hashed form (the tables keep the full id). With `--layout bids` the maps follow `bids_naming`.
+shortened, hashed form (the tables keep the full id). With `--layout bids` the maps follow `bids_naming`,
+each with a JSON sidecar, plus the brain mask each volume was screened in (`desc-brain_mask`); there is
+no maps/ folder.
 """
 
 from __future__ import annotations
@@ -66,6 +68,15 @@ class OutputLayout:
             return bids_folder(self.root, vid) / f"{bids_stem(vid)}_{BIDS_MAP_NAMES[kind]}.nii.gz"
         return self.maps / f"{file_stem(vid)}_{MAP_SUFFIX[kind]}.nii.gz"
 
+    def sidecar(self, vid: str, kind: str) -> Path:
+        """The JSON sidecar of a `--layout bids` map."""
+        path = self.map_path(vid, kind)
+        return path.with_name(path.name.removesuffix(".nii.gz") + ".json")
+
+    def brain_mask_files(self, vid: str) -> list[Path]:
+        """The brain mask a `--layout bids` volume was screened in, and its sidecar ([] for the default layout)."""
+        return [self.map_path(vid, "brain_mask"), self.sidecar(vid, "brain_mask")] if self.bids else []
+
     def table(self, name: str) -> Path:
         return self.root / f"{name}.parquet"
 
@@ -78,14 +89,17 @@ class OutputLayout:
         return self.root / ".phanes-screen.lock"
 
     def ensure(self) -> None:
-        for sub in ("maps", "parts/volumes", "parts/lesions", "parts/failures", "parts/done"):
+        """Create the folders a run writes into (maps/ only for the default layout)."""
+        for sub in ("parts/volumes", "parts/lesions", "parts/failures", "parts/done"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+        if not self.bids:
+            self.maps.mkdir(exist_ok=True)
 
     def clear(self, vid: str) -> None:
         """Remove every output of one id (for --overwrite and before a failure is recorded)."""
         paths = [self.map_path(vid, k) for k in OUTPUT_KINDS]
         paths += [p.with_name(p.name.removesuffix(".nii.gz") + ".json") for p in paths]  # BIDS sidecars
-        paths += [self.done_marker(vid), *(self.part(t, vid) for t in TABLES)]
+        paths += [*self.brain_mask_files(vid), self.done_marker(vid), *(self.part(t, vid) for t in TABLES)]
         for path in paths:
             path.unlink(missing_ok=True)
 

@@ -34,7 +34,7 @@ from phanes_cli.screening.schemas import (
     VOLUME_SCHEMA,
     file_metadata,
     table_from_rows,
-    with_text_columns,
+    with_extra_columns,
 )
 from phanes_cli.screening.tasks import describe
 
@@ -154,9 +154,9 @@ def run_stats(run_dir: Path, out: Path | None = None, threshold: float | None = 
     out = run_dir / "stats" if out is None else Path(out)
     volumes, lesions, failures = compute(run_dir, calibration, out)
     meta = file_metadata(calibration.columns(), bundle_hash)
-    tables = {"volumes": table_from_rows(volumes, with_text_columns(VOLUME_SCHEMA, volumes)),
+    tables = {"volumes": table_from_rows(volumes, with_extra_columns(VOLUME_SCHEMA, volumes)),
               "lesions": table_from_rows(lesions, LESION_SCHEMA),
-              "failures": table_from_rows(failures, with_text_columns(FAILURE_SCHEMA, failures))}
+              "failures": table_from_rows(failures, with_extra_columns(FAILURE_SCHEMA, failures))}
     paths = {name: write_table(t.replace_schema_metadata(meta), out / f"{name}.{fmt}", fmt)
              for name, t in tables.items()}
     failed = sum(1 for v in volumes if v["status"] != "ok")

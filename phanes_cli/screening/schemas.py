@@ -9,6 +9,7 @@ from typing import Any
 import pyarrow as pa
 
 from phanes_cli.core.statistics import SIZE_BIN_COLUMNS
+from phanes_cli.infra.columns import cell, column_type, unify
 
 SCHEMA_VERSION = "2"  # 2: `id` in every table, flat geometry columns, size bins, thresholds, manifest columns
 
@@ -93,17 +94,31 @@ _RESERVED = frozenset(VOLUME_SCHEMA.names) | frozenset(FAILURE_SCHEMA.names) | f
 
 THRESHOLD_COLUMNS = ("mask_threshold", "anomaly_threshold", "min_lesion_ml")
 
-def manifest_columns(extra: dict[str, Any]) -> dict[str, str]:
-    """The input's extra manifest columns (subject, session, site...) as text, for the volume and failure rows.
+def manifest_columns(extra: dict[str, Any]) -> dict[str, Any]:
+    """The input's extra manifest columns (subject, site, age...) for the volume and failure rows, typed.
 
-    A name that is already a column of the tables is carried as `input_<name>`.
+    A name that is already a column of the tables is carried as `input_<name>`; nulls are left out (a
+    column missing from a part file is null there).
     """
-    return {(f"input_{k}" if k in _RESERVED else k): str(v) for k, v in extra.items() if v is not None}
+    return {(f"input_{k}" if k in _RESERVED else k): v for k, v in extra.items() if v is not None}
 
-def with_text_columns(schema: pa.Schema, rows: Iterable[dict[str, Any]]) -> pa.Schema:
-    """`schema` plus one string column per key of `rows` it lacks (the run's manifest columns), sorted."""
+def with_extra_columns(schema: pa.Schema, rows: Iterable[dict[str, Any]]) -> pa.Schema:
+    """`schema` plus one column per key of `rows` it lacks (the run's manifest columns), sorted, each typed
+    from its values (`infra.columns`: numbers stay numbers)."""
+    rows = list(rows)
     extra = sorted({k for r in rows for k in r} - set(schema.names))
-    return pa.schema([*schema, *(pa.field(k, pa.string()) for k in extra)])
+    return pa.schema([*schema, *(pa.field(k, column_type(r.get(k) for r in rows)) for k in extra)])
+
+def extra_fields(schema: pa.Schema, tables: Iterable[pa.Schema]) -> pa.Schema:
+    """`schema` plus the columns of `tables` it lacks, sorted, each with the type that holds all its parts."""
+    types: dict[str, list[pa.DataType]] = {}
+    for table in tables:
+        for field in table:
+            if field.name not in schema.names:
+                types.setdefault(field.name, []).append(field.type)
+    settled = {name: unify(kinds) for name, kinds in types.items()}
+    return pa.schema([*schema, *(pa.field(n, pa.string() if pa.types.is_null(t) else t)
+                                 for n, t in sorted(settled.items()))])
 
 def file_metadata(thresholds: dict[str, Any], bundle_hash: str | None) -> dict[str, str]:
     """Parquet key-value metadata of a table: schema version, units, thresholds, bundle hash, phanes version."""
@@ -114,4 +129,4 @@ def file_metadata(thresholds: dict[str, Any], bundle_hash: str | None) -> dict[s
 
 def table_from_rows(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     """Rows -> a table with exactly `schema` (missing keys are nulls, so empty tables keep their types)."""
-    return pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema)
+    return pa.Table.from_pylist([{f.name: cell(r.get(f.name), f.type) for f in schema} for r in rows], schema=schema)

@@ -12,13 +12,15 @@ thread and gives up after `connect_timeout` seconds with an error naming the add
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import ray
 
@@ -26,16 +28,48 @@ from phanes_cli.errors import PhanesError, stop_on_sigterm
 from phanes_cli.screening.layout import OutputLayout
 from phanes_cli.screening.options import ScreenOptions
 
+LOCK_ATTEMPTS = 20  # a lock file removed under us this many times in a row means something else is wrong
 
-@contextmanager
-def run_lock(layout: OutputLayout) -> Iterator[None]:
-    """One run per OUT at a time; the OS drops the lock when the process dies, even on SIGKILL."""
-    with open(layout.lock, "a+") as handle:
+
+def _take_lock(path: Path) -> IO[str]:
+    """Open and flock `path`, making sure the file locked is the one at `path` now.
+
+    A run removes its lock file when it ends (so a finished OUT holds only its results); a run that
+    opened the file just before could then lock the removed file, so the lock counts only when the
+    locked file is still the one at the path: otherwise it is opened again.
+    """
+    for _ in range(LOCK_ATTEMPTS):
+        handle = open(path, "a+")  # noqa: SIM115 (closed by the caller, or below)
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
-            raise PhanesError(f"{layout.root}: another `phanes screen` is writing to this folder") from exc
+            handle.close()
+            raise PhanesError(f"{path.parent}: another `phanes screen` is writing to this folder") from exc
+        held = os.fstat(handle.fileno())
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        if current is not None and (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
+            return handle
+        handle.close()
+    raise PhanesError(f"{path}: the lock file keeps being removed; is another program deleting it?")
+
+
+@contextmanager
+def run_lock(layout: OutputLayout) -> Iterator[None]:
+    """One run per OUT at a time; the OS drops the lock when the process dies, even on SIGKILL.
+
+    The lock file is removed at the end, while still locked (`_take_lock` says why that is safe); one
+    left by a killed run is harmless and taken over by the next.
+    """
+    handle = _take_lock(layout.lock)
+    try:
         yield
+    finally:
+        with contextlib.suppress(OSError):  # a folder made read-only meanwhile: the file stays, harmless
+            layout.lock.unlink(missing_ok=True)
+        handle.close()
 
 
 def _join(address: str, timeout: float, common: dict[str, Any]) -> None:

@@ -24,7 +24,7 @@ from phanes_cli.core.preprocess import SliceGeometry, prepare_volume
 from phanes_cli.core.statistics import brain_statistics, volume_statistics
 from phanes_cli.core.volume_io import Volume, save_like
 from phanes_cli.errors import InputError, QualityError
-from phanes_cli.inputs.brain_masks import load_with_brain
+from phanes_cli.inputs.brain_masks import load_with_brain, looks_unstripped
 from phanes_cli.inputs.manifest import ManifestRow
 from phanes_cli.inputs.quality import FATAL, FLAGS, check_volume
 from phanes_cli.screening.bids_derivative import write_sidecar
@@ -163,6 +163,19 @@ def write_volume(job: WriteJob, decoded: DecodeResult, inferred: InferenceResult
     return commit_outputs(job, decoded, inferred, context, maps, start)
 
 
+def write_bids_files(job: WriteJob, layout: OutputLayout, context: VolumeContext) -> None:
+    """`--layout bids`: the brain mask the volume was screened in, and the sidecar of every map."""
+    vid, volume = job.row.id, context.volume
+    save_like(context.brain.astype(np.uint8), volume, layout.map_path(vid, "brain_mask"), np.uint8)
+    given = [job.row.brain_mask] if context.brain_source == "file" and job.row.brain_mask is not None else []
+    write_sidecar(layout, vid, "brain_mask", [job.row.image, *given], job.bundle_hash, job.calibration,
+                  BrainMaskSource=context.brain_source)
+    for kind in sorted(job.outputs):
+        derived = ("anomaly",) if kind == "lesion_mask" and "anomaly" in job.outputs else ()
+        fields = {"SkullStripped": not looks_unstripped(volume, context.brain)} if kind == "pseudohealthy" else {}
+        write_sidecar(layout, vid, kind, [job.row.image], job.bundle_hash, job.calibration, derived, **fields)
+
+
 def commit_outputs(job: WriteJob, decoded: DecodeResult, inferred: InferenceResult, context: VolumeContext,
                    maps: ModelMaps, start: float) -> WriteResult:
     """The write stage proper: restore the maps, measure, save and commit (`write_volume`)."""
@@ -182,8 +195,8 @@ def commit_outputs(job: WriteJob, decoded: DecodeResult, inferred: InferenceResu
             if array is None:
                 raise RuntimeError(f"output {kind!r} was requested but the inference stage did not return it")
             save_like(array, volume, layout.map_path(vid, kind), dtype)
-            if layout.bids:
-                write_sidecar(layout.map_path(vid, kind), kind, job.row.image, job.bundle_hash, job.calibration)
+        if layout.bids:
+            write_bids_files(job, layout, context)
         write_s = time.perf_counter() - start
         row = {
             **manifest_columns(job.row.extra), "id": vid, "input_path": str(job.row.image), "status": "ok",
