@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from phanes_cli import __version__
-from phanes_cli.errors import PhanesError, Terminated, stop_on_sigterm
+from phanes_cli.errors import PhanesError, is_termination, stop_on_sigterm
 
 HELP = {"help_option_names": ["-h", "--help"]}  # subcommands inherit it from the group's context
 # Plain Click help (rich_markup_mode=None), as argparse tools print it: boolean options read as flags
@@ -45,7 +45,7 @@ def _friendly(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        stop_on_sigterm()
+        stop_on_sigterm(fresh=True)
         try:
             return func(*args, **kwargs)
         except PhanesError as exc:
@@ -56,9 +56,10 @@ def _friendly(func: F) -> F:
             console.print(f"[bold red]error:[/] {escape(where + (exc.strerror or str(exc)))}")
             raise typer.Exit(EXIT_USER_ERROR) from None
         except KeyboardInterrupt as exc:
-            console.print(f"[yellow]{'terminated' if isinstance(exc, Terminated) else 'interrupted'}[/]; "
+            term = is_termination(exc)
+            console.print(f"[yellow]{'terminated' if term else 'interrupted'}[/]; "
                           "finished work is kept (rerun to resume)")
-            raise typer.Exit(EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED) from None
+            raise typer.Exit(EXIT_TERMINATED if term else EXIT_INTERRUPTED) from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -210,7 +210,7 @@ def test_commit_resume_and_consolidation_rules(tmp_path: Path) -> None:
     for kind in outputs:
         layout.map_path("a", kind).write_bytes(b"nifti")
     marker = {"id": "a", "input_path": str(image), "input_signature": [1, image.stat().st_mtime_ns],
-              "bundle_hash": "h1", "outputs": list(outputs)}
+              "bundle_hash": "h1", "bundle_key": "h1", "outputs": list(outputs)}
     commit_volume(layout, "a", {"id": "a", "input_path": str(image), "status": "ok", "lesion_count": 1},
                   [{"id": "a", "lesion_index": 1, "voxel_count": 3}], marker)
     assert is_done(layout, "a", image, "h1", outputs)
@@ -241,13 +241,13 @@ def test_commit_resume_and_consolidation_rules(tmp_path: Path) -> None:
     assert tables["failures"]["id"].tolist() == ["b"]
     assert consolidate(layout) == first  # idempotent
     rows = [ManifestRow(id="a", image=image), ManifestRow(id="b", image=bad)]
-    plan = plan_volumes(rows, layout, ScreenOptions(bundle=tmp_path, out=layout.root), "h1")
+    plan = plan_volumes(rows, layout, ScreenOptions(bundle=tmp_path, out=layout.root), "h1", "h1")
     # a's input changed; b's failure is retried
     assert ([r.id for r in plan.todo], plan.skipped, plan.standing) == (["a", "b"], 0, 0)
     record_failure(layout, "b", failure)
-    plan = plan_volumes(rows, layout, ScreenOptions(bundle=tmp_path, out=layout.root), "h1")
+    plan = plan_volumes(rows, layout, ScreenOptions(bundle=tmp_path, out=layout.root), "h1", "h1")
     assert ([r.id for r in plan.todo], plan.skipped, plan.standing) == (["a"], 0, 1)  # b's input error stands
-    plan = plan_volumes(rows, layout, ScreenOptions(bundle=tmp_path, out=layout.root, overwrite=True), "h1")
+    plan = plan_volumes(rows, layout, ScreenOptions(bundle=tmp_path, out=layout.root, overwrite=True), "h1", "h1")
     assert [r.id for r in plan.todo] == ["a", "b"]
     assert not layout.done_marker("a").exists()
     assert not layout.map_path("a", "anomaly").exists()

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import ray
 
 from phanes_cli.core.bundle import Bundle, load_bundle
+from phanes_cli.infra.folders import claim_folder
 from phanes_cli.inputs.discovery import resolve_inputs
 from phanes_cli.inputs.manifest import ManifestRow
 from phanes_cli.runtimes import validate_backend_name
@@ -66,19 +67,20 @@ def screen(inputs: list[str], options: ScreenOptions) -> ScreenSummary:
     options = replace(options, min_lesion_ml=bundle.require_calibration().min_lesion_ml)
     rows = resolve_inputs(inputs, exclude=Path(options.out), bids=options.bids)
     layout = OutputLayout(Path(options.out))
-    layout.root.mkdir(parents=True, exist_ok=True)
+    claim_folder(layout.root, (layout.lock.name, layout.run_manifest.name), "a `phanes screen` run")
     log = JsonLog(options.log_jsonl)
     with run_lock(layout):
         previous = mark_abandoned(layout)
         layout.ensure()
         layout.remove_temporaries()
         start_layout(layout, options.layout, [r.id for r in rows])
-        plan = plan_volumes(rows, layout, options, bundle.hash)
+        plan = plan_volumes(rows, layout, options, bundle.content_key, bundle.hash)
         counts = Counts(total=len(rows), failed=plan.standing, skipped=plan.skipped)
         manifest: dict[str, Any] = {
             "run_id": uuid.uuid4().hex[:12], "status": "running", "started": started_iso, "finished": None,
             "pid": os.getpid(), "host": socket.gethostname(), "previous_run": previous,
             "inputs": list(inputs), "bundle": {"path": str(bundle.path), "hash": bundle.hash,
+                                               "content_key": bundle.content_key,
                                                "calibration": bundle.require_calibration().to_dict()},
             "options": options.to_json(), "backend": backend, "counts": {}, "ray": {},
         }
@@ -99,9 +101,10 @@ def screen(inputs: list[str], options: ScreenOptions) -> ScreenSummary:
             raise
         finally:
             tables = consolidate(layout)
-            if tables["damaged"]:
-                log.event("warning", message=f"{tables['damaged']} committed volume(s) had unreadable part files "
-                          "and were un-committed: the next run screens them again")
+            if tables["damaged"]:  # failure rows now; the exit status counts them
+                counts.failed += tables["damaged"]
+                log.event("warning", message=f"{tables['damaged']} committed volume(s) had unreadable part files: "
+                          "failure rows now, screened again by the next run")
             seconds = time.monotonic() - started
             manifest.update(status=status, finished=now_iso(), seconds=seconds, tables=tables,
                             counts={"total": counts.total, "done": counts.done, "failed": counts.failed,
