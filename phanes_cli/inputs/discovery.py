@@ -185,7 +185,8 @@ def _discover(argument: str, exclude: Path | None = None) -> tuple[list[_Found],
 
 def derive_id(path: str | Path) -> str:
     """A file-name-safe id from an image's file name."""
-    return _UNSAFE.sub("_", nifti_stem(path)) or "volume"
+    name = _UNSAFE.sub("_", nifti_stem(path)) or "volume"
+    return name.replace(".", "_") if name in (".", "..") else name  # '...nii.gz' names no folder
 
 
 def _check_explicit(ids: Iterable[str]) -> None:

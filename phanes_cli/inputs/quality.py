@@ -29,7 +29,7 @@ the volume is screened, but its numbers deserve a look. The limits, and why:
   enough (intensities counted from the brain's 1st percentile, so offset and scale do not matter). (1) T1
   orders white matter > grey matter > CSF, so the brain's outer 3.5 mm (cortex, sulcal CSF) is darker than
   its part over 12 mm deep (mostly white matter): the ratio of their medians is 0.20-0.77 on every real
-  brain in ../shared/data (healthy, glioma patients, the heads through their model brain mask), 1.62-4
+  brain in ../shared/data (healthy, glioma patients, the heads through their model brain mask), 1.62-3.78
   on the same brains with inverted contrast (T2-like: CSF bright), ~1.0 or more on phantoms without
   that layering; flagged at 1.0. (2) Anatomy varies within each 3 mm depth ring (gyri, sulci,
   ventricles): depth alone explains 7-51% of the brain's intensity variance on those brains and 99-100%
