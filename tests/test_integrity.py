@@ -73,7 +73,7 @@ def _run(root: Path, rows: list[dict[str, object]], run_threshold: float) -> Pat
     calibration = {"mask_threshold": 0.5, "anomaly_threshold": run_threshold, "n_slices": 1, "n_volumes": 1}
     layout.run_manifest.write_text(json.dumps({"bundle": {"calibration": calibration, "hash": "second"}}))
     for i, row in enumerate(rows):
-        if "/" not in str(row["id"]) and row["id"] not in ("..", "."):
+        if row["id"] and "/" not in str(row["id"]) and row["id"] not in ("..", "."):
             nib.save(nib.Nifti1Image(_anomaly(i), np.eye(4)), str(root / "maps" / f"{row['id']}_anomaly.nii.gz"))
     full = [{"status": "ok", "input_path": "/in/x.nii.gz", "bundle_hash": "h", "brain_volume_ml": 1.7,
              "max_anomaly": 1.0, "mean_anomaly": 0.5, "mask_threshold": 0.5, "min_lesion_ml": 0.0, **r} for r in rows]
@@ -92,6 +92,16 @@ def test_stats_ids_from_the_table_never_write_outside_the_run(tmp_path: Path) ->
     assert sorted(f["id"] for f in failures) == sorted(ESCAPES)
     assert all(f["error_type"] == "InputError" and "file name" in f["message"] for f in failures)
     assert (result.volumes, result.failed) == (5, 4)
+
+
+def test_stats_on_null_ids_and_a_garbage_table_ends_as_rows_or_one_error(tmp_path: Path) -> None:
+    run = _run(tmp_path / "run", [{"id": "good", "anomaly_threshold": 0.5}, {"id": None, "anomaly_threshold": 0.5}],
+               0.5)
+    result = run_stats(run)
+    assert [f["id"] for f in pq.read_table(result.tables["failures"]).to_pylist()] == [None]
+    (run / "volumes.parquet").write_bytes(b"PAR1 not a table")
+    with pytest.raises(InputError, match="not a readable Parquet table"):
+        run_stats(run, out=tmp_path / "again")
 
 
 def test_stats_refuses_an_out_that_is_the_run_or_someone_elses_and_a_link_out_of_the_run(tmp_path: Path) -> None:

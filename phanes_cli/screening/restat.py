@@ -91,7 +91,7 @@ def row_calibration(row: dict[str, Any], base: Calibration, threshold: float | N
 def restat_volume(row: dict[str, Any], layout: OutputLayout, calibration: Calibration, target: OutputLayout
                   ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One screened volume again: its anomaly map -> lesion mask (written under `target`) -> its rows."""
-    vid = check_id(row["id"], layout.table("volumes"))
+    vid = check_id(row.get("id"), layout.table("volumes"))
     path = layout.map_path(vid, "anomaly")
     if not path.is_file():
         raise InputError(path, "anomaly map not found (screen with --anomaly-maps to use `phanes stats`)")
@@ -110,6 +110,14 @@ def _failed_row(row: dict[str, Any], extra: list[str]) -> dict[str, Any]:
     return {**{k: row.get(k) for k in keep}, "status": "failed"}
 
 
+def _read_run_table(path: Path) -> pa.Table:
+    """A run's table as written, or an InputError naming it (a received run folder may hold anything)."""
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(path, f"not a readable Parquet table ({exc})") from exc
+
+
 def compute(run_dir: Path, rule: Callable[[dict[str, Any]], Calibration], out: Path
             ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
     """Volume, lesion and failure rows for every volume of the run (its failures stay failures);
@@ -117,30 +125,30 @@ def compute(run_dir: Path, rule: Callable[[dict[str, Any]], Calibration], out: P
     layout = OutputLayout(run_dir)
     if not layout.table("volumes").is_file():
         raise InputError(layout.table("volumes"), "not found: is this the OUT folder of a `phanes screen` run?")
-    screened = pq.read_table(layout.table("volumes"))
+    screened = _read_run_table(layout.table("volumes"))
     extra = [n for n in screened.column_names if n not in VOLUME_SCHEMA.names]
-    earlier = pq.read_table(layout.table("failures")).to_pylist() if layout.table("failures").is_file() else []
+    earlier = _read_run_table(layout.table("failures")).to_pylist() if layout.table("failures").is_file() else []
     volumes: list[dict[str, Any]] = []
     lesions: list[dict[str, Any]] = []
     failures = list(earlier)
     target = OutputLayout(out)
     inside(target.root, target.maps).mkdir(exist_ok=True)
     for row in screened.to_pylist():
-        if row["status"] != "ok":
+        if row.get("status") != "ok":
             volumes.append(_failed_row(row, extra))
             continue
         try:
             volume_row, lesion_rows = restat_volume(row, layout, rule(row), target)
         except Exception as exc:  # a missing or broken map fails this volume only
             kind, message = describe(exc)
-            failures.append({**{k: row.get(k) for k in extra}, "id": row["id"], "path": row["input_path"],
+            failures.append({**{k: row.get(k) for k in extra}, "id": row.get("id"), "path": row.get("input_path"),
                              "stage": "stats", "error_type": kind, "message": message, "retry_on_resume": True,
                              "bundle_hash": row.get("bundle_hash")})
             volumes.append(_failed_row(row, extra))
             continue
         volumes.append(volume_row)
         lesions.extend(lesion_rows)
-    return volumes, lesions, sorted(failures, key=lambda r: r["id"])
+    return volumes, lesions, sorted(failures, key=lambda r: str(r.get("id")))
 
 
 def write_table(table: pa.Table, target: Path, fmt: str) -> Path:
