@@ -445,9 +445,10 @@ def test_consolidation_orders_rows_by_id_whatever_the_commit_order(tmp_path: Pat
     assert tables["failures"]["message"].tolist() == ["disk full"]
 
 
-def test_a_damaged_part_file_uncommits_its_volume_and_keeps_the_others(tmp_path: Path) -> None:
+def test_a_damaged_part_file_becomes_a_failure_row_and_keeps_the_others(tmp_path: Path) -> None:
     """A committed part overwritten with garbage after its atomic write (disk fault, another program): the
-    tables are built from every readable volume and the damaged ones lose their marker, so resume redoes them."""
+    tables keep every readable volume, and each damaged one becomes a failure row (never silently dropped)
+    without its marker, so resume redoes it (issue 23)."""
     layout = OutputLayout(tmp_path / "out")
     layout.ensure()
     for i in range(6):
@@ -457,14 +458,16 @@ def test_a_damaged_part_file_uncommits_its_volume_and_keeps_the_others(tmp_path:
     layout.part("volumes", "v1").write_bytes(b"garbage")
     layout.part("lesions", "v4").write_bytes(b"")
     counts = consolidate(layout)
-    assert counts == {"volumes": 4, "lesions": 4, "failures": 0, "done": 4, "damaged": 2}
+    assert counts == {"volumes": 6, "lesions": 4, "failures": 2, "done": 4, "damaged": 2}
     tables = read_tables(layout.root)
-    assert tables["volumes"]["id"].tolist() == ["v0", "v2", "v3", "v5"]
+    assert tables["volumes"]["id"].tolist() == [f"v{i}" for i in range(6)]
+    assert tables["volumes"]["status"].tolist() == ["ok", "failed", "ok", "ok", "failed", "ok"]
     assert tables["lesions"]["id"].tolist() == ["v0", "v2", "v3", "v5"]
+    assert tables["failures"]["error_type"].tolist() == ["DamagedOutput"] * 2
     for vid in ("v1", "v4"):
         assert read_marker(layout, vid) is None
         assert not layout.part("volumes", vid).exists() and not layout.part("lesions", vid).exists()
-    assert consolidate(layout)["damaged"] == 0  # stable once un-committed
+    assert consolidate(layout)["damaged"] == 0  # stable once recorded
 
 
 def test_hostile_names_duplicates_quality_and_out_inside_the_inputs(cluster: RayCluster, bundle: Path,
