@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from phanes_cli import __version__
-from phanes_cli.errors import PhanesError, Terminated, stop_on_sigterm
+from phanes_cli.errors import PhanesError, is_termination, stop_on_sigterm
 
 HELP = {"help_option_names": ["-h", "--help"]}  # subcommands inherit it from the group's context
 # Plain Click help (rich_markup_mode=None), as argparse tools print it: boolean options read as flags
@@ -45,7 +45,7 @@ def _friendly(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        stop_on_sigterm()
+        stop_on_sigterm(fresh=True)
         try:
             return func(*args, **kwargs)
         except PhanesError as exc:
@@ -56,9 +56,10 @@ def _friendly(func: F) -> F:
             console.print(f"[bold red]error:[/] {escape(where + (exc.strerror or str(exc)))}")
             raise typer.Exit(EXIT_USER_ERROR) from None
         except KeyboardInterrupt as exc:
-            console.print(f"[yellow]{'terminated' if isinstance(exc, Terminated) else 'interrupted'}[/]; "
+            term = is_termination(exc)
+            console.print(f"[yellow]{'terminated' if term else 'interrupted'}[/]; "
                           "finished work is kept (rerun to resume)")
-            raise typer.Exit(EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED) from None
+            raise typer.Exit(EXIT_TERMINATED if term else EXIT_INTERRUPTED) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -121,7 +122,7 @@ def config_validate(configs: list[Path] = typer.Argument(..., help="Config YAML 
 
     for path in configs:
         cfg = load_config(path)
-        console.print(f"[green]valid[/] {path} (name: {cfg.name})")
+        console.print(f"[green]valid[/] {escape(str(path))} (name: {escape(cfg.name)})")
 
 
 @data_app.command("synth")
@@ -166,7 +167,8 @@ def data_synth(
         manifest = synth_cohort(out, healthy=healthy, lesions=lesions, kind=kind, seed=seed,
                                 lesion_shapes=lesion_shapes, templates=templates, progress=step,
                                 lesion_source=lesion_source, **extra)
-    console.print(f"[green]cohort written[/]: {healthy} healthy + {lesions} {kind} subjects, manifest {manifest}")
+    console.print(f"[green]cohort written[/]: {healthy} healthy + {lesions} {escape(kind)} subjects, "
+                  f"manifest {escape(str(manifest))}")
 
 
 @data_app.command("prepare")
@@ -195,14 +197,14 @@ def data_prepare(
     rows, listed = prepare_manifest(inputs, out, bids=BidsQuery.from_options(suffix, bids_filter))
     rejected = [item for item in listed if not item.unused]
     for item in rejected:
-        console.print(f"[yellow]rejected[/] {item.path}: {item.reason}")
+        console.print(f"[yellow]rejected[/] {escape(str(item.path))}: {escape(item.reason)}")
     _report_unused([(item.path, item.reason) for item in listed if item.unused], verbose)
     if rows:  # every row records its brain_mask_source, the model's masks are written as files
         rows, sources = add_model_masks(rows, out.parent / "brain_masks", skull_strip, str(select_device(device)),
-                                        progress=lambda line: console.print(f"brain mask {line}"))
+                                        progress=lambda line: console.print(f"brain mask {escape(line)}"))
         write_manifest(rows, out)
         console.print("brain masks: " + ", ".join(f"{n} {source}" for source, n in sorted(sources.items())))
-    console.print(f"[green]{len(rows)} volumes[/] in {out}; {len(rejected)} rejected")
+    console.print(f"[green]{len(rows)} volumes[/] in {escape(str(out))}; {len(rejected)} rejected")
     if not rows:
         raise typer.Exit(EXIT_USER_ERROR)
 
@@ -226,7 +228,7 @@ def train(
     bundle = run_training(load_config(config), data, out, resume=resume, device=device, lpips_weights=lpips_weights,
                           skull_strip=skull_strip)
     cal = calibrate_bundle(bundle, data, device=device, lpips_weights=lpips_weights, skull_strip=skull_strip)
-    console.print(f"[green]model bundle[/]: {bundle} (mask threshold {cal.mask_threshold:.4g}, "
+    console.print(f"[green]model bundle[/]: {escape(str(bundle))} (mask threshold {cal.mask_threshold:.4g}, "
                   f"anomaly threshold {cal.anomaly_threshold:.4g})")
     _print_tuning(cal)
 
@@ -270,7 +272,7 @@ def calibrate(
     cal = calibrate_bundle(bundle, data, device=device, batch_size=batch_size, split=split, lpips_weights=lpips_weights,
                           mask_percentile=mask_percentile, anomaly_percentile=anomaly_percentile,
                           skull_strip=skull_strip, tune=tune, backend_name=backend)
-    console.print(f"[green]calibrated[/] {bundle}: mask threshold {cal.mask_threshold:.4g}, "
+    console.print(f"[green]calibrated[/] {escape(str(bundle))}: mask threshold {cal.mask_threshold:.4g}, "
                   f"anomaly threshold {cal.anomaly_threshold:.4g}, minimum lesion {cal.min_lesion_ml:.3g} mL")
     _print_tuning(cal)
 
@@ -309,8 +311,8 @@ def evaluate(
     for table in render_tables(result):
         out_console.print(table)
     for note in result.warnings:
-        console.print(f"[yellow]note:[/] {note}")
-    console.print(f"[green]evaluation written[/] to {out}")
+        console.print(f"[yellow]note:[/] {escape(str(note))}")
+    console.print(f"[green]evaluation written[/] to {escape(str(out))}")
 
 
 @app.command()
@@ -429,7 +431,8 @@ def stats(
     result = run_stats(run_dir, out, threshold, min_lesion_ml, fmt)
     cal = result.calibration
     console.print(f"stats: {result.volumes} volumes ({result.failed} failed), {result.lesions} lesions at anomaly "
-                  f"threshold {cal.anomaly_threshold:.4g}, minimum lesion {cal.min_lesion_ml:g} mL -> {result.out}")
+                  f"threshold {cal.anomaly_threshold:.4g}, minimum lesion {cal.min_lesion_ml:g} mL -> "
+                  f"{escape(str(result.out))}")
 
 
 @app.command("export")
@@ -455,8 +458,8 @@ def export_cmd(
                           f"x_ph {row['x_ph']:.1e}, map {row['anomaly']:.1e}; "
                           f"inpainting-mask agreement {row['mask_agreement']:.4%}")
     for note in result.notes:
-        console.print(f"[yellow]note:[/] {note}")
-    console.print(f"[green]exported[/] {', '.join(result.written)} into {bundle / 'engines'}")
+        console.print(f"[yellow]note:[/] {escape(str(note))}")
+    console.print(f"[green]exported[/] {escape(', '.join(result.written))} into {escape(str(bundle / 'engines'))}")
 
 
 @app.command("bench")
@@ -474,10 +477,11 @@ def bench_cmd(
     from phanes_cli.runtimes.bench import bench, format_table
 
     section = bench(bundle, [b.strip() for b in backends.split(",") if b.strip()], slices, repeats, batch_size, device,
-                    lpips_weights, report=lambda line: console.print(line))
+                    lpips_weights, report=lambda line: console.print(escape(line)))
     for row in format_table(section):
         print(row)
-    console.print(f"fastest: {section['fastest']}; written to {bundle / 'engines' / 'bench.json'}")
+    written = bundle / "engines" / "bench.json"
+    console.print(f"fastest: {escape(str(section['fastest']))}; written to {escape(str(written))}")
 
 
 @app.command()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import reprlib
 import types
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -185,6 +186,19 @@ _SECTIONS = {RAConfig: "ra", AOTConfig: "aot", PreprocessConfig: "preprocess", M
 _TYPE_NAMES = {int: "a whole number", float: "a number", str: "a string", bool: "true or false"}
 
 
+MAX_SHOWN = 200  # characters of a config value an error message may quote
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 3, 6, 6, 80, 80
+
+
+def _shown(value: Any) -> str:
+    """A config value as an error message quotes it: bounded, so an alias bomb or a megabyte string stays one
+    short line (reprlib stops at a few levels and items instead of expanding the structure)."""
+    text = _REPR.repr(value)
+    return text if len(text) <= MAX_SHOWN else text[: MAX_SHOWN - 3] + "..."
+
+
 def _scalar(where: str, kind: type, value: Any) -> Any:
     """One value of a YAML/JSON config checked against its field's type; numbers must be finite."""
     if kind is float and isinstance(value, str):
@@ -193,12 +207,12 @@ def _scalar(where: str, kind: type, value: Any) -> Any:
     accepted = (float, int) if kind is float else (kind,)
     if not isinstance(value, accepted) or (isinstance(value, bool) and kind is not bool):
         expected = _TYPE_NAMES.get(kind, kind.__name__)
-        raise ConfigError(f"{where}: expected {expected}, got {value!r} ({type(value).__name__})")
+        raise ConfigError(f"{where}: expected {expected}, got {_shown(value)} ({type(value).__name__})")
     if kind is not float:
         return value
     number = float(value)  # type: ignore[arg-type]  # an int or float, checked above
     if not math.isfinite(number):
-        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        raise ConfigError(f"{where}: expected a finite number, got {_shown(value)}")
     return number
 
 
@@ -213,11 +227,11 @@ def _checked(where: str, hint: Any, value: Any, limit: _Limit | None) -> Any:
         if not isinstance(value, (list, tuple)) or not value:
             element = get_args(hint)[0]
             raise ConfigError(f"{where}: expected a non-empty list, each {_TYPE_NAMES.get(element, element.__name__)}, "
-                              f"got {value!r}")
+                              f"got {_shown(value)}")
         return tuple(_checked(f"{where}[{i}]", get_args(hint)[0], v, limit) for i, v in enumerate(value))
     value = _scalar(where, hint, value)
     if limit is not None and not limit[0](value):
-        raise ConfigError(f"{where}: {value!r} is out of range; allowed: {limit[1]}")
+        raise ConfigError(f"{where}: {_shown(value)} is out of range; allowed: {limit[1]}")
     return value
 
 
@@ -225,9 +239,10 @@ def _build(cls: type[T], data: dict[str, Any], where: str) -> T:
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(str(key) for key in data if key not in known)
+    unknown = sorted(str(key)[:MAX_SHOWN] for key in data if key not in known)
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        shown = ", ".join(unknown[:10])[:MAX_SHOWN]
+        raise ConfigError(f"{where}: unknown key(s) {shown}; known: {', '.join(sorted(known))}")
     hints = get_type_hints(cls)
     section = _SECTIONS.get(cls, "")
     kwargs: dict[str, Any] = {}
@@ -256,7 +271,9 @@ def load_config(path: str | Path) -> PhanesConfig:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        raise ConfigError(f"{path}: not valid YAML ({_shown(str(exc))})") from exc
+    except RecursionError:  # PyYAML composes nested nodes recursively: 20,000 '[' exhaust the stack
+        raise ConfigError(f"{path}: nested too deeply to be a phanes config") from None
     try:
         return config_from_dict(data)
     except ConfigError as exc:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from phanes_cli.inputs.manifest import read_manifest
@@ -29,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _run(args: list[str]) -> None:
     console.rule(f"[bold]phanes {args[0]}{' ' + args[1] if args[0] == 'data' else ''}")
-    console.print(f"$ phanes {shlex.join(args)}", style="cyan")
+    console.print(f"$ phanes {shlex.join(args)}", style="cyan", markup=False)
     start = time.perf_counter()
     code = subprocess.call([sys.executable, "-m", "phanes_cli.cli", *args])
     if code != 0:
@@ -56,7 +57,7 @@ def _burden_table(screen_dir: Path) -> Table:
         cells = [_fmt(row.get(key), digits) for key, digits in (
             ("brain_volume_ml", 0), ("lesion_burden_ml", 2), ("lesion_count", 0), ("largest_lesion_ml", 2),
             ("max_anomaly", 3))]
-        table.add_row(str(row["id"]), *cells, str(row["status"]))
+        table.add_row(escape(str(row["id"])), *cells, str(row["status"]))
     return table
 
 
@@ -96,7 +97,7 @@ def main() -> None:
         ("evaluation against ground truth: summary.json, per_volume.parquet", evaluation),
         ("cohort report (open in any browser; QC figures in report/figures/)", report),
     ):
-        console.print(f"  • {label}: [bold]{path}[/]")
+        console.print(f"  • {label}: [bold]{escape(str(path))}[/]")
 
 
 if __name__ == "__main__":

@@ -56,11 +56,29 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (a batch scheduler's stop), raised in the main thread so a run stops as cleanly as on Ctrl-C."""
 
 
+_SIGTERM_RECEIVED = threading.Event()
+
+
 def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    _SIGTERM_RECEIVED.set()
     raise Terminated()
 
 
-def stop_on_sigterm() -> None:
-    """Make SIGTERM raise `Terminated` in the main thread (Ray's init installs its own handler: call again after)."""
+def stop_on_sigterm(fresh: bool = False) -> None:
+    """Make SIGTERM raise `Terminated` in the main thread (Ray's init installs its own handler: call again after).
+
+    `fresh` forgets a SIGTERM of an earlier command in this process (the CLI calls it so per command).
+    """
+    if fresh:
+        _SIGTERM_RECEIVED.clear()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def is_termination(exc: BaseException) -> bool:
+    """True when an interrupt came from SIGTERM.
+
+    Ray's blocking calls (`ray.get`, `ray.wait`) turn any exception a signal handler raises into a new,
+    plain KeyboardInterrupt, so the type alone would report a scheduler's stop as a Ctrl-C.
+    """
+    return isinstance(exc, Terminated) or _SIGTERM_RECEIVED.is_set()

@@ -210,7 +210,7 @@ def test_commit_resume_and_consolidation_rules(tmp_path: Path) -> None:
     for kind in outputs:
         layout.map_path("a", kind).write_bytes(b"nifti")
     marker = {"id": "a", "input_path": str(image), "input_signature": [1, image.stat().st_mtime_ns],
-              "bundle_hash": "h1", "outputs": list(outputs)}
+              "bundle_hash": "h1", "bundle_key": "h1", "outputs": list(outputs)}
     commit_volume(layout, "a", {"id": "a", "input_path": str(image), "status": "ok", "lesion_count": 1},
                   [{"id": "a", "lesion_index": 1, "voxel_count": 3}], marker)
     assert is_done(layout, "a", image, "h1", outputs)
@@ -241,13 +241,13 @@ def test_commit_resume_and_consolidation_rules(tmp_path: Path) -> None:
     assert tables["failures"]["id"].tolist() == ["b"]
     assert consolidate(layout) == first  # idempotent
     rows = [ManifestRow(id="a", image=image), ManifestRow(id="b", image=bad)]
-    plan = plan_volumes(rows, layout, ScreenOptions(bundle=tmp_path, out=layout.root), "h1")
+    plan = plan_volumes(rows, layout, ScreenOptions(bundle=tmp_path, out=layout.root), "h1", "h1")
     # a's input changed; b's failure is retried
     assert ([r.id for r in plan.todo], plan.skipped, plan.standing) == (["a", "b"], 0, 0)
     record_failure(layout, "b", failure)
-    plan = plan_volumes(rows, layout, ScreenOptions(bundle=tmp_path, out=layout.root), "h1")
+    plan = plan_volumes(rows, layout, ScreenOptions(bundle=tmp_path, out=layout.root), "h1", "h1")
     assert ([r.id for r in plan.todo], plan.skipped, plan.standing) == (["a"], 0, 1)  # b's input error stands
-    plan = plan_volumes(rows, layout, ScreenOptions(bundle=tmp_path, out=layout.root, overwrite=True), "h1")
+    plan = plan_volumes(rows, layout, ScreenOptions(bundle=tmp_path, out=layout.root, overwrite=True), "h1", "h1")
     assert [r.id for r in plan.todo] == ["a", "b"]
     assert not layout.done_marker("a").exists()
     assert not layout.map_path("a", "anomaly").exists()
@@ -445,9 +445,10 @@ def test_consolidation_orders_rows_by_id_whatever_the_commit_order(tmp_path: Pat
     assert tables["failures"]["message"].tolist() == ["disk full"]
 
 
-def test_a_damaged_part_file_uncommits_its_volume_and_keeps_the_others(tmp_path: Path) -> None:
+def test_a_damaged_part_file_becomes_a_failure_row_and_keeps_the_others(tmp_path: Path) -> None:
     """A committed part overwritten with garbage after its atomic write (disk fault, another program): the
-    tables are built from every readable volume and the damaged ones lose their marker, so resume redoes them."""
+    tables keep every readable volume, and each damaged one becomes a failure row (never silently dropped)
+    without its marker, so resume redoes it (issue 23)."""
     layout = OutputLayout(tmp_path / "out")
     layout.ensure()
     for i in range(6):
@@ -457,14 +458,16 @@ def test_a_damaged_part_file_uncommits_its_volume_and_keeps_the_others(tmp_path:
     layout.part("volumes", "v1").write_bytes(b"garbage")
     layout.part("lesions", "v4").write_bytes(b"")
     counts = consolidate(layout)
-    assert counts == {"volumes": 4, "lesions": 4, "failures": 0, "done": 4, "damaged": 2}
+    assert counts == {"volumes": 6, "lesions": 4, "failures": 2, "done": 4, "damaged": 2}
     tables = read_tables(layout.root)
-    assert tables["volumes"]["id"].tolist() == ["v0", "v2", "v3", "v5"]
+    assert tables["volumes"]["id"].tolist() == [f"v{i}" for i in range(6)]
+    assert tables["volumes"]["status"].tolist() == ["ok", "failed", "ok", "ok", "failed", "ok"]
     assert tables["lesions"]["id"].tolist() == ["v0", "v2", "v3", "v5"]
+    assert tables["failures"]["error_type"].tolist() == ["DamagedOutput"] * 2
     for vid in ("v1", "v4"):
         assert read_marker(layout, vid) is None
         assert not layout.part("volumes", vid).exists() and not layout.part("lesions", vid).exists()
-    assert consolidate(layout)["damaged"] == 0  # stable once un-committed
+    assert consolidate(layout)["damaged"] == 0  # stable once recorded
 
 
 def test_hostile_names_duplicates_quality_and_out_inside_the_inputs(cluster: RayCluster, bundle: Path,

@@ -49,7 +49,8 @@ class Bundle:
     generator_state: dict[str, torch.Tensor]
     calibration: Calibration | None
     versions: dict[str, Any]
-    hash: str  # sha256 of bundle.json: identifies this exact model and calibration
+    hash: str  # sha256 of bundle.json: identifies this exact bundle folder (export re-seals it)
+    content_key: str = ""  # `content_key`: what determines a screening's outputs (resume keys on it)
 
     def require_calibration(self) -> Calibration:
         if self.calibration is None:
@@ -141,9 +142,9 @@ def load_bundle(folder: str | Path, require_calibration: bool = True) -> Bundle:
     if not index_path.is_file():
         raise BundleError(f"{folder}: not a model bundle ({INDEX_FILE} missing); train one with `phanes train`")
     try:
-        index = json.loads(index_path.read_text())
+        index = json.loads(index_path.read_text(encoding="utf-8"))
         listed: dict[str, str] = index["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
         raise BundleError(f"{index_path}: unreadable bundle index ({exc})") from exc
     if index.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{folder}: bundle format {index.get('format')} is not supported (expected {BUNDLE_FORMAT})")
@@ -166,10 +167,7 @@ def load_bundle(folder: str | Path, require_calibration: bool = True) -> Bundle:
     unlisted = [p.name for p in folder.iterdir() if p.is_file() and p.name in guarded and p.name not in listed]
     if unlisted:
         raise BundleError(f"{folder}: file(s) {', '.join(unlisted)} are not covered by the bundle index")
-    try:
-        config = config_from_dict(json.loads((folder / "config.json").read_text()))
-    except ConfigError as exc:
-        raise BundleError(f"{folder / 'config.json'}: {exc}") from exc
+    config = _read_config(folder / "config.json")
     calibration = _read_calibration(folder / CALIBRATION_FILE) if CALIBRATION_FILE in listed else None
     if require_calibration and calibration is None:
         raise BundleError(
@@ -181,9 +179,23 @@ def load_bundle(folder: str | Path, require_calibration: bool = True) -> Bundle:
         ra_state=_load_weights(folder / WEIGHT_FILES["ra"]),
         generator_state=_load_weights(folder / WEIGHT_FILES["generator"]),
         calibration=calibration,
-        versions=json.loads((folder / "versions.json").read_text()),
+        versions=_read_versions(folder / "versions.json"),
         hash=_sha256(index_path),
+        content_key=content_key(listed),
     )
+
+
+KEYED_FILES = ("config.json", *WEIGHT_FILES.values(), CALIBRATION_FILE)  # what determines the outputs
+
+
+def content_key(listed: dict[str, str]) -> str:
+    """sha256 over the verified hashes of the config, weights and calibration only.
+
+    The index hash changes whenever `phanes export` or `bench` re-seal it (new engines, versions), yet
+    the maps do not: resume keys on this, so a re-export redoes nothing and a new calibration redoes all.
+    """
+    payload = json.dumps({name: listed.get(name) for name in KEYED_FILES}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
 
 
 def _check_index_names(folder: Path, listed: Any) -> None:
@@ -201,12 +213,32 @@ def _check_index_names(folder: Path, listed: Any) -> None:
                               "the bundle is refused")
 
 
+def _read_config(path: Path) -> PhanesConfig:
+    """The bundle's config; binary or malformed bytes are a BundleError (a re-sealed index vouches for nothing)."""
+    try:
+        return config_from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise BundleError(f"{path}: not a readable JSON config ({type(exc).__name__})") from exc
+    except ConfigError as exc:
+        raise BundleError(f"{path}: {exc}") from exc
+
+
 def _read_calibration(path: Path) -> Calibration:
     try:
-        values = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise BundleError(f"{path}: unreadable calibration ({exc})") from exc
     return Calibration.from_dict(values, path)
+
+
+def _read_versions(path: Path) -> dict[str, Any]:
+    try:
+        versions = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise BundleError(f"{path}: not a readable JSON file ({type(exc).__name__})") from exc
+    if not isinstance(versions, dict):
+        raise BundleError(f"{path}: must be a JSON object")
+    return versions
 
 
 def _load_weights(path: Path) -> dict[str, torch.Tensor]:

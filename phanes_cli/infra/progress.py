@@ -45,11 +45,16 @@ class LoggedProgress(Progress):
     """A rich Progress that also writes plain lines to stderr when its console is not a terminal."""
 
     def __init__(self, *columns: str | ProgressColumn, every: float | None = None, **kwargs: Any) -> None:
-        super().__init__(*columns, **kwargs)
+        super().__init__(*(columns or self.get_default_columns()), **kwargs)
         self._every = _interval() if every is None else every
         self._logged: dict[TaskID, float] = {}
         self._finished: set[TaskID] = set()
         self._plain = not self.console.is_terminal and not self.disable
+
+    @classmethod
+    def get_default_columns(cls) -> tuple[ProgressColumn, ...]:
+        """rich's default columns, with the description shown as text: it names files, whose '[/b]' is no markup."""
+        return (TextColumn("{task.description}", markup=False), *Progress.get_default_columns()[1:])
 
     def add_task(self, description: str, *args: Any, **kwargs: Any) -> TaskID:
         task_id = super().add_task(description, *args, **kwargs)
@@ -89,8 +94,8 @@ class LoggedProgress(Progress):
 
 def make_progress(enabled: bool = True, every: float | None = None) -> LoggedProgress:
     """Bars with description, count, a free `info` field (losses) and timing, on stderr."""
-    return LoggedProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                          TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+    return LoggedProgress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                          TextColumn("{task.fields[info]}", markup=False), TimeElapsedColumn(), TimeRemainingColumn(),
                           console=Console(stderr=True), disable=not enabled, every=every)
 
 

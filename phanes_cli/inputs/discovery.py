@@ -41,6 +41,7 @@ from typing import Any
 
 from phanes_cli.core.volume_io import DEFAULT_MAX_VOXELS, is_nifti_path, load_mask, load_volume
 from phanes_cli.errors import InputError
+from phanes_cli.infra.folders import check_id
 from phanes_cli.inputs.bids import BidsQuery, is_bids_root, select_bids
 from phanes_cli.inputs.manifest import ManifestRow, cell_path, clean, lesion_volume, read_table, write_manifest
 
@@ -129,6 +130,8 @@ def _read_list(path: Path) -> list[dict[str, Any]]:
         has = ", ".join(table.column_names)
         raise InputError(path, f"volume list needs a path column named 'image' or 'path'; it has {has}")
     records = table.to_pylist()
+    if not records:  # blank lines are skipped by the reader: a header with 100,000 of them is an empty list
+        raise InputError(path, "volume list has no rows (only a header and blank lines?)")
     for number, record in enumerate(records, start=2 if path.suffix.lower() == ".csv" else 1):
         if clean(record.get(column)) is None:
             raise InputError(path, f"row {number} has no {column!r} value")
@@ -182,7 +185,8 @@ def _discover(argument: str, exclude: Path | None = None) -> tuple[list[_Found],
 
 def derive_id(path: str | Path) -> str:
     """A file-name-safe id from an image's file name."""
-    return _UNSAFE.sub("_", nifti_stem(path)) or "volume"
+    name = _UNSAFE.sub("_", nifti_stem(path)) or "volume"
+    return name.replace(".", "_") if name in (".", "..") else name  # '...nii.gz' names no folder
 
 
 def _check_explicit(ids: Iterable[str]) -> None:
@@ -190,8 +194,9 @@ def _check_explicit(ids: Iterable[str]) -> None:
     for value in ids:
         if value in seen:
             raise InputError(value, "id appears more than once in the volume lists; ids must be unique")
-        if value in (".", "..") or value.startswith(".") or "/" in value or "\\" in value or "\0" in value:
-            raise InputError(value, "id cannot be used as a file name (no '/', '\\', or leading '.')")
+        check_id(value, "volume list")
+        if value.startswith("."):
+            raise InputError(value, "id cannot be used as a file name (no leading '.' in a list's ids)")
         seen.add(value)
 
 
@@ -283,6 +288,7 @@ def resolve_with_unused(inputs: list[str], exclude: Path | None = None, bids: Bi
             found.append(item)
     rows = []
     for item, vid in zip(found, _unique_ids(found), strict=True):
+        check_id(vid, item.image)
         record = dict(item.record)
         lesion_ml = lesion_volume(record.pop("lesion_ml", None), item.image, vid)
         rows.append(ManifestRow(

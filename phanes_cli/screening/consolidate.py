@@ -15,6 +15,7 @@ from phanes_cli.core.calibration import Calibration
 from phanes_cli.errors import BundleError
 from phanes_cli.infra.atomic import atomic_path, write_parquet
 from phanes_cli.infra.columns import cast_column
+from phanes_cli.screening.commit import record_failure
 from phanes_cli.screening.layout import OutputLayout
 from phanes_cli.screening.schemas import (
     FAILURE_SCHEMA,
@@ -96,6 +97,28 @@ def _write_groups(groups: Iterable[pa.Table], schema: pa.Schema, target: Path) -
             written += group.num_rows
     return written
 
+def _record_damage(layout: OutputLayout, stem: str) -> None:
+    """Replace the outputs of a volume whose part file is unreadable by a failure row saying so.
+
+    The row's id and input come from its done marker (the stem when that is unreadable too); the volume
+    is retried on resume, and the run's exit status counts it as failed.
+    """
+    try:
+        marker = json.loads((layout.root / "parts" / "done" / f"{stem}.json").read_text())
+        marker = marker if isinstance(marker, dict) else {}
+    except (OSError, ValueError):
+        marker = {}
+    vid = str(marker["id"]) if isinstance(marker.get("id"), str) else stem
+    signature = marker.get("input_signature") or [None, None]
+    record_failure(layout, vid, {
+        "id": vid, "path": marker.get("input_path"), "stage": "write", "error_type": "DamagedOutput",
+        "message": "a part file of this volume could not be read after its commit (damaged on disk or by "
+                   "another program); the next run screens it again",
+        "retry_on_resume": True, "input_size": signature[0], "input_mtime_ns": signature[-1],
+        "bundle_hash": marker.get("bundle_hash")})
+    layout.done_marker(stem).unlink(missing_ok=True)
+
+
 def consolidate(layout: OutputLayout) -> dict[str, int]:
     """Rebuild volumes/lesions/failures.parquet from the committed parts; deterministic order by id.
 
@@ -106,8 +129,8 @@ def consolidate(layout: OutputLayout) -> dict[str, int]:
     The input's manifest columns become typed columns of volumes and failures (so the schema is per run;
     a column whose parts disagree takes the type that holds them all: int and float make float),
     and every table carries `run_metadata` as Parquet key-value metadata. A part file that cannot be read
-    (damaged after it was written) un-commits its volume, so the next run screens it again; `damaged`
-    counts those volumes.
+    (damaged after it was written) turns its volume into a failure row (`_record_damage`), so the tables
+    and the exit status say so and the next run screens it again; `damaged` counts those volumes.
     """
     parts = layout.root / "parts"
     done = _ids_with(parts / "done", ".json")
@@ -127,10 +150,9 @@ def consolidate(layout: OutputLayout) -> dict[str, int]:
         write_parquet(layout.table("volumes"), volumes.replace_schema_metadata(meta))
         lesion_parts = _part_groups(layout, "lesions", done, pool, damaged)
         n_lesions = _write_groups(lesion_parts, LESION_SCHEMA.with_metadata(meta), layout.table("lesions"))
-    if damaged:  # un-commit those volumes (the next run redoes them), then rebuild the tables without them
-        for vid in damaged:
-            for path in (layout.done_marker(vid), *(layout.part(t, vid) for t in TABLES)):
-                path.unlink(missing_ok=True)
+    if damaged:  # each becomes a failure row (retried on resume), then the tables are rebuilt with them
+        for stem in sorted(damaged):
+            _record_damage(layout, stem)
         return {**consolidate(layout), "damaged": len(damaged)}
     write_parquet(layout.table("failures"), failures.replace_schema_metadata(meta))
     return {"volumes": volumes.num_rows, "lesions": n_lesions, "failures": failures.num_rows, "done": len(done),

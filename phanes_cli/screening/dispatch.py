@@ -170,7 +170,7 @@ class Dispatcher:
         inferred, maps = flight.inferred
         job = WriteJob(row=flight.row, out=self.layout.root, outputs=frozenset(self.options.outputs),
                        calibration=self.bundle.require_calibration(), backend=self.backend,
-                       bundle_hash=self.bundle.hash)
+                       bundle_hash=self.bundle.hash, bundle_key=self.bundle.content_key)
         self.pending[self.write_fn.remote(job, decoded, inferred, context, maps)] = flight
 
     def _finished(self, ref: Any, flight: Flight) -> None:

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import ray
 
 from phanes_cli.core.bundle import Bundle, load_bundle
+from phanes_cli.infra.folders import claim_folder
 from phanes_cli.inputs.bids import is_bids_root
 from phanes_cli.inputs.discovery import resolve_inputs
 from phanes_cli.inputs.manifest import ManifestRow
@@ -64,19 +65,20 @@ def screen(inputs: list[str], options: ScreenOptions) -> ScreenSummary:
     bundle, options = _with_overrides(load_bundle(options.bundle), options)
     rows = resolve_inputs(inputs, exclude=Path(options.out), bids=options.bids)
     layout = OutputLayout(Path(options.out))
-    layout.root.mkdir(parents=True, exist_ok=True)
+    claim_folder(layout.root, (layout.lock.name, layout.run_manifest.name), "a `phanes screen` run")
     log = JsonLog(options.log_jsonl)
     with run_lock(layout):
         previous = mark_abandoned(layout)
         start_layout(layout, options.layout, [r.id for r in rows], [Path(a) for a in inputs if is_bids_root(a)])
         layout.ensure()
         layout.remove_temporaries()
-        plan = plan_volumes(rows, layout, options, bundle.hash)
+        plan = plan_volumes(rows, layout, options, bundle.content_key, bundle.hash)
         counts = Counts(total=len(rows), failed=plan.standing, skipped=plan.skipped)
         manifest: dict[str, Any] = {
             "run_id": uuid.uuid4().hex[:12], "status": "running", "started": started_iso, "finished": None,
             "pid": os.getpid(), "host": socket.gethostname(), "previous_run": previous,
             "inputs": list(inputs), "bundle": {"path": str(bundle.path), "hash": bundle.hash,
+                                               "content_key": bundle.content_key,
                                                "calibration": bundle.require_calibration().to_dict()},
             "options": options.to_json(), "backend": backend, "counts": {}, "ray": {},
         }
@@ -98,9 +100,10 @@ def screen(inputs: list[str], options: ScreenOptions) -> ScreenSummary:
         finally:
             tables = consolidate(layout)
             write_burden_tables(layout)
-            if tables["damaged"]:
-                log.event("warning", message=f"{tables['damaged']} committed volume(s) had unreadable part files "
-                          "and were un-committed: the next run screens them again")
+            if tables["damaged"]:  # failure rows now; the exit status counts them
+                counts.failed += tables["damaged"]
+                log.event("warning", message=f"{tables['damaged']} committed volume(s) had unreadable part files: "
+                          "failure rows now, screened again by the next run")
             seconds = time.monotonic() - started
             manifest.update(status=status, finished=now_iso(), seconds=seconds, tables=tables,
                             counts={"total": counts.total, "done": counts.done, "failed": counts.failed,

@@ -12,15 +12,20 @@ Layout of OUT:
 <id> in a file name is `file_stem(id)`: the id itself, or for ids that start with '.' or are over-long a
 shortened, hashed form (the tables keep the full id). With `--layout bids` the maps follow `bids_naming`,
 each with a JSON sidecar, plus the brain mask each volume was screened in (`desc-brain_mask`); there is
-no maps/ folder.
+no maps/ folder. Every id passes `infra.folders.check_id` (input ids, and ids read back from a run's tables,
+which may come from anyone), and every path this layout hands out is checked by `inside` to resolve within
+OUT, links included.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from phanes_cli.errors import InputError
+from phanes_cli.infra.folders import check_id, inside
 from phanes_cli.screening.bids_naming import BIDS_DESCRIPTION, BIDS_MAP_NAMES, bids_folder, bids_stem
 from phanes_cli.screening.schemas import TABLES
 
@@ -42,6 +47,16 @@ def file_stem(vid: str) -> str:
     head = vid.lstrip(".").encode()[:80].decode(errors="ignore")
     return f"{head}~{hashlib.sha256(vid.encode()).hexdigest()[:16]}"
 
+def check_stems(ids: Iterable[str], source: object = "ids") -> None:
+    """Every id valid and no two ids sharing one file name (a long id's hashed stem can equal a short id)."""
+    seen: dict[str, str] = {}
+    for vid in ids:
+        stem = file_stem(check_id(vid, source))
+        other = seen.setdefault(stem, vid)
+        if other != vid:
+            raise InputError(str(source), f"ids {other[:200]!r} and {vid[:200]!r} would share the file name "
+                                          f"{stem!r}; rename one")
+
 @dataclass(frozen=True)
 class OutputLayout:
     """Paths inside OUT; every writer and reader of a run goes through here."""
@@ -53,10 +68,10 @@ class OutputLayout:
         return self.root / "maps"
 
     def part(self, table: str, vid: str) -> Path:
-        return self.root / "parts" / table / f"{file_stem(vid)}.parquet"
+        return inside(self.root, self.root / "parts" / table / f"{file_stem(check_id(vid))}.parquet")
 
     def done_marker(self, vid: str) -> Path:
-        return self.root / "parts" / "done" / f"{file_stem(vid)}.json"
+        return inside(self.root, self.root / "parts" / "done" / f"{file_stem(check_id(vid))}.json")
 
     @property
     def bids(self) -> bool:
@@ -64,9 +79,10 @@ class OutputLayout:
         return (self.root / BIDS_DESCRIPTION).is_file()
 
     def map_path(self, vid: str, kind: str) -> Path:
+        check_id(vid)
         if self.bids:
-            return bids_folder(self.root, vid) / f"{bids_stem(vid)}_{BIDS_MAP_NAMES[kind]}.nii.gz"
-        return self.maps / f"{file_stem(vid)}_{MAP_SUFFIX[kind]}.nii.gz"
+            return inside(self.root, bids_folder(self.root, vid) / f"{bids_stem(vid)}_{BIDS_MAP_NAMES[kind]}.nii.gz")
+        return inside(self.root, self.maps / f"{file_stem(vid)}_{MAP_SUFFIX[kind]}.nii.gz")
 
     def sidecar(self, vid: str, kind: str) -> Path:
         """The JSON sidecar of a `--layout bids` map."""

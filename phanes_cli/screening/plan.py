@@ -14,8 +14,8 @@ import ray
 
 from phanes_cli.errors import ConfigError
 from phanes_cli.inputs.manifest import ManifestRow
-from phanes_cli.screening.commit import is_done, previous_failure
-from phanes_cli.screening.layout import OutputLayout
+from phanes_cli.screening.commit import is_done, previous_failure, read_marker
+from phanes_cli.screening.layout import OutputLayout, check_stems
 from phanes_cli.screening.options import ScreenOptions
 
 
@@ -28,8 +28,16 @@ class VolumePlan:
     standing: int
 
 
-def plan_volumes(rows: list[ManifestRow], layout: OutputLayout, options: ScreenOptions, bundle_hash: str) -> VolumePlan:
-    """Split the cohort by what OUT already holds (see the module docstring); `overwrite` clears it first."""
+def plan_volumes(rows: list[ManifestRow], layout: OutputLayout, options: ScreenOptions, bundle_key: str,
+                 bundle_hash: str) -> VolumePlan:
+    """Split the cohort by what OUT already holds (see the module docstring); `overwrite` clears it first.
+
+    Ids that would share a file name, in this cohort or with another id OUT already holds, are refused
+    before anything is written (`read_marker`).
+    """
+    check_stems([row.id for row in rows], "the input ids")
+    for row in rows:
+        read_marker(layout, row.id)
     if options.overwrite:
         for row in rows:
             layout.clear(row.id)
@@ -38,7 +46,7 @@ def plan_volumes(rows: list[ManifestRow], layout: OutputLayout, options: ScreenO
         return VolumePlan(rows, 0, 0)
     todo, done, standing = [], 0, 0
     for row in rows:
-        if is_done(layout, row.id, row.image, bundle_hash, options.outputs, options.min_lesion_ml or 0.0):
+        if is_done(layout, row.id, row.image, bundle_key, options.outputs, options.min_lesion_ml or 0.0):
             done += 1
         elif previous_failure(layout, row.id, row.image, bundle_hash) is not None:
             standing += 1

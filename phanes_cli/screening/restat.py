@@ -7,11 +7,18 @@ brain mask is not among a run's outputs: s(x) is zero outside the brain, so its 
 the brain in the lesion rule, and the threshold-free brain numbers (brain volume, max and mean of s(x))
 come from the screening row. The stage 1 threshold cannot change without the networks; it is reported
 as the run used it. Timing and node columns are null: they describe screening.
+
+Each volume keeps the calibration its own row records (an OUT may hold volumes of two bundles, the
+second screened on a subset), with `--threshold` / `--min-lesion-ml` applied on top; run.json's stands
+in for rows without one. Ids read back from the tables pass `layout.check_id` and every path written
+resolves inside the stats folder, which must be new, empty or an earlier stats output (`claim_folder`):
+never the run itself.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,10 +34,12 @@ from phanes_cli.core.statistics import volume_statistics
 from phanes_cli.core.volume_io import load_volume, save_like
 from phanes_cli.errors import BundleError, ConfigError, InputError
 from phanes_cli.infra.atomic import atomic_path, write_json, write_parquet
+from phanes_cli.infra.folders import check_id, claim_folder, inside
 from phanes_cli.screening.layout import OutputLayout
 from phanes_cli.screening.schemas import (
     FAILURE_SCHEMA,
     LESION_SCHEMA,
+    THRESHOLD_COLUMNS,
     VOLUME_SCHEMA,
     file_metadata,
     table_from_rows,
@@ -68,10 +77,21 @@ def applied_calibration(layout: OutputLayout) -> tuple[Calibration, str | None]:
     return calibration, bundle.get("hash")
 
 
+def row_calibration(row: dict[str, Any], base: Calibration, threshold: float | None,
+                    min_lesion_ml: float | None) -> Calibration:
+    """The calibration a volume's row records (`base` for rows without one), with the overrides applied."""
+    recorded = {k: row.get(k) for k in ("mask_threshold", "anomaly_threshold", "min_lesion_ml")}
+    own = base
+    if all(isinstance(v, (int, float)) for v in recorded.values()):
+        own = Calibration.from_dict({**recorded, "min_lesion_ml": recorded["min_lesion_ml"] or 0.0},
+                                    f"volumes.parquet row {str(row.get('id'))[:200]!r}")
+    return own.with_lesion_rule(threshold, min_lesion_ml)
+
+
 def restat_volume(row: dict[str, Any], layout: OutputLayout, calibration: Calibration, target: OutputLayout
                   ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One screened volume again: its anomaly map -> lesion mask (written under `target`) -> its rows."""
-    vid = row["id"]
+    vid = check_id(row.get("id"), layout.table("volumes"))
     path = layout.map_path(vid, "anomaly")
     if not path.is_file():
         raise InputError(path, "anomaly map not found (screen with --anomaly-maps to use `phanes stats`)")
@@ -90,36 +110,45 @@ def _failed_row(row: dict[str, Any], extra: list[str]) -> dict[str, Any]:
     return {**{k: row.get(k) for k in keep}, "status": "failed"}
 
 
-def compute(run_dir: Path, calibration: Calibration, out: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]],
-                                                                        list[dict[str, Any]]]:
-    """Volume, lesion and failure rows for every volume of the run (its failures stay failures)."""
+def _read_run_table(path: Path) -> pa.Table:
+    """A run's table as written, or an InputError naming it (a received run folder may hold anything)."""
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(path, f"not a readable Parquet table ({exc})") from exc
+
+
+def compute(run_dir: Path, rule: Callable[[dict[str, Any]], Calibration], out: Path
+            ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Volume, lesion and failure rows for every volume of the run (its failures stay failures);
+    `rule` gives each screened row its calibration (`row_calibration`)."""
     layout = OutputLayout(run_dir)
     if not layout.table("volumes").is_file():
         raise InputError(layout.table("volumes"), "not found: is this the OUT folder of a `phanes screen` run?")
-    screened = pq.read_table(layout.table("volumes"))
+    screened = _read_run_table(layout.table("volumes"))
     extra = [n for n in screened.column_names if n not in VOLUME_SCHEMA.names]
-    earlier = pq.read_table(layout.table("failures")).to_pylist() if layout.table("failures").is_file() else []
+    earlier = _read_run_table(layout.table("failures")).to_pylist() if layout.table("failures").is_file() else []
     volumes: list[dict[str, Any]] = []
     lesions: list[dict[str, Any]] = []
     failures = list(earlier)
     target = OutputLayout(out)
-    target.maps.mkdir(parents=True, exist_ok=True)
+    inside(target.root, target.maps).mkdir(exist_ok=True)
     for row in screened.to_pylist():
-        if row["status"] != "ok":
+        if row.get("status") != "ok":
             volumes.append(_failed_row(row, extra))
             continue
         try:
-            volume_row, lesion_rows = restat_volume(row, layout, calibration, target)
+            volume_row, lesion_rows = restat_volume(row, layout, rule(row), target)
         except Exception as exc:  # a missing or broken map fails this volume only
             kind, message = describe(exc)
-            failures.append({**{k: row.get(k) for k in extra}, "id": row["id"], "path": row["input_path"],
+            failures.append({**{k: row.get(k) for k in extra}, "id": row.get("id"), "path": row.get("input_path"),
                              "stage": "stats", "error_type": kind, "message": message, "retry_on_resume": True,
                              "bundle_hash": row.get("bundle_hash")})
             volumes.append(_failed_row(row, extra))
             continue
         volumes.append(volume_row)
         lesions.extend(lesion_rows)
-    return volumes, lesions, sorted(failures, key=lambda r: r["id"])
+    return volumes, lesions, sorted(failures, key=lambda r: str(r.get("id")))
 
 
 def write_table(table: pa.Table, target: Path, fmt: str) -> Path:
@@ -151,17 +180,22 @@ def run_stats(run_dir: Path, out: Path | None = None, threshold: float | None = 
     run_dir = Path(run_dir)
     base, bundle_hash = applied_calibration(OutputLayout(run_dir))
     calibration = base.with_lesion_rule(threshold, min_lesion_ml)
-    out = run_dir / "stats" if out is None else Path(out)
-    volumes, lesions, failures = compute(run_dir, calibration, out)
+    out = inside(run_dir, run_dir / "stats") if out is None else Path(out)
+    claim_folder(out, ("stats.json",), "a `phanes stats` output")
+    write_json(out / "stats.json", {"run": str(run_dir.absolute()), "status": "running"})  # marks the folder as ours
+    volumes, lesions, failures = compute(
+        run_dir, lambda row: row_calibration(row, base, threshold, min_lesion_ml), out)
     meta = file_metadata(calibration.columns(), bundle_hash)
     tables = {"volumes": table_from_rows(volumes, with_extra_columns(VOLUME_SCHEMA, volumes)),
               "lesions": table_from_rows(lesions, LESION_SCHEMA),
               "failures": table_from_rows(failures, with_extra_columns(FAILURE_SCHEMA, failures))}
-    paths = {name: write_table(t.replace_schema_metadata(meta), out / f"{name}.{fmt}", fmt)
+    paths = {name: write_table(t.replace_schema_metadata(meta), inside(out, out / f"{name}.{fmt}"), fmt)
              for name, t in tables.items()}
     failed = sum(1 for v in volumes if v["status"] != "ok")
-    write_json(out / "stats.json", {"run": str(run_dir.absolute()), **calibration.columns(),
-                                    "bundle_hash": bundle_hash, "format": fmt, "volumes": len(volumes),
-                                    "failed": failed, "lesions": len(lesions), "metadata": meta})
+    per_volume = len({tuple(v.get(k) for k in THRESHOLD_COLUMNS) for v in volumes if v["status"] == "ok"}) > 1
+    write_json(out / "stats.json", {"run": str(run_dir.absolute()), "status": "finished", **calibration.columns(),
+                                    "bundle_hash": bundle_hash, "per_volume_thresholds": per_volume, "format": fmt,
+                                    "volumes": len(volumes), "failed": failed, "lesions": len(lesions),
+                                    "metadata": meta})
     return StatsResult(out=out, calibration=calibration, tables=paths, volumes=len(volumes), failed=failed,
                        lesions=len(lesions))

@@ -19,6 +19,7 @@ from types import TracebackType
 from typing import Any, TextIO
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from phanes_cli.infra.atomic import write_json
@@ -112,11 +113,12 @@ def print_summary(console: Console, counts: Counts, seconds: float, out: Path, f
     """One line of counts, then the failures (up to 20) with their stage and reason."""
     style = "green" if counts.failed == 0 else "yellow"
     console.print(f"[{style}]screened {counts.total} volume(s) in {seconds:.1f} s: {counts.done} done, "
-                  f"{counts.failed} failed, {counts.skipped} already done[/] -> {out}")
-    for row in failures[:20]:
-        console.print(f"  [red]failed[/] {row['id']} ({row['stage']}, {row['error_type']}): {row['message']}")
+                  f"{counts.failed} failed, {counts.skipped} already done[/] -> {escape(str(out))}")
+    for row in failures[:20]:  # ids, paths and messages come from data: escaped, '[/b]' in a name is no markup
+        console.print(f"  [red]failed[/] {escape(str(row['id']))} ({escape(str(row['stage']))}, "
+                      f"{escape(str(row['error_type']))}): {escape(str(row['message']))}")
     if len(failures) > 20:
-        console.print(f"  ... and {len(failures) - 20} more in {out / 'failures.parquet'}")
+        console.print(f"  ... and {len(failures) - 20} more in {escape(str(out / 'failures.parquet'))}")
 
 
 def write_run_manifest(path: Path, payload: dict[str, Any]) -> None:

@@ -97,10 +97,19 @@ THRESHOLD_COLUMNS = ("mask_threshold", "anomaly_threshold", "min_lesion_ml")
 def manifest_columns(extra: dict[str, Any]) -> dict[str, Any]:
     """The input's extra manifest columns (subject, site, age...) for the volume and failure rows, typed.
 
-    A name that is already a column of the tables is carried as `input_<name>`; nulls are left out (a
-    column missing from a part file is null there).
+    A name that is already a column of the tables is carried as `input_<name>` (`input_input_<name>` when
+    the input also has `input_<name>`, and so on): no column of the input is lost or overwritten. Nulls are
+    left out (a column missing from a part file is null there).
     """
-    return {(f"input_{k}" if k in _RESERVED else k): v for k, v in extra.items() if v is not None}
+    kept = {k: v for k, v in extra.items() if v is not None}
+    out = {k: v for k, v in kept.items() if k not in _RESERVED}
+    for key, value in kept.items():
+        if key in _RESERVED:
+            name = f"input_{key}"
+            while name in _RESERVED or name in kept or name in out:
+                name = f"input_{name}"
+            out[name] = value
+    return out
 
 def with_extra_columns(schema: pa.Schema, rows: Iterable[dict[str, Any]]) -> pa.Schema:
     """`schema` plus one column per key of `rows` it lacks (the run's manifest columns), sorted, each typed

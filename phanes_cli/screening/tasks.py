@@ -133,6 +133,7 @@ class WriteJob:
     calibration: Calibration
     backend: str
     bundle_hash: str
+    bundle_key: str = ""  # `Bundle.content_key`, recorded in the done marker for resume
 
 
 @dataclass(frozen=True)
@@ -208,7 +209,8 @@ def commit_outputs(job: WriteJob, decoded: DecodeResult, inferred: InferenceResu
             "decode_node": decoded.node, "inference_node": inferred.node, "write_node": node_ip(),
         }
         marker = {"id": vid, "input_path": str(job.row.image), "input_signature": list(input_signature(job.row.image)),
-                  "bundle_hash": job.bundle_hash, "min_lesion_ml": job.calibration.min_lesion_ml,
+                  "bundle_hash": job.bundle_hash, "bundle_key": job.bundle_key,
+                  "min_lesion_ml": job.calibration.min_lesion_ml,
                   "outputs": sorted(job.outputs),
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         commit_volume(layout, vid, row, lesion_rows, marker)

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from rich.markup import escape
 from rich.progress import Progress, TaskID
 from torch import Tensor, nn
 
@@ -193,10 +194,11 @@ def _start_or_resume(learner: Learner, out: Path, resume: bool, metrics: Metrics
     if resume and ckpt_path.is_file():
         state = load_run(ckpt_path, learner.modules, learner.optimizers, learner.sampler, learner.config)
         metrics.truncate_after(state.stage, state.step)
-        bar.console.print(f"resuming {out}: stage {min(state.stage, 2)}, epoch {state.epoch}, step {state.step}")
+        bar.console.print(f"resuming {escape(str(out))}: stage {min(state.stage, 2)}, epoch {state.epoch}, "
+                          f"step {state.step}")
         return state
     if resume:
-        bar.console.print(f"no checkpoint in {out / CHECKPOINT_DIR}: starting a new run")
+        bar.console.print(f"no checkpoint in {escape(str(out / CHECKPOINT_DIR))}: starting a new run")
     metrics.reset()
     return RunState()
 
