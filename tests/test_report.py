@@ -41,7 +41,7 @@ from phanes_cli.screening.schemas import (
     LESION_SCHEMA,
     VOLUME_SCHEMA,
     table_from_rows,
-    with_text_columns,
+    with_extra_columns,
 )
 from tests.conftest import blob_volume
 
@@ -86,7 +86,7 @@ def make_run(root: Path, n_ok: int = 5, n_failed: int = 2, with_maps: bool = Tru
         failures.append({"id": vid, "path": f"/nowhere/{vid}.nii.gz", "stage": "decode", "error_type": "InputError",
                          "message": f"file not found <{j}>", "retry_on_resume": False, "bundle_hash": "abc"})
         volumes.append({"id": vid, "input_path": f"/nowhere/{vid}.nii.gz", "status": "failed", "bundle_hash": "abc"})
-    write_parquet(layout.table("volumes"), table_from_rows(volumes, with_text_columns(VOLUME_SCHEMA, volumes)))
+    write_parquet(layout.table("volumes"), table_from_rows(volumes, with_extra_columns(VOLUME_SCHEMA, volumes)))
     write_parquet(layout.table("failures"), table_from_rows(failures, FAILURE_SCHEMA))
     write_json(layout.run_manifest, {"status": "finished", "started": "2026-01-01T00:00:00",
                                      "bundle": {"hash": "abc" * 10, "calibration": {}}})
@@ -360,7 +360,7 @@ def test_index_of_ten_thousand_volumes_stays_fast(chrome: Any, tmp_path: Path) -
     rows = [{"id": f"sub-{i:05d}", "input_path": f"/data/sub-{i:05d}.nii.gz", "status": "ok", "lesion_count": 2,
              "lesion_burden_ml": float(b), "brain_volume_ml": 1200.0, "qc_flags": [], "site": f"s{i % 7}"}
             for i, b in enumerate(rng.gamma(1.5, 2.0, 10_000))]
-    write_parquet(layout.table("volumes"), table_from_rows(rows, with_text_columns(VOLUME_SCHEMA, rows)))
+    write_parquet(layout.table("volumes"), table_from_rows(rows, with_extra_columns(VOLUME_SCHEMA, rows)))
     write_parquet(layout.table("failures"), table_from_rows([], FAILURE_SCHEMA))
     start = time.perf_counter()
     result = render_report(layout.root, top=0)
