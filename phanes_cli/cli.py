@@ -18,6 +18,7 @@ from rich.markup import escape
 
 from phanes_cli import __version__
 from phanes_cli.errors import PhanesError, Terminated, stop_on_sigterm
+from phanes_cli.infra.optional import require
 
 HELP = {"help_option_names": ["-h", "--help"]}  # subcommands inherit it from the group's context
 # Plain Click help (rich_markup_mode=None), as argparse tools print it: boolean options read as flags
@@ -395,6 +396,7 @@ def report(
     ids: list[str] = typer.Option([], "--ids", help="Also draw these ids (repeat the option)."),
 ) -> None:
     """Render a self-contained HTML report with QC figures (also written as report/figures/<id>.png)."""
+    require("PIL", "phanes report")
     from phanes_cli.cohort_report.page import render_report
 
     result = render_report(run_dir, out, top=top, ids=ids)
@@ -435,6 +437,8 @@ def export_cmd(
     lpips_weights: str | None = LPIPS_OPTION,
 ) -> None:
     """Export the three inference graphs (ONNX; TensorRT engines on a GPU) into BUNDLE/engines/, parity-checked."""
+    require("onnx", "phanes export")
+    require("onnxruntime", "phanes export")
     from phanes_cli.runtimes.artefacts import BatchProfile
     from phanes_cli.runtimes.export import export_bundle
 
@@ -462,6 +466,7 @@ def bench_cmd(
     lpips_weights: str | None = LPIPS_OPTION,
 ) -> None:
     """Time the whole slice pipeline per backend; writes BUNDLE/engines/bench.json (auto uses it on the CPU)."""
+    require("onnx", "phanes bench")
     from phanes_cli.runtimes.bench import bench, format_table
 
     section = bench(bundle, [b.strip() for b in backends.split(",") if b.strip()], slices, repeats, batch_size, device,
