@@ -18,6 +18,7 @@ from rich.markup import escape
 
 from phanes_cli import __version__
 from phanes_cli.errors import PhanesError, Terminated, stop_on_sigterm
+from phanes_cli.infra.consoles import table_console
 from phanes_cli.infra.optional import require
 
 HELP = {"help_option_names": ["-h", "--help"]}  # subcommands inherit it from the group's context
@@ -305,7 +306,7 @@ def evaluate(
         result = run_evaluation(bundle, data, out, methods=[m.strip() for m in methods.split(",") if m.strip()],
                                 split=split, device=device, batch_size=batch_size, synthetic=synthetic, seed=seed,
                                 lpips_weights=lpips_weights, skull_strip=skull_strip, backend_name=backend)
-    out_console = Console()
+    out_console = table_console()
     for table in render_tables(result):
         out_console.print(table)
     for note in result.warnings:
@@ -317,7 +318,9 @@ def evaluate(
 @_friendly
 def screen(
     inputs: list[str] = typer.Argument(..., help="Folders, globs, or a CSV/Parquet manifest of NIfTI volumes."),
-    bundle: Path = typer.Option(..., "--bundle", help="Calibrated model bundle."),
+    bundle: Path | None = typer.Option(
+        None, "--bundle", help="Calibrated model bundle folder; default: the model shipped with phanes "
+                               "(`phanes models`)."),
     out: Path = typer.Option(..., "--out", help="Output folder."),
     address: str | None = typer.Option(
         None, "--address",
@@ -370,6 +373,7 @@ def screen(
     from phanes_cli.screening.engine import ScreenOptions
     from phanes_cli.screening.engine import screen as run_screen
 
+    bundle = bundle or _shipped_bundle(backend, lpips_weights)
     query = BidsQuery.from_options(suffix, bids_filter)
     if any(Path(i).is_dir() for i in inputs):  # the count of files left out (file names only: cheap)
         _report_unused([(u.path, u.reason) for u in resolve_with_unused(list(inputs), out, query)[1]], verbose)
@@ -385,6 +389,46 @@ def screen(
                             min_lesion_ml=min_lesion_ml, layout=layout, bids=query)
     summary = run_screen(list(inputs), options)
     raise typer.Exit(summary.exit_code)
+
+
+def _shipped_bundle(backend: str, lpips_weights: str | None) -> Path:
+    """The default shipped bundle (its cached ONNX export when ONNX Runtime may run it), announced in one line."""
+    from phanes_cli.core.shipped_models import default_bundle
+
+    shipped = default_bundle()
+    console.print(f"using the model shipped with phanes: {escape(shipped.name)} ({escape(str(shipped))}); "
+                  "--bundle selects another")
+    if backend not in ("auto", "onnxruntime"):
+        return shipped
+    from phanes_cli.runtimes.first_use import exported_copy
+
+    return exported_copy(shipped, report=lambda line: console.print(escape(line)), lpips_weights=lpips_weights)
+
+
+@app.command()
+@_friendly
+def models(
+    paths: list[Path] = typer.Option([], "--path", help="Also list the bundles under this folder (repeat the option; "
+                                                        "default: the current folder, three levels down)."),
+) -> None:
+    """List the shipped and local model bundles with their recorded calibration, validation and training figures."""
+    from rich.table import Table
+
+    from phanes_cli.core.shipped_models import bundle_figures, find_bundles, models_dir, shipped_bundles
+
+    table = Table("kind", "bundle", "calibration", "tuning", "training", "trained on", "commit")
+    shipped = shipped_bundles()
+    local = [p for p in find_bundles(paths or [Path.cwd()]) if p.resolve() not in {s.resolve() for s in shipped}]
+    for kind, folders in (("shipped", shipped), ("local", local)):
+        for folder in folders:
+            row = bundle_figures(folder).summary()
+            table.add_row(kind, escape(str(folder)), *(escape(v) for v in row.values()))
+    if not shipped:
+        console.print(f"no model shipped in {escape(str(models_dir()))} yet")
+    if shipped or local:
+        table_console().print(table)
+    else:
+        console.print("no local bundles found; `phanes train` makes one (README: Quick start)")
 
 
 @app.command()
