@@ -25,8 +25,22 @@ HELP = {"help_option_names": ["-h", "--help"]}  # subcommands inherit it from th
 # Plain Click help (rich_markup_mode=None), as argparse tools print it: boolean options read as flags
 # (`--quiet`, `--resume / --no-resume`) rather than with a "<bool>" type, and the text greps and pipes well.
 PLAIN = None
+# Click rewraps epilog paragraphs; a line holding only \b keeps the next paragraph's lines as written.
+EPILOG = """\b
+Usual order of commands:
+  phanes data prepare SCANS --out manifest.parquet   check volumes, brain masks (deepbet for heads)
+  phanes screen manifest.parquet --out results       lesion masks, anomaly maps, tables (shipped model
+                                                      or --bundle)
+  phanes stats results --min-lesion-ml 0.5           new thresholds, no networks
+  phanes report results                              HTML report with QC figures
+  With healthy scans of your own: phanes train, then phanes calibrate, then screen with --bundle.
+
+\b
+Example:
+  phanes screen scans/ --out results/ && phanes report results/
+"""
 app = typer.Typer(help="Screen brain MRI cohorts for anomalies with PHANES.", no_args_is_help=True,
-                  context_settings=HELP, rich_markup_mode=PLAIN)
+                  context_settings=HELP, rich_markup_mode=PLAIN, epilog=EPILOG)
 data_app = typer.Typer(help="Build and validate manifests of volumes.", no_args_is_help=True, context_settings=HELP,
                        rich_markup_mode=PLAIN)
 app.add_typer(data_app, name="data")
