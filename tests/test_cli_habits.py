@@ -146,7 +146,8 @@ def test_fixed_choices_are_choices_matching_the_library() -> None:
     assert set(get_args(TableFormat)) == set(TABLE_FORMATS)
     for command, option, bad in ((["screen", "x", "--out", "o"], "--backend", "fastest"),
                                  (["screen", "x", "--out", "o"], "--device", "gpu"),
-                                 (["stats", "r"], "--format", "xlsx"), (["export", "--bundle", "b"], "--format", "pt")):
+                                 (["stats", "r"], "--format", "xlsx"), (["export", "--bundle", "b"], "--format", "pt"),
+                                 (["data", "synth", "--out", "s"], "--kind", "tumour")):
         run = phanes_in_process(*command, option, bad)
         assert run.returncode == 2 and bad in run.stderr and "Traceback" not in run.stderr, (option, run.stderr)
 
