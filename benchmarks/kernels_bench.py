@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from nilearn.datasets import load_mni152_template
 from rich.console import Console
 from rich.table import Table
 from scipy.ndimage import gaussian_filter
@@ -35,6 +34,7 @@ from phanes_cli.config import MaskConfig, PhanesConfig, PreprocessConfig
 from phanes_cli.core import ops
 from phanes_cli.core.preprocess import prepare_volume
 from phanes_cli.errors import WeightsError
+from phanes_cli.infra.packaged_data import mni152_image
 from phanes_cli.runtimes.pytorch import PhanesNetworks, TorchBackend
 
 Inputs = dict[str, torch.Tensor]
@@ -42,7 +42,7 @@ Inputs = dict[str, torch.Tensor]
 
 def make_inputs(batch: int, size: int, device: torch.device) -> Inputs:
     """Real slices and brain masks, a stand-in reconstruction and LPIPS maps (speed does not depend on values)."""
-    data = np.asarray(load_mni152_template(resolution=1).dataobj, dtype=np.float32)
+    data = np.asarray(mni152_image("t1_1mm").dataobj, dtype=np.float32)
     prepared = prepare_volume(data, None, PreprocessConfig(image_size=size))
     pick = np.resize(np.arange(prepared.slices.shape[0]), batch)
     gen = torch.Generator().manual_seed(0)

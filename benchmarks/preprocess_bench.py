@@ -1,6 +1,6 @@
 """Preprocessing throughput: is preparing 1 mm volumes dominated by file decoding, as it should be?
 
-Writes N distinct 1 mm volumes (the nilearn MNI152 template with noise and a random shift) to a temp
+Writes N distinct 1 mm volumes (the MNI152 template shipped with phanes with noise and a random shift) to a temp
 folder, then times, per volume: decode (nibabel load + validation + RAS+), brain mask, and slice
 preparation. Prints a table. Usage: python benchmarks/preprocess_bench.py [--volumes 100]
 """
@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from nilearn.datasets import load_mni152_template
 from rich.console import Console
 from rich.table import Table
 
 from phanes_cli.config import PreprocessConfig
 from phanes_cli.core.preprocess import auto_brain_mask, prepare_volume
 from phanes_cli.core.volume_io import load_volume, save_nifti
+from phanes_cli.infra.packaged_data import mni152_image
 
 
 def main() -> None:
@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    template = load_mni152_template(resolution=1)
+    template = mni152_image("t1_1mm")
     base = np.asarray(template.dataobj, dtype=np.float32)
     rng = np.random.default_rng(0)
     cfg = PreprocessConfig()

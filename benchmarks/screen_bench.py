@@ -1,7 +1,7 @@
 """Screening throughput on this machine: volumes per minute with 1 and 2 inference actors, and where the
 time goes (decode / inference / write, from the per-volume timings in volumes.parquet).
 
-Writes N distinct 2 mm MNI-like volumes (the nilearn MNI152 template with a smooth intensity field and a
+Writes N distinct 2 mm MNI-like volumes (the MNI152 template shipped with phanes with a smooth intensity field and a
 random shift) and an untrained bundle of the demo config (speed does not depend on the weights), starts
 one local Ray instance, then screens the cohort once per actor count into a fresh folder. "vol/min" is
 cohort size over the screen() wall time, which includes starting the actors and loading the model.
@@ -20,7 +20,6 @@ import numpy as np
 import pandas as pd
 import ray
 import torch
-from nilearn.datasets import load_mni152_template
 from rich.console import Console
 from rich.table import Table
 from scipy import ndimage
@@ -29,6 +28,7 @@ from phanes_cli.config import load_config
 from phanes_cli.core.bundle import save_bundle
 from phanes_cli.core.calibration import Calibration
 from phanes_cli.core.volume_io import save_nifti
+from phanes_cli.infra.packaged_data import mni152_image
 from phanes_cli.models import AOTGenerator, SoftIntroVAE
 from phanes_cli.screening.engine import ScreenOptions, screen
 
@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_cohort(folder: Path, n: int, seed: int = 0) -> None:
-    template = load_mni152_template(resolution=2)
+    template = mni152_image("t1_2mm")
     base = np.asarray(template.get_fdata(), dtype=np.float32)
     rng = np.random.default_rng(seed)
     for i in range(n):

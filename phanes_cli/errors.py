@@ -48,6 +48,10 @@ class WeightsError(PhanesError):
     """Pretrained backbone weights that cannot be found; the message lists every way to provide them."""
 
 
+class MissingExtraError(PhanesError):
+    """A feature whose optional dependency (a pyproject extra) is not installed; the message names the extra."""
+
+
 class BundleError(PhanesError):
     """A model bundle that is incomplete, tampered with, or made by an incompatible version."""
 

@@ -1,6 +1,6 @@
 """Tiny healthy cohorts and a tiny model config for fast training/calibration tests (shared helper).
 
-Subjects are the nilearn MNI152 template (shipped with nilearn, offline) downsampled to 4 mm, each
+Subjects are the MNI152 template (nilearn's, shipped with phanes) downsampled to 4 mm, each
 with its own smooth intensity field and a one-voxel shift, so they differ like real subjects do.
 """
 
@@ -14,6 +14,7 @@ import numpy as np
 from scipy import ndimage
 
 from phanes_cli.config import AOTConfig, PhanesConfig, PreprocessConfig, RAConfig, StageTrainConfig, TrainConfig
+from phanes_cli.infra.packaged_data import mni152_image
 from phanes_cli.inputs.manifest import ManifestRow, write_manifest
 
 _TEMPLATE: np.ndarray | None = None
@@ -21,9 +22,7 @@ _TEMPLATE: np.ndarray | None = None
 
 def _template() -> tuple[np.ndarray, np.ndarray]:
     global _TEMPLATE
-    from nilearn import datasets
-
-    img = datasets.load_mni152_template(resolution=2)
+    img = mni152_image("t1_2mm")
     if _TEMPLATE is None:
         _TEMPLATE = ndimage.zoom(np.asarray(img.get_fdata(), dtype=np.float32), 0.5, order=1)
     affine = img.affine.copy()

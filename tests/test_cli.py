@@ -111,7 +111,8 @@ def test_every_command_reports_bad_input_in_one_line(tmp_path: Path) -> None:
     missing = tmp_path / "no such [dir]" / ("deep" * 30)  # long and with brackets: must stay one literal line
     write_volume(tmp_path / "in" / "a.nii.gz", 0)
     cases = {  # command line -> what its one error line must say
-        ("data", "synth", "--out", tmp_path / "s", "--kind", "tumour"): ("tumour", "stroke"),
+        # (a bad --kind is a usage error now that it is a choice: test_cli_habits.test_fixed_choices...)
+        ("data", "synth", "--out", tmp_path / "s", "--val-sources", "nosuch"): ("nosuch", "niimath_adult_T1"),
         ("data", "prepare", missing, "--out", tmp_path / "m.parquet"): (str(missing), "matches no NIfTI"),  # a glob
         ("train", "--config", missing, "--data", tmp_path, "--out", tmp_path / "b"): (str(missing),),
         ("calibrate", "--bundle", missing, "--data", tmp_path): (str(missing),),

@@ -104,3 +104,79 @@ def test_the_cli_choices_are_the_library_modes() -> None:
 
     assert get_args(SkullStrip) == SKULL_STRIP_MODES
     assert "<default|bids>" in _help("screen") and LAYOUTS == ("default", "bids")
+
+
+def _commands() -> list[tuple[str, Any]]:
+    """Every command of the app, groups walked: (full name, click command)."""
+    import typer.main
+
+    from phanes_cli.cli import app
+
+    out: list[tuple[str, Any]] = []
+
+    def walk(command: Any, prefix: str) -> None:
+        if hasattr(command, "commands"):  # a group (Typer may vendor its own click classes)
+            for name, sub in command.commands.items():
+                walk(sub, f"{prefix} {name}".strip())
+        else:
+            out.append((prefix, command))
+
+    walk(typer.main.get_command(app), "")
+    return out
+
+
+def test_every_option_and_argument_has_help() -> None:
+    commands = _commands()
+    assert {"screen", "models", "report", "stats", "data prepare", "export"} <= {name for name, _ in commands}
+    missing = [f"{name} {param.name}" for name, command in commands for param in command.params
+               if not (getattr(param, "help", None) or "").strip()]
+    assert missing == []
+
+
+def test_fixed_choices_are_choices_matching_the_library() -> None:
+    from typing import get_args
+
+    from phanes_cli.cli import BackendName, ExportFormat, Precision, TableFormat
+    from phanes_cli.runtimes import BACKENDS
+    from phanes_cli.runtimes.export import FORMATS, PRECISIONS
+    from phanes_cli.screening.restat import FORMATS as TABLE_FORMATS
+
+    assert get_args(BackendName) == ("auto", *BACKENDS)
+    assert set(get_args(ExportFormat)) == set(FORMATS) and set(get_args(Precision)) == set(PRECISIONS)
+    assert set(get_args(TableFormat)) == set(TABLE_FORMATS)
+    for command, option, bad in ((["screen", "x", "--out", "o"], "--backend", "fastest"),
+                                 (["screen", "x", "--out", "o"], "--device", "gpu"),
+                                 (["stats", "r"], "--format", "xlsx"), (["export", "--bundle", "b"], "--format", "pt"),
+                                 (["data", "synth", "--out", "s"], "--kind", "tumour")):
+        run = phanes_in_process(*command, option, bad)
+        assert run.returncode == 2 and bad in run.stderr and "Traceback" not in run.stderr, (option, run.stderr)
+
+
+def test_top_level_help_ends_with_the_usual_order_and_an_example() -> None:
+    run = phanes_in_process("-h")
+    assert run.returncode == 0
+    tail = run.stdout.rstrip().splitlines()
+    order = run.stdout[run.stdout.index("Usual order of commands"):]
+    positions = [order.index(f"phanes {step}") for step in ("data prepare", "screen", "stats", "report")]
+    assert positions == sorted(positions)
+    assert tail[-2].strip() == "Example:" and tail[-1].strip().startswith("phanes screen")
+
+
+def test_tables_printed_to_a_log_are_not_cut_to_80_columns(tmp_path: Path) -> None:
+    """`phanes models` to a file (not a TTY): every row whole on one line, wider than 80 columns."""
+    import os
+    import subprocess
+    import sys
+
+    bundle = tmp_path / "runs" / "a_bundle_with_a_rather_long_folder_name_to_need_width"
+    bundle.mkdir(parents=True)
+    (bundle / "bundle.json").write_text("{}")
+    (bundle / "calibration.json").write_text('{"mask_threshold": 0.123456, "anomaly_threshold": 0.0456789}')
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    env["PHANES_MODELS_DIR"] = str(tmp_path / "none")
+    with open(tmp_path / "log.txt", "w") as log:
+        subprocess.run([sys.executable, "-m", "phanes_cli.cli", "models", "--path", str(tmp_path)], stdout=log,
+                       stderr=subprocess.STDOUT, env=env, check=True, cwd=tmp_path)
+    lines = (tmp_path / "log.txt").read_text().splitlines()
+    row = next(line for line in lines if "local" in line)
+    assert str(bundle) in row and "mask 0.1235, anomaly 0.04568" in row and len(row) > 80

@@ -122,3 +122,64 @@ def test_the_rayjob_entrypoint_is_a_valid_screen_command() -> None:
     gpus = sum(int(g["replicas"]) * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
                for g in workers)
     assert gpus >= 1  # --device cuda: the actors need GPUs, which only the workers have
+
+
+def _gpu_count(env: dict[str, str]) -> str:
+    """The SLURM script's own gpu_count function, run under `env` (only SLURM/CUDA variables set)."""
+    text = SBATCH.read_text()
+    function = text[text.index("gpu_count() {"):text.index("\ngpus=$(gpu_count)")]
+    run = subprocess.run(["bash", "-c", f"{function}\ngpu_count"], env={"PATH": os.environ["PATH"], **env},
+                         capture_output=True, text=True, timeout=30, check=True)
+    return run.stdout.strip()
+
+
+@pytest.mark.parametrize(("env", "expected"), [
+    ({}, "0"),
+    ({"SLURM_GPUS_PER_TASK": "2"}, "2"),
+    ({"SLURM_GPUS_PER_TASK": "a100:4"}, "4"),
+    ({"SLURM_GPUS_ON_NODE": "4", "CUDA_VISIBLE_DEVICES": "0,1,2,3"}, "4"),  # --gres=gpu:4
+    ({"CUDA_VISIBLE_DEVICES": "0,1,2"}, "3"),  # --gres on an older SLURM: only the visible devices
+    ({"SLURM_STEP_GPUS": "2,3"}, "2"),
+    ({"CUDA_VISIBLE_DEVICES": "NoDevFiles"}, "0"),
+    ({"SLURM_GPUS_ON_NODE": "8", "PHANES_NUM_GPUS": "1"}, "1"),
+], ids=["none", "per-task", "per-task-typed", "gres", "visible", "step-gpus", "no-devices", "override"])
+def test_the_slurm_script_counts_gpus_however_they_were_requested(env: dict[str, str], expected: str) -> None:
+    assert _gpu_count(env) == expected
+
+
+def _pods(job: dict) -> list[dict]:
+    spec = job["spec"]["rayClusterSpec"]
+    return [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+
+
+def test_the_rayjob_gives_every_pod_shared_memory_an_object_store_and_gpus_to_match() -> None:
+    job = yaml.safe_load(RAYJOB.read_text())
+    for group in _pods(job):
+        pod = group["template"]["spec"]
+        shm = {v["name"]: v for v in pod["volumes"]}["shm"]
+        assert shm["emptyDir"]["medium"] == "Memory"
+        mounts = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+        assert "/dev/shm" in mounts and "/data" in mounts
+        store = int(group["rayStartParams"]["object-store-memory"])
+        limit = shm["emptyDir"]["sizeLimit"]
+        assert limit.endswith("Gi") and store < int(limit[:-2]) * 2**30  # the store fits in its /dev/shm
+    for group in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert group["rayStartParams"]["num-gpus"] == limits["nvidia.com/gpu"]
+        assert int(limits["nvidia.com/gpu"]) > 1  # several GPUs per node: one actor each
+    env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+    assert set(env) == {"env_vars"} and all(isinstance(v, str) for v in env["env_vars"].values())
+    assert "ray[default]" in RAYJOB.read_text()  # the job server KubeRay submits to needs it in the image
+
+
+def test_the_ray_job_submit_example_is_a_valid_screen_command() -> None:
+    text = (DOCS / "kuberay" / "submit.sh").read_text().replace("\\\n", " ")
+    line = next(line for line in text.splitlines() if line.startswith("ray job submit"))
+    args = shlex.split(line)
+    runtime_env = json.loads(args[args.index("--runtime-env-json") + 1])
+    assert runtime_env["pip"] == ["phanes[onnx]==0.1.0"] and runtime_env["env_vars"]["OMP_NUM_THREADS"] == "1"
+    command = args[args.index("--") + 1:]
+    assert command[:2] == ["phanes", "screen"]
+    screen = get_command(app).commands["screen"]  # type: ignore[attr-defined]
+    with screen.make_context("screen", command[2:]) as ctx:
+        assert ctx.params["address"] == "auto" and ctx.params["gpus_per_actor"] == 0.5 and ctx.params["bundle"] is None

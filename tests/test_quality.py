@@ -59,6 +59,9 @@ def test_a_synthetic_head_is_flagged_as_skull_present(skull_level: float, mni: T
                                                        tmp_path: Path) -> None:
     vol = _volume(tmp_path, _head(mni, gap, skull_level))
     assert "skull_present" in check_volume(vol, mni.brain > 0.5)  # tissue outside a correct brain mask
+    # the same correct mask from a file or from brain extraction: the skull is left out, nothing to flag
+    assert "skull_present" not in check_volume(vol, mni.brain > 0.5, "file")
+    assert "skull_present" not in check_volume(vol, mni.brain > 0.5, "model")
     # an automatic mask stops at a dark skull, or takes in the whole head through a grey one
     assert "skull_present" in check_volume(vol, auto_brain_mask(vol.data))
 
@@ -141,3 +144,48 @@ def test_a_file_without_orientation_is_flagged(tmp_path: Path) -> None:
     nib.save(img, str(tmp_path / "no_affine.nii"))
     vol = load_volume(tmp_path / "no_affine.nii")
     assert "no_affine" in check_volume(vol, vol.data > 0)
+
+
+def _flags_as_screened(image: Path, mask: Path | None, skull_strip: str) -> tuple[list[str], str]:
+    """QC flags as screening computes them: load_with_brain (mask file, deepbet or threshold), then check_volume."""
+    from phanes_cli.inputs.brain_masks import load_with_brain
+
+    volume, brain, source = load_with_brain(image, mask, skull_strip=skull_strip)
+    return check_volume(volume, brain, source), source
+
+
+STRIPPED = sorted([*(SHARED_DATA / "healthy-t1").glob("*.nii.gz"), *(SHARED_DATA / "glioma-t1").glob("*/T1.nii.gz")])
+
+
+@needs_shared()
+@pytest.mark.parametrize("image", STRIPPED or [Path("absent")], ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_real_stripped_brains_with_supplied_masks_are_not_flagged(image: Path, tmp_path: Path) -> None:
+    """Skull-stripped healthy and glioma brains: no skull flag with the automatic mask, the stripping tool's
+    mask (image > 0) or a mask 3 mm tighter than the brain, both supplied as files."""
+    flags, source = _flags_as_screened(image, None, "auto")
+    assert source == "threshold" and "skull_present" not in flags
+    volume = load_volume(image)
+    nonzero = volume.data > 0
+    tight = ndimage.binary_erosion(auto_brain_mask(volume.data), iterations=3)
+    for name, mask in (("nonzero", nonzero), ("tight", tight)):
+        path = save_nifti(volume.to_native(mask).astype(np.uint8), volume.native_affine, tmp_path / f"{name}.nii.gz")
+        flags, source = _flags_as_screened(image, path, "auto")
+        assert source == "file" and "skull_present" not in flags, name
+
+
+@needs_shared()
+@pytest.mark.slow  # deepbet on a real head: ~40 s on one core
+@pytest.mark.skipif(not HEAD.is_file(), reason="../shared/data/head-t1 is not present")
+def test_real_head_flagged_only_while_its_skull_is_in_the_mask(tmp_path: Path) -> None:
+    """The real head: flagged with the threshold mask (stripping skipped); not after deepbet has stripped it,
+    nor with deepbet's mask supplied as a file (the scalp lies outside the mask, where screening never looks)."""
+    flags, source = _flags_as_screened(HEAD, None, "never")
+    assert source == "threshold" and "skull_present" in flags
+    flags, source = _flags_as_screened(HEAD, None, "auto")
+    assert source == "model" and flags == []
+    from phanes_cli.inputs.brain_masks import load_with_brain
+
+    volume, brain, _ = load_with_brain(HEAD, None, skull_strip="always")
+    path = save_nifti(volume.to_native(brain).astype(np.uint8), volume.native_affine, tmp_path / "deepbet.nii.gz")
+    flags, source = _flags_as_screened(HEAD, path, "auto")
+    assert source == "file" and flags == []

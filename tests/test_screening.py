@@ -189,16 +189,16 @@ def test_volume_statistics_match_hand_made_masks(tmp_path: Path) -> None:
 
 
 def test_the_driver_and_the_cpu_stages_import_no_network_code() -> None:
-    """lpips and torchvision cost every process that imports them ~2 s; only the inference actors need them,
-    not the driver or the Ray workers that decode and write. A fresh interpreter checks, then imports the
-    backends to show the check can see them."""
+    """The networks cost every process that imports them seconds; only the inference actors need them, not
+    the driver or the Ray workers that decode and write. A fresh interpreter checks, then imports the
+    backends to show the check can see them (lpips and torchvision are no run-time dependency at all now)."""
     code = ("import sys, phanes_cli.screening.engine, phanes_cli.screening.tasks\n"
-            "names = ('lpips', 'torchvision', 'phanes_cli.runtimes.pytorch')\n"
+            "names = ('lpips', 'torchvision', 'phanes_cli.models.lpips', 'phanes_cli.runtimes.pytorch')\n"
             "print(sorted(m for m in names if m in sys.modules))\n"
             "import phanes_cli.runtimes.select\n"
             "print(sorted(m for m in names if m in sys.modules))\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
-    assert run.stdout.splitlines() == ["[]", "['lpips', 'phanes_cli.runtimes.pytorch', 'torchvision']"]
+    assert run.stdout.splitlines() == ["[]", "['phanes_cli.models.lpips', 'phanes_cli.runtimes.pytorch']"]
 
 
 def test_commit_resume_and_consolidation_rules(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from phanes_cli.config import MaskConfig, PreprocessConfig
 from phanes_cli.core import ops
 from phanes_cli.core.preprocess import prepare_volume
 from phanes_cli.core.volume_io import load_volume
+from phanes_cli.infra.packaged_data import mni152_image
 from tests.conftest import SHARED_DATA
 
 pytest.importorskip("triton")
@@ -62,9 +63,7 @@ def _real_volume() -> np.ndarray:
     colin = SHARED_DATA / "healthy-t1" / "antspy_colin27_ch2_T1.nii.gz"  # named: the folder gains other brains
     if colin.is_file():
         return load_volume(colin).data
-    from nilearn.datasets import load_mni152_template
-
-    return np.asarray(load_mni152_template(resolution=2).dataobj, dtype=np.float32)
+    return np.asarray(mni152_image("t1_2mm").dataobj, dtype=np.float32)
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ BUNDLE_FORMAT = 1
 WEIGHT_FILES = {"ra": "ra.safetensors", "generator": "generator.safetensors"}
 CALIBRATION_FILE = "calibration.json"
 INDEX_FILE = "bundle.json"
+PROVENANCE_FILE = "provenance.json"  # what the model was trained on and how (training.provenance)
 ENGINES_DIR = "engines"  # ONNX graphs, TensorRT engines and their provenance (phanes_cli.runtimes)
 
 
@@ -83,8 +84,11 @@ def _write_index(folder: Path) -> str:
 
 
 def save_bundle(folder: str | Path, config: PhanesConfig, ra: torch.nn.Module, generator: torch.nn.Module,
-                calibration: Calibration | None = None, extra: dict[str, Any] | None = None) -> str:
-    """Write (or rewrite) a bundle; returns its hash. Every file is written atomically, the index last."""
+                calibration: Calibration | None = None, extra: dict[str, Any] | None = None,
+                files: dict[str, Any] | None = None) -> str:
+    """Write (or rewrite) a bundle; returns its hash. Every file is written atomically, the index last.
+
+    `files`: further JSON files by name (provenance.json), covered by the index like the rest."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "config.json", config.to_dict())
@@ -93,6 +97,8 @@ def save_bundle(folder: str | Path, config: PhanesConfig, ra: torch.nn.Module, g
         with atomic_path(folder / WEIGHT_FILES[key]) as tmp:
             save_file(state, str(tmp))
     write_json(folder / "versions.json", {**runtime_versions(), **(extra or {})})
+    for name, payload in (files or {}).items():
+        write_json(folder / name, payload)
     if calibration is not None:
         write_json(folder / CALIBRATION_FILE, calibration.to_dict())
     elif (folder / CALIBRATION_FILE).exists():
@@ -136,6 +142,8 @@ def seal_index(folder: str | Path) -> str:
 def load_bundle(folder: str | Path, require_calibration: bool = True) -> Bundle:
     """Verify and load a bundle; any missing, extra-changed or unreadable file is a BundleError."""
     folder = Path(folder)
+    if folder.is_file():
+        raise BundleError(f"{folder}: is a file; --bundle takes a model bundle folder (the one holding {INDEX_FILE})")
     if not folder.is_dir():
         raise BundleError(f"{folder}: model bundle folder not found")
     index_path = folder / INDEX_FILE

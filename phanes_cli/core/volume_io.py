@@ -200,6 +200,14 @@ def load_mask(path: str | Path, like: Volume, max_voxels: int = DEFAULT_MAX_VOXE
 
 def save_like(array: np.ndarray, like: Volume, path: str | Path, dtype: type = np.float32) -> Path:
     """Write `array` (on `like`'s RAS+ grid) in exactly the input's geometry and header, atomically."""
+    img = image_like(array, like, dtype)
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return Path(path)
+
+
+def image_like(array: np.ndarray, like: Volume, dtype: type = np.float32) -> nib.Nifti1Image:
+    """`array` (on `like`'s RAS+ grid) as an in-memory image in exactly the input's geometry and header."""
     native: np.ndarray = like.to_native(np.asarray(array)).astype(dtype)
     header = like.header.copy()
     header.set_data_dtype(dtype)
@@ -213,9 +221,7 @@ def save_like(array: np.ndarray, like: Volume, path: str | Path, dtype: type = n
     img.header.set_zooms(like.header.get_zooms()[:3])
     img.header["scl_slope"] = np.nan
     img.header["scl_inter"] = np.nan
-    with atomic_path(path) as tmp:
-        nib.save(img, str(tmp))
-    return Path(path)
+    return img
 
 
 def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path, dtype: type = np.float32) -> Path:

@@ -7,7 +7,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from phanes_cli import __version__
 
-PACKAGES = ("torch", "lpips", "ray", "numpy", "nibabel", "pyarrow")
+PACKAGES = ("torch", "ray", "numpy", "nibabel", "pyarrow", "onnxruntime")
 
 
 def package_version(name: str) -> str | None:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from phanes_cli.errors import ConfigError
+from phanes_cli.infra.optional import require
 from phanes_cli.inputs.covariates import read_covariates
 from phanes_cli.inputs.manifest import MANIFEST_COLUMNS, ManifestRow
 
@@ -79,7 +80,8 @@ def parse_filters(items: list[str] | None) -> dict[str, str]:
 
 def _index(root: Path) -> list[dict[str, Any]]:
     """Every BIDS NIfTI file of the root and its derivatives, as entity records with `file` and `raw`."""
-    from bids2table import find_bids_datasets, index_dataset  # here: only BIDS inputs need it
+    bids2table = require("bids2table", "BIDS inputs")  # [bids] extra, imported here: only BIDS inputs need it
+    find_bids_datasets, index_dataset = bids2table.find_bids_datasets, bids2table.index_dataset
 
     records = []
     for dataset in find_bids_datasets(root):

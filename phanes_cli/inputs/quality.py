@@ -17,7 +17,12 @@ the volume is screened, but its numbers deserve a look. The limits, and why:
   MRI acquires, usually a unit error), or largest/smallest above 4 (`voxel_anisotropic`: a 2D
   thick-slice acquisition). A voxel size of 0 or non-finite is fatal. `no_affine`: the file has neither a
   qform nor an sform, so its orientation is a guess.
-- `skull_present`: skull stripping was skipped. Two signs, either is enough. (1) Outside the mask:
+- `skull_present`: skull stripping was skipped, so the automatic (threshold) brain mask screening uses holds
+  or borders skull and scalp. Assessed only for that mask: a brain mask from a file or from brain extraction
+  (deepbet) already leaves skull and scalp out, whatever the image still holds, and a tight mask has sulcal CSF
+  under its surface, which sign (2) would read as skull (on the real heads in ../shared/data, deepbet's masks
+  measure 24-43% tissue outside, the signs of the image's scalp, not of a mask problem). Two signs, either is
+  enough. (1) Outside the mask:
   more than 20% of the voxels 5-20 mm outside it hold tissue (above 0.4 x the median of the brain's
   core, the voxels deeper than 20 mm); a stripped image has none there, even when its mask is a few mm
   tight, while scalp lies 8-15 mm out. (2) Inside an automatic
@@ -82,8 +87,12 @@ FLAGS = {
 FATAL = frozenset({"zero_voxel_size", "all_zero", "constant", "empty_brain_mask"})
 
 
-def check_volume(volume: Volume, brain: np.ndarray) -> list[str]:
-    """QC flag names of one volume (RAS+ data) and its bool brain mask, fatal ones first; [] when clean."""
+def check_volume(volume: Volume, brain: np.ndarray, brain_source: str = "threshold") -> list[str]:
+    """QC flag names of one volume (RAS+ data) and its bool brain mask, fatal ones first; [] when clean.
+
+    `brain_source`: where the mask came from (file, model or threshold: inputs.brain_masks); the skull check
+    applies to threshold masks only.
+    """
     zooms = np.asarray(volume.zooms, dtype=np.float64)
     if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
         return ["zero_voxel_size"]
@@ -106,7 +115,7 @@ def check_volume(volume: Volume, brain: np.ndarray) -> list[str]:
     grid = tuple(slice(None, None, int(s)) for s in step)
     if neighbour_correlation(data[grid], brain[grid]) < MIN_NEIGHBOUR_CORRELATION:
         flags.append("intensity_noise")
-    elif skull_present(data[grid], brain[grid], zooms * step):
+    elif brain_source == "threshold" and skull_present(data[grid], brain[grid], zooms * step):
         flags.append("skull_present")
     elif not t1_plausible(data[grid], brain[grid], zooms * step):
         flags.append("not_t1_brain")

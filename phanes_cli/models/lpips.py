@@ -3,17 +3,21 @@ VGG16 features (AOT-GAN style and perceptual losses). Both take grey images in [
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
-import lpips
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from phanes_cli.errors import WeightsError
-from phanes_cli.models.backbones import load_backbone_state_dict, vgg16_features
+from phanes_cli.models.backbones import alexnet_features, vgg16_features
+from phanes_cli.models.shipped_weights import lpips_heads
 
-LPIPS_LINEAR_WEIGHTS = Path(lpips.__file__).parent / "weights" / "v0.1" / "alex.pth"
+# LPIPS v0.1 input scaling (Zhang et al. 2018): inputs in [-1, 1] are shifted and scaled per channel.
+_LPIPS_SHIFT = (-0.030, -0.088, -0.188)
+_LPIPS_SCALE = (0.458, 0.448, 0.450)
+_ALEX_TAPS = (1, 4, 7, 9, 11)  # indices of the five ReLUs in AlexNet `features` whose outputs LPIPS compares
+_EPS = 1e-10
 
 
 class _FrozenModule(nn.Module):
@@ -24,45 +28,57 @@ class _FrozenModule(nn.Module):
 
 
 class SpatialLPIPS(_FrozenModule):
-    """LPIPS (AlexNet trunk, v0.1 linear layers) as a per-pixel map at the input resolution.
+    """LPIPS (AlexNet trunk, v0.1 linear heads) as a per-pixel map at the input resolution.
 
-    The `lpips` package builds the network with a random trunk so it never downloads; the ImageNet
-    AlexNet weights then come from `backbones.load_backbone_state_dict` and the calibrated linear
-    layers from the file shipped in the `lpips` package, both read with ``weights_only=True``.
+    Per tapped layer: unit-normalise each pixel's feature vector, square the difference of the two images,
+    weight the channels by the calibrated linear head, upsample bilinearly to the input size; the map is
+    the sum over layers. The ImageNet trunk comes from `backbones` and the heads from the shipped file.
     Gradients flow to the inputs (the parameters are frozen).
     """
 
+    shift: Tensor  # LPIPS input scaling buffers, registered in __init__
+    scale: Tensor
+
     def __init__(self, weights_path: str | Path | None = None) -> None:
         super().__init__()
-        with warnings.catch_warnings():
-            # lpips passes torchvision's deprecated `pretrained=` flag; harmless with pnet_rand=True.
-            warnings.filterwarnings("ignore", message=".*(pretrained|weights).*", category=UserWarning)
-            self.net = lpips.LPIPS(
-                pretrained=False, net="alex", version="0.1", spatial=True, pnet_rand=True, verbose=False
-            )
-        trunk = load_backbone_state_dict("alexnet", weights_path)
-        # lpips splits torchvision's `features` into slices but keeps each layer's index as its name.
-        self.net.net.load_state_dict(
-            {name: trunk[f"features.{name.split('.', 1)[1]}"] for name in self.net.net.state_dict()}, strict=True
-        )
-        if not LPIPS_LINEAR_WEIGHTS.is_file():
-            raise WeightsError(
-                f"{LPIPS_LINEAR_WEIGHTS}: LPIPS linear-layer weights missing; "
-                "reinstall the package: pip install lpips==0.1.4"
-            )
-        linear = torch.load(LPIPS_LINEAR_WEIGHTS, map_location="cpu", weights_only=True)
-        missing = [f"lin{i}.model.1.weight" for i in range(5) if f"lin{i}.model.1.weight" not in linear]
-        if missing:
-            raise WeightsError(f"{LPIPS_LINEAR_WEIGHTS}: not LPIPS AlexNet linear weights (missing {missing})")
-        self.net.lins.load_state_dict({k.removeprefix("lin"): v for k, v in linear.items()}, strict=True)
+        self.features = alexnet_features(weights_path)[: _ALEX_TAPS[-1] + 1]
+        for module in self.features:
+            if isinstance(module, nn.ReLU):
+                module.inplace = False  # the tapped outputs are kept; an in-place ReLU would overwrite them
+        heads = lpips_heads()
+        widths = [int(m.out_channels) for m in self.features if isinstance(m, nn.Conv2d)]
+        self.heads = nn.ParameterList()
+        for i, width in enumerate(widths):
+            weight = heads.get(f"lin{i}.model.1.weight")
+            if weight is None or tuple(weight.shape) != (1, width, 1, 1):
+                raise WeightsError(f"LPIPS heads: lin{i}.model.1.weight missing or not (1, {width}, 1, 1)")
+            self.heads.append(nn.Parameter(weight.float(), requires_grad=False))
+        self.register_buffer("shift", torch.tensor(_LPIPS_SHIFT).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor(_LPIPS_SCALE).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
         self.eval()
 
+    def _taps(self, x: Tensor) -> list[Tensor]:
+        out: list[Tensor] = []
+        h = (x - self.shift) / self.scale
+        for index, module in enumerate(self.features):
+            h = module(h)
+            if index in _ALEX_TAPS:
+                out.append(h / (torch.sqrt(torch.sum(h * h, dim=1, keepdim=True)) + _EPS))
+        return out
+
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         """(N,1,S,S) x2 in [0, 1] -> (N,1,S,S) non-negative LPIPS map."""
-        a3 = (a * 2.0 - 1.0).expand(-1, 3, -1, -1)
-        b3 = (b * 2.0 - 1.0).expand(-1, 3, -1, -1)
-        return self.net(a3, b3)
+        size = a.shape[2:]
+        taps_a = self._taps((a * 2.0 - 1.0).expand(-1, 3, -1, -1))
+        taps_b = self._taps((b * 2.0 - 1.0).expand(-1, 3, -1, -1))
+        total: Tensor | None = None
+        for fa, fb, head in zip(taps_a, taps_b, self.heads, strict=True):
+            layer = F.conv2d((fa - fb) ** 2, head)
+            layer = F.interpolate(layer, size=size, mode="bilinear", align_corners=False)
+            total = layer if total is None else total + layer
+        assert total is not None
+        return total
 
 
 _VGG16_RELU_NAMES: tuple[str, ...] = (

@@ -10,14 +10,14 @@ import os
 import socket
 from pathlib import Path
 
-import onnxruntime as ort
 import torch
 
 from phanes_cli.core.bundle import load_bundle
 from phanes_cli.errors import PhanesError
+from phanes_cli.infra.optional import available, missing_message
 from phanes_cli.infra.versions import package_version
 from phanes_cli.models.backbones import backbone_source
-from phanes_cli.models.lpips import LPIPS_LINEAR_WEIGHTS
+from phanes_cli.models.shipped_weights import shipped_path
 from phanes_cli.runtimes.artefacts import ArtefactError, artefact_name, read_artefact, read_provenance
 from phanes_cli.runtimes.graphs import GRAPHS
 from phanes_cli.runtimes.pytorch import select_device
@@ -41,12 +41,17 @@ def machine_report(lpips_weights: str | None = None) -> Report:
     trt_reason = tensorrt_unavailable()
     unusable = f" (unusable: {trt_reason})" if trt_reason else ""
     rows.append(("tensorrt", f"{trt_version or 'not installed'}{unusable}"))
-    rows.append(("onnxruntime", f"{ort.__version__}, providers: {', '.join(ort.get_available_providers())}"))
+    if available("onnxruntime"):
+        import onnxruntime as ort
+
+        rows.append(("onnxruntime", f"{ort.__version__}, providers: {', '.join(ort.get_available_providers())}"))
+    else:
+        rows.append(("onnxruntime", f"not installed ({missing_message('onnxruntime', 'the ONNX backend')})"))
     cores = len(os.sched_getaffinity(0))
     rows.append(("cpu", f"{cores} cores available, torch uses {torch.get_num_threads()} threads"))
     rows.append(("lpips trunk", f"AlexNet ImageNet weights, {backbone_source('alexnet', lpips_weights)}"))
-    found = "found" if LPIPS_LINEAR_WEIGHTS.is_file() else "MISSING (pip install lpips==0.1.4)"
-    rows.append(("lpips heads", f"{LPIPS_LINEAR_WEIGHTS} {found}"))
+    heads = shipped_path("lpips_heads")
+    rows.append(("lpips heads", f"shipped with phanes: {heads}" if heads else "MISSING (reinstall phanes)"))
     return rows
 
 

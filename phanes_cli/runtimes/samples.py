@@ -1,13 +1,10 @@
 """Slices for parity checks and benchmarks: real brain anatomy and random images, both reproducible offline.
 
-The real slices come from the MNI152 2009 T1 template shipped inside nilearn (no download), prepared exactly
+The real slices come from the MNI152 2009a T1 template shipped with phanes (no download), prepared exactly
 as screening prepares a volume, so parity and speed are measured on what the pipeline really sees.
 """
 
 from __future__ import annotations
-
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,24 +14,12 @@ from torch import Tensor
 from phanes_cli.config import PreprocessConfig
 from phanes_cli.core.preprocess import prepare_volume
 from phanes_cli.core.volume_io import load_volume
-from phanes_cli.errors import WeightsError
-
-TEMPLATE_FILE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
-
-
-def _template_path() -> Path:
-    """nilearn's MNI152 T1 file, found without importing nilearn (its import alone takes seconds)."""
-    spec = importlib.util.find_spec("nilearn")
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        path = Path(folder) / "datasets" / "data" / TEMPLATE_FILE
-        if path.is_file():
-            return path
-    raise WeightsError(f"{TEMPLATE_FILE}: the MNI152 template shipped with nilearn was not found (pip install nilearn)")
+from phanes_cli.infra.packaged_data import mni152_path
 
 
 def brain_slices(cfg: PreprocessConfig, n: int) -> tuple[Tensor, Tensor]:
     """n real axial brain slices (2 mm) and their brain masks, (n, 1, S, S) each; slices repeat when n is larger."""
-    data = load_volume(_template_path()).data[::2, ::2, ::2]
+    data = load_volume(mni152_path("t1_1mm")).data[::2, ::2, ::2]
     prepared = prepare_volume(data, data > 0.1 * float(data.max()), cfg)
     repeat = -(-n // prepared.slices.shape[0])
     return prepared.slices.repeat(repeat, 1, 1, 1)[:n].clone(), prepared.brain.repeat(repeat, 1, 1, 1)[:n].clone()

@@ -15,6 +15,7 @@ import torch
 
 from phanes_cli.core.backend import Backend
 from phanes_cli.core.bundle import Bundle
+from phanes_cli.infra.optional import available, missing_message
 from phanes_cli.runtimes import BACKENDS, validate_backend_name
 from phanes_cli.runtimes.artefacts import (
     ArtefactError,
@@ -26,7 +27,6 @@ from phanes_cli.runtimes.artefacts import (
     read_provenance,
 )
 from phanes_cli.runtimes.graphs import GRAPHS
-from phanes_cli.runtimes.onnx import OnnxRuntimeBackend, providers_for
 from phanes_cli.runtimes.pytorch import TorchBackend, load_networks
 from phanes_cli.runtimes.tensorrt import TensorRTBackend, tensorrt_unavailable
 
@@ -75,6 +75,10 @@ def check_backend(backend: str, bundle: Bundle, device: torch.device) -> None:
         for graph in GRAPHS:
             read_artefact(bundle, artefact_name(graph.name, "tensorrt", precision))
     elif backend == "onnxruntime":
+        if not available("onnxruntime"):
+            raise RuntimeUnavailable(missing_message("onnxruntime", "the ONNX Runtime backend"))
+        from phanes_cli.runtimes.onnx import providers_for  # [onnx] extra: imported only when installed
+
         providers_for(device)
         for graph in GRAPHS:
             read_artefact(bundle, artefact_name(graph.name, "onnx"))
@@ -107,6 +111,8 @@ def build_backend(name: str, bundle: Bundle, device: torch.device, lpips_weights
     if name == "tensorrt":
         return TensorRTBackend.from_bundle(bundle, device)
     if name == "onnxruntime":
+        from phanes_cli.runtimes.onnx import OnnxRuntimeBackend
+
         return OnnxRuntimeBackend.from_bundle(bundle, device)
     return TorchBackend(load_networks(bundle, lpips_weights), device)
 

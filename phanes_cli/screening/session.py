@@ -110,6 +110,26 @@ def _quiet_retries() -> Iterator[None]:
             os.environ.pop(name, None)
 
 
+class _DropTokenNotice(logging.Filter):
+    """Ray's notice that the local instance it starts uses token authentication (a default, nothing to act on)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Token authentication is enabled for this Ray cluster" not in record.getMessage()
+
+
+@contextmanager
+def _quiet_startup() -> Iterator[None]:
+    """Start-up notices that are not the user's business stay out of the output; Ray's real warnings (token
+    authentication disabled, a token missing or wrong) still show."""
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    notice = _DropTokenNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
+
+
 @contextmanager
 def ray_session(options: ScreenOptions) -> Iterator[None]:
     """Use the caller's Ray session, join a cluster, or start (and later stop) a local instance."""
@@ -120,7 +140,7 @@ def ray_session(options: ScreenOptions) -> Iterator[None]:
     common: dict[str, Any] = {"log_to_driver": False, "logging_level": level}
     if options.node_ip is not None:
         common["_node_ip_address"] = options.node_ip
-    with _quiet_retries():
+    with _quiet_retries(), _quiet_startup():
         if options.address is None:
             if options.object_store_mb is not None:
                 common["object_store_memory"] = options.object_store_mb * 2**20

@@ -91,7 +91,7 @@ def decode_volume(row: ManifestRow, cfg: PreprocessConfig, max_voxels: int, skul
     start = time.perf_counter()
     try:
         volume, brain, source = load_with_brain(row.image, row.brain_mask, max_voxels, skull_strip)
-        flags = tuple(check_volume(volume, brain))
+        flags = tuple(check_volume(volume, brain, source))
         fatal = [f for f in flags if f in FATAL]
         if fatal:  # nothing to screen: a property of the file, not retried while it is unchanged
             raise QualityError(row.image, f"quality check {fatal[0]}: {FLAGS[fatal[0]]}")

@@ -1,7 +1,7 @@
 """Real T1 templates that synthetic subjects are grown from.
 
-The first template is the MNI152 2009a brain that ships inside nilearn (read from the installed
-package, no network), with its brain mask and grey/white-matter probability maps. Four more real T1s
+The first template is nilearn's MNI152 2009a brain, shipped in `phanes_cli/data/mni152` (no nilearn, no
+network), with its brain mask and grey/white-matter probability maps. Four more real T1s
 ship with phanes (`phanes_cli/data/healthy_t1`: one adult, Colin27, the ANTs MNI152 and ICBM 2009
 templates). They and extra real T1s (`--templates DIR`) are read through `volume_io.load_volume`
 (canonical RAS+, any file orientation); they come without masks, so the brain mask is
@@ -23,6 +23,7 @@ import numpy as np
 from phanes_cli.core.preprocess import auto_brain_mask
 from phanes_cli.core.volume_io import is_nifti_path, load_volume
 from phanes_cli.errors import InputError
+from phanes_cli.infra.packaged_data import mni152_image, mni152_path
 
 MNI152_NAME = "nilearn-mni152-2009a"
 # Real healthy T1s shipped with the package (unchanged files; licences and sources in data/NOTICE)
@@ -121,15 +122,15 @@ def _ras(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_mni152() -> Template:
-    """The MNI152 2009a template bundled in nilearn, with its brain mask and GM/WM maps (offline)."""
-    from nilearn import datasets
+    """The MNI152 2009a template (nilearn's, shipped in phanes_cli/data/mni152), with its brain mask and GM/WM maps."""
+    import nibabel as nib
 
-    t1 = datasets.load_mni152_template(resolution=1)
+    t1 = mni152_image("t1_1mm")
     affine = np.asarray(t1.affine, dtype=np.float64)
     image, ras_affine = _ras(_array(t1), affine)
-    brain, _ = _ras(_array(datasets.load_mni152_brain_mask(resolution=1)), affine)
-    gm, _ = _ras(_array(datasets.load_mni152_gm_template(resolution=1)), affine)
-    wm, _ = _ras(_array(datasets.load_mni152_wm_template(resolution=1)), affine)
+    brain, _ = _ras(_array(nib.load(mni152_path("brainmask_1mm"))), affine)
+    gm, _ = _ras(_array(nib.load(mni152_path("gm_1mm"))), affine)
+    wm, _ = _ras(_array(nib.load(mni152_path("wm_1mm"))), affine)
     brain = (brain > 0.5).astype(np.float32)
     wm_level = float(np.median(image[wm > 0.9]))
     return Template(

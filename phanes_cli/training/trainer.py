@@ -44,6 +44,7 @@ from phanes_cli.training.checkpoint import (
 )
 from phanes_cli.training.data import SliceSet, epoch_batches, healthy_rows, load_slices
 from phanes_cli.training.metrics_log import METRICS_FILE, Averages, MetricsLog
+from phanes_cli.training.provenance import PROVENANCE_FILE, training_provenance
 from phanes_cli.training.steps import Learner
 
 
@@ -243,5 +244,8 @@ def train(config: PhanesConfig, manifest: Path, out: Path, resume: bool = False,
                    "val_volumes": n_val, "val_slices": len(val_set),
                    "stage2_mask_threshold": state.stage2_mask_threshold, "seconds": session.elapsed()}
         learner.networks.eval()
-        save_bundle(out, config, learner.networks.ra, learner.networks.generator, extra={"training": summary})
+        provenance = training_provenance(manifest, healthy_rows(manifest, "train"), healthy_rows(manifest, "val"),
+                                         summary)
+        save_bundle(out, config, learner.networks.ra, learner.networks.generator, extra={"training": summary},
+                    files={PROVENANCE_FILE: provenance})
     return out

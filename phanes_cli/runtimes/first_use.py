@@ -1,0 +1,91 @@
+"""The shipped model's ONNX graphs, exported once into a user cache folder so `--backend auto` is fast at once.
+
+The shipped bundle lives inside the installed package (often read-only), so its first use copies it into
+`$PHANES_CACHE_DIR` (default `$XDG_CACHE_HOME/phanes`, else `~/.cache/phanes`) under models/<name>-<hash>/,
+exports the graphs there (runtimes.export: parity-checked against torch) and seals that copy's index.
+An exclusive file lock makes concurrent first runs (several jobs of one user) export it once; a copy whose
+model files differ from the shipped ones by hash, or an unfinished one, is rebuilt. The graphs themselves
+are hash-checked again when the backend loads them (runtimes.artefacts).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from phanes_cli.core.bundle import ENGINES_DIR, INDEX_FILE, load_bundle
+from phanes_cli.errors import BundleError
+from phanes_cli.infra.optional import available
+
+CACHE_ENV = "PHANES_CACHE_DIR"
+
+
+def cache_root() -> Path:
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "phanes"
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes, also when the process dies
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _model_files(folder: Path) -> dict[str, str]:
+    """The index entries of a bundle other than its exported artefacts: the model it holds."""
+    files = json.loads((folder / INDEX_FILE).read_text())["files"]
+    return {name: digest for name, digest in files.items() if not name.startswith(f"{ENGINES_DIR}/")}
+
+
+def _usable(copy: Path, shipped_files: dict[str, str]) -> bool:
+    """A finished copy of the same model (same file hashes, verified on load) with its ONNX graphs."""
+    if not (copy / INDEX_FILE).is_file():
+        return False
+    try:
+        load_bundle(copy)
+        files = json.loads((copy / INDEX_FILE).read_text())["files"]
+    except (BundleError, OSError, ValueError, KeyError):
+        return False
+    same_model = {name: files.get(name) for name in shipped_files} == shipped_files
+    return same_model and any(name.endswith(".onnx") for name in files)
+
+
+def exported_copy(shipped: Path, report: Callable[[str], None] = print, lpips_weights: str | None = None) -> Path:
+    """The cached, exported copy of the shipped bundle `shipped` (made now when missing); the bundle itself
+    when the [onnx] extra is not installed (torch then runs it)."""
+    if not (available("onnx") and available("onnxruntime")):
+        return shipped
+    bundle = load_bundle(shipped)
+    if any(name.endswith(".onnx") for name in json.loads((shipped / INDEX_FILE).read_text())["files"]):
+        return shipped  # exported when the package was built
+    shipped_files = _model_files(shipped)
+    copy = cache_root() / "models" / f"{shipped.name}-{bundle.hash[:16]}"
+    with _locked(copy.with_name(copy.name + ".lock")):
+        if _usable(copy, shipped_files):
+            return copy
+        from phanes_cli.runtimes.export import export_bundle  # onnx: the [onnx] extra, present here
+
+        report(f"first use of the shipped model: exporting its ONNX graphs once into {copy}")
+        work = copy.with_name(copy.name + ".partial")
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        for name in shipped_files:
+            shutil.copy2(shipped / name, work / name)
+        shutil.copy2(shipped / INDEX_FILE, work / INDEX_FILE)
+        export_bundle(work, "onnx", lpips_weights=lpips_weights)
+        shutil.rmtree(copy, ignore_errors=True)
+        work.rename(copy)
+    return copy

@@ -1,0 +1,87 @@
+"""`phanes_cli.predict`: one volume in memory, no Ray, no files written (a notebook's or a pipeline's call).
+
+The same steps as screening, in one process: load + brain mask (inputs.brain_masks), QC (inputs.quality),
+the model (core.pipeline.run_volume on the chosen backend), the lesion rule of the bundle's calibration
+(core.lesion_rule) and the statistics row (core.statistics). The maps come back as nibabel images in the
+input's exact geometry and header, as `phanes screen` writes them.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from phanes_cli.core.bundle import Bundle, load_bundle
+from phanes_cli.core.lesion_rule import LesionRule
+from phanes_cli.core.pipeline import run_volume
+from phanes_cli.core.shipped_models import default_bundle
+from phanes_cli.core.statistics import brain_statistics, volume_statistics
+from phanes_cli.core.volume_io import DEFAULT_MAX_VOXELS, image_like
+from phanes_cli.errors import QualityError
+from phanes_cli.inputs.brain_masks import load_with_brain
+from phanes_cli.inputs.quality import FATAL, FLAGS, check_volume
+from phanes_cli.runtimes.pytorch import select_device
+from phanes_cli.runtimes.select import choose_backend
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One volume's results: images in the input's geometry, its statistics row and one row per lesion."""
+
+    lesion_mask: nib.Nifti1Image  # uint8, 1 = lesion
+    anomaly: nib.Nifti1Image  # float32 anomaly score s(x), 0 outside the brain
+    pseudo_healthy: nib.Nifti1Image  # float32, the input's intensities with the inpainted regions replaced
+    statistics: dict[str, Any]  # the volumes.parquet columns that describe the volume and its lesions
+    lesions: list[dict[str, Any]]  # the lesions.parquet rows
+    qc_flags: tuple[str, ...]
+    brain_mask_source: str  # file, model or threshold
+
+
+def _load(image: nib.Nifti1Image | str | Path, brain_mask: nib.Nifti1Image | str | Path | None, skull_strip: str,
+          device: str) -> tuple[Any, np.ndarray, str]:
+    """load_with_brain on a path, or on an in-memory image written unchanged to a temporary file first."""
+    if isinstance(image, (str, Path)) and not isinstance(brain_mask, nib.Nifti1Image):
+        return load_with_brain(image, brain_mask, DEFAULT_MAX_VOXELS, skull_strip, device)
+    with tempfile.TemporaryDirectory(prefix="phanes-predict-") as tmp:
+        paths: list[Path | str | None] = []
+        for name, item in (("image.nii", image), ("brain.nii", brain_mask)):
+            if isinstance(item, nib.Nifti1Image):
+                nib.save(item, str(Path(tmp) / name))
+                paths.append(Path(tmp) / name)
+            else:
+                paths.append(item)
+        assert paths[0] is not None
+        return load_with_brain(paths[0], paths[1], DEFAULT_MAX_VOXELS, skull_strip, device)
+
+
+def predict(image: nib.Nifti1Image | str | Path, bundle: str | Path | Bundle | None = None,
+            brain_mask: nib.Nifti1Image | str | Path | None = None, device: str = "auto", backend: str = "auto",
+            skull_strip: str = "auto", batch_size: int = 32) -> Prediction:
+    """Screen one T1 volume (a nibabel image or a NIfTI path) with `bundle` (default: the shipped model).
+
+    Raises InputError / QualityError for a volume that cannot be screened, BundleError for a bad bundle.
+    """
+    model = bundle if isinstance(bundle, Bundle) else load_bundle(bundle if bundle is not None else default_bundle())
+    calibration = model.require_calibration()
+    dev = select_device(device)
+    volume, brain, source = _load(image, brain_mask, skull_strip, str(dev))
+    flags = tuple(check_volume(volume, brain, source))
+    fatal = [f for f in flags if f in FATAL]
+    if fatal:
+        raise QualityError(str(image) if isinstance(image, (str, Path)) else "image",
+                           f"quality check {fatal[0]}: {FLAGS[fatal[0]]}")
+    runner = choose_backend(backend, model, dev)
+    maps = run_volume(volume.data, brain, runner, model.config, calibration.mask_threshold, batch_size)
+    lesions = LesionRule.from_calibration(calibration).apply(maps.anomaly, brain, volume.voxel_ml)
+    stats, lesion_rows = volume_statistics("image", volume, brain_statistics(volume, brain, maps.anomaly),
+                                           maps.anomaly, lesions)
+    assert maps.pseudo_healthy is not None
+    return Prediction(lesion_mask=image_like(lesions.astype(np.uint8), volume, np.uint8),
+                      anomaly=image_like(maps.anomaly, volume, np.float32),
+                      pseudo_healthy=image_like(maps.pseudo_healthy, volume, np.float32),
+                      statistics=stats, lesions=lesion_rows, qc_flags=flags, brain_mask_source=source)

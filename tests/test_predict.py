@@ -1,0 +1,58 @@
+"""`phanes_cli.predict`: the in-memory API gives what `phanes screen` writes for the same volume (same maps,
+same geometry, same statistics row), from a nibabel image or a path, without Ray or files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+import phanes_cli
+from phanes_cli.errors import QualityError
+from phanes_cli.screening.engine import EXIT_OK, screen
+from tests._ray import HEAD_IP, RayCluster
+from tests.test_screening import affines, make_bundle, write_head
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_bundle(tmp_path_factory.mktemp("bundle"))
+
+
+def test_predict_equals_screening(cluster: RayCluster, bundle: Path, tmp_path: Path) -> None:
+    image_path = write_head(tmp_path / "in" / "obl.nii.gz", affines()["oblique"], seed=5, qform_code=0, sform_code=2)
+    out = tmp_path / "out"
+    options = phanes_cli.ScreenOptions(bundle=bundle, out=out, node_ip=HEAD_IP, quiet=True, backend="torch",
+                                       outputs=frozenset({"anomaly", "lesion_mask", "pseudohealthy"}))
+    assert screen([str(image_path)], options).exit_code == EXIT_OK
+    source = nib.load(image_path)
+    result = phanes_cli.predict(source, bundle=bundle, device="cpu", backend="torch")
+    assert isinstance(result, phanes_cli.Prediction)
+    for kind, image in (("anomaly", result.anomaly), ("lesionmask", result.lesion_mask),
+                        ("pseudohealthy", result.pseudo_healthy)):
+        written = nib.load(out / "maps" / f"obl_{kind}.nii.gz")
+        assert image.shape == source.shape and np.array_equal(image.affine, source.affine)
+        assert image.header.get_sform(coded=True)[1] == 2 and image.header.get_qform(coded=True)[1] == 0
+        assert image.get_data_dtype() == written.get_data_dtype()
+        np.testing.assert_array_equal(np.asanyarray(image.dataobj), np.asanyarray(written.dataobj), err_msg=kind)
+    assert np.asanyarray(result.lesion_mask.dataobj).any()  # the tiny bundle flags something: a real comparison
+    row = pd.read_parquet(out / "volumes.parquet").iloc[0]
+    for column, value in result.statistics.items():
+        if isinstance(value, (list, tuple, np.ndarray)):
+            assert list(row[column]) == pytest.approx(list(value)), column
+        elif value is None:
+            assert row[column] is None or pd.isna(row[column]), column
+        else:
+            assert row[column] == pytest.approx(value), column
+    assert len(result.lesions) == int(row["lesion_count"]) and result.brain_mask_source == row["brain_mask_source"]
+    from_path = phanes_cli.predict(image_path, bundle=bundle, device="cpu", backend="torch")
+    np.testing.assert_array_equal(np.asanyarray(from_path.anomaly.dataobj), np.asanyarray(result.anomaly.dataobj))
+
+
+def test_predict_refuses_an_empty_volume(bundle: Path) -> None:
+    empty = nib.Nifti1Image(np.zeros((20, 20, 20), np.float32), np.eye(4))
+    with pytest.raises(QualityError, match="quality check"):
+        phanes_cli.predict(empty, bundle=bundle, device="cpu", backend="torch")

@@ -1,0 +1,100 @@
+"""The shipped-model mechanism: the default bundle, what happens without one, `phanes models`, and the
+first-use ONNX export into a user cache (once, under a lock, rebuilt when the cached copy is not the model)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from phanes_cli.cli import app
+from phanes_cli.core.bundle import load_bundle
+from phanes_cli.core.shipped_models import default_bundle, find_bundles
+from phanes_cli.errors import BundleError
+from phanes_cli.runtimes.first_use import exported_copy
+from tests.test_screening import make_bundle
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_bundle(tmp_path_factory.mktemp("shipped") / "tiny-v1")
+
+
+@pytest.fixture
+def shipped(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    models = tmp_path / "models"
+    shutil.copytree(tiny, models / tiny.name)
+    monkeypatch.setenv("PHANES_MODELS_DIR", str(models))
+    monkeypatch.setenv("PHANES_CACHE_DIR", str(tmp_path / "cache"))
+    return models / tiny.name
+
+
+def test_without_a_shipped_model_screen_says_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PHANES_MODELS_DIR", str(tmp_path / "none"))
+    result = CliRunner().invoke(app, ["screen", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "no pretrained model ships" in lines[0]
+    assert "--bundle" in lines[0] and "phanes train" in lines[0] and "phanes calibrate" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_default_bundle_is_the_only_one_or_the_named_one(shipped: Path) -> None:
+    assert default_bundle() == shipped
+    second = shipped.with_name("other")
+    shutil.copytree(shipped, second)
+    with pytest.raises(BundleError, match="several shipped models"):
+        default_bundle()
+    (shipped.parent / "DEFAULT").write_text("other\n")
+    assert default_bundle() == second
+
+
+def test_bundle_path_that_is_a_file_says_so(tmp_path: Path) -> None:
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(b"x")
+    result = CliRunner().invoke(app, ["export", "--bundle", str(file)])
+    assert result.exit_code == 2 and "is a file; --bundle takes a model bundle folder" in result.output
+
+
+def test_first_use_export_runs_once_under_a_lock_and_is_reused(shipped: Path, tmp_path: Path) -> None:
+    reports: list[str] = []
+    results: list[Path] = []
+    threads = [threading.Thread(target=lambda: results.append(exported_copy(shipped, report=reports.append)))
+               for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(reports) == 1 and "first use of the shipped model" in reports[0]
+    copy = results[0]
+    assert results == [copy, copy] and copy.is_relative_to(tmp_path / "cache")
+    files = json.loads((copy / "bundle.json").read_text())["files"]
+    shipped_files = json.loads((shipped / "bundle.json").read_text())["files"]
+    assert {k: files[k] for k in shipped_files} == shipped_files  # the same model, byte for byte
+    assert {"engines/stage1.onnx", "engines/stage2.onnx", "engines/lpips.onnx"} <= set(files)
+    assert load_bundle(copy).calibration == load_bundle(shipped).calibration
+    assert not any((shipped / "engines").glob("*"))  # the shipped folder is never written
+    assert exported_copy(shipped, report=reports.append) == copy and len(reports) == 1
+    # a cached copy whose weights differ from the shipped ones is not the model: rebuilt
+    weights = copy / "generator.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    assert exported_copy(shipped, report=reports.append) == copy and len(reports) == 2
+    assert load_bundle(copy).hash  # verified again after the rebuild
+
+
+def test_models_lists_shipped_and_local_bundles_with_their_figures(shipped: Path, tiny: Path, tmp_path: Path) -> None:
+    local = tmp_path / "work" / "runs" / "mine"
+    shutil.copytree(tiny, local)
+    (tmp_path / "work" / ".hidden").mkdir()
+    shutil.copytree(tiny, tmp_path / "work" / ".hidden" / "skip")
+    assert find_bundles([tmp_path / "work"]) == [local]
+    result = CliRunner().invoke(app, ["models", "--path", str(tmp_path / "work")])
+    assert result.exit_code == 0, result.output
+    cal = load_bundle(tiny).require_calibration()
+    rows = [line for line in result.output.splitlines() if "shipped" in line or "local" in line]
+    assert len(rows) == 2 and "tiny-v1" in rows[0] and "mine" in rows[1]
+    assert f"mask {cal.mask_threshold:.4g}, anomaly {cal.anomaly_threshold:.4g}" in rows[1]
