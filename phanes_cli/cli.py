@@ -142,10 +142,14 @@ def data_synth(
         help="Folder of extra real T1 templates (train split unless named below)."),
     val_sources: str | None = typer.Option(
         None, "--val-sources",
-        help="Comma-separated source brains of the val split (default: antspy_colin27_ch2_T1)."),
+        help="Comma-separated source brains of the val split "
+             "(default: antspy_colin27_ch2_T1,studyforrest_T1w_brain)."),
     test_sources: str | None = typer.Option(
         None, "--test-sources",
-        help="Comma-separated source brains of the test split (default: niimath_adult_T1)."),
+        help="Comma-separated source brains of the test split (default: niimath_adult_T1,niivue_fs_norm_T1)."),
+    label_map_fraction: float = typer.Option(
+        0.5, "--label-map-fraction",
+        help="Share of training subjects generated from the 20 individual label maps (the rest: real images)."),
     voxel_size: float | None = typer.Option(None, "--voxel-size", help="Voxel size (mm) of the synthesised grid."),
 ) -> None:
     """Build healthy subjects from real T1 brains (split by source brain) and lesion subjects with exact truth."""
@@ -164,7 +168,7 @@ def data_synth(
 
         manifest = synth_cohort(out, healthy=healthy, lesions=lesions, kind=kind, seed=seed,
                                 lesion_shapes=lesion_shapes, templates=templates, progress=step,
-                                lesion_source=lesion_source, **extra)
+                                lesion_source=lesion_source, label_map_fraction=label_map_fraction, **extra)
     console.print(f"[green]cohort written[/]: {healthy} healthy + {lesions} {kind} subjects, manifest {manifest}")
 
 
