@@ -2,7 +2,8 @@
 
 1. mask_threshold binarises the stage 1 map m(x) on the model grid, so it is the `mask_percentile` (99th)
    of m(x) over the brain pixels of every validation slice (`core.percentiles`; paper: "the 99th
-   percentile value on the healthy validation set").
+   percentile value on the healthy validation set"); with `mask.slice_context`, of m(x) averaged across
+   neighbouring slices of each whole validation volume, the map inference binarises.
 2. anomaly_threshold is the lesion rule's threshold, applied to s(x) restored onto each volume's own grid;
    so with that mask threshold each validation volume runs through `pipeline.run_volume`, and the threshold
    is the `anomaly_percentile` (99th) of s(x) over the brain voxels where s(x) > 0, on the volume grid. A
@@ -85,7 +86,7 @@ def healthy_calibration(backend: Backend, data: SliceSet, rows: Sequence[Manifes
         raise PhanesError("calibration: the healthy volumes hold no brain slices")
     task = bar.add_task("mask threshold", total=-(-len(data) // batch_size), info="stage 1 maps")
     mask_threshold = stage1_percentile(backend, data.images, data.brain, cfg.mask, batch_size,
-                                       lambda: bar.advance(task))
+                                       lambda: bar.advance(task), data.volume)
     if not np.isfinite(mask_threshold):
         raise PhanesError("calibration: the validation slices hold no brain pixels")
     scores = healthy_scores(backend, rows, cfg, mask_threshold, batch_size, skull_strip, device, bar)

@@ -85,7 +85,7 @@ def validation_figures(scores: Sequence[np.ndarray], volumes: Sequence[LesionedV
 def tune(backend: Backend, cfg: PhanesConfig, healthy: SliceSet, lesioned: Sequence[LesionedVolume],
          batch_size: int = 32, report: Callable[[str], object] = lambda message: None) -> Calibration:
     """Search (mask percentile, anomaly threshold, minimum lesion size) for the best validation Dice."""
-    values = stage1_values(backend, healthy.images, healthy.brain, cfg.mask, batch_size)
+    values = stage1_values(backend, healthy.images, healthy.brain, cfg.mask, batch_size, volumes=healthy.volume)
     best: dict[str, Any] = {"dice": -1.0}
     per_percentile: dict[str, float] = {}
     for q in cfg.tune.mask_percentiles:
