@@ -243,6 +243,13 @@ def _print_tuning(cal: Any) -> None:
                   f"{cal.tuning['mask_percentile']:g}, minimum lesion {cal.min_lesion_ml:g} mL; validation Dice "
                   f"{val['dice']:.3f}, lesion recall {val['lesion_recall']:.2f}, "
                   f"{val['fp_components_per_volume']:.1f} false-positive components per volume")
+    clean = cal.tuning.get("healthy_validation")
+    if clean is not None:
+        style = "" if cal.tuning.get("budget_met") else "[yellow]over budget:[/] "
+        console.print(f"{style}healthy validation volumes: median {clean['median_fp_ml']:.1f} mL and "
+                      f"{clean['median_fp_components']:g} false components per volume (budget "
+                      f"{cal.tuning['healthy_fp_budget_ml']:g} mL); median absolute burden error "
+                      f"{val['median_abs_burden_error_ml']:.1f} mL on the lesioned ones")
 
 
 @app.command()

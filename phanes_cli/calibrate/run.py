@@ -14,7 +14,7 @@ from pathlib import Path
 from rich.progress import Progress
 
 from phanes_cli.calibrate.healthy import healthy_calibration
-from phanes_cli.calibrate.insertion import lesioned_validation
+from phanes_cli.calibrate.insertion import healthy_validation, lesioned_validation
 from phanes_cli.calibrate.tune import tune as tune_operating_point
 from phanes_cli.config import PhanesConfig
 from phanes_cli.core.backend import Backend
@@ -49,8 +49,9 @@ def _tuned(backend: Backend, cfg: PhanesConfig, healthy: SliceSet, rows: list[Ma
     task = bar.add_task("tuning on validation lesions", total=None, info="inserting lesions")
     lesioned = lesioned_validation(rows, npz_bank(), load_mni152(), cfg.tune.copies, cfg.tune.seed, skull_strip,
                                    cfg.tune.shapes_per_volume)
+    clean = healthy_validation(rows, skull_strip)
     return tune_operating_point(backend, cfg, healthy, lesioned, batch_size,
-                                lambda message: bar.update(task, info=message))
+                                lambda message: bar.update(task, info=message), clean)
 
 
 def calibrate(bundle: Path, manifest: Path, device: str = "auto", batch_size: int = 32, split: str = "val",
