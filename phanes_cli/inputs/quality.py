@@ -59,6 +59,8 @@ FLAGS = {
     "voxel_anisotropic": f"largest / smallest voxel side above {MAX_ANISOTROPY:g}",
     "no_affine": "no qform or sform: orientation assumed",
     "skull_present": "skull and scalp appear to be present (not skull-stripped)",
+    "outside_calibration": "healthy-tissue anomaly scores outside what the calibration volumes showed "
+                           "(prepared differently?): lesion burden unreliable",
 }
 FATAL = frozenset({"zero_voxel_size", "all_zero", "constant", "empty_brain_mask"})
 
