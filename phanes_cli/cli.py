@@ -301,6 +301,9 @@ def evaluate(
     seed: int = typer.Option(0, "--seed"),
     backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
     lpips_weights: str | None = LPIPS_OPTION,
+    source: str | None = typer.Option(
+        None, "--source",
+        help="Only rows of these source brains (comma-separated; the manifest's source column): one test brain."),
 ) -> None:
     """Score methods against ground-truth lesion masks: AUPRC, [Dice], Dice, lesion-wise detection, volume error."""
     from phanes_cli.errors import InputError
@@ -314,7 +317,8 @@ def evaluate(
         warnings.simplefilter("ignore", UserWarning)
         result = run_evaluation(bundle, data, out, methods=[m.strip() for m in methods.split(",") if m.strip()],
                                 split=split, device=device, batch_size=batch_size, synthetic=synthetic, seed=seed,
-                                lpips_weights=lpips_weights, skull_strip=skull_strip, backend_name=backend)
+                                lpips_weights=lpips_weights, skull_strip=skull_strip, backend_name=backend,
+                                sources=[n.strip() for n in (source or "").split(",") if n.strip()])
     out_console = Console()
     for table in render_tables(result):
         out_console.print(table)
