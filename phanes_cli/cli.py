@@ -271,6 +271,14 @@ def calibrate(
         None, "--tune/--no-tune",
         help="Pick mask percentile, anomaly threshold and minimum lesion size by Dice on the split's volumes with "
              "inserted real lesions (default: the config's tune.enabled)."),
+    slice_context: bool | None = typer.Option(
+        None, "--slice-context/--no-slice-context",
+        help="Average m(x) with the neighbouring slices before binarising (stored in the bundle; default: its "
+             "config's mask.slice_context)."),
+    healthy_fp_budget_ml: float | None = typer.Option(
+        None, "--healthy-fp-budget-ml",
+        help="With --tune: largest median false-positive mL per healthy validation volume (default: the config's "
+             "tune.healthy_fp_budget_ml)."),
     backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
     lpips_weights: str | None = LPIPS_OPTION,
 ) -> None:
@@ -279,7 +287,8 @@ def calibrate(
 
     cal = calibrate_bundle(bundle, data, device=device, batch_size=batch_size, split=split, lpips_weights=lpips_weights,
                           mask_percentile=mask_percentile, anomaly_percentile=anomaly_percentile,
-                          skull_strip=skull_strip, tune=tune, backend_name=backend)
+                          skull_strip=skull_strip, tune=tune, backend_name=backend, slice_context=slice_context,
+                          healthy_fp_budget_ml=healthy_fp_budget_ml)
     console.print(f"[green]calibrated[/] {bundle}: mask threshold {cal.mask_threshold:.4g}, "
                   f"anomaly threshold {cal.anomaly_threshold:.4g}, minimum lesion {cal.min_lesion_ml:.3g} mL")
     _print_tuning(cal)

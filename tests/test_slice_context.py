@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from phanes_cli.core.pipeline import infer_slices, run_slices, stage1_map
 from phanes_cli.core.preprocess import prepare_volume
 from phanes_cli.core.slice_context import context_average
 from phanes_cli.core.volume_io import load_mask, load_volume
+from phanes_cli.errors import ConfigError
 from phanes_cli.inputs.manifest import read_manifest
 from phanes_cli.runtimes.pytorch import PhanesNetworks, TorchBackend, load_networks
 from tests._tiny_cohort import tiny_config, write_cohort
@@ -110,3 +112,25 @@ def test_mask_threshold_is_a_percentile_of_the_averaged_map_per_volume(model: tu
         values.append(_oracle(m, brain.numpy(), [0] * len(m))[brain.numpy() > 0])
     expected = float(np.percentile(np.concatenate(values), loaded.config.mask.mask_percentile))
     assert cal.mask_threshold == pytest.approx(expected, rel=1e-4)
+
+
+def test_calibrate_can_switch_slice_context_off_and_stores_the_switch(model: tuple[Path, Path],
+                                                                        tmp_path: Path) -> None:
+    """`calibrate --no-slice-context` on a copy of the bundle: plain m(x) percentile, config stored with it."""
+    bundle, manifest = model
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    cal = calibrate(copy, manifest, device="cpu", batch_size=5, progress=False, slice_context=False,
+                    healthy_fp_budget_ml=2.0)
+    loaded = load_bundle(copy)
+    assert loaded.config.mask.slice_context is False and loaded.config.tune.healthy_fp_budget_ml == 2.0
+    nets = load_networks(loaded)
+    backend = TorchBackend(nets, torch.device("cpu"))
+    values = []
+    for x, brain in _val_slices(copy, manifest):
+        with torch.no_grad():
+            m = stage1_map(x, nets.ra.reconstruct(x), brain, backend, loaded.config.mask)
+        values.append(m[brain > 0].double().numpy())
+    assert cal.mask_threshold == pytest.approx(float(np.percentile(np.concatenate(values), 99.0)), rel=1e-4)
+    with pytest.raises(ConfigError, match="false-positive budget"):
+        calibrate(copy, manifest, device="cpu", progress=False, healthy_fp_budget_ml=-1.0)
