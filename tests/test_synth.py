@@ -328,3 +328,16 @@ def test_label_map_subject_is_a_skull_stripped_t1(tmp_path: Path) -> None:
     wm = np.percentile(values, 85)
     assert np.percentile(values, 5) < 0.55 * wm  # CSF and ventricles are dark
     assert 900 < subject.brain.sum() * 8 / 1000 < 2300  # mL at 2 mm, head-size variation included
+
+
+def test_cli_bad_label_map_fraction_is_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "phanes_cli.cli", "data", "synth", "--out", str(tmp_path / "c"),
+                          "--healthy", "1", "--lesions", "0", "--label-map-fraction", "2"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "--label-map-fraction must lie between 0 and 1, got 2.0" in run.stderr
+    assert [line for line in run.stderr.splitlines() if "error" in line.lower()] == [
+        "error: --label-map-fraction must lie between 0 and 1, got 2.0"]  # one line, no traceback
+    assert not (tmp_path / "c").exists()
