@@ -169,10 +169,14 @@ def data_synth(
         help="Folder of extra real T1 templates (train split unless named below)."),
     val_sources: str | None = typer.Option(
         None, "--val-sources",
-        help="Comma-separated source brains of the val split (default: antspy_colin27_ch2_T1)."),
+        help="Comma-separated source brains of the val split "
+             "(default: antspy_colin27_ch2_T1,studyforrest_T1w_brain)."),
     test_sources: str | None = typer.Option(
         None, "--test-sources",
-        help="Comma-separated source brains of the test split (default: niimath_adult_T1)."),
+        help="Comma-separated source brains of the test split (default: niimath_adult_T1,niivue_fs_norm_T1)."),
+    label_map_fraction: float = typer.Option(
+        0.5, "--label-map-fraction",
+        help="Share of training subjects generated from the 20 individual label maps (the rest: real images)."),
     voxel_size: float | None = typer.Option(None, "--voxel-size", help="Voxel size (mm) of the synthesised grid."),
 ) -> None:
     """Build healthy subjects from real T1 brains (split by source brain) and lesion subjects with exact truth."""
@@ -191,7 +195,7 @@ def data_synth(
 
         manifest = synth_cohort(out, healthy=healthy, lesions=lesions, kind=kind, seed=seed,
                                 lesion_shapes=lesion_shapes, templates=templates, progress=step,
-                                lesion_source=lesion_source, **extra)
+                                lesion_source=lesion_source, label_map_fraction=label_map_fraction, **extra)
     console.print(f"[green]cohort written[/]: {healthy} healthy + {lesions} {escape(kind)} subjects, "
                   f"manifest {escape(str(manifest))}")
 
@@ -267,6 +271,13 @@ def _print_tuning(cal: Any) -> None:
                   f"{cal.tuning['mask_percentile']:g}, minimum lesion {cal.min_lesion_ml:g} mL; validation Dice "
                   f"{val['dice']:.3f}, lesion recall {val['lesion_recall']:.2f}, "
                   f"{val['fp_components_per_volume']:.1f} false-positive components per volume")
+    clean = cal.tuning.get("healthy_validation")
+    if clean is not None:
+        style = "" if cal.tuning.get("budget_met") else "[yellow]over budget:[/] "
+        console.print(f"{style}healthy validation volumes: median {clean['median_fp_ml']:.1f} mL and "
+                      f"{clean['median_fp_components']:g} false components per volume (budget "
+                      f"{cal.tuning['healthy_fp_budget_ml']:g} mL); median absolute burden error "
+                      f"{val['median_abs_burden_error_ml']:.1f} mL on the lesioned ones")
 
 
 @app.command()
@@ -288,6 +299,14 @@ def calibrate(
         None, "--tune/--no-tune",
         help="Pick mask percentile, anomaly threshold and minimum lesion size by Dice on the split's volumes with "
              "inserted real lesions (default: the config's tune.enabled)."),
+    slice_context: bool | None = typer.Option(
+        None, "--slice-context/--no-slice-context",
+        help="Average m(x) with the neighbouring slices before binarising (stored in the bundle; default: its "
+             "config's mask.slice_context)."),
+    healthy_fp_budget_ml: float | None = typer.Option(
+        None, "--healthy-fp-budget-ml",
+        help="With --tune: largest median false-positive mL per healthy validation volume (default: the config's "
+             "tune.healthy_fp_budget_ml)."),
     backend: BackendName = typer.Option("auto", "--backend", help=BACKEND_HELP),
     lpips_weights: str | None = LPIPS_OPTION,
 ) -> None:
@@ -296,7 +315,8 @@ def calibrate(
 
     cal = calibrate_bundle(bundle, data, device=device, batch_size=batch_size, split=split, lpips_weights=lpips_weights,
                           mask_percentile=mask_percentile, anomaly_percentile=anomaly_percentile,
-                          skull_strip=skull_strip, tune=tune, backend_name=backend)
+                          skull_strip=skull_strip, tune=tune, backend_name=backend, slice_context=slice_context,
+                          healthy_fp_budget_ml=healthy_fp_budget_ml)
     console.print(f"[green]calibrated[/] {escape(str(bundle))}: mask threshold {cal.mask_threshold:.4g}, "
                   f"anomaly threshold {cal.anomaly_threshold:.4g}, minimum lesion {cal.min_lesion_ml:.3g} mL")
     _print_tuning(cal)
@@ -318,6 +338,9 @@ def evaluate(
     seed: int = typer.Option(0, "--seed", help="Seed of the synthetic lesions (--synthetic)."),
     backend: BackendName = typer.Option("auto", "--backend", help=BACKEND_HELP),
     lpips_weights: str | None = LPIPS_OPTION,
+    source: str | None = typer.Option(
+        None, "--source",
+        help="Only rows of these source brains (comma-separated; the manifest's source column): one test brain."),
 ) -> None:
     """Score methods against ground-truth lesion masks: AUPRC, [Dice], Dice, lesion-wise detection, volume error."""
     from phanes_cli.errors import InputError
@@ -331,7 +354,8 @@ def evaluate(
         warnings.simplefilter("ignore", UserWarning)
         result = run_evaluation(bundle, data, out, methods=[m.strip() for m in methods.split(",") if m.strip()],
                                 split=split, device=device, batch_size=batch_size, synthetic=synthetic, seed=seed,
-                                lpips_weights=lpips_weights, skull_strip=skull_strip, backend_name=backend)
+                                lpips_weights=lpips_weights, skull_strip=skull_strip, backend_name=backend,
+                                sources=[n.strip() for n in (source or "").split(",") if n.strip()])
     out_console = table_console()
     for table in render_tables(result):
         out_console.print(table)

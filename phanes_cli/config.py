@@ -65,6 +65,9 @@ class MaskConfig:
     # m(x) is zeroed within this many model pixels of the brain boundary (0: the paper). A small model's
     # reconstruction misses individual cortex and skull-strip edges; see README "Stage 1 map study".
     edge_margin_px: int = 0
+    # m(x) of each slice averaged with its neighbours (1/4, 1/2, 1/4) before binarising (`core.slice_context`);
+    # the mask threshold is then a percentile of the averaged map. Off until validated (docs/specificity_plan.md).
+    slice_context: bool = False
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,9 @@ class TuneConfig:
     copies: int = 1
     shapes_per_volume: int = 2
     seed: int = 0
+    # the tuned operating point must keep the healthy validation volumes' false-positive lesion volume (median
+    # over volumes, mL) at or under this; the best lesion Dice among the points that do wins
+    healthy_fp_budget_ml: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -178,7 +184,7 @@ LIMITS: dict[str, _Limit] = {
     "stage.patience": _at_least(0), "stage.val_every": _at_least(1),
     "tune.mask_percentiles": _percentile(high_open=True), "tune.min_lesion_ml": _at_least(0),
     "tune.anomaly_candidates": _at_least(2), "tune.copies": _at_least(1), "tune.seed": _at_least(0),
-    "tune.shapes_per_volume": _at_least(1),
+    "tune.shapes_per_volume": _at_least(1), "tune.healthy_fp_budget_ml": _at_least(0),
 }
 _SECTIONS = {RAConfig: "ra", AOTConfig: "aot", PreprocessConfig: "preprocess", MaskConfig: "mask",
              StageTrainConfig: "stage", TrainConfig: "train",

@@ -1,10 +1,10 @@
 """`make demo`: the whole product on the embedded data, as a user would run it.
 
-Builds a small cohort from five real brains (nilearn's MNI152 and the four T1s shipped with phanes; healthy
-subjects with realistic variation, split by source brain, and lesion subjects with real stroke shapes and
-exact ground truth), trains the demo-size model, calibrates it (tuned on validation lesions), screens the
-test subjects, scores them against the ground truth, renders the HTML report, and says where everything
-went.
+Builds a small cohort from real brains (nilearn's MNI152 and the six T1s shipped with phanes) and individual
+label maps (healthy subjects with realistic variation, split by source brain: two validation and two test
+brains; lesion subjects with real stroke shapes and exact ground truth), trains the demo-size model,
+calibrates it (tuned on validation lesions within a healthy false-positive budget), screens the test subjects,
+scores them against the ground truth, renders the HTML report, and says where everything went.
 Each step is the real `phanes` command, printed before it runs.
 """
 

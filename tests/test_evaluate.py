@@ -7,6 +7,7 @@ with a known answer (reconstruct = healthy tissue level) makes it so.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -329,3 +330,22 @@ def test_bad_manifests_are_input_errors(cohort: dict[str, Path], tmp_path: Path)
     manifest = write_manifest(bad, tmp_path / "bad.parquet")
     with pytest.raises(InputError, match="mask shape"):
         evaluate(cohort["bundle"], manifest, tmp_path / "c", device="cpu", synthetic=False, progress=False)
+
+
+def test_one_source_brain_at_a_time(cohort: dict[str, Path], tmp_path: Path) -> None:
+    """--source keeps the rows of the named source brains only: the report per test brain."""
+    rows = read_manifest(cohort["manifest"])
+    brains = {"p1": "brain-a", "p2": "brain-b", "h1": "brain-a", "h2": "brain-v"}
+    tagged = [dataclasses.replace(r, extra={**r.extra, "source": brains[r.id]}) for r in rows]
+    manifest = write_manifest(tagged, cohort["root"] / "tagged.parquet")
+    one = evaluate(cohort["bundle"], manifest, tmp_path / "a", device="cpu", batch_size=16, synthetic=False,
+                   progress=False, sources=("brain-a",))
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["settings"]["sources"] == ["brain-a"] and summary["settings"]["n_volumes"] == 1
+    assert summary["settings"]["healthy_controls"] == ["h1"]
+    ids = set(pq.read_table(tmp_path / "a" / "per_volume.parquet").column("id").to_pylist())
+    assert ids == {"p1"} and one is not None
+    with pytest.raises(ConfigError, match=r"no rows of source\(s\) brain-z; sources: brain-a, brain-b, brain-v"):
+        evaluate(cohort["bundle"], manifest, tmp_path / "b", progress=False, sources=("brain-z",))
+    with pytest.raises(ConfigError, match="the manifest has no source column"):
+        evaluate(cohort["bundle"], cohort["manifest"], tmp_path / "c", progress=False, sources=("brain-a",))

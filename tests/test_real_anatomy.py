@@ -86,12 +86,15 @@ def test_build_bank_round_trip(tmp_path: Path) -> None:
 def test_shipped_templates_and_notice() -> None:
     files = sorted(p.name for p in PACKAGED_TEMPLATES.glob("*.nii.gz"))
     assert files == ["antspy_colin27_ch2_T1.nii.gz", "antspy_mni152_T1.nii.gz", "niimath_adult_T1.nii.gz",
-                     "niivue_icbm2009_T1.nii.gz"]
+                     "niivue_fs_norm_T1.nii.gz", "niivue_icbm2009_T1.nii.gz", "studyforrest_T1w_brain.nii.gz"]
     notice = (PACKAGED_TEMPLATES.parent / "NOTICE").read_text()
-    for words in ("CC0", "Apache-2.0", "BSD-2-Clause", "Stroke Outcome Optimization Project", *files):
+    for words in ("CC0", "Apache-2.0", "BSD-2-Clause", "PDDL", "SynthSeg", "synthseg_label_maps.npz",
+                  "Stroke Outcome Optimization Project", *files):
         assert words in notice, words
+    data_mb = sum(p.stat().st_size for p in PACKAGED_TEMPLATES.parent.rglob("*") if p.is_file()) / 1e6
+    assert data_mb < 30, data_mb  # the package's data stays a few tens of MB
     if (SHARED_DATA / "healthy-t1").is_dir():
-        for name in files:  # shipped unchanged
+        for name in files[:-1]:  # shipped unchanged (the StudyForrest brain is skull-stripped here, see NOTICE)
             ours = hashlib.sha256((PACKAGED_TEMPLATES / name).read_bytes()).hexdigest()
             theirs = hashlib.sha256((SHARED_DATA / "healthy-t1" / name).read_bytes()).hexdigest()
             assert ours == theirs, name
@@ -107,15 +110,18 @@ def test_cohort_splits_by_source_brain(tmp_path: Path) -> None:
     rows = read_manifest(manifest)
     by_source: dict[str, set[str]] = {}
     for r in rows:
-        by_source.setdefault(r.extra["template"], set()).add(r.split)
-    assert set(by_source) == {"nilearn-mni152-2009a", "antspy_colin27_ch2_T1", "antspy_mni152_T1", "niimath_adult_T1",
-                              "niivue_icbm2009_T1"}  # the byte-identical copy was skipped
+        by_source.setdefault(r.extra["source"], set()).add(r.split)
+    assert "copy_of_mni152" not in by_source  # the byte-identical copy was skipped
     assert all(len(splits) == 1 for splits in by_source.values()), by_source
-    assert by_source[DEFAULT_VAL_SOURCES[0]] == {"val"} and by_source[DEFAULT_TEST_SOURCES[0]] == {"test"}
+    # both validation brains and both test brains appear in the first cycle, each in its split only
+    assert all(by_source[n] == {"val"} for n in DEFAULT_VAL_SOURCES)
+    assert all(by_source[n] == {"test"} for n in DEFAULT_TEST_SOURCES)
+    label_rows = [r for r in rows if r.extra["source_kind"] == "label_map"]
+    assert label_rows and all(r.split == "train" and r.extra["source"].startswith("synthseg_") for r in label_rows)
     healthy_test = [r for r in rows if r.kind == "healthy" and r.split == "test"]
     assert healthy_test and all(r.lesion_mask is None for r in healthy_test)  # healthy controls
     lesion_rows = [r for r in rows if r.kind == "stroke"]
-    assert all(r.split == "test" and r.extra["template"] in DEFAULT_TEST_SOURCES for r in lesion_rows)
+    assert all(r.split == "test" and r.extra["source"] in DEFAULT_TEST_SOURCES for r in lesion_rows)
     assert all(r.extra["lesion_source"] in npz_bank().names for r in lesion_rows)
 
 

@@ -15,7 +15,8 @@ from scipy import ndimage
 from phanes_cli.errors import ConfigError, InputError
 from phanes_cli.inputs.manifest import read_manifest
 from phanes_cli.synth import make_subject, paint_sprites, synth_cohort
-from phanes_cli.synth.cohort import round_robin, source_splits
+from phanes_cli.synth.cohort import healthy_sources, round_robin, source_splits
+from phanes_cli.synth.label_maps import load_label_map
 from phanes_cli.synth.lesion_bank import folder_bank, npz_bank
 from phanes_cli.synth.lesions import LesionConfig, allowed_region, blend_weight, ground_truth_mask, procedural_shape
 from phanes_cli.synth.sprites import PERCENTILE_BANDS
@@ -211,13 +212,14 @@ def test_cohort_on_disk_and_manifest(tmp_path: Path) -> None:
     assert [r.id for r in rows] == ["healthy-0000", "healthy-0001", "healthy-0002", "stroke-0000", "stroke-0001"]
     # one subject per source in round-robin order: train, val, test (a healthy control); lesions on test sources
     assert [r.split for r in rows] == ["train", "val", "test", "test", "test"]
-    templates = ["nilearn-mni152-2009a", "antspy_colin27_ch2_T1"] + ["niimath_adult_T1"] * 3
-    assert [r.extra["template"] for r in rows] == templates
+    sources = ["nilearn-mni152-2009a", "antspy_colin27_ch2_T1", "niimath_adult_T1", "niimath_adult_T1",
+               "niivue_fs_norm_T1"]  # lesion subjects alternate over the two test brains
+    assert [r.extra["source"] for r in rows] == sources and {r.extra["source_kind"] for r in rows} == {"image"}
     assert [r.kind for r in rows] == ["healthy"] * 3 + ["stroke"] * 2
     assert messages == [f"{r.id} ({k}/5)" for k, r in enumerate(rows, start=1)]  # one call per subject
     # a subject depends on (seed, index) only, not on how many subjects the cohort has
-    adult = load_template_file(PACKAGED_TEMPLATES / "niimath_adult_T1.nii.gz", load_mni152())
-    alone = make_subject(adult, output_grid(adult, 3.0), seed=11, index=1, kind="stroke", lesion_shapes=npz_bank())
+    norm = load_template_file(PACKAGED_TEMPLATES / "niivue_fs_norm_T1.nii.gz", load_mni152())
+    alone = make_subject(norm, output_grid(norm, 3.0), seed=11, index=1, kind="stroke", lesion_shapes=npz_bank())
     on_disk = next(r for r in rows if r.id == "stroke-0001")
     assert np.array_equal(np.asarray(nib.load(on_disk.image).dataobj), alone.image)
     for r in rows:
@@ -289,3 +291,53 @@ def test_extra_template_in_las_orientation_matches_mni(mni: Template, grid) -> N
     assert _corr(ours.image[inside], theirs.image[inside]) > 0.7
     assert _corr(ours.image[inside], theirs.image[:, ::-1][inside]) < 0.5  # anterior-posterior swapped
     assert _corr(ours.image[inside], theirs.image[:, :, ::-1][inside]) < 0.5  # inferior-superior swapped
+
+
+def test_healthy_sources_cycle_and_label_map_fraction() -> None:
+    """One train, val, test source first, then the other held-out brains, then train slots to 60% of the cycle;
+    a train slot is a label map in the asked fraction (deterministically spread); label maps never reach val/test."""
+    names = ["mni", "icbm", "colin", "forrest", "adult", "norm", "lm1", "lm2"]
+    splits = source_splits(names, val=("colin", "forrest"), test=("adult", "norm"))
+    picks = healthy_sources(30, names, splits, {"lm1", "lm2"}, fraction=0.5)
+    first = [names[i] for i in picks[:10]]
+    assert first[:5] == ["mni", "colin", "adult", "forrest", "norm"]
+    assert [splits[n] for n in first].count("train") == 6  # 60% of the cycle
+    train = [names[i] for i in picks if splits[names[i]] == "train"]
+    assert sum(n.startswith("lm") for n in train) == len(train) // 2  # the fraction, exactly on a prefix
+    assert {n for n in train if n.startswith("lm")} == {"lm1", "lm2"} and {"mni", "icbm"} <= set(train)
+    assert all(not names[i].startswith("lm") for i in healthy_sources(30, names, splits, {"lm1", "lm2"}, 0.0))
+    only = healthy_sources(30, names, splits, {"lm1", "lm2"}, 1.0)
+    assert {names[i] for i in only if splits[names[i]] == "train"} == {"lm1", "lm2"}
+    # a label map named as a validation source is an ordinary val source, not part of the training pool
+    moved = source_splits(names, val=("colin", "lm2"), test=("adult", "norm"))
+    picks = healthy_sources(30, names, moved, {"lm1", "lm2"}, fraction=1.0)
+    assert {names[i] for i in picks if moved[names[i]] == "train"} == {"lm1"} and "lm2" in {names[i] for i in picks}
+
+
+def test_label_map_fraction_out_of_range_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="label-map-fraction"):
+        synth_cohort(tmp_path / "c", healthy=1, lesions=0, label_map_fraction=1.5)
+
+
+def test_label_map_subject_is_a_skull_stripped_t1(tmp_path: Path) -> None:
+    """A healthy subject from a label map: white matter brightest large class, CSF dark, zero outside the brain."""
+    source = load_label_map("synthseg_training_seg_07", load_mni152())
+    subject = make_subject(source, output_grid(source, 2.0), seed=4, index=0)
+    values = subject.image[subject.brain]
+    assert subject.image[~subject.brain].max() == 0 and subject.template == "synthseg_training_seg_07"
+    wm = np.percentile(values, 85)
+    assert np.percentile(values, 5) < 0.55 * wm  # CSF and ventricles are dark
+    assert 900 < subject.brain.sum() * 8 / 1000 < 2300  # mL at 2 mm, head-size variation included
+
+
+def test_cli_bad_label_map_fraction_is_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "phanes_cli.cli", "data", "synth", "--out", str(tmp_path / "c"),
+                          "--healthy", "1", "--lesions", "0", "--label-map-fraction", "2"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "--label-map-fraction must lie between 0 and 1, got 2.0" in run.stderr
+    assert [line for line in run.stderr.splitlines() if "error" in line.lower()] == [
+        "error: --label-map-fraction must lie between 0 and 1, got 2.0"]  # one line, no traceback
+    assert not (tmp_path / "c").exists()

@@ -14,7 +14,7 @@ from scipy import ndimage
 import phanes_cli.inputs.brain_masks
 from phanes_cli.calibrate.insertion import LesionedVolume, insert_lesion, lesioned_validation
 from phanes_cli.calibrate.run import calibrate
-from phanes_cli.calibrate.tune import dice_grid
+from phanes_cli.calibrate.tune import dice_grid, healthy_fp, within_budget
 from phanes_cli.config import TuneConfig
 from phanes_cli.core.bundle import load_bundle, save_bundle
 from phanes_cli.core.pipeline import run_volume
@@ -50,6 +50,37 @@ def test_dice_grid_matches_a_numpy_oracle() -> None:
                 p = oracle_drop((s >= t) & (s > 0) & v.brain, m, v.voxel_ml)
                 tp, pred, true = tp + (p & v.truth).sum(), pred + p.sum(), true + v.truth.sum()
             assert grid[i, j] == pytest.approx(2 * tp / (pred + true))
+
+
+def test_healthy_false_positives_and_the_budgeted_choice_match_an_oracle() -> None:
+    """healthy_fp counts what the lesion rule keeps on healthy volumes; within_budget picks the best Dice whose
+    median healthy false positive volume is within the budget, else the least false positive volume."""
+    rng = np.random.default_rng(3)
+    volumes, scores = [], []
+    for k in range(3):
+        brain = np.zeros((20, 20, 20), dtype=bool)
+        brain[2:-2, 2:-2, 2:-2] = True
+        score = (ndimage.gaussian_filter(rng.normal(size=brain.shape), 1.5) * 4).clip(0, None).astype(np.float32)
+        volumes.append(LesionedVolume(f"h{k}", score * brain, brain, np.zeros_like(brain), 0.008))
+        scores.append(score * brain)
+    thresholds, sizes = np.array([0.2, 0.5, 1.0]), [0.0, 0.02, 0.1]
+    ml, count = healthy_fp(scores, volumes, thresholds, sizes)
+    for v, (s, vol) in enumerate(zip(scores, volumes, strict=True)):
+        for i, t in enumerate(thresholds):
+            for j, m in enumerate(sizes):
+                kept = oracle_drop((s >= t) & (s > 0) & vol.brain, m, vol.voxel_ml)
+                assert ml[v, i, j] == pytest.approx(kept.sum() * vol.voxel_ml)
+                assert count[v, i, j] == ndimage.label(kept, structure=np.ones((3, 3, 3), dtype=bool))[1]
+    assert (np.diff(ml, axis=1) <= 1e-12).all() and (np.diff(ml, axis=2) <= 1e-12).all()  # monotone
+    dice = np.array([[0.9, 0.8, 0.1], [0.7, 0.6, 0.2], [0.3, 0.5, 0.4]])
+    median = np.median(ml, axis=0)
+    budget = float(np.sort(median.ravel())[4])  # five points are within it
+    i, j, met = within_budget(dice, ml, budget)
+    ok = [(dice[a, b], -a, -b) for a in range(3) for b in range(3) if median[a, b] <= budget]
+    _, a, b = max(ok)
+    assert met and (i, j) == (-a, -b)
+    i, j, met = within_budget(dice, ml, -1.0)  # nothing within: the least false positive volume
+    assert not met and median[i, j] == median.min()
 
 
 def test_inserted_lesion_changes_only_its_blend_region(tmp_path: Path) -> None:
@@ -111,8 +142,13 @@ def test_tune_reads_validation_only_and_stores_its_choice(tuned: tuple[Path, Pat
     assert model.config.mask.mask_percentile == cal.tuning["mask_percentile"]  # the choice is in the bundle config
     stored = json.loads((bundle / "calibration.json").read_text())
     assert stored["tuning"]["validation"]["volumes"] == 2 and stored["min_lesion_ml"] == cal.min_lesion_ml
-    best = max(cal.tuning["dice_by_mask_percentile"].values())
-    assert cal.tuning["validation"]["dice"] == pytest.approx(best)
+    within = [d for d in cal.tuning["dice_by_mask_percentile"].values() if d is not None]
+    if cal.tuning["budget_met"]:
+        assert cal.tuning["validation"]["dice"] == pytest.approx(max(within))
+    clean = stored["tuning"]["healthy_validation"]
+    assert clean["volumes"] == [r.id for r in rows if r.split == "val"] and len(clean["fp_ml"]) == 2
+    assert stored["tuning"]["healthy_fp_budget_ml"] == model.config.tune.healthy_fp_budget_ml
+    assert (clean["median_fp_ml"] <= stored["tuning"]["healthy_fp_budget_ml"]) == cal.tuning["budget_met"]
 
 
 def test_tuned_validation_dice_matches_an_independent_recount(tuned: tuple[Path, Path, list[str]]) -> None:
@@ -126,11 +162,23 @@ def test_tuned_validation_dice_matches_an_independent_recount(tuned: tuple[Path,
                                    shapes=model.config.tune.shapes_per_volume)
     backend = choose_backend("auto", model, torch.device("cpu"))  # the backend calibrate runs on
     tp = pred = true = 0
+    burden: list[float] = []
     for v in lesioned:
         s = run_volume(v.image, v.brain, backend, model.config, cal.mask_threshold, 16, keep=()).anomaly
         p = oracle_drop((s >= cal.anomaly_threshold) & (s > 0) & v.brain, cal.min_lesion_ml, v.voxel_ml)
         tp, pred, true = tp + (p & v.truth).sum(), pred + p.sum(), true + v.truth.sum()
+        burden.append((float(p.sum()) - float(v.truth.sum())) * v.voxel_ml)
     assert cal.tuning["validation"]["dice"] == pytest.approx(2 * tp / max(pred + true, 1), abs=1e-6)
+    assert cal.tuning["validation"]["burden_error_ml"] == pytest.approx(burden, abs=1e-9)
+    # the healthy validation volumes, untouched, at the stored operating point
+    fp = []
+    for row in val_rows:
+        volume = load_volume(row.image)
+        brain = load_mask(row.brain_mask, volume)
+        s = run_volume(volume.data, brain, backend, model.config, cal.mask_threshold, 16, keep=()).anomaly
+        kept = oracle_drop((s >= cal.anomaly_threshold) & (s > 0) & brain, cal.min_lesion_ml, volume.voxel_ml)
+        fp.append(kept.sum() * volume.voxel_ml)
+    assert cal.tuning["healthy_validation"]["fp_ml"] == pytest.approx(fp, abs=1e-9)
 
 
 def test_tune_refuses_test_split_and_percentile_overrides(tmp_path: Path) -> None:

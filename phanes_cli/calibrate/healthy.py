@@ -2,7 +2,8 @@
 
 1. mask_threshold binarises the stage 1 map m(x) on the model grid, so it is the `mask_percentile` (99th)
    of m(x) over the brain pixels of every validation slice (`core.percentiles`; paper: "the 99th
-   percentile value on the healthy validation set").
+   percentile value on the healthy validation set"); with `mask.slice_context`, of m(x) averaged across
+   neighbouring slices of each whole validation volume, the map inference binarises.
 2. anomaly_threshold is the lesion rule's threshold, applied to s(x) restored onto each volume's own grid;
    so with that mask threshold each validation volume runs through `pipeline.run_volume`, and the threshold
    is the `anomaly_percentile` (99th) of s(x) over the brain voxels where s(x) > 0, on the volume grid. A
@@ -10,6 +11,7 @@
 3. min_lesion_ml: with both thresholds, each healthy volume's largest lesion component under the lesion
    rule; the `anomaly_percentile` of those sizes. Smaller components are what healthy brains give, so the
    rule drops them and a healthy brain almost never keeps one.
+4. domain: the range of the healthy-tissue figures of these volumes (`core.domain`), which screening checks.
 
 Why positive values only: s(x) is zero by construction outside the inpainting mask, which covers only a few
 percent of healthy brain, so a percentile over all brain voxels is usually exactly 0 and would flag every
@@ -29,6 +31,7 @@ from phanes_cli.config import PhanesConfig
 from phanes_cli.core.backend import Backend
 from phanes_cli.core.calibration import Calibration
 from phanes_cli.core.components import label_components
+from phanes_cli.core.domain import domain_record, healthy_tissue_figures
 from phanes_cli.core.lesion_rule import LesionRule
 from phanes_cli.core.percentiles import percentile_of, stage1_percentile
 from phanes_cli.core.pipeline import run_volume
@@ -46,6 +49,7 @@ class HealthyScores:
     index: np.ndarray  # flat indices of those voxels
     values: np.ndarray  # s(x) there, float32
     voxel_ml: float
+    brain: np.ndarray  # (X, Y, Z) bool
 
     def dense(self) -> np.ndarray:
         score = np.zeros(int(np.prod(self.shape)), dtype=np.float32)
@@ -62,7 +66,7 @@ def healthy_scores(backend: Backend, rows: Sequence[ManifestRow], cfg: PhanesCon
         volume, brain, _ = load_with_brain(row.image, row.brain_mask, skull_strip=skull_strip, device=device)
         anomaly = run_volume(volume.data, brain, backend, cfg, mask_threshold, batch_size, keep=()).anomaly
         index = np.flatnonzero((anomaly > 0) & brain)
-        out.append(HealthyScores(anomaly.shape, index, anomaly.ravel()[index], volume.voxel_ml))
+        out.append(HealthyScores(anomaly.shape, index, anomaly.ravel()[index], volume.voxel_ml, brain))
         bar.advance(task)
     return out
 
@@ -85,7 +89,7 @@ def healthy_calibration(backend: Backend, data: SliceSet, rows: Sequence[Manifes
         raise PhanesError("calibration: the healthy volumes hold no brain slices")
     task = bar.add_task("mask threshold", total=-(-len(data) // batch_size), info="stage 1 maps")
     mask_threshold = stage1_percentile(backend, data.images, data.brain, cfg.mask, batch_size,
-                                       lambda: bar.advance(task))
+                                       lambda: bar.advance(task), data.volume)
     if not np.isfinite(mask_threshold):
         raise PhanesError("calibration: the validation slices hold no brain pixels")
     scores = healthy_scores(backend, rows, cfg, mask_threshold, batch_size, skull_strip, device, bar)
@@ -94,5 +98,7 @@ def healthy_calibration(backend: Backend, data: SliceSet, rows: Sequence[Manifes
         raise PhanesError("calibration: stage 1 masked no voxel of the validation volumes, so s(x) is zero "
                           "everywhere; the model cannot be calibrated (train longer or on more data)")
     minimum = float(np.percentile(largest_component_ml(scores, anomaly_threshold), cfg.mask.anomaly_percentile))
+    rule = LesionRule(anomaly_threshold, minimum)
+    figures = [healthy_tissue_figures(s.dense(), s.brain, rule.apply(s.dense(), s.brain, s.voxel_ml)) for s in scores]
     return Calibration(mask_threshold=mask_threshold, anomaly_threshold=anomaly_threshold, n_slices=len(data),
-                       n_volumes=len(rows), min_lesion_ml=minimum)
+                       n_volumes=len(rows), min_lesion_ml=minimum, domain=domain_record(figures))

@@ -24,7 +24,7 @@ from phanes_cli.synth.variation import Anatomy
 
 @dataclass(frozen=True)
 class LesionedVolume:
-    """A validation volume with one inserted real lesion and its exact ground truth."""
+    """A validation volume with inserted real lesions and their exact ground truth (empty: a healthy volume)."""
 
     id: str
     image: np.ndarray  # (X, Y, Z) float32, the volume's own intensity units
@@ -87,4 +87,14 @@ def lesioned_validation(rows: Sequence[ManifestRow], bank: ShapeBank, reference:
             rng = np.random.default_rng([seed, i, copy])
             image, truth = insert_lesion(volume.data, brain, volume.affine, bank, reference, rng, shapes)
             out.append(LesionedVolume(f"{row.id}+lesion{copy}", image, brain, truth, voxel_ml))
+    return out
+
+
+def healthy_validation(rows: Sequence[ManifestRow], skull_strip: str = "auto") -> list[LesionedVolume]:
+    """The validation rows as they are (no lesion, empty truth): where tuning counts healthy false positives."""
+    out: list[LesionedVolume] = []
+    for row in rows:
+        volume, brain, _ = load_with_brain(row.image, row.brain_mask, skull_strip=skull_strip)
+        voxel_ml = abs(float(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
+        out.append(LesionedVolume(row.id, volume.data, brain, np.zeros(brain.shape, dtype=bool), voxel_ml))
     return out

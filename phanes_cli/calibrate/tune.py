@@ -12,8 +12,15 @@ with `TuneConfig.shapes_per_volume` different real masks in each version) and se
   (the lesion rule, `core.lesion_rule`, that screening and evaluation apply too).
 Cost: one `run_volume` per validation volume, copy and percentile (10-25 s each for the CPU model on a
 1.5 mm volume); the Dice search over thresholds and sizes is cheap in comparison.
-The (p, t, min size) with the best Dice pooled over all lesioned validation volumes wins (ties: the
-first, i.e. the lowest percentile, threshold and size). Test volumes are never read.
+Healthy brains must stay clean: the same healthy validation volumes, without lesions, run through the pipeline
+at every p too, and a (p, t, min size) is admissible only when the median over them of the false-positive lesion
+volume (every lesion voxel of a healthy volume is false) is at most `tune.healthy_fp_budget_ml` (mL per volume).
+The admissible point with the best Dice pooled over all lesioned validation volumes wins (ties: the first, i.e.
+the lowest percentile, threshold and size); when no point is admissible, the one with the least healthy false
+positive volume, recorded as `budget_met: false`. Stored in `calibration.tuning`: the choice, lesion Dice,
+precision, recall, burden error per lesioned volume (predicted minus true mL) and its median absolute value,
+the healthy volumes' false-positive mL and components at the chosen point, and the budget. Cost: the healthy
+pass adds one `run_volume` per healthy validation volume and percentile. Test volumes are never read.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from phanes_cli.config import PhanesConfig
 from phanes_cli.core.backend import Backend
 from phanes_cli.core.calibration import Calibration
 from phanes_cli.core.components import label_components
+from phanes_cli.core.domain import domain_record, healthy_tissue_figures
 from phanes_cli.core.lesion_rule import LesionRule
 from phanes_cli.core.percentiles import percentile_of, stage1_values
 from phanes_cli.core.pipeline import run_volume
@@ -82,39 +90,117 @@ def validation_figures(scores: Sequence[np.ndarray], volumes: Sequence[LesionedV
             "fp_components_per_volume": fp / max(len(volumes), 1), "volumes": len(volumes), "lesions": lesions}
 
 
+def healthy_fp(scores: Sequence[np.ndarray], volumes: Sequence[LesionedVolume], thresholds: np.ndarray,
+               min_ml: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """False positives of healthy volumes: (V, T, M) lesion mL and components kept at each threshold and size."""
+    ml = np.zeros((len(volumes), len(thresholds), len(min_ml)))
+    count = np.zeros_like(ml)
+    for v, (score, volume) in enumerate(zip(scores, volumes, strict=True)):
+        for i, t in enumerate(thresholds):
+            labels, n = label_components(LesionRule(t).candidates(score, volume.brain))
+            sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:] * volume.voxel_ml
+            for j, m in enumerate(min_ml):
+                keep = LesionRule(t, m).keeps(sizes)
+                ml[v, i, j], count[v, i, j] = sizes[keep].sum(), keep.sum()
+    return ml, count
+
+
+def within_budget(dice: np.ndarray, fp_ml: np.ndarray, budget_ml: float) -> tuple[int, int, bool]:
+    """(i, j, met): the best Dice among (threshold, size) points whose median healthy false-positive mL is within
+    the budget (the first on ties); when none is, the point with the least false positive volume (then best Dice)."""
+    median = np.median(fp_ml, axis=0) if fp_ml.shape[0] else np.zeros_like(dice)
+    feasible = median <= budget_ml
+    if feasible.any():
+        i, j = np.unravel_index(int(np.argmax(np.where(feasible, dice, -1.0))), dice.shape)
+        return int(i), int(j), True
+    order = np.lexsort((-dice.ravel(), median.ravel()))
+    i, j = np.unravel_index(int(order[0]), dice.shape)
+    return int(i), int(j), False
+
+
+def burden_errors(scores: Sequence[np.ndarray], volumes: Sequence[LesionedVolume], threshold: float,
+                  min_ml: float) -> list[float]:
+    """Predicted minus true lesion volume (mL) of each volume at one operating point."""
+    rule = LesionRule(threshold, min_ml)
+    return [(float(rule.apply(s, v.brain, v.voxel_ml).sum()) - float(v.truth.sum())) * v.voxel_ml
+            for s, v in zip(scores, volumes, strict=True)]
+
+
+def _search(backend: Backend, cfg: PhanesConfig, mask_threshold: float, lesioned: Sequence[LesionedVolume],
+            healthy: Sequence[LesionedVolume], batch_size: int) -> dict[str, Any]:
+    """One mask threshold: every volume through the pipeline, then the budgeted best (threshold, size)."""
+    scores = [run_volume(v.image, v.brain, backend, cfg, mask_threshold, batch_size, keep=()).anomaly
+              for v in lesioned]
+    clean = [run_volume(v.image, v.brain, backend, cfg, mask_threshold, batch_size, keep=()).anomaly
+             for v in healthy]
+    thresholds = candidate_thresholds(scores + clean, cfg.tune.anomaly_candidates)
+    if thresholds.size == 0:
+        return {}
+    grid = dice_grid(scores, lesioned, thresholds, cfg.tune.min_lesion_ml)
+    fp_ml, fp_count = healthy_fp(clean, healthy, thresholds, cfg.tune.min_lesion_ml)
+    i, j, met = within_budget(grid, fp_ml, cfg.tune.healthy_fp_budget_ml)
+    median = float(np.median(fp_ml[:, i, j])) if len(healthy) else 0.0
+    return {"dice": float(grid[i, j]), "met": met, "median_fp_ml": median, "mask": mask_threshold,
+            "t": float(thresholds[i]), "min_ml": float(cfg.tune.min_lesion_ml[j]), "scores": scores, "clean": clean,
+            "fp_ml": fp_ml[:, i, j].tolist(), "fp_components": fp_count[:, i, j].astype(int).tolist()}
+
+
+def _better(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Within budget beats over budget; then higher Dice (within) or less healthy false positive volume (over)."""
+    if a["met"] != b["met"]:
+        return bool(a["met"])
+    return a["dice"] > b["dice"] if a["met"] else a["median_fp_ml"] < b["median_fp_ml"]
+
+
 def tune(backend: Backend, cfg: PhanesConfig, healthy: SliceSet, lesioned: Sequence[LesionedVolume],
-         batch_size: int = 32, report: Callable[[str], object] = lambda message: None) -> Calibration:
-    """Search (mask percentile, anomaly threshold, minimum lesion size) for the best validation Dice.
+         batch_size: int = 32, report: Callable[[str], object] = lambda message: None,
+         clean: Sequence[LesionedVolume] = ()) -> Calibration:
+    """Search (mask percentile, anomaly threshold, minimum lesion size) for the best validation Dice whose median
+    false positive volume on the healthy validation volumes `clean` stays within `tune.healthy_fp_budget_ml`.
 
     Returns the Calibration of the choice; its `tuning` holds the chosen mask percentile, the validation figures
-    of the choice (`validation_figures`), the best Dice per mask percentile and the lesioned volumes' ids.
+    of the choice, the healthy false positives, the best Dice per mask percentile and the lesioned volumes' ids.
     """
-    values = stage1_values(backend, healthy.images, healthy.brain, cfg.mask, batch_size)
-    best: dict[str, Any] = {"dice": -1.0}
-    per_percentile: dict[str, float] = {}
+    values = stage1_values(backend, healthy.images, healthy.brain, cfg.mask, batch_size, volumes=healthy.volume)
+    best: dict[str, Any] = {}
+    per_percentile: dict[str, float | None] = {}
     for q in cfg.tune.mask_percentiles:
         mask_threshold = percentile_of(values, q)
         if not np.isfinite(mask_threshold) or mask_threshold <= 0:
             raise PhanesError("tuning: the healthy validation slices give no positive stage 1 map; train longer")
-        scores = [run_volume(v.image, v.brain, backend, cfg, mask_threshold, batch_size, keep=()).anomaly
-                  for v in lesioned]
-        thresholds = candidate_thresholds(scores, cfg.tune.anomaly_candidates)
-        if thresholds.size == 0:
-            per_percentile[f"{q:g}"] = 0.0
+        found = _search(backend, cfg, mask_threshold, lesioned, clean, batch_size)
+        per_percentile[f"{q:g}"] = found["dice"] if found.get("met") else None
+        if not found:
             continue
-        grid = dice_grid(scores, lesioned, thresholds, cfg.tune.min_lesion_ml)
-        i, j = np.unravel_index(int(np.argmax(grid)), grid.shape)
-        per_percentile[f"{q:g}"] = float(grid[i, j])
-        report(f"mask percentile {q:g}: best validation Dice {grid[i, j]:.3f}")
-        if grid[i, j] > best["dice"]:
-            best = {"dice": float(grid[i, j]), "q": q, "mask": mask_threshold, "t": float(thresholds[i]),
-                    "min_ml": float(cfg.tune.min_lesion_ml[j]), "scores": scores}
-    if "q" not in best:
-        raise PhanesError("tuning: no mask percentile gave any positive anomaly score on the lesioned validation "
-                          "volumes; train longer")
-    figures = validation_figures(best["scores"], lesioned, best["t"], best["min_ml"])
+        report(f"mask percentile {q:g}: Dice {found['dice']:.3f}, healthy false positives "
+               f"{found['median_fp_ml']:.1f} mL (budget {cfg.tune.healthy_fp_budget_ml:g})")
+        if not best or _better(found, best):
+            best = {**found, "q": q}
+    if not best:
+        raise PhanesError("tuning: no mask percentile gave any positive anomaly score on the validation volumes; "
+                          "train longer")
+    return _tuned_calibration(cfg, healthy, lesioned, clean, best, per_percentile)
+
+
+def _tuned_calibration(cfg: PhanesConfig, healthy: SliceSet, lesioned: Sequence[LesionedVolume],
+                       clean: Sequence[LesionedVolume], best: dict[str, Any],
+                       per_percentile: dict[str, float | None]) -> Calibration:
+    """The chosen point with its figures: lesion Dice and burden error, healthy false positives per volume."""
+    errors = burden_errors(best["scores"], lesioned, best["t"], best["min_ml"])
+    figures: dict[str, Any] = {**validation_figures(best["scores"], lesioned, best["t"], best["min_ml"]),
+                               "burden_error_ml": errors,
+                               "median_abs_burden_error_ml": float(np.median(np.abs(errors))) if errors else 0.0}
     tuning = {"mask_percentile": best["q"], "validation": figures, "dice_by_mask_percentile": per_percentile,
-              "lesioned_volumes": [v.id for v in lesioned]}
+              "lesioned_volumes": [v.id for v in lesioned],
+              "healthy_fp_budget_ml": cfg.tune.healthy_fp_budget_ml, "budget_met": best["met"],
+              "healthy_validation": {"volumes": [v.id for v in clean], "fp_ml": best["fp_ml"],
+                                     "fp_components": best["fp_components"],
+                                     "median_fp_ml": best["median_fp_ml"],
+                                     "median_fp_components": float(np.median(best["fp_components"]))
+                                     if clean else 0.0}}
+    rule = LesionRule(best["t"], best["min_ml"])
+    tissue = [healthy_tissue_figures(s, v.brain, rule.apply(s, v.brain, v.voxel_ml))
+              for s, v in zip(best["clean"], clean, strict=True)]
     return Calibration(mask_threshold=best["mask"], anomaly_threshold=best["t"], n_slices=len(healthy),
                        n_volumes=len({v.id.split("+")[0] for v in lesioned}), min_lesion_ml=best["min_ml"],
-                       tuning=tuning)
+                       tuning=tuning, domain=domain_record(tissue) if tissue else None)

@@ -2,7 +2,10 @@
 
 The mask threshold binarises the stage 1 map m(x) on the model grid, so it is a percentile of m(x) over the
 brain pixels of healthy slices: calibration takes it on the validation slices, the trainer on training
-slices (the holes stage 2 learns to fill), tuning for every percentile it tries.
+slices (the holes stage 2 learns to fill), tuning for every percentile it tries. With `mask.slice_context`
+the map binarised is m(x) averaged across neighbouring slices (`core.slice_context`), so given the slices'
+`volumes` (whole volumes, consecutive slices) the percentile is taken of that averaged map. The trainer's
+spread-out slices have no neighbours: it passes no `volumes` and takes the plain m(x).
 """
 
 from __future__ import annotations
@@ -10,11 +13,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from phanes_cli.config import MaskConfig
 from phanes_cli.core.backend import Backend
 from phanes_cli.core.pipeline import stage1_map
+from phanes_cli.core.slice_context import context_average
 
 
 def percentile_of(chunks: list[Tensor] | list[np.ndarray], q: float) -> float:
@@ -26,18 +31,29 @@ def percentile_of(chunks: list[Tensor] | list[np.ndarray], q: float) -> float:
 
 
 def stage1_values(backend: Backend, images: Tensor, brain: Tensor, cfg: MaskConfig, batch_size: int = 32,
-                  advance: Callable[[], object] = lambda: None) -> list[Tensor]:
-    """m(x) over the brain pixels of (N, 1, S, S) slices, one 1-D tensor per batch (`advance` after each)."""
+                  advance: Callable[[], object] = lambda: None, volumes: Tensor | None = None) -> list[Tensor]:
+    """m(x) over the brain pixels of (N, 1, S, S) slices, one 1-D tensor per batch (`advance` after each).
+
+    With `cfg.slice_context` and `volumes` ((N,) volume of each slice, slices of a volume consecutive), the
+    context-averaged m(x), as inference binarises it.
+    """
+    context = cfg.slice_context and volumes is not None
     values: list[Tensor] = []
     for start in range(0, images.shape[0], batch_size):
         x = images[start : start + batch_size].to(backend.device)
         b = brain[start : start + batch_size].to(backend.device)
-        values.append(stage1_map(x, backend.reconstruct(x), b, backend, cfg)[b > 0].float().cpu())
+        m = stage1_map(x, backend.reconstruct(x), b, backend, cfg).float().cpu()
+        values.append(m if context else m[b.cpu() > 0])
         advance()
+    if context and values:
+        averaged = context_average(torch.cat(values), brain.cpu(), volumes)
+        return [averaged[brain.cpu() > 0]]
     return values
 
 
 def stage1_percentile(backend: Backend, images: Tensor, brain: Tensor, cfg: MaskConfig, batch_size: int = 32,
-                      advance: Callable[[], object] = lambda: None) -> float:
-    """The `cfg.mask_percentile` of m(x) over the brain pixels of the slices; NaN when there are none."""
-    return percentile_of(stage1_values(backend, images, brain, cfg, batch_size, advance), cfg.mask_percentile)
+                      advance: Callable[[], object] = lambda: None, volumes: Tensor | None = None) -> float:
+    """The `cfg.mask_percentile` of m(x) over the brain pixels of the slices (context-averaged with `volumes`, see
+    `stage1_values`); NaN when there are none."""
+    values = stage1_values(backend, images, brain, cfg, batch_size, advance, volumes)
+    return percentile_of(values, cfg.mask_percentile)

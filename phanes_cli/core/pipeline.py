@@ -25,6 +25,7 @@ from phanes_cli.config import MaskConfig, PhanesConfig
 from phanes_cli.core import ops
 from phanes_cli.core.backend import Backend
 from phanes_cli.core.preprocess import SliceGeometry, prepare_volume, restore_volume
+from phanes_cli.core.slice_context import context_average
 
 
 @dataclass(frozen=True)
@@ -58,17 +59,21 @@ def anomaly_map(x: Tensor, x_ph: Tensor, mask: Tensor, brain: Tensor, backend: B
 
 
 def run_slices(x: Tensor, brain: Tensor, backend: Backend, cfg: PhanesConfig, mask_threshold: float,
-               given_mask: Tensor | None = None) -> SliceMaps:
+               given_mask: Tensor | None = None, stage1: tuple[Tensor, Tensor] | None = None) -> SliceMaps:
     """The PHANES core on one batch: (N, 1, S, S) slices and brain masks in, every map out.
 
     `mask_threshold` binarises m(x) (the calibration's, or a candidate during calibration); `given_mask`
-    replaces the stage 1 mask (PHANES-GT: inpaint the ground truth, the upper bound).
+    replaces the stage 1 mask (PHANES-GT: inpaint the ground truth, the upper bound); `stage1` = (x_cph, m)
+    computed beforehand (the second pass of `infer_slices` with slice context, m already averaged).
     """
     dev = backend.device
     x = x.to(dev, torch.float32)
     brain = brain.to(dev, torch.float32)
-    x_cph = backend.reconstruct(x)
-    m = stage1_map(x, x_cph, brain, backend, cfg.mask)
+    if stage1 is None:
+        x_cph = backend.reconstruct(x)
+        m = stage1_map(x, x_cph, brain, backend, cfg.mask)
+    else:
+        x_cph, m = (t.to(dev, torch.float32) for t in stage1)
     if given_mask is None:
         mask = ops.binary_mask(m, brain, mask_threshold, cfg.mask)
     else:
@@ -112,7 +117,9 @@ def infer_slices(
     keep: SliceMaps fields besides the anomaly map ("stage1_map", "x_cph", "x_ph", "inpaint_mask"); "x_ph"
     brings "inpaint_mask" along, because the pseudo-healthy image is only taken inside it. A non-finite value in
     a kept map is a FloatingPointError naming the map and the slices: a broken network fails the volume, never
-    writes NaNs.
+    writes NaNs. With `cfg.mask.slice_context` (and no `given_mask`) it runs in two passes: stage 1 on every slice,
+    m(x) averaged with the neighbouring slices (`core.slice_context`; the slices are one volume's consecutive
+    processed slices), then masks, inpainting and s(x); the stage 1 map returned is the averaged one it binarised.
     """
     unknown = set(keep) - set(_MAP_NAMES)
     if unknown:
@@ -121,10 +128,12 @@ def infer_slices(
     x, b = torch.as_tensor(slices), torch.as_tensor(brain)
     gt = None if given_mask is None else torch.as_tensor(given_mask)
     n = x.shape[0]
+    first = _context_stage1(x, b, backend, cfg, batch_size) if cfg.mask.slice_context and gt is None else None
     parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for start in range(0, n, batch_size):
         part = slice(start, start + batch_size)
-        out = run_slices(x[part], b[part], backend, cfg, mask_threshold, None if gt is None else gt[part])
+        out = run_slices(x[part], b[part], backend, cfg, mask_threshold, None if gt is None else gt[part],
+                         None if first is None else (first[0][part], first[1][part]))
         for name in names:
             value: Tensor = getattr(out, name)
             if not torch.isfinite(value).all():
@@ -135,6 +144,22 @@ def infer_slices(
     if "inpaint_mask" in arrays:
         arrays["inpaint_mask"] = arrays["inpaint_mask"] > 0.5
     return ModelMaps(**arrays)
+
+
+def _context_stage1(x: Tensor, brain: Tensor, backend: Backend, cfg: PhanesConfig, batch_size: int
+                    ) -> tuple[Tensor, Tensor]:
+    """First pass: x_cph and m(x) of every slice (kept on the CPU), m averaged across neighbouring slices."""
+    recon: list[Tensor] = []
+    maps: list[Tensor] = []
+    for start in range(0, x.shape[0], batch_size):
+        xb = x[start:start + batch_size].to(backend.device, torch.float32)
+        bb = brain[start:start + batch_size].to(backend.device, torch.float32)
+        x_cph = backend.reconstruct(xb)
+        recon.append(x_cph.cpu())
+        maps.append(stage1_map(xb, x_cph, bb, backend, cfg.mask).cpu())
+    if not maps:
+        return x.float(), torch.zeros_like(x, dtype=torch.float32)
+    return torch.cat(recon), context_average(torch.cat(maps), brain.cpu())
 
 
 @dataclass(frozen=True)

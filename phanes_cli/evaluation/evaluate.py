@@ -123,6 +123,18 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def of_sources(rows: list[ManifestRow], sources: Sequence[str], manifest: Path) -> list[ManifestRow]:
+    """The rows whose `source` is one of `sources` (all rows when none is given); a ConfigError names what exists."""
+    if not sources:
+        return rows
+    known = sorted({str(r.extra["source"]) for r in rows if r.extra.get("source") is not None})
+    missing = sorted(set(sources) - set(known))
+    if missing:
+        listing = ", ".join(known) or "none: the manifest has no source column"
+        raise ConfigError(f"{manifest}: no rows of source(s) {', '.join(missing)}; sources: {listing}")
+    return [r for r in rows if r.extra.get("source") in set(sources)]
+
+
 def labelled_rows(rows: list[ManifestRow], split: str, manifest: Path) -> tuple[list[ManifestRow], list[str]]:
     """Rows of `split` with a lesion mask, and the ids skipped for lacking one; errors when none remain."""
     in_split = select(rows, split=split)
@@ -219,12 +231,15 @@ def evaluate(
     progress: bool = True,
     skull_strip: str = "auto",
     backend_name: str = "auto",
+    sources: Sequence[str] = (),
 ) -> EvaluationResult:
     """Score `methods` of a calibrated bundle on the labelled rows of a manifest split; write the results to `out`.
 
     Writes summary.json (settings + per-method summary + synthetic summary), per_volume.parquet (one row
     per method and volume), healthy_controls.parquet (false positives per method and healthy control, when
     the split has any) and, with `synthetic`, synthetic.parquet/synthetic.json (paper Table 1).
+    `sources`: only the rows whose manifest `source` column (`phanes data synth`: the source brain) is one of
+    these, e.g. one test brain at a time.
     """
     bundle, manifest, out = Path(bundle), Path(manifest), Path(out)
     names = validate_methods(methods)
@@ -235,7 +250,7 @@ def evaluate(
     loaded = load_bundle(bundle)
     calibration = loaded.require_calibration()
     cfg = loaded.config
-    rows = read_manifest(manifest)
+    rows = of_sources(read_manifest(manifest), sources, manifest)
     labelled, skipped = labelled_rows(rows, split, manifest)
     controls = [r for r in select(rows, split=split) if r.lesion_mask is None and r.kind == HEALTHY]
     skipped = [i for i in skipped if i not in {r.id for r in controls}]
@@ -294,7 +309,7 @@ def evaluate(
 
     settings = {
         "bundle": str(bundle), "bundle_hash": loaded.hash, "config": cfg.name, "manifest": str(manifest),
-        "split": split,
+        "split": split, "sources": list(sources),
         "n_volumes": len(labelled), "healthy_controls": [r.id for r in controls],
         "skipped_without_lesion_mask": skipped, "methods": list(names),
         "calibration": calibration.to_dict(), "slice_mode": cfg.preprocess.slice_mode, "bins": BINS,

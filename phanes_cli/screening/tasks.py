@@ -18,6 +18,7 @@ import torch
 
 from phanes_cli.config import PreprocessConfig
 from phanes_cli.core.calibration import Calibration
+from phanes_cli.core.domain import healthy_tissue_figures, outside
 from phanes_cli.core.lesion_rule import LesionRule
 from phanes_cli.core.pipeline import ModelMaps, restore_maps
 from phanes_cli.core.preprocess import SliceGeometry, prepare_volume
@@ -186,6 +187,7 @@ def commit_outputs(job: WriteJob, decoded: DecodeResult, inferred: InferenceResu
     try:
         native = restore_maps(maps, context.geometry, context.brain, context.scale, volume.data)
         lesions = LesionRule.from_calibration(job.calibration).apply(native.anomaly, context.brain, volume.voxel_ml)
+        flags = context.qc_flags + domain_flags(job.calibration, native.anomaly, context.brain, lesions)
         brain_stats = brain_statistics(volume, context.brain, native.anomaly)
         stats, lesion_rows = volume_statistics(vid, volume, brain_stats, native.anomaly, lesions)
         arrays = {"anomaly": (native.anomaly, np.float32),
@@ -201,7 +203,7 @@ def commit_outputs(job: WriteJob, decoded: DecodeResult, inferred: InferenceResu
         write_s = time.perf_counter() - start
         row = {
             **manifest_columns(job.row.extra), "id": vid, "input_path": str(job.row.image), "status": "ok",
-            "brain_mask_source": context.brain_source, "qc_flags": list(context.qc_flags), **stats,
+            "brain_mask_source": context.brain_source, "qc_flags": list(flags), **stats,
             "slices_processed": decoded.n_slices, "backend": inferred.backend or job.backend,
             "bundle_hash": job.bundle_hash, **job.calibration.columns(),
             "runtime_s": earlier_s + write_s,
@@ -219,4 +221,14 @@ def commit_outputs(job: WriteJob, decoded: DecodeResult, inferred: InferenceResu
         return WriteResult(Failure("write", kind, message), earlier_s + time.perf_counter() - start, node_ip(),
                            qc_flags=decoded.qc_flags)
     return WriteResult(None, earlier_s + time.perf_counter() - start, node_ip(), stats["lesion_count"],
-                       stats["lesion_burden_ml"], decoded.qc_flags)
+                       stats["lesion_burden_ml"], flags)
+
+
+def domain_flags(calibration: Calibration, anomaly: np.ndarray, brain: np.ndarray, lesions: np.ndarray
+                 ) -> tuple[str, ...]:
+    """("outside_calibration",) when the volume's healthy tissue scores outside the calibration's domain
+    (`core.domain`); () when inside, or when the calibration predates the domain record."""
+    if calibration.domain is None:
+        return ()
+    return ("outside_calibration",) if outside(healthy_tissue_figures(anomaly, brain, lesions),
+                                               calibration.domain) else ()

@@ -5,16 +5,18 @@ SeedSequence([seed, role, index]), split into independent streams for anatomy, l
 acquisition. A subject therefore does not depend on how many others are made, and a lesion subject's
 healthy base (same anatomy and acquisition streams, no lesion) is reproducible exactly.
 
-Sources and splits: every source brain (nilearn's MNI152, the four real T1s shipped in
-phanes_cli/data/healthy_t1, any `--templates`) belongs to exactly one split, so no brain is seen in two
-splits (augmented copies of one brain are not independent). Default: val = Colin27, test = the niimath
-adult (two individual brains rather than population averages, so thresholds are tuned and measured on
-individual anatomy), train = the rest (nilearn MNI152 2009a, ANTs MNI152, ICBM 2009 and any
-`--templates`); `--val-sources` / `--test-sources` choose others by name. Healthy subject `index` uses
-source `index` of the round-robin order (one train, one val, one test source first, so two subjects
-already give train + val, three add a healthy test control; then the other sources in name order) and
-takes that source's split: healthy test subjects are the controls `phanes evaluate` counts false
-positives on. Lesion subjects are test and use the test sources round-robin.
+Sources and splits: every source brain (nilearn's MNI152, the six real T1s shipped in
+phanes_cli/data/healthy_t1, the 20 label maps of `synth.label_maps`, any `--templates`) belongs to exactly one
+split, so no brain is seen in two splits (augmented copies of one brain are not independent). Default: val =
+Colin27 and the StudyForrest adult (raw scanner intensities, skull-stripped by phanes), test = the niimath adult
+(raw intensities) and the FreeSurfer `norm` brain (intensity-normalised by FreeSurfer: prepared differently
+from both validation brains); train = the three population templates (nilearn MNI152 2009a, ANTs MNI152, ICBM
+2009), every label map and any `--templates`. `--val-sources` / `--test-sources` choose others by name.
+Healthy subjects follow `healthy_sources`: a cycle of one train, one val, one test source, then the other val
+and test sources, then train slots up to 60% of the cycle; a train slot takes a label-map subject with
+probability `label_map_fraction` (deterministically spread), else the next real train source. Healthy test
+subjects are the controls `phanes evaluate` counts false positives on. Lesion subjects are test and use the
+test sources round-robin. The manifest's `source` column names each subject's brain (report per test brain).
 Lesions: `--kind stroke` places real expert-drawn stroke masks (the bank shipped with the package, or
 every mask of `--lesion-shapes DIR`); `--lesion-source procedural` grows irregular shapes instead.
 Voxel size: 1.5 mm by default. The model sees axial slices padded square and resized to 128 x 128;
@@ -34,6 +36,7 @@ import numpy as np
 from phanes_cli.core.volume_io import save_nifti
 from phanes_cli.errors import ConfigError, InputError
 from phanes_cli.inputs.manifest import ManifestRow, write_manifest
+from phanes_cli.synth.label_maps import LabelMap, label_map_names, load_label_map
 from phanes_cli.synth.lesion_bank import ShapeBank, folder_bank, npz_bank
 from phanes_cli.synth.lesions import LesionConfig, stroke_lesions
 from phanes_cli.synth.sprites import sprite_volume
@@ -54,8 +57,12 @@ HEALTHY, LESION = 0, 1
 DEFAULT_VOXEL_SIZE = 1.5
 DEFAULT_VARIATION = VariationConfig()
 DEFAULT_LESIONS = LesionConfig()
-DEFAULT_VAL_SOURCES = ("antspy_colin27_ch2_T1",)
-DEFAULT_TEST_SOURCES = ("niimath_adult_T1",)
+DEFAULT_VAL_SOURCES = ("antspy_colin27_ch2_T1", "studyforrest_T1w_brain")
+DEFAULT_TEST_SOURCES = ("niimath_adult_T1", "niivue_fs_norm_T1")
+# share of training subjects generated from label maps (the rest: real train images); judge it on validation
+DEFAULT_LABEL_MAP_FRACTION = 0.5
+TRAIN_SHARE = 0.6  # train slots fill the healthy cycle up to this share
+Source = Template | LabelMap
 
 
 @dataclass(frozen=True)
@@ -86,13 +93,15 @@ def _streams(seed: int, role: int, index: int
     return np.random.default_rng(anatomy), acquisition, np.random.default_rng(lesion)
 
 
-def make_subject(template: Template, grid: Grid, seed: int, index: int, kind: str | None = None,
+def make_subject(source: Source, grid: Grid, seed: int, index: int, kind: str | None = None,
                  lesion_shapes: ShapeBank | None = None, keep_base: bool = False,
                  variation: VariationConfig = DEFAULT_VARIATION, lesions: LesionConfig = DEFAULT_LESIONS) -> Subject:
     """Build one subject: healthy when `kind` is None, else with "stroke" lesions (real shapes from
-    `lesion_shapes`, procedural when None) or "sprites"."""
+    `lesion_shapes`, procedural when None) or "sprites". A label map first draws its tissue intensities
+    (`LabelMap.template`) from the anatomy stream."""
     role = HEALTHY if kind is None else LESION
     anatomy_rng, acquisition_seed, lesion_rng = _streams(seed, role, index)
+    template = source.template(anatomy_rng) if isinstance(source, LabelMap) else source
     anatomy = sample_anatomy(template, grid, anatomy_rng, variation)
 
     def scan(image: np.ndarray) -> np.ndarray:
@@ -154,6 +163,37 @@ def round_robin(names: list[str], splits: dict[str, str]) -> list[int]:
     return firsts + [i for i in range(len(names)) if i not in firsts]
 
 
+def healthy_sources(count: int, names: list[str], splits: dict[str, str], pooled: set[str],
+                    fraction: float = DEFAULT_LABEL_MAP_FRACTION) -> list[int]:
+    """Source index of each of `count` healthy subjects (see the module docstring).
+
+    `pooled`: the label-map sources; those in the train split are drawn from as one pool by the train slots
+    (the k-th train subject is a label map when floor((k + 1) f) > floor(k f), so any prefix holds the fraction
+    f up to one subject); label maps named val or test are ordinary sources of their split.
+    """
+    pool = [i for i, n in enumerate(names) if n in pooled and splits[n] == "train"]
+    real = [i for i, n in enumerate(names) if i not in pool]
+    real_train = [i for i in real if splits[names[i]] == "train"]
+    held = {split: [i for i in real if splits[names[i]] == split] for split in ("val", "test")}
+    rest = held["val"][1:] + held["test"][1:]
+    n_train = max(len(real_train), 1, int(np.ceil(TRAIN_SHARE / (1 - TRAIN_SHARE) * (len(rest) + 2))))
+    cycle: list[int | None] = [None, held["val"][0], held["test"][0], *rest, *[None] * (n_train - 1)]
+    out: list[int] = []
+    counters = {"train": 0, "pool": 0, "real": 0}
+    for index in range(count):
+        slot = cycle[index % len(cycle)]
+        if slot is not None:
+            out.append(slot)
+            continue
+        k = counters["train"]
+        counters["train"] += 1
+        from_pool = bool(pool) and (not real_train or np.floor((k + 1) * fraction) > np.floor(k * fraction))
+        which, members = ("pool", pool) if from_pool else ("real", real_train)
+        out.append(members[counters[which] % len(members)])
+        counters[which] += 1
+    return out
+
+
 def _shape_bank(kind: str, lesion_source: str, lesion_shapes: Path | None) -> ShapeBank | None:
     if kind != "stroke" or lesion_source != "real":
         return None
@@ -164,43 +204,59 @@ def synth_cohort(out: Path, healthy: int, lesions: int, kind: str = "stroke", se
                  lesion_shapes: Path | None = None, templates: Path | None = None,
                  voxel_size: float = DEFAULT_VOXEL_SIZE, progress: Callable[[str], None] | None = None,
                  lesion_source: str = "real", val_sources: tuple[str, ...] = DEFAULT_VAL_SOURCES,
-                 test_sources: tuple[str, ...] = DEFAULT_TEST_SOURCES) -> Path:
+                 test_sources: tuple[str, ...] = DEFAULT_TEST_SOURCES,
+                 label_map_fraction: float = DEFAULT_LABEL_MAP_FRACTION) -> Path:
     """Write `healthy` + `lesions` synthetic T1 subjects under `out`; returns the manifest path.
 
     Layout: out/images/<id>.nii.gz (float32), out/masks/<id>_brain.nii.gz (uint8),
     out/labels/<id>_lesion.nii.gz (uint8, lesion subjects), out/manifest.parquet.
-    Ids: healthy-0000..., and stroke-0000... or sprites-0000....
+    Ids: healthy-0000..., and stroke-0000... or sprites-0000.... Manifest extras: `source` (the source brain),
+    `source_kind` (image or label_map), `seed`, `lesion_source`.
     `progress` is called exactly once per subject written, with "<id> (k/n)".
     """
     out = Path(out)
     _validate(out, healthy, lesions, kind, seed, voxel_size, lesion_shapes, lesion_source)
+    if not 0.0 <= label_map_fraction <= 1.0:
+        raise ConfigError(f"--label-map-fraction must lie between 0 and 1, got {label_map_fraction}")
     shapes = _shape_bank(kind, lesion_source, lesion_shapes)
     report = progress or (lambda message: None)
     files = template_files(None if templates is None else Path(templates))
-    names = [MNI152_NAME] + [template_name(p) for p in files]
+    label_names = label_map_names()
+    names = [MNI152_NAME] + [template_name(p) for p in files] + label_names
     splits = source_splits(names, tuple(val_sources), tuple(test_sources))
-    pool = load_templates(files)
-    order = round_robin(names, splits)
-    tests = [i for i in order if splits[names[i]] == "test"]
+    templates_loaded = load_templates(files)
+    sources: dict[int, Source] = dict(enumerate(templates_loaded))
+
+    def source(i: int) -> Source:  # label maps load on first use: a small cohort reads only a few
+        if i not in sources:
+            sources[i] = load_label_map(names[i], templates_loaded[0])
+        return sources[i]
+
+    tests = [i for i in round_robin(names, splits) if splits[names[i]] == "test"]
+    picks = healthy_sources(healthy, names, splits, set(label_names), label_map_fraction)
+    plan = [(None, i, picks[i]) for i in range(healthy)] + [(kind, i, tests[i % len(tests)]) for i in range(lesions)]
     grids: dict[int, Grid] = {}
     rows: list[ManifestRow] = []
-    plan = [(None, i) for i in range(healthy)] + [(kind, i) for i in range(lesions)]
-    for done, (subject_kind, index) in enumerate(plan, start=1):
-        which = order[index % len(order)] if subject_kind is None else tests[index % len(tests)]
-        grid = grids.setdefault(which, output_grid(pool[which], voxel_size))
-        subject = make_subject(pool[which], grid, seed, index, subject_kind, shapes)
+    for done, (subject_kind, index, which) in enumerate(plan, start=1):
+        grid = grids.setdefault(which, output_grid(source(which), voxel_size))
+        subject = make_subject(source(which), grid, seed, index, subject_kind, shapes)
         sid = f"{subject_kind or 'healthy'}-{index:04d}"
-        image = save_nifti(subject.image, subject.affine, out / "images" / f"{sid}.nii.gz")
-        brain = save_nifti(subject.brain, subject.affine, out / "masks" / f"{sid}_brain.nii.gz", dtype=np.uint8)
-        label = None
-        if subject.lesion is not None:
-            label = save_nifti(subject.lesion, subject.affine, out / "labels" / f"{sid}_lesion.nii.gz", dtype=np.uint8)
-        rows.append(ManifestRow(
-            id=sid, image=image, brain_mask=brain, lesion_mask=label,
-            split="test" if subject_kind else splits[names[which]],
-            kind=subject_kind or "healthy", lesion_ml=subject.lesion_ml,
-            extra={"template": subject.template, "seed": seed,
-                   "lesion_source": ";".join(subject.lesion_sources) if subject.lesion_sources else None},
-        ))
+        rows.append(_write_subject(out, sid, subject, "test" if subject_kind else splits[names[which]],
+                                   subject_kind or "healthy", {
+                                       "source": subject.template, "seed": seed,
+                                       "source_kind": "label_map" if names[which] in label_names else "image",
+                                       "lesion_source": ";".join(subject.lesion_sources) or None}))
         report(f"{sid} ({done}/{len(plan)})")
     return write_manifest(rows, out / "manifest.parquet")
+
+
+def _write_subject(out: Path, sid: str, subject: Subject, split: str, kind: str, extra: dict[str, object]
+                   ) -> ManifestRow:
+    """A subject's image, brain mask and (lesion subjects) label under `out`, as its manifest row."""
+    image = save_nifti(subject.image, subject.affine, out / "images" / f"{sid}.nii.gz")
+    brain = save_nifti(subject.brain, subject.affine, out / "masks" / f"{sid}_brain.nii.gz", dtype=np.uint8)
+    label = None
+    if subject.lesion is not None:
+        label = save_nifti(subject.lesion, subject.affine, out / "labels" / f"{sid}_lesion.nii.gz", dtype=np.uint8)
+    return ManifestRow(id=sid, image=image, brain_mask=brain, lesion_mask=label, split=split, kind=kind,
+                       lesion_ml=subject.lesion_ml, extra=extra)

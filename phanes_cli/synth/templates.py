@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -44,7 +45,7 @@ class Template:
     @property
     def brain_box_world(self) -> tuple[np.ndarray, np.ndarray]:
         """Lower and upper world corners (mm) of the brain's bounding box."""
-        return _world_box(self.brain > 0.5, self.affine)
+        return world_box(self.brain > 0.5, self.affine)
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ class Grid:
         return np.stack(np.meshgrid(*axes, indexing="ij")).astype(np.float32)
 
 
-def _world_box(mask: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def world_box(mask: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """World bounding box of a mask's voxel centres (from per-axis projections, not a list of every voxel)."""
     spans = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
     corners = np.array([[a, b, c] for a in (0, 1) for b in (0, 1) for c in (0, 1)], dtype=np.float64)
@@ -80,7 +81,14 @@ def _world_box(mask: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.nda
     return world.min(0), world.max(0)
 
 
-def output_grid(template: Template, voxel_size: float, margin_mm: float = 10.0) -> Grid:
+class BrainBox(Protocol):
+    """A source brain with a world bounding box (a `Template`, or a `label_maps.LabelMap`)."""
+
+    @property
+    def brain_box_world(self) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def output_grid(template: BrainBox, voxel_size: float, margin_mm: float = 10.0) -> Grid:
     """An axis-aligned RAS grid around the template's brain (plus a margin), at `voxel_size` mm.
 
     Cropping to the brain keeps every subject small (fast synthesis and screening) while the margin
@@ -109,7 +117,7 @@ def _array(img: object) -> np.ndarray:
     return np.asarray(img.dataobj, dtype=np.float32)  # type: ignore[attr-defined]
 
 
-def _ras(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def ras_oriented(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Reorient an array to RAS+ voxel order and return it with the matching affine."""
     import nibabel as nib
     from nibabel.orientations import axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
@@ -127,10 +135,10 @@ def load_mni152() -> Template:
 
     t1 = mni152_image("t1_1mm")
     affine = np.asarray(t1.affine, dtype=np.float64)
-    image, ras_affine = _ras(_array(t1), affine)
-    brain, _ = _ras(_array(nib.load(mni152_path("brainmask_1mm"))), affine)
-    gm, _ = _ras(_array(nib.load(mni152_path("gm_1mm"))), affine)
-    wm, _ = _ras(_array(nib.load(mni152_path("wm_1mm"))), affine)
+    image, ras_affine = ras_oriented(_array(t1), affine)
+    brain, _ = ras_oriented(_array(nib.load(mni152_path("brainmask_1mm"))), affine)
+    gm, _ = ras_oriented(_array(nib.load(mni152_path("gm_1mm"))), affine)
+    wm, _ = ras_oriented(_array(nib.load(mni152_path("wm_1mm"))), affine)
     brain = (brain > 0.5).astype(np.float32)
     wm_level = float(np.median(image[wm > 0.9]))
     return Template(
@@ -154,7 +162,7 @@ def _box_fit(src: tuple[np.ndarray, np.ndarray], dst: tuple[np.ndarray, np.ndarr
 
 def box_to_mni(brain: np.ndarray, affine: np.ndarray, reference: Template) -> np.ndarray:
     """World affine fitting a brain's bounding box (bool mask on `affine`'s grid) onto the reference brain's box."""
-    return _box_fit(_world_box(brain, affine), reference.brain_box_world)
+    return _box_fit(world_box(brain, affine), reference.brain_box_world)
 
 
 def load_template_file(path: Path, reference: Template) -> Template:
