@@ -92,7 +92,7 @@ def test_models_lists_shipped_and_local_bundles_with_their_figures(shipped: Path
     (tmp_path / "work" / ".hidden").mkdir()
     shutil.copytree(tiny, tmp_path / "work" / ".hidden" / "skip")
     assert find_bundles([tmp_path / "work"]) == [local]
-    result = CliRunner().invoke(app, ["models", "--path", str(tmp_path / "work")])
+    result = CliRunner().invoke(app, ["models", "--path", str(tmp_path / "work")], env={"COLUMNS": None})
     assert result.exit_code == 0, result.output
     cal = load_bundle(tiny).require_calibration()
     rows = [line for line in result.output.splitlines() if "shipped" in line or "local" in line]

@@ -63,9 +63,9 @@ def screen(inputs: list[str], options: ScreenOptions) -> ScreenSummary:
     options.validate()
     backend = validate_backend_name(options.backend)
     bundle, options = _with_overrides(load_bundle(options.bundle), options)
-    rows = resolve_inputs(inputs, exclude=Path(options.out), bids=options.bids)
-    layout = OutputLayout(Path(options.out))
+    layout = OutputLayout(Path(options.out))  # OUT is claimed first: inputs inside it are never taken
     claim_folder(layout.root, (layout.lock.name, layout.run_manifest.name), "a `phanes screen` run")
+    rows = resolve_inputs(inputs, exclude=layout.root, bids=options.bids)
     log = JsonLog(options.log_jsonl)
     with run_lock(layout):
         previous = mark_abandoned(layout)
