@@ -4,23 +4,29 @@ Builds a small cohort from real brains (nilearn's MNI152 and the six T1s shipped
 label maps (healthy subjects with realistic variation, split by source brain: two validation and two test
 brains; lesion subjects with real stroke shapes and exact ground truth), trains the demo-size model,
 calibrates it (tuned on validation lesions within a healthy false-positive budget), screens the test subjects,
-scores them against the ground truth, renders the HTML report, and says where everything went.
-Each step is the real `phanes` command, printed before it runs.
+scores them against the ground truth, renders the HTML report, and says where everything went. The same test
+subjects are then screened and scored with the pretrained model shipped with phanes (what `phanes screen` uses
+without --bundle), and the two models' figures are printed side by side: the small model shows the road to a
+model of one's own, the shipped one what phanes can do. Each step is the real `phanes` command, printed
+before it runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 from rich.markup import escape
 from rich.table import Table
 
+from phanes_cli.core.shipped_models import shipped_bundles
 from phanes_cli.infra.consoles import table_console
 from phanes_cli.inputs.manifest import read_manifest
 
@@ -47,21 +53,44 @@ def _lesion_list(manifest: Path, out: Path) -> Path:
     return out
 
 
-def _burden_table(screen_dir: Path) -> Table:
-    volumes = pq.read_table(screen_dir / "volumes.parquet").to_pylist()
-    table = Table(title="Lesion burden per volume (phanes screen)")
+def _burden_table(runs: dict[str, Path], truth: dict[str, float]) -> Table:
+    """Per test volume: the true lesion volume and each model's lesion burden (`phanes screen`)."""
+    table = Table(title="Lesion burden per volume (phanes screen) against the true lesion volume")
     table.add_column("id", no_wrap=True)
-    for col in ("brain mL", "lesion burden mL", "lesions", "largest mL", "max score", "status"):
-        table.add_column(col, justify="right")
-    for row in volumes:
-        cells = [_fmt(row.get(key), digits) for key, digits in (
-            ("brain_volume_ml", 0), ("lesion_burden_ml", 2), ("lesion_count", 0), ("largest_lesion_ml", 2),
-            ("max_anomaly", 3))]
-        table.add_row(escape(str(row["id"])), *cells, str(row["status"]))
+    table.add_column("true mL", justify="right")
+    burden: dict[str, dict[str, Any]] = {}
+    for name, screen_dir in runs.items():
+        table.add_column(f"{name}: burden mL (lesions)", justify="right")
+        burden[name] = {r["id"]: r for r in pq.read_table(screen_dir / "volumes.parquet").to_pylist()}
+    for vid in sorted(set().union(*(b.keys() for b in burden.values()))):
+        cells = [_fmt(truth.get(vid), 2)]
+        for name in runs:
+            row = burden[name].get(vid, {})
+            cells.append(f"{_fmt(row.get('lesion_burden_ml'), 2)} ({_fmt(row.get('lesion_count'), 0)})")
+        table.add_row(escape(vid), *cells)
     return table
 
 
-def _fmt(value: float | int | None, digits: int) -> str:
+def _scores_table(evaluations: dict[str, Path]) -> Table:
+    """Each model's pooled figures on the test subjects (`phanes evaluate` summary.json)."""
+    table = Table(title="Against the ground truth (phanes evaluate, test subjects, pooled)")
+    table.add_column("model", no_wrap=True)
+    for col in ("AUPRC %", "Dice %", "|burden error| mL (mean)", "healthy controls: false mL (median)"):
+        table.add_column(col, justify="right")
+    for name, folder in evaluations.items():
+        m = json.loads((folder / "summary.json").read_text())["methods"]["phanes"]
+        controls = m.get("healthy_controls") or {}
+        table.add_row(escape(name), _fmt(100 * m["auprc"], 1), _fmt(100 * m["dice"], 1),
+                      _fmt(m.get("abs_volume_error_ml_mean"), 1), _fmt(controls.get("fp_ml_median"), 1))
+    return table
+
+
+def _truth_ml(evaluation: Path) -> dict[str, float]:
+    rows = pq.read_table(evaluation / "per_volume.parquet").to_pylist()
+    return {r["id"]: r["true_ml"] for r in rows if r["method"] == "phanes"}
+
+
+def _fmt(value: Any, digits: int) -> str:
     """A table cell; a failed volume's metrics are null and show as a dash."""
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -86,8 +115,17 @@ def main() -> None:
     _run(["evaluate", "--bundle", str(bundle), "--data", str(manifest), "--out", str(evaluation), "--split", "test"])
     report = screened / "report.html"
     _run(["report", str(screened), "--out", str(report), "--top", "4"])
+    runs, evaluations = {"demo model (trained here)": screened}, {"demo model (trained here)": evaluation}
+    if shipped_bundles():
+        shipped_screen, shipped_eval = out / "screen-shipped", out / "evaluation-shipped"
+        _run(["screen", str(lesion_list), "--out", str(shipped_screen)])
+        _run(["evaluate", "--bundle", str(shipped_bundles()[0]), "--data", str(manifest), "--out", str(shipped_eval),
+              "--split", "test", "--no-synthetic"])
+        _run(["report", str(shipped_screen), "--out", str(shipped_screen / "report.html"), "--top", "4"])
+        runs["shipped model"], evaluations["shipped model"] = shipped_screen, shipped_eval
     console.rule("[bold green]demo finished")
-    console.print(_burden_table(screened))
+    console.print(_burden_table(runs, _truth_ml(evaluation)))
+    console.print(_scores_table(evaluations))
     console.print(f"Finished in {(time.perf_counter() - start) / 60:.1f} min. What it produced:")
     for label, path in (
         ("synthetic cohort (NIfTI + manifest.parquet)", cohort),
@@ -96,6 +134,7 @@ def main() -> None:
         ("lesion-burden tables: volumes.parquet, lesions.parquet, failures.parquet", screened),
         ("evaluation against ground truth: summary.json, per_volume.parquet", evaluation),
         ("cohort report (open in any browser; QC figures in report/figures/)", report),
+        *((("the same with the shipped model", out / "screen-shipped"),) if len(runs) > 1 else ()),
     ):
         console.print(f"  • {label}: [bold]{escape(str(path))}[/]")
 
