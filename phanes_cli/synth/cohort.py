@@ -205,14 +205,17 @@ def synth_cohort(out: Path, healthy: int, lesions: int, kind: str = "stroke", se
                  voxel_size: float = DEFAULT_VOXEL_SIZE, progress: Callable[[str], None] | None = None,
                  lesion_source: str = "real", val_sources: tuple[str, ...] = DEFAULT_VAL_SOURCES,
                  test_sources: tuple[str, ...] = DEFAULT_TEST_SOURCES,
-                 label_map_fraction: float = DEFAULT_LABEL_MAP_FRACTION) -> Path:
+                 label_map_fraction: float = DEFAULT_LABEL_MAP_FRACTION,
+                 only_splits: tuple[str, ...] | None = None) -> Path:
     """Write `healthy` + `lesions` synthetic T1 subjects under `out`; returns the manifest path.
 
     Layout: out/images/<id>.nii.gz (float32), out/masks/<id>_brain.nii.gz (uint8),
     out/labels/<id>_lesion.nii.gz (uint8, lesion subjects), out/manifest.parquet.
     Ids: healthy-0000..., and stroke-0000... or sprites-0000.... Manifest extras: `source` (the source brain),
     `source_kind` (image or label_map), `seed`, `lesion_source`.
-    `progress` is called exactly once per subject written, with "<id> (k/n)".
+    `progress` is called exactly once per subject written, with "<id> (k/n)". `only_splits`: write only the
+    subjects of these splits, exactly as the whole cohort would hold them (same ids and images; e.g. the
+    validation volumes a shipped model was calibrated on, without synthesising the rest).
     """
     out = Path(out)
     _validate(out, healthy, lesions, kind, seed, voxel_size, lesion_shapes, lesion_source)
@@ -235,6 +238,8 @@ def synth_cohort(out: Path, healthy: int, lesions: int, kind: str = "stroke", se
     tests = [i for i in round_robin(names, splits) if splits[names[i]] == "test"]
     picks = healthy_sources(healthy, names, splits, set(label_names), label_map_fraction)
     plan = [(None, i, picks[i]) for i in range(healthy)] + [(kind, i, tests[i % len(tests)]) for i in range(lesions)]
+    if only_splits is not None:
+        plan = [p for p in plan if ("test" if p[0] else splits[names[p[2]]]) in only_splits]
     grids: dict[int, Grid] = {}
     rows: list[ManifestRow] = []
     for done, (subject_kind, index, which) in enumerate(plan, start=1):
