@@ -345,6 +345,18 @@ def test_one_source_brain_at_a_time(cohort: dict[str, Path], tmp_path: Path) -> 
     assert summary["settings"]["healthy_controls"] == ["h1"]
     ids = set(pq.read_table(tmp_path / "a" / "per_volume.parquet").column("id").to_pylist())
     assert ids == {"p1"} and one is not None
+    assert summary["by_source"] == {}  # one source: the pooled figures are its figures
+    # All sources in one pass: each source's block equals a run restricted to that source (the oracle).
+    pooled = evaluate(cohort["bundle"], manifest, tmp_path / "all", device="cpu", batch_size=16, synthetic=False,
+                      progress=False)
+    every = pooled.summary
+    assert sorted(every["by_source"]) == ["brain-a", "brain-b"]  # brain-v has only a val row
+    assert every["by_source"]["brain-a"] == summary["methods"]
+    table = pq.read_table(tmp_path / "all" / "per_volume.parquet")
+    assert dict(zip(table.column("id").to_pylist(), table.column("source").to_pylist(), strict=True)) == {
+        "p1": "brain-a", "p2": "brain-b"}
+    titles = [t.title for t in render_tables(pooled)]
+    assert any("source 'brain-b'" in str(t) for t in titles)
     with pytest.raises(ConfigError, match=r"no rows of source\(s\) brain-z; sources: brain-a, brain-b, brain-v"):
         evaluate(cohort["bundle"], manifest, tmp_path / "b", progress=False, sources=("brain-z",))
     with pytest.raises(ConfigError, match="the manifest has no source column"):

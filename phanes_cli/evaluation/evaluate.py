@@ -15,6 +15,9 @@ Choices, documented here because they change the figures:
   summary: components and mL per healthy volume; one row per volume in healthy_controls.parquet). They
   are not mixed into the lesion metrics, which stay comparable with the paper's.
 - Lesion-wise recall by lesion size (< 1, 1-10, > 10 mL) per method: `lesion_recall_by_size`.
+- Per source brain: when the rows come from several sources (the manifest's `source` column), the summary's
+  `by_source` holds the same figures for each source alone, from the same single pass (one test brain at a
+  time: AUPRC pools only that brain's voxels).
 - Other rows without a lesion mask are skipped with a warning (their ids are listed in the summary); the
   split must keep at least one labelled row. A mask on another grid is an InputError.
 - Scores lie in [0, 1] in practice (products of [0, 1] factors; the LPIPS factor can exceed 1 by a hair),
@@ -77,6 +80,7 @@ HEALTHY = "healthy"
 # Summary keys and per-volume columns that need a calibrated threshold: blank for uncalibrated methods.
 _THRESHOLDED_SUMMARY = (
     "threshold", "dice", "dice_mean", "dice_std", "abs_volume_error_ml_mean", "abs_volume_error_ml_std",
+    "abs_volume_error_ml_median",
     "lesions_found", "pred_components", "fp_components", "lesion_recall", "lesion_precision", "lesion_f1",
     "healthy_controls", "lesion_recall_by_size",
 )
@@ -87,6 +91,7 @@ _THRESHOLDED_COLUMNS = (
 PER_VOLUME_SCHEMA = pa.schema([
     pa.field("method", pa.string()), *VOLUME_SCORES_SCHEMA,
     pa.field("slices_processed", pa.int64()), pa.field("lesion_ml_unevaluated", pa.float64()),
+    pa.field("source", pa.string()),
 ])
 
 
@@ -107,7 +112,8 @@ class EvaluationResult:
 
 def render_tables(result: EvaluationResult) -> list[Table]:
     """Rich tables of a result, one row per method (see report.py)."""
-    return _render_tables(result.summary["methods"], result.summary["synthetic"], result.summary["settings"])
+    return _render_tables(result.summary["methods"], result.summary["synthetic"], result.summary["settings"],
+                          result.summary.get("by_source"))
 
 
 def _json_safe(value: Any) -> Any:
@@ -202,18 +208,71 @@ def _blank(record: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
     return {k: (None if k in keys else v) for k, v in record.items()}
 
 
-def _method_rows(method: str, cohort: CohortMetrics, extras: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    rows = []
-    for record, extra in zip(cohort.per_volume_table().to_pylist(), extras, strict=True):
-        if method in UNCALIBRATED:
-            record = _blank(record, _THRESHOLDED_COLUMNS)
-        rows.append({"method": method, **record, **extra})
-    return rows
+class Scoreboard:
+    """Every method's streaming metrics and detection breakdown over one group of volumes (all, or one source)."""
+
+    def __init__(self, names: Sequence[str], calibration: Calibration) -> None:
+        self.names = list(names)
+        self.cohorts = {m: CohortMetrics(threshold=threshold(m, calibration), bins=BINS, max_score=MAX_SCORE)
+                        for m in names}
+        self.breakdown = DetectionBreakdown(self.names)
+        self.extras: list[dict[str, Any]] = []
+
+    def add_lesioned(self, row: ManifestRow, result: VolumeEvaluation, calibration: Calibration) -> None:
+        for method in self.names:
+            score = result.scores[method]
+            prediction = predict(method, score, result.region, calibration, result.voxel_ml)
+            self.cohorts[method].add_volume(row.id, score, prediction, result.truth, result.region, result.voxel_ml)
+            if prediction is not None:
+                self.breakdown.add_lesion_volume(method, prediction, result.truth, result.region, result.voxel_ml)
+        outside = int(np.count_nonzero(result.truth & result.brain & ~result.region))
+        source = row.extra.get("source")
+        self.extras.append({"slices_processed": result.slices_processed,
+                            "lesion_ml_unevaluated": outside * result.voxel_ml,
+                            "source": None if source is None else str(source)})
+
+    def add_control(self, row: ManifestRow, result: VolumeEvaluation, calibration: Calibration) -> None:
+        for method in self.names:
+            prediction = predict(method, result.scores[method], result.region, calibration, result.voxel_ml)
+            if prediction is not None:
+                self.breakdown.add_control(row.id, method, prediction, result.region, result.voxel_ml)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One per-volume record per method and lesioned volume (uncalibrated methods blank where thresholded)."""
+        out = []
+        for method in self.names:
+            for record, extra in zip(self.cohorts[method].per_volume_table().to_pylist(), self.extras, strict=True):
+                if method in UNCALIBRATED:
+                    record = _blank(record, _THRESHOLDED_COLUMNS)
+                out.append({"method": method, **record, **extra})
+        return out
+
+    def summaries(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for method in self.names:
+            summary = {**self.cohorts[method].summary(), **self.breakdown.summary(method)}
+            out[method] = _blank(summary, _THRESHOLDED_SUMMARY) if method in UNCALIBRATED else summary
+        return out
 
 
-def _method_summary(method: str, cohort: CohortMetrics, breakdown: DetectionBreakdown) -> dict[str, Any]:
-    summary = {**cohort.summary(), **breakdown.summary(method)}
-    return _blank(summary, _THRESHOLDED_SUMMARY) if method in UNCALIBRATED else summary
+def _score_rows(labelled: list[ManifestRow], controls: list[ManifestRow], backend: Backend, cfg: PhanesConfig,
+                calibration: Calibration, names: Sequence[str], batch_size: int, skull_strip: str,
+                progress: bool) -> dict[str | None, Scoreboard]:
+    """Every row through the pipeline once, scored into the board of all rows (key None) and of its source."""
+    boards: dict[str | None, Scoreboard] = {None: Scoreboard(names, calibration)}
+    with LoggedProgress(disable=not progress, transient=True) as bar:
+        task = bar.add_task(f"evaluating {len(labelled) + len(controls)} volume(s)",
+                            total=len(labelled) + len(controls))
+        for rows, lesioned in ((labelled, True), (controls, False)):
+            for row in rows:
+                result = evaluate_volume(row, backend, cfg, calibration, names, batch_size, skull_strip)
+                source = row.extra.get("source")
+                groups = [None] if source is None else [None, str(source)]
+                for key in groups:
+                    board = boards.setdefault(key, Scoreboard(names, calibration))
+                    (board.add_lesioned if lesioned else board.add_control)(row, result, calibration)
+                bar.advance(task)
+    return boards
 
 
 def evaluate(
@@ -260,35 +319,11 @@ def evaluate(
                      f"{', '.join(skipped[:10])}{' ...' if len(skipped) > 10 else ''}")
     backend = choose_backend(backend_name, loaded, select_device(device), lpips_weights)
 
-    cohorts = {m: CohortMetrics(threshold=threshold(m, calibration), bins=BINS, max_score=MAX_SCORE) for m in names}
-    extras: list[dict[str, Any]] = []
-    breakdown = DetectionBreakdown(list(names))
-    with LoggedProgress(disable=not progress, transient=True) as bar:
-        total = len(labelled) + len(controls)
-        task = bar.add_task(f"evaluating {total} volume(s)", total=total)
-        for row in labelled:
-            result = evaluate_volume(row, backend, cfg, calibration, names, batch_size, skull_strip)
-            for method in names:
-                score = result.scores[method]
-                prediction = predict(method, score, result.region, calibration, result.voxel_ml)
-                cohorts[method].add_volume(row.id, score, prediction, result.truth, result.region, result.voxel_ml)
-                if prediction is not None:
-                    breakdown.add_lesion_volume(method, prediction, result.truth, result.region, result.voxel_ml)
-            outside = int(np.count_nonzero(result.truth & result.brain & ~result.region))
-            extras.append({"slices_processed": result.slices_processed,
-                           "lesion_ml_unevaluated": outside * result.voxel_ml})
-            bar.advance(task)
-        for row in controls:
-            result = evaluate_volume(row, backend, cfg, calibration, names, batch_size, skull_strip)
-            for method in names:
-                prediction = predict(method, result.scores[method], result.region, calibration, result.voxel_ml)
-                if prediction is not None:
-                    breakdown.add_control(row.id, method, prediction, result.region, result.voxel_ml)
-            bar.advance(task)
-
-    per_volume = pa.Table.from_pylist([r for m in names for r in _method_rows(m, cohorts[m], extras)],
-                                      schema=PER_VOLUME_SCHEMA)
-    method_summaries = {m: _method_summary(m, cohorts[m], breakdown) for m in names}
+    boards = _score_rows(labelled, controls, backend, cfg, calibration, names, batch_size, skull_strip, progress)
+    every = boards.pop(None)
+    per_volume = pa.Table.from_pylist(every.rows(), schema=PER_VOLUME_SCHEMA)
+    method_summaries = every.summaries()
+    by_source = {source: board.summaries() for source, board in sorted(boards.items())} if len(boards) > 1 else {}
     for method, summary in method_summaries.items():
         if summary["clipped_fraction"] > 0:
             notes.append(f"{method}: {summary['clipped_fraction']:.2e} of brain voxels scored above {MAX_SCORE} "
@@ -316,12 +351,12 @@ def evaluate(
         "max_score": MAX_SCORE, "device": str(backend.device), "date": datetime.now(timezone.utc).isoformat(),
         "phanes_version": __version__,
     }
-    summary = _json_safe({"settings": settings, "methods": method_summaries,
+    summary = _json_safe({"settings": settings, "methods": method_summaries, "by_source": by_source,
                           "synthetic": None if synthetic_result is None else synthetic_result.summary})
     out.mkdir(parents=True, exist_ok=True)
     write_parquet(out / PER_VOLUME_FILE, per_volume)
     if controls:
-        write_parquet(out / CONTROLS_FILE, breakdown.table())
+        write_parquet(out / CONTROLS_FILE, every.breakdown.table())
     if synthetic_result is not None:
         write_parquet(out / SYNTHETIC_TABLE_FILE, synthetic_result.per_slice)
         write_json(out / SYNTHETIC_SUMMARY_FILE, summary["synthetic"])

@@ -270,9 +270,9 @@ class CohortMetrics:
         }
         for name in ("auprc", "best_dice", "dice"):
             out[f"{name}_mean"], out[f"{name}_std"] = mean_std([getattr(v, name) for v in with_lesions])
-        out["abs_volume_error_ml_mean"], out["abs_volume_error_ml_std"] = mean_std(
-            [v.abs_volume_error_ml for v in self.volumes]
-        )
+        errors = [v.abs_volume_error_ml for v in self.volumes]
+        out["abs_volume_error_ml_mean"], out["abs_volume_error_ml_std"] = mean_std(errors)
+        out["abs_volume_error_ml_median"] = float(np.nanmedian(errors)) if errors else float("nan")
         out.update(
             lesions_gt=self.detection.gt_lesions,
             lesions_found=self.detection.found,
