@@ -57,7 +57,7 @@ class Pass:
 def compute_passes(bundle: Path, manifest: Path, cache: Path, contexts: list[bool]) -> tuple[list[Pass], list[
         LesionedVolume], list[LesionedVolume], PhanesConfig, dict[str, float]]:
     """Run (or read back from `cache`) the pipeline passes the tuning would run, for each slice-context setting."""
-    model = load_bundle(bundle)
+    model = load_bundle(bundle, require_calibration=False)  # the passes need no calibration: they make one
     rows = healthy_rows(manifest, "val")
     cfg0 = model.config
     lesioned = lesioned_validation(rows, npz_bank(), load_mni152(), cfg0.tune.copies, cfg0.tune.seed, "auto",

@@ -109,9 +109,7 @@ def save_bundle(folder: str | Path, config: PhanesConfig, ra: torch.nn.Module, g
 def write_calibration(folder: str | Path, calibration: Calibration, config: PhanesConfig | None = None) -> str:
     """Commit calibration thresholds (and the config that made them, if given) into a verified bundle.
 
-    Call it only once the calibration is computed: the new calibration.json, config.json and index are
-    first written in full under temporary names, then renamed over the old ones, the index last. Any
-    failure before the renames leaves the bundle byte-identical; returns the new bundle hash.
+    Call it only once the calibration is computed (see `_commit`); returns the new bundle hash.
     """
     folder = Path(folder)
     load_bundle(folder, require_calibration=False)
@@ -119,6 +117,20 @@ def write_calibration(folder: str | Path, calibration: Calibration, config: Phan
     contents = {CALIBRATION_FILE: calibration.to_dict()}
     if config is not None:
         contents["config.json"] = config.to_dict()
+    return _commit(folder, contents)
+
+
+def write_provenance(folder: str | Path, provenance: dict[str, Any]) -> str:
+    """Replace a verified bundle's provenance.json (e.g. a shipped model's cohort recipe); returns the new hash.
+    Weights, config and calibration are untouched, so the content key stays."""
+    folder = Path(folder)
+    load_bundle(folder, require_calibration=False)
+    return _commit(folder, {PROVENANCE_FILE: provenance})
+
+
+def _commit(folder: Path, contents: dict[str, Any]) -> str:
+    """The new JSON files and index are first written in full under temporary names, then renamed over the old
+    ones, the index last. Any failure before the renames leaves the bundle byte-identical."""
     staged: dict[str, Path] = {}
     try:
         for name, payload in contents.items():
