@@ -92,8 +92,9 @@ def test_shipped_templates_and_notice() -> None:
                   "Stroke Outcome Optimization Project", *files):
         assert words in notice, words
     data_mb = sum(p.stat().st_size for p in PACKAGED_TEMPLATES.parent.rglob("*") if p.is_file()) / 1e6
-    # the package's data stays a few tens of MB: with the ImageNet/LPIPS weights (39 MB) and MNI152 (11 MB) 73 MB
-    assert data_mb < 80, data_mb
+    # the package's data stays a few tens of MB: with the ImageNet/LPIPS weights (39 MB), MNI152 (11 MB) and the
+    # shipped cpu model (8 MB) 81 MB
+    assert data_mb < 90, data_mb
     if (SHARED_DATA / "healthy-t1").is_dir():
         for name in files[:-1]:  # shipped unchanged (the StudyForrest brain is skull-stripped here, see NOTICE)
             ours = hashlib.sha256((PACKAGED_TEMPLATES / name).read_bytes()).hexdigest()
