@@ -380,9 +380,13 @@ def screen(
         60.0, "--connect-timeout", min=0.001, help="Seconds to wait for the cluster at --address to answer."),
     actors: int | None = typer.Option(
         None, "--actors", min=1,
-        help="Inference actors (default: one per GPU, else a CPU count)."),
-    cpus_per_actor: float = typer.Option(1.0, "--cpus-per-actor", min=0.0,
-                                         help="CPUs Ray reserves for each inference actor."),
+        help="Inference actors (default: one per GPU, else one per two cores left after decoding and writing)."),
+    cpus_per_actor: float | None = typer.Option(
+        None, "--cpus-per-actor", min=0.0,
+        help="CPUs Ray reserves for each inference actor (default: planned from the CPUs per node; 1 on GPUs)."),
+    threads_per_actor: int | None = typer.Option(
+        None, "--threads-per-actor", min=1,
+        help="torch / ONNX Runtime threads of each inference actor (default: planned; --cpus-per-actor if given)."),
     gpus_per_actor: float | None = typer.Option(
         None, "--gpus-per-actor", min=0.0,
         help="GPUs per inference actor; 0.5 puts two actors on each GPU (default: 1 with --device cuda/auto on GPUs)."),
@@ -434,7 +438,7 @@ def screen(
     chosen = (("anomaly", anomaly_maps), ("lesion_mask", masks), ("pseudohealthy", pseudo_healthy))
     outputs = {name for name, on in chosen if on}
     options = ScreenOptions(bundle=bundle, out=out, address=address, connect_timeout=connect_timeout, num_actors=actors,
-                            cpus_per_actor=cpus_per_actor,
+                            cpus_per_actor=cpus_per_actor, threads_per_actor=threads_per_actor,
                             gpus_per_actor=ScreenOptions.gpus_for_device(device, gpus_per_actor), batch_size=batch_size,
                             backend=backend, outputs=frozenset(outputs), resume=resume, overwrite=overwrite,
                             quiet=quiet, log_jsonl=log_jsonl, lpips_weights=lpips_weights, max_in_flight=max_in_flight,

@@ -34,7 +34,8 @@ def test_short_help_lists_device_and_skull_strip_and_shows_flags_as_flags(comman
 
 def test_screen_exposes_ray_sizing_options() -> None:
     text = _help("screen")
-    for option in ("--max-in-flight", "--object-store-mb", "--node-ip", "--actors", "--gpus-per-actor"):
+    for option in ("--max-in-flight", "--object-store-mb", "--node-ip", "--actors", "--gpus-per-actor",
+                   "--cpus-per-actor", "--threads-per-actor"):
         assert option in text
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,7 +53,8 @@ from phanes_cli.screening.tasks import (
 )
 from tests._ray import HEAD_IP, RayCluster
 
-TIMING_COLUMNS = ["runtime_s", "decode_s", "inference_s", "write_s", "decode_node", "inference_node", "write_node"]
+TIMING_COLUMNS = ["runtime_s", "decode_s", "brain_mask_s", "inference_s", "write_s", "decode_node", "inference_node",
+                  "write_node"]
 
 
 def tiny_config() -> PhanesConfig:
@@ -284,7 +286,9 @@ def test_actor_turns_non_finite_output_into_a_failure_record(bundle: Path) -> No
     assert bad.failure is not None
     assert (bad.failure.stage, bad.failure.error_type) == ("inference", "FloatingPointError")
     assert "non-finite" in bad.failure.message
-    assert f"slices 0..3 of {slices.slices.shape[0]}" in bad.failure.message
+    # the slices stage 2 ran on, by index among the volume's processed slices
+    assert re.search(rf"anomaly map \(slice\(s\) \d+(, \d+)*( \.\.\.)? of {slices.slices.shape[0]}\)$",
+                     bad.failure.message)
     with torch.no_grad():
         weight.copy_(saved)
     again, maps_again = actor.infer(slices)  # the same actor carries on, with the same numbers
@@ -341,6 +345,10 @@ def test_write_stage_flags_a_volume_outside_the_calibration_domain(bundle: Path,
         parts = [pd.read_parquet(p) for p in (tmp_path / name).rglob("*.parquet")]
         flags = [list(f) for part in parts if "qc_flags" in part.columns for f in part["qc_flags"]]
         assert flags and all(("outside_calibration" in f) is expected for f in flags)
+        rows = [r for part in parts if "slices_inpainted" in part.columns for r in part.to_dict("records")]
+        assert [(r["slices_inpainted"], r["brain_mask_s"]) for r in rows] == [(maps.slices_inpainted,
+                                                                                decoded.brain_mask_s)]
+    assert 0 < maps.slices_inpainted <= decoded.n_slices and 0 < decoded.brain_mask_s < decoded.seconds
     assert "outside_calibration" in FLAGS
 
 

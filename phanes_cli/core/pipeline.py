@@ -7,6 +7,8 @@ mask (m > the calibrated mask threshold, dilated) -> stage 2 x_ph -> anomaly map
 
 `run_slices` is the batch-level core (method.md); `infer_slices` runs it over a volume's slices (model grid,
 numpy out) and `restore_maps` brings those maps onto the volume grid; `run_volume` composes the three.
+Stage 2 and the second LPIPS pass run only on slices whose inpainting mask is not empty (`stage2_maps`): with
+m = 0, Eq. 4 gives x_ph = x and s(x) = 0 exactly, so nothing is lost by skipping the others.
 Screening runs the same parts in separate processes (decode task, inference actor, write task); evaluation,
 calibration and tuning call them in one. Pre- and post-processing go through `core.ops`, the single dispatch
 point for batched kernels; the networks run behind `core.backend.Backend`.
@@ -58,6 +60,49 @@ def anomaly_map(x: Tensor, x_ph: Tensor, mask: Tensor, brain: Tensor, backend: B
     return ops.anomaly_map(x, x_ph, backend.lpips(x_ph, x), mask, brain)
 
 
+def stage1_masks(x: Tensor, brain: Tensor, backend: Backend, cfg: PhanesConfig, mask_threshold: float,
+                 given_mask: Tensor | None = None, stage1: tuple[Tensor, Tensor] | None = None,
+                 need_stage1: bool = True) -> tuple[Tensor | None, Tensor | None, Tensor]:
+    """(x_cph, m(x), inpainting mask) of a batch already on the backend's device.
+
+    With a `given_mask` (PHANES-GT) stage 1 is only run when `need_stage1` (its maps are wanted); then x_cph
+    and m are None. `stage1` = (x_cph, m) computed beforehand (slice context: m already averaged).
+    """
+    x_cph: Tensor | None = None
+    m: Tensor | None = None
+    if stage1 is not None:
+        x_cph, m = (t.to(backend.device, torch.float32) for t in stage1)
+    elif given_mask is None or need_stage1:
+        x_cph = backend.reconstruct(x)
+        m = stage1_map(x, x_cph, brain, backend, cfg.mask)
+    if given_mask is not None:
+        return x_cph, m, (given_mask.to(backend.device) > 0.5).float() * brain
+    assert m is not None
+    return x_cph, m, ops.binary_mask(m, brain, mask_threshold, cfg.mask)
+
+
+def inpainted(mask: Tensor) -> Tensor:
+    """(N,) bool: the slices whose inpainting mask is not empty, the only ones stage 2 runs on."""
+    return (mask.flatten(1) > 0).any(dim=1)
+
+
+def stage2_maps(x: Tensor, mask: Tensor, brain: Tensor, backend: Backend) -> tuple[Tensor, Tensor]:
+    """(x_ph, s(x)) of a batch; stage 2 and the second LPIPS pass run on the slices with a non-empty mask only.
+
+    With m = 0, Eq. 4 gives x_ph = x and s(x) = 0 exactly (the generator's output is multiplied by 0), so the
+    other slices are filled without the networks. A batch of only such slices never calls them.
+    """
+    active = inpainted(mask)
+    if bool(active.all()):
+        x_ph = inpaint(x, mask, backend)
+        return x_ph, anomaly_map(x, x_ph, mask, brain, backend)
+    x_ph, s = x.clone(), torch.zeros_like(x)
+    if bool(active.any()):
+        idx = active.nonzero().squeeze(1)
+        x_ph[idx], s[idx] = stage2_maps(x[idx], mask[idx], brain[idx], backend)
+    return x_ph, s
+
+
 def run_slices(x: Tensor, brain: Tensor, backend: Backend, cfg: PhanesConfig, mask_threshold: float,
                given_mask: Tensor | None = None, stage1: tuple[Tensor, Tensor] | None = None) -> SliceMaps:
     """The PHANES core on one batch: (N, 1, S, S) slices and brain masks in, every map out.
@@ -65,22 +110,14 @@ def run_slices(x: Tensor, brain: Tensor, backend: Backend, cfg: PhanesConfig, ma
     `mask_threshold` binarises m(x) (the calibration's, or a candidate during calibration); `given_mask`
     replaces the stage 1 mask (PHANES-GT: inpaint the ground truth, the upper bound); `stage1` = (x_cph, m)
     computed beforehand (the second pass of `infer_slices` with slice context, m already averaged).
+    Slices with an empty inpainting mask skip stage 2 (`stage2_maps`).
     """
-    dev = backend.device
-    x = x.to(dev, torch.float32)
-    brain = brain.to(dev, torch.float32)
-    if stage1 is None:
-        x_cph = backend.reconstruct(x)
-        m = stage1_map(x, x_cph, brain, backend, cfg.mask)
-    else:
-        x_cph, m = (t.to(dev, torch.float32) for t in stage1)
-    if given_mask is None:
-        mask = ops.binary_mask(m, brain, mask_threshold, cfg.mask)
-    else:
-        mask = (given_mask.to(dev) > 0.5).float() * brain
-    x_ph = inpaint(x, mask, backend)
-    return SliceMaps(x=x, x_cph=x_cph, stage1_map=m, inpaint_mask=mask, x_ph=x_ph,
-                     anomaly=anomaly_map(x, x_ph, mask, brain, backend))
+    x = x.to(backend.device, torch.float32)
+    brain = brain.to(backend.device, torch.float32)
+    x_cph, m, mask = stage1_masks(x, brain, backend, cfg, mask_threshold, given_mask, stage1)
+    assert x_cph is not None and m is not None
+    x_ph, anomaly = stage2_maps(x, mask, brain, backend)
+    return SliceMaps(x=x, x_cph=x_cph, stage1_map=m, inpaint_mask=mask, x_ph=x_ph, anomaly=anomaly)
 
 
 # Readable names of the maps `infer_slices` can keep (SliceMaps fields), for its error messages.
@@ -96,6 +133,7 @@ class ModelMaps:
     """
 
     anomaly: np.ndarray  # float32 s(x)
+    slices_inpainted: int  # slices with a non-empty inpainting mask: the only ones stage 2 ran on
     stage1_map: np.ndarray | None = None  # float32 m(x)
     x_cph: np.ndarray | None = None  # float32 stage 1 reconstruction
     x_ph: np.ndarray | None = None  # float32 pseudo-healthy image in [0, 1]
@@ -115,51 +153,86 @@ def infer_slices(
     """`run_slices` over a volume's slices, `batch_size` at a time; s(x) and the `keep` maps come back as numpy.
 
     keep: SliceMaps fields besides the anomaly map ("stage1_map", "x_cph", "x_ph", "inpaint_mask"); "x_ph"
-    brings "inpaint_mask" along, because the pseudo-healthy image is only taken inside it. A non-finite value in
-    a kept map is a FloatingPointError naming the map and the slices: a broken network fails the volume, never
-    writes NaNs. With `cfg.mask.slice_context` (and no `given_mask`) it runs in two passes: stage 1 on every slice,
-    m(x) averaged with the neighbouring slices (`core.slice_context`; the slices are one volume's consecutive
-    processed slices), then masks, inpainting and s(x); the stage 1 map returned is the averaged one it binarised.
+    brings "inpaint_mask" along, because the pseudo-healthy image is only taken inside it. Stage 1 and the masks
+    run over every slice; stage 2 and the second LPIPS pass only over the slices with a non-empty inpainting mask,
+    gathered into full batches (`stage2_maps`: the others are exact without them). With a `given_mask`, stage 1
+    runs only when its maps are kept. A non-finite value in m(x) or a kept map is a FloatingPointError naming the
+    map and the slices: a broken network fails the volume, never writes NaNs. With `cfg.mask.slice_context` (and
+    no `given_mask`) stage 1 runs first on every slice and m(x) is averaged with the neighbouring slices
+    (`core.slice_context`; the slices are one volume's consecutive processed slices); the stage 1 map returned
+    is the averaged one it binarised.
     """
     unknown = set(keep) - set(_MAP_NAMES)
     if unknown:
         raise ValueError(f"unknown model map(s) {sorted(unknown)}; choose from {sorted(_MAP_NAMES)}")
     names = ["anomaly", *sorted(set(keep) - {"anomaly"} | ({"inpaint_mask"} if "x_ph" in keep else set()))]
-    x, b = torch.as_tensor(slices), torch.as_tensor(brain)
+    dev = backend.device
+    x, b = torch.as_tensor(slices).to(dev, torch.float32), torch.as_tensor(brain).to(dev, torch.float32)
     gt = None if given_mask is None else torch.as_tensor(given_mask)
-    n = x.shape[0]
     first = _context_stage1(x, b, backend, cfg, batch_size) if cfg.mask.slice_context and gt is None else None
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    for start in range(0, n, batch_size):
-        part = slice(start, start + batch_size)
-        out = run_slices(x[part], b[part], backend, cfg, mask_threshold, None if gt is None else gt[part],
-                         None if first is None else (first[0][part], first[1][part]))
-        for name in names:
-            value: Tensor = getattr(out, name)
-            if not torch.isfinite(value).all():
-                raise FloatingPointError(f"non-finite values in the {_MAP_NAMES[name]} map "
-                                         f"(slices {start}..{start + value.shape[0] - 1} of {n})")
-            parts[name].append(value.float().cpu().numpy())
-    arrays = {k: np.concatenate(v) if v else np.zeros((0, *x.shape[1:]), dtype=np.float32) for k, v in parts.items()}
+    maps = _mask_pass(x, b, backend, cfg, mask_threshold, batch_size, gt, first,
+                      need_stage1=bool({"stage1_map", "x_cph"} & set(names)))
+    maps["x_ph"], maps["anomaly"] = _stage2_pass(x, b, maps["inpaint_mask"], backend, batch_size)
+    for name in dict.fromkeys([*names, "stage1_map"]):
+        if name in maps:
+            _check_finite(name, maps[name])
+    arrays = {name: maps[name].float().cpu().numpy() for name in names}
     if "inpaint_mask" in arrays:
         arrays["inpaint_mask"] = arrays["inpaint_mask"] > 0.5
-    return ModelMaps(**arrays)
+    return ModelMaps(**arrays, slices_inpainted=int(inpainted(maps["inpaint_mask"]).sum()))
+
+
+def _check_finite(name: str, value: Tensor) -> None:
+    """A FloatingPointError naming the map and its slices (indices among the volume's processed slices)."""
+    bad = (~torch.isfinite(value.flatten(1))).any(dim=1).nonzero().flatten().tolist()
+    if bad:
+        shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
+        raise FloatingPointError(f"non-finite values in the {_MAP_NAMES[name]} map (slice(s) {shown} "
+                                 f"of {value.shape[0]})")
+
+
+def _mask_pass(x: Tensor, brain: Tensor, backend: Backend, cfg: PhanesConfig, mask_threshold: float,
+               batch_size: int, given: Tensor | None, first: tuple[Tensor, Tensor] | None, need_stage1: bool
+               ) -> dict[str, Tensor]:
+    """Stage 1 and the inpainting mask of every slice, `batch_size` at a time: x_cph, stage1_map (when computed)
+    and inpaint_mask, each (N, 1, S, S) on the backend's device."""
+    parts: dict[str, list[Tensor]] = {"x_cph": [], "stage1_map": [], "inpaint_mask": []}
+    for start in range(0, x.shape[0], batch_size):
+        part = slice(start, start + batch_size)
+        found = stage1_masks(x[part], brain[part], backend, cfg, mask_threshold, None if given is None else given[part],
+                             None if first is None else (first[0][part], first[1][part]), need_stage1)
+        for name, value in zip(parts, found, strict=True):
+            if value is not None:
+                parts[name].append(value)
+    empty = x.shape[0] == 0
+    return {name: torch.cat(values) if values else torch.zeros_like(x) for name, values in parts.items()
+            if values or empty}
+
+
+def _stage2_pass(x: Tensor, brain: Tensor, mask: Tensor, backend: Backend, batch_size: int) -> tuple[Tensor, Tensor]:
+    """(x_ph, s(x)) of every slice; stage 2 runs on the slices with a non-empty mask, `batch_size` of them at a time."""
+    x_ph, anomaly = x.clone(), torch.zeros_like(x)
+    active = inpainted(mask).nonzero().flatten()
+    for start in range(0, active.numel(), batch_size):
+        idx = active[start:start + batch_size]
+        x_ph[idx], anomaly[idx] = stage2_maps(x[idx], mask[idx], brain[idx], backend)
+    return x_ph, anomaly
 
 
 def _context_stage1(x: Tensor, brain: Tensor, backend: Backend, cfg: PhanesConfig, batch_size: int
                     ) -> tuple[Tensor, Tensor]:
-    """First pass: x_cph and m(x) of every slice (kept on the CPU), m averaged across neighbouring slices."""
+    """First pass: x_cph and m(x) of every slice, m averaged across neighbouring slices."""
     recon: list[Tensor] = []
     maps: list[Tensor] = []
     for start in range(0, x.shape[0], batch_size):
-        xb = x[start:start + batch_size].to(backend.device, torch.float32)
-        bb = brain[start:start + batch_size].to(backend.device, torch.float32)
+        xb = x[start:start + batch_size]
+        bb = brain[start:start + batch_size]
         x_cph = backend.reconstruct(xb)
-        recon.append(x_cph.cpu())
-        maps.append(stage1_map(xb, x_cph, bb, backend, cfg.mask).cpu())
+        recon.append(x_cph)
+        maps.append(stage1_map(xb, x_cph, bb, backend, cfg.mask))
     if not maps:
         return x.float(), torch.zeros_like(x, dtype=torch.float32)
-    return torch.cat(recon), context_average(torch.cat(maps), brain.cpu())
+    return torch.cat(recon), context_average(torch.cat(maps), brain)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ file; `never` trusts the threshold mask (the behaviour before skull stripping ex
 from __future__ import annotations
 
 import functools
+import time
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -97,14 +98,19 @@ def brain_mask_for(volume: Volume, brain_mask: str | Path | None, mode: str, dev
 
 
 def load_with_brain(image: str | Path, brain_mask: str | Path | None, max_voxels: int = DEFAULT_MAX_VOXELS,
-                    skull_strip: str = "auto", device: str = "cpu") -> tuple[Volume, np.ndarray, str]:
+                    skull_strip: str = "auto", device: str = "cpu", timings: dict[str, float] | None = None
+                    ) -> tuple[Volume, np.ndarray, str]:
     """Read a volume and its brain mask: (Volume, bool brain, mask source "file" | "model" | "threshold").
 
     The given mask file on the same grid, else `brain_mask_for` under `skull_strip`
     (auto | always | never): a brain-extraction model on heads with skull, `auto_brain_mask` otherwise.
+    `timings`, when given, receives the seconds spent on the mask as "brain_mask_s" (screening's timing column).
     """
     volume = load_volume(image, max_voxels)
+    start = time.perf_counter()
     brain, source = brain_mask_for(volume, brain_mask, skull_strip, device, max_voxels)
+    if timings is not None:
+        timings["brain_mask_s"] = time.perf_counter() - start
     return volume, brain, source
 
 

@@ -78,7 +78,7 @@ class Actors:
             max_task_retries=ACTOR_TASK_RETRIES, scheduling_strategy="SPREAD",
             name=f"phanes-infer-{self.run_id}-{index}-{self.replacements}",
         ).remote(str(self.bundle.path.absolute()), self.bundle.hash, self.backend,
-                 "cuda" if self.plan.gpus > 0 else "cpu", max(1, int(self.plan.cpus)), self.options.batch_size,
+                 "cuda" if self.plan.gpus > 0 else "cpu", self.plan.threads, self.options.batch_size,
                  "pseudohealthy" in self.options.outputs, self.options.lpips_weights)
 
     def wait_ready(self) -> None:

@@ -154,7 +154,7 @@ def _dispatch(todo: list[ManifestRow], options: ScreenOptions, bundle: Bundle, b
         plan = plan_actors(options)
         manifest["ray"] = {"address": options.address, "nodes": len([n for n in ray.nodes() if n["Alive"]]),
                            "actors": plan.count, "cpus_per_actor": plan.cpus, "gpus_per_actor": plan.gpus,
-                           "max_in_flight": plan.max_in_flight}
+                           "threads_per_actor": plan.threads, "max_in_flight": plan.max_in_flight}
         actors = Actors(options, bundle, backend, plan, manifest["run_id"], log)
         dispatcher = Dispatcher(options, bundle, backend, layout, actors, counts, log, display)
         try:

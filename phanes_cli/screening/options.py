@@ -24,8 +24,9 @@ class ScreenOptions:
     out: Path
     address: str | None = None
     connect_timeout: float = 60.0  # seconds to join the cluster at `address` (session.py)
-    num_actors: int | None = None  # default: one per GPU (with gpus_per_actor), else CPUs // (2 * cpus_per_actor)
-    cpus_per_actor: float = 1.0
+    num_actors: int | None = None  # default: one per GPU (with gpus_per_actor), else plan.cpu_plan of the nodes' CPUs
+    cpus_per_actor: float | None = None  # CPUs Ray reserves per actor; default: 1 on GPUs, else plan.cpu_plan
+    threads_per_actor: int | None = None  # torch / ONNX Runtime threads per actor; default: plan.cpu_plan (1 on GPUs)
     gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs, else 0
     batch_size: int = 32
     backend: str = "torch"
@@ -54,8 +55,10 @@ class ScreenOptions:
             raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
         if self.num_actors is not None and self.num_actors < 1:
             raise ConfigError(f"number of actors must be at least 1, got {self.num_actors}")
-        if self.cpus_per_actor < 0 or (self.gpus_per_actor is not None and self.gpus_per_actor < 0):
+        if (self.cpus_per_actor or 0) < 0 or (self.gpus_per_actor or 0) < 0:
             raise ConfigError("CPUs and GPUs per actor cannot be negative")
+        if self.threads_per_actor is not None and self.threads_per_actor < 1:
+            raise ConfigError(f"threads per actor must be at least 1, got {self.threads_per_actor}")
         if self.max_in_flight is not None and self.max_in_flight < 1:
             raise ConfigError(f"max in flight must be at least 1, got {self.max_in_flight}")
         validate_backend_name(self.backend)

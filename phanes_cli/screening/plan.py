@@ -55,31 +55,88 @@ def plan_volumes(rows: list[ManifestRow], layout: OutputLayout, options: ScreenO
     return VolumePlan(todo, done, standing)
 
 
+THREADS_PER_CPU_ACTOR = 2  # one actor per two inference cores (README: Screening throughput)
+
+
 @dataclass(frozen=True)
 class ActorPlan:
-    """Inference actors: how many, CPUs and GPUs each, and how many volumes may be in flight at once."""
+    """Inference actors: how many, CPUs and GPUs Ray reserves for each, the torch/ORT threads each runs, and how
+    many volumes may be in flight at once."""
 
     count: int
     cpus: float
     gpus: float
     max_in_flight: int
+    threads: int = 1
+
+
+@dataclass(frozen=True)
+class NodeShare:
+    """One CPU node's inference actors: how many, their threads and the CPUs Ray reserves for each."""
+
+    actors: int
+    threads: int
+    cpus: float
+
+
+def io_cpus(node_cpus: int) -> int:
+    """CPUs a node keeps for the decode and write tasks: a quarter, at least one (they are about a third of a
+    volume's CPU time with the cpu model, less with bigger ones)."""
+    return max(1, node_cpus // 4)
+
+
+def cpu_share(node_cpus: int) -> NodeShare:
+    """How a node's CPUs are split when the actors run on CPUs (the rule in README: Screening throughput).
+
+    The cores left after `io_cpus` go to actors of THREADS_PER_CPU_ACTOR threads (the remainder spread over
+    them). A node with fewer than two such cores gets one actor whose threads span every core, reserving what is
+    left after the decode and write CPU (none on one core): the networks are most of the work, and the decode
+    and write tasks sit idle most of the time on such a node.
+    """
+    inference = node_cpus - io_cpus(node_cpus)
+    if inference < THREADS_PER_CPU_ACTOR:
+        return NodeShare(actors=1, threads=max(1, node_cpus), cpus=float(max(0, inference)))
+    actors = inference // THREADS_PER_CPU_ACTOR
+    return NodeShare(actors=actors, threads=inference // actors, cpus=float(inference // actors))
+
+
+def node_cpu_counts() -> list[int]:
+    """The CPUs of each alive Ray node that has any (a head started with --num-cpus=0 runs no actor)."""
+    counts = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    return [c for c in counts if c > 0]
+
+
+def cpu_plan(node_cpus: list[int]) -> NodeShare:
+    """The CPU plan of a cluster: every node's share, with the threads and CPUs of its smallest node."""
+    shares = [cpu_share(c) for c in node_cpus] or [cpu_share(1)]
+    return NodeShare(actors=sum(s.actors for s in shares), threads=min(s.threads for s in shares),
+                     cpus=min(s.cpus for s in shares))
 
 
 def plan_actors(options: ScreenOptions) -> ActorPlan:
-    """Actor count and resources from the options and what the cluster has; refuse plans that cannot run."""
+    """Actor count and resources from the options and what the cluster has; refuse plans that cannot run.
+
+    GPUs: one actor per GPU (`gpus_per_actor` shares), one CPU and one thread each. CPUs only: `cpu_plan`
+    of the nodes' CPU counts. Options given override the planned value they name; `--cpus-per-actor` alone
+    also sets the threads (as many as the CPUs), and more actors than planned get fewer CPUs each.
+    """
     resources = ray.cluster_resources()
     cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
     per_gpu = options.gpus_per_actor if options.gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
-    if options.num_actors is not None:
-        count = options.num_actors
-    elif per_gpu > 0:
-        count = max(1, int(gpus // per_gpu))
+    if per_gpu > 0:
+        share = NodeShare(actors=max(1, int(gpus // per_gpu)), threads=1, cpus=1.0)
     else:
-        count = max(1, int(cpus // (2 * max(options.cpus_per_actor, 0.5))))
+        share = cpu_plan(node_cpu_counts())
+    count = options.num_actors if options.num_actors is not None else share.actors
+    if options.cpus_per_actor is not None:
+        per_cpu, threads = options.cpus_per_actor, max(1, int(options.cpus_per_actor))
+    else:  # more actors than planned share the CPUs that leave one for decoding and writing
+        per_cpu, threads = min(share.cpus, max(0.0, (cpus - 1) / count)), share.threads
+    threads = options.threads_per_actor or threads
     if per_gpu * count > gpus + 1e-9:
         raise ConfigError(f"{count} actor(s) x {per_gpu} GPU need {per_gpu * count:g} GPUs; the cluster has {gpus:g}")
-    if cpus - count * options.cpus_per_actor < 1:
-        raise ConfigError(f"{count} actor(s) x {options.cpus_per_actor:g} CPU leave no CPU for decoding and writing "
+    if cpus - count * per_cpu < 1:
+        raise ConfigError(f"{count} actor(s) x {per_cpu:g} CPU leave no CPU for decoding and writing "
                           f"(the cluster has {cpus:g}); lower --actors or --cpus-per-actor")
-    return ActorPlan(count=count, cpus=options.cpus_per_actor, gpus=per_gpu,
-                     max_in_flight=options.max_in_flight or max(4, 4 * count))
+    return ActorPlan(count=count, cpus=per_cpu, gpus=per_gpu, max_in_flight=options.max_in_flight or max(4, 4 * count),
+                     threads=threads)

@@ -49,7 +49,8 @@ from phanes_cli.screening.tasks import describe
 
 FORMATS = ("parquet", "csv", "json")
 _BRAIN_COLUMNS = ("brain_volume_ml", "max_anomaly", "mean_anomaly")
-_SCREENING_ONLY = ("runtime_s", "decode_s", "inference_s", "write_s", "decode_node", "inference_node", "write_node")
+_SCREENING_ONLY = ("runtime_s", "decode_s", "brain_mask_s", "inference_s", "write_s", "decode_node", "inference_node",
+                   "write_node")
 _MAP_VOXEL_LIMIT = 2**40  # the maps were written by screening, which already bounded the volume size
 
 

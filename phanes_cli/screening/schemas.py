@@ -11,7 +11,8 @@ import pyarrow as pa
 from phanes_cli.core.statistics import SIZE_BIN_COLUMNS
 from phanes_cli.infra.columns import cell, column_type, unify
 
-SCHEMA_VERSION = "2"  # 2: `id` in every table, flat geometry columns, size bins, thresholds, manifest columns
+SCHEMA_VERSION = "3"  # 2: `id` in every table, flat geometry columns, size bins, thresholds, manifest columns;
+# 3: slices_inpainted, brain_mask_s
 
 _LIST_I = pa.list_(pa.int64())
 
@@ -45,13 +46,15 @@ VOLUME_SCHEMA = _schema(
     pa.field("max_anomaly", pa.float64()),  # max of s(x) in the brain
     pa.field("mean_anomaly", pa.float64()),  # mean of s(x) over brain voxels
     pa.field("slices_processed", pa.int64()),
+    pa.field("slices_inpainted", pa.int64()),  # of those, slices with a non-empty inpainting mask (stage 2 ran)
     pa.field("backend", pa.string()),
     pa.field("bundle_hash", pa.string()),
     pa.field("mask_threshold", pa.float64()),  # the thresholds and minimum lesion size the lesion mask used
     pa.field("anomaly_threshold", pa.float64()),
     pa.field("min_lesion_ml", pa.float64()),
     pa.field("runtime_s", pa.float64()),  # decode_s + inference_s + write_s
-    pa.field("decode_s", pa.float64()),
+    pa.field("decode_s", pa.float64()),  # reading, brain mask, QC and preprocessing
+    pa.field("brain_mask_s", pa.float64()),  # the brain mask's part of decode_s
     pa.field("inference_s", pa.float64()),
     pa.field("write_s", pa.float64()),
     pa.field("decode_node", pa.string()),  # IP of the Ray node that ran each stage

@@ -1,7 +1,8 @@
 """What a run holds while it works: the lock on OUT and the Ray session.
 
 Ray: `address=None` starts a private local instance and shuts it down at the end (no process is left);
-`"auto"`, `"host:port"` or `"ray://host:port"` joins a running cluster and only disconnects. If the
+`"auto"`, `"host:port"` or `"ray://host:port"` joins a running cluster and only disconnects. A local instance
+offers the CPUs this process may use (`local_cpus`), on which `plan.cpu_plan` sizes the actors. If the
 calling process already has Ray initialised, that session is used as it is. On a multi-node cluster the
 inputs and OUT must be on a file system every node sees at the same paths. `node_ip` sets the address
 this driver (and a local instance) registers under; None lets Ray choose, which suits a laptop; tests on
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import math
 import os
 import threading
 from collections.abc import Iterator
@@ -130,6 +132,19 @@ def _quiet_startup() -> Iterator[None]:
         logger.removeFilter(notice)
 
 
+def local_cpus() -> int:
+    """CPUs this process may use: its affinity (taskset, SLURM's and containers' cpusets), capped by a cgroup v2
+    CPU quota; what a local Ray instance offers the plan (Ray itself would count every core of the machine)."""
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            count = min(count, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return count
+
+
 @contextmanager
 def ray_session(options: ScreenOptions) -> Iterator[None]:
     """Use the caller's Ray session, join a cluster, or start (and later stop) a local instance."""
@@ -144,7 +159,7 @@ def ray_session(options: ScreenOptions) -> Iterator[None]:
         if options.address is None:
             if options.object_store_mb is not None:
                 common["object_store_memory"] = options.object_store_mb * 2**20
-            ray.init(include_dashboard=False, **common)
+            ray.init(include_dashboard=False, num_cpus=local_cpus(), **common)
         else:
             _join(options.address, options.connect_timeout, common)
     stop_on_sigterm()  # ray.init replaced the SIGTERM handler by one that exits without cleaning up

@@ -83,6 +83,7 @@ class DecodeResult:
     node: str
     n_slices: int = 0
     qc_flags: tuple[str, ...] = ()
+    brain_mask_s: float = 0.0  # the part of `seconds` spent on the brain mask (file, model or threshold)
 
 
 def decode_volume(row: ManifestRow, cfg: PreprocessConfig, max_voxels: int, skull_strip: str
@@ -90,8 +91,9 @@ def decode_volume(row: ManifestRow, cfg: PreprocessConfig, max_voxels: int, skul
     """Read, validate and preprocess one volume: (record, model slices, context for the write stage)."""
     torch.set_num_threads(1)
     start = time.perf_counter()
+    timings: dict[str, float] = {}
     try:
-        volume, brain, source = load_with_brain(row.image, row.brain_mask, max_voxels, skull_strip)
+        volume, brain, source = load_with_brain(row.image, row.brain_mask, max_voxels, skull_strip, timings=timings)
         flags = tuple(check_volume(volume, brain, source))
         fatal = [f for f in flags if f in FATAL]
         if fatal:  # nothing to screen: a property of the file, not retried while it is unchanged
@@ -109,7 +111,8 @@ def decode_volume(row: ManifestRow, cfg: PreprocessConfig, max_voxels: int, skul
     slices = ModelSlices(prepared.slices.numpy(), prepared.brain.numpy())
     context = VolumeContext(volume=volume, brain=brain, geometry=prepared.geometry, scale=prepared.scale,
                             brain_source=source, qc_flags=flags)
-    decoded = DecodeResult(None, time.perf_counter() - start, node_ip(), prepared.geometry.n_slices, flags)
+    decoded = DecodeResult(None, time.perf_counter() - start, node_ip(), prepared.geometry.n_slices, flags,
+                           timings["brain_mask_s"])
     return decoded, slices, context
 
 
@@ -204,10 +207,12 @@ def commit_outputs(job: WriteJob, decoded: DecodeResult, inferred: InferenceResu
         row = {
             **manifest_columns(job.row.extra), "id": vid, "input_path": str(job.row.image), "status": "ok",
             "brain_mask_source": context.brain_source, "qc_flags": list(flags), **stats,
-            "slices_processed": decoded.n_slices, "backend": inferred.backend or job.backend,
+            "slices_processed": decoded.n_slices, "slices_inpainted": maps.slices_inpainted,
+            "backend": inferred.backend or job.backend,
             "bundle_hash": job.bundle_hash, **job.calibration.columns(),
             "runtime_s": earlier_s + write_s,
-            "decode_s": decoded.seconds, "inference_s": inferred.seconds, "write_s": write_s,
+            "decode_s": decoded.seconds, "brain_mask_s": decoded.brain_mask_s, "inference_s": inferred.seconds,
+            "write_s": write_s,
             "decode_node": decoded.node, "inference_node": inferred.node, "write_node": node_ip(),
         }
         marker = {"id": vid, "input_path": str(job.row.image), "input_signature": list(input_signature(job.row.image)),

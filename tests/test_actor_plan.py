@@ -1,0 +1,87 @@
+"""The inference-actor plan (`screening.plan`): actors, threads and reserved CPUs from the CPUs per node.
+
+The rule (README: Screening throughput): a quarter of a node's cores (at least one) stays with the decode and write
+tasks, the rest goes to actors of two threads; a node with fewer than two such cores gets one actor whose
+threads span every core. The cluster's resources are what `ray.nodes()` / `ray.cluster_resources()` report,
+given here as the plan's inputs; `local_cpus` is checked under a real `taskset`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from phanes_cli.errors import ConfigError
+from phanes_cli.screening import plan
+from phanes_cli.screening.options import ScreenOptions
+from phanes_cli.screening.plan import ActorPlan, NodeShare, cpu_plan, cpu_share, plan_actors
+
+
+@pytest.mark.parametrize(("cores", "share"), [
+    (1, NodeShare(actors=1, threads=1, cpus=0.0)),  # the one core is shared; Ray keeps its CPU for the tasks
+    (2, NodeShare(actors=1, threads=2, cpus=1.0)),  # both cores for the networks, one Ray CPU for the tasks
+    (3, NodeShare(actors=1, threads=2, cpus=2.0)),
+    (4, NodeShare(actors=1, threads=3, cpus=3.0)),
+    (8, NodeShare(actors=3, threads=2, cpus=2.0)),
+    (16, NodeShare(actors=6, threads=2, cpus=2.0)),  # 12 cores for 6 actors, 4 for decoding and writing
+    (64, NodeShare(actors=24, threads=2, cpus=2.0)),
+])
+def test_the_cpu_share_of_one_node(cores: int, share: NodeShare) -> None:
+    assert cpu_share(cores) == share
+    # never more threads than cores, and Ray always keeps at least one CPU for the decode and write tasks
+    assert share.actors * share.threads <= cores
+    assert cores - share.actors * share.cpus >= 1
+
+
+def test_a_cluster_plans_every_node_with_the_smallest_nodes_threads() -> None:
+    assert cpu_plan([16, 16]) == NodeShare(actors=12, threads=2, cpus=2.0)
+    assert cpu_plan([16, 2]) == NodeShare(actors=7, threads=2, cpus=1.0)
+    assert cpu_plan([]) == cpu_share(1)
+
+
+def _cluster(monkeypatch: pytest.MonkeyPatch, cores: list[int], gpus: int = 0) -> None:
+    """What Ray would report for nodes of these CPU counts (a head with 0 CPUs is listed and ignored)."""
+    nodes: list[dict[str, Any]] = [{"Alive": True, "Resources": {"CPU": float(c)}} for c in cores]
+    nodes += [{"Alive": True, "Resources": {}}, {"Alive": False, "Resources": {"CPU": 64.0}}]
+    monkeypatch.setattr(plan.ray, "nodes", lambda: nodes)
+    monkeypatch.setattr(plan.ray, "cluster_resources", lambda: {"CPU": float(sum(cores)), "GPU": float(gpus)})
+
+
+def _options(**kw: Any) -> ScreenOptions:
+    return ScreenOptions(bundle=Path("b"), out=Path("o"), **kw)
+
+
+def test_plan_on_2_and_16_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    _cluster(monkeypatch, [2])
+    assert plan_actors(_options()) == ActorPlan(count=1, cpus=1.0, gpus=0.0, max_in_flight=4, threads=2)
+    _cluster(monkeypatch, [16])
+    assert plan_actors(_options()) == ActorPlan(count=6, cpus=2.0, gpus=0.0, max_in_flight=24, threads=2)
+
+
+def test_options_override_the_planned_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    _cluster(monkeypatch, [16])
+    assert plan_actors(_options(threads_per_actor=4)).threads == 4
+    # more actors than planned share the CPUs that leave one for the tasks; their threads stay as planned
+    assert plan_actors(_options(num_actors=10)) == ActorPlan(count=10, cpus=1.5, gpus=0.0, max_in_flight=40,
+                                                             threads=2)
+    # --cpus-per-actor alone: as many threads as CPUs (the behaviour before the plan)
+    assert plan_actors(_options(num_actors=3, cpus_per_actor=4.0)).threads == 4
+    with pytest.raises(ConfigError, match="leave no CPU for decoding and writing"):
+        plan_actors(_options(num_actors=4, cpus_per_actor=4.0))
+    _cluster(monkeypatch, [16], gpus=2)  # GPUs: one actor per GPU, one CPU and one thread each
+    assert plan_actors(_options()) == ActorPlan(count=2, cpus=1.0, gpus=1.0, max_in_flight=8, threads=1)
+
+
+@pytest.mark.skipif(shutil.which("taskset") is None or not hasattr(os, "sched_getaffinity"),
+                    reason="needs taskset and CPU affinity (Linux)")
+def test_local_cpus_follows_the_process_affinity() -> None:
+    code = "from phanes_cli.screening.session import local_cpus; print(local_cpus())"
+    one = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert one.stdout.strip() == "1"
