@@ -106,7 +106,7 @@ SkullStrip = Literal["auto", "always", "never"]  # = brain_masks.SKULL_STRIP_MOD
 # Fixed choices as Literal types: Click lists them in --help, completes them, and refuses anything else.
 Device = Literal["auto", "cpu", "cuda"]
 BenchDevice = Literal["cpu", "cuda"]
-BackendName = Literal["auto", "torch", "onnxruntime", "tensorrt"]  # = runtimes.BACKENDS + auto (tested)
+BackendName = Literal["auto", "torch", "onnxruntime", "onnxruntime-int8", "openvino", "tensorrt"]  # = BACKENDS + auto
 TableFormat = Literal["parquet", "csv", "json"]
 ExportFormat = Literal["onnx", "tensorrt", "all"]
 Precision = Literal["fp32", "fp16"]
@@ -455,7 +455,7 @@ def _shipped_bundle(backend: str, lpips_weights: str | None) -> Path:
     shipped = default_bundle()
     console.print(f"using the model shipped with phanes: {escape(shipped.name)} ({escape(str(shipped))}); "
                   "--bundle selects another")
-    if backend not in ("auto", "onnxruntime"):
+    if backend in ("torch", "tensorrt"):
         return shipped
     from phanes_cli.runtimes.first_use import exported_copy
 
@@ -544,21 +544,30 @@ def export_cmd(
     min_batch: int = typer.Option(1, "--min-batch", min=1, help="TensorRT engines: smallest batch of slices."),
     opt_batch: int = typer.Option(32, "--opt-batch", min=1, help="TensorRT engines: the batch they are tuned for."),
     max_batch: int = typer.Option(64, "--max-batch", min=1, help="TensorRT engines: largest batch of slices."),
+    cpu_backends: str = typer.Option("onnxruntime-int8,openvino", "--cpu-backends",
+                                     help="Cheaper CPU backends to build and gate against fp32 on real brains "
+                                          "(comma-separated; '' for none)."),
     lpips_weights: str | None = LPIPS_OPTION,
 ) -> None:
-    """Export the three inference graphs (ONNX; TensorRT engines on a GPU) into BUNDLE/engines/, parity-checked."""
+    """Export the three inference graphs (ONNX; TensorRT engines on a GPU) into BUNDLE/engines/, parity-checked;
+    build the INT8 graphs and OpenVINO models and keep each only if its lesion masks match fp32 on real brains."""
     require("onnx", "phanes export")
     require("onnxruntime", "phanes export")
     from phanes_cli.runtimes.artefacts import BatchProfile
     from phanes_cli.runtimes.export import export_bundle
+    from phanes_cli.runtimes.parity import verdict_line
 
-    result = export_bundle(bundle, fmt, precision, BatchProfile(min_batch, opt_batch, max_batch), lpips_weights)
+    gated = [b.strip() for b in cpu_backends.split(",") if b.strip()]
+    result = export_bundle(bundle, fmt, precision, BatchProfile(min_batch, opt_batch, max_batch), lpips_weights,
+                           gated)
     for runtime, checks in result.parity.items():
         for label in ("random", "brain"):
             row = checks[label]
             console.print(f"parity {runtime} vs torch ({label} slices): max |diff| x_cph {row['x_cph']:.1e}, "
                           f"x_ph {row['x_ph']:.1e}, map {row['anomaly']:.1e}; "
                           f"inpainting-mask agreement {row['mask_agreement']:.4%}")
+    for name, verdict in result.gates.items():
+        console.print(escape(verdict_line(name, verdict)))
     for note in result.notes:
         console.print(f"[yellow]note:[/] {escape(str(note))}")
     console.print(f"[green]exported[/] {escape(', '.join(result.written))} into {escape(str(bundle / 'engines'))}")
@@ -568,7 +577,8 @@ def export_cmd(
 @_friendly
 def bench_cmd(
     bundle: Path = typer.Option(..., "--bundle", help="Model bundle folder."),
-    backends: str = typer.Option("torch,onnxruntime,tensorrt", "--backends", help="Backends to measure."),
+    backends: str = typer.Option("torch,onnxruntime,onnxruntime-int8,openvino,tensorrt", "--backends",
+                                 help="Backends to measure."),
     slices: int = typer.Option(64, "--slices", min=1, help="Real brain slices per pass."),
     repeats: int = typer.Option(3, "--repeats", min=1, help="Timed passes after the warm-up (the median is reported)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Slices per inference batch."),

@@ -44,8 +44,9 @@ def plain(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def exported(plain: Path) -> Path:
+    """ONNX graphs only: the gated CPU backends have their own tests (test_gated_backends.py)."""
     folder = Path(shutil.copytree(plain, plain.parent / "exported"))
-    export_bundle(folder)
+    export_bundle(folder, gated=[])
     return folder
 
 
@@ -55,20 +56,21 @@ def copy(exported: Path, tmp_path: Path) -> Path:
 
 
 def test_backend_names_are_validated() -> None:
-    names = ["auto", "torch", "onnxruntime", "tensorrt"]
+    names = ["auto", "torch", "onnxruntime", "onnxruntime-int8", "openvino", "tensorrt"]
     assert [validate_backend_name(n) for n in names] == names
-    with pytest.raises(ConfigError, match="unknown backend 'openvino'; choose one of: auto, torch, onnxruntime"):
-        validate_backend_name("openvino")
+    with pytest.raises(ConfigError, match="unknown backend 'tflite'; choose one of: auto, torch, onnxruntime"):
+        validate_backend_name("tflite")
 
 
 def test_auto_on_cpu_uses_torch_until_graphs_are_exported(plain: Path, exported: Path) -> None:
     assert choose_backend("auto", load_bundle(plain, require_calibration=False), CPU).name == "torch"
     with pytest.raises(ArtefactError, match=r"provenance\.json: no exported graphs.*phanes export"):
         choose_backend("onnxruntime", load_bundle(plain, require_calibration=False), CPU)
-    bundle = load_bundle(exported, require_calibration=False)
+    bundle = load_bundle(exported, require_calibration=False)  # exported without the gated backends
     assert choose_backend("auto", bundle, CPU).name == "onnxruntime"
     plan = plan_backend("auto", bundle, CPU)
     assert plan.chosen == "onnxruntime" and "no CPU benchmark recorded" in plan.why
+    assert "onnxruntime-int8 was not gated" in plan.skipped["onnxruntime-int8"]
 
 
 def test_tensorrt_is_refused_clearly_without_a_gpu(exported: Path) -> None:
@@ -101,6 +103,7 @@ def test_bench_writes_bench_json_and_auto_follows_it(copy: Path) -> None:
         assert row["network_s"] + row["other_s"] == pytest.approx(row["total_s"])
         assert 0 < row["network_s"] < row["total_s"]
     assert "skipped" in bench["results"]["tensorrt"] or HAS_TENSORRT
+    assert "skipped" in bench["results"]["openvino"]  # not gated at this export (or openvino not installed)
     fastest = max(("torch", "onnxruntime"), key=lambda n: bench["results"][n]["slices_per_s"])
     assert bench["fastest"] == fastest
     bundle = load_bundle(copy, require_calibration=False)  # bench.json is sealed into the index
@@ -177,4 +180,4 @@ def test_calibrate_on_onnxruntime_matches_torch(copy: Path, tmp_path: Path) -> N
     assert on_ort.mask_threshold == pytest.approx(on_torch.mask_threshold, rel=1e-3)
     assert on_ort.anomaly_threshold == pytest.approx(on_torch.anomaly_threshold, rel=1e-3)
     with pytest.raises(ConfigError, match="unknown backend"):
-        calibrate(other, manifest, device="cpu", progress=False, tune=False, backend_name="openvino")
+        calibrate(other, manifest, device="cpu", progress=False, tune=False, backend_name="tflite")

@@ -25,8 +25,9 @@ from phanes_cli.core.calibration import Calibration
 from phanes_cli.core.pipeline import run_slices
 from phanes_cli.errors import BundleError
 from phanes_cli.runtimes.artefacts import ArtefactError, read_artefact
-from phanes_cli.runtimes.export import OPSET, PARITY_ATOL, export_bundle
+from phanes_cli.runtimes.export import OPSET, export_bundle
 from phanes_cli.runtimes.onnx import OnnxRuntimeBackend
+from phanes_cli.runtimes.parity import PARITY_ATOL
 from phanes_cli.runtimes.pytorch import PhanesNetworks, TorchBackend
 from phanes_cli.runtimes.samples import brain_slices
 from phanes_cli.runtimes.trt_operators import MAX_OPSET, SUPPORTED_OPS, unsupported_nodes
@@ -45,7 +46,7 @@ def nets() -> PhanesNetworks:
 def exported(tmp_path_factory: pytest.TempPathFactory, nets: PhanesNetworks) -> Path:
     folder = tmp_path_factory.mktemp("export") / "bundle"
     save_bundle(folder, tiny_config(), nets.ra, nets.generator)
-    result = CliRunner().invoke(app, ["export", "--bundle", str(folder), "--format", "all"])
+    result = CliRunner().invoke(app, ["export", "--bundle", str(folder), "--format", "all", "--cpu-backends", ""])
     assert result.exit_code == 0, result.output
     assert "parity onnxruntime vs torch (brain slices)" in result.output
     return folder

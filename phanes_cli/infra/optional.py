@@ -13,6 +13,7 @@ from phanes_cli.errors import MissingExtraError
 EXTRAS: dict[str, tuple[str, str]] = {
     "onnx": ("onnx", "onnx"),
     "onnxruntime": ("onnx", "onnxruntime"),
+    "openvino": ("openvino", "openvino"),
     "bids2table": ("bids", "bids2table"),
     "PIL": ("report", "pillow"),
     "triton": ("gpu", "triton"),

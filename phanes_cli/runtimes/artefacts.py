@@ -2,8 +2,10 @@
 
 `engines/provenance.json` describes every artefact: the graph it holds, the sha256 of the weights it was
 built from, opset, exporter and runtime versions, precision, batch profile and, for TensorRT engines, the
-TensorRT version and GPU compute capability. The bundle index (bundle.json) seals the files; a backend
-loads an artefact only through `read_artefact`, which checks the seal, the provenance and staleness.
+TensorRT version and GPU compute capability; under `gates`, the export gate's verdict on each cheaper CPU
+backend (`runtimes.parity.gate`). The bundle index (bundle.json) seals the files; a backend loads an artefact
+only through `read_artefact`, which checks the seal, the provenance and staleness, and a gated backend runs
+only when `read_gate` finds that it passed with the runtime version installed now.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 from phanes_cli.core.bundle import ENGINES_DIR, INDEX_FILE, WEIGHT_FILES, Bundle
 from phanes_cli.errors import BundleError, ConfigError
+from phanes_cli.infra.versions import package_version
 
 PROVENANCE_FILE = "provenance.json"
 BENCH_FILE = "bench.json"
@@ -36,6 +39,10 @@ class RuntimeUnavailable(ArtefactError):
 
 class EngineIncompatible(ArtefactError):
     """A TensorRT engine built for another TensorRT version or GPU: refused, the next backend runs instead."""
+
+
+class GateRefused(ArtefactError):
+    """A backend that failed its export gate: refused with the failing figure, `auto` warns and moves on."""
 
 
 @dataclass(frozen=True)
@@ -107,8 +114,25 @@ def read_artefact(bundle: Bundle, name: str) -> tuple[bytes, dict[str, Any]]:
 
 
 def artefact_name(graph: str, fmt: str, precision: str = "fp32") -> str:
-    """engines/ file name of one graph: stage1.onnx, stage1.fp16.engine, ..."""
-    return f"{graph}.onnx" if fmt == "onnx" else f"{graph}.{precision}.engine"
+    """engines/ file name of one graph: stage1.onnx, stage2.int8.onnx, stage1.fp16.engine, ..."""
+    if fmt == "onnx":
+        return f"{graph}.onnx" if precision == "fp32" else f"{graph}.{precision}.onnx"
+    return f"{graph}.{precision}.engine"
+
+
+def read_gate(bundle: Bundle, backend: str, runtime: str) -> dict[str, Any]:
+    """The export gate's verdict on `backend` (whose numbers come from the package `runtime`), when it passed
+    with the version of `runtime` installed now; NotExported when never gated, else GateRefused / ArtefactError."""
+    verdict: dict[str, Any] | None = read_provenance(bundle).get("gates", {}).get(backend)
+    if verdict is None:
+        raise NotExported(f"{backend} was not gated when this bundle was exported; {reexport_hint(bundle.path)}")
+    if not verdict["passed"]:
+        raise GateRefused(f"{backend} failed its export gate: {verdict['reason']}")
+    installed = package_version(runtime)
+    if verdict["runtime_version"] != installed:
+        raise ArtefactError(f"{backend} was gated with {runtime} {verdict['runtime_version']}, {installed} is "
+                            f"installed; {reexport_hint(bundle.path)}")
+    return verdict
 
 
 def read_bench(bundle: Bundle) -> dict[str, Any] | None:

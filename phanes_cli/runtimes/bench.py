@@ -29,7 +29,7 @@ from phanes_cli.errors import PhanesError
 from phanes_cli.infra.atomic import write_json
 from phanes_cli.runtimes import BACKENDS, validate_backend_name
 from phanes_cli.runtimes.artefacts import BENCH_FILE, engines_dir
-from phanes_cli.runtimes.export import reference_mask_threshold
+from phanes_cli.runtimes.parity import reference_mask_threshold
 from phanes_cli.runtimes.pytorch import select_device
 from phanes_cli.runtimes.samples import brain_slices
 from phanes_cli.runtimes.select import build_backend, check_backend

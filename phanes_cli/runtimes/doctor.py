@@ -1,4 +1,5 @@
-"""`phanes doctor`: what this machine offers and which backend each stage of a bundle would use, and why.
+"""`phanes doctor`: what this machine offers (OpenVINO among the runtimes) and which backend each stage of a
+bundle would use, and why, with the export gate's verdict on the cheaper CPU backends.
 
 Every probe is read-only and cheap (no model is built, no Ray session is started), so a user sees at
 once why a run would be slow or refused.
@@ -12,14 +13,16 @@ from pathlib import Path
 
 import torch
 
-from phanes_cli.core.bundle import load_bundle
+from phanes_cli.core.bundle import Bundle, load_bundle
 from phanes_cli.errors import PhanesError
 from phanes_cli.infra.optional import available, missing_message
 from phanes_cli.infra.versions import package_version
 from phanes_cli.models.backbones import backbone_source
 from phanes_cli.models.shipped_weights import shipped_path
+from phanes_cli.runtimes import GATED_BACKENDS
 from phanes_cli.runtimes.artefacts import ArtefactError, artefact_name, read_artefact, read_provenance
 from phanes_cli.runtimes.graphs import GRAPHS
+from phanes_cli.runtimes.parity import verdict_line
 from phanes_cli.runtimes.pytorch import select_device
 from phanes_cli.runtimes.select import plan_backend
 from phanes_cli.runtimes.tensorrt import tensorrt_unavailable
@@ -47,11 +50,34 @@ def machine_report(lpips_weights: str | None = None) -> Report:
         rows.append(("onnxruntime", f"{ort.__version__}, providers: {', '.join(ort.get_available_providers())}"))
     else:
         rows.append(("onnxruntime", f"not installed ({missing_message('onnxruntime', 'the ONNX backend')})"))
+    rows.append(("openvino", _openvino_finding()))
     cores = len(os.sched_getaffinity(0))
     rows.append(("cpu", f"{cores} cores available, torch uses {torch.get_num_threads()} threads"))
     rows.append(("lpips trunk", f"AlexNet ImageNet weights, {backbone_source('alexnet', lpips_weights)}"))
     heads = shipped_path("lpips_heads")
     rows.append(("lpips heads", f"shipped with phanes: {heads}" if heads else "MISSING (reinstall phanes)"))
+    return rows
+
+
+def _openvino_finding() -> str:
+    """OpenVINO's version and devices, or how to install it (importing it costs well under a second)."""
+    if not available("openvino"):
+        return f"not installed ({missing_message('openvino', 'the OpenVINO backend')})"
+    import openvino as ov
+
+    return f"{package_version('openvino')}, devices: {', '.join(ov.Core().available_devices)}"
+
+
+def _gate_rows(bundle: Bundle) -> Report:
+    """The export gate's verdict on each cheaper CPU backend of this bundle."""
+    try:
+        gates = read_provenance(bundle).get("gates", {})
+    except ArtefactError:
+        return []
+    rows: Report = [("gate", verdict_line(name, gates[name]).removeprefix("gate ")) for name in GATED_BACKENDS
+                    if name in gates]
+    rows += [("gate", f"{name}: not gated (phanes export --cpu-backends {name})")
+             for name in GATED_BACKENDS if name not in gates]
     return rows
 
 
@@ -100,6 +126,7 @@ def bundle_report(folder: Path, device: torch.device, backend: str = "auto") -> 
             except ArtefactError as exc:
                 states.append(f"{fmt}: {exc}")
         rows.append((f"stage {graph.name}", "; ".join(states)))
+    rows += _gate_rows(bundle)
     plan = plan_backend(backend, bundle, device)
     for name, reason in plan.skipped.items():
         rows.append(("skipped", f"{name}: {reason}"))

@@ -2,7 +2,8 @@
 
 The shipped bundle lives inside the installed package (often read-only), so its first use copies it into
 `$PHANES_CACHE_DIR` (default `$XDG_CACHE_HOME/phanes`, else `~/.cache/phanes`) under models/<name>-<hash>/,
-exports the graphs there (runtimes.export: parity-checked against torch) and seals that copy's index.
+exports the graphs there (runtimes.export: parity-checked against torch, the INT8 and OpenVINO backends gated)
+and seals that copy's index.
 An exclusive file lock makes concurrent first runs (several jobs of one user) export it once; a copy whose
 model files differ from the shipped ones by hash, or an unfinished one, is rebuilt. The graphs themselves
 are hash-checked again when the backend loads them (runtimes.artefacts).
@@ -60,7 +61,13 @@ def _usable(copy: Path, shipped_files: dict[str, str]) -> bool:
     except (BundleError, OSError, ValueError, KeyError):
         return False
     same_model = {name: files.get(name) for name in shipped_files} == shipped_files
-    return same_model and any(name.endswith(".onnx") for name in files)
+    return same_model and any(name.endswith(".onnx") for name in files) and _gated(copy)
+
+
+def _gated(copy: Path) -> bool:
+    """Exported by a phanes that gates the INT8 and OpenVINO backends (older copies are exported again)."""
+    provenance = copy / ENGINES_DIR / "provenance.json"
+    return provenance.is_file() and "gates" in json.loads(provenance.read_text())
 
 
 def exported_copy(shipped: Path, report: Callable[[str], None] = print, lpips_weights: str | None = None) -> Path:

@@ -1,4 +1,6 @@
-"""The ONNX Runtime backend: the exported graphs of a bundle on the CPU or CUDA execution provider.
+"""The ONNX Runtime backends: the exported graphs of a bundle on the CPU or CUDA execution provider
+(`onnxruntime`), and with the INT8 graphs that passed the export gate in place of their fp32 ones, on the CPU
+(`onnxruntime-int8`, graphs from `runtimes.quantise`).
 
 Sessions are built from the verified bytes of each graph (never re-read from disk after the check), with
 every graph optimisation on and the intra-op thread count of the process, so a run uses what torch would.
@@ -12,11 +14,12 @@ import torch
 from torch import Tensor
 
 from phanes_cli.core.bundle import Bundle
-from phanes_cli.runtimes.artefacts import RuntimeUnavailable, artefact_name, read_artefact
+from phanes_cli.runtimes.artefacts import RuntimeUnavailable, artefact_name, read_artefact, read_gate
 from phanes_cli.runtimes.graphs import GRAPHS, LPIPS, STAGE1, STAGE2, GraphSpec
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
+INT8_BACKEND = "onnxruntime-int8"
 
 
 def providers_for(device: torch.device) -> list[str]:
@@ -42,24 +45,34 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     return options
 
 
+def int8_graph_files(bundle: Bundle, device: torch.device) -> dict[str, str]:
+    """engines/ file of each graph for `onnxruntime-int8`, as its passed gate recorded them (CPU only)."""
+    if device.type != "cpu":
+        raise RuntimeUnavailable(f"the INT8 graphs run on the CPU only, not on {device}")
+    files: dict[str, str] = read_gate(bundle, INT8_BACKEND, "onnxruntime")["graphs"]
+    return files
+
+
 class OnnxRuntimeBackend:
     """Runs stage 1, stage 2 and LPIPS as ONNX Runtime sessions; tensors come back on `device`."""
 
-    name = "onnxruntime"
-
-    def __init__(self, graphs: dict[str, bytes], device: torch.device, threads: int | None = None) -> None:
-        self.device = device
+    def __init__(self, graphs: dict[str, bytes], device: torch.device, threads: int | None = None,
+                 name: str = "onnxruntime") -> None:
+        self.name, self.device = name, device
         providers = providers_for(device)
         options = session_options(threads)
         self._sessions = {spec.name: ort.InferenceSession(graphs[spec.name], sess_options=options, providers=providers)
                           for spec in GRAPHS}
 
     @classmethod
-    def from_bundle(cls, bundle: Bundle, device: torch.device, threads: int | None = None) -> OnnxRuntimeBackend:
-        """Sessions from the bundle's verified graphs (refused when tampered with or stale)."""
+    def from_bundle(cls, bundle: Bundle, device: torch.device, threads: int | None = None,
+                    int8: bool = False) -> OnnxRuntimeBackend:
+        """Sessions from the bundle's verified graphs (refused when tampered with or stale); with `int8`, the
+        graphs of the passed INT8 gate (refused when it failed or was never run)."""
         providers_for(device)
-        graphs = {spec.name: read_artefact(bundle, artefact_name(spec.name, "onnx"))[0] for spec in GRAPHS}
-        return cls(graphs, device, threads)
+        files = int8_graph_files(bundle, device) if int8 else {s.name: artefact_name(s.name, "onnx") for s in GRAPHS}
+        graphs = {spec.name: read_artefact(bundle, files[spec.name])[0] for spec in GRAPHS}
+        return cls(graphs, device, threads, INT8_BACKEND if int8 else "onnxruntime")
 
     def _run(self, spec: GraphSpec, *tensors: Tensor) -> Tensor:
         feed = {name: np.ascontiguousarray(t.detach().to("cpu", torch.float32).numpy())

@@ -1,9 +1,10 @@
 """Which backend runs a bundle's networks on this machine, and why (`phanes doctor` prints the same plan).
 
-`auto` tries, in order: the TensorRT engines, ONNX Runtime on CUDA, torch on CUDA; on the CPU it takes
-the backend `phanes bench` measured fastest for this bundle (engines/bench.json), else ONNX Runtime when
-the graphs are exported, else torch. A refused artefact (tampered, stale, built for another TensorRT or
-GPU) makes `auto` fall back to the next candidate with a warning; an explicitly named backend is strict.
+`auto` tries, in order: the TensorRT engines, ONNX Runtime on CUDA, torch on CUDA; on the CPU the backends
+`phanes bench` measured for this bundle (engines/bench.json), fastest first, then the others in CPU_ORDER
+(this project's measured order). The INT8 and OpenVINO backends run only when they passed their export
+gate. A refused artefact (tampered, stale, built for another TensorRT or GPU, a failed gate) makes `auto`
+fall back to the next candidate with a warning; an explicitly named backend is strict.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from phanes_cli.core.backend import Backend
 from phanes_cli.core.bundle import Bundle
 from phanes_cli.infra.optional import available, missing_message
-from phanes_cli.runtimes import BACKENDS, validate_backend_name
+from phanes_cli.runtimes import validate_backend_name
 from phanes_cli.runtimes.artefacts import (
     ArtefactError,
     NotExported,
@@ -24,6 +25,7 @@ from phanes_cli.runtimes.artefacts import (
     artefact_name,
     read_artefact,
     read_bench,
+    read_gate,
     read_provenance,
 )
 from phanes_cli.runtimes.graphs import GRAPHS
@@ -45,13 +47,19 @@ class BackendPlan:
     why: str = ""
 
 
+# Fastest first, as benchmarks/cpu_backends.py measured them on the cpu config (README: Backends and export): the
+# INT8 generator was fastest in every run; OpenVINO and fp32 ONNX Runtime swapped places between runs.
+CPU_ORDER = ("onnxruntime-int8", "openvino", "onnxruntime", "torch")
+
+
 def _cpu_order(bundle: Bundle) -> tuple[list[str], str]:
-    bench = read_bench(bundle)
-    fastest = (bench or {}).get("cpu", {}).get("fastest")
-    if fastest in BACKENDS:
-        others = [b for b in ("onnxruntime", "torch") if b != fastest]
-        return [fastest, *others], f"phanes bench measured {fastest} fastest on the CPU for this bundle"
-    return ["onnxruntime", "torch"], "no CPU benchmark recorded: ONNX Runtime (faster on the cpu config), then torch"
+    results = ((read_bench(bundle) or {}).get("cpu") or {}).get("results", {})
+    speed = {name: r["slices_per_s"] for name, r in results.items() if name in CPU_ORDER and "slices_per_s" in r}
+    if speed:
+        measured = sorted(speed, key=lambda name: -speed[name])
+        order = [*measured, *(b for b in CPU_ORDER if b not in speed)]
+        return order, f"phanes bench measured {measured[0]} fastest on the CPU for this bundle"
+    return list(CPU_ORDER), f"no CPU benchmark recorded: the project's measured order ({', '.join(CPU_ORDER)})"
 
 
 def candidates(name: str, bundle: Bundle, device: torch.device) -> tuple[list[str], str]:
@@ -74,14 +82,31 @@ def check_backend(backend: str, bundle: Bundle, device: torch.device) -> None:
             raise NotExported("no TensorRT engines exported (run `phanes export --format tensorrt` on a GPU machine)")
         for graph in GRAPHS:
             read_artefact(bundle, artefact_name(graph.name, "tensorrt", precision))
-    elif backend == "onnxruntime":
-        if not available("onnxruntime"):
-            raise RuntimeUnavailable(missing_message("onnxruntime", "the ONNX Runtime backend"))
-        from phanes_cli.runtimes.onnx import providers_for  # [onnx] extra: imported only when installed
+    elif backend in ("onnxruntime", "onnxruntime-int8"):
+        _check_onnxruntime(backend, bundle, device)
+    elif backend == "openvino":
+        _check_openvino(bundle, device)
 
-        providers_for(device)
-        for graph in GRAPHS:
-            read_artefact(bundle, artefact_name(graph.name, "onnx"))
+
+def _check_onnxruntime(backend: str, bundle: Bundle, device: torch.device) -> None:
+    if not available("onnxruntime"):
+        raise RuntimeUnavailable(missing_message("onnxruntime", "the ONNX Runtime backend"))
+    from phanes_cli.runtimes.onnx import int8_graph_files, providers_for  # [onnx] extra: imported when installed
+
+    providers_for(device)
+    files = int8_graph_files(bundle, device) if backend == "onnxruntime-int8" else {}
+    for graph in GRAPHS:
+        read_artefact(bundle, files.get(graph.name, artefact_name(graph.name, "onnx")))
+
+
+def _check_openvino(bundle: Bundle, device: torch.device) -> None:
+    if not available("openvino"):
+        raise RuntimeUnavailable(missing_message("openvino", "the OpenVINO backend"))
+    if device.type != "cpu":
+        raise RuntimeUnavailable(f"the openvino backend runs on the CPU only, not on {device}")
+    read_gate(bundle, "openvino", "openvino")
+    for graph in GRAPHS:
+        read_artefact(bundle, artefact_name(graph.name, "onnx"))
 
 
 def unusable_reason(backend: str, bundle: Bundle, device: torch.device) -> str | None:
@@ -110,10 +135,14 @@ def build_backend(name: str, bundle: Bundle, device: torch.device, lpips_weights
     """Construct one named backend (no fallback)."""
     if name == "tensorrt":
         return TensorRTBackend.from_bundle(bundle, device)
-    if name == "onnxruntime":
+    if name in ("onnxruntime", "onnxruntime-int8"):
         from phanes_cli.runtimes.onnx import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend.from_bundle(bundle, device)
+        return OnnxRuntimeBackend.from_bundle(bundle, device, int8=name == "onnxruntime-int8")
+    if name == "openvino":
+        from phanes_cli.runtimes.openvino import OpenVINOBackend  # the [openvino] extra, checked installed
+
+        return OpenVINOBackend.from_bundle(bundle, device)
     return TorchBackend(load_networks(bundle, lpips_weights), device)
 
 

@@ -4,14 +4,17 @@ One actor per GPU (or a few on CPU) loads the bundle once (from its folder, whic
 and only if its hash is the one the driver verified); the driver streams volumes to it. The
 actor only sees model-grid slices and returns model-grid maps; decoding and writing happen in CPU tasks.
 It is a plain class so tests can use it without Ray; the engine wraps it with `ray.remote`. `pid` runs in
-its own concurrency group, so it answers while `infer` is busy.
+its own concurrency group, so it answers while `infer` is busy. Which backend `--backend` resolved to, and
+why `auto` skipped a refused one (a failed export gate, a tampered graph), is reported to the driver by
+`backend_report`: Ray does not forward the actors' own output.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING
+import warnings
+from typing import TYPE_CHECKING, Any
 
 import ray
 import torch
@@ -39,11 +42,19 @@ class InferenceActor:
         self.cfg = bundle.config
         self.mask_threshold = bundle.require_calibration().mask_threshold
         # imported in the actor only: the driver, which defines this class, never loads the networks
-        from phanes_cli.runtimes.select import choose_backend
+        from phanes_cli.runtimes.select import BackendFallbackWarning, choose_backend
 
-        self.backend: Backend = choose_backend(backend, bundle, torch.device(device), lpips_weights)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", BackendFallbackWarning)
+            self.backend: Backend = choose_backend(backend, bundle, torch.device(device), lpips_weights)
+        self.fallbacks = [str(w.message) for w in caught if issubclass(w.category, BackendFallbackWarning)]
         self.batch_size = batch_size
         self.keep: tuple[str, ...] = ("x_ph",) if pseudo_healthy else ()
+
+    @ray.method(concurrency_group="control")
+    def backend_report(self) -> dict[str, Any]:
+        """The backend this actor runs and the refused backends `auto` fell back from, with their reasons."""
+        return {"backend": self.backend.name, "fallbacks": self.fallbacks}
 
     @ray.method(concurrency_group="control")
     def pid(self) -> int:

@@ -81,11 +81,15 @@ class Actors:
                  "cuda" if self.plan.gpus > 0 else "cpu", self.plan.threads, self.options.batch_size,
                  "pseudohealthy" in self.options.outputs, self.options.lpips_weights)
 
-    def wait_ready(self) -> None:
+    def wait_ready(self) -> list[str]:
+        """Wait for every actor to load its backend; log which one it runs. Returns why `auto` skipped any."""
         try:
-            ray.get([a.pid.remote() for a in self.handles])
+            reports = ray.get([a.backend_report.remote() for a in self.handles])
         except RayActorError as exc:
             raise PhanesError(f"the inference actors could not start: {short_error(exc)}") from exc
+        for index, report in enumerate(reports):
+            self.log.event("backend", index=index, backend=report["backend"], fallbacks=report["fallbacks"])
+        return list(dict.fromkeys(reason for report in reports for reason in report["fallbacks"]))
 
     def stop(self) -> None:
         for actor in self.handles:

@@ -1,0 +1,235 @@
+"""The cheaper CPU backends: INT8 graphs in real ONNX Runtime sessions and OpenVINO compiled models, built and
+gated by `phanes export` on a tiny untrained bundle, and refused with their figure when the gate fails.
+
+One bundle is exported (both gates) once per module; tests that change it work on a copy. OpenVINO's tests
+skip with the reason when the package is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+from typer.testing import CliRunner
+
+from phanes_cli.cli import app
+from phanes_cli.core.bundle import INDEX_FILE, load_bundle, save_bundle, seal_index, write_calibration
+from phanes_cli.core.calibration import Calibration
+from phanes_cli.core.pipeline import run_slices
+from phanes_cli.runtimes import quantise
+from phanes_cli.runtimes.artefacts import ArtefactError, GateRefused, RuntimeUnavailable
+from phanes_cli.runtimes.onnx import OnnxRuntimeBackend
+from phanes_cli.runtimes.parity import PARITY_ATOL, gate_reference, mask_figures, reference_mask_threshold
+from phanes_cli.runtimes.pytorch import PhanesNetworks, TorchBackend, load_networks
+from phanes_cli.runtimes.samples import GATE_BRAINS, shipped_brain_slices
+from phanes_cli.runtimes.select import CPU_ORDER, BackendFallbackWarning, choose_backend, plan_backend
+from phanes_cli.screening.actors import InferenceActor
+from tests._tiny_cohort import tiny_config
+
+CPU = torch.device("cpu")
+HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
+needs_openvino = pytest.mark.skipif(not HAS_OPENVINO, reason="openvino not installed (pip install 'phanes[openvino]')")
+TOP = "top 1% of the fp32 map"
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(1)
+    nets = PhanesNetworks(tiny_config())
+    folder = tmp_path_factory.mktemp("gated") / "plain"
+    save_bundle(folder, tiny_config(), nets.ra, nets.generator)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def gated(plain: Path) -> tuple[Path, str]:
+    """The bundle exported through the CLI with both gated backends, and the command's output."""
+    folder = Path(shutil.copytree(plain, plain.parent / "gated"))
+    result = CliRunner().invoke(app, ["export", "--bundle", str(folder)])
+    assert result.exit_code == 0, result.output
+    return folder, result.output
+
+
+@pytest.fixture
+def copy(gated: tuple[Path, str], tmp_path: Path) -> Path:
+    return Path(shutil.copytree(gated[0], tmp_path / "bundle"))
+
+
+def _gates(folder: Path) -> dict:
+    return json.loads((folder / "engines" / "provenance.json").read_text())["gates"]
+
+
+def test_export_writes_the_int8_generator_and_records_each_verdict(gated: tuple[Path, str]) -> None:
+    folder, output = gated
+    assert "gate onnxruntime-int8: passed" in output
+    assert ("gate openvino: passed" in output) if HAS_OPENVINO else ("openvino not gated" in output)
+    verdict = _gates(folder)["onnxruntime-int8"]
+    assert verdict["passed"] and verdict["reason"] is None and verdict["runtime_version"] == ort.__version__
+    assert verdict["graphs"] == {"stage1": "stage1.onnx", "stage2": "stage2.int8.onnx", "lpips": "lpips.onnx"}
+    index = json.loads((folder / INDEX_FILE).read_text())["files"]
+    assert "engines/stage2.int8.onnx" in index and "engines/lpips.int8.onnx" not in index
+    assert verdict["parity"]["brain"]["anomaly"] <= PARITY_ATOL["int8"]["anomaly"]
+    assert verdict["mask_brains"] == list(GATE_BRAINS) and verdict["mask_slices"] == 24
+
+
+def test_recorded_mask_figures_are_what_the_backends_compute(gated: tuple[Path, str]) -> None:
+    """The gate's Dice and agreement, recomputed here with plain numpy from both backends' anomaly maps."""
+    bundle = load_bundle(gated[0], require_calibration=False)
+    x, brain = shipped_brain_slices(bundle.config.preprocess, GATE_BRAINS, 8)
+    fp32 = OnnxRuntimeBackend.from_bundle(bundle, CPU)
+    int8 = choose_backend("onnxruntime-int8", bundle, CPU)
+    level = reference_mask_threshold(bundle, fp32, x, brain)
+    maps = {b.name: np.concatenate([run_slices(x[i:i + 8], brain[i:i + 8], b, bundle.config, level).anomaly.numpy()
+                                    for i in range(0, 24, 8)]) for b in (fp32, int8)}
+    inside = brain.numpy() > 0
+    threshold = np.quantile(maps["onnxruntime"][inside], 0.99)
+    want, got = ((s >= threshold) & (s > 0) & inside for s in (maps["onnxruntime"], maps["onnxruntime-int8"]))
+    recorded = _gates(gated[0])["onnxruntime-int8"]["masks"][TOP]
+    assert recorded["threshold"] == pytest.approx(threshold, rel=1e-6)
+    assert (recorded["fp32_voxels"], recorded["voxels"]) == (want.sum(), got.sum())
+    assert recorded["dice"] == pytest.approx(2 * (want & got).sum() / (want.sum() + got.sum()))
+    assert recorded["agreement"] == pytest.approx((want == got).mean())
+
+
+def test_a_calibrated_bundle_is_also_judged_at_its_own_operating_point(copy: Path) -> None:
+    write_calibration(copy, Calibration(mask_threshold=0.05, anomaly_threshold=0.01))
+    bundle = load_bundle(copy)
+    ref = gate_reference(bundle, OnnxRuntimeBackend.from_bundle(bundle, CPU))
+    assert ref.mask_threshold == 0.05 and list(ref.levels) == ["calibrated", TOP] and ref.levels["calibrated"] == 0.01
+    figures, _ = mask_figures(bundle, choose_backend("onnxruntime-int8", bundle, CPU), ref)
+    inside = ref.brain.numpy() > 0
+    assert figures["calibrated"]["fp32_voxels"] == ((ref.anomaly >= 0.01) & (ref.anomaly > 0) & inside).sum()
+
+
+def test_int8_backend_runs_the_quantised_generator_and_fp32_elsewhere(gated: tuple[Path, str]) -> None:
+    bundle = load_bundle(gated[0], require_calibration=False)
+    int8, fp32 = choose_backend("onnxruntime-int8", bundle, CPU), OnnxRuntimeBackend.from_bundle(bundle, CPU)
+    ops = {node.op_type for node in onnx.load(str(gated[0] / "engines" / "stage2.int8.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+    x, _ = shipped_brain_slices(bundle.config.preprocess, GATE_BRAINS[:1], 5)
+    mask = (torch.rand_like(x) > 0.8).float()
+    masked = x * (1 - mask) + mask
+    assert torch.equal(int8.reconstruct(x), fp32.reconstruct(x)) and torch.equal(int8.lpips(x, x), fp32.lpips(x, x))
+    reference = TorchBackend(load_networks(bundle), CPU).inpaint(masked, mask)
+    difference = float((int8.inpaint(masked, mask) - reference).abs().max())
+    assert 0 < difference <= PARITY_ATOL["int8"]["x_ph"]  # really INT8 arithmetic, within the INT8 bound
+
+
+@needs_openvino
+def test_openvino_compiled_models_match_torch_at_any_batch(gated: tuple[Path, str]) -> None:
+    from phanes_cli.runtimes.openvino import OpenVINOBackend
+
+    bundle = load_bundle(gated[0], require_calibration=False)
+    backend = choose_backend("openvino", bundle, CPU)
+    assert isinstance(backend, OpenVINOBackend)
+    torch_backend = TorchBackend(load_networks(bundle), CPU)
+    for batch in (1, 6):
+        x = torch.rand(batch, 1, 32, 32)
+        mask = (torch.rand_like(x) > 0.7).float()
+        calls = (("reconstruct", (x,)), ("inpaint", (x * (1 - mask) + mask, mask)), ("lpips", (x, x.flip(0))))
+        for call, args in calls:
+            got, want = getattr(backend, call)(*args), getattr(torch_backend, call)(*args)
+            assert got.shape == (batch, 1, 32, 32)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    with pytest.raises(RuntimeUnavailable, match="CPU only"):
+        choose_backend("openvino", bundle, torch.device("cuda"))
+
+
+def test_auto_takes_the_measured_order_then_the_bench(copy: Path) -> None:
+    bundle = load_bundle(copy, require_calibration=False)
+    plan = plan_backend("auto", bundle, CPU)
+    assert plan.candidates == list(CPU_ORDER) and plan.chosen == CPU_ORDER[0] == "onnxruntime-int8"
+    assert choose_backend("auto", bundle, CPU).name == "onnxruntime-int8"
+    bench = {"cpu": {"fastest": "onnxruntime", "results": {"torch": {"slices_per_s": 10.0},
+                                                           "onnxruntime": {"slices_per_s": 30.0},
+                                                           "onnxruntime-int8": {"slices_per_s": 20.0},
+                                                           "openvino": {"skipped": "not installed"}}}}
+    (copy / "engines" / "bench.json").write_text(json.dumps(bench))
+    seal_index(copy)
+    plan = plan_backend("auto", load_bundle(copy, require_calibration=False), CPU)
+    assert plan.candidates == ["onnxruntime", "onnxruntime-int8", "torch", "openvino"]
+    assert plan.chosen == "onnxruntime" and "measured onnxruntime fastest" in plan.why
+
+
+def _corrupt_weight_scales(graph: bytes, factor: float = 1000.0) -> bytes:
+    """The INT8 graph with every weight's dequantisation scale multiplied: a broken quantised graph."""
+    model = onnx.load_from_string(graph)
+    initialisers = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        weight = initialisers.get(node.input[0])
+        if node.op_type == "DequantizeLinear" and weight is not None and weight.data_type == onnx.TensorProto.INT8:
+            scale = initialisers[node.input[1]]
+            scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * factor, scale.name))
+    return model.SerializeToString()
+
+
+def test_a_broken_int8_graph_fails_its_gate_and_is_refused_with_the_figure(
+        plain: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = quantise.quantise_graph
+    monkeypatch.setattr(quantise, "quantise_graph", lambda graph, feeds: _corrupt_weight_scales(real(graph, feeds)))
+    folder = Path(shutil.copytree(plain, tmp_path / "broken"))
+    result = CliRunner().invoke(app, ["export", "--bundle", str(folder), "--cpu-backends", "onnxruntime-int8"])
+    assert result.exit_code == 0, result.output  # the fp32 graphs are fine: only the INT8 backend is refused
+    verdict = _gates(folder)["onnxruntime-int8"]
+    assert not verdict["passed"]
+    # the untrained generator's outputs span only ~0.05, so the parity bound holds: the masks on real brains catch it
+    agreement = verdict["masks"][TOP]["agreement"]
+    assert agreement < 0.999 and f"lesion voxel agreement {agreement:.3%} < 99.9% ({TOP})" in verdict["reason"]
+    assert "gate onnxruntime-int8: REFUSED, " in result.output and not (folder / "engines/stage2.int8.onnx").exists()
+    bundle = load_bundle(folder, require_calibration=False)
+    figure = r"onnxruntime-int8 failed its export gate: .*lesion voxel agreement [0-9.]+% < 99\.9%"
+    with pytest.raises(GateRefused, match=figure) as exc:
+        choose_backend("onnxruntime-int8", bundle, CPU)
+    assert "\n" not in str(exc.value)
+    with pytest.warns(BackendFallbackWarning, match=figure):
+        assert choose_backend("auto", bundle, CPU).name == "onnxruntime"
+    write_calibration(folder, Calibration(mask_threshold=0.05, anomaly_threshold=0.01))
+    actor = InferenceActor(str(folder), load_bundle(folder).hash, "auto", "cpu", 1, 4, False, None)
+    report = actor.backend_report()  # what screening logs and prints: the refusal is never silent
+    assert report["backend"] == "onnxruntime" and "failed its export gate" in report["fallbacks"][0]
+
+
+@needs_openvino
+def test_a_gate_passed_with_another_runtime_version_is_refused(copy: Path) -> None:
+    path = copy / "engines" / "provenance.json"
+    provenance = json.loads(path.read_text())
+    provenance["gates"]["openvino"]["runtime_version"] = "2020.1.0"
+    provenance["gates"]["onnxruntime-int8"]["runtime_version"] = "1.0.0"
+    path.write_text(json.dumps(provenance))
+    seal_index(copy)  # as if exported with those versions: the seal holds, the versions do not
+    bundle = load_bundle(copy, require_calibration=False)
+    with pytest.raises(ArtefactError, match=r"openvino was gated with openvino 2020\.1\.0, .* installed; re-export"):
+        choose_backend("openvino", bundle, CPU)
+    with pytest.warns(BackendFallbackWarning) as warned:
+        assert choose_backend("auto", bundle, CPU).name == "onnxruntime"
+    first, second = (str(w.message) for w in warned)  # in CPU_ORDER, each with its reason
+    assert "onnxruntime-int8 was gated with onnxruntime 1.0.0" in first and "openvino 2020.1.0" in second
+
+
+def test_openvino_missing_is_a_one_line_install_hint(copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from phanes_cli.runtimes import select
+
+    monkeypatch.setattr(select, "available", lambda module: module != "openvino")
+    bundle = load_bundle(copy, require_calibration=False)
+    with pytest.raises(RuntimeUnavailable, match=r"OpenVINO backend needs the optional package openvino: pip install "
+                                                 r"'phanes\[openvino\]'"):
+        choose_backend("openvino", bundle, CPU)
+    assert choose_backend("auto", bundle, CPU).name == "onnxruntime-int8"  # absent, not refused: no warning
+
+
+def test_doctor_shows_openvino_and_the_gate_verdicts(gated: tuple[Path, str]) -> None:
+    result = CliRunner().invoke(app, ["doctor", "--bundle", str(gated[0]), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    openvino = next(line for line in lines if line.startswith("openvino "))
+    assert ("devices: CPU" in openvino) if HAS_OPENVINO else ("pip install 'phanes[openvino]'" in openvino)
+    assert any(line.startswith("gate ") and "onnxruntime-int8: passed" in line for line in lines)
+    assert "every stage on cpu: onnxruntime-int8" in result.output
