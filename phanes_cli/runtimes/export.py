@@ -31,6 +31,7 @@ from phanes_cli.infra.atomic import atomic_path, write_json
 from phanes_cli.infra.versions import package_version
 from phanes_cli.runtimes.artefacts import (
     GRAPH_WEIGHTS,
+    PRECISIONS,
     PROVENANCE_FILE,
     ArtefactError,
     BatchProfile,
@@ -52,7 +53,6 @@ from phanes_cli.runtimes.trt_operators import unsupported_nodes
 OPSET = 17
 EXPORTER = "torch.onnx.export, TorchScript tracer (dynamo=False)"
 FORMATS = ("onnx", "tensorrt", "all")
-PRECISIONS = ("fp32", "fp16")
 # Max |runtime - torch| allowed through the whole pipeline (maps in [0, 1] for x_cph and x_ph; s(x) is smaller).
 PARITY_ATOL: dict[str, dict[str, float]] = {
     "fp32": {"x_cph": 1e-4, "x_ph": 1e-4, "anomaly": 1e-4},

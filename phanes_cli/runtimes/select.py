@@ -47,7 +47,8 @@ class BackendPlan:
 
 def _cpu_order(bundle: Bundle) -> tuple[list[str], str]:
     bench = read_bench(bundle)
-    fastest = (bench or {}).get("cpu", {}).get("fastest")
+    cpu = (bench or {}).get("cpu")
+    fastest = cpu.get("fastest") if isinstance(cpu, dict) else None
     if fastest in BACKENDS:
         others = [b for b in ("onnxruntime", "torch") if b != fastest]
         return [fastest, *others], f"phanes bench measured {fastest} fastest on the CPU for this bundle"
