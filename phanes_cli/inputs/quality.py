@@ -53,7 +53,7 @@ the volume is screened, but its numbers deserve a look. The limits, and why:
   2.54-3.87), proton density (1.10-1.42), FLAIR and CT (bright depth 0.63-0.83 down to 1x1x3 and 2x2x2 mm;
   with 5 mm slices 18 of 20 FLAIR and every CT, those slices being flagged `voxel_too_large` anyway), CT
   heads in Hounsfield units through the automatic mask, balls (elongation 1.0) and textured or shelled
-  brain-sized ellipsoids (bright depth 0.57-1.06). Not caught, by design of simple figures: a phantom
+  brain-sized ellipsoids (bright depth 0.57-1.02). Not caught, by design of simple figures: a phantom
   with a brain's outline that copies T1's layering (dark rim, grey, bright inside) with texture. A warning,
   not fatal: real T1 scans unlike the measured ones (infants, whose white matter is still dark; contrast
   agents) are unmeasured, and a fatal flag has no override; the flag stands beside the lesion burden in
