@@ -471,7 +471,7 @@ def models(
     """List the shipped and local model bundles with their recorded calibration, validation and training figures."""
     from rich.table import Table
 
-    from phanes_cli.core.shipped_models import bundle_figures, find_bundles, models_dir, shipped_bundles
+    from phanes_cli.core.shipped_models import bundle_figures, env_problem, find_bundles, models_dir, shipped_bundles
 
     table = Table("kind", "bundle", "calibration", "tuning", "training", "trained on", "commit")
     shipped = shipped_bundles()
@@ -481,7 +481,7 @@ def models(
             row = bundle_figures(folder).summary()
             table.add_row(kind, escape(str(folder)), *(escape(v) for v in row.values()))
     if not shipped:
-        console.print(f"no model shipped in {escape(str(models_dir()))} yet")
+        console.print(escape(env_problem() or f"no model shipped in {models_dir()} yet"))
     if shipped or local:
         table_console().print(table)
     else:

@@ -168,6 +168,52 @@ def test_a_changed_provenance_file_is_refused(copy: Path) -> None:
         read_artefact(load_bundle(copy, require_calibration=False), "stage1.onnx")
 
 
+HOSTILE_PROVENANCE = {"a list": b"[]", "binary": b"\xff\xfe{", "artefacts as a list": b'{"artefacts": [1]}',
+                      "an entry as text": b'{"artefacts": {"stage1.onnx": "x"}}',
+                      "a path as precision": b'{"artefacts": {}, "engine_precision": "../../x"}'}
+
+
+@pytest.mark.parametrize("kind", HOSTILE_PROVENANCE)
+def test_a_resealed_provenance_of_any_shape_is_refused_not_a_crash(copy: Path, kind: str) -> None:
+    """A bundle re-sealed around a provenance file phanes did not write (a bundle from someone else): the
+    backends that need it refuse it with a re-export hint, `auto` falls back to torch, `doctor` reports it."""
+    from phanes_cli.core.bundle import seal_index
+    from phanes_cli.runtimes.doctor import bundle_report
+    from phanes_cli.runtimes.select import BackendFallbackWarning, choose_backend
+
+    (copy / "engines" / "provenance.json").write_bytes(HOSTILE_PROVENANCE[kind])
+    seal_index(copy)
+    bundle = load_bundle(copy, require_calibration=False)
+    with pytest.raises(ArtefactError, match=r"provenance\.json: .*re-export with `phanes export"):
+        choose_backend("onnxruntime", bundle, torch.device("cpu"))
+    with pytest.warns(BackendFallbackWarning):
+        assert choose_backend("auto", bundle, torch.device("cpu")).name == "torch"
+    rows = dict(bundle_report(copy, torch.device("cpu")))
+    assert "provenance.json" in rows["stage stage1"], rows
+
+
+def test_a_resealed_benchmark_record_of_any_shape_only_orders_nothing(copy: Path) -> None:
+    from phanes_cli.core.bundle import seal_index
+    from phanes_cli.runtimes.select import candidates
+
+    for text in (b"[]", b'{"cpu": "onnxruntime"}', b"\xff", b'{"cpu": {"fastest": ["torch"]}}'):
+        (copy / "engines" / "bench.json").write_bytes(text)
+        seal_index(copy)
+        order, _ = candidates("auto", load_bundle(copy, require_calibration=False), torch.device("cpu"))
+        assert order == ["onnxruntime", "torch"], text
+
+
+def test_an_engine_entry_without_a_batch_count_is_refused(tmp_path: Path) -> None:
+    from phanes_cli.runtimes.tensorrt import max_batch_of
+
+    path = tmp_path / "engines" / "stage1.fp32.engine"
+    assert max_batch_of({"batch_profile": {"max": 64}}, path) == 64
+    for entry in ({}, {"batch_profile": [64]}, {"batch_profile": {"max": "64"}}, {"batch_profile": {"max": True}},
+                  {"batch_profile": {"max": 0}}):
+        with pytest.raises(ArtefactError, match="no valid batch profile"):
+            max_batch_of(entry, path)
+
+
 def test_tensorrt_format_without_tensorrt_is_a_clear_error(copy: Path) -> None:
     result = CliRunner().invoke(app, ["export", "--bundle", str(copy), "--format", "tensorrt"])
     assert result.exit_code == 2

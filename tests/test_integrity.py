@@ -26,7 +26,7 @@ from phanes_cli.config import MAX_SHOWN, load_config
 from phanes_cli.core.bundle import INDEX_FILE, load_bundle, seal_index, write_calibration
 from phanes_cli.core.calibration import Calibration
 from phanes_cli.core.preprocess import auto_brain_mask
-from phanes_cli.core.volume_io import load_volume
+from phanes_cli.core.volume_io import Volume, load_volume
 from phanes_cli.errors import BundleError, ConfigError, InputError
 from phanes_cli.infra.folders import check_output_file, claim_folder
 from phanes_cli.inputs.discovery import resolve_inputs
@@ -351,10 +351,13 @@ def test_rich_markup_in_paths_and_messages_is_printed_not_parsed(tmp_path: Path)
 
 
 REAL_BRAINS = sorted((DATA / "healthy-t1").glob("*.nii.gz")) + sorted((DATA / "glioma-t1").glob("*/T1.nii.gz"))
+PACKAGE_DATA = ROOT / "phanes_cli" / "data"
+SHIPPED_BRAINS = [*sorted((PACKAGE_DATA / "healthy_t1").glob("*.nii.gz")),
+                  PACKAGE_DATA / "mni152" / "mni152_2009a_t1_1mm.nii.gz"]
 
 
-def _volume(tmp_path: Path, data: np.ndarray, name: str = "v.nii.gz") -> object:
-    nib.save(nib.Nifti1Image(data.astype(np.float32), np.eye(4)), str(tmp_path / name))
+def _volume(tmp_path: Path, data: np.ndarray, name: str = "v.nii.gz", affine: np.ndarray | None = None) -> Volume:
+    nib.save(nib.Nifti1Image(data.astype(np.float32), np.eye(4) if affine is None else affine), str(tmp_path / name))
     return load_volume(tmp_path / name)
 
 
@@ -370,20 +373,62 @@ def test_real_t1_brains_pass_and_their_inversions_fail_the_t1_check(tmp_path: Pa
         assert "not_t1_brain" in check_volume(inv, brain), path
 
 
+def test_shipped_t1_brains_pass_whatever_their_offset_and_scale(tmp_path: Path) -> None:
+    """The packaged real brains (no ../shared needed) are T1 brains, also z-scored (negative values)."""
+    for path in SHIPPED_BRAINS:
+        volume = load_volume(path)
+        brain = auto_brain_mask(volume.data)
+        assert "not_t1_brain" not in check_volume(volume, brain), path
+    inner = volume.data[brain]  # the last: MNI152
+    scored = np.where(brain, (volume.data - inner.mean()) / inner.std(), 0.0)
+    assert "not_t1_brain" not in check_volume(load_volume(_write_like(tmp_path, volume, scored)), brain)
+
+
 def _write_like(tmp_path: Path, volume: object, data: np.ndarray) -> Path:
     path = tmp_path / "like.nii.gz"
     nib.save(nib.Nifti1Image(data.astype(np.float32), volume.affine), str(path))  # type: ignore[attr-defined]
     return path
 
 
-def test_balls_are_not_t1_brains(tmp_path: Path) -> None:
-    grid = np.mgrid[:140, :140, :140].astype(np.float32)
-    radius = np.sqrt(((grid - 70) ** 2).sum(0))
-    edge = (1200e3 * 3 / 4 / np.pi) ** (1 / 3)
-    ball = radius <= edge
-    assert "intensity_noise" in check_volume(_volume(tmp_path, np.where(ball, 100.0, 0.0)), ball)  # no texture
-    flags = check_volume(_volume(tmp_path, np.where(ball, 100.0 + 30 * (1 - radius / edge), 0.0)), ball)
-    assert "not_t1_brain" in flags and "not_t1_brain" not in FATAL, flags  # graded by depth only
+@pytest.fixture(scope="module")
+def label_map() -> object:
+    from phanes_cli.synth.label_maps import label_map_names, load_label_map
+
+    return load_label_map(label_map_names()[4])  # the one with the widest CSF spaces (hardest FLAIR)
+
+
+def test_other_contrasts_of_an_individual_brain_fail_and_its_t1_passes(label_map: object, tmp_path: Path) -> None:
+    """One shipped label map drawn as T1 (SynthSeg's model, scanner effects), T2, FLAIR, proton density and CT:
+    only the T1 passes, with the brain mask supplied as a file as `phanes screen --brain-mask` gives it."""
+    from tests._not_t1 import CONTRASTS, other_contrast, t1_subject
+
+    rng = np.random.default_rng(3)
+    affine = label_map.affine  # type: ignore[attr-defined]
+    image, brain = t1_subject(label_map, rng)  # type: ignore[arg-type]
+    assert check_volume(_volume(tmp_path, image, affine=affine), brain, "file") == []
+    for contrast in CONTRASTS:
+        image, brain = other_contrast(label_map, contrast, rng)  # type: ignore[arg-type]
+        assert "not_t1_brain" in check_volume(_volume(tmp_path, image, affine=affine), brain, "file"), contrast
+
+
+def test_a_ct_head_through_the_automatic_mask_is_not_a_t1_brain(label_map: object, tmp_path: Path) -> None:
+    """Hounsfield units (air -1000, bone 1000, brain 30-40): the threshold mask takes skull and brain."""
+    from tests._not_t1 import ct_head
+
+    head, _ = ct_head(label_map, np.random.default_rng(4))  # type: ignore[arg-type]
+    volume = _volume(tmp_path, head, affine=label_map.affine)  # type: ignore[attr-defined]
+    assert "not_t1_brain" in check_volume(volume, auto_brain_mask(volume.data), "threshold")
+
+
+def test_phantoms_are_flagged(tmp_path: Path) -> None:
+    """Balls (uniform, graded, textured, shelled) and brain-sized ellipsoids (textured, shelled): each is flagged,
+    a noise-only ball as noise, the others as not T1 brains (a warning: they are still screened)."""
+    from tests._not_t1 import phantoms
+
+    for name, image, mask in phantoms(np.random.default_rng(5)):
+        flags = check_volume(_volume(tmp_path, image), mask, "file")
+        expected = "intensity_noise" if name == "ball, uniform" else "not_t1_brain"
+        assert expected in flags and not set(flags) & FATAL, (name, flags)
 
 
 @pytest.mark.skipif(not REAL_BRAINS, reason="real brains in ../shared/data are absent")

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 import phanes_cli
-from phanes_cli.errors import QualityError
+from phanes_cli.errors import InputError, QualityError
 from phanes_cli.screening.engine import EXIT_OK, screen
 from tests._ray import HEAD_IP, RayCluster
 from tests.test_screening import affines, make_bundle, write_head
@@ -56,3 +56,32 @@ def test_predict_refuses_an_empty_volume(bundle: Path) -> None:
     empty = nib.Nifti1Image(np.zeros((20, 20, 20), np.float32), np.eye(4))
     with pytest.raises(QualityError, match="quality check"):
         phanes_cli.predict(empty, bundle=bundle, device="cpu", backend="torch")
+
+
+def test_predict_names_what_it_cannot_take(bundle: Path, tmp_path: Path) -> None:
+    """A bare array, a folder, a 4D or 2D in-memory image: one clear error each, naming the argument or the
+    in-memory image rather than a temporary file that no longer exists."""
+    head = nib.load(write_head(tmp_path / "h.nii.gz", affines()["ras"], seed=2))
+    data = np.asanyarray(head.dataobj).astype(np.float32)
+    with pytest.raises(TypeError, match="image must be a NIfTI path or a nibabel image, not ndarray"):
+        phanes_cli.predict(data, bundle=bundle, device="cpu", backend="torch")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="brain_mask must be a NIfTI path or a nibabel image, not int"):
+        phanes_cli.predict(head, bundle=bundle, brain_mask=1, device="cpu", backend="torch")  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="is a folder, not a NIfTI file"):
+        phanes_cli.predict(tmp_path, bundle=bundle, device="cpu", backend="torch")
+    for array, reason in ((np.stack([data, data], -1), "4D image with 2 volumes"), (data[:, :, 0], "not 3D")):
+        with pytest.raises(InputError, match=f"^in-memory image: .*{reason}"):
+            phanes_cli.predict(nib.Nifti1Image(array, head.affine), bundle=bundle, device="cpu", backend="torch")
+    mask = nib.Nifti1Image(np.ones((3, 3, 3), np.uint8), head.affine)
+    with pytest.raises(InputError, match=r"^in-memory brain mask: "):
+        phanes_cli.predict(head, bundle=bundle, brain_mask=mask, device="cpu", backend="torch")
+
+
+def test_predict_takes_any_nibabel_image(bundle: Path, tmp_path: Path) -> None:
+    """An MGH image (FreeSurfer's format) is screened as the same data in NIfTI is."""
+    head = nib.load(write_head(tmp_path / "h.nii.gz", affines()["ras"], seed=2))
+    data = np.asanyarray(head.dataobj).astype(np.float32)
+    as_mgh = phanes_cli.predict(nib.MGHImage(data, head.affine), bundle=bundle, device="cpu", backend="torch")
+    as_nifti = phanes_cli.predict(nib.Nifti1Image(data, head.affine), bundle=bundle, device="cpu", backend="torch")
+    assert as_mgh.statistics["lesion_burden_ml"] == pytest.approx(as_nifti.statistics["lesion_burden_ml"])
+    np.testing.assert_array_equal(np.asanyarray(as_mgh.anomaly.dataobj), np.asanyarray(as_nifti.anomaly.dataobj))

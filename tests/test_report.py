@@ -201,6 +201,25 @@ def test_ids_from_a_tampered_table_write_nothing_outside_the_report(tmp_path: Pa
     assert safe_stem(".hidden") not in (None, ".hidden")  # a leading dot is renamed, not refused
 
 
+def test_links_in_a_received_run_folder_lead_no_write_or_read_outside_it(tmp_path: Path) -> None:
+    """report/ a link to a folder outside, report/volumes/ one, a map a link to a file outside: no page,
+    figure or read goes through them; the volume is listed as skipped instead."""
+    outside = tmp_path / "outside"
+    (outside / "pages").mkdir(parents=True)
+    runs = [make_run(tmp_path / f"r{i}", n_ok=1, n_failed=0) for i in range(3)]
+    (runs[0] / "report").symlink_to(outside, target_is_directory=True)
+    (runs[1] / "report").mkdir()
+    (runs[1] / "report" / "volumes").symlink_to(outside / "pages", target_is_directory=True)
+    anomaly = OutputLayout(runs[2]).map_path("sub-000", "anomaly")
+    shutil.move(anomaly, outside / "other_patient.nii.gz")
+    anomaly.symlink_to(outside / "other_patient.nii.gz")
+    for run in runs:
+        result = render_report(run, top=1)
+        assert result.pages == [] and [vid for vid, _ in result.skipped] == ["sub-000"], result.skipped
+        assert "outside" in result.skipped[0][1]
+    assert sorted(p.name for p in outside.rglob("*")) == ["other_patient.nii.gz", "pages"]
+
+
 def test_report_cli_writes_to_out_and_exit_codes(tmp_path: Path) -> None:
     out = make_run(tmp_path, n_ok=2, n_failed=0)
     target = tmp_path / "elsewhere" / "r.html"
@@ -282,6 +301,36 @@ def test_hostile_ids_run_no_script_and_show_as_text(chrome: Any, tmp_path: Path)
         title = chrome.find_element(By.ID, "case-title").get_attribute("textContent")
         assert title.removeprefix("phanes: ") in HOSTILE_IDS
     chrome.save_screenshot(str(SCREENSHOTS / "hostile_page.png"))
+
+
+VIEWER_IDS = ["<img src=x onerror=window.__pwned=1>", "\"'q'\" & <b>", "\u202eRTL", "brain \U0001f9e0",
+              "line\u2028sep", "__proto__", "a#b?c%20d e"]
+
+
+@BROWSER
+def test_viewer_pages_show_hostile_ids_and_values_as_text(chrome: Any, tmp_path: Path) -> None:
+    """Every volume page of ids with markup, quotes, bidi and line-separator characters, beside hostile
+    qc_flags and brain_mask_source values and an input file whose name holds quotes and brackets: no script
+    runs, the title is the id, and the back link and file links lead to files that exist."""
+    value = "<svg onload=window.__pwned=1>"
+    n = len(VIEWER_IDS)
+    out = make_run(tmp_path, ids=VIEWER_IDS, n_failed=0,
+                   extra={"qc_flags": [[value]] * n, "brain_mask_source": [value] * n})
+    table = pq.read_table(out / "volumes.parquet").to_pylist()
+    odd = Path(table[0]["input_path"]).with_name("in \"'<b>.nii.gz")
+    Path(table[0]["input_path"]).rename(odd)
+    table[0]["input_path"] = str(odd)
+    pq.write_table(pa.Table.from_pylist(table, schema=pq.read_schema(out / "volumes.parquet")), out / "volumes.parquet")
+    pages = render_report(out, top=n).pages
+    titles = set()
+    for page in pages:
+        assert _open(chrome, page) == []
+        assert chrome.execute_script("return window.__pwned") is None
+        titles.add(chrome.find_element(By.ID, "case-title").get_attribute("textContent").removeprefix("phanes: "))
+        assert value in chrome.find_element(By.CSS_SELECTOR, "table.metrics").text
+        links = [a.get_attribute("href") for a in chrome.find_elements(By.CSS_SELECTOR, "#back, ul a")]
+        assert len(links) >= 3 and all(Path(url2pathname(urlparse(u).path)).is_file() for u in links), links
+    assert titles == set(VIEWER_IDS)
 
 
 @BROWSER

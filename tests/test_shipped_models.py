@@ -7,6 +7,7 @@ import json
 import shutil
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -34,6 +35,7 @@ def shipped(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path
 
 
 def test_without_a_shipped_model_screen_says_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "none").mkdir()
     monkeypatch.setenv("PHANES_MODELS_DIR", str(tmp_path / "none"))
     result = CliRunner().invoke(app, ["screen", str(tmp_path), "--out", str(tmp_path / "out")])
     assert result.exit_code == 2
@@ -51,6 +53,67 @@ def test_default_bundle_is_the_only_one_or_the_named_one(shipped: Path) -> None:
         default_bundle()
     (shipped.parent / "DEFAULT").write_text("other\n")
     assert default_bundle() == second
+
+
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_a_models_variable_naming_no_folder_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    kind: str) -> None:
+    """A mistyped $PHANES_MODELS_DIR is named as such, not taken for "no model ships with phanes"."""
+    target = tmp_path / "modles"
+    if kind == "file":
+        target.write_text("x")
+    monkeypatch.setenv("PHANES_MODELS_DIR", str(target))
+    result = CliRunner().invoke(app, ["screen", str(tmp_path), "--out", str(tmp_path / "out")])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    expected = "a file, not a folder" if kind == "file" else "no such folder"
+    assert result.exit_code == 2 and len(lines) == 1 and f"$PHANES_MODELS_DIR names {target}: {expected}" in lines[0]
+    listed = CliRunner().invoke(app, ["models", "--path", str(tmp_path / "nothing")])
+    assert listed.exit_code == 0 and f"$PHANES_MODELS_DIR names {target}: {expected}" in listed.output
+
+
+def test_a_default_file_of_binary_or_unknown_text_is_a_bundle_error(shipped: Path) -> None:
+    shutil.copytree(shipped, shipped.with_name("other"))
+    marker = shipped.parent / "DEFAULT"
+    marker.write_bytes(b"\xff\xfe\x00" * 1000)
+    with pytest.raises(BundleError, match=r"several shipped models \(other, tiny-v1\) and DEFAULT names '.*', not one"):
+        default_bundle()
+    marker.write_text("../tiny-v1\n")
+    with pytest.raises(BundleError, match=r"DEFAULT names '\.\./tiny-v1', not one of them; pass --bundle"):
+        default_bundle()
+
+
+HOSTILE_FIGURES: dict[str, list[Any]] = {
+    "provenance.json": [[], {"training": "x", "cohort": "y", "source": "z"},
+                        {"cohort": {"train": [1], "val": {"sources": [1, 2]}}}, {"training": {"seconds": True}},
+                        {"source": {"commit": "[/]<b>x"},
+                         "cohort": {"train": {"sources": {"[/b]<img src=x>": 1}}}}],
+    "calibration.json": [{"mask_threshold": "x", "anomaly_threshold": 1}, {"tuning": {"validation": {"dice": "1"}}},
+                         {"mask_threshold": 1, "anomaly_threshold": 2, "tuning": {"validation": [1]}}],
+    "versions.json": [{"training": [1]}],
+}
+
+
+def test_models_lists_bundles_whose_json_files_hold_anything(tiny: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """`phanes models` reads the JSON files unverified: a value of any type or shape is a "-", markup is text."""
+    (tmp_path / "none").mkdir()
+    monkeypatch.setenv("PHANES_MODELS_DIR", str(tmp_path / "none"))
+    count = 0
+    for name, values in HOSTILE_FIGURES.items():
+        for value in values:
+            folder = tmp_path / "work" / f"b{count}"
+            shutil.copytree(tiny, folder)
+            (folder / name).write_text(json.dumps(value))
+            count += 1
+    huge = tmp_path / "work" / f"b{count}"
+    shutil.copytree(tiny, huge)
+    (huge / "provenance.json").write_text(json.dumps({"source": {"commit": "a" * (2 << 20)}}))
+    result = CliRunner().invoke(app, ["models", "--path", str(tmp_path / "work")], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if "local" in line]
+    assert len(rows) == count + 1
+    assert any("[/]<b>x" in row and "[/b]<img src=x>" in row for row in rows)  # printed as text
+    assert not any("aaaaaaaaaa" in row for row in rows)  # a file over 1 MB is not read for a table row
 
 
 def test_bundle_path_that_is_a_file_says_so(tmp_path: Path) -> None:
@@ -84,6 +147,37 @@ def test_first_use_export_runs_once_under_a_lock_and_is_reused(shipped: Path, tm
     weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
     assert exported_copy(shipped, report=reports.append) == copy and len(reports) == 2
     assert load_bundle(copy).hash  # verified again after the rebuild
+
+
+def test_first_use_rebuilds_a_damaged_or_displaced_copy_and_never_follows_its_links(shipped: Path,
+                                                                                     tmp_path: Path) -> None:
+    """A graph damaged after the export, a link where the copy belongs (its target is left alone) and a file
+    where the unfinished copy belongs: each is rebuilt instead of failing or falling back to torch for ever."""
+    reports: list[str] = []
+    copy = exported_copy(shipped, report=reports.append)
+    graph = copy / "engines" / "stage1.onnx"
+    graph.write_bytes(graph.read_bytes()[:100])
+    assert exported_copy(shipped, report=reports.append) == copy and len(reports) == 2
+    shutil.rmtree(copy)
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "engines").mkdir(parents=True)
+    (elsewhere / "keep.txt").write_text("keep")
+    copy.symlink_to(elsewhere)
+    copy.with_name(copy.name + ".partial").write_text("not a folder")
+    assert exported_copy(shipped, report=reports.append) == copy and len(reports) == 3
+    assert not copy.is_symlink() and (copy / "engines" / "stage1.onnx").is_file()
+    assert (elsewhere / "keep.txt").read_text() == "keep" and not any((elsewhere / "engines").iterdir())
+    assert load_bundle(copy).hash
+
+
+def test_first_use_with_an_unwritable_cache_runs_the_shipped_model(shipped: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    blocked = tmp_path / "a-file"
+    blocked.write_text("x")
+    monkeypatch.setenv("PHANES_CACHE_DIR", str(blocked / "cache"))
+    reports: list[str] = []
+    assert exported_copy(shipped, report=reports.append) == shipped
+    assert len(reports) == 1 and "cannot write the model cache" in reports[0] and "PHANES_CACHE_DIR" in reports[0]
 
 
 def test_models_lists_shipped_and_local_bundles_with_their_figures(shipped: Path, tiny: Path, tmp_path: Path) -> None:

@@ -144,8 +144,9 @@ def _one_case(layout: OutputLayout, row: dict[str, Any], stem: str, target: Path
     arrays = load_case(layout, row, centroid)
     burden = row.get("lesion_burden_ml")
     figure = png_base64(render_case(arrays, f"{row['id']}   burden {burden if burden is not None else 0:.2f} mL"))
-    result.figures.append(save_png(figure, inside(folder, folder / "figures" / f"{stem}.png")))
-    page = inside(folder, folder / "volumes" / f"{stem}.html")
+    # checked against the HTML file's folder, not report/ itself: report/ may be a link leading out of it
+    result.figures.append(save_png(figure, inside(target.parent, folder / "figures" / f"{stem}.png")))
+    page = inside(target.parent, folder / "volumes" / f"{stem}.html")
     shown = {c: _cell(row.get(c)) for c in columns}
     result.pages.append(write_case_page(page, target, layout, row, arrays, figure, shown))
     return figure

@@ -30,25 +30,43 @@ the volume is screened, but its numbers deserve a look. The limits, and why:
   mask surface is less than 75% tissue, because skull and CSF lie there under the scalp. Stripped brains
   measure 0.91-1.00 there, the real head 0.52. Not assessed when no voxel lies 20 mm deep.
 
-- `not_t1_brain` (warning): the image does not look like a T1-weighted brain, by two signs, either is
-  enough (intensities counted from the brain's 1st percentile, so offset and scale do not matter). (1) T1
-  orders white matter > grey matter > CSF, so the brain's outer 3.5 mm (cortex, sulcal CSF) is darker than
-  its part over 12 mm deep (mostly white matter): the ratio of their medians is 0.20-0.77 on every real
-  brain in ../shared/data (healthy, glioma patients, the heads through their model brain mask), 1.62-3.78
-  on the same brains with inverted contrast (T2-like: CSF bright), ~1.0 or more on phantoms without
-  that layering; flagged at 1.0. (2) Anatomy varies within each 3 mm depth ring (gyri, sulci,
-  ventricles): depth alone explains 7-51% of the brain's intensity variance on those brains and 99-100%
-  on a uniform or radially graded ball; flagged at 80%. A warning, not fatal: 16 brains are the
-  measured evidence, real T1 scans unlike them (infants, whose white matter is still dark; contrast
+- `not_t1_brain` (warning): the image does not look like a T1-weighted brain. Four figures, any one past its
+  limit is enough (intensities clipped to the brain's 0.5-99.5th percentiles and counted from the lower one,
+  so offset, scale and one extreme voxel change nothing):
+  (1) layering: T1 orders white matter > grey matter > CSF, so the brain's outer 3.5 mm (cortex, sulcal CSF)
+  is darker than its part over 12 mm deep (mostly white matter); flagged when the ratio of their medians
+  reaches 1.0. Catches CSF-bright contrasts (T2, proton density, inverted T1) and uniform phantoms.
+  (2) depth share: anatomy varies within each 3 mm depth ring (gyri, sulci, ventricles); flagged when depth
+  alone explains 80% of the intensity variance: smooth, graded or shelled phantoms.
+  (3) bright depth: the brain's intensities fall into three classes (1-D k-means: CSF, grey, white matter on
+  T1), after dividing out the local mean over 15 mm so a bias field does not decide them; on T1 the
+  brightest class (white matter) lies deeper than the middle one (cortex), so the ratio of their median
+  depths is above 1; flagged below 1.15. Catches contrasts with grey matter brighter than white (FLAIR,
+  CT, also T2 and proton density) and textured phantoms without layering (~1.0).
+  (4) elongation: a brain is longer than it is wide or high; flagged when the longest / shortest principal
+  axis of the brain mask is below 1.15 (a ball measures 1.0, whatever it holds).
+  Measured (`benchmarks/t1_plausibility.py`) on every real brain in ../shared/data and the shipped ones (18
+  images: healthy, glioma patients, the heads through their model brain mask, MNI152; each 1 mm one also
+  with 2x2x2, 1x1x3 and 1x1x5 mm voxels) and on T1-like subjects of the 20 shipped label maps (also at those
+  voxel sizes): none flagged; layering 0.17-0.77, depth share 0.07-0.55, bright depth 1.28-1.95, elongation
+  1.27-1.95. Flagged: every inverted real brain (layering 1.62-3.78), the label maps as T2 (layering
+  2.54-3.87), proton density (1.10-1.42), FLAIR and CT (bright depth 0.63-0.83 down to 1x1x3 and 2x2x2 mm;
+  with 5 mm slices 18 of 20 FLAIR and every CT, those slices being flagged `voxel_too_large` anyway), CT
+  heads in Hounsfield units through the automatic mask, balls (elongation 1.0) and textured or shelled
+  brain-sized ellipsoids (bright depth 0.57-1.02). Not caught, by design of simple figures: a phantom
+  with a brain's outline that copies T1's layering (dark rim, grey, bright inside) with texture. A warning,
+  not fatal: real T1 scans unlike the measured ones (infants, whose white matter is still dark; contrast
   agents) are unmeasured, and a fatal flag has no override; the flag stands beside the lesion burden in
-  `qc_flags` and the log. Not assessed with `skull_present` (the mask then holds the bright scalp) or
-  without voxels 12 mm deep. Figures: `benchmarks/t1_plausibility.py`.
+  `qc_flags` and the log. Not assessed with `skull_present` (the mask then holds the bright scalp); a figure
+  that cannot be computed (no voxel 12 mm deep, an empty intensity class) flags nothing.
 
 The spatial checks (noise, skull, T1 plausibility) run on every n-th voxel, n = floor(3 mm / voxel size) per axis:
 about 0.5 s for a 1 mm head on one core.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 from scipy import ndimage
@@ -67,6 +85,9 @@ SHELL_MM, DEEP_MM = 3.5, 12.0  # T1 plausibility: the cortex layer and the (whit
 MAX_SHELL_TO_DEEP = 1.0
 MAX_DEPTH_EXPLAINED = 0.8  # anatomy varies within a depth ring; a smooth phantom only from ring to ring
 DEPTH_RING_MM = 3.0
+MIN_BRIGHT_DEPTH = 1.15  # T1's brightest tissue (white matter) lies deeper than its middle one (grey matter)
+FLATTEN_MM = 15.0  # the local mean that removes a bias field before intensity classes are drawn
+MIN_ELONGATION = 1.15  # a brain is longer than it is wide or high; a ball measures 1.0
 GRID_MM = 3.0  # the spatial checks run on a ~3 mm subgrid: ~25x cheaper on 1 mm data, same answers at these limits
 
 FLAGS = {
@@ -82,7 +103,7 @@ FLAGS = {
     "voxel_anisotropic": f"largest / smallest voxel side above {MAX_ANISOTROPY:g}",
     "no_affine": "no qform or sform: orientation assumed",
     "skull_present": "skull and scalp appear to be present (not skull-stripped)",
-    "not_t1_brain": "not a T1-weighted brain: no white > grey matter > CSF layering, or no tissue contrast",
+    "not_t1_brain": "not a T1-weighted brain: no white > grey matter > CSF contrast, no anatomy, or not brain-shaped",
     "outside_calibration": "healthy-tissue anomaly scores outside what the calibration volumes showed "
                            "(prepared differently?): lesion burden unreliable",
 }
@@ -156,32 +177,94 @@ def neighbour_correlation(data: np.ndarray, brain: np.ndarray) -> float:
     return float(np.mean(values)) if values else 0.0
 
 
-def t1_contrast(data: np.ndarray, brain: np.ndarray, zooms: np.ndarray) -> tuple[float, float]:
-    """(outer layer / deep median ratio, share of the brain's variance explained by depth alone).
+class T1Figures(NamedTuple):
+    """The four figures of the T1 plausibility check (`quality` docstring: what each measures, and why).
 
-    Intensities are measured from the brain's 1st percentile, so neither figure changes with an offset
-    or scale (z-scored data). The ratio is NaN without deep voxels; a brain without variance has share 1.
+    NaN means not assessed (too few deep voxels or an empty intensity class): it flags nothing.
     """
+
+    layer_ratio: float  # outer 3.5 mm median / deep median, from the brain's 0.5th percentile; T1 below 1
+    depth_share: float  # share of the intensity variance that 3 mm depth rings explain; anatomy below 0.8
+    bright_depth: float  # median depth of the brightest of three intensity classes / of the middle one; T1 above 1.15
+    elongation: float  # longest / shortest principal axis of the brain mask; a brain above 1.15, a ball 1.0
+
+    def plausible(self) -> bool:
+        """True unless one figure is past its limit (NaN passes)."""
+        return not (self.layer_ratio >= MAX_SHELL_TO_DEEP or self.depth_share >= MAX_DEPTH_EXPLAINED
+                    or self.bright_depth < MIN_BRIGHT_DEPTH or self.elongation < MIN_ELONGATION)
+
+
+def t1_figures(data: np.ndarray, brain: np.ndarray, zooms: np.ndarray) -> T1Figures:
+    """The T1 plausibility figures of a brain (bool mask) on a grid of `zooms` mm voxels.
+
+    Intensities are clipped to the brain's 0.5-99.5th percentiles and counted from the lower one, so no
+    figure changes with an offset, a scale (z-scored data) or one extreme voxel.
+    """
+    zooms = np.asarray(zooms, dtype=np.float64)
     depth = ndimage.distance_transform_edt(brain, sampling=zooms)
-    values = data[brain].astype(np.float64)
-    low, high = np.percentile(values, [0.5, 99.5])
-    values = np.clip(values, low, high)  # one extreme voxel moves neither figure
-    _, rings = np.unique(np.round(depth[brain] / DEPTH_RING_MM), return_inverse=True)
+    low, high = np.percentile(data[brain], [0.5, 99.5])
+    image = np.where(brain, np.clip(data, low, high) - low, 0.0)
+    ratio, share = _layering(image[brain], depth[brain])
+    return T1Figures(ratio, share, _bright_class_depth(image, brain, depth, zooms), _elongation(brain, zooms))
+
+
+def _layering(values: np.ndarray, depth: np.ndarray) -> tuple[float, float]:
+    """(outer layer / deep median ratio, share of the variance explained by depth rings)."""
+    _, rings = np.unique(np.round(depth / DEPTH_RING_MM), return_inverse=True)
     ring_means = np.bincount(rings, values) / np.bincount(rings)
     total = float(values.var())
-    explained = 1.0 if total == 0 else 1.0 - float(((values - ring_means[rings]) ** 2).mean()) / total
-    shell, deep = depth[brain] <= SHELL_MM, depth[brain] > DEEP_MM
+    share = 1.0 if total == 0 else 1.0 - float(((values - ring_means[rings]) ** 2).mean()) / total
+    shell, deep = depth <= SHELL_MM, depth > DEEP_MM
     if not deep.any() or not shell.any():
-        return float("nan"), explained
-    deep_level = float(np.median(values[deep])) - low
-    ratio = (float(np.median(values[shell])) - low) / deep_level if deep_level > 0 else float("inf")
-    return ratio, explained
+        return float("nan"), share
+    deep_level = float(np.median(values[deep]))
+    return (float(np.median(values[shell])) / deep_level if deep_level > 0 else float("inf")), share
+
+
+def _bright_class_depth(image: np.ndarray, brain: np.ndarray, depth: np.ndarray, zooms: np.ndarray) -> float:
+    """Median depth of the brightest of three intensity classes over that of the middle class.
+
+    The image is first divided by its local mean (a Gaussian of FLATTEN_MM over the brain), so a scanner's
+    smooth bias field does not decide which voxels count as bright.
+    """
+    sigma = FLATTEN_MM / zooms
+    local = ndimage.gaussian_filter(image, sigma) / np.maximum(ndimage.gaussian_filter(brain * 1.0, sigma), 1e-6)
+    values = image[brain] / np.maximum(local[brain], 1e-6 * float(local[brain].max()) + 1e-30)
+    classes = three_classes(np.clip(values, *np.percentile(values, [0.5, 99.5])))
+    middle, bright = depth[brain][classes == 1], depth[brain][classes == 2]
+    if not middle.size or not bright.size or np.median(middle) == 0:
+        return float("nan")
+    return float(np.median(bright) / np.median(middle))
+
+
+def three_classes(values: np.ndarray, steps: int = 30) -> np.ndarray:
+    """Class 0, 1 or 2 (dark to bright) of each value: 1-D k-means from the 10th, 50th and 90th percentiles."""
+    centres = np.percentile(values, [10.0, 50.0, 90.0])
+    classes = np.zeros(values.shape, dtype=np.int64)
+    for _ in range(steps):
+        classes = np.searchsorted((centres[1:] + centres[:-1]) / 2, values)
+        counts = np.bincount(classes, minlength=3)
+        if np.any(counts == 0):
+            break
+        updated = np.bincount(classes, values, minlength=3) / counts
+        if np.allclose(updated, centres):
+            break
+        centres = updated
+    return classes
+
+
+def _elongation(brain: np.ndarray, zooms: np.ndarray) -> float:
+    """Longest over shortest principal axis (square root of the eigenvalues) of the mask's voxel positions."""
+    points = np.argwhere(brain) * zooms
+    if len(points) < 4:
+        return float("nan")
+    spread = np.linalg.eigvalsh(np.cov(points.T))
+    return float(np.sqrt(spread[-1] / spread[0])) if spread[0] > 0 else float("inf")
 
 
 def t1_plausible(data: np.ndarray, brain: np.ndarray, zooms: np.ndarray) -> bool:
-    """False when the brain lacks T1 layering (cortex darker than deep white matter) or tissue contrast."""
-    ratio, explained = t1_contrast(data, brain, zooms)
-    return explained < MAX_DEPTH_EXPLAINED and not ratio >= MAX_SHELL_TO_DEEP
+    """False when the brain lacks T1 contrast (white > grey matter > CSF, inward) or a brain's anatomy and shape."""
+    return t1_figures(data, brain, zooms).plausible()
 
 
 def skull_present(data: np.ndarray, brain: np.ndarray, zooms: np.ndarray) -> bool:

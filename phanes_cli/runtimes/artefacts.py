@@ -22,6 +22,7 @@ from phanes_cli.infra.versions import package_version
 
 PROVENANCE_FILE = "provenance.json"
 BENCH_FILE = "bench.json"
+PRECISIONS = ("fp32", "fp16")  # TensorRT engine precisions `phanes export` builds
 GRAPH_WEIGHTS = {"stage1": WEIGHT_FILES["ra"], "stage2": WEIGHT_FILES["generator"]}  # lpips: weights outside the bundle
 
 
@@ -90,7 +91,21 @@ def read_provenance(bundle: Bundle) -> dict[str, Any]:
     data = path.read_bytes()
     if sha256_bytes(data) != listed:
         raise ArtefactError(f"{path}: changed since export (hash mismatch); {reexport_hint(bundle.path)}")
-    provenance: dict[str, Any] = json.loads(data)
+    return _checked_provenance(path, data, bundle.path)
+
+
+def _checked_provenance(path: Path, data: bytes, bundle_path: Path) -> dict[str, Any]:
+    """The provenance record, refused unless it has the shape phanes writes: a re-sealed bundle may hold anything."""
+    try:
+        provenance = json.loads(data)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ArtefactError(f"{path}: unreadable ({exc}); {reexport_hint(bundle_path)}") from exc
+    artefacts = provenance.get("artefacts", {}) if isinstance(provenance, dict) else None
+    if not isinstance(artefacts, dict) or not all(isinstance(entry, dict) for entry in artefacts.values()):
+        raise ArtefactError(f"{path}: not a provenance record phanes wrote; {reexport_hint(bundle_path)}")
+    if provenance.get("engine_precision", PRECISIONS[0]) not in PRECISIONS:
+        raise ArtefactError(f"{path}: engine precision is not one of {', '.join(PRECISIONS)}; "
+                            f"{reexport_hint(bundle_path)}")
     return provenance
 
 
@@ -106,7 +121,8 @@ def read_artefact(bundle: Bundle, name: str) -> tuple[bytes, dict[str, Any]]:
     if sha256_bytes(data) != listed or sha256_bytes(data) != entry.get("sha256"):
         raise ArtefactError(f"{path}: changed since export (hash mismatch); the file is refused, "
                             f"{reexport_hint(bundle.path)}")
-    weights = GRAPH_WEIGHTS.get(entry.get("graph", ""))
+    graph = entry.get("graph")
+    weights = GRAPH_WEIGHTS.get(graph) if isinstance(graph, str) else None
     if weights is not None and entry.get("source_sha256") != index.get(weights):
         raise ArtefactError(f"{path}: stale, exported from other weights ({weights} changed since export); "
                             f"{reexport_hint(bundle.path)}")
@@ -136,7 +152,8 @@ def read_gate(bundle: Bundle, backend: str, runtime: str) -> dict[str, Any]:
 
 
 def read_bench(bundle: Bundle) -> dict[str, Any] | None:
-    """engines/bench.json when `phanes bench` recorded one and the index seals it, else None."""
+    """engines/bench.json when `phanes bench` recorded one and the index seals it, else None (also when it is
+    not a JSON object: it only orders the backends to try)."""
     path = engines_dir(bundle.path) / BENCH_FILE
     listed = _sealed_index(bundle).get(f"{ENGINES_DIR}/{BENCH_FILE}")
     if listed is None or not path.is_file():
@@ -144,5 +161,8 @@ def read_bench(bundle: Bundle) -> dict[str, Any] | None:
     data = path.read_bytes()
     if sha256_bytes(data) != listed:
         return None
-    bench: dict[str, Any] = json.loads(data)
-    return bench
+    try:
+        bench = json.loads(data)
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return bench if isinstance(bench, dict) else None

@@ -31,6 +31,7 @@ from phanes_cli.infra.versions import package_version
 from phanes_cli.runtimes import GATED_BACKENDS
 from phanes_cli.runtimes.artefacts import (
     GRAPH_WEIGHTS,
+    PRECISIONS,
     PROVENANCE_FILE,
     ArtefactError,
     BatchProfile,
@@ -53,7 +54,6 @@ from phanes_cli.runtimes.trt_operators import unsupported_nodes
 OPSET = 17
 EXPORTER = "torch.onnx.export, TorchScript tracer (dynamo=False)"
 FORMATS = ("onnx", "tensorrt", "all")
-PRECISIONS = ("fp32", "fp16")
 
 
 @dataclass

@@ -5,8 +5,11 @@ The shipped bundle lives inside the installed package (often read-only), so its 
 exports the graphs there (runtimes.export: parity-checked against torch, the INT8 and OpenVINO backends gated)
 and seals that copy's index.
 An exclusive file lock makes concurrent first runs (several jobs of one user) export it once; a copy whose
-model files differ from the shipped ones by hash, or an unfinished one, is rebuilt. The graphs themselves
-are hash-checked again when the backend loads them (runtimes.artefacts).
+model files differ from the shipped ones by hash, whose graphs were damaged after the export, or an unfinished
+one, is rebuilt (a file or link in its place is removed, never a link's target). A cache that cannot be
+written (read-only, a file where the folder belongs, a full disk) is reported in one line and the shipped
+bundle runs with torch. The graphs themselves are hash-checked again when the backend loads them
+(runtimes.artefacts).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 from phanes_cli.core.bundle import ENGINES_DIR, INDEX_FILE, load_bundle
 from phanes_cli.errors import BundleError
 from phanes_cli.infra.optional import available
+from phanes_cli.runtimes.artefacts import sha256_bytes
 
 CACHE_ENV = "PHANES_CACHE_DIR"
 
@@ -52,34 +56,60 @@ def _model_files(folder: Path) -> dict[str, str]:
 
 
 def _usable(copy: Path, shipped_files: dict[str, str]) -> bool:
-    """A finished copy of the same model (same file hashes, verified on load) with its ONNX graphs."""
-    if not (copy / INDEX_FILE).is_file():
+    """A finished copy of the same model (same file hashes, verified on load) with its ONNX graphs intact."""
+    if not copy.is_dir() or copy.is_symlink() or not (copy / INDEX_FILE).is_file():
         return False
     try:
         load_bundle(copy)
         files = json.loads((copy / INDEX_FILE).read_text())["files"]
-    except (BundleError, OSError, ValueError, KeyError):
+        engines = {name: digest for name, digest in files.items() if name.startswith(f"{ENGINES_DIR}/")}
+        intact = all((copy / name).is_file() and sha256_bytes((copy / name).read_bytes()) == digest
+                     for name, digest in engines.items())
+    except (BundleError, OSError, ValueError, KeyError, AttributeError, TypeError):
         return False
     same_model = {name: files.get(name) for name in shipped_files} == shipped_files
-    return same_model and any(name.endswith(".onnx") for name in files) and _gated(copy)
+    return same_model and intact and any(name.endswith(".onnx") for name in engines) and _gated(copy)
 
 
 def _gated(copy: Path) -> bool:
     """Exported by a phanes that gates the INT8 and OpenVINO backends (older copies are exported again)."""
     provenance = copy / ENGINES_DIR / "provenance.json"
-    return provenance.is_file() and "gates" in json.loads(provenance.read_text())
+    try:
+        record = json.loads(provenance.read_text()) if provenance.is_file() else None
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and "gates" in record
+
+
+def _remove(path: Path) -> None:
+    """Remove whatever is at `path`: a folder with its contents, or a file or link (never a link's target)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def exported_copy(shipped: Path, report: Callable[[str], None] = print, lpips_weights: str | None = None) -> Path:
     """The cached, exported copy of the shipped bundle `shipped` (made now when missing); the bundle itself
-    when the [onnx] extra is not installed (torch then runs it)."""
+    when the [onnx] extra is not installed or the cache cannot be written (torch then runs it)."""
     if not (available("onnx") and available("onnxruntime")):
         return shipped
     bundle = load_bundle(shipped)
     if any(name.endswith(".onnx") for name in json.loads((shipped / INDEX_FILE).read_text())["files"]):
         return shipped  # exported when the package was built
-    shipped_files = _model_files(shipped)
     copy = cache_root() / "models" / f"{shipped.name}-{bundle.hash[:16]}"
+    try:
+        return _export_once(shipped, copy, report, lpips_weights)
+    except OSError as exc:
+        reason = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
+        report(f"cannot write the model cache ({reason}); running the shipped model with torch. "
+               f"Set {CACHE_ENV} to a writable folder for the faster ONNX Runtime")
+        return shipped
+
+
+def _export_once(shipped: Path, copy: Path, report: Callable[[str], None], lpips_weights: str | None) -> Path:
+    """Under the copy's lock: the usable copy, or a fresh export of the shipped model into it."""
+    shipped_files = _model_files(shipped)
     with _locked(copy.with_name(copy.name + ".lock")):
         if _usable(copy, shipped_files):
             return copy
@@ -87,12 +117,12 @@ def exported_copy(shipped: Path, report: Callable[[str], None] = print, lpips_we
 
         report(f"first use of the shipped model: exporting its ONNX graphs once into {copy}")
         work = copy.with_name(copy.name + ".partial")
-        shutil.rmtree(work, ignore_errors=True)
+        _remove(work)
         work.mkdir(parents=True)
         for name in shipped_files:
             shutil.copy2(shipped / name, work / name)
         shutil.copy2(shipped / INDEX_FILE, work / INDEX_FILE)
         export_bundle(work, "onnx", lpips_weights=lpips_weights)
-        shutil.rmtree(copy, ignore_errors=True)
+        _remove(copy)
         work.rename(copy)
     return copy

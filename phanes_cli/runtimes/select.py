@@ -53,8 +53,10 @@ CPU_ORDER = ("onnxruntime-int8", "openvino", "onnxruntime", "torch")
 
 
 def _cpu_order(bundle: Bundle) -> tuple[list[str], str]:
-    results = ((read_bench(bundle) or {}).get("cpu") or {}).get("results", {})
-    speed = {name: r["slices_per_s"] for name, r in results.items() if name in CPU_ORDER and "slices_per_s" in r}
+    cpu = (read_bench(bundle) or {}).get("cpu")
+    results = cpu.get("results") if isinstance(cpu, dict) else None
+    speed = {name: r["slices_per_s"] for name, r in (results if isinstance(results, dict) else {}).items()
+             if name in CPU_ORDER and isinstance(r, dict) and isinstance(r.get("slices_per_s"), (int, float))}
     if speed:
         measured = sorted(speed, key=lambda name: -speed[name])
         order = [*measured, *(b for b in CPU_ORDER if b not in speed)]

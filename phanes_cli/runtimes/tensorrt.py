@@ -27,6 +27,7 @@ from phanes_cli.runtimes.artefacts import (
     artefact_name,
     read_artefact,
     read_provenance,
+    reexport_hint,
 )
 from phanes_cli.runtimes.graphs import GRAPHS, LPIPS, STAGE1, STAGE2, GraphSpec
 
@@ -175,7 +176,7 @@ class TensorRTBackend:
                 raise EngineIncompatible(f"{bundle.path / 'engines' / name}: built for TensorRT {built[0]} on compute "
                                          f"capability {built[1]}, this machine has TensorRT {here[0]} on {here[1]}; "
                                          f"re-export on this machine")
-            engines[spec.name], max_batch = data, int(entry["batch_profile"]["max"])
+            engines[spec.name], max_batch = data, max_batch_of(entry, bundle.path / "engines" / name)
         try:
             return cls(engines, device, max_batch)
         except EngineIncompatible as exc:
@@ -189,3 +190,12 @@ class TensorRTBackend:
 
     def lpips(self, a: Tensor, b: Tensor) -> Tensor:
         return self._engines[LPIPS.name](a.to(self.device), b.to(self.device))
+
+
+def max_batch_of(entry: dict[str, Any], path: Path) -> int:
+    """The largest batch an engine was built for, from its provenance entry; ArtefactError when not a count."""
+    profile = entry.get("batch_profile")
+    value = profile.get("max") if isinstance(profile, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ArtefactError(f"{path}: its provenance holds no valid batch profile; {reexport_hint(path.parent.parent)}")
+    return value

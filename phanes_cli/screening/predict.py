@@ -22,7 +22,7 @@ from phanes_cli.core.pipeline import run_volume
 from phanes_cli.core.shipped_models import default_bundle
 from phanes_cli.core.statistics import brain_statistics, volume_statistics
 from phanes_cli.core.volume_io import DEFAULT_MAX_VOXELS, image_like
-from phanes_cli.errors import QualityError
+from phanes_cli.errors import InputError, QualityError
 from phanes_cli.inputs.brain_masks import load_with_brain
 from phanes_cli.inputs.quality import FATAL, FLAGS, check_volume
 from phanes_cli.runtimes.pytorch import select_device
@@ -42,29 +42,42 @@ class Prediction:
     brain_mask_source: str  # file, model or threshold
 
 
-def _load(image: nib.Nifti1Image | str | Path, brain_mask: nib.Nifti1Image | str | Path | None, skull_strip: str,
+def _load(image: nib.spatialimages.SpatialImage | str | Path,
+          brain_mask: nib.spatialimages.SpatialImage | str | Path | None, skull_strip: str,
           device: str) -> tuple[Any, np.ndarray, str]:
-    """load_with_brain on a path, or on an in-memory image written unchanged to a temporary file first."""
-    if isinstance(image, (str, Path)) and not isinstance(brain_mask, nib.Nifti1Image):
+    """load_with_brain on a path, or on an in-memory image written unchanged to a temporary file first (any
+    nibabel image: nibabel converts it to NIfTI); errors name the in-memory image, not the temporary file."""
+    for name, item in (("image", image), ("brain_mask", brain_mask)):
+        if item is not None and not isinstance(item, (str, Path, nib.spatialimages.SpatialImage)):
+            raise TypeError(f"predict: {name} must be a NIfTI path or a nibabel image, not {type(item).__name__}")
+    if isinstance(image, (str, Path)) and not isinstance(brain_mask, nib.spatialimages.SpatialImage):
         return load_with_brain(image, brain_mask, DEFAULT_MAX_VOXELS, skull_strip, device)
     with tempfile.TemporaryDirectory(prefix="phanes-predict-") as tmp:
         paths: list[Path | str | None] = []
         for name, item in (("image.nii", image), ("brain.nii", brain_mask)):
-            if isinstance(item, nib.Nifti1Image):
+            if isinstance(item, nib.spatialimages.SpatialImage):
                 nib.save(item, str(Path(tmp) / name))
                 paths.append(Path(tmp) / name)
             else:
                 paths.append(item)
         assert paths[0] is not None
-        return load_with_brain(paths[0], paths[1], DEFAULT_MAX_VOXELS, skull_strip, device)
+        try:
+            return load_with_brain(paths[0], paths[1], DEFAULT_MAX_VOXELS, skull_strip, device)
+        except InputError as exc:
+            if not exc.path.startswith(tmp):
+                raise
+            what = "in-memory image" if exc.path.endswith("image.nii") else "in-memory brain mask"
+            raise InputError(what, exc.reason) from None
 
 
-def predict(image: nib.Nifti1Image | str | Path, bundle: str | Path | Bundle | None = None,
-            brain_mask: nib.Nifti1Image | str | Path | None = None, device: str = "auto", backend: str = "auto",
-            skull_strip: str = "auto", batch_size: int = 32) -> Prediction:
+def predict(image: nib.spatialimages.SpatialImage | str | Path, bundle: str | Path | Bundle | None = None,
+            brain_mask: nib.spatialimages.SpatialImage | str | Path | None = None, device: str = "auto",
+            backend: str = "auto", skull_strip: str = "auto", batch_size: int = 32) -> Prediction:
     """Screen one T1 volume (a nibabel image or a NIfTI path) with `bundle` (default: the shipped model).
 
-    Raises InputError / QualityError for a volume that cannot be screened, BundleError for a bad bundle.
+    Raises InputError / QualityError for a volume that cannot be screened, BundleError for a bad bundle,
+    TypeError for an `image` or `brain_mask` that is neither a path nor a nibabel image (a bare array has no
+    geometry).
     """
     model = bundle if isinstance(bundle, Bundle) else load_bundle(bundle if bundle is not None else default_bundle())
     calibration = model.require_calibration()
@@ -73,7 +86,7 @@ def predict(image: nib.Nifti1Image | str | Path, bundle: str | Path | Bundle | N
     flags = tuple(check_volume(volume, brain, source))
     fatal = [f for f in flags if f in FATAL]
     if fatal:
-        raise QualityError(str(image) if isinstance(image, (str, Path)) else "image",
+        raise QualityError(str(image) if isinstance(image, (str, Path)) else "in-memory image",
                            f"quality check {fatal[0]}: {FLAGS[fatal[0]]}")
     runner = choose_backend(backend, model, dev)
     maps = run_volume(volume.data, brain, runner, model.config, calibration.mask_threshold, batch_size)
