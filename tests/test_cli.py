@@ -178,8 +178,11 @@ def test_ctrl_c_exits_130_with_one_line_and_keeps_finished_subjects(tmp_path: Pa
                                                                     word: str) -> None:
     """Ctrl-C (130) and SIGTERM (143, as a batch scheduler sends) end alike: one line, finished files kept."""
     out = tmp_path / "synth"
+    # A terminal delivers Ctrl-C to a process whose SIGINT is at its default; a test run started in the background
+    # (nohup, `cmd &` without job control) ignores SIGINT, and the child would inherit that: restore the default.
     proc = subprocess.Popen([str(PHANES), "data", "synth", "--out", str(out), "--healthy", "500", "--lesions", "0",
-                             "--voxel-size", "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+                             "--voxel-size", "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None and not list(out.glob("images/healthy-*.nii.gz")):
         time.sleep(0.05)
