@@ -245,6 +245,8 @@ def train(
     data: Path = typer.Option(..., "--data", help="Manifest with healthy train and val volumes."),
     out: Path = typer.Option(..., "--out", help="Model bundle folder to write."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
+    stage1_from: Path | None = typer.Option(
+        None, "--stage1-from", help="Bundle whose stage 1 (RA) to keep: train only stage 2 (same ra/preprocess)."),
     device: Device = typer.Option("auto", "--device", help=DEVICE_HELP),
     skull_strip: SkullStrip = SKULL_STRIP_OPTION,
     lpips_weights: str | None = LPIPS_OPTION,
@@ -255,7 +257,7 @@ def train(
     from phanes_cli.training.trainer import train as run_training
 
     bundle = run_training(load_config(config), data, out, resume=resume, device=device, lpips_weights=lpips_weights,
-                          skull_strip=skull_strip)
+                          skull_strip=skull_strip, stage1_from=stage1_from)
     cal = calibrate_bundle(bundle, data, device=device, lpips_weights=lpips_weights, skull_strip=skull_strip)
     console.print(f"[green]model bundle[/]: {escape(str(bundle))} (mask threshold {cal.mask_threshold:.4g}, "
                   f"anomaly threshold {cal.anomaly_threshold:.4g})")

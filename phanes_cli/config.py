@@ -94,6 +94,10 @@ class TrainConfig:
     stage1: StageTrainConfig = field(default_factory=StageTrainConfig)
     stage2: StageTrainConfig = field(default_factory=StageTrainConfig)
     random_masks_per_image: int = 10
+    # percentile of the healthy training slices' stage 1 maps that cuts stage 2's holes (None: mask.mask_percentile).
+    # The inpainter should learn the holes inference will cut: a tuned operating point below the 99th percentile
+    # inpaints ventricles and sulci that 99th-percentile holes rarely cover.
+    hole_percentile: float | None = None
 
 
 @dataclass(frozen=True)
@@ -180,6 +184,7 @@ LIMITS: dict[str, _Limit] = {
     "mask.anomaly_percentile": _percentile(high_open=True), "mask.per_image_percentile": _percentile(high_open=True),
     "train.seed": _at_least(0), "train.batch_size": _at_least(1), "train.checkpoint_every": _at_least(1),
     "train.perceptual_size": _at_least(8), "train.random_masks_per_image": _at_least(1),
+    "train.hole_percentile": _percentile(high_open=True),
     "stage.max_epochs": _at_least(1), "stage.max_steps": _at_least(1), "stage.lr": _POSITIVE,
     "stage.patience": _at_least(0), "stage.val_every": _at_least(1),
     "tune.mask_percentiles": _percentile(high_open=True), "tune.min_lesion_ml": _at_least(0),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
 import json
 import re
 import subprocess
@@ -543,6 +544,7 @@ def test_hostile_names_duplicates_quality_and_out_inside_the_inputs(cluster: Ray
     ok = volumes[volumes["status"] == "ok"]
     for vid in ok.index:  # heads of ~140 mL are flagged, as the limit says; screened all the same
         assert "brain_volume_low" in list(ok.loc[vid, "qc_flags"])
+        assert ok.loc[vid, "input_sha256"] == hashlib.sha256(Path(ok.loc[vid, "input_path"]).read_bytes()).hexdigest()
     assert "intensity_noise" in list(ok.loc["noise", "qc_flags"])
     warned = {e["id"] for e in map(json.loads, log.read_text().splitlines()) if e["event"] == "warning"}
     assert warned == set(ok.index)

@@ -307,6 +307,34 @@ def test_stage2_holes_use_the_calibration_percentile_of_the_trained_stage1(train
     assert bundle.versions["training"]["stage2_mask_threshold"] == pytest.approx(expected, rel=1e-5)
 
 
+def test_stage1_from_keeps_that_ra_and_cuts_holes_at_the_hole_percentile(trained: Path, cohort: Path,
+                                                                           tmp_path: Path) -> None:
+    """--stage1-from: stage 2 alone, on the other bundle's RA unchanged; holes at train.hole_percentile of that RA's
+    maps over the training slices (recomputed here with numpy's percentile), not at the mask percentile."""
+    base = _config()
+    config = dataclasses.replace(base, train=dataclasses.replace(base.train, hole_percentile=80.0))
+    out = train(config, cohort, tmp_path / "model", device="cpu", progress=False, stage1_from=trained)
+    first, second = load_bundle(trained), load_bundle(out, require_calibration=False)
+    assert all(torch.equal(first.ra_state[k], v) for k, v in second.ra_state.items())
+    stages = second.versions["training"]["stages"]
+    assert stages[0]["from_bundle"] == str(trained.resolve()) and stages[0]["bundle_hash"] == first.hash
+    assert [s["stage"] for s in stages] == [1, 2] and stages[1]["steps"] == STEPS
+    assert [r["stage"] for r in _metrics(out)] == ["2", "2"]  # no stage 1 step was taken
+    row = next(r for r in read_manifest(cohort) if r.split == "train")
+    volume = load_volume(row.image)
+    prepared = prepare_volume(volume.data, load_mask(row.brain_mask, volume), config.preprocess)
+    backend = TorchBackend(load_networks(second), torch.device("cpu"))
+    with torch.no_grad():
+        x, brain = prepared.slices, prepared.brain
+        ra_map = stage1_map(x, backend.networks.ra.reconstruct(x), brain, backend, config.mask)
+    expected = float(np.percentile(ra_map[brain > 0].double().numpy(), 80.0))
+    assert second.versions["training"]["stage2_mask_threshold"] == pytest.approx(expected, rel=1e-5)
+    assert expected < first.versions["training"]["stage2_mask_threshold"]  # 80th below the 99th: larger holes
+    other = dataclasses.replace(base, ra=dataclasses.replace(base.ra, latent_dim=4))
+    with pytest.raises(ConfigError, match="ra settings differ"):
+        train(other, cohort, tmp_path / "other", device="cpu", progress=False, stage1_from=trained)
+
+
 def test_missing_healthy_split_is_a_config_error(tmp_path: Path) -> None:
     manifest = write_cohort(tmp_path, n_train=1, n_val=0)
     with pytest.raises(ConfigError, match="'val'"):

@@ -152,6 +152,7 @@ def test_bad_inputs_are_rejected_with_a_specific_message(case: str, tmp_path: Pa
     [
         (np.array([np.nan, 0, 0, 0], "<f4"), "affine contains non-finite"),
         (np.zeros(4, "<f4"), "voxel size of 0 along axis x"),
+        (np.array([1e30, 0, 0, 0], "<f4"), r"voxel size x=1e\+30 mm is above 50 mm"),
     ],
 )
 def test_broken_affine_is_rejected(row: np.ndarray, message: str, write_nifti) -> None:

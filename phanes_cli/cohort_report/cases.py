@@ -20,6 +20,7 @@ from scipy import ndimage
 from phanes_cli.core.preprocess import auto_brain_mask
 from phanes_cli.core.volume_io import Volume, load_volume
 from phanes_cli.errors import InputError
+from phanes_cli.screening.commit import input_sha256
 from phanes_cli.screening.layout import OutputLayout
 
 
@@ -69,9 +70,23 @@ def _centre(lesion: np.ndarray, brain: np.ndarray, affine: np.ndarray, centroid_
     return int(clipped[0]), int(clipped[1]), int(clipped[2])
 
 
+def _check_unchanged(row: dict[str, Any]) -> None:
+    """An InputError when the input file no longer hashes to the run's `input_sha256` (tables of schema >= 4);
+    a file that cannot be read is left to `load_volume`, which says why."""
+    recorded = row.get("input_sha256")
+    try:
+        changed = recorded is not None and input_sha256(row["input_path"]) != recorded
+    except OSError:
+        return
+    if changed:
+        raise InputError(row["input_path"], "changed since it was screened (its sha256 differs from the run's "
+                                            "input_sha256): the maps were computed from another file")
+
+
 def load_case(layout: OutputLayout, row: dict[str, Any], centroid_mm: Any = None) -> CaseArrays:
     """Read and check one volume's files; an InputError names the file that is missing or off-grid."""
     vid = row["id"]
+    _check_unchanged(row)
     image = load_volume(row["input_path"])
     anomaly = _same_grid(load_volume(layout.map_path(vid, "anomaly")), image, "the anomaly map")
     lesion = _same_grid(load_volume(layout.map_path(vid, "lesion_mask")), image, "the lesion mask") > 0

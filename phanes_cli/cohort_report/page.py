@@ -162,7 +162,8 @@ def _cases(layout: OutputLayout, volumes: list[dict[str, Any]], chosen: tuple[li
     for n, vid in enumerate(page_ids, 1):
         stem = stems[vid]
         if stem is None:
-            result.skipped.append((vid, "the id cannot name a file ('/', '\\', NUL, '.' or '..')"))
+            result.skipped.append((vid, "the id cannot name a file ('/', '\\', '.', '..', control, line-break or "
+                                        "invisible characters)"))
             continue
         try:
             figure = _one_case(layout, by_id[vid], stem, target, centroids.get(vid), columns, result)

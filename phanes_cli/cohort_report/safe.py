@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from phanes_cli.errors import InputError
+from phanes_cli.infra.folders import check_id
 from phanes_cli.screening.layout import file_stem
 
 _PLACEHOLDER = re.compile(r"@@([A-Z_]+)@@")
@@ -46,12 +47,13 @@ def script_body(code: str, origin: str) -> str:
 def safe_stem(vid: Any) -> str | None:
     """The file stem an id's report files take, or None when the id cannot name a file.
 
-    Same rule as input ids (`inputs.discovery`): text, not '.'/'..', no '/', '\\' or NUL; ids with a
-    leading '.' or over-long take `layout.file_stem`'s hashed form.
+    The rule of every id (`infra.folders.check_id`); ids with a leading '.' or over-long take
+    `layout.file_stem`'s hashed form.
     """
-    if not isinstance(vid, str) or not vid or vid in (".", "..") or any(c in vid for c in "/\\\0"):
+    try:
+        return file_stem(check_id(vid))
+    except InputError:
         return None
-    return file_stem(vid)
 
 
 def inside(folder: Path, path: Path) -> Path:

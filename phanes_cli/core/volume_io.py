@@ -105,6 +105,9 @@ def _checked_dtype(path: Path, img: nib.Nifti1Image) -> None:
         raise InputError(path, f"voxel type {dtype} is not a numeric intensity")
 
 
+MAX_VOXEL_MM = 50.0  # volumes, lesion burden and the brain-size checks are meaningless beyond this
+
+
 def _raw_pixdim(path: Path, img: nib.Nifti1Image) -> np.ndarray:
     """pixdim as stored in the file: nibabel silently turns a 0 voxel size into 1 mm when it loads a header."""
     header_class = nib.Nifti2Header if isinstance(img, nib.Nifti2Image) else nib.Nifti1Header
@@ -130,6 +133,10 @@ def _checked_geometry(path: Path, img: nib.Nifti1Image) -> np.ndarray:
         raise InputError(path, f"affine gives a voxel size of 0 along axis {axes}")
     if abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise InputError(path, "affine is singular (zero voxel size or degenerate axes)")
+    if np.any(sizes > MAX_VOXEL_MM):
+        shown = ", ".join(f"{'xyz'[i]}={sizes[i]:.3g}" for i in np.flatnonzero(sizes > MAX_VOXEL_MM))
+        raise InputError(path, f"voxel size {shown} mm is above {MAX_VOXEL_MM:g} mm, larger than a third of a "
+                               "brain: not an MRI voxel (check the header's spatial units and affine)")
     return affine
 
 

@@ -15,6 +15,7 @@ does not replace the table with HTML).
 from __future__ import annotations
 
 import os
+import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -22,14 +23,21 @@ from phanes_cli.errors import InputError
 
 
 def check_id(vid: object, source: object = "id") -> str:
-    """`vid` when it can name files: a non-empty string, not '.' or '..', without '/', '\\' or NUL.
+    """`vid` when it can name files: a non-empty string, not '.' or '..', without '/', '\\', control characters
+    (NUL, newline...), line or paragraph separators, or invisible format characters (bidirectional overrides,
+    zero-width marks).
 
     The one rule for every id, from the command line, a volume list or a run's own tables (a run folder
-    received from someone else may hold any text there); `source` names where the id came from.
+    received from someone else may hold any text there); `source` names where the id came from. Format
+    characters are refused because a right-to-left override makes a file name read differently from what it is.
     """
-    if not isinstance(vid, str) or vid in ("", ".", "..") or any(c in vid for c in "/\\\0"):
+    if not isinstance(vid, str) or vid in ("", ".", "..") or any(c in vid for c in "/\\"):
         raise InputError(str(source), f"id {str(vid)[:200]!r} cannot be used as a file name "
-                                      "(empty, '.', '..', or holds '/', '\\' or NUL)")
+                                      "(empty, '.', '..', or holds '/' or '\\')")
+    hidden = next((c for c in vid if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")), None)
+    if hidden is not None:
+        raise InputError(str(source), f"id {vid[:200]!r} cannot be used as a file name: it holds the control, "
+                                      f"line-break or invisible formatting character U+{ord(hidden):04X}")
     return vid
 
 

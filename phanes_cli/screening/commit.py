@@ -36,6 +36,16 @@ from phanes_cli.screening.schemas import (
 )
 
 
+def input_sha256(path: str | Path) -> str:
+    """sha256 of an input file, streamed: recorded in volumes.parquet so a later reader (the report) can tell
+    that the file at `input_path` is still the one the maps were computed from."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def input_signature(path: str | Path) -> tuple[int | None, int | None]:
     """(size, mtime_ns) of an input file, or (None, None) when it cannot be stat'ed."""
     try:

@@ -11,8 +11,8 @@ import pyarrow as pa
 from phanes_cli.core.statistics import SIZE_BIN_COLUMNS
 from phanes_cli.infra.columns import cell, column_type, unify
 
-SCHEMA_VERSION = "3"  # 2: `id` in every table, flat geometry columns, size bins, thresholds, manifest columns;
-# 3: slices_inpainted, brain_mask_s
+SCHEMA_VERSION = "4"  # 2: `id` in every table, flat geometry columns, size bins, thresholds, manifest columns;
+# 3: slices_inpainted, brain_mask_s; 4: input_sha256
 
 _LIST_I = pa.list_(pa.int64())
 
@@ -30,6 +30,7 @@ def _schema(*fields: pa.Field[Any]) -> pa.Schema:
 VOLUME_SCHEMA = _schema(
     pa.field("id", pa.string()),
     pa.field("input_path", pa.string()),
+    pa.field("input_sha256", pa.string()),  # of the input file when it was screened
     pa.field("status", pa.string()),  # "ok" or "failed" (details in failures.parquet)
     pa.field("shape", _LIST_I),  # in the input file's voxel order
     pa.field("voxel_size_mm", _LIST_F),  # in the input file's voxel order

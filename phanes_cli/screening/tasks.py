@@ -29,7 +29,7 @@ from phanes_cli.inputs.brain_masks import load_with_brain, looks_unstripped
 from phanes_cli.inputs.manifest import ManifestRow
 from phanes_cli.inputs.quality import FATAL, FLAGS, check_volume
 from phanes_cli.screening.bids_derivative import write_sidecar
-from phanes_cli.screening.commit import Failure, commit_volume, input_signature
+from phanes_cli.screening.commit import Failure, commit_volume, input_sha256, input_signature
 from phanes_cli.screening.layout import OutputLayout
 from phanes_cli.screening.schemas import manifest_columns
 
@@ -84,6 +84,7 @@ class DecodeResult:
     n_slices: int = 0
     qc_flags: tuple[str, ...] = ()
     brain_mask_s: float = 0.0  # the part of `seconds` spent on the brain mask (file, model or threshold)
+    input_sha256: str | None = None  # of the input file as read
 
 
 def decode_volume(row: ManifestRow, cfg: PreprocessConfig, max_voxels: int, skull_strip: str
@@ -99,6 +100,7 @@ def decode_volume(row: ManifestRow, cfg: PreprocessConfig, max_voxels: int, skul
         if fatal:  # nothing to screen: a property of the file, not retried while it is unchanged
             raise QualityError(row.image, f"quality check {fatal[0]}: {FLAGS[fatal[0]]}")
         prepared = prepare_volume(volume.data, brain, cfg)
+        digest = input_sha256(row.image)
     except InputError as exc:
         kind, message = describe(exc)
         if exc.path != str(row.image):
@@ -112,7 +114,7 @@ def decode_volume(row: ManifestRow, cfg: PreprocessConfig, max_voxels: int, skul
     context = VolumeContext(volume=volume, brain=brain, geometry=prepared.geometry, scale=prepared.scale,
                             brain_source=source, qc_flags=flags)
     decoded = DecodeResult(None, time.perf_counter() - start, node_ip(), prepared.geometry.n_slices, flags,
-                           timings["brain_mask_s"])
+                           timings["brain_mask_s"], digest)
     return decoded, slices, context
 
 
@@ -205,7 +207,8 @@ def commit_outputs(job: WriteJob, decoded: DecodeResult, inferred: InferenceResu
             write_bids_files(job, layout, context)
         write_s = time.perf_counter() - start
         row = {
-            **manifest_columns(job.row.extra), "id": vid, "input_path": str(job.row.image), "status": "ok",
+            **manifest_columns(job.row.extra), "id": vid, "input_path": str(job.row.image),
+            "input_sha256": decoded.input_sha256, "status": "ok",
             "brain_mask_source": context.brain_source, "qc_flags": list(flags), **stats,
             "slices_processed": decoded.n_slices, "slices_inpainted": maps.slices_inpainted,
             "backend": inferred.backend or job.backend,

@@ -28,7 +28,7 @@ from rich.progress import Progress, TaskID
 from torch import Tensor, nn
 
 from phanes_cli.config import PhanesConfig, StageTrainConfig
-from phanes_cli.core.bundle import INDEX_FILE, save_bundle
+from phanes_cli.core.bundle import INDEX_FILE, load_bundle, save_bundle
 from phanes_cli.errors import ConfigError
 from phanes_cli.infra.progress import format_losses, make_progress
 from phanes_cli.runtimes.pytorch import select_device
@@ -189,8 +189,23 @@ def _stage2(learner: Learner, train_set: SliceSet, val_view: SliceSet, threshold
                   shown=("loss_generator", "loss_discriminator", "l1", "adv"))
 
 
-def _start_or_resume(learner: Learner, out: Path, resume: bool, metrics: MetricsLog, bar: Progress) -> RunState:
-    """The checkpointed progress with `resume` (and the metrics log cut back to it), else a fresh run."""
+def _from_stage1(learner: Learner, bundle_dir: Path) -> RunState:
+    """A run that starts at stage 2 on the verified stage 1 (RA) of another bundle of the same architecture."""
+    bundle = load_bundle(bundle_dir, require_calibration=False)
+    config = learner.config
+    for section in ("ra", "preprocess"):
+        if getattr(bundle.config, section) != getattr(config, section):
+            raise ConfigError(f"{bundle_dir}: its {section} settings differ from the run config's, so its stage 1 "
+                              f"cannot be reused (--stage1-from needs the same {section} section)")
+    learner.networks.ra.load_state_dict(bundle.ra_state)
+    return RunState(stage=2, stages=[{"stage": 1, "from_bundle": str(bundle_dir.resolve()),
+                                      "bundle_hash": bundle.hash}])
+
+
+def _start_or_resume(learner: Learner, out: Path, resume: bool, metrics: MetricsLog, bar: Progress,
+                     stage1_from: Path | None) -> RunState:
+    """The checkpointed progress with `resume` (and the metrics log cut back to it), else a fresh run (at stage 2
+    on `stage1_from`'s stage 1 when given)."""
     ckpt_path = out / CHECKPOINT_DIR / LAST_CHECKPOINT
     if resume and ckpt_path.is_file():
         state = load_run(ckpt_path, learner.modules, learner.optimizers, learner.sampler, learner.config)
@@ -201,7 +216,7 @@ def _start_or_resume(learner: Learner, out: Path, resume: bool, metrics: Metrics
     if resume:
         bar.console.print(f"no checkpoint in {escape(str(out / CHECKPOINT_DIR))}: starting a new run")
     metrics.reset()
-    return RunState()
+    return RunState() if stage1_from is None else _from_stage1(learner, stage1_from)
 
 
 def _load_healthy(manifest: Path, config: PhanesConfig, bar: Progress, skull_strip: str, device: str
@@ -217,10 +232,12 @@ def _load_healthy(manifest: Path, config: PhanesConfig, bar: Progress, skull_str
 
 
 def train(config: PhanesConfig, manifest: Path, out: Path, resume: bool = False, device: str = "auto",
-          lpips_weights: str | None = None, progress: bool = True, skull_strip: str = "auto") -> Path:
+          lpips_weights: str | None = None, progress: bool = True, skull_strip: str = "auto",
+          stage1_from: Path | None = None) -> Path:
     """Train both stages on the healthy train split and write the best weights as an uncalibrated bundle.
 
     Returns the bundle folder (`out`). `resume=True` continues from `out/checkpoints/last.safetensors`.
+    `stage1_from` (a bundle) skips stage 1 and trains stage 2 on that bundle's RA, e.g. with other holes.
     """
     out, manifest = Path(out), Path(manifest)
     _check_out(out, resume)
@@ -230,7 +247,7 @@ def train(config: PhanesConfig, manifest: Path, out: Path, resume: bool = False,
         learner = Learner(config, dev, lpips_weights)
         out.mkdir(parents=True, exist_ok=True)
         metrics = MetricsLog(out / METRICS_FILE)
-        state = _start_or_resume(learner, out, resume, metrics, bar)
+        state = _start_or_resume(learner, out, resume, metrics, bar, stage1_from)
         session = _Session(learner, state, out, metrics, bar, time.perf_counter())
         val_view = validation.validation_view(val_set)
         if state.stage == 1:

@@ -8,6 +8,7 @@ representative. The networks run in eval mode through the learner's trainable ba
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -65,10 +66,14 @@ def stage2_validation(learner: Learner, data: SliceSet, holes: Tensor) -> float:
 @torch.no_grad()
 def stage1_threshold(learner: Learner, data: SliceSet) -> float:
     """The calibration rule (`core.percentiles.stage1_percentile`) on up to STAGE1_THRESHOLD_SLICES evenly spread
-    healthy training slices: the level that binarises stage 1 maps into stage 2 training holes."""
+    healthy training slices, at `train.hole_percentile` (default: the mask percentile): the level that binarises
+    stage 1 maps into stage 2 training holes."""
     view = data.subset(spread_subset(len(data), STAGE1_THRESHOLD_SLICES))
+    config = learner.config
+    holes = config.mask if config.train.hole_percentile is None else replace(
+        config.mask, mask_percentile=config.train.hole_percentile)
     with evaluating(learner.networks.ra):
-        threshold = stage1_percentile(learner.backend, view.images, view.brain, learner.config.mask, EVAL_BATCH)
+        threshold = stage1_percentile(learner.backend, view.images, view.brain, holes, EVAL_BATCH)
     if not math.isfinite(threshold):
         raise PhanesError("training: the healthy training slices hold no brain pixels, so stage 1 cannot mask any")
     return threshold
