@@ -331,8 +331,10 @@ def test_stage1_from_keeps_that_ra_and_cuts_holes_at_the_hole_percentile(trained
     assert second.versions["training"]["stage2_mask_threshold"] == pytest.approx(expected, rel=1e-5)
     assert expected < first.versions["training"]["stage2_mask_threshold"]  # 80th below the 99th: larger holes
     other = dataclasses.replace(base, ra=dataclasses.replace(base.ra, latent_dim=4))
-    with pytest.raises(ConfigError, match="ra settings differ"):
-        train(other, cohort, tmp_path / "other", device="cpu", progress=False, stage1_from=trained)
+    for source, message in ((trained, "ra settings differ"), (trained / "bundle.json", "not a model bundle folder")):
+        with pytest.raises(ConfigError, match=message):  # refused before any data is read or folder made
+            train(other, cohort, tmp_path / "other", device="cpu", progress=False, stage1_from=source)
+        assert not (tmp_path / "other").exists()
 
 
 def test_missing_healthy_split_is_a_config_error(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ from rich.progress import Progress, TaskID
 from torch import Tensor, nn
 
 from phanes_cli.config import PhanesConfig, StageTrainConfig
-from phanes_cli.core.bundle import INDEX_FILE, load_bundle, save_bundle
+from phanes_cli.core.bundle import INDEX_FILE, Bundle, load_bundle, save_bundle
 from phanes_cli.errors import ConfigError
 from phanes_cli.infra.progress import format_losses, make_progress
 from phanes_cli.runtimes.pytorch import select_device
@@ -189,21 +189,28 @@ def _stage2(learner: Learner, train_set: SliceSet, val_view: SliceSet, threshold
                   shown=("loss_generator", "loss_discriminator", "l1", "adv"))
 
 
-def _from_stage1(learner: Learner, bundle_dir: Path) -> RunState:
-    """A run that starts at stage 2 on the verified stage 1 (RA) of another bundle of the same architecture."""
+def stage1_source(bundle_dir: Path, config: PhanesConfig) -> Bundle:
+    """The verified bundle whose stage 1 (RA) a run reuses: a ConfigError unless it is a bundle folder with the
+    run config's `ra` and `preprocess` sections (checked before any data is loaded)."""
+    if not bundle_dir.is_dir():
+        raise ConfigError(f"--stage1-from {bundle_dir}: not a model bundle folder")
     bundle = load_bundle(bundle_dir, require_calibration=False)
-    config = learner.config
     for section in ("ra", "preprocess"):
         if getattr(bundle.config, section) != getattr(config, section):
             raise ConfigError(f"{bundle_dir}: its {section} settings differ from the run config's, so its stage 1 "
                               f"cannot be reused (--stage1-from needs the same {section} section)")
+    return bundle
+
+
+def _from_stage1(learner: Learner, bundle: Bundle) -> RunState:
+    """A run that starts at stage 2 on the stage 1 (RA) of `bundle`."""
     learner.networks.ra.load_state_dict(bundle.ra_state)
-    return RunState(stage=2, stages=[{"stage": 1, "from_bundle": str(bundle_dir.resolve()),
+    return RunState(stage=2, stages=[{"stage": 1, "from_bundle": str(bundle.path.resolve()),
                                       "bundle_hash": bundle.hash}])
 
 
 def _start_or_resume(learner: Learner, out: Path, resume: bool, metrics: MetricsLog, bar: Progress,
-                     stage1_from: Path | None) -> RunState:
+                     stage1_from: Bundle | None) -> RunState:
     """The checkpointed progress with `resume` (and the metrics log cut back to it), else a fresh run (at stage 2
     on `stage1_from`'s stage 1 when given)."""
     ckpt_path = out / CHECKPOINT_DIR / LAST_CHECKPOINT
@@ -241,13 +248,14 @@ def train(config: PhanesConfig, manifest: Path, out: Path, resume: bool = False,
     """
     out, manifest = Path(out), Path(manifest)
     _check_out(out, resume)
+    stage1 = None if stage1_from is None else stage1_source(Path(stage1_from), config)
     dev = select_device(device)
     with make_progress(progress) as bar:
         train_set, val_set, n_train, n_val = _load_healthy(manifest, config, bar, skull_strip, str(dev))
         learner = Learner(config, dev, lpips_weights)
         out.mkdir(parents=True, exist_ok=True)
         metrics = MetricsLog(out / METRICS_FILE)
-        state = _start_or_resume(learner, out, resume, metrics, bar, stage1_from)
+        state = _start_or_resume(learner, out, resume, metrics, bar, stage1)
         session = _Session(learner, state, out, metrics, bar, time.perf_counter())
         val_view = validation.validation_view(val_set)
         if state.stage == 1:
