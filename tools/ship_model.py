@@ -7,8 +7,8 @@ re-sealed (`core.bundle.write_provenance`). Weights, config and calibration are 
 content key (what screening resume keys on) is the trained bundle's.
 
 Usage:
-    python tools/ship_model.py runs/b20-f0.5 phanes-cpu-2026-12 --healthy 30 --lesions 16 --seed 0 \
-        --label-map-fraction 0.5 [--training-commit SHA]
+    python tools/ship_model.py runs/b21-h90 phanes-cpu-2026-12b --healthy 30 --lesions 16 --seed 0 \
+        --label-map-fraction 0 [--training-commit SHA]
 """
 
 from __future__ import annotations
