@@ -220,7 +220,7 @@ def main() -> None:
     args = parse()
     console = Console(width=160)
     with tempfile.TemporaryDirectory(prefix="phanes-throughput-") as tmp:
-        work = args.work or Path(tmp)
+        work = (args.work or Path(tmp)).resolve()  # the lists name files by absolute path
         work.mkdir(parents=True, exist_ok=True)
         results = run(args, work, console)
     title = f"phanes screen throughput: {local_cpus()} CPUs, batch {args.batch_size}, {args.volumes} volumes"
