@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+import torch
 from torch import Tensor, nn
 
 from phanes_cli.runtimes.pytorch import PhanesNetworks
@@ -26,6 +28,28 @@ STAGE1 = GraphSpec("stage1", ("x",), "x_cph")
 STAGE2 = GraphSpec("stage2", ("masked", "mask"), "completed")
 LPIPS = GraphSpec("lpips", ("a", "b"), "lpips_map")
 GRAPHS: tuple[GraphSpec, ...] = (STAGE1, STAGE2, LPIPS)
+
+
+def numpy_feed(spec: GraphSpec, tensors: tuple[Tensor, ...]) -> dict[str, np.ndarray]:
+    """A graph's named float32 CPU inputs, contiguous, as the ONNX Runtime and OpenVINO sessions take them."""
+    return {name: np.ascontiguousarray(t.detach().to("cpu", torch.float32).numpy())
+            for name, t in zip(spec.inputs, tensors, strict=True)}
+
+
+class GraphBackend:
+    """The network calls of a backend that runs the exported graphs: each is one `_run` of its graph."""
+
+    def _run(self, spec: GraphSpec, *tensors: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        return self._run(STAGE1, x)
+
+    def inpaint(self, masked: Tensor, mask: Tensor) -> Tensor:
+        return self._run(STAGE2, masked, mask)
+
+    def lpips(self, a: Tensor, b: Tensor) -> Tensor:
+        return self._run(LPIPS, a, b)
 
 
 class Stage1Graph(nn.Module):

@@ -8,14 +8,13 @@ every graph optimisation on and the intra-op thread count of the process, so a r
 
 from __future__ import annotations
 
-import numpy as np
 import onnxruntime as ort
 import torch
 from torch import Tensor
 
 from phanes_cli.core.bundle import Bundle
 from phanes_cli.runtimes.artefacts import RuntimeUnavailable, artefact_name, read_artefact, read_gate
-from phanes_cli.runtimes.graphs import GRAPHS, LPIPS, STAGE1, STAGE2, GraphSpec
+from phanes_cli.runtimes.graphs import GRAPHS, GraphBackend, GraphSpec, numpy_feed
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
@@ -53,7 +52,7 @@ def int8_graph_files(bundle: Bundle, device: torch.device) -> dict[str, str]:
     return files
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(GraphBackend):
     """Runs stage 1, stage 2 and LPIPS as ONNX Runtime sessions; tensors come back on `device`."""
 
     def __init__(self, graphs: dict[str, bytes], device: torch.device, threads: int | None = None,
@@ -75,16 +74,5 @@ class OnnxRuntimeBackend:
         return cls(graphs, device, threads, INT8_BACKEND if int8 else "onnxruntime")
 
     def _run(self, spec: GraphSpec, *tensors: Tensor) -> Tensor:
-        feed = {name: np.ascontiguousarray(t.detach().to("cpu", torch.float32).numpy())
-                for name, t in zip(spec.inputs, tensors, strict=True)}
-        (out,) = self._sessions[spec.name].run([spec.output], feed)
+        (out,) = self._sessions[spec.name].run([spec.output], numpy_feed(spec, tensors))
         return torch.from_numpy(out).to(self.device)
-
-    def reconstruct(self, x: Tensor) -> Tensor:
-        return self._run(STAGE1, x)
-
-    def inpaint(self, masked: Tensor, mask: Tensor) -> Tensor:
-        return self._run(STAGE2, masked, mask)
-
-    def lpips(self, a: Tensor, b: Tensor) -> Tensor:
-        return self._run(LPIPS, a, b)

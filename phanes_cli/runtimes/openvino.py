@@ -15,7 +15,7 @@ from torch import Tensor
 
 from phanes_cli.core.bundle import Bundle
 from phanes_cli.runtimes.artefacts import RuntimeUnavailable, artefact_name, read_artefact
-from phanes_cli.runtimes.graphs import GRAPHS, LPIPS, STAGE1, STAGE2, GraphSpec
+from phanes_cli.runtimes.graphs import GRAPHS, GraphBackend, GraphSpec, numpy_feed
 
 
 def compile_options(threads: int | None = None) -> dict[str, str]:
@@ -29,7 +29,7 @@ def require_cpu(device: torch.device) -> None:
         raise RuntimeUnavailable(f"the openvino backend runs on the CPU only, not on {device}")
 
 
-class OpenVINOBackend:
+class OpenVINOBackend(GraphBackend):
     """Runs stage 1, stage 2 and LPIPS as OpenVINO compiled models on the CPU."""
 
     name = "openvino"
@@ -50,16 +50,5 @@ class OpenVINOBackend:
         return cls(graphs, device, threads)
 
     def _run(self, spec: GraphSpec, *tensors: Tensor) -> Tensor:
-        feed = {name: np.ascontiguousarray(t.detach().to("cpu", torch.float32).numpy())
-                for name, t in zip(spec.inputs, tensors, strict=True)}
-        result = self._requests[spec.name].infer(feed, share_outputs=False)
+        result = self._requests[spec.name].infer(numpy_feed(spec, tensors), share_outputs=False)
         return torch.from_numpy(np.asarray(result[spec.output]))
-
-    def reconstruct(self, x: Tensor) -> Tensor:
-        return self._run(STAGE1, x)
-
-    def inpaint(self, masked: Tensor, mask: Tensor) -> Tensor:
-        return self._run(STAGE2, masked, mask)
-
-    def lpips(self, a: Tensor, b: Tensor) -> Tensor:
-        return self._run(LPIPS, a, b)
