@@ -108,8 +108,11 @@ def untrained_bundle(config: Path, folder: Path) -> Path:
     return folder
 
 
-def with_onnx(bundle: Path, work: Path) -> Path:
-    """`bundle`, or an exported copy of it in `work` when it has no ONNX graphs (the original is never written)."""
+def with_onnx(bundle: Path, work: Path, untrained: bool) -> Path:
+    """`bundle`, or an exported copy of it in `work` when it has no ONNX graphs (the original is never written).
+
+    An untrained bundle gates OpenVINO only: its INT8 verdict would judge random weights, at a paper-size
+    bundle's cost of many minutes."""
     from phanes_cli.runtimes.select import unusable_reason
 
     if unusable_reason("onnxruntime", load_bundle(bundle), CPU) is None:
@@ -118,7 +121,7 @@ def with_onnx(bundle: Path, work: Path) -> Path:
 
     copy = Path(shutil.copytree(bundle, work / "bundle-exported", dirs_exist_ok=True))
     try:
-        export_bundle(copy)
+        export_bundle(copy, gated=["openvino"] if untrained else None)
     except Exception as exc:  # the [onnx] extra missing, say: torch still runs
         print(f"ONNX export failed ({exc}); ONNX Runtime is left out")
         return bundle
@@ -203,7 +206,7 @@ def run(args: argparse.Namespace, work: Path, console: Console) -> list[dict[str
         from phanes_cli.core.shipped_models import default_bundle
 
         bundle = args.bundle or default_bundle()
-    bundle = with_onnx(bundle, work)
+    bundle = with_onnx(bundle, work, untrained=args.config is not None)
     backends = usable_backends(load_bundle(bundle), args.backends, console)
     lists = write_lists(pick_volumes(args.inputs, args.volumes), work)
     results = []

@@ -1,8 +1,8 @@
 """The inference-actor plan (`screening.plan`): actors, threads and reserved CPUs from the CPUs per node.
 
 The rule (README: Screening throughput): a quarter of a node's cores (at least one) stays with the decode and write
-tasks, the rest goes to actors of two threads; a node with fewer than two such cores gets one actor whose
-threads span every core. The cluster's resources are what `ray.nodes()` / `ray.cluster_resources()` report,
+tasks, each other core gets an actor of one thread; a node with fewer than two such cores gets one actor per core,
+sharing the Ray CPU left to them. The cluster's resources are what `ray.nodes()` / `ray.cluster_resources()` report,
 given here as the plan's inputs; `local_cpus` is checked under a real `taskset`.
 """
 
@@ -25,12 +25,12 @@ from phanes_cli.screening.plan import ActorPlan, NodeShare, cpu_plan, cpu_share,
 
 @pytest.mark.parametrize(("cores", "share"), [
     (1, NodeShare(actors=1, threads=1, cpus=0.0)),  # the one core is shared; Ray keeps its CPU for the tasks
-    (2, NodeShare(actors=1, threads=2, cpus=1.0)),  # both cores for the networks, one Ray CPU for the tasks
-    (3, NodeShare(actors=1, threads=2, cpus=2.0)),
-    (4, NodeShare(actors=1, threads=3, cpus=3.0)),
-    (8, NodeShare(actors=3, threads=2, cpus=2.0)),
-    (16, NodeShare(actors=6, threads=2, cpus=2.0)),  # 12 cores for 6 actors, 4 for decoding and writing
-    (64, NodeShare(actors=24, threads=2, cpus=2.0)),
+    (2, NodeShare(actors=2, threads=1, cpus=0.5)),  # an actor on each core, one Ray CPU left for the tasks
+    (3, NodeShare(actors=2, threads=1, cpus=1.0)),
+    (4, NodeShare(actors=3, threads=1, cpus=1.0)),
+    (8, NodeShare(actors=6, threads=1, cpus=1.0)),
+    (16, NodeShare(actors=12, threads=1, cpus=1.0)),  # 12 cores for 12 actors, 4 for decoding and writing
+    (64, NodeShare(actors=48, threads=1, cpus=1.0)),
 ])
 def test_the_cpu_share_of_one_node(cores: int, share: NodeShare) -> None:
     assert cpu_share(cores) == share
@@ -40,8 +40,8 @@ def test_the_cpu_share_of_one_node(cores: int, share: NodeShare) -> None:
 
 
 def test_a_cluster_plans_every_node_with_the_smallest_nodes_threads() -> None:
-    assert cpu_plan([16, 16]) == NodeShare(actors=12, threads=2, cpus=2.0)
-    assert cpu_plan([16, 2]) == NodeShare(actors=7, threads=2, cpus=1.0)
+    assert cpu_plan([16, 16]) == NodeShare(actors=24, threads=1, cpus=1.0)
+    assert cpu_plan([16, 2]) == NodeShare(actors=14, threads=1, cpus=0.5)
     assert cpu_plan([]) == cpu_share(1)
 
 
@@ -59,17 +59,17 @@ def _options(**kw: Any) -> ScreenOptions:
 
 def test_plan_on_2_and_16_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     _cluster(monkeypatch, [2])
-    assert plan_actors(_options()) == ActorPlan(count=1, cpus=1.0, gpus=0.0, max_in_flight=4, threads=2)
+    assert plan_actors(_options()) == ActorPlan(count=2, cpus=0.5, gpus=0.0, max_in_flight=8, threads=1)
     _cluster(monkeypatch, [16])
-    assert plan_actors(_options()) == ActorPlan(count=6, cpus=2.0, gpus=0.0, max_in_flight=24, threads=2)
+    assert plan_actors(_options()) == ActorPlan(count=12, cpus=1.0, gpus=0.0, max_in_flight=48, threads=1)
 
 
 def test_options_override_the_planned_values(monkeypatch: pytest.MonkeyPatch) -> None:
     _cluster(monkeypatch, [16])
     assert plan_actors(_options(threads_per_actor=4)).threads == 4
     # more actors than planned share the CPUs that leave one for the tasks; their threads stay as planned
-    assert plan_actors(_options(num_actors=10)) == ActorPlan(count=10, cpus=1.5, gpus=0.0, max_in_flight=40,
-                                                             threads=2)
+    assert plan_actors(_options(num_actors=20)) == ActorPlan(count=20, cpus=0.75, gpus=0.0, max_in_flight=80,
+                                                             threads=1)
     # --cpus-per-actor alone: as many threads as CPUs (the behaviour before the plan)
     assert plan_actors(_options(num_actors=3, cpus_per_actor=4.0)).threads == 4
     with pytest.raises(ConfigError, match="leave no CPU for decoding and writing"):
