@@ -9,11 +9,14 @@ or in one switch of the passes themselves (slice context), so this script runs t
 
 - budget: the median healthy false-positive mL per validation volume allowed (inf: the old, Dice-only objective);
 - persistence: predicted components spanning fewer than k axial slices are dropped (k = 1: no rule);
-- slice context: m(x) averaged with the neighbouring slices before binarising (`mask.slice_context`).
+- slice context: m(x) averaged with the neighbouring slices before binarising (`mask.slice_context`);
+- component budget: the median healthy false-positive components per validation volume allowed as well
+  (`tune.healthy_fp_budget_components`; inf: none).
 
 Usage (the bundle is only read; test rows are never loaded):
     python benchmarks/specificity_ablation.py --bundle runs/b20-f0.5 --data runs/c20-f0.5/manifest.parquet \
         --cache runs/abl-f0.5 [--context off,on] [--budgets 2,5,10,inf] [--persistence 1,2,3]
+        [--component-budgets 1,2,inf]
 Prints one row per variant: chosen percentile, threshold, minimum size, lesion Dice, median |burden error|,
 healthy false positives (median mL and components per volume) and whether the budget was met.
 """
@@ -21,6 +24,7 @@ healthy false positives (median mL and components per volume) and whether the bu
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -123,12 +127,12 @@ def grid_figures(p: Pass, lesioned: list[LesionedVolume], clean: list[LesionedVo
 
 
 def choose(passes: list[Pass], grids: dict[tuple[bool, float], tuple[np.ndarray, dict[str, np.ndarray]]],
-           sizes: list[float], context: bool, budget: float, a: int) -> dict[str, Any]:
+           sizes: list[float], context: bool, budget: float, a: int, components: float = np.inf) -> dict[str, Any]:
     """The tuning's choice for one variant: best admissible Dice over percentiles (else least healthy FP)."""
     best: dict[str, Any] = {}
     for p in (p for p in passes if p.context == context):
         thresholds, g = grids[(context, p.percentile)]
-        i, j, met = within_budget(g["dice"][a], g["fp_ml"][a], budget)
+        i, j, met = within_budget(g["dice"][a], g["fp_ml"][a], budget, g["fp_n"][a], components)
         row = {"q": p.percentile, "t": float(thresholds[i]), "min_ml": sizes[j], "dice": float(g["dice"][a, i, j]),
                "met": met, "fp_ml": float(np.median(g["fp_ml"][a, :, i, j])),
                "fp_n": float(np.median(g["fp_n"][a, :, i, j])),
@@ -151,11 +155,12 @@ def main() -> None:
     parser.add_argument("--context", default="off,on")
     parser.add_argument("--budgets", default="2,5,10,inf")
     parser.add_argument("--persistence", default="1,2,3")
+    parser.add_argument("--component-budgets", default="1,inf")
     args = parser.parse_args()
     contexts = [c == "on" for c in args.context.split(",")]
     passes, lesioned, clean, cfg, seconds = compute_passes(args.bundle, args.data, args.cache, contexts)
     print(f"{len(lesioned)} lesioned + {len(clean)} healthy validation volumes; pass seconds: {seconds}")
-    print(f"{'context':8}{'budget':>7}{'k':>3}{'p':>5}{'min mL':>7}{'Dice':>7}{'|burden| mL':>12}"
+    print(f"{'context':8}{'budget':>7}{'comp':>5}{'k':>3}{'p':>5}{'min mL':>7}{'Dice':>7}{'|burden| mL':>12}"
           f"{'healthy FP mL':>14}{'comp':>6}  met")
     ks = [int(x) for x in args.persistence.split(",")]
     sizes = list(cfg.tune.min_lesion_ml)
@@ -165,9 +170,10 @@ def main() -> None:
         grids[(p.context, p.percentile)] = (thresholds, grid_figures(p, lesioned, clean, thresholds, sizes, ks))
     for context in contexts:
         for a, k in enumerate(ks):
-            for budget in (float(x) for x in args.budgets.split(",")):
-                r = choose(passes, grids, sizes, context, budget, a)
-                print(f"{'on' if context else 'off':8}{budget:>7g}{k:>3}{r['q']:>5g}{r['min_ml']:>7g}"
+            for budget, comp in itertools.product(*(map(float, v.split(",")) for v in (args.budgets,
+                                                                                          args.component_budgets))):
+                r = choose(passes, grids, sizes, context, budget, a, comp)
+                print(f"{'on' if context else 'off':8}{budget:>7g}{comp:>5g}{k:>3}{r['q']:>5g}{r['min_ml']:>7g}"
                       f"{r['dice']:>7.3f}{r['burden']:>12.1f}{r['fp_ml']:>14.1f}{r['fp_n']:>6.1f}  {r['met']}")
 
 

@@ -278,8 +278,9 @@ def _print_tuning(cal: Any) -> None:
         style = "" if cal.tuning.get("budget_met") else "[yellow]over budget:[/] "
         console.print(f"{style}healthy validation volumes: median {clean['median_fp_ml']:.1f} mL and "
                       f"{clean['median_fp_components']:g} false components per volume (budget "
-                      f"{cal.tuning['healthy_fp_budget_ml']:g} mL); median absolute burden error "
-                      f"{val['median_abs_burden_error_ml']:.1f} mL on the lesioned ones")
+                      f"{cal.tuning['healthy_fp_budget_ml']:g} mL, "
+                      f"{cal.tuning.get('healthy_fp_budget_components', float('inf')):g} components); median "
+                      f"absolute burden error {val['median_abs_burden_error_ml']:.1f} mL on the lesioned ones")
 
 
 @app.command()
@@ -309,6 +310,10 @@ def calibrate(
         None, "--healthy-fp-budget-ml",
         help="With --tune: largest median false-positive mL per healthy validation volume (default: the config's "
              "tune.healthy_fp_budget_ml)."),
+    healthy_fp_budget_components: float | None = typer.Option(
+        None, "--healthy-fp-budget-components",
+        help="With --tune: largest median number of false-positive components per healthy validation volume "
+             "(default: the config's tune.healthy_fp_budget_components)."),
     backend: BackendName = typer.Option("auto", "--backend", help=BACKEND_HELP),
     lpips_weights: str | None = LPIPS_OPTION,
 ) -> None:
@@ -318,7 +323,8 @@ def calibrate(
     cal = calibrate_bundle(bundle, data, device=device, batch_size=batch_size, split=split, lpips_weights=lpips_weights,
                           mask_percentile=mask_percentile, anomaly_percentile=anomaly_percentile,
                           skull_strip=skull_strip, tune=tune, backend_name=backend, slice_context=slice_context,
-                          healthy_fp_budget_ml=healthy_fp_budget_ml)
+                          healthy_fp_budget_ml=healthy_fp_budget_ml,
+                          healthy_fp_budget_components=healthy_fp_budget_components)
     console.print(f"[green]calibrated[/] {escape(str(bundle))}: mask threshold {cal.mask_threshold:.4g}, "
                   f"anomaly threshold {cal.anomaly_threshold:.4g}, minimum lesion {cal.min_lesion_ml:.3g} mL")
     _print_tuning(cal)

@@ -81,6 +81,15 @@ def test_healthy_false_positives_and_the_budgeted_choice_match_an_oracle() -> No
     assert met and (i, j) == (-a, -b)
     i, j, met = within_budget(dice, ml, -1.0)  # nothing within: the least false positive volume
     assert not met and median[i, j] == median.min()
+    # a component budget as well: only points within both budgets are admissible
+    components = np.median(count, axis=0)
+    limit = float(np.sort(components.ravel())[3])
+    both = [(dice[x, y], -x, -y) for x in range(3) for y in range(3)
+            if median[x, y] <= budget and components[x, y] <= limit]
+    i, j, met = within_budget(dice, ml, budget, count, limit)
+    _, x, y = max(both)
+    assert met and (i, j) == (-x, -y) != within_budget(dice, ml, budget)[:2]  # the component budget moved it
+    assert within_budget(dice, ml, budget, count, float("inf")) == within_budget(dice, ml, budget)
 
 
 def test_inserted_lesion_changes_only_its_blend_region(tmp_path: Path) -> None:

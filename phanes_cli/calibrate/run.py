@@ -32,22 +32,27 @@ from phanes_cli.training.data import SliceSet, healthy_rows, load_slices
 
 
 def _with_overrides(config: PhanesConfig, mask_percentile: float | None, anomaly_percentile: float | None,
-                    slice_context: bool | None = None, healthy_fp_budget_ml: float | None = None) -> PhanesConfig:
+                    slice_context: bool | None = None, healthy_fp_budget_ml: float | None = None,
+                    healthy_fp_budget_components: float | None = None) -> PhanesConfig:
     """The config with the given calibration settings, built in memory: the bundle is written only once
     the calibration that uses them has succeeded (`bundle.write_calibration`). None keeps the bundle's value."""
     for name, value in (("mask_percentile", mask_percentile), ("anomaly_percentile", anomaly_percentile)):
         if value is not None and not 0 < value < 100:
             raise ConfigError(f"{name} must lie strictly between 0 and 100, got {value}")
-    if healthy_fp_budget_ml is not None and not (math.isfinite(healthy_fp_budget_ml) and healthy_fp_budget_ml >= 0):
-        raise ConfigError("healthy false-positive budget must be a finite number of mL >= 0, "
-                          f"got {healthy_fp_budget_ml}")
+    for value, unit in ((healthy_fp_budget_ml, "mL"), (healthy_fp_budget_components, "components")):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"healthy false-positive budget must be a finite number of {unit} >= 0, got {value}")
     old = config.mask
     mask = replace(old, mask_percentile=old.mask_percentile if mask_percentile is None else float(mask_percentile),
                    anomaly_percentile=old.anomaly_percentile if anomaly_percentile is None
                    else float(anomaly_percentile),
                    slice_context=old.slice_context if slice_context is None else bool(slice_context))
-    budget = config.tune.healthy_fp_budget_ml if healthy_fp_budget_ml is None else float(healthy_fp_budget_ml)
-    return replace(config, mask=mask, tune=replace(config.tune, healthy_fp_budget_ml=budget))
+    old_tune = config.tune
+    ml = old_tune.healthy_fp_budget_ml if healthy_fp_budget_ml is None else float(healthy_fp_budget_ml)
+    count = (old_tune.healthy_fp_budget_components if healthy_fp_budget_components is None
+             else float(healthy_fp_budget_components))
+    tune = replace(old_tune, healthy_fp_budget_ml=ml, healthy_fp_budget_components=count)
+    return replace(config, mask=mask, tune=tune)
 
 
 def _tuned(backend: Backend, cfg: PhanesConfig, healthy: SliceSet, rows: list[ManifestRow], batch_size: int,
@@ -65,14 +70,16 @@ def calibrate(bundle: Path, manifest: Path, device: str = "auto", batch_size: in
               lpips_weights: str | None = None, progress: bool = True, mask_percentile: float | None = None,
               anomaly_percentile: float | None = None, tune: bool | None = None,
               skull_strip: str = "auto", backend_name: str = "auto", slice_context: bool | None = None,
-              healthy_fp_budget_ml: float | None = None) -> Calibration:
+              healthy_fp_budget_ml: float | None = None,
+              healthy_fp_budget_components: float | None = None) -> Calibration:
     """Calibrate a bundle on the healthy volumes of `split` and store the thresholds in it.
 
     `mask_percentile` / `anomaly_percentile` override the config's healthy percentiles and are stored in the
     bundle. `tune` (default: the config's `tune.enabled`) instead picks the mask percentile, anomaly threshold
     and minimum lesion size by Dice on the split's volumes with inserted lesions (`calibrate.tune`) and stores
     the choice, its validation figures and the chosen percentile in the bundle. `slice_context` and
-    `healthy_fp_budget_ml` override `mask.slice_context` and `tune.healthy_fp_budget_ml` and are stored in the
+    `healthy_fp_budget_ml` / `healthy_fp_budget_components` override `mask.slice_context` and the `tune` budgets and
+    are stored in the
     bundle with the calibration (an ablation on one trained model). Volumes without a brain mask
     get one under `skull_strip` (auto | always | never). The networks are read back from the verified bundle,
     so the thresholds belong to exactly the stored weights. The test split is refused.
@@ -86,7 +93,8 @@ def calibrate(bundle: Path, manifest: Path, device: str = "auto", batch_size: in
     if tuning and (mask_percentile is not None or anomaly_percentile is not None):
         raise ConfigError("--tune chooses the thresholds itself: drop --mask-percentile / --anomaly-percentile, "
                           "or use --no-tune")
-    cfg = _with_overrides(model.config, mask_percentile, anomaly_percentile, slice_context, healthy_fp_budget_ml)
+    cfg = _with_overrides(model.config, mask_percentile, anomaly_percentile, slice_context, healthy_fp_budget_ml,
+                          healthy_fp_budget_components)
     rows = healthy_rows(Path(manifest), split)
     dev = select_device(device)
     backend = choose_backend(backend_name, model, dev, lpips_weights)

@@ -14,7 +14,8 @@ Cost: one `run_volume` per validation volume, copy and percentile (10-25 s each 
 1.5 mm volume); the Dice search over thresholds and sizes is cheap in comparison.
 Healthy brains must stay clean: the same healthy validation volumes, without lesions, run through the pipeline
 at every p too, and a (p, t, min size) is admissible only when the median over them of the false-positive lesion
-volume (every lesion voxel of a healthy volume is false) is at most `tune.healthy_fp_budget_ml` (mL per volume).
+volume (every lesion voxel of a healthy volume is false) is at most `tune.healthy_fp_budget_ml` (mL per volume)
+and the median number of false components at most `tune.healthy_fp_budget_components`.
 The admissible point with the best Dice pooled over all lesioned validation volumes wins (ties: the first, i.e.
 the lowest percentile, threshold and size); when no point is admissible, the one with the least healthy false
 positive volume, recorded as `budget_met: false`. Stored in `calibration.tuning`: the choice, lesion Dice,
@@ -105,11 +106,15 @@ def healthy_fp(scores: Sequence[np.ndarray], volumes: Sequence[LesionedVolume], 
     return ml, count
 
 
-def within_budget(dice: np.ndarray, fp_ml: np.ndarray, budget_ml: float) -> tuple[int, int, bool]:
-    """(i, j, met): the best Dice among (threshold, size) points whose median healthy false-positive mL is within
-    the budget (the first on ties); when none is, the point with the least false positive volume (then best Dice)."""
+def within_budget(dice: np.ndarray, fp_ml: np.ndarray, budget_ml: float, fp_count: np.ndarray | None = None,
+                  budget_count: float = float("inf")) -> tuple[int, int, bool]:
+    """(i, j, met): the best Dice among (threshold, size) points whose median healthy false-positive mL and (with
+    `fp_count`) median false-positive components are within their budgets (the first on ties); when none is, the
+    point with the least false positive volume (then best Dice)."""
     median = np.median(fp_ml, axis=0) if fp_ml.shape[0] else np.zeros_like(dice)
     feasible = median <= budget_ml
+    if fp_count is not None and fp_count.shape[0]:
+        feasible &= np.median(fp_count, axis=0) <= budget_count
     if feasible.any():
         i, j = np.unravel_index(int(np.argmax(np.where(feasible, dice, -1.0))), dice.shape)
         return int(i), int(j), True
@@ -138,7 +143,8 @@ def _search(backend: Backend, cfg: PhanesConfig, mask_threshold: float, lesioned
         return {}
     grid = dice_grid(scores, lesioned, thresholds, cfg.tune.min_lesion_ml)
     fp_ml, fp_count = healthy_fp(clean, healthy, thresholds, cfg.tune.min_lesion_ml)
-    i, j, met = within_budget(grid, fp_ml, cfg.tune.healthy_fp_budget_ml)
+    i, j, met = within_budget(grid, fp_ml, cfg.tune.healthy_fp_budget_ml, fp_count,
+                              cfg.tune.healthy_fp_budget_components)
     median = float(np.median(fp_ml[:, i, j])) if len(healthy) else 0.0
     return {"dice": float(grid[i, j]), "met": met, "median_fp_ml": median, "mask": mask_threshold,
             "t": float(thresholds[i]), "min_ml": float(cfg.tune.min_lesion_ml[j]), "scores": scores, "clean": clean,
@@ -173,7 +179,8 @@ def tune(backend: Backend, cfg: PhanesConfig, healthy: SliceSet, lesioned: Seque
         if not found:
             continue
         report(f"mask percentile {q:g}: Dice {found['dice']:.3f}, healthy false positives "
-               f"{found['median_fp_ml']:.1f} mL (budget {cfg.tune.healthy_fp_budget_ml:g})")
+               f"{found['median_fp_ml']:.1f} mL (budget {cfg.tune.healthy_fp_budget_ml:g} mL, "
+               f"{cfg.tune.healthy_fp_budget_components:g} components)")
         if not best or _better(found, best):
             best = {**found, "q": q}
     if not best:
@@ -192,7 +199,8 @@ def _tuned_calibration(cfg: PhanesConfig, healthy: SliceSet, lesioned: Sequence[
                                "median_abs_burden_error_ml": float(np.median(np.abs(errors))) if errors else 0.0}
     tuning = {"mask_percentile": best["q"], "validation": figures, "dice_by_mask_percentile": per_percentile,
               "lesioned_volumes": [v.id for v in lesioned],
-              "healthy_fp_budget_ml": cfg.tune.healthy_fp_budget_ml, "budget_met": best["met"],
+              "healthy_fp_budget_ml": cfg.tune.healthy_fp_budget_ml,
+              "healthy_fp_budget_components": cfg.tune.healthy_fp_budget_components, "budget_met": best["met"],
               "healthy_validation": {"volumes": [v.id for v in clean], "fp_ml": best["fp_ml"],
                                      "fp_components": best["fp_components"],
                                      "median_fp_ml": best["median_fp_ml"],
