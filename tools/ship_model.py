@@ -7,7 +7,7 @@ re-sealed (`core.bundle.write_provenance`). Weights, config and calibration are 
 content key (what screening resume keys on) is the trained bundle's.
 
 Usage:
-    python tools/ship_model.py runs/b21-h90 phanes-cpu-2026-12b --healthy 30 --lesions 16 --seed 0 \
+    python tools/ship_model.py runs/b23-h90-c1 phanes-cpu-2026-12c --healthy 30 --lesions 16 --seed 0 \
         --label-map-fraction 0 [--training-commit SHA]
 """
 
