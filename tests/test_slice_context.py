@@ -121,9 +121,10 @@ def test_calibrate_can_switch_slice_context_off_and_stores_the_switch(model: tup
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy)
     cal = calibrate(copy, manifest, device="cpu", batch_size=5, progress=False, slice_context=False,
-                    healthy_fp_budget_ml=2.0)
+                    healthy_fp_budget_ml=2.0, healthy_fp_budget_components=3.0)
     loaded = load_bundle(copy)
     assert loaded.config.mask.slice_context is False and loaded.config.tune.healthy_fp_budget_ml == 2.0
+    assert loaded.config.tune.healthy_fp_budget_components == 3.0
     nets = load_networks(loaded)
     backend = TorchBackend(nets, torch.device("cpu"))
     values = []
@@ -134,3 +135,6 @@ def test_calibrate_can_switch_slice_context_off_and_stores_the_switch(model: tup
     assert cal.mask_threshold == pytest.approx(float(np.percentile(np.concatenate(values), 99.0)), rel=1e-4)
     with pytest.raises(ConfigError, match="false-positive budget"):
         calibrate(copy, manifest, device="cpu", progress=False, healthy_fp_budget_ml=-1.0)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="false-positive budget must be a finite number of components"):
+            calibrate(copy, manifest, device="cpu", progress=False, healthy_fp_budget_components=bad)

@@ -157,7 +157,11 @@ def test_tune_reads_validation_only_and_stores_its_choice(tuned: tuple[Path, Pat
     clean = stored["tuning"]["healthy_validation"]
     assert clean["volumes"] == [r.id for r in rows if r.split == "val"] and len(clean["fp_ml"]) == 2
     assert stored["tuning"]["healthy_fp_budget_ml"] == model.config.tune.healthy_fp_budget_ml
-    assert (clean["median_fp_ml"] <= stored["tuning"]["healthy_fp_budget_ml"]) == cal.tuning["budget_met"]
+    assert stored["tuning"]["healthy_fp_budget_components"] == model.config.tune.healthy_fp_budget_components == 1
+    within_both = (clean["median_fp_ml"] <= stored["tuning"]["healthy_fp_budget_ml"]
+                   and float(np.median(clean["fp_components"])) <= stored["tuning"]["healthy_fp_budget_components"])
+    assert within_both == cal.tuning["budget_met"]
+    assert clean["median_fp_components"] == float(np.median(clean["fp_components"]))
 
 
 def test_tuned_validation_dice_matches_an_independent_recount(tuned: tuple[Path, Path, list[str]]) -> None:
