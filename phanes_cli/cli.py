@@ -264,6 +264,12 @@ def train(
     _print_tuning(cal)
 
 
+def _component_budget(tuning: dict[str, Any]) -> str:
+    """', N component(s)' of a tuning record; nothing for one made before the component budget existed."""
+    count = tuning.get("healthy_fp_budget_components")
+    return "" if count is None else f", {count:g} component(s)"
+
+
 def _print_tuning(cal: Any) -> None:
     """One line on what `calibrate --tune` chose (a `Calibration`) and how it did on validation lesions."""
     if cal.tuning is None:
@@ -278,8 +284,7 @@ def _print_tuning(cal: Any) -> None:
         style = "" if cal.tuning.get("budget_met") else "[yellow]over budget:[/] "
         console.print(f"{style}healthy validation volumes: median {clean['median_fp_ml']:.1f} mL and "
                       f"{clean['median_fp_components']:g} false components per volume (budget "
-                      f"{cal.tuning['healthy_fp_budget_ml']:g} mL, "
-                      f"{cal.tuning.get('healthy_fp_budget_components', float('inf')):g} components); median "
+                      f"{cal.tuning['healthy_fp_budget_ml']:g} mL{_component_budget(cal.tuning)}); median "
                       f"absolute burden error {val['median_abs_burden_error_ml']:.1f} mL on the lesioned ones")
 
 

@@ -179,8 +179,8 @@ def tune(backend: Backend, cfg: PhanesConfig, healthy: SliceSet, lesioned: Seque
         if not found:
             continue
         report(f"mask percentile {q:g}: Dice {found['dice']:.3f}, healthy false positives "
-               f"{found['median_fp_ml']:.1f} mL (budget {cfg.tune.healthy_fp_budget_ml:g} mL, "
-               f"{cfg.tune.healthy_fp_budget_components:g} components)")
+               f"{found['median_fp_ml']:.1f} mL (budgets {cfg.tune.healthy_fp_budget_ml:g} mL and "
+               f"{cfg.tune.healthy_fp_budget_components:g} false component(s) per volume)")
         if not best or _better(found, best):
             best = {**found, "q": q}
     if not best:
