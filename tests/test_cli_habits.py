@@ -4,6 +4,7 @@ script; the other cases run the same Typer app in this process (no ~5 s of impor
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import yaml
 
 from phanes_cli.config import LIMITS, PhanesConfig, config_from_dict, load_config
 from phanes_cli.config_show import limit_key, render_config
-from tests.test_cli import assert_one_error_line, phanes, phanes_in_process
+from tests.test_cli import ENV, PHANES, assert_one_error_line, phanes_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 NETWORK_COMMANDS = (["data", "prepare"], ["train"], ["calibrate"], ["evaluate"], ["screen"])
@@ -45,7 +46,11 @@ def test_bad_choices_are_usage_errors() -> None:
 
 
 def test_shell_completion_is_available() -> None:
-    run = phanes("--show-completion", "bash")
+    # From an interactive bash, as a user asks for it: Typer finds the shell among the process's parents, so the
+    # test must not depend on how pytest itself was started (a detached runner has no shell above it).
+    # `; exit $?` keeps bash from exec'ing the command in its own place, so bash stays the parent.
+    run = subprocess.run(["bash", "-c", f"'{PHANES}' --show-completion; exit $?"], capture_output=True, text=True,
+                         timeout=120, env=ENV)
     assert run.returncode == 0, run.stderr
     assert "complete" in run.stdout and "_PHANES_COMPLETE" in run.stdout
 
