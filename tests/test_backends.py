@@ -102,6 +102,11 @@ def test_bench_writes_bench_json_and_auto_follows_it(copy: Path) -> None:
         assert row["slices_per_s"] == pytest.approx(4 / row["total_s"])
         assert row["network_s"] + row["other_s"] == pytest.approx(row["total_s"])
         assert 0 < row["network_s"] < row["total_s"]
+        parts = [row["stage1_s"], row["stage2_s"], row["lpips_s"]]  # one pass: its parts add up to its networks
+        assert all(p > 0 for p in parts) and sum(parts) == pytest.approx(row["network_s"])
+        printed = next(line.split() for line in result.output.splitlines() if line.startswith(f"{name} "))
+        assert [float(v) for v in printed[3:6]] == pytest.approx(parts, abs=6e-4)  # the table's three columns
+    assert "stage 1 s" in result.output and "LPIPS s" in result.output
     assert "skipped" in bench["results"]["tensorrt"] or HAS_TENSORRT
     assert "skipped" in bench["results"]["openvino"]  # not gated at this export (or openvino not installed)
     fastest = max(("torch", "onnxruntime"), key=lambda n: bench["results"][n]["slices_per_s"])

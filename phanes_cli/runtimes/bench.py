@@ -2,7 +2,8 @@
 
 Each backend gets one warm-up batch, then `repeats` timed passes over the same real brain slices, the
 backends taking turns in each round (the median is reported). Network time is measured around the
-backend's three calls (with a CUDA sync); the rest of `pipeline.run_slices` is pre/post-processing.
+backend's three calls (with a CUDA sync), each network on its own (stage 1, stage 2, both LPIPS passes), so the
+table shows where the time goes; the rest of `pipeline.run_slices` is pre/post-processing.
 The result goes to BUNDLE/engines/bench.json under the device type, sealed into the bundle, where
 `auto` reads which CPU backend was fastest.
 """
@@ -34,47 +35,51 @@ from phanes_cli.runtimes.pytorch import select_device
 from phanes_cli.runtimes.samples import brain_slices
 from phanes_cli.runtimes.select import build_backend, check_backend
 
+NETWORKS = ("stage1", "stage2", "lpips")  # the backend's three calls, as named in bench.json ("<name>_s")
+
 
 class TimedBackend:
-    """A backend proxy that adds up the wall time spent inside the networks."""
+    """A backend proxy that adds up the wall time spent inside each network."""
 
     def __init__(self, inner: Backend) -> None:
         self.inner, self.name, self.device = inner, inner.name, inner.device
-        self.seconds = 0.0
+        self.seconds = dict.fromkeys(NETWORKS, 0.0)
 
-    def _timed(self, call: Callable[..., Tensor], *args: Tensor) -> Tensor:
+    def _timed(self, network: str, call: Callable[..., Tensor], *args: Tensor) -> Tensor:
         start = time.perf_counter()
         out = call(*args)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.seconds += time.perf_counter() - start
+        self.seconds[network] += time.perf_counter() - start
         return out
 
     def reconstruct(self, x: Tensor) -> Tensor:
-        return self._timed(self.inner.reconstruct, x)
+        return self._timed("stage1", self.inner.reconstruct, x)
 
     def inpaint(self, masked: Tensor, mask: Tensor) -> Tensor:
-        return self._timed(self.inner.inpaint, masked, mask)
+        return self._timed("stage2", self.inner.inpaint, masked, mask)
 
     def lpips(self, a: Tensor, b: Tensor) -> Tensor:
-        return self._timed(self.inner.lpips, a, b)
+        return self._timed("lpips", self.inner.lpips, a, b)
 
 
 def _one_pass(backend: TimedBackend, bundle: Bundle, mask_threshold: float, x: Tensor, brain: Tensor,
-              batch_size: int) -> tuple[float, float]:
-    """(total, network) seconds of the pipeline over every slice, outputs brought back to the CPU."""
-    backend.seconds = 0.0
+              batch_size: int) -> tuple[float, dict[str, float]]:
+    """(total seconds, seconds per network) of the pipeline over every slice, outputs brought back to the CPU."""
+    backend.seconds = dict.fromkeys(NETWORKS, 0.0)
     start = time.perf_counter()
     for i in range(0, x.shape[0], batch_size):
         maps = run_slices(x[i:i + batch_size], brain[i:i + batch_size], backend, bundle.config, mask_threshold)
         maps.anomaly.cpu()
-    return time.perf_counter() - start, backend.seconds
+    return time.perf_counter() - start, dict(backend.seconds)
 
 
-def _summary(runs: list[tuple[float, float]], n: int) -> dict[str, float]:
+def _summary(runs: list[tuple[float, dict[str, float]]], n: int) -> dict[str, float]:
+    """Medians over the passes: totals, the networks' sum and each network (whose medians need not add up)."""
     total = statistics.median(r[0] for r in runs)
-    network = statistics.median(r[1] for r in runs)
-    return {"slices_per_s": n / total, "total_s": total, "network_s": network, "other_s": total - network,
+    network = statistics.median(sum(r[1].values()) for r in runs)
+    parts = {f"{name}_s": statistics.median(r[1][name] for r in runs) for name in NETWORKS}
+    return {"slices_per_s": n / total, "total_s": total, "network_s": network, **parts, "other_s": total - network,
             "overhead_pct": 100.0 * (total - network) / max(network, 1e-9)}
 
 
@@ -84,7 +89,7 @@ def measure(backends: dict[str, Backend], bundle: Bundle, mask_threshold: float,
     timed = {name: TimedBackend(b) for name, b in backends.items()}
     for backend in timed.values():
         _one_pass(backend, bundle, mask_threshold, x[:batch_size], brain[:batch_size], batch_size)
-    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in timed}
+    runs: dict[str, list[tuple[float, dict[str, float]]]] = {name: [] for name in timed}
     for _ in range(repeats):
         for name, backend in timed.items():
             runs[name].append(_one_pass(backend, bundle, mask_threshold, x, brain, batch_size))
@@ -134,12 +139,15 @@ def _record(bundle: Bundle, device_type: str, section: dict[str, Any]) -> None:
 
 
 def format_table(section: dict[str, Any]) -> list[str]:
-    """Plain-text rows: backend, slices/s, network s, pre/post s, overhead % (skipped backends say why)."""
-    rows = [f"{'backend':<12} {'slices/s':>9} {'network s':>10} {'pre/post s':>11} {'overhead':>9}"]
+    """Plain-text rows: backend, slices/s, network s (stage 1, stage 2, LPIPS), pre/post s, overhead % (skipped
+    backends say why). A record written before the per-network split shows dashes there."""
+    rows = [f"{'backend':<16} {'slices/s':>9} {'network s':>10} {'stage 1 s':>10} {'stage 2 s':>10} {'LPIPS s':>8} "
+            f"{'pre/post s':>11} {'overhead':>9}"]
     for name, r in section["results"].items():
         if "skipped" in r:
-            rows.append(f"{name:<12} skipped: {r['skipped']}")
-        else:
-            rows.append(f"{name:<12} {r['slices_per_s']:>9.2f} {r['network_s']:>10.3f} {r['other_s']:>11.3f} "
-                        f"{r['overhead_pct']:>8.1f}%")
+            rows.append(f"{name:<16} skipped: {r['skipped']}")
+            continue
+        parts = [f"{r[f'{n}_s']:.3f}" if isinstance(r.get(f"{n}_s"), float) else "-" for n in NETWORKS]
+        rows.append(f"{name:<16} {r['slices_per_s']:>9.2f} {r['network_s']:>10.3f} {parts[0]:>10} {parts[1]:>10} "
+                    f"{parts[2]:>8} {r['other_s']:>11.3f} {r['overhead_pct']:>8.1f}%")
     return rows
