@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 from pathlib import Path
 
@@ -107,8 +109,9 @@ def test_inserted_lesion_changes_only_its_blend_region(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def tuned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[str]]:
-    """A seeded tiny bundle tuned on a manifest whose test rows point at files that must never be read."""
+def tuned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[str], str]:
+    """A seeded tiny bundle tuned on a manifest whose test rows point at files that must never be read, and the
+    plain progress lines the tuning wrote (stderr not a terminal, a line on every update)."""
     tmp_path = tmp_path_factory.mktemp("tuned")
     cfg = dataclasses.replace(tiny_config(), tune=TuneConfig(enabled=True, mask_percentiles=(90.0, 99.0),
                                                              min_lesion_ml=(0.0, 0.5), anomaly_candidates=8, copies=1))
@@ -130,17 +133,19 @@ def tuned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[st
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    log = io.StringIO()
     try:
-        with pytest.MonkeyPatch.context() as patch:
+        with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stderr(log):
             patch.setattr(phanes_cli.inputs.brain_masks, "load_volume", recording)
-            calibrate(tmp_path / "bundle", manifest, device="cpu", batch_size=16, progress=False)
+            patch.setenv("PHANES_PROGRESS_SECONDS", "0")
+            calibrate(tmp_path / "bundle", manifest, device="cpu", batch_size=16, progress=True)
     finally:
         torch.set_num_threads(threads)
-    return tmp_path / "bundle", manifest, reads
+    return tmp_path / "bundle", manifest, reads, log.getvalue()
 
 
-def test_tune_reads_validation_only_and_stores_its_choice(tuned: tuple[Path, Path, list[str]]) -> None:
-    bundle, manifest, reads = tuned
+def test_tune_reads_validation_only_and_stores_its_choice(tuned: tuple[Path, Path, list[str], str]) -> None:
+    bundle, manifest, reads, _ = tuned
     rows = read_manifest(manifest)
     val = {str(r.image) for r in rows if r.split == "val"}
     assert reads and set(reads) <= val, reads  # never a test (or train) row
@@ -164,9 +169,9 @@ def test_tune_reads_validation_only_and_stores_its_choice(tuned: tuple[Path, Pat
     assert clean["median_fp_components"] == float(np.median(clean["fp_components"]))
 
 
-def test_tuned_validation_dice_matches_an_independent_recount(tuned: tuple[Path, Path, list[str]]) -> None:
+def test_tuned_validation_dice_matches_an_independent_recount(tuned: tuple[Path, Path, list[str], str]) -> None:
     """Re-insert the same seeded lesions, run the stored operating point, count Dice with scipy/numpy."""
-    bundle, manifest, _ = tuned
+    bundle, manifest, _, _ = tuned
     model = load_bundle(bundle)
     cal = model.calibration
     assert cal is not None and cal.tuning is not None
@@ -221,3 +226,20 @@ def test_cli_tune_conflicts_and_bad_lesion_source_are_one_line_errors(tmp_path: 
     run = runner.invoke(app, ["data", "synth", "--out", str(tmp_path / "s"), "--lesion-source", "drawn"])
     assert run.exit_code == 2 and "'drawn' is not one of 'real', 'procedural'" in run.output  # a Click choice
     assert not (tmp_path / "s").exists()
+
+
+def test_tuning_progress_counts_mask_percentiles_and_says_what_each_gave(
+        tuned: tuple[Path, Path, list[str], str]) -> None:
+    """In a log file the tuning step reads k/2 (two mask percentiles here), each line with that percentile's Dice,
+    the recorded one, and whether its point met the budgets."""
+    bundle, _, _, log = tuned
+    tuning = load_bundle(bundle).require_calibration().tuning
+    assert tuning is not None
+    lines = [line for line in log.splitlines() if line.startswith("tuning on validation lesions: ")]
+    counts = [line.split(": ", 1)[1].split(",")[0] for line in lines]
+    assert counts[-1] == "2/2" and "1/2" in counts, lines
+    for q, dice in tuning["dice_by_mask_percentile"].items():
+        said = next(line for line in lines if f"mask percentile {q}: " in line)
+        assert ("within the budgets" in said) == (dice is not None), said
+        if dice is not None:
+            assert f"Dice {dice:.3f}," in said

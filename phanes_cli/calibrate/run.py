@@ -62,8 +62,9 @@ def _tuned(backend: Backend, cfg: PhanesConfig, healthy: SliceSet, rows: list[Ma
     lesioned = lesioned_validation(rows, npz_bank(), load_mni152(), cfg.tune.copies, cfg.tune.seed, skull_strip,
                                    cfg.tune.shapes_per_volume)
     clean = healthy_validation(rows, skull_strip)
+    bar.update(task, total=len(cfg.tune.mask_percentiles), info="mask percentiles")  # one step per percentile
     return tune_operating_point(backend, cfg, healthy, lesioned, batch_size,
-                                lambda message: bar.update(task, info=message), clean)
+                                lambda message: bar.update(task, advance=1, info=message), clean)
 
 
 def calibrate(bundle: Path, manifest: Path, device: str = "auto", batch_size: int = 32, split: str = "val",

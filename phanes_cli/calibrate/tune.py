@@ -151,6 +151,17 @@ def _search(backend: Backend, cfg: PhanesConfig, mask_threshold: float, lesioned
             "fp_ml": fp_ml[:, i, j].tolist(), "fp_components": fp_count[:, i, j].astype(int).tolist()}
 
 
+def _percentile_line(q: float, found: dict[str, Any], cfg: PhanesConfig) -> str:
+    """What one mask percentile gave: its best Dice and that point's healthy false positives against the budgets."""
+    if not found:
+        return f"mask percentile {q:g}: no positive anomaly score on the validation volumes"
+    components = float(np.median(found["fp_components"])) if found["fp_components"] else 0.0
+    verdict = "within" if found["met"] else "over"
+    return (f"mask percentile {q:g}: Dice {found['dice']:.3f}, healthy false positives {found['median_fp_ml']:.1f} mL "
+            f"and {components:g} component(s) per volume, {verdict} the budgets ({cfg.tune.healthy_fp_budget_ml:g} mL, "
+            f"{cfg.tune.healthy_fp_budget_components:g})")
+
+
 def _better(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Within budget beats over budget; then higher Dice (within) or less healthy false positive volume (over)."""
     if a["met"] != b["met"]:
@@ -166,6 +177,7 @@ def tune(backend: Backend, cfg: PhanesConfig, healthy: SliceSet, lesioned: Seque
 
     Returns the Calibration of the choice; its `tuning` holds the chosen mask percentile, the validation figures
     of the choice, the healthy false positives, the best Dice per mask percentile and the lesioned volumes' ids.
+    `report` gets one line per mask percentile, as it finishes (a progress bar advances on it).
     """
     values = stage1_values(backend, healthy.images, healthy.brain, cfg.mask, batch_size, volumes=healthy.volume)
     best: dict[str, Any] = {}
@@ -176,11 +188,9 @@ def tune(backend: Backend, cfg: PhanesConfig, healthy: SliceSet, lesioned: Seque
             raise PhanesError("tuning: the healthy validation slices give no positive stage 1 map; train longer")
         found = _search(backend, cfg, mask_threshold, lesioned, clean, batch_size)
         per_percentile[f"{q:g}"] = found["dice"] if found.get("met") else None
+        report(_percentile_line(q, found, cfg))
         if not found:
             continue
-        report(f"mask percentile {q:g}: Dice {found['dice']:.3f}, healthy false positives "
-               f"{found['median_fp_ml']:.1f} mL (budgets {cfg.tune.healthy_fp_budget_ml:g} mL and "
-               f"{cfg.tune.healthy_fp_budget_components:g} false component(s) per volume)")
         if not best or _better(found, best):
             best = {**found, "q": q}
     if not best:
