@@ -14,8 +14,6 @@ from phanes_kernels.clahe import clahe_torch
 skimage_exposure = pytest.importorskip("skimage.exposure")
 nib = pytest.importorskip("nibabel")
 
-torch.set_num_threads(2)
-
 HEALTHY = Path("/work/shared/data/healthy-t1")
 
 

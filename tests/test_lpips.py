@@ -22,9 +22,6 @@ from phanes_cli.models.backbones import (
 )
 from phanes_cli.models.lpips import SpatialLPIPS, VGG16Perceptual
 
-torch.set_num_threads(2)
-
-
 
 def _fixed_pairs() -> tuple[torch.Tensor, torch.Tensor]:
     """Three analytic image pairs (no RNG): waves + a bright square, a radial ramp + gamma, a shifted checkerboard."""

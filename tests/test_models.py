@@ -19,8 +19,6 @@ from phanes_cli.models import (
     SoftMaskDiscriminator,
 )
 
-torch.set_num_threads(2)
-
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 

@@ -12,8 +12,6 @@ from phanes_cli.core import ops
 from phanes_cli.errors import ConfigError
 from phanes_kernels.clahe import clahe_torch
 
-torch.set_num_threads(2)
-
 
 @pytest.mark.parametrize("sigma", [0.5, 1.2, 2.0, 6.0, 20.0])
 def test_gaussian_blur_matches_scipy(sigma: float) -> None:
