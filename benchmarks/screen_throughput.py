@@ -5,7 +5,10 @@ last volume written; actor start-up is reported apart) and seconds per volume in
 run's own volumes.parquet (`decode_s` less `brain_mask_s`, `brain_mask_s`, `inference_s`, `write_s`: stage
 times of overlapping volumes, so they add up to more than stream time / volumes), plus the share of slices that
 went through stage 2 (`slices_inpainted` / `slices_processed`; the others skip it). One screen per backend,
-mask mode and plan, each with its own local Ray instance, all on the same volumes; one table at the end.
+mask mode and plan, each with its own local Ray instance, all on the same volumes; one table at the end. Each
+run's lesion masks (maps/<id>_lesionmask.nii.gz) are compared voxel by voxel with those of the first fp32 run
+(torch, onnxruntime, openvino) of the same mask mode: agreement over every voxel of every volume, and Dice of
+the pooled masks, so a cheaper backend's speed is shown next to what it changes in the output.
 
 Inputs: folders, globs or a CSV/Parquet list, as `phanes screen` takes them (skull-stripped T1 volumes). The
 first --volumes of them are used, the list repeated under new ids when shorter. Masks `supplied`: each
@@ -55,6 +58,7 @@ from phanes_cli.screening.session import local_cpus
 
 CPU = torch.device("cpu")
 STAGES = ("decode", "brain mask", "inference", "write")
+FP32_BACKENDS = ("torch", "onnxruntime", "openvino")  # the references of the mask comparison
 
 
 def pick_volumes(inputs: list[str], n: int) -> list[ManifestRow]:
@@ -167,18 +171,42 @@ def measure(volume_list: Path, bundle: Path, out: Path, backend: str, actors: in
             "inpainted_fraction": mean("slices_inpainted") / max(1.0, mean("slices_processed"))}
 
 
+def lesion_masks(out: Path) -> dict[str, np.ndarray]:
+    """Every volume's lesion mask of one run, by file name."""
+    return {p.name: load_volume(p).data > 0 for p in sorted((out / "maps").glob("*_lesionmask.nii.gz"))}
+
+
+def mask_agreement(out: Path, reference: Path) -> dict[str, float]:
+    """Voxel agreement and pooled Dice of a run's lesion masks against the reference run's, over shared volumes."""
+    got, want = lesion_masks(out), lesion_masks(reference)
+    same = [name for name in want if name in got]
+    agree = sum(int((got[n] == want[n]).sum()) for n in same)
+    voxels = sum(want[n].size for n in same)
+    both = sum(int((got[n] & want[n]).sum()) for n in same)
+    total = sum(int(got[n].sum()) + int(want[n].sum()) for n in same)
+    return {"agreement": agree / max(voxels, 1), "dice": 1.0 if total == 0 else 2 * both / total,
+            "reference_voxels": sum(int(want[n].sum()) for n in same), "volumes": len(same)}
+
+
 def table_of(results: list[dict[str, Any]], title: str) -> Table:
     table = Table(title=title)
     for column in ("backend", "masks", "actors x threads", "volumes", "vol/h", "stream s", "startup s",
-                   *(f"{s} s/vol" for s in STAGES), "slices/vol", "stage 2 on"):
+                   *(f"{s} s/vol" for s in STAGES), "slices/vol", "stage 2 on", "lesion masks vs"):
         table.add_column(column, justify="right")
     for r in results:
         table.add_row(r["backend"], r["masks"], f"{r['actors']} x {r['threads']}",
                       f"{r['done']}/{r['done'] + r['failed']}",
                       f"{r['volumes_per_hour']:.0f}", f"{r['stream_s']:.1f}", f"{r['startup_s']:.1f}",
                       *(f"{r['seconds_per_volume'][s]:.2f}" for s in STAGES), f"{r['slices_per_volume']:.0f}",
-                      f"{100 * r['inpainted_fraction']:.0f}%")
+                      f"{100 * r['inpainted_fraction']:.0f}%", _versus(r))
     return table
+
+
+def _versus(result: dict[str, Any]) -> str:
+    figures = result.get("masks_vs")
+    if figures is None:
+        return "reference" if result.get("mask_reference") else "-"
+    return f"{figures['reference']}: {100 * figures['agreement']:.4f}%, Dice {figures['dice']:.4f}"
 
 
 def parse() -> argparse.Namespace:
@@ -209,13 +237,19 @@ def run(args: argparse.Namespace, work: Path, console: Console) -> list[dict[str
     bundle = with_onnx(bundle, work, untrained=args.config is not None)
     backends = usable_backends(load_bundle(bundle), args.backends, console)
     lists = write_lists(pick_volumes(args.inputs, args.volumes), work)
-    results = []
+    results, references = [], {}
     for masks, backend, actors, threads in itertools.product(args.masks, backends, args.actors, args.threads):
         out = work / f"out-{masks}-{backend}-{actors or 'plan'}x{threads or 'plan'}"
         shutil.rmtree(out, ignore_errors=True)
         console.print(f"screening {args.volumes} volumes: {backend}, masks {masks}, actors {actors or 'planned'}, "
                       f"threads {threads or 'planned'}")
-        results.append({"masks": masks, **measure(lists[masks], bundle, out, backend, actors, threads, args)})
+        result = {"masks": masks, **measure(lists[masks], bundle, out, backend, actors, threads, args)}
+        reference = references.get(masks)
+        if reference is None and backend in FP32_BACKENDS:
+            references[masks], result["mask_reference"] = (backend, out), True
+        elif reference is not None:
+            result["masks_vs"] = {"reference": reference[0], **mask_agreement(out, reference[1])}
+        results.append(result)
     return results
 
 

@@ -106,7 +106,8 @@ SkullStrip = Literal["auto", "always", "never"]  # = brain_masks.SKULL_STRIP_MOD
 # Fixed choices as Literal types: Click lists them in --help, completes them, and refuses anything else.
 Device = Literal["auto", "cpu", "cuda"]
 BenchDevice = Literal["cpu", "cuda"]
-BackendName = Literal["auto", "torch", "onnxruntime", "onnxruntime-int8", "openvino", "tensorrt"]  # = BACKENDS + auto
+BackendName = Literal["auto", "torch", "onnxruntime", "onnxruntime-int8", "openvino", "openvino-bf16",
+                      "tensorrt"]  # = BACKENDS + auto
 TableFormat = Literal["parquet", "csv", "json"]
 ExportFormat = Literal["onnx", "tensorrt", "all"]
 Precision = Literal["fp32", "fp16"]
@@ -557,13 +558,14 @@ def export_cmd(
     min_batch: int = typer.Option(1, "--min-batch", min=1, help="TensorRT engines: smallest batch of slices."),
     opt_batch: int = typer.Option(32, "--opt-batch", min=1, help="TensorRT engines: the batch they are tuned for."),
     max_batch: int = typer.Option(64, "--max-batch", min=1, help="TensorRT engines: largest batch of slices."),
-    cpu_backends: str = typer.Option("onnxruntime-int8,openvino", "--cpu-backends",
+    cpu_backends: str = typer.Option("onnxruntime-int8,openvino,openvino-bf16", "--cpu-backends",
                                      help="Cheaper CPU backends to build and gate against fp32 on real brains "
                                           "(comma-separated; '' for none)."),
     lpips_weights: str | None = LPIPS_OPTION,
 ) -> None:
     """Export the three inference graphs (ONNX; TensorRT engines on a GPU) into BUNDLE/engines/, parity-checked;
-    build the INT8 graphs and OpenVINO models and keep each only if its lesion masks match fp32 on real brains."""
+    build the INT8 graphs and OpenVINO models (fp32; bf16 generator) and keep each only if its lesion masks match
+    fp32 on real brains."""
     require("onnx", "phanes export")
     require("onnxruntime", "phanes export")
     from phanes_cli.runtimes.artefacts import BatchProfile
@@ -590,7 +592,8 @@ def export_cmd(
 @_friendly
 def bench_cmd(
     bundle: Path = typer.Option(..., "--bundle", help="Model bundle folder."),
-    backends: str = typer.Option("torch,onnxruntime,onnxruntime-int8,openvino,tensorrt", "--backends",
+    backends: str = typer.Option("torch,onnxruntime,onnxruntime-int8,openvino,openvino-bf16,tensorrt",
+                                 "--backends",
                                  help="Backends to measure."),
     slices: int = typer.Option(64, "--slices", min=1, help="Real brain slices per pass."),
     repeats: int = typer.Option(3, "--repeats", min=1, help="Timed passes after the warm-up (the median is reported)."),

@@ -56,7 +56,7 @@ def copy(exported: Path, tmp_path: Path) -> Path:
 
 
 def test_backend_names_are_validated() -> None:
-    names = ["auto", "torch", "onnxruntime", "onnxruntime-int8", "openvino", "tensorrt"]
+    names = ["auto", "torch", "onnxruntime", "onnxruntime-int8", "openvino", "openvino-bf16", "tensorrt"]
     assert [validate_backend_name(n) for n in names] == names
     with pytest.raises(ConfigError, match="unknown backend 'tflite'; choose one of: auto, torch, onnxruntime"):
         validate_backend_name("tflite")

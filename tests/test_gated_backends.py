@@ -1,8 +1,9 @@
-"""The cheaper CPU backends: INT8 graphs in real ONNX Runtime sessions and OpenVINO compiled models, built and
-gated by `phanes export` on a tiny untrained bundle, and refused with their figure when the gate fails.
+"""The cheaper CPU backends: INT8 graphs in real ONNX Runtime sessions and OpenVINO compiled models (fp32, and
+with the generator in bf16), built and gated by `phanes export` on a tiny untrained bundle, and refused with
+their figure when the gate fails.
 
-One bundle is exported (both gates) once per module; tests that change it work on a copy. OpenVINO's tests
-skip with the reason when the package is not installed.
+One bundle is exported (every gate) once per module; tests that change it work on a copy. OpenVINO's tests
+skip with the reason when the package is not installed, the bf16 ones also on a CPU without native bf16.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from tests._tiny_cohort import tiny_config
 CPU = torch.device("cpu")
 HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
 needs_openvino = pytest.mark.skipif(not HAS_OPENVINO, reason="openvino not installed (pip install 'phanes[openvino]')")
+NATIVE_BF16 = HAS_OPENVINO and importlib.import_module("phanes_cli.runtimes.openvino").native_bf16()
+needs_bf16 = pytest.mark.skipif(not NATIVE_BF16, reason="openvino missing or this CPU has no native bf16 arithmetic")
 TOP = "top 1% of the fp32 map"
 
 
@@ -71,6 +74,7 @@ def test_export_writes_the_int8_generator_and_records_each_verdict(gated: tuple[
     folder, output = gated
     assert "gate onnxruntime-int8: passed" in output
     assert ("gate openvino: passed" in output) if HAS_OPENVINO else ("openvino not gated" in output)
+    assert ("gate openvino-bf16: " in output) if NATIVE_BF16 else ("openvino-bf16 not gated" in output)
     verdict = _gates(folder)["onnxruntime-int8"]
     assert verdict["passed"] and verdict["reason"] is None and verdict["runtime_version"] == ort.__version__
     assert verdict["graphs"] == {"stage1": "stage1.onnx", "stage2": "stage2.int8.onnx", "lpips": "lpips.onnx"}
@@ -155,7 +159,7 @@ def test_auto_takes_the_measured_order_then_the_bench(copy: Path) -> None:
     (copy / "engines" / "bench.json").write_text(json.dumps(bench))
     seal_index(copy)
     plan = plan_backend("auto", load_bundle(copy, require_calibration=False), CPU)
-    assert plan.candidates == ["onnxruntime", "onnxruntime-int8", "torch", "openvino"]
+    assert plan.candidates == ["onnxruntime", "onnxruntime-int8", "torch", "openvino-bf16", "openvino"]
     assert plan.chosen == "onnxruntime" and "measured onnxruntime fastest" in plan.why
 
 
@@ -201,8 +205,8 @@ def test_a_broken_int8_graph_fails_its_gate_and_is_refused_with_the_figure(
 def test_a_gate_passed_with_another_runtime_version_is_refused(copy: Path) -> None:
     path = copy / "engines" / "provenance.json"
     provenance = json.loads(path.read_text())
-    provenance["gates"]["openvino"]["runtime_version"] = "2020.1.0"
-    provenance["gates"]["onnxruntime-int8"]["runtime_version"] = "1.0.0"
+    for name, verdict in provenance["gates"].items():
+        verdict["runtime_version"] = "1.0.0" if name == "onnxruntime-int8" else "2020.1.0"
     path.write_text(json.dumps(provenance))
     seal_index(copy)  # as if exported with those versions: the seal holds, the versions do not
     bundle = load_bundle(copy, require_calibration=False)
@@ -210,8 +214,55 @@ def test_a_gate_passed_with_another_runtime_version_is_refused(copy: Path) -> No
         choose_backend("openvino", bundle, CPU)
     with pytest.warns(BackendFallbackWarning) as warned:
         assert choose_backend("auto", bundle, CPU).name == "onnxruntime"
-    first, second = (str(w.message) for w in warned)  # in CPU_ORDER, each with its reason
-    assert "onnxruntime-int8 was gated with onnxruntime 1.0.0" in first and "openvino 2020.1.0" in second
+    messages = [str(w.message) for w in warned]  # in CPU_ORDER, each with its reason
+    refused = ["onnxruntime-int8", *(["openvino-bf16"] if NATIVE_BF16 else []), "openvino"]
+    assert [m.split()[1] for m in messages] == refused
+    assert "gated with onnxruntime 1.0.0" in messages[0] and all("openvino 2020.1.0" in m for m in messages[1:])
+
+
+@needs_bf16
+def test_openvino_bf16_runs_the_generator_in_bf16_and_the_rest_as_fp32_openvino(gated: tuple[Path, str]) -> None:
+    from phanes_cli.runtimes.openvino import OpenVINOBackend
+
+    verdict = _gates(gated[0])["openvino-bf16"]
+    assert verdict["precision"] == "bf16" and verdict["bf16_graphs"] == ["stage2"]
+    bundle = load_bundle(gated[0], require_calibration=False)
+    bf16 = OpenVINOBackend.from_bundle(bundle, CPU, bf16=True)
+    fp32 = choose_backend("openvino", bundle, CPU)
+    assert bf16.name == "openvino-bf16"
+    x, _ = shipped_brain_slices(bundle.config.preprocess, GATE_BRAINS[:1], 5)
+    mask = (torch.rand_like(x) > 0.8).float()
+    masked = x * (1 - mask) + mask
+    assert torch.equal(bf16.reconstruct(x), fp32.reconstruct(x)) and torch.equal(bf16.lpips(x, x.flip(-1)),
+                                                                                   fp32.lpips(x, x.flip(-1)))
+    reference = TorchBackend(load_networks(bundle), CPU).inpaint(masked, mask)
+    difference = float((bf16.inpaint(masked, mask) - reference).abs().max())
+    assert 1e-4 < difference <= PARITY_ATOL["bf16"]["x_ph"]  # beyond fp32 rounding: really bf16, within its bound
+
+
+@needs_openvino
+def test_without_native_bf16_the_bf16_backend_is_neither_gated_nor_run(
+        gated: tuple[Path, str], plain: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from phanes_cli.runtimes import openvino
+
+    copy = Path(shutil.copytree(gated[0], tmp_path / "exported"))
+    bench = {"cpu": {"results": {"openvino-bf16": {"slices_per_s": 30.0}, "openvino": {"slices_per_s": 20.0}}}}
+    (copy / "engines" / "bench.json").write_text(json.dumps(bench))
+    seal_index(copy)
+    monkeypatch.setattr(openvino, "native_bf16", lambda: False)  # a CPU without AVX512-BF16 or AMX
+    folder = Path(shutil.copytree(plain, tmp_path / "plain"))
+    result = CliRunner().invoke(app, ["export", "--bundle", str(folder), "--cpu-backends", "openvino-bf16"])
+    assert result.exit_code == 0, result.output
+    assert "openvino-bf16 not gated: this CPU has no native bf16 arithmetic" in result.output
+    assert "openvino-bf16" not in _gates(folder)
+    bundle = load_bundle(copy, require_calibration=False)  # gated on a bf16 CPU, loaded on one without
+    with pytest.raises(RuntimeUnavailable, match="openvino-bf16 needs a CPU with native bf16 arithmetic"):
+        choose_backend("openvino-bf16", bundle, CPU)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # skipped quietly, like a runtime that is not installed
+        assert choose_backend("auto", bundle, CPU).name == "openvino"
 
 
 def test_openvino_missing_is_a_one_line_install_hint(copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:

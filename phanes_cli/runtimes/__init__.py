@@ -1,5 +1,6 @@
 """Accelerated inference runtimes: exported ONNX graphs run by ONNX Runtime (fp32, or with INT8 graphs) and
-OpenVINO, TensorRT engines, and the choice between them and eager torch (`select.choose_backend`).
+OpenVINO (fp32, or with the generator in bf16), TensorRT engines, and the choice between them and eager torch
+(`select.choose_backend`).
 
 The backend names live here, apart from the backends themselves, so the screening driver can check a
 --backend value without importing the networks (lpips, torchvision: seconds of start-up per process).
@@ -9,9 +10,9 @@ from __future__ import annotations
 
 from phanes_cli.errors import ConfigError
 
-BACKENDS = ("torch", "onnxruntime", "onnxruntime-int8", "openvino", "tensorrt")
+BACKENDS = ("torch", "onnxruntime", "onnxruntime-int8", "openvino", "openvino-bf16", "tensorrt")
 # The cheaper CPU backends: each runs only after passing the export gate on real brains (runtimes.parity.gate).
-GATED_BACKENDS = ("onnxruntime-int8", "openvino")
+GATED_BACKENDS = ("onnxruntime-int8", "openvino", "openvino-bf16")
 
 
 def validate_backend_name(name: str) -> str:

@@ -1,5 +1,6 @@
 """The cheaper CPU backends built and judged at `phanes export`: `onnxruntime-int8` (INT8 graphs from
-`runtimes.quantise`) and `openvino` (the fp32 graphs compiled by OpenVINO).
+`runtimes.quantise`), `openvino` (the fp32 graphs compiled by OpenVINO) and `openvino-bf16` (the same with the
+generator in bf16; gated only on a CPU with native bf16, the only kind that will run it).
 
 Each candidate runs `parity.gate` against fp32 (torch for the parity figures, the fp32 ONNX graphs for the
 lesion masks on real brains). The verdict, passed or not, with its figures and the runtime version it was
@@ -29,8 +30,9 @@ from phanes_cli.runtimes.parity import ParitySet, gate, gate_reference
 from phanes_cli.runtimes.quantise import quantise
 
 CPU = torch.device("cpu")
-RUNTIME_PACKAGE = {INT8_BACKEND: "onnxruntime", "openvino": "openvino"}
-PRECISION = {INT8_BACKEND: "int8", "openvino": "fp32"}
+BF16_BACKEND = "openvino-bf16"  # = runtimes.openvino.BF16_BACKEND (that module needs the optional openvino)
+RUNTIME_PACKAGE = {INT8_BACKEND: "onnxruntime", "openvino": "openvino", BF16_BACKEND: "openvino"}
+PRECISION = {INT8_BACKEND: "int8", "openvino": "fp32", BF16_BACKEND: "bf16"}
 # A candidate: (its backend, the artefacts it adds, what the provenance records about it)
 Candidate = tuple[Backend, dict[str, bytes], dict[str, Any]]
 
@@ -59,7 +61,15 @@ def _openvino(bundle: Bundle, graphs: dict[str, bytes]) -> Candidate:
     return OpenVINOBackend(graphs, CPU), {}, {"graphs": {name: artefact_name(name, "onnx") for name in graphs}}
 
 
-CANDIDATES: dict[str, Callable[[Bundle, dict[str, bytes]], Candidate]] = {INT8_BACKEND: _int8, "openvino": _openvino}
+def _openvino_bf16(bundle: Bundle, graphs: dict[str, bytes]) -> Candidate:
+    from phanes_cli.runtimes.openvino import BF16_GRAPHS, OpenVINOBackend
+
+    info = {"graphs": {name: artefact_name(name, "onnx") for name in graphs}, "bf16_graphs": list(BF16_GRAPHS)}
+    return OpenVINOBackend(graphs, CPU, bf16_graphs=BF16_GRAPHS), {}, info
+
+
+CANDIDATES: dict[str, Callable[[Bundle, dict[str, bytes]], Candidate]] = {
+    INT8_BACKEND: _int8, "openvino": _openvino, BF16_BACKEND: _openvino_bf16}
 
 
 def validate_gated(names: list[str]) -> list[str]:
@@ -67,6 +77,18 @@ def validate_gated(names: list[str]) -> list[str]:
     if unknown:
         raise ConfigError(f"unknown CPU backend {', '.join(unknown)}; choose from: {', '.join(GATED_BACKENDS)}")
     return names
+
+
+def _not_here(name: str) -> str | None:
+    """Why candidate `name` cannot be built on this machine (runtime missing, no native bf16), or None."""
+    if not available(RUNTIME_PACKAGE[name]):
+        return missing_message(RUNTIME_PACKAGE[name], f"the {name} backend")
+    if name == BF16_BACKEND:
+        from phanes_cli.runtimes.openvino import native_bf16
+
+        if not native_bf16():
+            return "this CPU has no native bf16 arithmetic (AVX512-BF16 or AMX)"
+    return None
 
 
 def _opset(graph: bytes) -> int:
@@ -84,9 +106,9 @@ def gate_backends(bundle: Bundle, graphs: dict[str, bytes], sets: list[ParitySet
     """Build each named candidate from the fp32 graphs, judge it against fp32 (torch's parity `sets` on the CPU),
     keep what passes."""
     out = Gated()
-    installed = [n for n in validate_gated(names) if available(RUNTIME_PACKAGE[n])]
-    out.notes += [f"{n} not gated: {missing_message(RUNTIME_PACKAGE[n], f'the {n} backend')}"
-                  for n in names if n not in installed]
+    reasons = {n: _not_here(n) for n in validate_gated(names)}
+    installed = [n for n in names if reasons[n] is None]
+    out.notes += [f"{n} not gated: {reason}" for n, reason in reasons.items() if reason is not None]
     if not installed:
         return out
     # fp32 masks from fp32 ONNX Runtime: the export's parity check has just matched it to torch within 1e-4

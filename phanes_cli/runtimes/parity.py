@@ -4,11 +4,12 @@
 torch on random and real brain slices: max |difference| of x_cph, x_ph and s(x) within PARITY_ATOL of its
 precision, and on a calibrated bundle lesion masks agreeing on >= 99.9% of voxels.
 
-`gate`: the cheaper CPU backends (INT8 graphs, OpenVINO) must in addition reproduce the fp32 lesion masks on
-real brains (fp32 ONNX Runtime, which `parity` has matched to torch, computes them at about twice torch's
-speed): the candidate runs the pipeline end to end (its own inpainting masks) on slices of the
-healthy individuals shipped with phanes (`samples.GATE_BRAINS`, never seen by INT8 calibration), and at each
-operating point its lesion mask must agree with the fp32 one on >= 99.9% of the voxels with a Dice >= 0.98.
+`gate`: the cheaper CPU backends (INT8 graphs, OpenVINO in fp32 and with a bf16 generator) must in addition
+reproduce the fp32 lesion masks on real brains (fp32 ONNX Runtime, which `parity` has matched to torch, computes
+them at about twice torch's speed): the candidate runs the pipeline end to end (its own inpainting masks) on
+slices of the healthy individuals shipped with phanes (`samples.GATE_BRAINS`, never seen by INT8 calibration),
+and at each operating point its lesion mask must agree with the fp32 one on >= 99.9% of the voxels with a Dice
+>= 0.98.
 The operating points are the bundle's calibrated anomaly threshold (when calibrated) and the level of the fp32
 map's top 1% of brain voxels, so a healthy brain on which the calibrated rule finds almost nothing still gives a
 mask large enough to judge. The verdict, passed or not, carries the figures and goes into the provenance.
@@ -37,6 +38,7 @@ PARITY_ATOL: dict[str, dict[str, float]] = {
     "fp32": {"x_cph": 1e-4, "x_ph": 1e-4, "anomaly": 1e-4},
     "fp16": {"x_cph": 2e-2, "x_ph": 2e-2, "anomaly": 2e-2},
     "int8": {"x_cph": 5e-2, "x_ph": 5e-2, "anomaly": 5e-2},
+    "bf16": {"x_cph": 1e-4, "x_ph": 2e-2, "anomaly": 2e-2},  # openvino-bf16: the generator only, stage 1 fp32
 }
 # Voxel agreement of the lesion masks (s >= calibrated threshold). The dilated inpainting mask's agreement is
 # recorded too but not gated: dilation turns one pixel flipped at the threshold into a blob.

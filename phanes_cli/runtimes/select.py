@@ -3,8 +3,9 @@
 `auto` tries, in order: the TensorRT engines, ONNX Runtime on CUDA, torch on CUDA; on the CPU the backends
 `phanes bench` measured for this bundle (engines/bench.json), fastest first, then the others in CPU_ORDER
 (this project's measured order). The INT8 and OpenVINO backends run only when they passed their export
-gate. A refused artefact (tampered, stale, built for another TensorRT or GPU, a failed gate) makes `auto`
-fall back to the next candidate with a warning; an explicitly named backend is strict.
+gate (`openvino-bf16` also needs a CPU with native bf16). A refused artefact (tampered, stale, built for
+another TensorRT or GPU, a failed gate) makes `auto` fall back to the next candidate with a warning; an
+explicitly named backend is strict.
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ class BackendPlan:
 
 
 # Fastest first, as benchmarks/cpu_backends.py measured them on the cpu config (README: Backends and export): the
-# INT8 generator was fastest in every run; OpenVINO and fp32 ONNX Runtime swapped places between runs.
-CPU_ORDER = ("onnxruntime-int8", "openvino", "onnxruntime", "torch")
+# INT8 generator was fastest in every run; OpenVINO and fp32 ONNX Runtime swapped places between runs; OpenVINO
+# with a bf16 generator beat fp32 OpenVINO (its generator at half the time) where the CPU has native bf16.
+CPU_ORDER = ("onnxruntime-int8", "openvino-bf16", "openvino", "onnxruntime", "torch")
 
 
 def _cpu_order(bundle: Bundle) -> tuple[list[str], str]:
@@ -86,8 +88,8 @@ def check_backend(backend: str, bundle: Bundle, device: torch.device) -> None:
             read_artefact(bundle, artefact_name(graph.name, "tensorrt", precision))
     elif backend in ("onnxruntime", "onnxruntime-int8"):
         _check_onnxruntime(backend, bundle, device)
-    elif backend == "openvino":
-        _check_openvino(bundle, device)
+    elif backend in ("openvino", "openvino-bf16"):
+        _check_openvino(backend, bundle, device)
 
 
 def _check_onnxruntime(backend: str, bundle: Bundle, device: torch.device) -> None:
@@ -101,12 +103,16 @@ def _check_onnxruntime(backend: str, bundle: Bundle, device: torch.device) -> No
         read_artefact(bundle, files.get(graph.name, artefact_name(graph.name, "onnx")))
 
 
-def _check_openvino(bundle: Bundle, device: torch.device) -> None:
+def _check_openvino(backend: str, bundle: Bundle, device: torch.device) -> None:
     if not available("openvino"):
         raise RuntimeUnavailable(missing_message("openvino", "the OpenVINO backend"))
     if device.type != "cpu":
-        raise RuntimeUnavailable(f"the openvino backend runs on the CPU only, not on {device}")
-    read_gate(bundle, "openvino", "openvino")
+        raise RuntimeUnavailable(f"the {backend} backend runs on the CPU only, not on {device}")
+    if backend == "openvino-bf16":
+        from phanes_cli.runtimes.openvino import require_bf16  # imports openvino, checked installed
+
+        require_bf16()
+    read_gate(bundle, backend, "openvino")
     for graph in GRAPHS:
         read_artefact(bundle, artefact_name(graph.name, "onnx"))
 
@@ -141,10 +147,10 @@ def build_backend(name: str, bundle: Bundle, device: torch.device, lpips_weights
         from phanes_cli.runtimes.onnx import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend.from_bundle(bundle, device, int8=name == "onnxruntime-int8")
-    if name == "openvino":
+    if name in ("openvino", "openvino-bf16"):
         from phanes_cli.runtimes.openvino import OpenVINOBackend  # the [openvino] extra, checked installed
 
-        return OpenVINOBackend.from_bundle(bundle, device)
+        return OpenVINOBackend.from_bundle(bundle, device, bf16=name == "openvino-bf16")
     return TorchBackend(load_networks(bundle, lpips_weights), device)
 
 
