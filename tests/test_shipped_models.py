@@ -13,9 +13,10 @@ import pytest
 from typer.testing import CliRunner
 
 from phanes_cli.cli import app
-from phanes_cli.core.bundle import load_bundle
+from phanes_cli.core.bundle import load_bundle, seal_index
 from phanes_cli.core.shipped_models import default_bundle, find_bundles
 from phanes_cli.errors import BundleError
+from phanes_cli.runtimes import GATED_BACKENDS
 from phanes_cli.runtimes.first_use import exported_copy
 from tests.test_screening import make_bundle
 
@@ -147,6 +148,16 @@ def test_first_use_export_runs_once_under_a_lock_and_is_reused(shipped: Path, tm
     weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
     assert exported_copy(shipped, report=reports.append) == copy and len(reports) == 2
     assert load_bundle(copy).hash  # verified again after the rebuild
+    # a copy exported before openvino-bf16 existed (neither a verdict nor a note on it): exported again
+    provenance = json.loads((copy / "engines" / "provenance.json").read_text())
+    gates, notes = provenance["gates"], provenance["notes"]
+    assert all(name in gates or any(n.startswith(f"{name} not gated") for n in notes) for name in GATED_BACKENDS)
+    gates.pop("openvino-bf16", None)
+    provenance["notes"] = [n for n in notes if not n.startswith("openvino-bf16")]
+    (copy / "engines" / "provenance.json").write_text(json.dumps(provenance))
+    seal_index(copy)
+    assert exported_copy(shipped, report=reports.append) == copy and len(reports) == 3
+    assert exported_copy(shipped, report=reports.append) == copy and len(reports) == 3
 
 
 def test_first_use_rebuilds_a_damaged_or_displaced_copy_and_never_follows_its_links(shipped: Path,

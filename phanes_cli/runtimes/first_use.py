@@ -25,6 +25,7 @@ from pathlib import Path
 from phanes_cli.core.bundle import ENGINES_DIR, INDEX_FILE, load_bundle
 from phanes_cli.errors import BundleError
 from phanes_cli.infra.optional import available
+from phanes_cli.runtimes import GATED_BACKENDS
 from phanes_cli.runtimes.artefacts import sha256_bytes
 
 CACHE_ENV = "PHANES_CACHE_DIR"
@@ -72,13 +73,18 @@ def _usable(copy: Path, shipped_files: dict[str, str]) -> bool:
 
 
 def _gated(copy: Path) -> bool:
-    """Exported by a phanes that gates the INT8 and OpenVINO backends (older copies are exported again)."""
+    """Exported by a phanes that knew every gated backend of this one: each has a verdict or a note saying why it
+    was not gated (a copy from before a backend existed is exported again, so the new backend is judged)."""
     provenance = copy / ENGINES_DIR / "provenance.json"
     try:
         record = json.loads(provenance.read_text()) if provenance.is_file() else None
     except (OSError, ValueError):
         return False
-    return isinstance(record, dict) and "gates" in record
+    if not isinstance(record, dict) or not isinstance(record.get("gates"), dict):
+        return False
+    notes = [str(note) for note in record.get("notes", [])] if isinstance(record.get("notes"), list) else []
+    return all(name in record["gates"] or any(note.startswith(f"{name} not gated") for note in notes)
+               for name in GATED_BACKENDS)
 
 
 def _remove(path: Path) -> None:
