@@ -115,8 +115,8 @@ def untrained_bundle(config: Path, folder: Path) -> Path:
 def with_onnx(bundle: Path, work: Path, untrained: bool) -> Path:
     """`bundle`, or an exported copy of it in `work` when it has no ONNX graphs (the original is never written).
 
-    An untrained bundle gates OpenVINO only: its INT8 verdict would judge random weights, at a paper-size
-    bundle's cost of many minutes."""
+    An untrained bundle gates the OpenVINO backends only: its INT8 verdict would judge random weights, at a
+    paper-size bundle's cost of many minutes (its OpenVINO verdicts judge them too: speed only)."""
     from phanes_cli.runtimes.select import unusable_reason
 
     if unusable_reason("onnxruntime", load_bundle(bundle), CPU) is None:
@@ -125,7 +125,7 @@ def with_onnx(bundle: Path, work: Path, untrained: bool) -> Path:
 
     copy = Path(shutil.copytree(bundle, work / "bundle-exported", dirs_exist_ok=True))
     try:
-        export_bundle(copy, gated=["openvino"] if untrained else None)
+        export_bundle(copy, gated=["openvino", "openvino-bf16"] if untrained else None)
     except Exception as exc:  # the [onnx] extra missing, say: torch still runs
         print(f"ONNX export failed ({exc}); ONNX Runtime is left out")
         return bundle
