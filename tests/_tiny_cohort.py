@@ -61,3 +61,16 @@ def tiny_config(steps: int = 3, **train: object) -> PhanesConfig:
         preprocess=PreprocessConfig(image_size=32, min_brain_fraction=0.3),
         train=train_cfg,
     )
+
+
+def untrained_bundle(folder: Path, seed: int) -> Path:
+    """A bundle of `tiny_config` with seeded untrained networks, uncalibrated: what export and backend tests judge."""
+    import torch
+
+    from phanes_cli.core.bundle import save_bundle
+    from phanes_cli.runtimes.pytorch import PhanesNetworks
+
+    torch.manual_seed(seed)
+    nets = PhanesNetworks(tiny_config())
+    save_bundle(folder, tiny_config(), nets.ra, nets.generator)
+    return folder

@@ -17,17 +17,17 @@ import torch
 from typer.testing import CliRunner
 
 from phanes_cli.cli import app
-from phanes_cli.core.bundle import load_bundle, save_bundle
+from phanes_cli.core.bundle import load_bundle
 from phanes_cli.core.calibration import Calibration
 from phanes_cli.core.pipeline import run_slices
 from phanes_cli.errors import ConfigError
 from phanes_cli.runtimes import validate_backend_name
 from phanes_cli.runtimes.artefacts import ArtefactError, RuntimeUnavailable
 from phanes_cli.runtimes.export import export_bundle
-from phanes_cli.runtimes.pytorch import PhanesNetworks, TorchBackend, load_networks
+from phanes_cli.runtimes.pytorch import TorchBackend, load_networks
 from phanes_cli.runtimes.samples import brain_slices
 from phanes_cli.runtimes.select import choose_backend, plan_backend
-from tests._tiny_cohort import tiny_config
+from tests._tiny_cohort import untrained_bundle
 
 CPU = torch.device("cpu")
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
@@ -35,11 +35,7 @@ HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.i
 
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    nets = PhanesNetworks(tiny_config())
-    folder = tmp_path_factory.mktemp("backends") / "plain"
-    save_bundle(folder, tiny_config(), nets.ra, nets.generator)
-    return folder
+    return untrained_bundle(tmp_path_factory.mktemp("backends") / "plain", seed=0)
 
 
 @pytest.fixture(scope="module")

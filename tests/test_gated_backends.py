@@ -22,18 +22,18 @@ from onnx import numpy_helper
 from typer.testing import CliRunner
 
 from phanes_cli.cli import app
-from phanes_cli.core.bundle import INDEX_FILE, load_bundle, save_bundle, seal_index, write_calibration
+from phanes_cli.core.bundle import INDEX_FILE, load_bundle, seal_index, write_calibration
 from phanes_cli.core.calibration import Calibration
 from phanes_cli.core.pipeline import run_slices
 from phanes_cli.runtimes import quantise
 from phanes_cli.runtimes.artefacts import ArtefactError, GateRefused, RuntimeUnavailable
 from phanes_cli.runtimes.onnx import OnnxRuntimeBackend
 from phanes_cli.runtimes.parity import PARITY_ATOL, gate_reference, mask_figures, reference_mask_threshold
-from phanes_cli.runtimes.pytorch import PhanesNetworks, TorchBackend, load_networks
+from phanes_cli.runtimes.pytorch import TorchBackend, load_networks
 from phanes_cli.runtimes.samples import GATE_BRAINS, shipped_brain_slices
 from phanes_cli.runtimes.select import CPU_ORDER, BackendFallbackWarning, choose_backend, plan_backend
 from phanes_cli.screening.actors import InferenceActor
-from tests._tiny_cohort import tiny_config
+from tests._tiny_cohort import untrained_bundle
 
 CPU = torch.device("cpu")
 HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
@@ -45,11 +45,7 @@ TOP = "top 1% of the fp32 map"
 
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(1)
-    nets = PhanesNetworks(tiny_config())
-    folder = tmp_path_factory.mktemp("gated") / "plain"
-    save_bundle(folder, tiny_config(), nets.ra, nets.generator)
-    return folder
+    return untrained_bundle(tmp_path_factory.mktemp("gated") / "plain", seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -240,6 +236,18 @@ def test_openvino_bf16_runs_the_generator_in_bf16_and_the_rest_as_fp32_openvino(
     assert 1e-4 < difference <= PARITY_ATOL["bf16"]["x_ph"]  # beyond fp32 rounding: really bf16, within its bound
 
 
+@needs_bf16
+def test_a_screening_actor_runs_openvino_bf16_when_named_and_under_auto_by_the_bench(copy: Path) -> None:
+    write_calibration(copy, Calibration(mask_threshold=0.05, anomaly_threshold=0.01))
+    named = InferenceActor(str(copy), load_bundle(copy).hash, "openvino-bf16", "cpu", 1, 4, False, None)
+    assert named.backend_report()["backend"] == "openvino-bf16"
+    bench = {"cpu": {"results": {"openvino-bf16": {"slices_per_s": 30.0}, "openvino": {"slices_per_s": 20.0}}}}
+    (copy / "engines" / "bench.json").write_text(json.dumps(bench))
+    seal_index(copy)
+    auto = InferenceActor(str(copy), load_bundle(copy).hash, "auto", "cpu", 1, 4, False, None)
+    assert auto.backend_report() == {"backend": "openvino-bf16", "fallbacks": []}
+
+
 @needs_openvino
 def test_without_native_bf16_the_bf16_backend_is_neither_gated_nor_run(
         gated: tuple[Path, str], plain: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -282,5 +290,7 @@ def test_doctor_shows_openvino_and_the_gate_verdicts(gated: tuple[Path, str]) ->
     lines = [line for line in result.output.splitlines() if line.strip()]
     openvino = next(line for line in lines if line.startswith("openvino "))
     assert ("devices: CPU" in openvino) if HAS_OPENVINO else ("pip install 'phanes[openvino]'" in openvino)
+    if HAS_OPENVINO:
+        assert f"CPU bf16: {'native' if NATIVE_BF16 else 'none'}" in openvino
     assert any(line.startswith("gate ") and "onnxruntime-int8: passed" in line for line in lines)
     assert "every stage on cpu: onnxruntime-int8" in result.output

@@ -21,14 +21,13 @@ from torch import Tensor
 from phanes_cli.config import PhanesConfig
 from phanes_cli.core import ops
 from phanes_cli.core.backend import Backend
-from phanes_cli.core.bundle import Bundle, load_bundle, save_bundle
+from phanes_cli.core.bundle import Bundle, load_bundle
 from phanes_cli.core.pipeline import infer_slices, run_slices, stage1_map
 from phanes_cli.core.slice_context import context_average
 from phanes_cli.runtimes.export import export_bundle
-from phanes_cli.runtimes.pytorch import PhanesNetworks
 from phanes_cli.runtimes.samples import brain_slices
 from phanes_cli.runtimes.select import choose_backend
-from tests._tiny_cohort import tiny_config
+from tests._tiny_cohort import untrained_bundle
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -65,10 +64,7 @@ class Counting:
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
-    torch.manual_seed(0)
-    nets = PhanesNetworks(tiny_config())
-    folder = tmp_path_factory.mktemp("skip") / "bundle"
-    save_bundle(folder, tiny_config(), nets.ra, nets.generator)
+    folder = untrained_bundle(tmp_path_factory.mktemp("skip") / "bundle", seed=0)
     export_bundle(folder)
     return load_bundle(folder, require_calibration=False)
 

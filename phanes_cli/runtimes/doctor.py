@@ -60,12 +60,16 @@ def machine_report(lpips_weights: str | None = None) -> Report:
 
 
 def _openvino_finding() -> str:
-    """OpenVINO's version and devices, or how to install it (importing it costs well under a second)."""
+    """OpenVINO's version and devices and whether the CPU computes bf16 natively (what `openvino-bf16` needs), or
+    how to install it (importing it costs well under a second)."""
     if not available("openvino"):
         return f"not installed ({missing_message('openvino', 'the OpenVINO backend')})"
     import openvino as ov
 
-    return f"{package_version('openvino')}, devices: {', '.join(ov.Core().available_devices)}"
+    from phanes_cli.runtimes.openvino import native_bf16
+
+    bf16 = "native (openvino-bf16 can run)" if native_bf16() else "none (openvino-bf16 cannot run)"
+    return f"{package_version('openvino')}, devices: {', '.join(ov.Core().available_devices)}; CPU bf16: {bf16}"
 
 
 def _gate_rows(bundle: Bundle) -> Report:
