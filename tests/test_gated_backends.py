@@ -189,12 +189,33 @@ def test_a_broken_int8_graph_fails_its_gate_and_is_refused_with_the_figure(
     with pytest.raises(GateRefused, match=figure) as exc:
         choose_backend("onnxruntime-int8", bundle, CPU)
     assert "\n" not in str(exc.value)
-    with pytest.warns(BackendFallbackWarning, match=figure):
+    headline = rf"lesion voxel agreement {agreement:.3%} < 99\.9% \({TOP}\)".replace(".", r"\.", 1)
+    with pytest.warns(BackendFallbackWarning, match=rf"^backend onnxruntime-int8 skipped: it failed its export gate "
+                                                    rf"\({headline}\); `phanes doctor --bundle .*` shows its figures$"):
         assert choose_backend("auto", bundle, CPU).name == "onnxruntime"
     write_calibration(folder, Calibration(mask_threshold=0.05, anomaly_threshold=0.01))
     actor = InferenceActor(str(folder), load_bundle(folder).hash, "auto", "cpu", 1, 4, False, None)
     report = actor.backend_report()  # what screening logs and prints: the refusal is never silent
     assert report["backend"] == "onnxruntime" and "failed its export gate" in report["fallbacks"][0]
+
+
+def test_auto_names_a_failed_gate_by_its_lesion_figure_even_after_parity_ones(copy: Path) -> None:
+    """A failed verdict whose first figures are parity ones (as the shipped model's INT8 one): `auto`'s line on every
+    run names the lesion-mask figure; the named backend's refusal keeps them all."""
+    path = copy / "engines" / "provenance.json"
+    provenance = json.loads(path.read_text())
+    reason = "random slices: x_ph 8.61e-02 > 5e-02; lesion Dice 0.910 < 0.98 (calibrated); lesion Dice 0.881 < 0.98"
+    provenance["gates"]["onnxruntime-int8"].update(passed=False, reason=reason)
+    path.write_text(json.dumps(provenance))
+    seal_index(copy)
+    bundle = load_bundle(copy, require_calibration=False)
+    with pytest.raises(GateRefused) as exc:
+        choose_backend("onnxruntime-int8", bundle, CPU)
+    assert str(exc.value) == f"backend onnxruntime-int8 refused: onnxruntime-int8 failed its export gate: {reason}"
+    with pytest.warns(BackendFallbackWarning) as warned:
+        choose_backend("auto", bundle, CPU)
+    assert str(warned[0].message) == ("backend onnxruntime-int8 skipped: it failed its export gate (lesion Dice 0.910 "
+                                      f"< 0.98 (calibrated)); `phanes doctor --bundle {copy}` shows its figures")
 
 
 @needs_openvino

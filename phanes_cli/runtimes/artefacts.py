@@ -43,7 +43,15 @@ class EngineIncompatible(ArtefactError):
 
 
 class GateRefused(ArtefactError):
-    """A backend that failed its export gate: refused with the failing figure, `auto` warns and moves on."""
+    """A backend that failed its export gate: refused with the failing figures, `auto` warns and moves on."""
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or [message]  # each failing figure
+
+    def headline(self) -> str:
+        """The figure a user judges first: a lesion-mask one when there is one."""
+        return next((p for p in self.problems if "lesion" in p), self.problems[0])
 
 
 @dataclass(frozen=True)
@@ -143,7 +151,8 @@ def read_gate(bundle: Bundle, backend: str, runtime: str) -> dict[str, Any]:
     if verdict is None:
         raise NotExported(f"{backend} was not gated when this bundle was exported; {reexport_hint(bundle.path)}")
     if not verdict["passed"]:
-        raise GateRefused(f"{backend} failed its export gate: {verdict['reason']}")
+        reason = str(verdict["reason"])
+        raise GateRefused(f"{backend} failed its export gate: {reason}", reason.split("; "))  # as parity.gate joins
     installed = package_version(runtime)
     if verdict["runtime_version"] != installed:
         raise ArtefactError(f"{backend} was gated with {runtime} {verdict['runtime_version']}, {installed} is "

@@ -21,6 +21,7 @@ from phanes_cli.infra.optional import available, missing_message
 from phanes_cli.runtimes import validate_backend_name
 from phanes_cli.runtimes.artefacts import (
     ArtefactError,
+    GateRefused,
     NotExported,
     RuntimeUnavailable,
     artefact_name,
@@ -154,6 +155,15 @@ def build_backend(name: str, bundle: Bundle, device: torch.device, lpips_weights
     return TorchBackend(load_networks(bundle, lpips_weights), device)
 
 
+def _fallback_message(backend: str, exc: ArtefactError, bundle: Bundle) -> str:
+    """The line `auto` prints for a refused backend: a failed gate (a verdict of the export, shown on every run of
+    the bundle) by its headline figure, the rest by `phanes doctor`; anything else (tampered, stale, foreign) whole."""
+    if isinstance(exc, GateRefused):
+        return (f"backend {backend} skipped: it failed its export gate ({exc.headline()}); "
+                f"`phanes doctor --bundle {bundle.path}` shows its figures")
+    return f"backend {backend} refused ({exc}); falling back to the next one"
+
+
 def choose_backend(name: str, bundle: Bundle, device: torch.device, lpips_weights: str | None = None) -> Backend:
     """The backend to run `bundle` on `device`: `name` itself, or for `auto` the best usable candidate.
 
@@ -171,6 +181,5 @@ def choose_backend(name: str, bundle: Bundle, device: torch.device, lpips_weight
                 raise type(exc)(f"backend {backend} refused: {exc}") from exc
             errors.append(f"{backend}: {exc}")
             if not isinstance(exc, (NotExported, RuntimeUnavailable)):
-                warnings.warn(f"backend {backend} refused ({exc}); falling back to the next one",
-                              BackendFallbackWarning, stacklevel=2)
+                warnings.warn(_fallback_message(backend, exc, bundle), BackendFallbackWarning, stacklevel=2)
     raise ArtefactError("no backend can run this bundle: " + "; ".join(errors))
