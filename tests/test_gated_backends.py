@@ -255,6 +255,8 @@ def test_openvino_bf16_runs_the_generator_in_bf16_and_the_rest_as_fp32_openvino(
     reference = TorchBackend(load_networks(bundle), CPU).inpaint(masked, mask)
     difference = float((bf16.inpaint(masked, mask) - reference).abs().max())
     assert 1e-4 < difference <= PARITY_ATOL["bf16"]["x_ph"]  # beyond fp32 rounding: really bf16, within its bound
+    with pytest.raises(RuntimeUnavailable, match="the openvino-bf16 backend runs on the CPU only, not on cuda"):
+        choose_backend("openvino-bf16", bundle, torch.device("cuda"))
 
 
 @needs_bf16
@@ -302,6 +304,8 @@ def test_openvino_missing_is_a_one_line_install_hint(copy: Path, monkeypatch: py
     with pytest.raises(RuntimeUnavailable, match=r"OpenVINO backend needs the optional package openvino: pip install "
                                                  r"'phanes\[openvino\]'"):
         choose_backend("openvino", bundle, CPU)
+    with pytest.raises(RuntimeUnavailable, match=r"pip install 'phanes\[openvino\]'"):
+        choose_backend("openvino-bf16", bundle, CPU)
     assert choose_backend("auto", bundle, CPU).name == "onnxruntime-int8"  # absent, not refused: no warning
 
 
