@@ -52,6 +52,7 @@ from phanes_cli.inputs.brain_masks import brain_mask_for
 from phanes_cli.inputs.discovery import resolve_inputs
 from phanes_cli.inputs.manifest import ManifestRow
 from phanes_cli.runtimes import BACKENDS
+from phanes_cli.runtimes.parity import dice
 from phanes_cli.screening.engine import screen
 from phanes_cli.screening.options import ScreenOptions
 from phanes_cli.screening.session import local_cpus
@@ -176,16 +177,14 @@ def lesion_masks(out: Path) -> dict[str, np.ndarray]:
     return {p.name: load_volume(p).data > 0 for p in sorted((out / "maps").glob("*_lesionmask.nii.gz"))}
 
 
-def mask_agreement(out: Path, reference: Path) -> dict[str, float]:
+def mask_agreement(out: Path, want: dict[str, np.ndarray]) -> dict[str, float]:
     """Voxel agreement and pooled Dice of a run's lesion masks against the reference run's, over shared volumes."""
-    got, want = lesion_masks(out), lesion_masks(reference)
+    got = lesion_masks(out)
     same = [name for name in want if name in got]
-    agree = sum(int((got[n] == want[n]).sum()) for n in same)
-    voxels = sum(want[n].size for n in same)
-    both = sum(int((got[n] & want[n]).sum()) for n in same)
-    total = sum(int(got[n].sum()) + int(want[n].sum()) for n in same)
-    return {"agreement": agree / max(voxels, 1), "dice": 1.0 if total == 0 else 2 * both / total,
-            "reference_voxels": sum(int(want[n].sum()) for n in same), "volumes": len(same)}
+    a = np.concatenate([got[n].ravel() for n in same]) if same else np.zeros(0, bool)
+    b = np.concatenate([want[n].ravel() for n in same]) if same else np.zeros(0, bool)
+    return {"agreement": float((a == b).mean()) if same else 1.0, "dice": dice(a, b),
+            "reference_voxels": int(b.sum()), "volumes": len(same)}
 
 
 def table_of(results: list[dict[str, Any]], title: str) -> Table:
@@ -237,7 +236,8 @@ def run(args: argparse.Namespace, work: Path, console: Console) -> list[dict[str
     bundle = with_onnx(bundle, work, untrained=args.config is not None)
     backends = usable_backends(load_bundle(bundle), args.backends, console)
     lists = write_lists(pick_volumes(args.inputs, args.volumes), work)
-    results, references = [], {}
+    results: list[dict[str, Any]] = []
+    references: dict[str, tuple[str, dict[str, np.ndarray]]] = {}  # mask mode -> first fp32 run's lesion masks
     for masks, backend, actors, threads in itertools.product(args.masks, backends, args.actors, args.threads):
         out = work / f"out-{masks}-{backend}-{actors or 'plan'}x{threads or 'plan'}"
         shutil.rmtree(out, ignore_errors=True)
@@ -246,7 +246,7 @@ def run(args: argparse.Namespace, work: Path, console: Console) -> list[dict[str
         result = {"masks": masks, **measure(lists[masks], bundle, out, backend, actors, threads, args)}
         reference = references.get(masks)
         if reference is None and backend in FP32_BACKENDS:
-            references[masks], result["mask_reference"] = (backend, out), True
+            references[masks], result["mask_reference"] = (backend, lesion_masks(out)), True
         elif reference is not None:
             result["masks_vs"] = {"reference": reference[0], **mask_agreement(out, reference[1])}
         results.append(result)

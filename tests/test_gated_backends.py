@@ -286,6 +286,8 @@ def test_without_native_bf16_the_bf16_backend_is_neither_gated_nor_run(
     assert result.exit_code == 0, result.output
     assert "openvino-bf16 not gated: this CPU has no native bf16 arithmetic" in result.output
     assert "openvino-bf16" not in _gates(folder)
+    not_gated = json.loads((folder / "engines" / "provenance.json").read_text())["not_gated"]
+    assert not_gated == {"openvino-bf16": "this CPU has no native bf16 arithmetic (AVX512-BF16 or AMX)"}
     bundle = load_bundle(copy, require_calibration=False)  # gated on a bf16 CPU, loaded on one without
     with pytest.raises(RuntimeUnavailable, match="openvino-bf16 needs a CPU with native bf16 arithmetic"):
         choose_backend("openvino-bf16", bundle, CPU)

@@ -13,6 +13,7 @@ from phanes_cli.errors import ConfigError
 BACKENDS = ("torch", "onnxruntime", "onnxruntime-int8", "openvino", "openvino-bf16", "tensorrt")
 # The cheaper CPU backends: each runs only after passing the export gate on real brains (runtimes.parity.gate).
 GATED_BACKENDS = ("onnxruntime-int8", "openvino", "openvino-bf16")
+BF16_BACKEND = "openvino-bf16"  # OpenVINO with the generator in bf16 (runtimes.openvino)
 
 
 def validate_backend_name(name: str) -> str:

@@ -63,6 +63,7 @@ class ExportReport:
     written: list[str] = field(default_factory=list)
     parity: dict[str, Any] = field(default_factory=dict)
     gates: dict[str, Any] = field(default_factory=dict)  # per gated CPU backend: its verdict and figures
+    not_gated: dict[str, str] = field(default_factory=dict)  # per named CPU backend not buildable here: why
     notes: list[str] = field(default_factory=list)
     bundle_hash: str = ""
 
@@ -174,7 +175,7 @@ def export_bundle(folder: str | Path, fmt: str = "onnx", precision: str = "fp32"
 def _add_gated(result: Gated, blobs: dict[str, bytes], entries: dict[str, Any], report: ExportReport) -> None:
     blobs.update(result.blobs)
     entries.update(result.entries)
-    report.gates = result.gates
+    report.gates, report.not_gated = result.gates, result.not_gated
     report.notes += result.notes
 
 
@@ -196,7 +197,7 @@ def _write_artefacts(bundle: Bundle, nets: torch.nn.Module, blobs: dict[str, byt
                   "versions": {p: package_version(p) for p in ("torch", "onnx", "onnxruntime", "openvino", "tensorrt")},
                   "weights": {**{w: index[w] for w in GRAPH_WEIGHTS.values()}, "lpips": lpips_sha},
                   "tensorrt_operator_list": TRT_OPS_SOURCE, "parity": report.parity, "gates": report.gates,
-                  "notes": report.notes,
+                  "not_gated": report.not_gated, "notes": report.notes,
                   "artefacts": entries, **({"engine_precision": engine_precision} if engine_precision else {})}
     write_json(engines_dir(bundle.path) / PROVENANCE_FILE, provenance)
     return seal_index(bundle.path)

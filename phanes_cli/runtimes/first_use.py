@@ -73,8 +73,8 @@ def _usable(copy: Path, shipped_files: dict[str, str]) -> bool:
 
 
 def _gated(copy: Path) -> bool:
-    """Exported by a phanes that knew every gated backend of this one: each has a verdict or a note saying why it
-    was not gated (a copy from before a backend existed is exported again, so the new backend is judged)."""
+    """Exported by a phanes that knew every gated backend of this one: each has a verdict, or a reason under
+    `not_gated` (a copy from before a backend existed is exported again, so the new backend is judged)."""
     provenance = copy / ENGINES_DIR / "provenance.json"
     try:
         record = json.loads(provenance.read_text()) if provenance.is_file() else None
@@ -82,9 +82,9 @@ def _gated(copy: Path) -> bool:
         return False
     if not isinstance(record, dict) or not isinstance(record.get("gates"), dict):
         return False
-    notes = [str(note) for note in record.get("notes", [])] if isinstance(record.get("notes"), list) else []
-    return all(name in record["gates"] or any(note.startswith(f"{name} not gated") for note in notes)
-               for name in GATED_BACKENDS)
+    not_gated = record.get("not_gated")
+    judged = {*record["gates"], *(not_gated if isinstance(not_gated, dict) else ())}
+    return all(name in judged for name in GATED_BACKENDS)
 
 
 def _remove(path: Path) -> None:

@@ -23,14 +23,13 @@ from phanes_cli.core.bundle import Bundle
 from phanes_cli.errors import ConfigError
 from phanes_cli.infra.optional import available, missing_message
 from phanes_cli.infra.versions import package_version
-from phanes_cli.runtimes import GATED_BACKENDS
+from phanes_cli.runtimes import BF16_BACKEND, GATED_BACKENDS
 from phanes_cli.runtimes.artefacts import artefact_name
 from phanes_cli.runtimes.onnx import INT8_BACKEND, OnnxRuntimeBackend
 from phanes_cli.runtimes.parity import ParitySet, gate, gate_reference
 from phanes_cli.runtimes.quantise import quantise
 
 CPU = torch.device("cpu")
-BF16_BACKEND = "openvino-bf16"  # = runtimes.openvino.BF16_BACKEND (that module needs the optional openvino)
 RUNTIME_PACKAGE = {INT8_BACKEND: "onnxruntime", "openvino": "openvino", BF16_BACKEND: "openvino"}
 PRECISION = {INT8_BACKEND: "int8", "openvino": "fp32", BF16_BACKEND: "bf16"}
 # A candidate: (its backend, the artefacts it adds, what the provenance records about it)
@@ -39,11 +38,13 @@ Candidate = tuple[Backend, dict[str, bytes], dict[str, Any]]
 
 @dataclass
 class Gated:
-    """What gating wrote and recorded: artefacts of the passing candidates, every verdict, notes on skipped ones."""
+    """What gating wrote and recorded: artefacts of the passing candidates, every verdict, why each named candidate
+    that could not be built here was not gated (`not_gated`, also as printable `notes`)."""
 
     blobs: dict[str, bytes] = field(default_factory=dict)
     entries: dict[str, Any] = field(default_factory=dict)
     gates: dict[str, Any] = field(default_factory=dict)
+    not_gated: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
@@ -108,7 +109,8 @@ def gate_backends(bundle: Bundle, graphs: dict[str, bytes], sets: list[ParitySet
     out = Gated()
     reasons = {n: _not_here(n) for n in validate_gated(names)}
     installed = [n for n in names if reasons[n] is None]
-    out.notes += [f"{n} not gated: {reason}" for n, reason in reasons.items() if reason is not None]
+    out.not_gated = {n: reason for n, reason in reasons.items() if reason is not None}
+    out.notes += [f"{n} not gated: {reason}" for n, reason in out.not_gated.items()]
     if not installed:
         return out
     # fp32 masks from fp32 ONNX Runtime: the export's parity check has just matched it to torch within 1e-4

@@ -18,10 +18,10 @@ import torch
 from torch import Tensor
 
 from phanes_cli.core.bundle import Bundle
+from phanes_cli.runtimes import BF16_BACKEND
 from phanes_cli.runtimes.artefacts import RuntimeUnavailable, artefact_name, read_artefact
 from phanes_cli.runtimes.graphs import GRAPHS, STAGE2, GraphBackend, GraphSpec, numpy_feed
 
-BF16_BACKEND = "openvino-bf16"
 BF16_GRAPHS = (STAGE2.name,)
 
 
