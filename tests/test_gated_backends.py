@@ -319,5 +319,9 @@ def test_doctor_shows_openvino_and_the_gate_verdicts(gated: tuple[Path, str]) ->
     assert ("devices: CPU" in openvino) if HAS_OPENVINO else ("pip install 'phanes[openvino]'" in openvino)
     if HAS_OPENVINO:
         assert f"CPU bf16: {'native' if NATIVE_BF16 else 'none'}" in openvino
+        cpuinfo = Path("/proc/cpuinfo")
+        if cpuinfo.is_file():  # the kernel's own word on the CPU, independent of OpenVINO
+            flags = set(cpuinfo.read_text().split())
+            assert ("CPU bf16: native" in openvino) == bool({"avx512_bf16", "amx_bf16"} & flags)
     assert any(line.startswith("gate ") and "onnxruntime-int8: passed" in line for line in lines)
     assert "every stage on cpu: onnxruntime-int8" in result.output
