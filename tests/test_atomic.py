@@ -55,3 +55,29 @@ def test_a_staged_file_is_hidden_complete_and_left_for_the_caller_to_rename(tmp_
     tmp = stage_bytes(tmp_path / "calibration.json", b"{}\n")
     assert tmp.parent == tmp_path and tmp.name.startswith(".tmp-") and tmp.read_bytes() == b"{}\n"
     assert not (tmp_path / "calibration.json").exists()
+
+
+@pytest.mark.parametrize("writer", ["atomic_path", "stage_bytes"])
+def test_an_interrupt_while_the_temporary_is_being_created_leaves_nothing(
+        writer: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C landing between the temporary file's creation and its first use (CI caught `data synth` leaving a
+    '.tmp-*' mask this way): the file is removed, the target untouched."""
+    real_close = os.close
+
+    def interrupted(fd: int) -> None:
+        real_close(fd)
+        raise KeyboardInterrupt  # the file exists now; the interrupt arrives before anything else runs
+
+    def write(target: Path) -> None:
+        if writer == "atomic_path":
+            with atomic_path(target) as tmp:
+                tmp.write_bytes(b"never")
+        else:
+            stage_bytes(target, b"never")
+
+    target = tmp_path / "maps" / "s1_lesionmask.nii.gz"
+    monkeypatch.setattr(os, "close", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write(target)
+    monkeypatch.undo()
+    assert list(target.parent.iterdir()) == []

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,18 +36,35 @@ _UMASK = _umask_at_import()
 FILE_MODE = 0o666 & ~_UMASK
 
 
-def _temp_beside(target: Path) -> Path:
-    """An empty temporary file in `target`'s folder, named '.tmp-...' so listings and resume logic ignore it.
+def _temp_name(target: Path) -> Path:
+    """A fresh '.tmp-...' name in `target`'s folder (listings and resume logic ignore it), not yet created.
 
-    It keeps the target's last two suffixes (nibabel picks the format from them). Missing folders are created with
-    the umask's mode.
+    It keeps the target's last two suffixes (nibabel picks the format from them); prefix and suffix are capped, so a
+    target name near the 255-byte limit still has a temp. Missing folders are created with the umask's mode.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(target.suffixes[-2:])[-24:]  # .nii.gz, .parquet...; capped, like the prefix, so a
-    prefix = f".tmp-{target.name.split('.')[0][:64]}-"  # target name near the 255-byte limit still has a temp
-    fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=target.parent)
-    os.close(fd)
-    return Path(tmp_name)
+    suffix = "".join(target.suffixes[-2:])[-24:]
+    return target.parent / f".tmp-{target.name.split('.')[0][:64]}-{secrets.token_hex(6)}{suffix}"
+
+
+def _create(tmp: Path) -> None:
+    """Create `tmp` empty, private until sealed, failing if the name is taken (O_EXCL, like mkstemp)."""
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+
+
+@contextmanager
+def _temp_beside(target: Path) -> Iterator[Path]:
+    """An empty temporary file beside `target`, removed on the way out unless the block renamed it.
+
+    The name is bound before the file exists, so an interrupt (Ctrl-C, SIGTERM) that lands anywhere after that,
+    even while the file is being created, still finds it to remove.
+    """
+    tmp = _temp_name(target)
+    try:
+        _create(tmp)
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _seal(tmp: Path) -> None:
@@ -61,14 +78,10 @@ def _seal(tmp: Path) -> None:
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `target`; rename it onto `target` only if the block succeeds."""
     target = Path(target)
-    tmp = _temp_beside(target)
-    try:
+    with _temp_beside(target) as tmp:
         yield tmp
         _seal(tmp)
         os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def stage_bytes(target: str | Path, data: bytes) -> Path:
@@ -77,8 +90,9 @@ def stage_bytes(target: str | Path, data: bytes) -> Path:
     The caller renames it onto `target` (os.replace) once every file of the commit is staged, and removes
     it if the commit is abandoned.
     """
-    tmp = _temp_beside(Path(target))
+    tmp = _temp_name(Path(target))
     try:
+        _create(tmp)
         tmp.write_bytes(data)
         _seal(tmp)
     except BaseException:
