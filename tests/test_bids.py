@@ -130,6 +130,16 @@ def test_bids_layout_refuses_what_it_cannot_name(tmp_path: Path) -> None:
         start_layout(layout, "default", ["sub-01"])
 
 
+def test_bids_layout_refuses_a_default_run_but_not_its_leftover_temporary(tmp_path: Path) -> None:
+    """A '.tmp-*.json' marker left by a SIGKILL is no commit; a real marker makes OUT a default-layout run."""
+    for name, marker in (("killed", ".tmp-sub-01-0123456789ab.json"), ("committed", "case7.json")):
+        (tmp_path / name / "parts" / "done").mkdir(parents=True)
+        (tmp_path / name / "parts" / "done" / marker).write_text("{}")
+    start_layout(OutputLayout(tmp_path / "killed"), "bids", ["sub-01"])
+    with pytest.raises(ConfigError, match="has a default-layout run"):
+        start_layout(OutputLayout(tmp_path / "committed"), "bids", ["sub-01"])
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_env")
 def test_screen_layout_bids_writes_a_derivatives_dataset(ray_head: RayCluster, dataset: Path, tmp_path: Path) -> None:

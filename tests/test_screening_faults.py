@@ -22,6 +22,12 @@ from tests._ray import HEAD_IP, RayCluster
 from tests.test_screening import _options, assert_same_results, make_bundle, read_tables, series
 
 
+def committed(out: Path) -> list[Path]:
+    """The run's commit markers; a '.tmp-*.json' being staged (or left by a SIGKILL) is not a commit."""
+    folder = out / "parts" / "done"
+    return [p for p in folder.glob("*.json") if not p.name.startswith(".")] if folder.is_dir() else []
+
+
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_bundle(tmp_path_factory.mktemp("bundle"))
@@ -40,7 +46,7 @@ def actor_killed_run(cluster: RayCluster, bundle: Path, tmp_path_factory: pytest
     def killer() -> None:
         deadline = time.monotonic() + 900  # generous: a loaded 2-core machine starts Ray workers slowly
         while time.monotonic() < deadline:
-            done = list((out / "parts" / "done").glob("*.json")) if (out / "parts" / "done").is_dir() else []
+            done = committed(out)
             names = [n for n in ray.util.list_named_actors() if n.startswith("phanes-infer-")]
             if done and names:
                 pid = ray.get(ray.get_actor(names[0]).pid.remote(), timeout=60)
@@ -94,14 +100,14 @@ def test_killed_driver_then_resume_gives_identical_outputs(actor_killed_run: dic
                              cluster.address, HEAD_IP], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 900  # generous: only bounds how long a broken run takes to fail
     while time.monotonic() < deadline and proc.poll() is None:
-        if (out / "parts" / "done").is_dir() and len(list((out / "parts" / "done").glob("*.json"))) >= 2:
+        if len(committed(out)) >= 2:
             break
         time.sleep(0.05)
     assert proc.poll() is None, f"driver ended before it could be killed: {proc.communicate()[0].decode()[-2000:]}"
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    committed = len(list((out / "parts" / "done").glob("*.json")))
-    assert 2 <= committed < 8
+    n_committed = len(committed(out))
+    assert 2 <= n_committed < 8
 
     resumed = subprocess.run([sys.executable, "-c", DRIVER, str(bundle), str(out), cohort, "local", "127.0.0.4"],
                              env=env, capture_output=True, text=True, timeout=900)
@@ -109,7 +115,7 @@ def test_killed_driver_then_resume_gives_identical_outputs(actor_killed_run: dic
     line = next(x for x in resumed.stdout.splitlines() if x.startswith("CHILDREN"))
     fields = dict(zip(line.split()[::2], map(int, line.split()[1::2]), strict=False))
     assert fields["CHILDREN"] == 0  # the local Ray instance was shut down with nothing left behind
-    assert fields["SKIPPED"] >= committed
+    assert fields["SKIPPED"] >= n_committed
     assert fields["SKIPPED"] + fields["DONE"] == 8
     assert fields["FAILED"] == 0
     volumes = read_tables(out)["volumes"]
@@ -131,7 +137,7 @@ def test_sigterm_ends_a_screening_run_cleanly_with_exit_143(cluster: RayCluster,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline and proc.poll() is None:
-        if (out / "parts" / "done").is_dir() and list((out / "parts" / "done").glob("*.json")):
+        if committed(out):
             break
         time.sleep(0.05)
     assert proc.poll() is None, proc.communicate()
@@ -142,5 +148,5 @@ def test_sigterm_ends_a_screening_run_cleanly_with_exit_143(cluster: RayCluster,
     assert any(line.startswith("terminated") for line in stderr.splitlines())
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["status"] == "interrupted" and manifest["finished"]
-    committed = {p.stem for p in (out / "parts" / "done").glob("*.json")}
-    assert committed and set(read_tables(out)["volumes"]["id"]) >= committed
+    done = {p.stem for p in committed(out)}
+    assert done and set(read_tables(out)["volumes"]["id"]) >= done

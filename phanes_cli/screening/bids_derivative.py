@@ -100,7 +100,7 @@ def start_layout(layout: OutputLayout, choice: str, ids: list[str], roots: list[
         raise ConfigError(f"{layout.root}: holds a --layout bids run; resume it with --layout bids, or use another OUT")
     if choice != "bids":
         return
-    if not layout.bids and any((layout.root / "parts" / "done").glob("*.json")):
+    if not layout.bids and any((layout.root / "parts" / "done").glob("[!.]*.json")):
         raise ConfigError(f"{layout.root}: has a default-layout run; resume without --layout bids or use another OUT")
     _check_ids(ids)
     links = _links(roots or [])
