@@ -31,9 +31,10 @@ COMMANDS = (["data", "synth"], ["data", "prepare"], ["train"], ["calibrate"], ["
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
 
 
-def phanes(*args: str | Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Run the installed `phanes` console script, as a shell would."""
-    return subprocess.run([str(PHANES), *map(str, args)], capture_output=True, text=True, timeout=timeout, env=ENV)
+def phanes(*args: str | Path, timeout: float = 300, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run the installed `phanes` console script, as a shell would (`env`: extra environment variables)."""
+    return subprocess.run([str(PHANES), *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env={**ENV, **env})
 
 
 def phanes_in_process(*args: str | Path) -> subprocess.CompletedProcess[str]:
@@ -144,9 +145,17 @@ def test_screen_with_a_corrupt_volume_exits_3_and_keeps_the_good_ones(ray_head: 
     corrupt = tmp_path / "cohort" / "s99.nii.gz"
     corrupt.write_bytes(b"\x1f\x8b this is not a gzip stream")
     run = phanes("screen", tmp_path / "cohort", "--bundle", bundle, "--out", tmp_path / "out", "--address",
-                 ray_head.address, "--actors", "1", "--batch-size", "8", "--quiet", timeout=600)
+                 ray_head.address, "--actors", "1", "--batch-size", "8", timeout=600, PHANES_PROGRESS_SECONDS="0")
     assert run.returncode == 3, run.stdout[-3000:] + run.stderr[-3000:]
     assert "Traceback" not in run.stderr
+    # stderr is a log here: plain progress lines with the counts, no Ray log line (its thread-join notice)
+    assert not [line for line in run.stderr.splitlines() if "worker.py" in line or "WARNING" in line], run.stderr
+    progress = [line for line in run.stderr.splitlines() if line.startswith("screen: ")]
+    assert progress[-1].startswith("screen: 3/3") and progress[-1].endswith("(2 done, 1 failed, 0 skipped)")
+    summary = [line for line in run.stderr.splitlines() if line.startswith("screened 3 volume(s)")]
+    assert summary and summary[0].endswith(f"-> {tmp_path / 'out'}")  # one line, however long OUT is
+    assert any(line.startswith("  failed s99 (decode, InputError): ") and line.endswith('s99.nii.gz")')
+               for line in run.stderr.splitlines()), run.stderr
     volumes = pq.read_table(tmp_path / "out" / "volumes.parquet").to_pydict()
     status = dict(zip(volumes["id"], volumes["status"], strict=True))
     assert status == {**{p.name.split(".")[0]: "ok" for p in good}, "s99": "failed"}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,22 @@ def test_plain_lines_at_start_periodically_and_at_the_end(capsys: pytest.Capture
     assert lines[0].startswith("stage 1: 0/3")
     assert any(line.startswith("stage 1: 2/3") and "loss=1" in line for line in lines)
     assert lines[-1].startswith("stage 1: 3/3") and "ETA" in lines[-1] and "loss=2" in lines[-1]
+
+
+def test_the_logged_rate_is_the_mean_since_the_start_not_the_last_burst(capsys: pytest.CaptureFixture[str]) -> None:
+    """Two units finished a moment apart after 0.3 s of work: 2 / elapsed per second (rich's own speed, from
+    the last updates only, reads thousands), and the ETA follows from that mean."""
+    with make_progress(enabled=True, every=0.0) as bar:
+        task = bar.add_task("volumes", total=4, completed=1, info="")  # one done by an earlier run
+        time.sleep(0.3)
+        bar.advance(task)
+        bar.advance(task)
+        elapsed = bar.tasks[0].elapsed
+    line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("volumes: 3/4")][-1]
+    rate = float(re.search(r", ([0-9.e+]+)/s,", line).group(1))  # type: ignore[union-attr]
+    assert elapsed is not None and elapsed >= 0.3 and rate == pytest.approx(2 / elapsed, rel=0.05)
+    eta = re.search(r"ETA 0:00:(\d\d)", line)
+    assert eta is not None and int(eta.group(1)) == int(elapsed / 2)
 
 
 def test_no_lines_when_disabled(capsys: pytest.CaptureFixture[str]) -> None:

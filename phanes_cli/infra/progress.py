@@ -48,6 +48,7 @@ class LoggedProgress(Progress):
         super().__init__(*(columns or self.get_default_columns()), **kwargs)
         self._every = _interval() if every is None else every
         self._logged: dict[TaskID, float] = {}
+        self._initial: dict[TaskID, float] = {}  # units done before the task started (a resume's skipped volumes)
         self._finished: set[TaskID] = set()
         self._plain = not self.console.is_terminal and not self.disable
 
@@ -58,6 +59,7 @@ class LoggedProgress(Progress):
 
     def add_task(self, description: str, *args: Any, **kwargs: Any) -> TaskID:
         task_id = super().add_task(description, *args, **kwargs)
+        self._initial[task_id] = self._tasks[task_id].completed
         self._log(task_id, force=True)
         return task_id
 
@@ -84,12 +86,20 @@ class LoggedProgress(Progress):
         self._logged[task_id] = now
         if done:
             self._finished.add(task_id)
+        print(self._line(task_id), file=sys.stderr, flush=True)
+
+    def _line(self, task_id: TaskID) -> str:
+        """`what: done/total, rate, elapsed, ETA info`. The rate is the mean since the task started: rich's own
+        speed looks at the last few updates, so two volumes committed a millisecond apart read as 1000/s."""
+        task = self._tasks[task_id]
+        elapsed = task.elapsed or 0.0
+        speed = (task.completed - self._initial.get(task_id, 0.0)) / elapsed if elapsed > 0 else 0.0
         total = "?" if task.total is None else f"{task.total:g}"
-        rate = f", {task.speed:.3g}/s" if task.speed else ""
+        rate = f", {speed:.3g}/s" if speed > 0 else ""
+        eta = (task.total - task.completed) / speed if speed > 0 and task.total is not None else None
         info = task.fields.get("info", "")
-        line = (f"{task.description}: {task.completed:g}/{total}{rate}, elapsed {_clock(task.elapsed)}, "
-                f"ETA {_clock(task.time_remaining)}{' ' + str(info) if info else ''}")
-        print(line, file=sys.stderr, flush=True)
+        return (f"{task.description}: {task.completed:g}/{total}{rate}, elapsed {_clock(elapsed)}, "
+                f"ETA {_clock(eta)}{' ' + str(info) if info else ''}")
 
 
 def make_progress(enabled: bool = True, every: float | None = None) -> LoggedProgress:

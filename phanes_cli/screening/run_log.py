@@ -97,7 +97,8 @@ class ProgressDisplay:
 
     def _fields(self) -> dict[str, Any]:
         c = self.counts
-        return {"done": c.done, "failed": c.failed, "skipped": c.skipped, "rate": c.per_minute()}
+        return {"done": c.done, "failed": c.failed, "skipped": c.skipped, "rate": c.per_minute(),  # the bar's columns
+                "info": f"({c.done} done, {c.failed} failed, {c.skipped} skipped)"}  # plain lines (a log) show the rate
 
     def refresh(self) -> None:
         if self._progress is not None:
@@ -110,15 +111,17 @@ class ProgressDisplay:
 
 
 def print_summary(console: Console, counts: Counts, seconds: float, out: Path, failures: list[dict[str, Any]]) -> None:
-    """One line of counts, then the failures (up to 20) with their stage and reason."""
+    """One line of counts, then the failures (up to 20) with their stage and reason; each stays one line (soft
+    wrap), also in a log file, where rich would break it at 80 columns."""
     style = "green" if counts.failed == 0 else "yellow"
     console.print(f"[{style}]screened {counts.total} volume(s) in {seconds:.1f} s: {counts.done} done, "
-                  f"{counts.failed} failed, {counts.skipped} already done[/] -> {escape(str(out))}")
+                  f"{counts.failed} failed, {counts.skipped} already done[/] -> {escape(str(out))}", soft_wrap=True)
     for row in failures[:20]:  # ids, paths and messages come from data: escaped, '[/b]' in a name is no markup
         console.print(f"  [red]failed[/] {escape(str(row['id']))} ({escape(str(row['stage']))}, "
-                      f"{escape(str(row['error_type']))}): {escape(str(row['message']))}")
+                      f"{escape(str(row['error_type']))}): {escape(str(row['message']))}", soft_wrap=True)
     if len(failures) > 20:
-        console.print(f"  ... and {len(failures) - 20} more in {escape(str(out / 'failures.parquet'))}")
+        console.print(f"  ... and {len(failures) - 20} more in {escape(str(out / 'failures.parquet'))}",
+                      soft_wrap=True)
 
 
 def write_run_manifest(path: Path, payload: dict[str, Any]) -> None:

@@ -112,24 +112,36 @@ def _quiet_retries() -> Iterator[None]:
             os.environ.pop(name, None)
 
 
-class _DropTokenNotice(logging.Filter):
-    """Ray's notice that the local instance it starts uses token authentication (a default, nothing to act on)."""
+# Ray's start-up notices that are nothing for the user to act on, by the logger that emits them: a local instance
+# uses token authentication (a default); `_join` connects from a thread, so Ray cannot set its SIGTERM handler
+# (phanes sets its own right after, `stop_on_sigterm`).
+_NOTICES = {
+    "ray._private.authentication.authentication_token_setup": "Token authentication is enabled for this Ray cluster",
+    "ray._private.worker": "SIGTERM handler is not set because current thread is not the main thread",
+}
+
+
+class _DropNotice(logging.Filter):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "Token authentication is enabled for this Ray cluster" not in record.getMessage()
+        return self.text not in record.getMessage()
 
 
 @contextmanager
 def _quiet_startup() -> Iterator[None]:
     """Start-up notices that are not the user's business stay out of the output; Ray's real warnings (token
     authentication disabled, a token missing or wrong) still show."""
-    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
-    notice = _DropTokenNotice()
-    logger.addFilter(notice)
+    filters = [(logging.getLogger(name), _DropNotice(text)) for name, text in _NOTICES.items()]
+    for logger, notice in filters:
+        logger.addFilter(notice)
     try:
         yield
     finally:
-        logger.removeFilter(notice)
+        for logger, notice in filters:
+            logger.removeFilter(notice)
 
 
 def local_cpus() -> int:
