@@ -277,6 +277,17 @@ def test_invalid_requests_are_clear(tmp_path: Path) -> None:
         synth_cohort(tmp_path / "out", healthy=1, lesions=0, test_sources=("nope",))
 
 
+def test_a_bad_extra_template_fails_before_anything_is_written(tmp_path: Path) -> None:
+    """Shipped templates load when first used; a user's --templates are read at once: a one-subject cohort that
+    would never draw the bad file still refuses it, naming it, with nothing written."""
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    nib.save(nib.Nifti1Image(np.zeros((20, 20, 20), np.float32), np.eye(4)), str(extra / "blank.nii.gz"))
+    with pytest.raises(InputError, match="blank.nii.gz.*no brain found"):
+        synth_cohort(tmp_path / "out", healthy=1, lesions=0, templates=extra, voxel_size=4.0)
+    assert not (tmp_path / "out").exists()
+
+
 @needs_shared()
 def test_extra_template_in_las_orientation_matches_mni(mni: Template, grid) -> None:
     path = SHARED_DATA / "healthy-t1" / "antspy_mni152_T1.nii.gz"

@@ -25,6 +25,20 @@ def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return labels, int(n)
 
 
+def _check_table_inputs(mask: np.ndarray, score: np.ndarray | None, affine: np.ndarray,
+                        zooms: tuple[float, float, float], axial_axis: int) -> None:
+    if mask.ndim != 3:
+        raise ValueError(f"lesion_table needs a 3D mask, got shape {mask.shape}")
+    if affine.shape != (4, 4):
+        raise ValueError(f"affine must be 4x4, got {affine.shape}")
+    if len(zooms) != 3:
+        raise ValueError(f"zooms must have 3 entries, got {zooms}")
+    if axial_axis not in (0, 1, 2):
+        raise ValueError(f"axial_axis must be 0, 1 or 2, got {axial_axis}")
+    if score is not None and np.shape(score) != mask.shape:
+        raise ValueError(f"score shape {np.shape(score)} differs from mask shape {mask.shape}")
+
+
 def lesion_table(
     mask: np.ndarray,
     score: np.ndarray | None,
@@ -42,17 +56,7 @@ def lesion_table(
     """
     mask = np.asarray(mask, dtype=bool)
     affine = np.asarray(affine, dtype=np.float64)
-    if mask.ndim != 3:
-        raise ValueError(f"lesion_table needs a 3D mask, got shape {mask.shape}")
-    if affine.shape != (4, 4):
-        raise ValueError(f"affine must be 4x4, got {affine.shape}")
-    if len(zooms) != 3:
-        raise ValueError(f"zooms must have 3 entries, got {zooms}")
-    if axial_axis not in (0, 1, 2):
-        raise ValueError(f"axial_axis must be 0, 1 or 2, got {axial_axis}")
-    if score is not None and np.shape(score) != mask.shape:
-        raise ValueError(f"score shape {np.shape(score)} differs from mask shape {mask.shape}")
-
+    _check_table_inputs(mask, score, affine, zooms, axial_axis)
     labels, n = label_components(mask)
     if n == 0:
         return []

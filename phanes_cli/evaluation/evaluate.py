@@ -275,6 +275,38 @@ def _score_rows(labelled: list[ManifestRow], controls: list[ManifestRow], backen
     return boards
 
 
+def _rows_to_score(manifest: Path, split: str, sources: Sequence[str]
+                   ) -> tuple[list[ManifestRow], list[ManifestRow], list[ManifestRow], list[str], list[str]]:
+    """All rows of the chosen sources, the split's labelled rows and healthy controls, the ids skipped
+    (neither), and the note that names them."""
+    rows = of_sources(read_manifest(manifest), sources, manifest)
+    labelled, skipped = labelled_rows(rows, split, manifest)
+    controls = [r for r in select(rows, split=split) if r.lesion_mask is None and r.kind == HEALTHY]
+    skipped = [i for i in skipped if i not in {r.id for r in controls}]
+    notes = [f"{len(skipped)} row(s) of split {split!r} have no lesion_mask and were skipped: "
+             f"{', '.join(skipped[:10])}{' ...' if len(skipped) > 10 else ''}"] if skipped else []
+    return rows, labelled, controls, skipped, notes
+
+
+def _clipping_notes(method_summaries: dict[str, dict[str, Any]]) -> list[str]:
+    return [f"{method}: {summary['clipped_fraction']:.2e} of brain voxels scored above {MAX_SCORE} "
+            "and were counted in the top histogram bin"
+            for method, summary in method_summaries.items() if summary["clipped_fraction"] > 0]
+
+
+def _write_results(out: Path, summary: dict[str, Any], per_volume: pa.Table, controls: pa.Table | None,
+                   synthetic_result: SyntheticResult | None) -> None:
+    """Every file of an evaluation under `out`; summary.json last."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_parquet(out / PER_VOLUME_FILE, per_volume)
+    if controls is not None:
+        write_parquet(out / CONTROLS_FILE, controls)
+    if synthetic_result is not None:
+        write_parquet(out / SYNTHETIC_TABLE_FILE, synthetic_result.per_slice)
+        write_json(out / SYNTHETIC_SUMMARY_FILE, summary["synthetic"])
+    write_json(out / SUMMARY_FILE, summary)
+
+
 def evaluate(
     bundle: Path,
     manifest: Path,
@@ -307,36 +339,22 @@ def evaluate(
     if synthetic and synthetic_slices < 1:
         raise ConfigError(f"the synthetic protocol needs at least 1 slice, got {synthetic_slices}")
     loaded = load_bundle(bundle)
-    calibration = loaded.require_calibration()
-    cfg = loaded.config
-    rows = of_sources(read_manifest(manifest), sources, manifest)
-    labelled, skipped = labelled_rows(rows, split, manifest)
-    controls = [r for r in select(rows, split=split) if r.lesion_mask is None and r.kind == HEALTHY]
-    skipped = [i for i in skipped if i not in {r.id for r in controls}]
-    notes: list[str] = []
-    if skipped:
-        notes.append(f"{len(skipped)} row(s) of split {split!r} have no lesion_mask and were skipped: "
-                     f"{', '.join(skipped[:10])}{' ...' if len(skipped) > 10 else ''}")
+    calibration, cfg = loaded.require_calibration(), loaded.config
+    rows, labelled, controls, skipped, notes = _rows_to_score(manifest, split, sources)
     backend = choose_backend(backend_name, loaded, select_device(device), lpips_weights)
 
     boards = _score_rows(labelled, controls, backend, cfg, calibration, names, batch_size, skull_strip, progress)
     every = boards.pop(None)
-    per_volume = pa.Table.from_pylist(every.rows(), schema=PER_VOLUME_SCHEMA)
     method_summaries = every.summaries()
     by_source = {source: board.summaries() for source, board in sorted(boards.items())} if len(boards) > 1 else {}
-    for method, summary in method_summaries.items():
-        if summary["clipped_fraction"] > 0:
-            notes.append(f"{method}: {summary['clipped_fraction']:.2e} of brain voxels scored above {MAX_SCORE} "
-                         "and were counted in the top histogram bin")
-
+    notes += _clipping_notes(method_summaries)
     synthetic_result = None
     if synthetic:
         healthy, source = synthetic_subjects(rows, split)
         if healthy:
             synthetic_result = run_synthetic(healthy, source, backend, cfg, calibration, names,
-                                             n_slices=synthetic_slices,
-                                             seed=seed, batch_size=batch_size, bins=BINS, max_score=MAX_SCORE,
-                                             skull_strip=skull_strip)
+                                             n_slices=synthetic_slices, seed=seed, batch_size=batch_size, bins=BINS,
+                                             max_score=MAX_SCORE, skull_strip=skull_strip)
         else:
             notes.append(f"synthetic protocol skipped: no healthy rows in split {split!r} nor in 'val'")
     for note in notes:
@@ -353,13 +371,7 @@ def evaluate(
     }
     summary = _json_safe({"settings": settings, "methods": method_summaries, "by_source": by_source,
                           "synthetic": None if synthetic_result is None else synthetic_result.summary})
-    out.mkdir(parents=True, exist_ok=True)
-    write_parquet(out / PER_VOLUME_FILE, per_volume)
-    if controls:
-        write_parquet(out / CONTROLS_FILE, every.breakdown.table())
-    if synthetic_result is not None:
-        write_parquet(out / SYNTHETIC_TABLE_FILE, synthetic_result.per_slice)
-        write_json(out / SYNTHETIC_SUMMARY_FILE, summary["synthetic"])
-    write_json(out / SUMMARY_FILE, summary)
+    per_volume = pa.Table.from_pylist(every.rows(), schema=PER_VOLUME_SCHEMA)
+    _write_results(out, summary, per_volume, every.breakdown.table() if controls else None, synthetic_result)
     return EvaluationResult(summary=summary, per_volume=per_volume, synthetic=synthetic_result, out=out, warnings=notes)
 

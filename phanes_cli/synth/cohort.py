@@ -44,7 +44,9 @@ from phanes_cli.synth.templates import (
     MNI152_NAME,
     Grid,
     Template,
-    load_templates,
+    load_extra_templates,
+    load_mni152,
+    load_template_file,
     output_grid,
     template_files,
     template_name,
@@ -227,12 +229,12 @@ def synth_cohort(out: Path, healthy: int, lesions: int, kind: str = "stroke", se
     label_names = label_map_names()
     names = [MNI152_NAME] + [template_name(p) for p in files] + label_names
     splits = source_splits(names, tuple(val_sources), tuple(test_sources))
-    templates_loaded = load_templates(files)
-    sources: dict[int, Source] = dict(enumerate(templates_loaded))
+    mni = load_mni152()
+    sources: dict[int, Source] = {0: mni, **load_extra_templates(files, mni)}
 
-    def source(i: int) -> Source:  # label maps load on first use: a small cohort reads only a few
+    def source(i: int) -> Source:  # shipped templates and label maps load on first use: a small cohort reads a few
         if i not in sources:
-            sources[i] = load_label_map(names[i], templates_loaded[0])
+            sources[i] = load_template_file(files[i - 1], mni) if i <= len(files) else load_label_map(names[i], mni)
         return sources[i]
 
     tests = [i for i in round_robin(names, splits) if splits[names[i]] == "test"]

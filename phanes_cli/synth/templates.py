@@ -229,7 +229,9 @@ def template_files(extra: Path | None = None, packaged: bool = True) -> list[Pat
     return files
 
 
-def load_templates(files: list[Path]) -> list[Template]:
-    """nilearn's MNI152 first, then `files` (see `template_files`) as templates fitted to it."""
-    mni = load_mni152()
-    return [mni] + [load_template_file(p, mni) for p in files]
+def load_extra_templates(files: list[Path], reference: Template) -> dict[int, Template]:
+    """The templates among `files` (see `template_files`) that did not ship with phanes, by their index in
+    [MNI152, *files]: a user's `--templates` are read at once, so a bad file fails before anything is written;
+    the shipped ones are known good and load when a subject first uses them."""
+    return {i: load_template_file(p, reference) for i, p in enumerate(files, start=1)
+            if p.parent != PACKAGED_TEMPLATES}
