@@ -359,7 +359,8 @@ SHIPPED_BRAINS = [*sorted((PACKAGE_DATA / "healthy_t1").glob("*.nii.gz")),
                   PACKAGE_DATA / "mni152" / "mni152_2009a_t1_1mm.nii.gz"]
 
 
-def _volume(tmp_path: Path, data: np.ndarray, name: str = "v.nii.gz", affine: np.ndarray | None = None) -> Volume:
+def _volume(tmp_path: Path, data: np.ndarray, name: str = "v.nii", affine: np.ndarray | None = None) -> Volume:
+    """`data` through a real NIfTI file and the loader (uncompressed: gzip adds nothing these checks look at)."""
     nib.save(nib.Nifti1Image(data.astype(np.float32), np.eye(4) if affine is None else affine), str(tmp_path / name))
     return load_volume(tmp_path / name)
 
@@ -388,7 +389,7 @@ def test_shipped_t1_brains_pass_whatever_their_offset_and_scale(tmp_path: Path) 
 
 
 def _write_like(tmp_path: Path, volume: object, data: np.ndarray) -> Path:
-    path = tmp_path / "like.nii.gz"
+    path = tmp_path / "like.nii"  # uncompressed, as in `_volume`
     nib.save(nib.Nifti1Image(data.astype(np.float32), volume.affine), str(path))  # type: ignore[attr-defined]
     return path
 
