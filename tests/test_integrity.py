@@ -39,7 +39,7 @@ from phanes_cli.screening.layout import OutputLayout, file_stem
 from phanes_cli.screening.options import ScreenOptions
 from phanes_cli.screening.plan import plan_volumes
 from phanes_cli.screening.restat import run_stats
-from phanes_cli.screening.run_log import Counts, print_summary
+from phanes_cli.screening.run_log import Counts, ProgressDisplay, print_summary
 from phanes_cli.screening.schemas import manifest_columns
 from tests.test_cli import phanes_in_process
 from tests.test_screening import affines, make_bundle, write_head
@@ -346,6 +346,15 @@ def test_rich_markup_in_paths_and_messages_is_printed_not_parsed(tmp_path: Path)
                   [{"id": "[/b]", "stage": "decode", "error_type": "[/i]", "message": "bad [/red] file"}])
     text = console.export_text()
     assert "[/b]" in text and "bad [/red] file" in text
+
+
+def test_a_screening_warning_is_one_line_of_text_in_a_log(capsys: pytest.CaptureFixture[str]) -> None:
+    """`auto`'s skipped-backend warning names a bundle path: in a log (not a terminal) it stays one line, and
+    brackets in it are text, not markup."""
+    reason = "backend onnxruntime-int8 skipped: it failed its export gate; `phanes doctor --bundle /runs/[/b]" + \
+        "x" * 200 + "` shows its figures"
+    ProgressDisplay(Counts(total=1), quiet=False).warn(reason)
+    assert capsys.readouterr().err == f"warning: {reason}\n"
 
 
 # ---------------------------------------------------------------------------------------------------------

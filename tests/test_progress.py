@@ -40,6 +40,25 @@ def test_the_logged_rate_is_the_mean_since_the_start_not_the_last_burst(capsys: 
     assert eta is not None and int(eta.group(1)) == int(elapsed / 2)
 
 
+def test_a_log_gets_plain_lines_only_and_a_summary_set_after_the_end(capsys: pytest.CaptureFixture[str]) -> None:
+    """No rich bar in a log (it came once at the end, cut to 80 columns with '…'); a field set after a task ended
+    (training's best validation loss) gets one more line; an unchanged finished task none."""
+    with make_progress(enabled=True, every=0.0) as bar:
+        steps = bar.add_task("stage 1", total=2, info="")
+        other = bar.add_task("loading", total=1, info="3 slices")
+        bar.advance(other)
+        bar.update(steps, advance=2, info="loss=1")
+        bar.update(steps, info="best val 0.5 (max_steps)")
+        interrupted = bar.add_task("stage 2", total=5, info="")
+        bar.advance(interrupted)
+    err = capsys.readouterr().err
+    assert "━" not in err and "…" not in err
+    lines = err.splitlines()
+    assert [x for x in lines if x.startswith("stage 1: 2/2")][-1].endswith("best val 0.5 (max_steps)")
+    assert len([x for x in lines if x.startswith("loading: 1/1")]) == 1
+    assert lines[-1].startswith("stage 2: 1/5")
+
+
 def test_no_lines_when_disabled(capsys: pytest.CaptureFixture[str]) -> None:
     with make_progress(enabled=False, every=0.0) as bar:
         task = bar.add_task("quiet", total=2, info="")

@@ -51,6 +51,9 @@ class LoggedProgress(Progress):
         self._initial: dict[TaskID, float] = {}  # units done before the task started (a resume's skipped volumes)
         self._finished: set[TaskID] = set()
         self._plain = not self.console.is_terminal and not self.disable
+        self._printed: dict[TaskID, str] = {}
+        if self._plain:  # the plain lines replace rich's bar, which a log would get once, at the end, cut at 80 columns
+            self.disable = True
 
     @classmethod
     def get_default_columns(cls) -> tuple[ProgressColumn, ...]:
@@ -86,13 +89,25 @@ class LoggedProgress(Progress):
         self._logged[task_id] = now
         if done:
             self._finished.add(task_id)
-        print(self._line(task_id), file=sys.stderr, flush=True)
+        self._print(task_id)
+
+    def _print(self, task_id: TaskID) -> None:
+        self._printed[task_id] = self._line(task_id)
+        print(self._printed[task_id], file=sys.stderr, flush=True)
+
+    def stop(self) -> None:
+        """In a log, each task's last state once more where it changed since its last line: a summary set after the
+        end (training's best validation loss) or where an interrupted task stood."""
+        for task_id in self._printed:
+            if self._line(task_id) != self._printed[task_id]:
+                self._print(task_id)
+        super().stop()
 
     def _line(self, task_id: TaskID) -> str:
         """`what: done/total, rate, elapsed, ETA info`. The rate is the mean since the task started: rich's own
         speed looks at the last few updates, so two volumes committed a millisecond apart read as 1000/s."""
         task = self._tasks[task_id]
-        elapsed = task.elapsed or 0.0
+        elapsed = (task.finished_time if task.finished else task.elapsed) or 0.0  # a finished task's clock stops
         speed = (task.completed - self._initial.get(task_id, 0.0)) / elapsed if elapsed > 0 else 0.0
         total = "?" if task.total is None else f"{task.total:g}"
         rate = f", {speed:.3g}/s" if speed > 0 else ""

@@ -21,7 +21,6 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import ray
-from rich.markup import escape
 
 from phanes_cli.core.bundle import Bundle, load_bundle
 from phanes_cli.infra.folders import claim_folder
@@ -161,7 +160,7 @@ def _dispatch(todo: list[ManifestRow], options: ScreenOptions, bundle: Bundle, b
         try:
             for reason in actors.wait_ready():  # auto skipped a refused backend: say so, never silently
                 log.event("warning", message=reason)
-                display.console.print(f"[yellow]warning:[/] {escape(reason)}")
+                display.warn(reason)
             ready = time.monotonic()
             dispatcher.run(iter(todo), plan.max_in_flight)
             manifest["ray"].update(startup_s=ready - began, stream_s=time.monotonic() - ready)
