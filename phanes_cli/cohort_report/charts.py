@@ -1,4 +1,5 @@
-"""Cohort charts as inline SVG, with axes, ticks and units: burden and count histograms, burden by covariate.
+"""Cohort charts as inline SVG, with axes, ticks and units: burden and count histograms, burden by covariate,
+burden against age.
 
 Every text drawn from data (covariate names and levels) is escaped; numbers are formatted here.
 """
@@ -12,6 +13,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from phanes_cli.cohort_report.age_groups import AgeReading
 
 WIDTH, HEIGHT = 440, 230
 LEFT, RIGHT, TOP, BOTTOM = 52, 14, 12, 44
@@ -42,6 +45,14 @@ def _x_axis(ticks: list[float], scale: Any, label: str, start: float = LEFT) -> 
     return (f'<g class="axis"><line x1="{start}" y1="{base}" x2="{WIDTH - RIGHT}" y2="{base}"/>{marks}'
             f'<text class="label" x="{(start + WIDTH - RIGHT) / 2}" y="{HEIGHT - 6}" text-anchor="middle">'
             f"{html.escape(label)}</text></g>")
+
+
+def _y_axis(ticks: list[float], scale: Any, label: str) -> str:
+    marks = "".join(f'<line x1="{LEFT - 4}" y1="{scale(t):.1f}" x2="{LEFT}" y2="{scale(t):.1f}"/>'
+                    f'<text x="{LEFT - 6}" y="{scale(t) + 3:.1f}" text-anchor="end">{t:g}</text>' for t in ticks)
+    return (f'<g class="axis"><line x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{HEIGHT - BOTTOM}"/>{marks}'
+            f'<text class="label" transform="translate(12 {(TOP + HEIGHT - BOTTOM) / 2}) rotate(-90)" '
+            f'text-anchor="middle">{html.escape(label)}</text></g>')
 
 
 def _svg(body: str, title: str, note: str) -> str:
@@ -75,12 +86,7 @@ def histogram_svg(values: Sequence[float | None], title: str, axis_label: str, b
                    f'width="{max(sx(edges[i + 1]) - sx(edges[i]) - 1, 0.5):.1f}" height="{sy(0) - sy(n):.1f}">'
                    f"<title>{spans[i]}: {n} volumes"
                    f"</title></rect>" for i, n in enumerate(counts) if n)
-    y_axis = "".join(f'<line x1="{LEFT - 4}" y1="{sy(t):.1f}" x2="{LEFT}" y2="{sy(t):.1f}"/>'
-                     f'<text x="{LEFT - 6}" y="{sy(t) + 3:.1f}" text-anchor="end">{t:g}</text>' for t in yt)
-    y_axis = (f'<g class="axis"><line x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{HEIGHT - BOTTOM}"/>{y_axis}'
-              f'<text class="label" transform="translate(12 {(TOP + HEIGHT - BOTTOM) / 2}) rotate(-90)" '
-              f'text-anchor="middle">volumes</text></g>')
-    return _svg(bars + _x_axis(xt, sx, axis_label) + y_axis, title, f"n = {data.size}")
+    return _svg(bars + _x_axis(xt, sx, axis_label) + _y_axis(yt, sy, "volumes"), title, f"n = {data.size}")
 
 
 def categorical_columns(volumes: list[dict[str, Any]], known: set[str]) -> list[str]:
@@ -136,3 +142,34 @@ def burden_by_svg(volumes: list[dict[str, Any]], column: str) -> str:
         body.append(_box(np.asarray(groups[level]), y, sx, every.size <= MAX_POINTS))
     return _svg("".join(body) + _x_axis(xt, sx, "lesion burden (mL)", start), f"Lesion burden by {column}",
                 f"{len(levels)} groups, n = {every.size}; box: quartiles, line: median, whiskers: range")
+
+
+def burden_by_age_svg(reading: AgeReading) -> str:
+    """Burden against age: one point per volume (flagged ones ringed), the running median, and each age group's
+    flagging limit as a dashed segment; id, age and burden in each point's tooltip."""
+    ages, burdens = reading.ages, reading.burdens
+    xt = nice_ticks(float(ages.min()), float(ages.max()) if ages.max() > ages.min() else float(ages.min()) + 1)
+    top = max(float(burdens.max()), max(g.limit_ml for g in reading.groups), 1.0)
+    yt = nice_ticks(0.0, top, 4)
+
+    def sx(v: float) -> float:
+        return LEFT + (v - xt[0]) / (xt[-1] - xt[0]) * (WIDTH - LEFT - RIGHT)
+
+    def sy(v: float) -> float:
+        return HEIGHT - BOTTOM - (v - yt[0]) / (yt[-1] - yt[0]) * (HEIGHT - BOTTOM - TOP)
+
+    flagged = set(reading.flagged)
+    limits = "".join(f'<line class="limit" x1="{sx(g.low):.1f}" y1="{sy(g.limit_ml):.1f}" x2="{sx(g.high):.1f}" '
+                     f'y2="{sy(g.limit_ml):.1f}"><title>ages {_fmt(g.low)} to {_fmt(g.high)}: flagged above '
+                     f"{_fmt(g.limit_ml)} mL (median {_fmt(g.median_ml)} mL, n={g.count})</title></line>"
+                     for g in reading.groups)
+    trend = " ".join(f"{sx(a):.1f},{sy(b):.1f}" for a, b in zip(ages, reading.trend, strict=True))
+    points = "".join(f'<circle class="{"flagged" if i in flagged else "point"}" cx="{sx(a):.1f}" cy="{sy(b):.1f}" '
+                     f'r="{3.5 if i in flagged else 2}"><title>{html.escape(vid)}: age {_fmt(a)}, '
+                     f"{_fmt(b)} mL</title></circle>"
+                     for i, (vid, a, b) in enumerate(zip(reading.ids, ages, burdens, strict=True)))
+    body = (f'{limits}<polyline class="trend" points="{trend}"/>{points}'
+            f"{_x_axis(xt, sx, f'{reading.column} (years)')}{_y_axis(yt, sy, 'lesion burden (mL)')}")
+    return _svg(body, f"Lesion burden against {reading.column}",
+                f"n = {ages.size}; line: running median; dashes: each age group's flagging limit; "
+                f"ringed: {len(flagged)} flagged")

@@ -1,7 +1,8 @@
 """`phanes report`: the cohort page of a screening run, and a page with a viewer for the volumes worth a look.
 
 The cohort page (self-contained: no server, no CDN) holds the summary, charts with axes and units
-(burden and lesion-count histograms, burden by each categorical covariate of the volumes table), the
+(burden and lesion-count histograms, burden by each categorical covariate of the volumes table; with an age
+column, burden against age and the volumes far above their age group, `age_groups`), the
 per-volume table (rows travel as embedded JSON; the browser sorts, filters and pages them, so 10,000
 rows stay fast), a CSV download, a QC verdict per volume kept in the browser and exported as CSV or
 JSON, the failures and the QC figures of the top volumes. Each id with a page links to
@@ -27,8 +28,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from phanes_cli import __version__
+from phanes_cli.cohort_report.age_groups import K_MAD, MIN_SPREAD_ML, AgeReading, read_by_age
 from phanes_cli.cohort_report.cases import load_case
-from phanes_cli.cohort_report.charts import burden_by_svg, categorical_columns, histogram_svg
+from phanes_cli.cohort_report.charts import burden_by_age_svg, burden_by_svg, categorical_columns, histogram_svg
 from phanes_cli.cohort_report.figures import png_base64, render_case, save_png
 from phanes_cli.cohort_report.safe import fill, inside, json_for_script, safe_stem
 from phanes_cli.cohort_report.viewer import write_case_page
@@ -207,6 +209,33 @@ def _charts(volumes: list[dict[str, Any]], covariates: list[str]) -> str:
     return "".join(charts)
 
 
+AGE_REFERENCE = ("The reference is this cohort itself, not normative data of healthy people: each volume is compared "
+                 "with the other volumes of its age group in this run. A cohort of patients raises the reference, so "
+                 "a flag means unusual for this cohort at that age, not abnormal.")
+
+
+def _age_html(reading: AgeReading | None) -> str:
+    """Burden against age: the scatter, the rule and reference in words, and the flagged volumes (nothing without
+    an age column)."""
+    if reading is None:
+        return ""
+    rule = (f"Age groups of about equal size ({len(reading.groups)}: "
+            + ", ".join(f"{g.low:g} to {g.high:g} years, n={g.count}" for g in reading.groups)
+            + f"). A volume is flagged when its burden is above its age group's median + {K_MAD:g} x MAD "
+              f"(the median absolute deviation scaled by 1.4826, taken as at least {MIN_SPREAD_ML:g} mL).")
+    rows = "".join(
+        f"<tr><td>{html.escape(reading.ids[i])}</td><td>{reading.ages[i]:g}</td>"
+        f"<td>{reading.burdens[i]:.2f}</td><td>{reading.groups[reading.group_of[i]].median_ml:.2f}</td>"
+        f"<td>{reading.groups[reading.group_of[i]].limit_ml:.2f}</td></tr>" for i in reading.flagged)
+    table = (f'<table id="age-flagged"><thead><tr><th>id</th><th>{html.escape(reading.column)}</th>'
+             "<th>burden (mL)</th><th>group median (mL)</th><th>flagged above (mL)</th></tr></thead>"
+             f"<tbody>{rows}</tbody></table>" if rows else '<p id="age-none-flagged">No volume is far above its age '
+                                                          "group.</p>")
+    return (f'<h2>Burden against age</h2><div class="charts">{burden_by_age_svg(reading)}</div>'
+            f'<p class="note" id="age-reference">{html.escape(AGE_REFERENCE)}</p>'
+            f'<p class="note" id="age-rule">{html.escape(rule)}</p>{table}')
+
+
 def _target(out: Path | None, layout: OutputLayout) -> Path:
     target = Path(out) if out is not None else layout.root / "report.html"
     if target.is_dir():
@@ -235,6 +264,7 @@ def render_report(run_dir: Path, out: Path | None = None, top: int = 10, ids: Se
         "TITLE": html.escape(f"phanes report: {layout.root.name}"),
         "SUMMARY": _summary_html(stats, layout),
         "CHARTS": _charts(volumes, covariates),
+        "AGE": _age_html(read_by_age(volumes)),
         "FAILURES": _failure_rows(failures),
         "SKIPPED": _skipped_html(result.skipped),
         "FIGURES": "".join(cases.blocks) or "<p>No figure requested.</p>",
