@@ -50,6 +50,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The calibrated tiny untrained bundle (`tests.test_screening.make_bundle`), built once per session: tests read
+    it; one that changes a bundle copies it first."""
+    from tests.test_screening import make_bundle
+
+    return make_bundle(tmp_path_factory.mktemp("tiny-bundle") / "bundle")
+
+
 
 
 @pytest.fixture

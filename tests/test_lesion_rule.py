@@ -100,6 +100,14 @@ def test_calibration_round_trip_and_overrides() -> None:
             cal.with_lesion_rule(min_lesion_ml=bad)
 
 
+def test_a_stored_calibration_domain_record_is_read_and_ignored() -> None:
+    """calibration.json files written with the retired calibration-domain record (a shipped bundle's among them)
+    still load, to the same operating point."""
+    stored = {"mask_threshold": 0.3, "anomaly_threshold": 0.07, "min_lesion_ml": 2.0,
+              "domain": {"inpainted_fraction": [0.38, 0.57], "score_median": [0.006, 0.035], "margin": 1.5}}
+    assert Calibration.from_dict(stored, "calibration.json") == Calibration(0.3, 0.07, min_lesion_ml=2.0)
+
+
 @pytest.mark.parametrize(("values", "message"), [
     ([1, 2], "must be a JSON object"),
     ({"mask_threshold": 0.3, "anomaly_threshold": 0.1, "extra": 1}, "unknown calibration key"),

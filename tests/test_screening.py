@@ -7,7 +7,6 @@ Kills and signals are in test_screening_faults.py; helpers here are reused by it
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import hashlib
 import json
@@ -27,14 +26,12 @@ from scipy import ndimage
 from phanes_cli.config import AOTConfig, PhanesConfig, PreprocessConfig, RAConfig
 from phanes_cli.core.bundle import load_bundle, save_bundle, write_calibration
 from phanes_cli.core.calibration import Calibration
-from phanes_cli.core.domain import domain_record, healthy_tissue_figures
-from phanes_cli.core.lesion_rule import LesionRule
-from phanes_cli.core.pipeline import restore_maps, run_slices
+from phanes_cli.core.pipeline import run_slices
 from phanes_cli.core.preprocess import prepare_volume
+from phanes_cli.core.statistics import brain_statistics, volume_statistics
 from phanes_cli.core.volume_io import load_volume
 from phanes_cli.errors import BundleError
 from phanes_cli.inputs.manifest import ManifestRow
-from phanes_cli.inputs.quality import FLAGS
 from phanes_cli.models import AOTGenerator, SoftIntroVAE
 from phanes_cli.runtimes.pytorch import TorchBackend, load_networks
 from phanes_cli.screening.actors import InferenceActor
@@ -44,14 +41,7 @@ from phanes_cli.screening.engine import EXIT_OK, EXIT_SOME_FAILED, screen
 from phanes_cli.screening.layout import OutputLayout
 from phanes_cli.screening.options import ScreenOptions
 from phanes_cli.screening.plan import plan_volumes
-from phanes_cli.screening.tasks import (
-    ModelSlices,
-    WriteJob,
-    brain_statistics,
-    decode_volume,
-    volume_statistics,
-    write_volume,
-)
+from phanes_cli.screening.tasks import ModelSlices, WriteJob, decode_volume, write_volume
 from tests._ray import HEAD_IP, RayCluster
 
 TIMING_COLUMNS = ["runtime_s", "decode_s", "brain_mask_s", "inference_s", "write_s", "decode_node", "inference_node",
@@ -319,38 +309,22 @@ def test_a_decode_failure_passes_through_the_chained_stages_unchanged(bundle: Pa
     assert not (tmp_path / "out").exists()
 
 
-def test_write_stage_flags_a_volume_outside_the_calibration_domain(bundle: Path, tmp_path: Path) -> None:
-    """The same volume against a domain that holds its healthy-tissue figures (no flag) and against one it leaves
-    (qc_flags `outside_calibration` in the committed row and the record the driver warns from)."""
+def test_write_stage_records_the_inpainted_slices_and_the_brain_mask_time(bundle: Path, tmp_path: Path) -> None:
+    """The committed row carries the inference stage's count of inpainted slices and the decode stage's brain
+    mask seconds."""
     bundle_obj = load_bundle(bundle)
     image = write_head(tmp_path / "in" / "v.nii.gz", affines()["ras"], seed=5)
     row = ManifestRow(id="v", image=image)
     decoded, slices, context = decode_volume(row, bundle_obj.config.preprocess, 10**8, "never")
-    assert context is not None
     inferred, maps = InferenceActor(str(bundle), bundle_obj.hash, "torch", "cpu", 1, 4, False, None).infer(slices)
     assert maps is not None
-    base = bundle_obj.require_calibration()
-    native = restore_maps(maps, context.geometry, context.brain, context.scale, context.volume.data)
-    lesions = LesionRule.from_calibration(base).apply(native.anomaly, context.brain, context.volume.voxel_ml)
-    own = healthy_tissue_figures(native.anomaly, context.brain, lesions)
-    assert own["inpainted_fraction"] > 0
-    inside = domain_record([own])
-    far = domain_record([{name: value / 10 for name, value in own.items()}])
-    for name, domain, expected in (("in", inside, False), ("out", far, True)):
-        job = WriteJob(row=row, out=tmp_path / name, outputs=frozenset({"lesion_mask"}),
-                       calibration=dataclasses.replace(base, domain=domain), backend="torch",
-                       bundle_hash=bundle_obj.hash)
-        written = write_volume(job, decoded, inferred, context, maps)
-        assert written.failure is None
-        assert ("outside_calibration" in written.qc_flags) is expected
-        parts = [pd.read_parquet(p) for p in (tmp_path / name).rglob("*.parquet")]
-        flags = [list(f) for part in parts if "qc_flags" in part.columns for f in part["qc_flags"]]
-        assert flags and all(("outside_calibration" in f) is expected for f in flags)
-        rows = [r for part in parts if "slices_inpainted" in part.columns for r in part.to_dict("records")]
-        assert [(r["slices_inpainted"], r["brain_mask_s"]) for r in rows] == [(maps.slices_inpainted,
-                                                                                decoded.brain_mask_s)]
+    job = WriteJob(row=row, out=tmp_path / "out", outputs=frozenset({"lesion_mask"}),
+                   calibration=bundle_obj.require_calibration(), backend="torch", bundle_hash=bundle_obj.hash)
+    assert write_volume(job, decoded, inferred, context, maps).failure is None
+    rows = pd.read_parquet(OutputLayout(tmp_path / "out").part("volumes", "v")).to_dict("records")
+    assert [(r["slices_inpainted"], r["brain_mask_s"]) for r in rows] == [(maps.slices_inpainted,
+                                                                            decoded.brain_mask_s)]
     assert 0 < maps.slices_inpainted <= decoded.n_slices and 0 < decoded.brain_mask_s < decoded.seconds
-    assert "outside_calibration" in FLAGS
 
 
 # ---------------------------------------------------------------- end to end on a Ray cluster

@@ -11,7 +11,6 @@
 3. min_lesion_ml: with both thresholds, each healthy volume's largest lesion component under the lesion
    rule; the `anomaly_percentile` of those sizes. Smaller components are what healthy brains give, so the
    rule drops them and a healthy brain almost never keeps one.
-4. domain: the range of the healthy-tissue figures of these volumes (`core.domain`), which screening checks.
 
 Why positive values only: s(x) is zero by construction outside the inpainting mask, which covers only a few
 percent of healthy brain, so a percentile over all brain voxels is usually exactly 0 and would flag every
@@ -31,7 +30,6 @@ from phanes_cli.config import PhanesConfig
 from phanes_cli.core.backend import Backend
 from phanes_cli.core.calibration import Calibration
 from phanes_cli.core.components import label_components
-from phanes_cli.core.domain import domain_record, healthy_tissue_figures
 from phanes_cli.core.lesion_rule import LesionRule
 from phanes_cli.core.percentiles import percentile_of, stage1_percentile
 from phanes_cli.core.pipeline import run_volume
@@ -49,7 +47,6 @@ class HealthyScores:
     index: np.ndarray  # flat indices of those voxels
     values: np.ndarray  # s(x) there, float32
     voxel_ml: float
-    brain: np.ndarray  # (X, Y, Z) bool
 
     def dense(self) -> np.ndarray:
         score = np.zeros(int(np.prod(self.shape)), dtype=np.float32)
@@ -66,7 +63,7 @@ def healthy_scores(backend: Backend, rows: Sequence[ManifestRow], cfg: PhanesCon
         volume, brain, _ = load_with_brain(row.image, row.brain_mask, skull_strip=skull_strip, device=device)
         anomaly = run_volume(volume.data, brain, backend, cfg, mask_threshold, batch_size, keep=()).anomaly
         index = np.flatnonzero((anomaly > 0) & brain)
-        out.append(HealthyScores(anomaly.shape, index, anomaly.ravel()[index], volume.voxel_ml, brain))
+        out.append(HealthyScores(anomaly.shape, index, anomaly.ravel()[index], volume.voxel_ml))
         bar.advance(task)
     return out
 
@@ -98,7 +95,5 @@ def healthy_calibration(backend: Backend, data: SliceSet, rows: Sequence[Manifes
         raise PhanesError("calibration: stage 1 masked no voxel of the validation volumes, so s(x) is zero "
                           "everywhere; the model cannot be calibrated (train longer or on more data)")
     minimum = float(np.percentile(largest_component_ml(scores, anomaly_threshold), cfg.mask.anomaly_percentile))
-    rule = LesionRule(anomaly_threshold, minimum)
-    figures = [healthy_tissue_figures(s.dense(), s.brain, rule.apply(s.dense(), s.brain, s.voxel_ml)) for s in scores]
     return Calibration(mask_threshold=mask_threshold, anomaly_threshold=anomaly_threshold, n_slices=len(data),
-                       n_volumes=len(rows), min_lesion_ml=minimum, domain=domain_record(figures))
+                       n_volumes=len(rows), min_lesion_ml=minimum)

@@ -36,7 +36,6 @@ from phanes_cli.config import PhanesConfig
 from phanes_cli.core.backend import Backend
 from phanes_cli.core.calibration import Calibration
 from phanes_cli.core.components import label_components
-from phanes_cli.core.domain import domain_record, healthy_tissue_figures
 from phanes_cli.core.lesion_rule import LesionRule
 from phanes_cli.core.percentiles import percentile_of, stage1_values
 from phanes_cli.core.pipeline import run_volume
@@ -147,7 +146,7 @@ def _search(backend: Backend, cfg: PhanesConfig, mask_threshold: float, lesioned
                               cfg.tune.healthy_fp_budget_components)
     median = float(np.median(fp_ml[:, i, j])) if len(healthy) else 0.0
     return {"dice": float(grid[i, j]), "met": met, "median_fp_ml": median, "mask": mask_threshold,
-            "t": float(thresholds[i]), "min_ml": float(cfg.tune.min_lesion_ml[j]), "scores": scores, "clean": clean,
+            "t": float(thresholds[i]), "min_ml": float(cfg.tune.min_lesion_ml[j]), "scores": scores,
             "fp_ml": fp_ml[:, i, j].tolist(), "fp_components": fp_count[:, i, j].astype(int).tolist()}
 
 
@@ -216,9 +215,6 @@ def _tuned_calibration(cfg: PhanesConfig, healthy: SliceSet, lesioned: Sequence[
                                      "median_fp_ml": best["median_fp_ml"],
                                      "median_fp_components": float(np.median(best["fp_components"]))
                                      if clean else 0.0}}
-    rule = LesionRule(best["t"], best["min_ml"])
-    tissue = [healthy_tissue_figures(s, v.brain, rule.apply(s, v.brain, v.voxel_ml))
-              for s, v in zip(best["clean"], clean, strict=True)]
     return Calibration(mask_threshold=best["mask"], anomaly_threshold=best["t"], n_slices=len(healthy),
                        n_volumes=len({v.id.split("+")[0] for v in lesioned}), min_lesion_ml=best["min_ml"],
-                       tuning=tuning, domain=domain_record(tissue) if tissue else None)
+                       tuning=tuning)

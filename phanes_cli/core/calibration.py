@@ -4,8 +4,7 @@
 m(x) lives); `anomaly_threshold` and `min_lesion_ml` make the lesion rule (`core.lesion_rule`) that turns
 the anomaly map s(x) into the lesion mask on the volume grid. `phanes calibrate` computes them (healthy
 percentiles, or tuned on validation lesions); bundles store `to_dict()` as calibration.json and screening
-runs record it in run.json; `from_dict` is the one reader and validator of both. `domain` (`core.domain`) is the
-range of healthy-tissue figures on the calibration volumes, against which screening flags a volume.
+runs record it in run.json; `from_dict` is the one reader and validator of both.
 """
 
 from __future__ import annotations
@@ -14,11 +13,10 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
-from phanes_cli.core.domain import check_record
 from phanes_cli.errors import BundleError, ConfigError
 
-_KEYS = frozenset({"mask_threshold", "anomaly_threshold", "n_slices", "n_volumes", "min_lesion_ml", "tuning",
-                   "domain"})
+_KEYS = frozenset({"mask_threshold", "anomaly_threshold", "n_slices", "n_volumes", "min_lesion_ml", "tuning"})
+_RETIRED = frozenset({"domain"})  # written by earlier versions, read and ignored
 
 
 def _positive_number(value: Any) -> bool:
@@ -35,15 +33,12 @@ class Calibration:
     n_volumes: int = 0  # validation volumes behind the anomaly threshold
     min_lesion_ml: float = 0.0  # the lesion rule drops components smaller than this
     tuning: dict[str, Any] | None = None  # `calibrate --tune`: the choice and its validation figures
-    domain: dict[str, Any] | None = None  # healthy-tissue figures of the calibration volumes (`core.domain`)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"mask_threshold": self.mask_threshold, "anomaly_threshold": self.anomaly_threshold,
                                "n_slices": self.n_slices, "n_volumes": self.n_volumes}
         if self.min_lesion_ml or self.tuning is not None:
             out.update(min_lesion_ml=self.min_lesion_ml, tuning=self.tuning)
-        if self.domain is not None:
-            out["domain"] = self.domain
         return out
 
     @classmethod
@@ -52,6 +47,7 @@ class Calibration:
         of a missing, unknown, non-finite or out-of-range value."""
         if not isinstance(values, dict):
             raise BundleError(f"{source}: calibration must be a JSON object, got {type(values).__name__}")
+        values = {k: v for k, v in values.items() if k not in _RETIRED}
         unknown = sorted(set(values) - _KEYS)
         if unknown:
             raise BundleError(f"{source}: unknown calibration key(s) {', '.join(unknown)}")
@@ -68,9 +64,6 @@ class Calibration:
             raise BundleError(f"{source}: calibration min_lesion_ml must be a finite number >= 0, got {minimum!r}")
         if not isinstance(values.get("tuning", {}), (dict, type(None))):
             raise BundleError(f"{source}: calibration tuning must be a JSON object, got {values['tuning']!r}")
-        problem = None if values.get("domain") is None else check_record(values["domain"])
-        if problem is not None:
-            raise BundleError(f"{source}: calibration domain {problem}")
         return cls(**values)
 
     def with_lesion_rule(self, anomaly_threshold: float | None = None, min_lesion_ml: float | None = None

@@ -24,7 +24,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +32,9 @@ import numpy as np
 
 from phanes_cli.core.preprocess import auto_brain_mask
 from phanes_cli.core.volume_io import DEFAULT_MAX_VOXELS, Volume, load_mask, load_volume, save_like
-from phanes_cli.errors import ConfigError, InputError
+from phanes_cli.errors import ConfigError, InputError, QualityError
 from phanes_cli.inputs.manifest import ManifestRow
-from phanes_cli.inputs.quality import GRID_MM, skull_present
+from phanes_cli.inputs.quality import FATAL, FLAGS, GRID_MM, check_volume, skull_present
 
 SKULL_STRIP_MODES = ("auto", "always", "never")
 MODEL_THRESHOLD = 0.5  # deepbet's own default cut on its brain probability
@@ -112,6 +112,29 @@ def load_with_brain(image: str | Path, brain_mask: str | Path | None, max_voxels
     if timings is not None:
         timings["brain_mask_s"] = time.perf_counter() - start
     return volume, brain, source
+
+
+@dataclass(frozen=True)
+class CheckedVolume:
+    """A volume ready to screen: read, with its brain mask, past the fatal quality checks."""
+
+    volume: Volume
+    brain: np.ndarray  # bool on the RAS+ grid
+    source: str  # where the brain mask came from: file, model or threshold
+    qc_flags: tuple[str, ...]  # quality warnings (`quality.check_volume`); the volume is screened anyway
+
+
+def load_checked(image: str | Path, brain_mask: str | Path | None, max_voxels: int = DEFAULT_MAX_VOXELS,
+                 skull_strip: str = "auto", device: str = "cpu", timings: dict[str, float] | None = None
+                 ) -> CheckedVolume:
+    """`load_with_brain`, then the quality check: a QualityError naming `image` when a fatal flag leaves
+    nothing to screen (a property of the file, not retried while it is unchanged)."""
+    volume, brain, source = load_with_brain(image, brain_mask, max_voxels, skull_strip, device, timings)
+    flags = tuple(check_volume(volume, brain, source))
+    fatal = [f for f in flags if f in FATAL]
+    if fatal:
+        raise QualityError(image, f"quality check {fatal[0]}: {FLAGS[fatal[0]]}")
+    return CheckedVolume(volume, brain, source, flags)
 
 
 def add_model_masks(rows: list[ManifestRow], folder: Path, mode: str, device: str = "cpu",

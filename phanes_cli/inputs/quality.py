@@ -104,8 +104,6 @@ FLAGS = {
     "no_affine": "no qform or sform: orientation assumed",
     "skull_present": "skull and scalp appear to be present (not skull-stripped)",
     "not_t1_brain": "not a T1-weighted brain: no white > grey matter > CSF contrast, no anatomy, or not brain-shaped",
-    "outside_calibration": "healthy-tissue anomaly scores outside what the calibration volumes showed "
-                           "(prepared differently?): lesion burden unreliable",
 }
 FATAL = frozenset({"zero_voxel_size", "all_zero", "constant", "empty_brain_mask"})
 

@@ -29,8 +29,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from phanes_cli.core.calibration import Calibration
-from phanes_cli.core.lesion_rule import LesionRule
-from phanes_cli.core.statistics import volume_statistics
+from phanes_cli.core.recipe import measure_volume
 from phanes_cli.core.volume_io import load_volume, save_like
 from phanes_cli.errors import BundleError, ConfigError, InputError
 from phanes_cli.infra.atomic import atomic_path, write_json, write_parquet
@@ -98,11 +97,10 @@ def restat_volume(row: dict[str, Any], layout: OutputLayout, calibration: Calibr
         raise InputError(path, "anomaly map not found (screen with --anomaly-maps to use `phanes stats`)")
     volume = load_volume(path, _MAP_VOXEL_LIMIT)
     anomaly = volume.data
-    lesion = LesionRule.from_calibration(calibration).apply(anomaly, anomaly > 0, volume.voxel_ml)
-    stats, lesions = volume_statistics(vid, volume, {k: row[k] for k in _BRAIN_COLUMNS}, anomaly, lesion)
-    save_like(lesion.astype(np.uint8), volume, target.map_path(vid, "lesion_mask"), np.uint8)
-    volume_row = {**row, **stats, **calibration.columns(), **dict.fromkeys(_SCREENING_ONLY)}
-    return volume_row, lesions
+    measures = measure_volume(vid, volume, anomaly > 0, anomaly, calibration, row.get("qc_flags") or (),
+                              {k: row[k] for k in _BRAIN_COLUMNS})
+    save_like(measures.lesion_mask.astype(np.uint8), volume, target.map_path(vid, "lesion_mask"), np.uint8)
+    return {**row, **measures.row, **dict.fromkeys(_SCREENING_ONLY)}, measures.lesions
 
 
 def _failed_row(row: dict[str, Any], extra: list[str]) -> dict[str, Any]:

@@ -18,16 +18,13 @@ import torch
 
 from phanes_cli.config import PreprocessConfig
 from phanes_cli.core.calibration import Calibration
-from phanes_cli.core.domain import healthy_tissue_figures, outside
-from phanes_cli.core.lesion_rule import LesionRule
 from phanes_cli.core.pipeline import ModelMaps, restore_maps
 from phanes_cli.core.preprocess import SliceGeometry, prepare_volume
-from phanes_cli.core.statistics import brain_statistics, volume_statistics
+from phanes_cli.core.recipe import measure_volume
 from phanes_cli.core.volume_io import Volume, save_like
-from phanes_cli.errors import InputError, QualityError
-from phanes_cli.inputs.brain_masks import load_with_brain, looks_unstripped
+from phanes_cli.errors import InputError
+from phanes_cli.inputs.brain_masks import load_checked, looks_unstripped
 from phanes_cli.inputs.manifest import ManifestRow
-from phanes_cli.inputs.quality import FATAL, FLAGS, check_volume
 from phanes_cli.screening.bids_derivative import write_sidecar
 from phanes_cli.screening.commit import Failure, commit_volume, input_sha256, input_signature
 from phanes_cli.screening.layout import OutputLayout
@@ -94,12 +91,8 @@ def decode_volume(row: ManifestRow, cfg: PreprocessConfig, max_voxels: int, skul
     start = time.perf_counter()
     timings: dict[str, float] = {}
     try:
-        volume, brain, source = load_with_brain(row.image, row.brain_mask, max_voxels, skull_strip, timings=timings)
-        flags = tuple(check_volume(volume, brain, source))
-        fatal = [f for f in flags if f in FATAL]
-        if fatal:  # nothing to screen: a property of the file, not retried while it is unchanged
-            raise QualityError(row.image, f"quality check {fatal[0]}: {FLAGS[fatal[0]]}")
-        prepared = prepare_volume(volume.data, brain, cfg)
+        checked = load_checked(row.image, row.brain_mask, max_voxels, skull_strip, timings=timings)
+        prepared = prepare_volume(checked.volume.data, checked.brain, cfg)
         digest = input_sha256(row.image)
     except InputError as exc:
         kind, message = describe(exc)
@@ -111,9 +104,9 @@ def decode_volume(row: ManifestRow, cfg: PreprocessConfig, max_voxels: int, skul
         kind, message = describe(exc)
         return DecodeResult(Failure("decode", kind, message), time.perf_counter() - start, node_ip()), None, None
     slices = ModelSlices(prepared.slices.numpy(), prepared.brain.numpy())
-    context = VolumeContext(volume=volume, brain=brain, geometry=prepared.geometry, scale=prepared.scale,
-                            brain_source=source, qc_flags=flags)
-    decoded = DecodeResult(None, time.perf_counter() - start, node_ip(), prepared.geometry.n_slices, flags,
+    context = VolumeContext(volume=checked.volume, brain=checked.brain, geometry=prepared.geometry,
+                            scale=prepared.scale, brain_source=checked.source, qc_flags=checked.qc_flags)
+    decoded = DecodeResult(None, time.perf_counter() - start, node_ip(), prepared.geometry.n_slices, checked.qc_flags,
                            timings["brain_mask_s"], digest)
     return decoded, slices, context
 
@@ -191,12 +184,9 @@ def commit_outputs(job: WriteJob, decoded: DecodeResult, inferred: InferenceResu
     earlier_s = decoded.seconds + inferred.seconds
     try:
         native = restore_maps(maps, context.geometry, context.brain, context.scale, volume.data)
-        lesions = LesionRule.from_calibration(job.calibration).apply(native.anomaly, context.brain, volume.voxel_ml)
-        flags = context.qc_flags + domain_flags(job.calibration, native.anomaly, context.brain, lesions)
-        brain_stats = brain_statistics(volume, context.brain, native.anomaly)
-        stats, lesion_rows = volume_statistics(vid, volume, brain_stats, native.anomaly, lesions)
+        measures = measure_volume(vid, volume, context.brain, native.anomaly, job.calibration, context.qc_flags)
         arrays = {"anomaly": (native.anomaly, np.float32),
-                  "lesion_mask": (lesions.astype(np.uint8), np.uint8),
+                  "lesion_mask": (measures.lesion_mask.astype(np.uint8), np.uint8),
                   "pseudohealthy": (native.pseudo_healthy, np.float32)}
         for kind in sorted(job.outputs):
             array, dtype = arrays[kind]
@@ -209,10 +199,9 @@ def commit_outputs(job: WriteJob, decoded: DecodeResult, inferred: InferenceResu
         row = {
             **manifest_columns(job.row.extra), "id": vid, "input_path": str(job.row.image),
             "input_sha256": decoded.input_sha256, "status": "ok",
-            "brain_mask_source": context.brain_source, "qc_flags": list(flags), **stats,
+            "brain_mask_source": context.brain_source, **measures.row,
             "slices_processed": decoded.n_slices, "slices_inpainted": maps.slices_inpainted,
-            "backend": inferred.backend or job.backend,
-            "bundle_hash": job.bundle_hash, **job.calibration.columns(),
+            "backend": inferred.backend or job.backend, "bundle_hash": job.bundle_hash,
             "runtime_s": earlier_s + write_s,
             "decode_s": decoded.seconds, "brain_mask_s": decoded.brain_mask_s, "inference_s": inferred.seconds,
             "write_s": write_s,
@@ -223,20 +212,10 @@ def commit_outputs(job: WriteJob, decoded: DecodeResult, inferred: InferenceResu
                   "min_lesion_ml": job.calibration.min_lesion_ml,
                   "outputs": sorted(job.outputs),
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        commit_volume(layout, vid, row, lesion_rows, marker)
+        commit_volume(layout, vid, row, measures.lesions, marker)
     except Exception as exc:  # a disk or memory error fails this volume only
         kind, message = describe(exc)
         return WriteResult(Failure("write", kind, message), earlier_s + time.perf_counter() - start, node_ip(),
                            qc_flags=decoded.qc_flags)
-    return WriteResult(None, earlier_s + time.perf_counter() - start, node_ip(), stats["lesion_count"],
-                       stats["lesion_burden_ml"], flags)
-
-
-def domain_flags(calibration: Calibration, anomaly: np.ndarray, brain: np.ndarray, lesions: np.ndarray
-                 ) -> tuple[str, ...]:
-    """("outside_calibration",) when the volume's healthy tissue scores outside the calibration's domain
-    (`core.domain`); () when inside, or when the calibration predates the domain record."""
-    if calibration.domain is None:
-        return ()
-    return ("outside_calibration",) if outside(healthy_tissue_figures(anomaly, brain, lesions),
-                                               calibration.domain) else ()
+    return WriteResult(None, earlier_s + time.perf_counter() - start, node_ip(), measures.row["lesion_count"],
+                       measures.row["lesion_burden_ml"], context.qc_flags)
