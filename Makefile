@@ -27,10 +27,12 @@ links: $(STAMP)
 demo: links
 	PYTHONUNBUFFERED=1 $(PY) -m phanes_cli.demo --out $(DEMO_DIR)
 
-# ruff (style, imports, likely bugs) and mypy (types of phanes_cli and kernels), as configured in pyproject.toml.
+# ruff (style, imports, likely bugs), mypy (types of phanes_cli and kernels), as configured in pyproject.toml, and
+# the import layering (tools/import_graph.py: no cycle, no upward import, every deferred import listed).
 lint: links
 	$(PY) -m ruff check .
 	$(PY) -m mypy
+	$(PY) tools/import_graph.py
 
 # Two workers, one test file each at a time (module fixtures stay in one process); README: the measured time.
 test: links

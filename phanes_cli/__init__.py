@@ -13,10 +13,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from phanes_cli.infra.versions import __version__
 
-# public name -> (defining module, its name there). `calibrate_bundle`: the module phanes_cli.calibrate.run
-# would shadow a package attribute named `calibrate` once imported.
+# public name -> (defining module, its name there): the API, and `__all__`. Type checkers read the same names
+# from the TYPE_CHECKING imports below (tests/test_api.py checks that the two agree). `calibrate_bundle`: the
+# module phanes_cli.calibrate.run would shadow a package attribute named `calibrate` once imported.
 _EXPORTS = {
     "screen": ("phanes_cli.screening.engine", "screen"),
     "ScreenOptions": ("phanes_cli.screening.options", "ScreenOptions"),
@@ -35,26 +36,25 @@ _EXPORTS = {
     "predict": ("phanes_cli.screening.predict", "predict"),
     "Prediction": ("phanes_cli.screening.predict", "Prediction"),
 }
-__all__ = [  # spelled out for linters and IDEs; the same names as _EXPORTS (a test checks)
-    "Prediction", "ScreenOptions", "ScreenSummary", "__version__", "brain_mask_for", "calibrate_bundle", "check_volume",
-    "evaluate", "load_bundle", "load_config", "load_with_brain", "predict", "prepare_manifest", "read_manifest",
-    "run_volume", "screen", "train",
-]
+__all__ = ["__version__", *_EXPORTS]
 
-if TYPE_CHECKING:
-    from phanes_cli.calibrate.run import calibrate as calibrate_bundle
-    from phanes_cli.config import load_config
-    from phanes_cli.core.bundle import load_bundle
-    from phanes_cli.core.pipeline import run_volume
-    from phanes_cli.evaluation.evaluate import evaluate
-    from phanes_cli.inputs.brain_masks import brain_mask_for, load_with_brain
-    from phanes_cli.inputs.discovery import prepare_manifest
-    from phanes_cli.inputs.manifest import read_manifest
-    from phanes_cli.inputs.quality import check_volume
-    from phanes_cli.screening.engine import ScreenSummary, screen
-    from phanes_cli.screening.options import ScreenOptions
-    from phanes_cli.screening.predict import Prediction, predict
-    from phanes_cli.training.trainer import train
+if TYPE_CHECKING:  # explicit re-exports (`name as name`)
+    from phanes_cli.calibrate.run import calibrate as calibrate_bundle  # noqa: F401 (in __all__ through _EXPORTS)
+    from phanes_cli.config import load_config as load_config
+    from phanes_cli.core.bundle import load_bundle as load_bundle
+    from phanes_cli.core.pipeline import run_volume as run_volume
+    from phanes_cli.evaluation.evaluate import evaluate as evaluate
+    from phanes_cli.inputs.brain_masks import brain_mask_for as brain_mask_for
+    from phanes_cli.inputs.brain_masks import load_with_brain as load_with_brain
+    from phanes_cli.inputs.discovery import prepare_manifest as prepare_manifest
+    from phanes_cli.inputs.manifest import read_manifest as read_manifest
+    from phanes_cli.inputs.quality import check_volume as check_volume
+    from phanes_cli.screening.engine import ScreenSummary as ScreenSummary
+    from phanes_cli.screening.engine import screen as screen
+    from phanes_cli.screening.options import ScreenOptions as ScreenOptions
+    from phanes_cli.screening.predict import Prediction as Prediction
+    from phanes_cli.screening.predict import predict as predict
+    from phanes_cli.training.trainer import train as train
 
 
 def __getattr__(name: str) -> Any:

@@ -16,10 +16,10 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from phanes_cli import __version__
 from phanes_cli.errors import PhanesError, is_termination, stop_on_sigterm
 from phanes_cli.infra.consoles import table_console
 from phanes_cli.infra.optional import require
+from phanes_cli.infra.versions import __version__
 
 HELP = {"help_option_names": ["-h", "--help"]}  # subcommands inherit it from the group's context
 # Plain Click help (rich_markup_mode=None), as argparse tools print it: boolean options read as flags

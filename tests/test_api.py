@@ -3,8 +3,10 @@ package stays light (no torch, no Ray) so `phanes --help` starts fast."""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 import phanes_cli
 from phanes_cli.calibrate.run import calibrate
@@ -16,6 +18,10 @@ from phanes_cli.screening.options import ScreenOptions
 
 def test_exports_are_the_library_functions() -> None:
     assert set(phanes_cli.__all__) == {"__version__", *phanes_cli._EXPORTS}
+    typed = ast.parse(Path(phanes_cli.__file__).read_text())  # the names type checkers see: the TYPE_CHECKING imports
+    block = next(n for n in typed.body if isinstance(n, ast.If) and ast.unparse(n.test) == "TYPE_CHECKING")
+    assert {a.asname or a.name for n in block.body if isinstance(n, ast.ImportFrom) for a in n.names} == \
+        set(phanes_cli._EXPORTS)
     from phanes_cli import ScreenOptions as Options
     from phanes_cli import brain_mask_for as strip
     from phanes_cli import calibrate_bundle

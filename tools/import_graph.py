@@ -36,10 +36,10 @@ LAZY_OK = {
     ("phanes_cli.core.ops", "phanes_kernels.maps_triton"): "Triton is imported only where CUDA runs it",
     ("phanes_cli.core.ops", "phanes_kernels"): "Triton is imported only where CUDA runs it",
     ("phanes_cli.screening.actors", "phanes_cli.runtimes.select"): "only the actors load the networks (~2 s)",
-    ("phanes_cli.screening.schemas", "phanes_cli"): "the version string, without a package import cycle at start",
     ("phanes_cli.runtimes.select", "phanes_cli.runtimes.onnx"): "onnxruntime is the optional [onnx] extra",
     ("phanes_cli.runtimes.select", "phanes_cli.runtimes.openvino"): "openvino is the optional [openvino] extra",
     ("phanes_cli.runtimes.gated", "phanes_cli.runtimes.openvino"): "openvino is the optional [openvino] extra",
+    ("phanes_cli.runtimes.doctor", "phanes_cli.runtimes.openvino"): "openvino is the optional [openvino] extra",
     ("phanes_cli.runtimes.first_use", "phanes_cli.runtimes.export"): "onnx is the optional [onnx] extra",
 }
 

@@ -27,7 +27,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from phanes_cli import __version__
 from phanes_cli.cohort_report.age_groups import K_MAD, MIN_SPREAD_ML, AgeReading, read_by_age
 from phanes_cli.cohort_report.cases import load_case
 from phanes_cli.cohort_report.charts import burden_by_age_svg, burden_by_svg, categorical_columns, histogram_svg
@@ -36,6 +35,7 @@ from phanes_cli.cohort_report.safe import fill, inside, json_for_script, safe_st
 from phanes_cli.cohort_report.viewer import write_case_page
 from phanes_cli.errors import InputError
 from phanes_cli.infra.atomic import write_text
+from phanes_cli.infra.versions import __version__
 from phanes_cli.screening.layout import OutputLayout
 from phanes_cli.screening.schemas import FAILURE_SCHEMA, VOLUME_SCHEMA
 

@@ -22,10 +22,10 @@ from urllib.parse import quote
 import nibabel as nib
 import numpy as np
 
-from phanes_cli import __version__
 from phanes_cli.cohort_report.cases import CaseArrays, outline
 from phanes_cli.cohort_report.safe import fill, json_for_script, script_body
 from phanes_cli.infra.atomic import write_text
+from phanes_cli.infra.versions import __version__
 from phanes_cli.screening.layout import OUTPUT_KINDS, OutputLayout
 
 NIIVUE_FILE = "niivue.umd.js"

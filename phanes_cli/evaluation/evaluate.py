@@ -39,7 +39,6 @@ import numpy as np
 import pyarrow as pa
 from rich.table import Table
 
-from phanes_cli import __version__
 from phanes_cli.config import PhanesConfig
 from phanes_cli.core.backend import Backend
 from phanes_cli.core.bundle import load_bundle
@@ -63,6 +62,7 @@ from phanes_cli.evaluation.synthetic import SyntheticResult, run_synthetic, synt
 from phanes_cli.evaluation.tables import render_tables as _render_tables
 from phanes_cli.infra.atomic import write_json, write_parquet
 from phanes_cli.infra.progress import LoggedProgress
+from phanes_cli.infra.versions import __version__
 from phanes_cli.inputs.brain_masks import load_with_brain
 from phanes_cli.inputs.manifest import ManifestRow, read_manifest, select
 from phanes_cli.runtimes.pytorch import select_device

@@ -5,7 +5,7 @@ from __future__ import annotations
 import platform
 from importlib.metadata import PackageNotFoundError, version
 
-from phanes_cli import __version__
+__version__ = "0.1.0"  # the same as pyproject.toml's `version`
 
 PACKAGES = ("torch", "ray", "numpy", "nibabel", "pyarrow", "onnxruntime")
 

@@ -31,11 +31,11 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from phanes_cli import __version__
 from phanes_cli.core.calibration import Calibration
 from phanes_cli.core.statistics import SIZE_BIN_COLUMNS
 from phanes_cli.errors import ConfigError
 from phanes_cli.infra.atomic import write_bytes, write_json
+from phanes_cli.infra.versions import __version__
 from phanes_cli.screening.bids_naming import BIDS_DESCRIPTION, BURDEN_SUFFIX, bids_stem, burden_paths
 from phanes_cli.screening.layout import OutputLayout
 

@@ -10,6 +10,7 @@ import pyarrow as pa
 
 from phanes_cli.core.statistics import SIZE_BIN_COLUMNS
 from phanes_cli.infra.columns import cell, column_type, unify
+from phanes_cli.infra.versions import __version__
 
 SCHEMA_VERSION = "4"  # 2: `id` in every table, flat geometry columns, size bins, thresholds, manifest columns;
 # 3: slices_inpainted, brain_mask_s; 4: input_sha256
@@ -135,8 +136,6 @@ def extra_fields(schema: pa.Schema, tables: Iterable[pa.Schema]) -> pa.Schema:
 
 def file_metadata(thresholds: dict[str, Any], bundle_hash: str | None) -> dict[str, str]:
     """Parquet key-value metadata of a table: schema version, units, thresholds, bundle hash, phanes version."""
-    from phanes_cli import __version__
-
     return {"phanes.schema_version": SCHEMA_VERSION, "phanes.version": __version__, "phanes.units": json.dumps(UNITS),
             "phanes.thresholds": json.dumps(thresholds), "phanes.bundle_hash": bundle_hash or ""}
 

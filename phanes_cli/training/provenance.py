@@ -15,8 +15,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from phanes_cli import __version__
 from phanes_cli.core.bundle import PROVENANCE_FILE
+from phanes_cli.infra.versions import __version__
 from phanes_cli.inputs.manifest import ManifestRow
 
 __all__ = ["PROVENANCE_FILE", "source_commit", "training_provenance"]
