@@ -43,7 +43,7 @@ Inputs = dict[str, torch.Tensor]
 def make_inputs(batch: int, size: int, device: torch.device) -> Inputs:
     """Real slices and brain masks, a stand-in reconstruction and LPIPS maps (speed does not depend on values)."""
     data = np.asarray(mni152_image("t1_1mm").dataobj, dtype=np.float32)
-    prepared = prepare_volume(data, None, PreprocessConfig(image_size=size))
+    prepared = prepare_volume(data, None, PreprocessConfig(image_size=size), (1.0, 1.0, 1.0))
     pick = np.resize(np.arange(prepared.slices.shape[0]), batch)
     gen = torch.Generator().manual_seed(0)
     x = prepared.slices[pick]

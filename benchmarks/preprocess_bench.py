@@ -47,7 +47,7 @@ def main() -> None:
             t1 = time.perf_counter()
             brain = auto_brain_mask(vol.data)
             t2 = time.perf_counter()
-            prepared = prepare_volume(vol.data, brain, cfg)
+            prepared = prepare_volume(vol.data, brain, cfg, vol.zooms)
             t3 = time.perf_counter()
             timings["decode"] += t1 - t0
             timings["brain mask"] += t2 - t1

@@ -58,7 +58,7 @@ def false_positives(bundle: Path, rows: list[ManifestRow]) -> tuple[list[float],
     ml, count = [], []
     for row in rows:
         volume, brain, _ = load_with_brain(row.image, row.brain_mask)
-        maps = run_volume(volume.data, brain, backend, model.config, threshold, keep=())
+        maps = run_volume(volume.data, brain, volume.zooms, backend, model.config, threshold, keep=())
         mask = rule.apply(maps.anomaly, brain, volume.voxel_ml)
         ml.append(float(mask.sum()) * volume.voxel_ml)
         count.append(label_components(mask)[1] if mask.any() else 0)

@@ -78,7 +78,7 @@ def compute_passes(bundle: Path, manifest: Path, cache: Path, contexts: list[boo
             path = cache / f"ctx{int(context)}-p{q:g}.npz"
             if not path.exists():
                 t = percentile_of(values, q)
-                maps = [run_volume(v.image, v.brain, backend, cfg, t, 32, keep=()).anomaly
+                maps = [run_volume(v.image, v.brain, v.zooms, backend, cfg, t, 32, keep=()).anomaly
                         for v in [*lesioned, *clean]]
                 cache.mkdir(parents=True, exist_ok=True)
                 np.savez_compressed(path, *maps)

@@ -95,7 +95,7 @@ def stage1_inputs(volume: LesionedVolume, backend: Backend, config: PhanesConfig
                   ) -> tuple[dict[str, Tensor], SliceGeometry]:
     """Stage 1 once for a volume: images, reconstruction, their CLAHE versions and both LPIPS maps."""
     cfg = config.mask
-    prepared = prepare_volume(volume.image, volume.brain, config.preprocess)
+    prepared = prepare_volume(volume.image, volume.brain, config.preprocess, volume.zooms)
     parts: dict[str, list[Tensor]] = {}
     for start in range(0, prepared.slices.shape[0], batch_size):
         x = prepared.slices[start:start + batch_size]

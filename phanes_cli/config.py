@@ -43,6 +43,7 @@ class PreprocessConfig:
     """How a volume becomes model slices."""
 
     image_size: int = 128
+    field_mm: float = 192.0  # the square field of view every slice is cut to: a model pixel is field_mm / image_size
     percentile: float = 98.0
     min_brain_fraction: float = 0.05
     slice_mode: str = "brain"  # "brain": every slice with enough brain; "mid": the paper's one mid-axial slice
@@ -177,6 +178,7 @@ LIMITS: dict[str, _Limit] = {
     "aot.rates": _at_least(1), "aot.disc_channels": _at_least(1),
     "preprocess.image_size": ((lambda v: 32 <= v <= 1024 and v % 32 == 0),
                               "a multiple of 32 from 32 to 1024 (5 halvings to the bottleneck)"),
+    "preprocess.field_mm": ((lambda v: 64 <= v <= 512), "from 64 to 512 mm (a whole adult brain fits in 192)"),
     "preprocess.percentile": _percentile(), "preprocess.min_brain_fraction": _FRACTION,
     "preprocess.slice_mode": ((lambda v: v in ("brain", "mid")), "'brain' or 'mid'"),
     "mask.clahe_tiles": _at_least(1), "mask.clahe_clip": ((lambda v: 0 < v <= 1), "in (0, 1]"),

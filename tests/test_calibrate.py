@@ -36,12 +36,12 @@ def setup(tmp_path: Path) -> tuple[Path, Path]:
     return tmp_path / "bundle", write_cohort(tmp_path / "data", n_train=1, n_val=2)
 
 
-def _val_volumes(manifest: Path) -> list[tuple[np.ndarray, np.ndarray]]:
+def _val_volumes(manifest: Path) -> list[tuple[np.ndarray, np.ndarray, tuple[float, float, float]]]:
     volumes = []
     for row in read_manifest(manifest):
         if row.split == "val" and row.kind == "healthy":
             volume = load_volume(row.image)
-            volumes.append((volume.data, load_mask(row.brain_mask, volume)))
+            volumes.append((volume.data, load_mask(row.brain_mask, volume), volume.zooms))
     return volumes
 
 
@@ -49,7 +49,7 @@ def _independent_mask_threshold(bundle: Path, manifest: Path) -> tuple[float, in
     """method.md's rule written out directly on all validation slices in one batch: (threshold, slices)."""
     model = load_bundle(bundle, require_calibration=False)
     cfg = model.config
-    prepared = [prepare_volume(data, brain, cfg.preprocess) for data, brain in _val_volumes(manifest)]
+    prepared = [prepare_volume(data, brain, cfg.preprocess, zooms) for data, brain, zooms in _val_volumes(manifest)]
     x, brain = torch.cat([p.slices for p in prepared]), torch.cat([p.brain for p in prepared])
     nets = load_networks(model)
     backend = TorchBackend(nets, torch.device("cpu"))
@@ -64,8 +64,8 @@ def _volume_grid_scores(bundle: Path, manifest: Path, mask_threshold: float) -> 
     model = load_bundle(bundle, require_calibration=False)
     backend = TorchBackend(load_networks(model), torch.device("cpu"))
     out = []
-    for data, brain in _val_volumes(manifest):
-        s = run_volume(data, brain, backend, model.config, mask_threshold, 16, keep=()).anomaly
+    for data, brain, zooms in _val_volumes(manifest):
+        s = run_volume(data, brain, zooms, backend, model.config, mask_threshold, 16, keep=()).anomaly
         out.append(s[(s > 0) & brain].astype(np.float64))
     return out
 
@@ -152,7 +152,7 @@ def test_minimum_lesion_size_is_the_percentile_of_healthy_largest_components(set
         if row.split == "val" and row.kind == "healthy":
             volume = load_volume(row.image)
             brain = load_mask(row.brain_mask, volume)
-            s = run_volume(volume.data, brain, backend, model.config, cal.mask_threshold, 16, keep=()).anomaly
+            s = run_volume(volume.data, brain, volume.zooms, backend, model.config, cal.mask_threshold, 16, keep=()).anomaly
             labels, n = ndimage.label((s >= cal.anomaly_threshold) & (s > 0) & brain, structure=np.ones((3, 3, 3)))
             largest.append(np.bincount(labels.ravel())[1:].max() * volume.voxel_ml if n else 0.0)
     expected = float(np.percentile(largest, model.config.mask.anomaly_percentile))

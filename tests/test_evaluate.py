@@ -188,7 +188,7 @@ def test_screening_and_evaluation_give_the_maps_of_run_volume(cohort: dict[str, 
     row = next(r for r in read_manifest(cohort["manifest"]) if r.id == "p1")
     volume = load_volume(row.image)
     brain = load_mask(row.brain_mask, volume)
-    reference = run_volume(volume.data, brain, backend, cfg, CALIBRATION.mask_threshold, batch_size=8)
+    reference = run_volume(volume.data, brain, volume.zooms, backend, cfg, CALIBRATION.mask_threshold, batch_size=8)
     lesions = LesionRule.from_calibration(CALIBRATION).apply(reference.anomaly, brain, volume.voxel_ml)
     assert reference.anomaly.max() > 0 and reference.inpaint_mask is not None and reference.inpaint_mask.any()
     # Pseudo-healthy at the input's intensities: the input itself outside the inpainted mask, and inside it
@@ -229,7 +229,7 @@ def test_phanes_gt_inpaints_the_ground_truth(result, cohort: dict[str, Path], mo
     volume = load_volume(row.image)
     brain = load_mask(row.brain_mask, volume)
     truth = load_mask(row.lesion_mask, volume)
-    prepared = prepare_volume(volume.data, brain, cfg.preprocess)
+    prepared = prepare_volume(volume.data, brain, cfg.preprocess, volume.zooms)
     gt = (slices_of(truth, prepared.geometry) >= 0.5).float()
     assert gt.sum() > 0
     maps = run_methods(prepared.slices, prepared.brain, gt, backend, cfg, CALIBRATION, ("phanes", "phanes-gt"),
@@ -269,7 +269,7 @@ def test_synthetic_slices_come_from_the_central_third(cohort: dict[str, Path]) -
     slices = mid_slices(rows, cfg, 4)
     assert slices.x.shape == (4, 1, 32, 32) and slices.ids == ["h1", "h1", "h2", "h2"]
     volume = load_volume(rows[0].image)
-    prepared = prepare_volume(volume.data, load_mask(rows[0].brain_mask, volume), cfg.preprocess)
+    prepared = prepare_volume(volume.data, load_mask(rows[0].brain_mask, volume), cfg.preprocess, volume.zooms)
     picks = central_positions(prepared.geometry.n_slices, 2)
     assert slices.slice_index[:2] == [int(prepared.geometry.slice_index[p]) for p in picks]
     torch.testing.assert_close(slices.x[:2], prepared.slices[picks])

@@ -40,6 +40,7 @@ from phanes_cli.screening.options import ScreenOptions
 from tests._ray import HEAD_IP, RayCluster
 
 SIZE = 64
+ONE_MM = (1.0, 1.0, 1.0)
 TOL = 1e-4  # oracle vs code, measured ~2e-7 (float32 rounding); every mutant below misses by 3e-2 or more
 Slices = tuple[np.ndarray, np.ndarray]  # (x, brain), (N, 1, SIZE, SIZE) float32
 
@@ -313,7 +314,7 @@ def make_bundle(folder: Path, image: np.ndarray, brain: np.ndarray) -> Path:
     cfg = small_config()
     save_bundle(folder, cfg, SoftIntroVAE(cfg.ra, cfg.preprocess.image_size), AOTGenerator(cfg.aot))
     backend = TorchBackend(load_networks(load_bundle(folder, require_calibration=False)), torch.device("cpu"))
-    prepared = prepare_volume(image, brain, cfg.preprocess)
+    prepared = prepare_volume(image, brain, cfg.preprocess, ONE_MM)
     first = run_slices(prepared.slices, prepared.brain, backend, cfg, float("inf"))
     mask_threshold = float(torch.quantile(first.stage1_map[prepared.brain > 0], 0.9))
     second = run_slices(prepared.slices, prepared.brain, backend, cfg, mask_threshold)

@@ -25,12 +25,13 @@ from phanes_cli.inputs.brain_masks import load_with_brain
 from tests.conftest import SHARED_DATA, blob_volume, needs_shared
 
 CFG = PreprocessConfig()
+ONE_MM = (1.0, 1.0, 1.0)
 
 
 def test_scaling_uses_the_brain_percentile_and_clips() -> None:
     data = blob_volume((40, 48, 36))
     brain = data > 0
-    prepared = prepare_volume(data, brain, CFG)
+    prepared = prepare_volume(data, brain, CFG, ONE_MM)
     assert prepared.scale == pytest.approx(float(np.percentile(data[brain], 98)), rel=1e-6)
     assert prepared.slices.min() >= 0 and prepared.slices.max() <= 1
     assert prepared.slices.shape[1:] == (1, 128, 128)
@@ -43,7 +44,7 @@ def test_inverse_restores_smooth_maps_on_the_native_grid() -> None:
     x, y = np.meshgrid(np.linspace(0, 1, shape[0]), np.linspace(0, 1, shape[1]), indexing="ij")
     smooth = (0.5 + 0.4 * np.sin(2 * x) * np.cos(3 * y)).astype(np.float32)
     data = np.repeat(smooth[:, :, None], shape[2], axis=2) * 100
-    prepared = prepare_volume(data, brain, replace(CFG, percentile=100.0))
+    prepared = prepare_volume(data, brain, replace(CFG, percentile=100.0), ONE_MM)
     restored = restore_volume(prepared.slices, prepared.geometry)
     expected = data / data.max()
     idx = prepared.geometry.slice_index
@@ -59,7 +60,7 @@ def test_inverse_of_a_binary_map_keeps_its_location() -> None:
     brain = data > 0
     lesion = np.zeros(shape, bool)
     lesion[20:35, 30:50, 5:15] = True
-    prepared = prepare_volume(data, brain, replace(CFG, min_brain_fraction=0.0))
+    prepared = prepare_volume(data, brain, replace(CFG, min_brain_fraction=0.0), ONE_MM)
     grid = slices_of(lesion.astype(np.float32), prepared.geometry)
     back = restore_volume(grid, prepared.geometry) >= 0.5
     idx = prepared.geometry.slice_index
@@ -81,7 +82,7 @@ def test_slice_selection_brain_and_mid_modes() -> None:
 
 def test_unprocessed_slices_hold_the_fill_value() -> None:
     data = blob_volume((40, 48, 36))
-    prepared = prepare_volume(data, data > 0, replace(CFG, slice_mode="mid"))
+    prepared = prepare_volume(data, data > 0, replace(CFG, slice_mode="mid"), ONE_MM)
     restored = restore_volume(torch.ones_like(prepared.slices), prepared.geometry, fill=-1.0)
     (mid,) = prepared.geometry.slice_index
     assert np.all(restored[:, :, mid] > 0.99)
@@ -130,7 +131,7 @@ def test_real_brain_preprocessing() -> None:
     vol = load_volume(SHARED_DATA / "healthy-t1" / "antspy_mni152_T1.nii.gz")
     brain = auto_brain_mask(vol.data)
     assert 1000 < brain.sum() * vol.voxel_ml < 2000  # an adult brain: 1.0 to 2.0 litres
-    prepared = prepare_volume(vol.data, brain, CFG)
+    prepared = prepare_volume(vol.data, brain, CFG, vol.zooms)
     assert 100 < prepared.slices.shape[0] < vol.data.shape[2]
     assert intensity_scale(vol.data, brain, 98) > 0
     brain_pixels = prepared.slices[prepared.brain > 0]

@@ -74,7 +74,7 @@ def make_bundle(folder: Path) -> Path:
     cfg = tiny_config()
     save_bundle(folder, cfg, SoftIntroVAE(cfg.ra, cfg.preprocess.image_size), AOTGenerator(cfg.aot))
     backend = TorchBackend(load_networks(load_bundle(folder, require_calibration=False)), torch.device("cpu"))
-    prepared = prepare_volume(head_volume((40, 48, 24), seed=99), None, cfg.preprocess)
+    prepared = prepare_volume(head_volume((40, 48, 24), seed=99), None, cfg.preprocess, (1.0, 1.0, 1.0))
     first = run_slices(prepared.slices, prepared.brain, backend, cfg, float("inf"))
     mask_threshold = float(torch.quantile(first.stage1_map[prepared.brain > 0], 0.9))
     second = run_slices(prepared.slices, prepared.brain, backend, cfg, mask_threshold)
@@ -261,7 +261,7 @@ def test_actor_turns_non_finite_output_into_a_failure_record(bundle: Path) -> No
     """The inference actor (used directly, no Ray) reports NaN maps as this volume's failure and keeps working."""
     bundle_obj = load_bundle(bundle)
     actor = InferenceActor(str(bundle), bundle_obj.hash, "torch", "cpu", 1, 4, True, None)
-    prepared = prepare_volume(head_volume((40, 48, 24), seed=3), None, bundle_obj.config.preprocess)
+    prepared = prepare_volume(head_volume((40, 48, 24), seed=3), None, bundle_obj.config.preprocess, (1.0, 1.0, 1.0))
     slices = ModelSlices(prepared.slices.numpy(), prepared.brain.numpy())
     good, maps = actor.infer(slices)
     assert good.failure is None

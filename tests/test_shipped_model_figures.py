@@ -68,7 +68,7 @@ def test_the_shipped_model_reproduces_its_validation_figures(shipped: Path, tmp_
     tuning = calibration.tuning
     assert tuning is not None and [v.id for v in lesioned] == tuning["lesioned_volumes"]
     backend = TorchBackend(load_networks(model), torch.device("cpu"))
-    scores = [run_volume(v.image, v.brain, backend, cfg, calibration.mask_threshold, keep=()).anomaly
+    scores = [run_volume(v.image, v.brain, v.zooms, backend, cfg, calibration.mask_threshold, keep=()).anomaly
               for v in lesioned]
     figures = validation_figures(scores, lesioned, calibration.anomaly_threshold, calibration.min_lesion_ml)
     assert figures["dice"] == pytest.approx(tuning["validation"]["dice"], abs=0.01)

@@ -86,7 +86,8 @@ def test_screening_decode_uses_the_model_mask(files: dict[str, Path], head_auto:
     assert decoded.failure is None and slices is not None and context is not None
     assert context.brain_source == "model"
     assert _dice(context.brain, head_auto[0]) > 0.99  # one thread here, two there: the same mask up to rounding
-    expected = prepare_volume(load_volume(files["head"]).data, context.brain, cfg)
+    head = load_volume(files["head"])
+    expected = prepare_volume(head.data, context.brain, cfg, head.zooms)
     np.testing.assert_array_equal(slices.brain, expected.brain.numpy())
 
 

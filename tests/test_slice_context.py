@@ -71,7 +71,7 @@ def _val_slices(bundle: Path, manifest: Path) -> list[tuple[torch.Tensor, torch.
     for row in read_manifest(manifest):
         if row.split == "val":
             volume = load_volume(row.image)
-            prepared = prepare_volume(volume.data, load_mask(row.brain_mask, volume), cfg.preprocess)
+            prepared = prepare_volume(volume.data, load_mask(row.brain_mask, volume), cfg.preprocess, volume.zooms)
             out.append((prepared.slices, prepared.brain))
     return out
 

@@ -298,7 +298,7 @@ def test_stage2_holes_use_the_calibration_percentile_of_the_trained_stage1(train
     cfg = bundle.config
     row = next(r for r in read_manifest(cohort) if r.split == "train")
     volume = load_volume(row.image)
-    prepared = prepare_volume(volume.data, load_mask(row.brain_mask, volume), cfg.preprocess)
+    prepared = prepare_volume(volume.data, load_mask(row.brain_mask, volume), cfg.preprocess, volume.zooms)
     x, brain = prepared.slices, prepared.brain
     backend = TorchBackend(load_networks(bundle), torch.device("cpu"))
     with torch.no_grad():
@@ -322,7 +322,7 @@ def test_stage1_from_keeps_that_ra_and_cuts_holes_at_the_hole_percentile(trained
     assert [r["stage"] for r in _metrics(out)] == ["2", "2"]  # no stage 1 step was taken
     row = next(r for r in read_manifest(cohort) if r.split == "train")
     volume = load_volume(row.image)
-    prepared = prepare_volume(volume.data, load_mask(row.brain_mask, volume), config.preprocess)
+    prepared = prepare_volume(volume.data, load_mask(row.brain_mask, volume), config.preprocess, volume.zooms)
     backend = TorchBackend(load_networks(second), torch.device("cpu"))
     with torch.no_grad():
         x, brain = prepared.slices, prepared.brain

@@ -72,7 +72,7 @@ def real() -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     data = _real_volume()
     out = {}
     for size in (128, 48):
-        prepared = prepare_volume(data, None, PreprocessConfig(image_size=size))
+        prepared = prepare_volume(data, None, PreprocessConfig(image_size=size), (1.0, 1.0, 1.0))
         pick = np.linspace(0, prepared.slices.shape[0] - 1, 5).round().astype(int)
         out[size] = (prepared.slices[pick], prepared.brain[pick])
     return out

@@ -41,7 +41,7 @@ def test_dice_grid_matches_a_numpy_oracle() -> None:
         brain[2:-2, 2:-2, 2:-2] = True
         truth = (ndimage.gaussian_filter(rng.normal(size=brain.shape), 2.0) > 0.1) & brain
         score = np.clip(truth * 1.0 + rng.normal(0, 0.4, brain.shape), 0, None).astype(np.float32) * brain
-        volumes.append(LesionedVolume(f"v{k}", score, brain, truth, 0.008))
+        volumes.append(LesionedVolume(f"v{k}", score, brain, truth, 0.008, (2.0, 2.0, 2.0)))
         scores.append(score)
     thresholds, sizes = np.array([0.3, 0.6, 0.9]), [0.0, 0.02, 0.2]
     grid = dice_grid(scores, volumes, thresholds, sizes)
@@ -63,7 +63,7 @@ def test_healthy_false_positives_and_the_budgeted_choice_match_an_oracle() -> No
         brain = np.zeros((20, 20, 20), dtype=bool)
         brain[2:-2, 2:-2, 2:-2] = True
         score = (ndimage.gaussian_filter(rng.normal(size=brain.shape), 1.5) * 4).clip(0, None).astype(np.float32)
-        volumes.append(LesionedVolume(f"h{k}", score * brain, brain, np.zeros_like(brain), 0.008))
+        volumes.append(LesionedVolume(f"h{k}", score * brain, brain, np.zeros_like(brain), 0.008, (2.0, 2.0, 2.0)))
         scores.append(score * brain)
     thresholds, sizes = np.array([0.2, 0.5, 1.0]), [0.0, 0.02, 0.1]
     ml, count = healthy_fp(scores, volumes, thresholds, sizes)
@@ -182,7 +182,7 @@ def test_tuned_validation_dice_matches_an_independent_recount(tuned: tuple[Path,
     tp = pred = true = 0
     burden: list[float] = []
     for v in lesioned:
-        s = run_volume(v.image, v.brain, backend, model.config, cal.mask_threshold, 16, keep=()).anomaly
+        s = run_volume(v.image, v.brain, v.zooms, backend, model.config, cal.mask_threshold, 16, keep=()).anomaly
         p = oracle_drop((s >= cal.anomaly_threshold) & (s > 0) & v.brain, cal.min_lesion_ml, v.voxel_ml)
         tp, pred, true = tp + (p & v.truth).sum(), pred + p.sum(), true + v.truth.sum()
         burden.append((float(p.sum()) - float(v.truth.sum())) * v.voxel_ml)
@@ -193,7 +193,7 @@ def test_tuned_validation_dice_matches_an_independent_recount(tuned: tuple[Path,
     for row in val_rows:
         volume = load_volume(row.image)
         brain = load_mask(row.brain_mask, volume)
-        s = run_volume(volume.data, brain, backend, model.config, cal.mask_threshold, 16, keep=()).anomaly
+        s = run_volume(volume.data, brain, volume.zooms, backend, model.config, cal.mask_threshold, 16, keep=()).anomaly
         kept = oracle_drop((s >= cal.anomaly_threshold) & (s > 0) & brain, cal.min_lesion_ml, volume.voxel_ml)
         fp.append(kept.sum() * volume.voxel_ml)
     assert cal.tuning["healthy_validation"]["fp_ml"] == pytest.approx(fp, abs=1e-9)

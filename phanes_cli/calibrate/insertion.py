@@ -31,6 +31,7 @@ class LesionedVolume:
     brain: np.ndarray  # (X, Y, Z) bool
     truth: np.ndarray  # (X, Y, Z) bool
     voxel_ml: float
+    zooms: tuple[float, float, float]  # voxel size (mm) along the RAS+ axes
 
 
 def noise_level(data: np.ndarray, brain: np.ndarray) -> float:
@@ -86,7 +87,7 @@ def lesioned_validation(rows: Sequence[ManifestRow], bank: ShapeBank, reference:
         for copy in range(copies):
             rng = np.random.default_rng([seed, i, copy])
             image, truth = insert_lesion(volume.data, brain, volume.affine, bank, reference, rng, shapes)
-            out.append(LesionedVolume(f"{row.id}+lesion{copy}", image, brain, truth, voxel_ml))
+            out.append(LesionedVolume(f"{row.id}+lesion{copy}", image, brain, truth, voxel_ml, volume.zooms))
     return out
 
 
@@ -96,5 +97,6 @@ def healthy_validation(rows: Sequence[ManifestRow], skull_strip: str = "auto") -
     for row in rows:
         volume, brain, _ = load_with_brain(row.image, row.brain_mask, skull_strip=skull_strip)
         voxel_ml = abs(float(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
-        out.append(LesionedVolume(row.id, volume.data, brain, np.zeros(brain.shape, dtype=bool), voxel_ml))
+        out.append(LesionedVolume(row.id, volume.data, brain, np.zeros(brain.shape, dtype=bool), voxel_ml,
+                                  volume.zooms))
     return out

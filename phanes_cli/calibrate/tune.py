@@ -133,9 +133,9 @@ def burden_errors(scores: Sequence[np.ndarray], volumes: Sequence[LesionedVolume
 def _search(backend: Backend, cfg: PhanesConfig, mask_threshold: float, lesioned: Sequence[LesionedVolume],
             healthy: Sequence[LesionedVolume], batch_size: int) -> dict[str, Any]:
     """One mask threshold: every volume through the pipeline, then the budgeted best (threshold, size)."""
-    scores = [run_volume(v.image, v.brain, backend, cfg, mask_threshold, batch_size, keep=()).anomaly
+    scores = [run_volume(v.image, v.brain, v.zooms, backend, cfg, mask_threshold, batch_size, keep=()).anomaly
               for v in lesioned]
-    clean = [run_volume(v.image, v.brain, backend, cfg, mask_threshold, batch_size, keep=()).anomaly
+    clean = [run_volume(v.image, v.brain, v.zooms, backend, cfg, mask_threshold, batch_size, keep=()).anomaly
              for v in healthy]
     thresholds = candidate_thresholds(scores + clean, cfg.tune.anomaly_candidates)
     if thresholds.size == 0:

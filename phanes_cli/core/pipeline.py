@@ -280,18 +280,19 @@ def restore_maps(maps: ModelMaps, geometry: SliceGeometry, brain: np.ndarray, sc
 def run_volume(
     data: np.ndarray,
     brain: np.ndarray,
+    zooms: tuple[float, float, float],
     backend: Backend,
     cfg: PhanesConfig,
     mask_threshold: float,
     batch_size: int = 32,
     keep: Collection[str] = ("stage1_map", "x_ph"),
 ) -> VolumeMaps:
-    """One volume end to end: (X, Y, Z) RAS+ intensities and brain mask -> maps on the same grid.
+    """One volume end to end: (X, Y, Z) RAS+ intensities, brain mask and voxel sizes (mm) -> maps on the same grid.
 
     The composition of `prepare_volume`, `infer_slices` and `restore_maps`; screening runs the same parts
     in separate processes (inference actor, CPU write task). The lesion mask is the caller's next step:
     `LesionRule.apply(maps.anomaly, brain, voxel_ml)`.
     """
-    prepared = prepare_volume(data, brain, cfg.preprocess)
+    prepared = prepare_volume(data, brain, cfg.preprocess, zooms)
     maps = infer_slices(prepared.slices, prepared.brain, backend, cfg, mask_threshold, batch_size, keep)
     return restore_maps(maps, prepared.geometry, brain, prepared.scale, data)

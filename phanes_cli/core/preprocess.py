@@ -1,9 +1,12 @@
 """Volume -> model slices and back (method.md "Data conventions").
 
 A volume on its RAS+ grid is scaled by the 98th percentile of its brain voxels and clipped to [0, 1];
-its axial slices that hold enough brain are padded to a square with the background value and resized
-to `image_size` (bilinear). `restore_volume` is the exact inverse of the geometry (resize back, crop the
-padding, put slices back in place), so model maps land on the native voxel grid.
+its axial slices that hold enough brain are cut to a fixed physical field of view (`field_mm`, square, centred on
+the brain mask's in-plane extent; zero padding where the file's grid ends) and resized to `image_size` (bilinear).
+So a model pixel is `field_mm / image_size` mm whatever the file's voxel size, field of view, cropping or
+orientation: the same brain reaches the networks at the same scale and place. `restore_volume` is the exact
+inverse of the geometry (resize back to the window, put the window back in place), so model maps land on the
+native voxel grid; voxels outside the window get the fill value.
 All steps are batched over slices with torch: no Python loop per slice or voxel.
 """
 
@@ -27,8 +30,8 @@ class SliceGeometry:
 
     volume_shape: tuple[int, int, int]
     slice_index: np.ndarray  # (N,) axial indices of the selected slices
-    side: int  # square side after padding, in native voxels
-    pad: tuple[int, int]  # zero padding before axis 0 and axis 1 of a slice
+    window: tuple[int, int]  # the field of view in native voxels along axes 0 and 1
+    origin: tuple[int, int]  # native index of the window's first voxel (negative: the window starts outside)
     image_size: int
 
     @property
@@ -92,48 +95,65 @@ def select_slices(brain: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     return np.flatnonzero(area >= cfg.min_brain_fraction * area.max()).astype(np.int64)
 
 
-def _geometry(shape: tuple[int, int, int], index: np.ndarray, image_size: int) -> SliceGeometry:
-    side = max(shape[0], shape[1])
-    pad = ((side - shape[0]) // 2, (side - shape[1]) // 2)
-    return SliceGeometry(volume_shape=shape, slice_index=index, side=side, pad=pad, image_size=image_size)
+def field_window(zooms: tuple[float, float, float], field_mm: float) -> tuple[int, int]:
+    """The square field of view in native voxels along the two in-plane axes (at least one voxel each)."""
+    return (max(1, round(field_mm / float(zooms[0]))), max(1, round(field_mm / float(zooms[1]))))
+
+
+def _geometry(brain: np.ndarray, index: np.ndarray, zooms: tuple[float, float, float],
+              cfg: PreprocessConfig) -> SliceGeometry:
+    """The window of `cfg.field_mm` centred on the brain's in-plane bounding box (the grid's centre without brain)."""
+    shape: tuple[int, int, int] = (int(brain.shape[0]), int(brain.shape[1]), int(brain.shape[2]))
+    window = field_window(zooms, cfg.field_mm)
+    origin = []
+    for axis, other in ((0, (1, 2)), (1, (0, 2))):
+        present = np.flatnonzero(brain.any(axis=other))
+        centre = (present[0] + present[-1]) / 2.0 if present.size else (shape[axis] - 1) / 2.0
+        origin.append(int(np.floor(centre - (window[axis] - 1) / 2.0 + 0.5)))
+    return SliceGeometry(volume_shape=shape, slice_index=index, window=window, origin=(origin[0], origin[1]),
+                         image_size=cfg.image_size)
 
 
 def to_model_grid(stack: torch.Tensor, geometry: SliceGeometry, mode: str = "bilinear") -> torch.Tensor:
-    """(N, C, X, Y) native slices -> (N, C, S, S): pad to the square with zeros, then resize.
+    """(N, C, X, Y) native slices -> (N, C, S, S): cut the window (zeros beyond the grid), then resize.
 
     mode: "bilinear" (antialiased when shrinking), "bilinear_fast" (no antialiasing) or "nearest".
     """
     g = geometry
     x, y = stack.shape[-2:]
-    padded = F.pad(stack, (g.pad[1], g.side - y - g.pad[1], g.pad[0], g.side - x - g.pad[0]))
-    if g.side == g.image_size:
-        return padded
+    (wx, wy), (ox, oy) = g.window, g.origin
+    window = F.pad(stack, (-oy, oy + wy - y, -ox, ox + wx - x))  # negative pads crop
+    size = (g.image_size, g.image_size)
+    if (wx, wy) == size:
+        return window
     if mode == "nearest":
-        return F.interpolate(padded, size=(g.image_size, g.image_size), mode="nearest")
-    antialias = mode == "bilinear" and g.side > g.image_size
-    return F.interpolate(padded, size=(g.image_size, g.image_size), mode="bilinear", align_corners=False,
-                         antialias=antialias)
+        return F.interpolate(window, size=size, mode="nearest")
+    antialias = mode == "bilinear" and max(wx, wy) > g.image_size
+    return F.interpolate(window, size=size, mode="bilinear", align_corners=False, antialias=antialias)
 
 
 def from_model_grid(maps: torch.Tensor, geometry: SliceGeometry, mode: str = "bilinear") -> torch.Tensor:
-    """(N, C, S, S) -> (N, C, X, Y) on the native slice grid: resize back, then crop the padding."""
+    """(N, C, S, S) -> (N, C, X, Y) on the native slice grid: resize back to the window, then put it in place."""
     g = geometry
-    if g.side != g.image_size:
+    (wx, wy), (ox, oy) = g.window, g.origin
+    if (wx, wy) != (g.image_size, g.image_size):
         if mode == "nearest":
-            maps = F.interpolate(maps, size=(g.side, g.side), mode="nearest")
+            maps = F.interpolate(maps, size=(wx, wy), mode="nearest")
         else:
-            maps = F.interpolate(maps, size=(g.side, g.side), mode="bilinear", align_corners=False)
+            maps = F.interpolate(maps, size=(wx, wy), mode="bilinear", align_corners=False)
     x, y = g.volume_shape[0], g.volume_shape[1]
-    return maps[..., g.pad[0] : g.pad[0] + x, g.pad[1] : g.pad[1] + y]
+    return F.pad(maps, (oy, y - oy - wy, ox, x - ox - wx))
 
 
-def prepare_volume(data: np.ndarray, brain: np.ndarray | None, cfg: PreprocessConfig) -> PreparedVolume:
-    """(X, Y, Z) RAS+ intensities (+ optional brain mask) -> model slices, brain slices, geometry."""
+def prepare_volume(data: np.ndarray, brain: np.ndarray | None, cfg: PreprocessConfig,
+                   zooms: tuple[float, float, float]) -> PreparedVolume:
+    """(X, Y, Z) RAS+ intensities with voxel sizes `zooms` (mm, RAS+ order; + optional brain mask) -> model slices,
+    brain slices, geometry."""
     if brain is None:
         brain = auto_brain_mask(data)
     scale = intensity_scale(data, brain, cfg.percentile)
     index = select_slices(brain, cfg)
-    geometry = _geometry(tuple(int(s) for s in data.shape), index, cfg.image_size)  # type: ignore[arg-type]
+    geometry = _geometry(brain, index, zooms, cfg)
     mask = torch.from_numpy(np.ascontiguousarray(np.moveaxis(brain[:, :, index], 2, 0)))[:, None]
     image = torch.from_numpy(np.ascontiguousarray(np.moveaxis(data[:, :, index], 2, 0)))[:, None]
     image = (image / scale).clamp_(0.0, 1.0).mul_(mask)

@@ -184,7 +184,7 @@ def evaluate_volume(
     if row.lesion_mask is None and row.kind != HEALTHY:
         raise InputError(row.image, f"row {row.id!r} has no lesion_mask")
     truth = np.zeros(brain.shape, dtype=bool) if row.lesion_mask is None else load_mask(row.lesion_mask, volume)
-    prepared = prepare_volume(volume.data, brain, cfg.preprocess)
+    prepared = prepare_volume(volume.data, brain, cfg.preprocess, volume.zooms)
     geometry = prepared.geometry
     truth_slices = (slices_of(truth, geometry, mode="bilinear") >= 0.5).float() if "phanes-gt" in methods else None
     try:

@@ -104,7 +104,7 @@ def mid_slices(rows: Sequence[ManifestRow], cfg: PhanesConfig, n_slices: int, sk
     index: list[int] = []
     for row in rows:
         volume, volume_brain, _ = load_with_brain(row.image, row.brain_mask, skull_strip=skull_strip, device=device)
-        prepared = prepare_volume(volume.data, volume_brain, preprocess)
+        prepared = prepare_volume(volume.data, volume_brain, preprocess, volume.zooms)
         picks = central_positions(prepared.geometry.n_slices, per_subject)
         xs.append(prepared.slices[picks])
         brains.append(prepared.brain[picks])

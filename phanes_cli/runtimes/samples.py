@@ -29,7 +29,7 @@ GATE_BRAINS = ("niimath_adult_T1", "niivue_fs_norm_T1", "studyforrest_T1w_brain"
 def brain_slices(cfg: PreprocessConfig, n: int) -> tuple[Tensor, Tensor]:
     """n real axial brain slices (2 mm) and their brain masks, (n, 1, S, S) each; slices repeat when n is larger."""
     data = load_volume(mni152_path("t1_1mm")).data[::2, ::2, ::2]
-    prepared = prepare_volume(data, data > 0.1 * float(data.max()), cfg)
+    prepared = prepare_volume(data, data > 0.1 * float(data.max()), cfg, (2.0, 2.0, 2.0))
     repeat = -(-n // prepared.slices.shape[0])
     return prepared.slices.repeat(repeat, 1, 1, 1)[:n].clone(), prepared.brain.repeat(repeat, 1, 1, 1)[:n].clone()
 
@@ -57,8 +57,8 @@ def shipped_brain_slices(cfg: PreprocessConfig, names: tuple[str, ...], per_brai
 def _shipped_brain_slices(cfg: PreprocessConfig, names: tuple[str, ...], per_brain: int) -> tuple[Tensor, Tensor]:
     images, brains = [], []
     for name in names:
-        data = load_volume(DATA_DIR / "healthy_t1" / f"{name}.nii.gz").data
-        prepared = prepare_volume(data, auto_brain_mask(data), cfg)
+        volume = load_volume(DATA_DIR / "healthy_t1" / f"{name}.nii.gz")
+        prepared = prepare_volume(volume.data, auto_brain_mask(volume.data), cfg, volume.zooms)
         n = prepared.slices.shape[0]
         index = torch.from_numpy(np.linspace(0, n - 1, per_brain + 2)[1:-1].round().astype(np.int64))
         images.append(prepared.slices[index])

@@ -25,6 +25,7 @@ from phanes_cli.errors import InputError
 from phanes_cli.inputs.brain_masks import CheckedVolume, load_checked
 from phanes_cli.runtimes.pytorch import select_device
 from phanes_cli.runtimes.select import choose_backend
+from phanes_cli.screening.options import check_batch_size
 
 
 @dataclass(frozen=True)
@@ -75,15 +76,16 @@ def predict(image: nib.spatialimages.SpatialImage | str | Path, bundle: str | Pa
 
     Raises InputError / QualityError for a volume that cannot be screened, BundleError for a bad bundle,
     TypeError for an `image` or `brain_mask` that is neither a path nor a nibabel image (a bare array has no
-    geometry).
+    geometry), ConfigError for a batch size `phanes screen` would refuse (`options.check_batch_size`).
     """
+    check_batch_size(batch_size)
     model = bundle if isinstance(bundle, Bundle) else load_bundle(bundle if bundle is not None else default_bundle())
     calibration = model.require_calibration()
     dev = select_device(device)
     checked = _load(image, brain_mask, skull_strip, str(dev))
     volume = checked.volume
     runner = choose_backend(backend, model, dev)
-    maps = run_volume(volume.data, checked.brain, runner, model.config, calibration.mask_threshold,
+    maps = run_volume(volume.data, checked.brain, volume.zooms, runner, model.config, calibration.mask_threshold,
                       batch_size)
     measures = measure_volume("image", volume, checked.brain, maps.anomaly, calibration, checked.qc_flags)
     assert maps.pseudo_healthy is not None

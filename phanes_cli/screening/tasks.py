@@ -92,7 +92,7 @@ def decode_volume(row: ManifestRow, cfg: PreprocessConfig, max_voxels: int, skul
     timings: dict[str, float] = {}
     try:
         checked = load_checked(row.image, row.brain_mask, max_voxels, skull_strip, timings=timings)
-        prepared = prepare_volume(checked.volume.data, checked.brain, cfg)
+        prepared = prepare_volume(checked.volume.data, checked.brain, cfg, checked.volume.zooms)
         digest = input_sha256(row.image)
     except InputError as exc:
         kind, message = describe(exc)
@@ -164,9 +164,8 @@ def write_volume(job: WriteJob, decoded: DecodeResult, inferred: InferenceResult
 
 
 def write_bids_files(job: WriteJob, layout: OutputLayout, context: VolumeContext) -> None:
-    """`--layout bids`: the brain mask the volume was screened in, and the sidecar of every map."""
+    """`--layout bids`: the sidecar of every map, the brain mask's (`desc-brain_mask`) included."""
     vid, volume = job.row.id, context.volume
-    save_like(context.brain.astype(np.uint8), volume, layout.map_path(vid, "brain_mask"), np.uint8)
     given = [job.row.brain_mask] if context.brain_source == "file" and job.row.brain_mask is not None else []
     write_sidecar(layout, vid, "brain_mask", [job.row.image, *given], job.bundle_hash, job.calibration,
                   BrainMaskSource=context.brain_source)
@@ -193,13 +192,15 @@ def commit_outputs(job: WriteJob, decoded: DecodeResult, inferred: InferenceResu
             if array is None:
                 raise RuntimeError(f"output {kind!r} was requested but the inference stage did not return it")
             save_like(array, volume, layout.map_path(vid, kind), dtype)
+        brain_path = save_like(context.brain.astype(np.uint8), volume, layout.map_path(vid, "brain_mask"), np.uint8)
         if layout.bids:
             write_bids_files(job, layout, context)
         write_s = time.perf_counter() - start
         row = {
             **manifest_columns(job.row.extra), "id": vid, "input_path": str(job.row.image),
             "input_sha256": decoded.input_sha256, "status": "ok",
-            "brain_mask_source": context.brain_source, **measures.row,
+            "brain_mask_source": context.brain_source, "brain_mask_path": layout.relative(brain_path),
+            **measures.row,
             "slices_processed": decoded.n_slices, "slices_inpainted": maps.slices_inpainted,
             "backend": inferred.backend or job.backend, "bundle_hash": job.bundle_hash,
             "runtime_s": earlier_s + write_s,

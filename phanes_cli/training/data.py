@@ -64,7 +64,7 @@ def load_slices(rows: Sequence[ManifestRow], cfg: PreprocessConfig, bar: Progres
     task = bar.add_task(description, total=len(rows), info="")
     for i, row in enumerate(rows):
         volume, brain, _ = load_with_brain(row.image, row.brain_mask, skull_strip=skull_strip, device=device)
-        prepared = prepare_volume(volume.data, brain, cfg)
+        prepared = prepare_volume(volume.data, brain, cfg, volume.zooms)
         images.append(prepared.slices)
         brains.append(prepared.brain)
         owners.append(torch.full((prepared.slices.shape[0],), i, dtype=torch.int64))
