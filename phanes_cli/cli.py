@@ -61,7 +61,6 @@ def _friendly(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        stop_on_sigterm(fresh=True)
         try:
             return func(*args, **kwargs)
         except PhanesError as exc:
@@ -100,6 +99,7 @@ def _version(value: bool) -> None:
 def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version.")
          ) -> None:
     """phanes: unsupervised anomaly screening of T1-weighted brain MRI (PHANES, MICCAI 2023)."""
+    stop_on_sigterm(fresh=True)  # before every command: SIGTERM ends it like Ctrl-C (exit 143, finished work kept)
 
 
 SkullStrip = Literal["auto", "always", "never"]  # = brain_masks.SKULL_STRIP_MODES (tested), for --help, completion

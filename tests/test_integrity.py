@@ -28,7 +28,7 @@ from phanes_cli.core.calibration import Calibration
 from phanes_cli.core.preprocess import auto_brain_mask
 from phanes_cli.core.volume_io import Volume, load_volume
 from phanes_cli.errors import BundleError, ConfigError, InputError
-from phanes_cli.infra.folders import check_output_file, claim_folder
+from phanes_cli.infra.folders import claim_folder
 from phanes_cli.inputs.discovery import resolve_inputs
 from phanes_cli.inputs.manifest import ManifestRow
 from phanes_cli.inputs.quality import FATAL, check_volume
@@ -270,7 +270,7 @@ def test_screen_refuses_a_bids_dataset_or_the_input_folder_as_out(bundle: Path, 
     assert sorted(p.name for p in plain.iterdir()) == ["s1.nii.gz"]
 
 
-def test_claim_folder_and_output_file_rules(tmp_path: Path) -> None:
+def test_claim_folder_rules(tmp_path: Path) -> None:
     assert claim_folder(tmp_path / "new" / "deeper", ("run.json",), "x").is_dir()
     (tmp_path / "empty").mkdir()
     assert claim_folder(tmp_path / "empty", ("run.json",), "x").is_dir()
@@ -281,15 +281,6 @@ def test_claim_folder_and_output_file_rules(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(InputError, match="is a file"):
         claim_folder(tmp_path / "file", ("run.json",), "x")
-    table = tmp_path / "volumes.parquet"
-    table.write_bytes(b"PAR1")
-    with pytest.raises(InputError, match="does not replace it"):  # `report --out RUN/volumes.parquet`
-        check_output_file(table, (".html",), "an HTML report")
-    with pytest.raises(InputError, match="is a folder"):
-        check_output_file(tmp_path / "own", (".html",), "an HTML report")
-    (tmp_path / "old.html").write_text("<html>")
-    assert check_output_file(tmp_path / "old.html", (".html",), "an HTML report").name == "old.html"
-    assert check_output_file(tmp_path / "new.html", (".html",), "an HTML report").name == "new.html"
 
 
 # ---------------------------------------------------------------------------------------------------------

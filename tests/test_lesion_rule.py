@@ -88,7 +88,8 @@ def test_calibration_round_trip_and_overrides() -> None:
     cal = Calibration(0.3, 0.07, n_slices=12, n_volumes=2, min_lesion_ml=1.5, tuning={"mask_percentile": 80.0})
     assert Calibration.from_dict(cal.to_dict(), "x") == cal
     plain = Calibration(0.3, 0.07)
-    assert plain.to_dict() == {"mask_threshold": 0.3, "anomaly_threshold": 0.07, "n_slices": 0, "n_volumes": 0}
+    assert plain.to_dict() == {"mask_threshold": 0.3, "anomaly_threshold": 0.07, "n_slices": 0, "n_volumes": 0,
+                               "min_lesion_ml": 0.0, "tuning": None}  # every field: readers fill nothing in
     assert Calibration.from_dict(plain.to_dict(), "x") == plain
     changed = cal.with_lesion_rule(anomaly_threshold=0.2)
     assert (changed.anomaly_threshold, changed.min_lesion_ml, changed.mask_threshold) == (0.2, 1.5, 0.3)

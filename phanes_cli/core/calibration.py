@@ -10,13 +10,14 @@ runs record it in run.json; `from_dict` is the one reader and validator of both.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from phanes_cli.errors import BundleError, ConfigError
 
 _KEYS = frozenset({"mask_threshold", "anomaly_threshold", "n_slices", "n_volumes", "min_lesion_ml", "tuning"})
 _RETIRED = frozenset({"domain"})  # written by earlier versions, read and ignored
+THRESHOLD_COLUMNS = ("mask_threshold", "anomaly_threshold", "min_lesion_ml")  # `columns()`: in every table row
 
 
 def _positive_number(value: Any) -> bool:
@@ -35,11 +36,8 @@ class Calibration:
     tuning: dict[str, Any] | None = None  # `calibrate --tune`: the choice and its validation figures
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"mask_threshold": self.mask_threshold, "anomaly_threshold": self.anomaly_threshold,
-                               "n_slices": self.n_slices, "n_volumes": self.n_volumes}
-        if self.min_lesion_ml or self.tuning is not None:
-            out.update(min_lesion_ml=self.min_lesion_ml, tuning=self.tuning)
-        return out
+        """Every field, defaults included: what a reader gets back needs no filling in."""
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, values: Any, source: object) -> Calibration:
@@ -79,5 +77,4 @@ class Calibration:
 
     def columns(self) -> dict[str, float]:
         """The thresholds and minimum lesion size a lesion mask was made with, as table columns."""
-        return {"mask_threshold": self.mask_threshold, "anomaly_threshold": self.anomaly_threshold,
-                "min_lesion_ml": self.min_lesion_ml}
+        return {name: getattr(self, name) for name in THRESHOLD_COLUMNS}

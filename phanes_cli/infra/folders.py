@@ -8,8 +8,6 @@ A command's output folder must be new, empty, or hold that command's own earlier
 marker file the command always writes first: `screen` its lock file, `stats` its stats.json). So a raw
 dataset, an existing BIDS dataset, the input folder or a screening run given as `stats --out` is refused
 before anything is written, and `screen DIR --out DIR` never takes its own maps for subjects.
-An output file may only replace a file of the kind the command writes (`report --out RUN/volumes.parquet`
-does not replace the table with HTML).
 """
 
 from __future__ import annotations
@@ -70,18 +68,3 @@ def claim_folder(folder: Path, markers: Iterable[str], what: str) -> Path:
                                      "writes into a new or empty folder or one of its own outputs: choose another")
     folder.mkdir(parents=True, exist_ok=True)
     return folder
-
-
-def check_output_file(path: Path, suffixes: Iterable[str], what: str) -> Path:
-    """`path` when no file is there, or the file there ends in one of `suffixes`; an InputError otherwise.
-
-    For single-file outputs (`phanes report --out FILE`): an existing table, image or folder of another
-    kind is never replaced; `what` names the file the command writes (e.g. "an HTML report").
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise InputError(path, f"is a folder; --out must name {what}")
-    kinds = tuple(s.lower() for s in suffixes)
-    if path.exists() and not path.name.lower().endswith(kinds):
-        raise InputError(path, f"exists and is not {what} ({', '.join(kinds)}); phanes does not replace it")
-    return path

@@ -21,7 +21,6 @@ from phanes_cli.infra.atomic import write_parquet
 from phanes_cli.infra.columns import cell, column_type
 
 MANIFEST_COLUMNS = ("id", "image", "brain_mask", "lesion_mask", "split", "kind", "lesion_ml")
-SPLITS = ("train", "val", "test")
 _PATH_COLUMNS = ("image", "brain_mask", "lesion_mask")
 
 

@@ -27,7 +27,6 @@ from phanes_cli.infra.folders import claim_folder
 from phanes_cli.inputs.bids import is_bids_root
 from phanes_cli.inputs.discovery import resolve_inputs
 from phanes_cli.inputs.manifest import ManifestRow
-from phanes_cli.runtimes import validate_backend_name
 from phanes_cli.screening.bids_derivative import start_layout, write_burden_tables
 from phanes_cli.screening.consolidate import consolidate
 from phanes_cli.screening.dispatch import Actors, Dispatcher
@@ -61,7 +60,7 @@ def screen(inputs: list[str], options: ScreenOptions) -> ScreenSummary:
     """Screen every volume named by INPUTS into `options.out`; resumable, one failure row per bad volume."""
     started, started_iso = time.monotonic(), now_iso()
     options.validate()
-    backend = validate_backend_name(options.backend)
+    backend = options.backend  # checked by options.validate()
     bundle, options = _with_overrides(load_bundle(options.bundle), options)
     layout = OutputLayout(Path(options.out))  # OUT is claimed first: inputs inside it are never taken
     claim_folder(layout.root, (layout.lock.name, layout.run_manifest.name), "a `phanes screen` run")

@@ -80,11 +80,10 @@ def applied_calibration(layout: OutputLayout) -> tuple[Calibration, str | None]:
 def row_calibration(row: dict[str, Any], base: Calibration, threshold: float | None,
                     min_lesion_ml: float | None) -> Calibration:
     """The calibration a volume's row records (`base` for rows without one), with the overrides applied."""
-    recorded = {k: row.get(k) for k in ("mask_threshold", "anomaly_threshold", "min_lesion_ml")}
+    recorded = {k: row.get(k) for k in THRESHOLD_COLUMNS}
     own = base
     if all(isinstance(v, (int, float)) for v in recorded.values()):
-        own = Calibration.from_dict({**recorded, "min_lesion_ml": recorded["min_lesion_ml"] or 0.0},
-                                    f"volumes.parquet row {str(row.get('id'))[:200]!r}")
+        own = Calibration.from_dict(recorded, f"volumes.parquet row {str(row.get('id'))[:200]!r}")
     return own.with_lesion_rule(threshold, min_lesion_ml)
 
 

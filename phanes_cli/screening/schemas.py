@@ -8,6 +8,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from phanes_cli.core.calibration import THRESHOLD_COLUMNS
 from phanes_cli.core.statistics import SIZE_BIN_COLUMNS
 from phanes_cli.infra.columns import cell, column_type, unify
 from phanes_cli.infra.versions import __version__
@@ -51,9 +52,7 @@ VOLUME_SCHEMA = _schema(
     pa.field("slices_inpainted", pa.int64()),  # of those, slices with a non-empty inpainting mask (stage 2 ran)
     pa.field("backend", pa.string()),
     pa.field("bundle_hash", pa.string()),
-    pa.field("mask_threshold", pa.float64()),  # the thresholds and minimum lesion size the lesion mask used
-    pa.field("anomaly_threshold", pa.float64()),
-    pa.field("min_lesion_ml", pa.float64()),
+    *(pa.field(name, pa.float64()) for name in THRESHOLD_COLUMNS),  # the operating point the lesion mask used
     pa.field("runtime_s", pa.float64()),  # decode_s + inference_s + write_s
     pa.field("decode_s", pa.float64()),  # reading, brain mask, QC and preprocessing
     pa.field("brain_mask_s", pa.float64()),  # the brain mask's part of decode_s
@@ -97,7 +96,6 @@ TABLES = {"volumes": VOLUME_SCHEMA, "lesions": LESION_SCHEMA, "failures": FAILUR
 
 _RESERVED = frozenset(VOLUME_SCHEMA.names) | frozenset(FAILURE_SCHEMA.names) | frozenset(LESION_SCHEMA.names)
 
-THRESHOLD_COLUMNS = ("mask_threshold", "anomaly_threshold", "min_lesion_ml")
 
 def manifest_columns(extra: dict[str, Any]) -> dict[str, Any]:
     """The input's extra manifest columns (subject, site, age...) for the volume and failure rows, typed.
