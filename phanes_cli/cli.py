@@ -292,8 +292,12 @@ def _print_tuning(cal: Any) -> None:
 @app.command()
 @_friendly
 def calibrate(
-    bundle: Path = typer.Option(..., "--bundle", help="Model bundle folder."),
+    bundle: Path | None = typer.Option(
+        None, "--bundle", help="Model bundle folder; default: the model shipped with phanes (then --out is needed)."),
     data: Path = typer.Option(..., "--data", help="Manifest with healthy validation volumes."),
+    out: Path | None = typer.Option(
+        None, "--out", help="New or empty folder: write a calibrated copy of the bundle there and leave the bundle "
+                            "as it is (site calibration of the shipped model on your own healthy controls)."),
     split: str = typer.Option("val", "--split", help="Manifest split of healthy volumes to calibrate on."),
     device: Device = typer.Option("auto", "--device", help=DEVICE_HELP),
     skull_strip: SkullStrip = SKULL_STRIP_OPTION,
@@ -323,15 +327,18 @@ def calibrate(
     backend: BackendName = typer.Option("auto", "--backend", help=BACKEND_HELP),
     lpips_weights: str | None = LPIPS_OPTION,
 ) -> None:
-    """Compute the mask and anomaly thresholds on validation volumes and store them in the bundle."""
+    """Compute the mask and anomaly thresholds on validation volumes and store them in the bundle (or, with --out,
+    in a calibrated copy of it)."""
     from phanes_cli.calibrate.run import calibrate as calibrate_bundle
+    from phanes_cli.core.shipped_models import default_bundle
 
-    cal = calibrate_bundle(bundle, data, device=device, batch_size=batch_size, split=split, lpips_weights=lpips_weights,
+    source = bundle or default_bundle()
+    cal = calibrate_bundle(source, data, device=device, batch_size=batch_size, split=split, lpips_weights=lpips_weights,
                           mask_percentile=mask_percentile, anomaly_percentile=anomaly_percentile,
                           skull_strip=skull_strip, tune=tune, backend_name=backend, slice_context=slice_context,
                           healthy_fp_budget_ml=healthy_fp_budget_ml,
-                          healthy_fp_budget_components=healthy_fp_budget_components)
-    console.print(f"[green]calibrated[/] {escape(str(bundle))}: mask threshold {cal.mask_threshold:.4g}, "
+                          healthy_fp_budget_components=healthy_fp_budget_components, out=out)
+    console.print(f"[green]calibrated[/] {escape(str(out or source))}: mask threshold {cal.mask_threshold:.4g}, "
                   f"anomaly threshold {cal.anomaly_threshold:.4g}, minimum lesion {cal.min_lesion_ml:.3g} mL")
     _print_tuning(cal)
 

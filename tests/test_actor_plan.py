@@ -8,6 +8,7 @@ given here as the plan's inputs; `local_cpus` is checked under a real `taskset`.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -48,6 +49,8 @@ def test_a_cluster_plans_every_node_with_the_smallest_nodes_threads() -> None:
 def _cluster(monkeypatch: pytest.MonkeyPatch, cores: list[int], gpus: int = 0) -> None:
     """What Ray would report for nodes of these CPU counts (a head with 0 CPUs is listed and ignored)."""
     nodes: list[dict[str, Any]] = [{"Alive": True, "Resources": {"CPU": float(c)}} for c in cores]
+    if gpus:
+        nodes[0]["Resources"]["GPU"] = float(gpus)
     nodes += [{"Alive": True, "Resources": {}}, {"Alive": False, "Resources": {"CPU": 64.0}}]
     monkeypatch.setattr(plan.ray, "nodes", lambda: nodes)
     monkeypatch.setattr(plan.ray, "cluster_resources", lambda: {"CPU": float(sum(cores)), "GPU": float(gpus)})
@@ -68,7 +71,7 @@ def test_options_override_the_planned_values(monkeypatch: pytest.MonkeyPatch) ->
     _cluster(monkeypatch, [16])
     assert plan_actors(_options(threads_per_actor=4)).threads == 4
     # more actors than planned share the CPUs that leave one for the tasks; their threads stay as planned
-    assert plan_actors(_options(num_actors=20)) == ActorPlan(count=20, cpus=0.75, gpus=0.0, max_in_flight=80,
+    assert plan_actors(_options(num_actors=16)) == ActorPlan(count=16, cpus=0.9375, gpus=0.0, max_in_flight=64,
                                                              threads=1)
     # --cpus-per-actor alone: as many threads as CPUs (the behaviour before the plan)
     assert plan_actors(_options(num_actors=3, cpus_per_actor=4.0)).threads == 4
@@ -85,3 +88,50 @@ def test_local_cpus_follows_the_process_affinity() -> None:
     one = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert one.stdout.strip() == "1"
+
+def test_more_actors_than_cpus_or_reservations_no_node_holds_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each actor process loads the networks and needs a core: 50 on 2 cores screened nothing while memory grew.
+    An actor lives on one node: a reservation larger than every node (or than the nodes hold together) would
+    wait for ever."""
+    _cluster(monkeypatch, [2])
+    with pytest.raises(ConfigError, match=r"^50 inference actors need a CPU each to make progress; the cluster has 2: "
+                                          r"lower --actors \(at most 2\)$"):
+        plan_actors(_options(num_actors=50))
+    _cluster(monkeypatch, [2, 2])
+    with pytest.raises(ConfigError, match=r"the nodes hold only 0 at once \(the largest has 2 CPUs and 0 GPUs\)"):
+        plan_actors(_options(num_actors=1, cpus_per_actor=3.0))
+    with pytest.raises(ConfigError, match="the nodes hold only 2 at once"):  # 4 CPUs in all, 1.5 + 1.5 per node: 2
+        plan_actors(_options(num_actors=3, cpus_per_actor=1.5))
+    _cluster(monkeypatch, [8, 8], gpus=2)  # both GPUs on the first node
+    assert plan_actors(_options(gpus_per_actor=1.0)).count == 2
+    with pytest.raises(ConfigError, match="the nodes hold only 1 at once"):
+        plan_actors(_options(num_actors=2, gpus_per_actor=1.0, cpus_per_actor=5.0))
+
+
+@pytest.mark.parametrize(("nodes", "cpus", "gpus", "fit"), [
+    ([(2.0, 0.0)], 0.5, 0.0, 4), ([(2.0, 0.0), (3.0, 0.0)], 1.5, 0.0, 3), ([(16.0, 2.0), (16.0, 0.0)], 1.0, 1.0, 2),
+    ([(16.0, 1.0)], 1.0, 0.5, 2), ([(1.0, 0.0)], 0.0, 0.0, math.inf),
+])
+def test_actors_that_fit_count_per_node(nodes: list[tuple[float, float]], cpus: float, gpus: float,
+                                        fit: float) -> None:
+    assert plan.actors_that_fit(nodes, cpus, gpus) == fit
+
+
+def test_screen_with_more_actors_than_cpus_is_refused_on_a_real_cluster(ray_head: Any, tmp_path: Path) -> None:
+    """`phanes screen --actors 50` on a real Ray node of 2 CPUs (loopback): one line and exit 2 at once. Accepted
+    before at 0.02 CPU per actor, it screened nothing while 50 actor processes loaded the networks."""
+    from tests._ray import HEAD_IP
+    from tests.test_screening import affines, make_bundle, write_head
+
+    bundle = make_bundle(tmp_path / "bundle")
+    scan = write_head(tmp_path / "scans" / "s.nii.gz", affines()["ras"], seed=1)
+    out = tmp_path / "out"
+    run = subprocess.run([str(Path(sys.executable).parent / "phanes"), "screen", str(scan), "--bundle", str(bundle),
+                          "--out", str(out), "--quiet", "--address", ray_head.address, "--node-ip", HEAD_IP,
+                          "--actors", "50"], capture_output=True, text=True, timeout=240,
+                         env={**ray_head.env, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    last = [line for line in run.stderr.splitlines() if line.strip()][-1]
+    assert last == ("error: 50 inference actors need a CPU each to make progress; the cluster has 2: lower --actors "
+                    "(at most 2)"), run.stderr
+    assert not (out / "maps").exists() or not any((out / "maps").iterdir())

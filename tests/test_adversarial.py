@@ -39,12 +39,12 @@ from phanes_cli.infra.atomic import write_bytes
 from phanes_cli.inputs.discovery import prepare_manifest, resolve_inputs
 from phanes_cli.inputs.manifest import ManifestRow, read_manifest, write_manifest
 from phanes_cli.inputs.quality import FATAL, check_volume
-from phanes_cli.runtimes.pytorch import PhanesNetworks
+from phanes_cli.runtimes.pytorch import PhanesNetworks, load_networks
 from phanes_cli.screening.commit import commit_volume
 from phanes_cli.screening.consolidate import consolidate
 from phanes_cli.screening.layout import OutputLayout, file_stem
 from phanes_cli.training.data import healthy_rows
-from tests._tiny_cohort import tiny_config
+from tests._tiny_cohort import tiny_config, write_cohort
 from tests.conftest import blob_volume
 from tests.test_cli import phanes_in_process
 
@@ -557,3 +557,174 @@ def test_a_cluster_that_does_not_answer_times_out_naming_it_and_a_stale_run_is_m
 
 # SIGTERM on a command: tests/test_cli.py (with Ctrl-C); on a screening run: tests/test_screening.py.
     assert not list(out.rglob(".tmp-*"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The shipped models and what is made from them (issue 35): no command writes into a shipped bundle (a site
+# calibrates a copy: calibrate --out), a cached first-use export is checked against its export's own record
+# rather than its re-sealable index, and a bundle's weights of other shapes are named, tensor and shapes
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder`, by relative path: a write, addition or removal changes it."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def shipped(pristine: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The tiny bundle, calibrated, as the one model of a folder of shipped models ($PHANES_MODELS_DIR: the
+    installed package's own folder is guarded alike, and a broken guard must not write into it here), with a
+    checkpoint beside it that no copy may take."""
+    work = Path(shutil.copytree(pristine, tmp_path / "work" / "tiny-shipped"))
+    write_calibration(work, Calibration(**GOOD_CALIBRATION))
+    target = Path(shutil.copytree(work, tmp_path / "models" / "tiny-shipped"))
+    (target / "checkpoints").mkdir()
+    (target / "checkpoints" / "last.safetensors").write_bytes(b"not part of the model")
+    monkeypatch.setenv("PHANES_MODELS_DIR", str(target.parent))
+    monkeypatch.setenv("PHANES_CACHE_DIR", str(tmp_path / "cache"))
+    return target
+
+
+@pytest.fixture(scope="module")
+def controls(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A site's healthy controls: the tiny cohort's manifest (its 'val' volumes are what calibrate uses)."""
+    return write_cohort(tmp_path_factory.mktemp("controls"))
+
+
+def _writers(shipped: Path, controls: Path, tmp: Path) -> dict[str, list[str | Path]]:
+    """Every command that writes into a bundle, aimed at the shipped one (directly, by default, through a link)."""
+    link = tmp / "link-to-shipped"
+    link.symlink_to(shipped)
+    config = tmp / "tiny.yaml"
+    config.write_text(json.dumps(tiny_config().to_dict()))  # JSON is YAML
+    return {
+        "calibrate --bundle": ["calibrate", "--bundle", shipped, "--data", controls, "--no-tune", "--device", "cpu"],
+        "calibrate (default model)": ["calibrate", "--data", controls, "--no-tune", "--device", "cpu"],
+        "calibrate through a link": ["calibrate", "--bundle", link, "--data", controls, "--device", "cpu"],
+        "export": ["export", "--bundle", shipped, "--cpu-backends", ""],
+        "export through a link": ["export", "--bundle", link],
+        "bench": ["bench", "--bundle", shipped, "--backends", "torch", "--slices", "2", "--repeats", "1"],
+        "train into the models folder": ["train", "--config", config, "--data", controls, "--out",
+                                         shipped.parent / "new-model", "--device", "cpu"],
+    }
+
+
+def test_no_command_writes_into_a_shipped_model(shipped: Path, controls: Path, tmp_path: Path) -> None:
+    before = _hashes(shipped.parent)
+    for name, args in _writers(shipped, controls, tmp_path).items():
+        run = phanes_in_process(*args)
+        line = _one_error_line(run, "inside the folder of models shipped with phanes", "never writes into")
+        assert str(shipped.parent) in line, (name, line)
+        if name.startswith("calibrate"):
+            assert "pass --out NEW_FOLDER" in line, line
+        assert _hashes(shipped.parent) == before, name
+    assert sorted(p.name for p in shipped.parent.iterdir()) == ["tiny-shipped"]
+
+
+def test_no_library_writer_writes_into_a_shipped_model(shipped: Path) -> None:
+    """The one rule (`bundle.check_writable`) sits in every writer, so a caller that forgets to ask is refused
+    too; the installed package's own folder of models is refused alike, whatever $PHANES_MODELS_DIR says."""
+    from phanes_cli.core import bundle as bundle_module
+
+    before = _hashes(shipped.parent)
+    nets = PhanesNetworks(tiny_config())
+    writes = {
+        "write_calibration": lambda: write_calibration(shipped, Calibration(mask_threshold=0.5, anomaly_threshold=0.5)),
+        "write_provenance": lambda: bundle_module.write_provenance(shipped, {"edited": True}),
+        "seal_index": lambda: bundle_module.seal_index(shipped),
+        "save_bundle": lambda: save_bundle(shipped, tiny_config(), nets.ra, nets.generator),
+        "save_bundle beside it": lambda: save_bundle(shipped.parent / "other", tiny_config(), nets.ra, nets.generator),
+        "copy_bundle into it": lambda: bundle_module.copy_bundle(shipped, shipped.parent / "copy"),
+    }
+    for name, write in writes.items():
+        with pytest.raises(BundleError, match="inside the folder of models shipped with phanes"):
+            write()
+        assert _hashes(shipped.parent) == before, name
+    for folder in (bundle_module.PACKAGE_MODELS / "any", bundle_module.IMPORTED_MODELS / "any"):
+        with pytest.raises(BundleError, match="inside the folder of models shipped with phanes"):
+            bundle_module.check_writable(folder)
+
+
+def test_site_calibration_writes_a_calibrated_copy_and_leaves_the_shipped_model(shipped: Path, controls: Path,
+                                                                               tmp_path: Path) -> None:
+    """issue 31's site calibration: the shipped model calibrated on a site's healthy controls into a new bundle.
+    Oracle: the same calibration run in place on a plain copy of the shipped folder."""
+    before = _hashes(shipped.parent)
+    site = tmp_path / "site-model"
+    run = phanes_in_process("calibrate", "--data", controls, "--out", site, "--no-tune", "--device", "cpu",
+                            "--backend", "torch")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert _hashes(shipped.parent) == before  # byte-identical, checkpoint and all
+    listed = json.loads((shipped / INDEX_FILE).read_text())["files"]
+    assert sorted(_hashes(site)) == sorted([*listed, INDEX_FILE])  # the model's files only: no checkpoints
+    plain = Path(shutil.copytree(shipped, tmp_path / "plain-copy", ignore=shutil.ignore_patterns("checkpoints")))
+    expected = calibrate(plain, controls, device="cpu", progress=False, tune=False, backend_name="torch")
+    copy, original = load_bundle(site), load_bundle(shipped)
+    assert copy.calibration == expected != original.calibration
+    assert copy.ra_state.keys() == original.ra_state.keys()
+    assert all(torch.equal(copy.ra_state[k], original.ra_state[k]) for k in original.ra_state)
+    for out, problem in ((site, "holds files that are not a calibrated copy"), (shipped / "sub", "lies inside")):
+        again = phanes_in_process("calibrate", "--data", controls, "--out", out, "--no-tune", "--device", "cpu")
+        _one_error_line(again, problem)
+    assert _hashes(shipped.parent) == before
+
+
+def _zero_first_initializer(graph: Path) -> None:
+    import onnx
+
+    model = onnx.load(str(graph))
+    first = model.graph.initializer[0]
+    array = onnx.numpy_helper.to_array(first)
+    first.CopyFrom(onnx.numpy_helper.from_array(np.zeros_like(array), first.name))
+    onnx.save(model, str(graph))
+
+
+def test_a_cached_export_edited_and_resealed_is_exported_again(shipped: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The attack of issue 35: a graph of the first-use export zeroed, its provenance entry and the index made to
+    match. The cache is checked against what the export recorded, so it is exported again, not run. (The export
+    gates of the cheaper backends are left out here, two plain exports instead of two gated ones: the gates are
+    tests/test_gated_backends.py's subject, the gated first use tests/test_shipped_models.py's.)"""
+    pytest.importorskip("onnxruntime")
+    from phanes_cli.core.bundle import seal_index
+    from phanes_cli.runtimes import export, first_use
+    from phanes_cli.runtimes.first_use import exported_copy
+
+    monkeypatch.setattr(export, "GATED_BACKENDS", ())
+    monkeypatch.setattr(first_use, "GATED_BACKENDS", ())
+
+    reports: list[str] = []
+    copy = exported_copy(shipped, report=reports.append)
+    graph = copy / "engines" / "stage1.onnx"
+    fresh = graph.read_bytes()
+    _zero_first_initializer(graph)
+    provenance = json.loads((copy / "engines" / "provenance.json").read_text())
+    provenance["artefacts"]["stage1.onnx"]["sha256"] = hashlib.sha256(graph.read_bytes()).hexdigest()
+    (copy / "engines" / "provenance.json").write_text(json.dumps(provenance))
+    seal_index(copy)
+    assert graph.read_bytes() != fresh and load_bundle(copy).hash  # a consistent, re-sealed bundle
+    assert exported_copy(shipped, report=reports.append) == copy
+    assert len(reports) == 2 and "exporting its ONNX graphs" in reports[1]
+    assert graph.read_bytes() == fresh  # the export again: the same bytes as the first one
+    assert exported_copy(shipped, report=reports.append) == copy and len(reports) == 2  # and now used as it is
+
+
+def test_stage1_weights_of_other_shapes_are_named_tensor_and_shapes(folder: Path, controls: Path,
+                                                                    tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(folder / "ra.safetensors"))
+    name = next(k for k, v in weights.items() if v.dim() == 4)
+    shape = tuple(weights[name].shape)
+    other = (shape[0] + 3, *shape[1:])
+    weights[name] = torch.zeros(other)
+    save_file(weights, str(folder / "ra.safetensors"))
+    _reseal(folder, json.loads((folder / INDEX_FILE).read_text()))
+    config = tmp_path / "tiny.yaml"
+    config.write_text(json.dumps(tiny_config().to_dict()))
+    run = phanes_in_process("train", "--config", config, "--data", controls, "--out", tmp_path / "out",
+                            "--stage1-from", folder, "--device", "cpu")
+    _one_error_line(run, "ra.safetensors", f"tensor {name!r} has shape {other} in the file, {shape} in the config's")
+    with pytest.raises(BundleError, match=rf"tensor '{name}' has shape"):  # the same check where any bundle loads
+        load_networks(load_bundle(folder, require_calibration=False))

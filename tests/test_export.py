@@ -192,6 +192,44 @@ def test_a_resealed_provenance_of_any_shape_is_refused_not_a_crash(copy: Path, k
     assert "provenance.json" in rows["stage stage1"], rows
 
 
+MALFORMED_GATES = {
+    "gates as a list": ([], "key 'gates' holds list, not a mapping"),
+    "a verdict as text": ({"onnxruntime-int8": "passed"}, "key 'gates.onnxruntime-int8' holds str, not a mapping"),
+    "passed as text": ({"openvino": {"passed": "yes"}}, "key 'gates.openvino.passed' is missing or not true/false"),
+    "passed without its figures": ({"onnxruntime-int8": {"passed": True, "runtime_version": "1"}},
+                                   "key 'gates.onnxruntime-int8.mask_slices' is missing or of the wrong type"),
+    "figures of the wrong shape": ({"openvino": {"passed": True, "runtime_version": None, "mask_slices": 8,
+                                                 "mask_brains": [1], "parity": {"brain": {"anomaly": 0.0}},
+                                                 "masks": {"calibrated": [0.9]}}},
+                                   "key 'gates.openvino.masks' is missing or of the wrong type"),
+    "refused without a reason": ({"openvino-bf16": {"passed": False, "reason": ["x"]}},
+                                 "key 'gates.openvino-bf16.reason' is missing or not one line of text"),
+    "a reason of two lines": ({"openvino-bf16": {"passed": False, "reason": "a\nb"}},
+                              "key 'gates.openvino-bf16.reason' is missing or not one line of text"),
+    "a name with a line break": ({"x\ny": 1}, "key 'gates.x\\ny' holds int, not a mapping"),
+}
+
+
+@pytest.mark.parametrize("kind", MALFORMED_GATES)
+def test_doctor_on_malformed_gate_verdicts_names_the_file_and_key(copy: Path, kind: str) -> None:
+    """A re-sealed provenance whose export gate verdicts are not what phanes writes: `doctor` reports it in one
+    line naming the file and the key (it raised TypeError), and the backends refuse the record."""
+    from phanes_cli.core.bundle import seal_index
+    from phanes_cli.runtimes.select import choose_backend
+
+    gates, problem = MALFORMED_GATES[kind]
+    path = copy / "engines" / "provenance.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "gates": gates}))
+    seal_index(copy)
+    result = CliRunner().invoke(app, ["doctor", "--bundle", str(copy), "--device", "cpu"])
+    assert result.exit_code == 0 and result.exception is None, result.output
+    (gate,) = [line for line in result.output.splitlines() if line.startswith("gate ")]
+    assert f"refused: {path}: {problem} (not a gate verdict phanes wrote); re-export with" in gate, gate
+    assert "every stage on cpu: torch" in result.output
+    with pytest.raises(ArtefactError, match="not a gate verdict phanes wrote"):
+        choose_backend("onnxruntime", load_bundle(copy, require_calibration=False), torch.device("cpu"))
+
+
 def test_a_resealed_benchmark_record_of_any_shape_only_orders_nothing(copy: Path) -> None:
     from phanes_cli.core.bundle import seal_index
     from phanes_cli.runtimes.select import CPU_ORDER, candidates

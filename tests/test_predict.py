@@ -85,3 +85,18 @@ def test_predict_takes_any_nibabel_image(bundle: Path, tmp_path: Path) -> None:
     as_nifti = phanes_cli.predict(nib.Nifti1Image(data, head.affine), bundle=bundle, device="cpu", backend="torch")
     assert as_mgh.statistics["lesion_burden_ml"] == pytest.approx(as_nifti.statistics["lesion_burden_ml"])
     np.testing.assert_array_equal(np.asanyarray(as_mgh.anomaly.dataobj), np.asanyarray(as_nifti.anomaly.dataobj))
+
+@pytest.mark.parametrize("size", [0, -1, 2.5, True, "8"])
+def test_predict_checks_the_batch_size_as_screen_does(bundle: Path, tmp_path: Path, size: object) -> None:
+    """One validator (`options.check_batch_size`) for the API and `phanes screen`: the same one-line error, raised
+    before anything loads (`range()` raised ValueError at 0, and -1 returned no slices at all)."""
+    from phanes_cli.errors import ConfigError
+    from phanes_cli.screening.options import ScreenOptions
+
+    head = write_head(tmp_path / "h.nii.gz", affines()["ras"], seed=2)
+    message = f"batch size must be a whole number of slices >= 1, got {size!r}"
+    with pytest.raises(ConfigError) as from_api:
+        phanes_cli.predict(head, bundle=bundle, device="cpu", backend="torch", batch_size=size)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError) as from_screen:
+        ScreenOptions(bundle=bundle, out=tmp_path / "out", batch_size=size).validate()  # type: ignore[arg-type]
+    assert str(from_api.value) == str(from_screen.value) == message

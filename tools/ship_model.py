@@ -3,8 +3,9 @@
 Only the files the bundle's index covers are copied (no checkpoints); provenance.json gains the `data synth`
 recipe of the training cohort (so `tests/test_shipped_model_figures.py` can rebuild its validation volumes and
 check the recorded validation figures) and, when given, the commit the training ran from; the index is then
-re-sealed (`core.bundle.write_provenance`). Weights, config and calibration are untouched, so the bundle's
-content key (what screening resume keys on) is the trained bundle's.
+re-sealed (`core.bundle.write_provenance`), all in a temporary folder then copied into place (phanes itself
+never writes inside the models folder: `core.bundle.check_writable`). Weights, config and calibration are
+untouched, so the bundle's content key (what screening resume keys on) is the trained bundle's.
 
 Usage:
     python tools/ship_model.py runs/b23-h90-c1 phanes-cpu-2026-12c --healthy 30 --lesions 16 --seed 0 \
@@ -16,9 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import tempfile
 from pathlib import Path
+from typing import Any
 
-from phanes_cli.core.bundle import INDEX_FILE, PROVENANCE_FILE, load_bundle, write_provenance
+from phanes_cli.core.bundle import PROVENANCE_FILE, copy_bundle, load_bundle, write_provenance
 from phanes_cli.core.shipped_models import models_dir
 from phanes_cli.synth.cohort import DEFAULT_TEST_SOURCES, DEFAULT_VAL_SOURCES
 
@@ -35,14 +38,20 @@ def main() -> None:
     args = parser.parse_args()
     model = load_bundle(args.bundle)  # verified and calibrated
     target = models_dir() / args.name
-    if target.exists():
-        shutil.rmtree(target)
-    target.mkdir(parents=True)
-    listed = json.loads((args.bundle / INDEX_FILE).read_text())["files"]
-    for name in listed:
-        shutil.copy2(args.bundle / name, target / name)
-    shutil.copy2(args.bundle / INDEX_FILE, target / INDEX_FILE)
-    provenance = json.loads((target / PROVENANCE_FILE).read_text())
+    with tempfile.TemporaryDirectory(prefix="phanes-ship-") as tmp:  # phanes never writes inside the models folder
+        staged = Path(tmp) / args.name
+        copy_bundle(args.bundle, staged)
+        digest = write_provenance(staged, _provenance(staged, args))
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(staged, target)
+    print(f"shipped {target} ({digest[:12]}), content key {model.content_key[:12]} unchanged: "
+          f"{load_bundle(target).content_key == model.content_key}")
+
+
+def _provenance(staged: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The bundle's provenance with the cohort recipe (and the training commit, when given) added."""
+    provenance: dict[str, Any] = json.loads((staged / PROVENANCE_FILE).read_text())
     provenance["cohort"]["synth"] = {"healthy": args.healthy, "lesions": args.lesions, "seed": args.seed,
                                      "label_map_fraction": args.label_map_fraction,
                                      "val_sources": list(DEFAULT_VAL_SOURCES),
@@ -50,9 +59,7 @@ def main() -> None:
     if args.training_commit:
         provenance["source"] = {"commit": args.training_commit, "uncommitted_changes": False,
                                 "bundle_written_at": provenance.get("source")}
-    digest = write_provenance(target, provenance)
-    print(f"shipped {target} ({digest[:12]}), content key {model.content_key[:12]} unchanged: "
-          f"{load_bundle(target).content_key == model.content_key}")
+    return provenance
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""`phanes calibrate`: compute a bundle's calibration on validation volumes and commit it into the bundle.
+"""`phanes calibrate`: compute a bundle's calibration on validation volumes and commit it into the bundle, or
+into a copy of it (`out`: site calibration, e.g. of the shipped model on a site's own healthy controls).
 
 Without tuning, `healthy` takes the paper's healthy percentiles (each on the grid where it is applied) and
 the minimum lesion size healthy volumes almost never reach; with tuning (`tune`), the operating point with
@@ -19,9 +20,10 @@ from phanes_cli.calibrate.insertion import healthy_validation, lesioned_validati
 from phanes_cli.calibrate.tune import tune as tune_operating_point
 from phanes_cli.config import PhanesConfig
 from phanes_cli.core.backend import Backend
-from phanes_cli.core.bundle import load_bundle, write_calibration
+from phanes_cli.core.bundle import Bundle, check_writable, copy_bundle, load_bundle, write_calibration
 from phanes_cli.core.calibration import Calibration
-from phanes_cli.errors import ConfigError
+from phanes_cli.errors import BundleError, ConfigError
+from phanes_cli.infra.folders import claim_folder
 from phanes_cli.infra.progress import make_progress
 from phanes_cli.inputs.manifest import ManifestRow
 from phanes_cli.runtimes.pytorch import select_device
@@ -67,12 +69,26 @@ def _tuned(backend: Backend, cfg: PhanesConfig, healthy: SliceSet, rows: list[Ma
                                 lambda message: bar.update(task, advance=1, info=message), clean)
 
 
+OUT_HINT = "pass --out NEW_FOLDER: calibrate then writes a calibrated copy there and leaves this bundle as it is"
+COPY = "a calibrated copy of a model bundle"
+
+
+def _claim_out(bundle: Path, out: Path | None) -> None:
+    """Refuse, before any work, a bundle that may not be written without `out`, or an `out` that may not be."""
+    if out is None:
+        check_writable(bundle, OUT_HINT)
+        return
+    if Path(out).resolve().is_relative_to(bundle.resolve()):
+        raise ConfigError(f"--out {out}: lies inside the bundle {bundle}; choose a folder outside it")
+    claim_folder(check_writable(out), (), COPY)
+
+
 def calibrate(bundle: Path, manifest: Path, device: str = "auto", batch_size: int = 32, split: str = "val",
               lpips_weights: str | None = None, progress: bool = True, mask_percentile: float | None = None,
               anomaly_percentile: float | None = None, tune: bool | None = None,
               skull_strip: str = "auto", backend_name: str = "auto", slice_context: bool | None = None,
               healthy_fp_budget_ml: float | None = None,
-              healthy_fp_budget_components: float | None = None) -> Calibration:
+              healthy_fp_budget_components: float | None = None, out: Path | None = None) -> Calibration:
     """Calibrate a bundle on the healthy volumes of `split` and store the thresholds in it.
 
     `mask_percentile` / `anomaly_percentile` override the config's healthy percentiles and are stored in the
@@ -84,11 +100,14 @@ def calibrate(bundle: Path, manifest: Path, device: str = "auto", batch_size: in
     bundle with the calibration (an ablation on one trained model). Volumes without a brain mask
     get one under `skull_strip` (auto | always | never). The networks are read back from the verified bundle,
     so the thresholds belong to exactly the stored weights. The test split is refused.
+    `out` (a new or empty folder): the calibration goes into a copy of the bundle there (`bundle.copy_bundle`,
+    made once it is computed) and `bundle` is left as it is; without it a shipped model is refused.
     """
     bundle = Path(bundle)
     if split == "test":
         raise ConfigError("calibration never uses the 'test' split: thresholds chosen on test data would inflate "
                           "every test figure")
+    _claim_out(bundle, out)
     model = load_bundle(bundle, require_calibration=False)
     tuning = model.config.tune.enabled if tune is None else tune
     if tuning and (mask_percentile is not None or anomaly_percentile is not None):
@@ -108,5 +127,15 @@ def calibrate(bundle: Path, manifest: Path, device: str = "auto", batch_size: in
             cfg = replace(cfg, mask=replace(cfg.mask, mask_percentile=chosen))
         else:
             calibration = healthy_calibration(backend, data, rows, cfg, batch_size, skull_strip, str(dev), bar)
-    write_calibration(bundle, calibration, config=None if cfg == model.config else cfg)
+    target = bundle if out is None else _copy_of(model, Path(out))
+    write_calibration(target, calibration, config=None if cfg == model.config else cfg)
     return calibration
+
+
+def _copy_of(model: Bundle, out: Path) -> Path:
+    """`out` holding a copy of `model`'s bundle, the same weights and config the calibration was computed with."""
+    copy = copy_bundle(model.path, out)
+    if copy.content_key != model.content_key:
+        raise BundleError(f"{model.path}: changed during calibration; the copy in {out} is not the model calibrated, "
+                          "nothing was committed")
+    return out

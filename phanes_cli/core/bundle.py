@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
@@ -22,6 +23,7 @@ from phanes_cli.config import PhanesConfig, config_from_dict
 from phanes_cli.core.calibration import Calibration
 from phanes_cli.errors import BundleError, ConfigError
 from phanes_cli.infra.atomic import atomic_path, json_bytes, stage_bytes, write_json
+from phanes_cli.infra.folders import claim_folder
 from phanes_cli.infra.versions import runtime_versions
 
 BUNDLE_FORMAT = 1
@@ -30,6 +32,32 @@ CALIBRATION_FILE = "calibration.json"
 INDEX_FILE = "bundle.json"
 PROVENANCE_FILE = "provenance.json"  # what the model was trained on and how (training.provenance)
 ENGINES_DIR = "engines"  # ONNX graphs, TensorRT engines and their provenance (phanes_cli.runtimes)
+MODELS_ENV = "PHANES_MODELS_DIR"
+PACKAGE_MODELS = Path(__file__).resolve().parents[1] / "data" / "models"
+# An editable install imports the package from a tree of links to the sources: both are the installed package.
+IMPORTED_MODELS = Path(os.path.abspath(__file__)).parents[1] / "data" / "models"
+WRITE_HINT = "copy the bundle folder to one of your own and run the command on the copy"
+
+
+def models_dir() -> Path:
+    """The folder of shipped bundles: $PHANES_MODELS_DIR, else the package's data/models (core.shipped_models)."""
+    env = os.environ.get(MODELS_ENV)
+    return Path(env) if env else PACKAGE_MODELS
+
+
+def check_writable(folder: str | Path, hint: str = WRITE_HINT) -> Path:
+    """`folder` unless it is (or lies in, links followed) a folder of shipped models: the one rule on writing
+    into a bundle. Every writer of a bundle's files asks it first, so nothing the installed package ships changes;
+    `hint` says what to do instead."""
+    folder = Path(folder)
+    roots = {Path(os.path.abspath(r)) for r in (models_dir(), PACKAGE_MODELS, IMPORTED_MODELS)}
+    roots |= {r.resolve() for r in roots}
+    where = {Path(os.path.abspath(folder)), folder.resolve(), (folder / INDEX_FILE).resolve().parent}
+    inside = sorted(str(root) for root in roots if any(w.is_relative_to(root) for w in where))
+    if inside:
+        raise BundleError(f"{folder}: inside the folder of models shipped with phanes ({inside[0]}), which phanes "
+                          f"never writes into: {hint}")
+    return folder
 
 
 def _sha256(path: Path) -> str:
@@ -89,7 +117,7 @@ def save_bundle(folder: str | Path, config: PhanesConfig, ra: torch.nn.Module, g
     """Write (or rewrite) a bundle; returns its hash. Every file is written atomically, the index last.
 
     `files`: further JSON files by name (provenance.json), covered by the index like the rest."""
-    folder = Path(folder)
+    folder = check_writable(folder)
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "config.json", config.to_dict())
     for key, module in (("ra", ra), ("generator", generator)):
@@ -131,6 +159,7 @@ def write_provenance(folder: str | Path, provenance: dict[str, Any]) -> str:
 def _commit(folder: Path, contents: dict[str, Any]) -> str:
     """The new JSON files and index are first written in full under temporary names, then renamed over the old
     ones, the index last. Any failure before the renames leaves the bundle byte-identical."""
+    check_writable(folder)
     staged: dict[str, Path] = {}
     try:
         for name, payload in contents.items():
@@ -146,9 +175,24 @@ def _commit(folder: Path, contents: dict[str, Any]) -> str:
 
 def seal_index(folder: str | Path) -> str:
     """Re-seal a verified bundle's index after adding artefacts under engines/; returns the new hash."""
-    folder = Path(folder)
+    folder = check_writable(folder)
     load_bundle(folder, require_calibration=False)
     return _write_index(folder)
+
+
+def copy_bundle(source: str | Path, target: str | Path) -> Bundle:
+    """The verified bundle `source` copied into `target` (new or empty): the files its index lists and the index,
+    nothing else (no checkpoints); the copy is verified like any bundle and must be `source`'s exact index."""
+    source, model = Path(source), load_bundle(source, require_calibration=False)
+    target = claim_folder(check_writable(target), (), "a copy of a model bundle")
+    listed = json.loads((source / INDEX_FILE).read_text(encoding="utf-8"))["files"]
+    for name in [*listed, INDEX_FILE]:
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source / name, target / name)
+    copy = load_bundle(target, require_calibration=False)
+    if copy.hash != model.hash:
+        raise BundleError(f"{source}: changed while it was copied to {target}; copy it again")
+    return copy
 
 
 def load_bundle(folder: str | Path, require_calibration: bool = True) -> Bundle:

@@ -2,7 +2,8 @@
 
 `phanes screen` without --bundle takes the default shipped bundle: the only one, or the one named in the
 models folder's DEFAULT file. `PHANES_MODELS_DIR` names another folder of shipped models (a site-wide one,
-or a test's). Bundles are verified by their hashes when loaded (core.bundle), like any other.
+or a test's). Bundles are verified by their hashes when loaded (core.bundle), like any other, and never
+written (`core.bundle.check_writable`, which is why `models_dir` lives there).
 """
 
 from __future__ import annotations
@@ -14,21 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from phanes_cli.core.bundle import CALIBRATION_FILE, INDEX_FILE, PROVENANCE_FILE
+from phanes_cli.core.bundle import CALIBRATION_FILE, INDEX_FILE, MODELS_ENV, PROVENANCE_FILE, models_dir
 from phanes_cli.errors import BundleError
 
-MODELS_ENV = "PHANES_MODELS_DIR"
 DEFAULT_FILE = "DEFAULT"
 MAX_JSON_BYTES = 1 << 20  # a bundle's JSON files are a few kB; a larger one is not read into memory for a table row
 NO_MODEL_HELP = ("no pretrained model ships with this phanes yet. Pass --bundle BUNDLE, a model you trained: "
                  "`phanes train --config configs/cpu.yaml --data MANIFEST --out BUNDLE`, then "
                  "`phanes calibrate --bundle BUNDLE --data MANIFEST` (README: Quick start)")
-
-
-def models_dir() -> Path:
-    """The folder of shipped bundles: $PHANES_MODELS_DIR, else the package's data/models."""
-    env = os.environ.get(MODELS_ENV)
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "data" / "models"
 
 
 def shipped_bundles() -> list[Path]:

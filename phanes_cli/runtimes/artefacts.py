@@ -114,7 +114,49 @@ def _checked_provenance(path: Path, data: bytes, bundle_path: Path) -> dict[str,
     if provenance.get("engine_precision", PRECISIONS[0]) not in PRECISIONS:
         raise ArtefactError(f"{path}: engine precision is not one of {', '.join(PRECISIONS)}; "
                             f"{reexport_hint(bundle_path)}")
+    problem = _gates_problem(provenance.get("gates", {}))
+    if problem:
+        raise ArtefactError(f"{path}: {problem} (not a gate verdict phanes wrote); {reexport_hint(bundle_path)}")
     return provenance
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _gates_problem(gates: Any) -> str | None:
+    """What is wrong with the `gates` section (key and what it holds), or None when each verdict has the fields
+    `read_gate` and `parity.verdict_line` read, of their types."""
+    if not isinstance(gates, dict):
+        return f"key 'gates' holds {type(gates).__name__}, not a mapping"
+    for name, verdict in gates.items():
+        key = f"gates.{name[:100]}"  # shown with repr: a name may hold any text, line breaks too
+        if not isinstance(verdict, dict):
+            return f"key {key!r} holds {type(verdict).__name__}, not a mapping"
+        if not isinstance(verdict.get("passed"), bool):
+            return f"key {key + '.passed'!r} is missing or not true/false"
+        if not verdict["passed"]:
+            if not isinstance(verdict.get("reason"), str) or len(verdict["reason"].splitlines()) > 1:
+                return f"key {key + '.reason'!r} is missing or not one line of text"
+            continue
+        checks = {"runtime_version": isinstance(verdict.get("runtime_version"), (str, type(None))),
+                  "mask_slices": _number(verdict.get("mask_slices")),
+                  "mask_brains": isinstance(verdict.get("mask_brains"), list),
+                  "parity.brain.anomaly": _number(_at(verdict, "parity", "brain", "anomaly")),
+                  "masks": isinstance(verdict.get("masks"), dict) and all(
+                      isinstance(row, dict) and all(_number(row.get(k)) for k in ("agreement", "dice", "fp32_voxels"))
+                      for row in verdict["masks"].values())}
+        wrong = next((field for field, ok in checks.items() if not ok), None)
+        if wrong:
+            return f"key {key + '.' + wrong!r} is missing or of the wrong type"
+    return None
+
+
+def _at(value: Any, *keys: str) -> Any:
+    """value[key1][key2]... through mappings, else None."""
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
 
 
 def read_artefact(bundle: Bundle, name: str) -> tuple[bytes, dict[str, Any]]:

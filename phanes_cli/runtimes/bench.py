@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from phanes_cli.core.backend import Backend
-from phanes_cli.core.bundle import Bundle, load_bundle, seal_index
+from phanes_cli.core.bundle import Bundle, check_writable, load_bundle, seal_index
 from phanes_cli.core.pipeline import run_slices
 from phanes_cli.errors import PhanesError
 from phanes_cli.infra.atomic import write_json
@@ -101,7 +101,7 @@ def bench(folder: str | Path, backends: list[str] | None = None, n_slices: int =
           report: Callable[[str], None] = print) -> dict[str, Any]:
     """Benchmark each usable backend on `device`; returns and records the bench.json section for that device."""
     dev = select_device(device)
-    bundle = load_bundle(folder, require_calibration=False)
+    bundle = load_bundle(check_writable(folder), require_calibration=False)
     names = [validate_backend_name(b) for b in (backends or list(BACKENDS))]
     x, brain = (t.to(dev) for t in brain_slices(bundle.config.preprocess, n_slices))
     reference = build_backend("torch", bundle, dev, lpips_weights)

@@ -20,7 +20,7 @@ from phanes_cli.infra.versions import package_version
 from phanes_cli.models.backbones import backbone_source
 from phanes_cli.models.shipped_weights import shipped_path
 from phanes_cli.runtimes import GATED_BACKENDS
-from phanes_cli.runtimes.artefacts import ArtefactError, artefact_name, read_artefact, read_provenance
+from phanes_cli.runtimes.artefacts import ArtefactError, NotExported, artefact_name, read_artefact, read_provenance
 from phanes_cli.runtimes.graphs import GRAPHS
 from phanes_cli.runtimes.parity import verdict_line
 from phanes_cli.runtimes.pytorch import select_device
@@ -73,11 +73,14 @@ def _openvino_finding() -> str:
 
 
 def _gate_rows(bundle: Bundle) -> Report:
-    """The export gate's verdict on each cheaper CPU backend of this bundle."""
+    """The export gate's verdict on each cheaper CPU backend of this bundle; a record phanes did not write (the
+    provenance checks name its file and key) is one finding."""
     try:
         gates = read_provenance(bundle).get("gates", {})
-    except ArtefactError:
+    except NotExported:
         return []
+    except ArtefactError as exc:
+        return [("gate", f"refused: {exc}")]
     rows: Report = [("gate", verdict_line(name, gates[name]).removeprefix("gate ")) for name in GATED_BACKENDS
                     if name in gates]
     rows += [("gate", f"{name}: not gated (phanes export --cpu-backends {name})")

@@ -24,7 +24,7 @@ from typing import Any
 import onnx
 import torch
 
-from phanes_cli.core.bundle import Bundle, load_bundle, seal_index
+from phanes_cli.core.bundle import Bundle, check_writable, load_bundle, seal_index
 from phanes_cli.errors import ConfigError
 from phanes_cli.infra.atomic import atomic_path, write_json
 from phanes_cli.infra.versions import package_version
@@ -149,7 +149,7 @@ def export_bundle(folder: str | Path, fmt: str = "onnx", precision: str = "fp32"
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)} and --precision one of "
                           f"{', '.join(PRECISIONS)}")
     profile = (profile or BatchProfile()).validate()
-    bundle = load_bundle(folder, require_calibration=False)
+    bundle = load_bundle(check_writable(folder), require_calibration=False)
     nets = load_networks(bundle, lpips_weights).eval()
     report = ExportReport()
     trt_missing = tensorrt_unavailable() if fmt in ("tensorrt", "all") else None

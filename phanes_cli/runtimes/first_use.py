@@ -5,8 +5,10 @@ The shipped bundle lives inside the installed package (often read-only), so its 
 exports the graphs there (runtimes.export: parity-checked against torch, the INT8 and OpenVINO backends gated)
 and seals that copy's index.
 An exclusive file lock makes concurrent first runs (several jobs of one user) export it once; a copy whose
-model files differ from the shipped ones by hash, whose graphs were damaged after the export, or an unfinished
-one, is rebuilt (a file or link in its place is removed, never a link's target). A cache that cannot be
+model files differ from the shipped ones by hash, whose exported files differ from what the export wrote, or an
+unfinished one, is rebuilt (a file or link in its place is removed, never a link's target). What the export wrote
+is recorded by this module alone, in the copy's `.phanes-export.json` (outside the index: re-sealing the index
+after editing a graph does not make the edit pass), with the shipped bundle's content key. A cache that cannot be
 written (read-only, a file where the folder belongs, a full disk) is reported in one line and the shipped
 bundle runs with torch. The graphs themselves are hash-checked again when the backend loads them
 (runtimes.artefacts).
@@ -24,11 +26,13 @@ from pathlib import Path
 
 from phanes_cli.core.bundle import ENGINES_DIR, INDEX_FILE, load_bundle
 from phanes_cli.errors import BundleError
+from phanes_cli.infra.atomic import write_json
 from phanes_cli.infra.optional import available
 from phanes_cli.runtimes import GATED_BACKENDS
-from phanes_cli.runtimes.artefacts import sha256_bytes
+from phanes_cli.runtimes.artefacts import BENCH_FILE, sha256_bytes
 
 CACHE_ENV = "PHANES_CACHE_DIR"
+RECORD = ".phanes-export.json"  # the export's own record in the copy: shipped content key, sha256 of each artefact
 
 
 def cache_root() -> Path:
@@ -56,20 +60,33 @@ def _model_files(folder: Path) -> dict[str, str]:
     return {name: digest for name, digest in files.items() if not name.startswith(f"{ENGINES_DIR}/")}
 
 
-def _usable(copy: Path, shipped_files: dict[str, str]) -> bool:
-    """A finished copy of the same model (same file hashes, verified on load) with its ONNX graphs intact."""
+def _usable(copy: Path, shipped_files: dict[str, str], shipped_key: str) -> bool:
+    """A finished copy of the same model (same file hashes, verified on load) whose exported files are the ones
+    its export recorded, byte for byte (`phanes bench`'s record aside, which only orders the backends)."""
     if not copy.is_dir() or copy.is_symlink() or not (copy / INDEX_FILE).is_file():
         return False
     try:
         load_bundle(copy)
         files = json.loads((copy / INDEX_FILE).read_text())["files"]
-        engines = {name: digest for name, digest in files.items() if name.startswith(f"{ENGINES_DIR}/")}
-        intact = all((copy / name).is_file() and sha256_bytes((copy / name).read_bytes()) == digest
-                     for name, digest in engines.items())
+        record = json.loads((copy / RECORD).read_text())
+        written: dict[str, str] = record["artefacts"]
+        engines = {name: digest for name, digest in files.items()
+                   if name.startswith(f"{ENGINES_DIR}/") and name != f"{ENGINES_DIR}/{BENCH_FILE}"}
+        intact = engines == written and all(sha256_bytes((copy / name).read_bytes()) == digest
+                                            for name, digest in written.items())
+        same_model = (record["shipped"] == shipped_key
+                      and {name: files.get(name) for name in shipped_files} == shipped_files)
     except (BundleError, OSError, ValueError, KeyError, AttributeError, TypeError):
         return False
-    same_model = {name: files.get(name) for name in shipped_files} == shipped_files
     return same_model and intact and any(name.endswith(".onnx") for name in engines) and _gated(copy)
+
+
+def _record(work: Path, shipped_key: str) -> None:
+    """Record what the export just wrote into `work` (every file of its engines folder that the index covers) and
+    whose model it is."""
+    artefacts = {f"{ENGINES_DIR}/{p.name}": sha256_bytes(p.read_bytes())
+                 for p in sorted((work / ENGINES_DIR).iterdir()) if p.is_file() and not p.name.startswith(".")}
+    write_json(work / RECORD, {"shipped": shipped_key, "artefacts": artefacts})
 
 
 def _gated(copy: Path) -> bool:
@@ -105,7 +122,7 @@ def exported_copy(shipped: Path, report: Callable[[str], None] = print, lpips_we
         return shipped  # exported when the package was built
     copy = cache_root() / "models" / f"{shipped.name}-{bundle.hash[:16]}"
     try:
-        return _export_once(shipped, copy, report, lpips_weights)
+        return _export_once(shipped, bundle.content_key, copy, report, lpips_weights)
     except OSError as exc:
         reason = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
         report(f"cannot write the model cache ({reason}); running the shipped model with torch. "
@@ -113,11 +130,12 @@ def exported_copy(shipped: Path, report: Callable[[str], None] = print, lpips_we
         return shipped
 
 
-def _export_once(shipped: Path, copy: Path, report: Callable[[str], None], lpips_weights: str | None) -> Path:
+def _export_once(shipped: Path, shipped_key: str, copy: Path, report: Callable[[str], None],
+                 lpips_weights: str | None) -> Path:
     """Under the copy's lock: the usable copy, or a fresh export of the shipped model into it."""
     shipped_files = _model_files(shipped)
     with _locked(copy.with_name(copy.name + ".lock")):
-        if _usable(copy, shipped_files):
+        if _usable(copy, shipped_files, shipped_key):
             return copy
         from phanes_cli.runtimes.export import export_bundle  # onnx: the [onnx] extra, present here
 
@@ -129,6 +147,7 @@ def _export_once(shipped: Path, copy: Path, report: Callable[[str], None], lpips
             shutil.copy2(shipped / name, work / name)
         shutil.copy2(shipped / INDEX_FILE, work / INDEX_FILE)
         export_bundle(work, "onnx", lpips_weights=lpips_weights)
+        _record(work, shipped_key)
         _remove(copy)
         work.rename(copy)
     return copy

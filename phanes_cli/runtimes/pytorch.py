@@ -7,6 +7,7 @@ else the CPU; `load_networks` builds a bundle's networks from its verified weigh
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,18 +42,28 @@ class PhanesNetworks(nn.Module):
         self.lpips = SpatialLPIPS(weights_path=lpips_weights)
 
 
+def fit_weights(module: nn.Module, state: dict[str, Tensor], path: Path) -> None:
+    """Load a bundle's `state` (read from `path`) into `module`; a BundleError naming the first tensor that is
+    missing, unexpected or of another shape (with both shapes), never load_state_dict's multi-line RuntimeError."""
+    own = module.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        name, where = (missing[0], "missing from") if missing else (unexpected[0], "unknown to")
+        raise BundleError(f"{path}: weights do not fit the bundle's config: tensor {name[:200]!r} is {where} the "
+                          f"config's network ({len(missing)} missing, {len(unexpected)} unknown)")
+    for name, tensor in own.items():
+        if tuple(state[name].shape) != tuple(tensor.shape):
+            raise BundleError(f"{path}: weights do not fit the bundle's config: tensor {name!r} has shape "
+                              f"{tuple(state[name].shape)} in the file, {tuple(tensor.shape)} in the config's network")
+    module.load_state_dict(state)
+
+
 def load_networks(bundle: Bundle, lpips_weights: str | None = None) -> PhanesNetworks:
     """A bundle's networks in eval mode, from its verified weights; a BundleError when they do not fit its config."""
     nets = PhanesNetworks(bundle.config, lpips_weights=lpips_weights)
     parts = (("ra", nets.ra, bundle.ra_state), ("generator", nets.generator, bundle.generator_state))
     for name, module, state in parts:
-        try:
-            module.load_state_dict(state)
-        except RuntimeError as exc:
-            reason = str(exc).splitlines()[0]
-            raise BundleError(
-                f"{bundle.path / WEIGHT_FILES[name]}: weights do not fit the bundle's config ({reason})"
-            ) from exc
+        fit_weights(module, state, bundle.path / WEIGHT_FILES[name])
     return nets.eval()
 
 

@@ -16,6 +16,13 @@ from phanes_cli.screening.bids_derivative import check_layout
 from phanes_cli.screening.layout import OUTPUT_KINDS
 
 
+def check_batch_size(value: object) -> int:
+    """The one check of a batch size of slices, for `phanes screen` and `phanes_cli.predict` alike: an int >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"batch size must be a whole number of slices >= 1, got {value!r}")
+    return value
+
+
 @dataclass
 class ScreenOptions:
     """Everything `phanes screen` takes besides INPUTS (`session` explains address and node_ip)."""
@@ -51,8 +58,7 @@ class ScreenOptions:
             raise ConfigError(f"unknown output(s) {', '.join(unknown)}; choose from {', '.join(OUTPUT_KINDS)}")
         if not (math.isfinite(self.connect_timeout) and self.connect_timeout > 0):
             raise ConfigError(f"connect timeout must be a number of seconds > 0, got {self.connect_timeout}")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
+        check_batch_size(self.batch_size)
         if self.num_actors is not None and self.num_actors < 1:
             raise ConfigError(f"number of actors must be at least 1, got {self.num_actors}")
         if (self.cpus_per_actor or 0) < 0 or (self.gpus_per_actor or 0) < 0:

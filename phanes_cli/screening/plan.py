@@ -8,6 +8,7 @@ status. `overwrite` removes the previous outputs of the run's ids first and redo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import ray
@@ -109,12 +110,40 @@ def cpu_plan(node_cpus: list[int]) -> NodeShare:
                      cpus=min(s.cpus for s in shares))
 
 
+def actors_that_fit(nodes: list[tuple[float, float]], cpus: float, gpus: float) -> float:
+    """How many actors reserving `cpus` CPUs and `gpus` GPUs each the (CPUs, GPUs) nodes hold at once: an actor
+    lives on one node, so a reservation larger than every node never starts (Ray would wait for it for ever)."""
+    total = 0.0
+    for node in nodes:
+        fits = [math.floor(have / need + 1e-9) for have, need in zip(node, (cpus, gpus), strict=True) if need > 0]
+        total += min(fits) if fits else math.inf
+    return total
+
+
+def _check_fits(count: int, per_cpu: float, per_gpu: float, cpus: float) -> None:
+    """Refuse a plan Ray could not run: more actor processes than the cluster has CPUs (each loads the networks
+    and needs a core to make progress: 50 on 2 cores screened nothing while their memory grew), or reservations
+    that no node, or not all the nodes together, can hold."""
+    if count > cpus:
+        raise ConfigError(f"{count} inference actors need a CPU each to make progress; the cluster has {cpus:g}: "
+                          f"lower --actors (at most {int(cpus)})")
+    nodes = [(float(n["Resources"].get("CPU", 0)), float(n["Resources"].get("GPU", 0)))
+             for n in ray.nodes() if n.get("Alive")]
+    fit = actors_that_fit(nodes, per_cpu, per_gpu)
+    if fit < count:
+        largest = max(nodes, default=(0.0, 0.0))
+        raise ConfigError(f"{count} actor(s) of {per_cpu:g} CPU and {per_gpu:g} GPU each: the nodes hold only "
+                          f"{fit:g} at once (the largest has {largest[0]:g} CPUs and {largest[1]:g} GPUs); lower "
+                          "--actors, --cpus-per-actor or --gpus-per-actor")
+
+
 def plan_actors(options: ScreenOptions) -> ActorPlan:
     """Actor count and resources from the options and what the cluster has; refuse plans that cannot run.
 
     GPUs: one actor per GPU (`gpus_per_actor` shares), one CPU and one thread each. CPUs only: `cpu_plan`
     of the nodes' CPU counts. Options given override the planned value they name; `--cpus-per-actor` alone
-    also sets the threads (as many as the CPUs), and more actors than planned get fewer CPUs each.
+    also sets the threads (as many as the CPUs), and more actors than planned get fewer CPUs each, up to one
+    actor per CPU of the cluster (`_check_fits`).
     """
     resources = ray.cluster_resources()
     cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
@@ -131,6 +160,7 @@ def plan_actors(options: ScreenOptions) -> ActorPlan:
     threads = options.threads_per_actor or threads
     if per_gpu * count > gpus + 1e-9:
         raise ConfigError(f"{count} actor(s) x {per_gpu} GPU need {per_gpu * count:g} GPUs; the cluster has {gpus:g}")
+    _check_fits(count, per_cpu, per_gpu, cpus)
     if cpus - count * per_cpu < 1:
         raise ConfigError(f"{count} actor(s) x {per_cpu:g} CPU leave no CPU for decoding and writing "
                           f"(the cluster has {cpus:g}); lower --actors or --cpus-per-actor")

@@ -28,10 +28,11 @@ from rich.progress import Progress, TaskID
 from torch import Tensor, nn
 
 from phanes_cli.config import PhanesConfig, StageTrainConfig
-from phanes_cli.core.bundle import INDEX_FILE, Bundle, load_bundle, save_bundle
+from phanes_cli.core.bundle import INDEX_FILE, WEIGHT_FILES, Bundle, check_writable, load_bundle, save_bundle
 from phanes_cli.errors import ConfigError
 from phanes_cli.infra.progress import format_losses, make_progress
-from phanes_cli.runtimes.pytorch import select_device
+from phanes_cli.models import SoftIntroVAE
+from phanes_cli.runtimes.pytorch import fit_weights, select_device
 from phanes_cli.training import validation
 from phanes_cli.training.checkpoint import (
     CHECKPOINT_DIR,
@@ -85,6 +86,7 @@ class _Session:
 
 
 def _check_out(out: Path, resume: bool) -> None:
+    check_writable(out, "train into a folder of your own")  # before hours of training, not at the bundle's save
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: --out must be a folder, and this is a file")
     if resume:
@@ -191,7 +193,8 @@ def _stage2(learner: Learner, train_set: SliceSet, val_view: SliceSet, threshold
 
 def stage1_source(bundle_dir: Path, config: PhanesConfig) -> Bundle:
     """The verified bundle whose stage 1 (RA) a run reuses: a ConfigError unless it is a bundle folder with the
-    run config's `ra` and `preprocess` sections (checked before any data is loaded)."""
+    run config's `ra` and `preprocess` sections, a BundleError unless its RA weights fit them (checked before any
+    data is loaded)."""
     if not bundle_dir.is_dir():
         raise ConfigError(f"--stage1-from {bundle_dir}: not a model bundle folder")
     bundle = load_bundle(bundle_dir, require_calibration=False)
@@ -199,12 +202,14 @@ def stage1_source(bundle_dir: Path, config: PhanesConfig) -> Bundle:
         if getattr(bundle.config, section) != getattr(config, section):
             raise ConfigError(f"{bundle_dir}: its {section} settings differ from the run config's, so its stage 1 "
                               f"cannot be reused (--stage1-from needs the same {section} section)")
+    fit_weights(SoftIntroVAE(config.ra, image_size=config.preprocess.image_size), bundle.ra_state,
+                 bundle.path / WEIGHT_FILES["ra"])
     return bundle
 
 
 def _from_stage1(learner: Learner, bundle: Bundle) -> RunState:
     """A run that starts at stage 2 on the stage 1 (RA) of `bundle`."""
-    learner.networks.ra.load_state_dict(bundle.ra_state)
+    fit_weights(learner.networks.ra, bundle.ra_state, bundle.path / WEIGHT_FILES["ra"])
     return RunState(stage=2, stages=[{"stage": 1, "from_bundle": str(bundle.path.resolve()),
                                       "bundle_hash": bundle.hash}])
 
