@@ -24,7 +24,6 @@ from phanes_cli.screening.options import ScreenOptions
 from tests._ray import HEAD_IP, RayCluster
 from tests.conftest import blob_volume
 from tests.test_cli import phanes_in_process
-from tests.test_screening import make_bundle
 
 RUN1 = "sub-03/ses-1/anat/sub-03_ses-1_acq-mprage_run-1"
 RUN2 = "sub-03/ses-1/anat/sub-03_ses-1_acq-mprage_run-2"
@@ -142,8 +141,9 @@ def test_bids_layout_refuses_a_default_run_but_not_its_leftover_temporary(tmp_pa
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_env")
-def test_screen_layout_bids_writes_a_derivatives_dataset(ray_head: RayCluster, dataset: Path, tmp_path: Path) -> None:
-    bundle = make_bundle(tmp_path / "bundle")
+def test_screen_layout_bids_writes_a_derivatives_dataset(ray_head: RayCluster, dataset: Path, tiny_bundle: Path,
+                                                         tmp_path: Path) -> None:
+    bundle = tiny_bundle
     out = tmp_path / "out"
     options = ScreenOptions(bundle=bundle, out=out, address=ray_head.address, node_ip=HEAD_IP, quiet=True,
                             num_actors=1, layout="bids", skull_strip="never",

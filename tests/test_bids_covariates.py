@@ -28,7 +28,6 @@ from phanes_cli.screening.session import run_lock
 from tests._ray import HEAD_IP, RayCluster
 from tests.conftest import blob_volume
 from tests.test_cli import phanes_in_process
-from tests.test_screening import make_bundle
 
 MNI = "MNI152NLin2009cAsym"
 
@@ -161,11 +160,11 @@ def test_the_lock_file_goes_with_the_run_and_still_excludes_a_second_one(tmp_pat
 
 
 @pytest.mark.slow
-def test_covariates_survive_resume_and_consolidation(cluster: RayCluster, tmp_path: Path) -> None:
+def test_covariates_survive_resume_and_consolidation(cluster: RayCluster, tiny_bundle: Path, tmp_path: Path) -> None:
     root = _dataset(tmp_path / "ds", IMAGES, PARTICIPANTS, SESSIONS)
     (root / IMAGES[2]).write_bytes(b"not a nifti")  # sub-02_ses-b fails: its failure row carries the covariates too
     out = tmp_path / "out"
-    options = ScreenOptions(bundle=make_bundle(tmp_path / "bundle"), out=out, quiet=True, num_actors=1, node_ip=HEAD_IP,
+    options = ScreenOptions(bundle=tiny_bundle, out=out, quiet=True, num_actors=1, node_ip=HEAD_IP,
                             skull_strip="never", layout="bids", bids=BidsQuery(filters=(("sub", "01"),)))
     first = screen([str(root)], options)
     assert (first.done, first.failed) == (1, 0)

@@ -27,7 +27,6 @@ from phanes_cli.screening.engine import screen
 from phanes_cli.screening.options import ScreenOptions
 from tests._ray import HEAD_IP, RayCluster
 from tests.conftest import SHARED_DATA
-from tests.test_screening import make_bundle
 
 pytestmark = pytest.mark.slow
 
@@ -84,14 +83,14 @@ def build_dataset(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def screened(cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def screened(cluster: RayCluster, tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     if not all(p.is_file() for p in SOURCES.values()):
         pytest.skip(f"{SHARED_DATA} (head-t1, healthy-t1) is not present on this machine")
     if not VALIDATOR.is_file():
         pytest.skip("bids-validator-deno is not installed (pip install -e '.[test]')")
     folder = tmp_path_factory.mktemp("bids_real")
     dataset, out = build_dataset(folder / "ds"), folder / "out"
-    options = ScreenOptions(bundle=make_bundle(folder / "bundle"), out=out, quiet=True, num_actors=1, node_ip=HEAD_IP,
+    options = ScreenOptions(bundle=tiny_bundle, out=out, quiet=True, num_actors=1, node_ip=HEAD_IP,
                             layout="bids", outputs=frozenset({"anomaly", "lesion_mask", "pseudohealthy"}))
     summary = screen([str(dataset)], options)
     assert (summary.done, summary.failed) == (3, 0)

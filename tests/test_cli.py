@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from phanes_cli import __version__
 from phanes_cli.cli import app
 from tests._ray import RayCluster
-from tests.test_screening import make_bundle, series
+from tests.test_screening import series
 
 PHANES = Path(sys.executable).parent / "phanes"
 COMMANDS = (["data", "synth"], ["data", "prepare"], ["train"], ["calibrate"], ["evaluate"], ["screen"])
@@ -139,8 +139,9 @@ def test_usage_errors_exit_2_without_traceback(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- exit 3: some volumes failed
 
 @pytest.mark.slow
-def test_screen_with_a_corrupt_volume_exits_3_and_keeps_the_good_ones(ray_head: RayCluster, tmp_path: Path) -> None:
-    bundle = make_bundle(tmp_path / "bundle")
+def test_screen_with_a_corrupt_volume_exits_3_and_keeps_the_good_ones(ray_head: RayCluster, tiny_bundle: Path,
+                                                                     tmp_path: Path) -> None:
+    bundle = tiny_bundle
     good = series(tmp_path / "cohort", 2)
     corrupt = tmp_path / "cohort" / "s99.nii.gz"
     corrupt.write_bytes(b"\x1f\x8b this is not a gzip stream")
@@ -165,10 +166,11 @@ def test_screen_with_a_corrupt_volume_exits_3_and_keeps_the_good_ones(ray_head: 
         assert (tmp_path / "out" / "maps" / f"{path.name.split('.')[0]}_anomaly.nii.gz").is_file()
 
 
-def test_screen_whose_actors_cannot_start_exits_2_with_one_line(ray_head: RayCluster, tmp_path: Path) -> None:
+def test_screen_whose_actors_cannot_start_exits_2_with_one_line(ray_head: RayCluster, tiny_bundle: Path,
+                                                               tmp_path: Path) -> None:
     """Garbage --lpips-weights: every inference actor fails to start. One error line naming the file (none
     of Ray's per-retry messages or remote tracebacks), exit 2, the run marked crashed, nothing committed."""
-    bundle = make_bundle(tmp_path / "bundle")
+    bundle = tiny_bundle
     series(tmp_path / "cohort", 1)
     weights = tmp_path / "alexnet.pth"
     weights.write_bytes(b"not a weights file")

@@ -27,7 +27,7 @@ from typer.main import get_command
 
 from phanes_cli.cli import app
 from tests._ray import HEAD_IP, free_port, processes_of
-from tests.test_screening import make_bundle, series
+from tests.test_screening import series
 from tests.test_screening_cluster import SECOND_IP
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -77,13 +77,13 @@ def _left_after(temp_dir: str, seconds: float) -> list[int]:
 
 
 @pytest.mark.slow
-def test_the_slurm_script_screens_on_two_ray_nodes(tmp_path: Path) -> None:
+def test_the_slurm_script_screens_on_two_ray_nodes(tiny_bundle: Path, tmp_path: Path) -> None:
     shims = tmp_path / "bin"
     shims.mkdir()
     for name, text in (("scontrol", SCONTROL), ("srun", SRUN)):
         (shims / name).write_text(text)
         (shims / name).chmod(0o755)
-    bundle = make_bundle(tmp_path / "bundle")
+    bundle = tiny_bundle
     series(tmp_path / "cohort", 3)
     out = tmp_path / "out"
     temp_dir = tempfile.mkdtemp(prefix="phs", dir="/tmp")  # short: Ray's socket paths must fit

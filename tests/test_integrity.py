@@ -42,7 +42,7 @@ from phanes_cli.screening.restat import run_stats
 from phanes_cli.screening.run_log import Counts, ProgressDisplay, print_summary
 from phanes_cli.screening.schemas import manifest_columns
 from tests.test_cli import phanes_in_process
-from tests.test_screening import affines, make_bundle, write_head
+from tests.test_screening import affines, write_head
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -52,8 +52,8 @@ ESCAPES = ["x/../../../../escape", "./../abs", "..", "a\\b", "scan\u202elmth.exe
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_bundle(tmp_path_factory.mktemp("bundle") / "b")
+def bundle(tiny_bundle: Path) -> Path:
+    return tiny_bundle  # the session's (conftest): copied before any change
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -14,12 +14,12 @@ import phanes_cli
 from phanes_cli.errors import InputError, QualityError
 from phanes_cli.screening.engine import EXIT_OK, screen
 from tests._ray import HEAD_IP, RayCluster
-from tests.test_screening import affines, make_bundle, write_head
+from tests.test_screening import affines, write_head
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_bundle(tmp_path_factory.mktemp("bundle"))
+def bundle(tiny_bundle: Path) -> Path:
+    return tiny_bundle  # the session's (conftest): read only here
 
 
 def test_predict_equals_screening(cluster: RayCluster, bundle: Path, tmp_path: Path) -> None:

@@ -253,8 +253,8 @@ def test_commit_resume_and_consolidation_rules(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_bundle(tmp_path_factory.mktemp("bundle"))
+def bundle(tiny_bundle: Path) -> Path:
+    return tiny_bundle  # the session's (conftest): read only here
 
 
 def test_actor_turns_non_finite_output_into_a_failure_record(bundle: Path) -> None:

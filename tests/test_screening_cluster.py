@@ -12,7 +12,7 @@ import pytest
 from phanes_cli.screening.engine import EXIT_OK, screen
 from phanes_cli.screening.options import ScreenOptions
 from tests._ray import HEAD_IP, RayCluster
-from tests.test_screening import make_bundle, read_tables, series
+from tests.test_screening import read_tables, series
 
 SECOND_IP = "127.0.0.3"
 
@@ -33,10 +33,10 @@ def two_nodes() -> Iterator[RayCluster]:
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_env")  # the driver must agree with the nodes on authentication
-def test_cohort_is_screened_across_two_nodes(two_nodes: RayCluster, tmp_path: Path) -> None:
+def test_cohort_is_screened_across_two_nodes(two_nodes: RayCluster, tiny_bundle: Path, tmp_path: Path) -> None:
     import ray
 
-    bundle = make_bundle(tmp_path / "bundle")
+    bundle = tiny_bundle
     series(tmp_path / "cohort", 6)
     out = tmp_path / "out"
     summary = screen([str(tmp_path / "cohort")], ScreenOptions(bundle=bundle, out=out, address=two_nodes.address,

@@ -19,7 +19,7 @@ import pytest
 
 from phanes_cli.screening.engine import EXIT_OK, screen
 from tests._ray import HEAD_IP, RayCluster
-from tests.test_screening import _options, assert_same_results, make_bundle, read_tables, series
+from tests.test_screening import _options, assert_same_results, read_tables, series
 
 
 def committed(out: Path) -> list[Path]:
@@ -29,8 +29,8 @@ def committed(out: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_bundle(tmp_path_factory.mktemp("bundle"))
+def bundle(tiny_bundle: Path) -> Path:
+    return tiny_bundle  # the session's (conftest): read only here
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from phanes_cli.screening.engine import screen
 from phanes_cli.screening.options import ScreenOptions
 from phanes_cli.screening.restat import run_stats
 from tests._ray import HEAD_IP, RayCluster
-from tests.test_screening import affines, make_bundle, write_head
+from tests.test_screening import affines, write_head
 
 SCREENING_ONLY = ["runtime_s", "decode_s", "brain_mask_s", "inference_s", "write_s", "decode_node", "inference_node",
                   "write_node"]
@@ -46,13 +46,13 @@ def oracle(anomaly_file: Path, threshold: float, min_ml: float) -> tuple[np.ndar
 
 
 @pytest.fixture(scope="module")
-def runs(ray_head: RayCluster, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+def runs(ray_head: RayCluster, tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     """Two screens of one cohort (a CSV list with subject/site columns and one missing file) in one Ray session:
     at the bundle's calibration, and with a minimum lesion size chosen from the first run's lesions."""
     import ray
 
     root = tmp_path_factory.mktemp("stats")
-    bundle = make_bundle(root / "bundle")
+    bundle = tiny_bundle
     names = ["ras", "permuted", "aniso"]
     paths = {n: write_head(root / "in" / f"{n}.nii.gz", affines()[n], seed=i) for i, n in enumerate(names)}
     listing = root / "cohort.csv"
