@@ -8,7 +8,7 @@ runs it in ONNX Runtime; `--precision bf16` compiles it at OpenVINO's bf16 infer
 fp32 one (one batch of 32 real slices of the gate brains, a random 10% inpainting mask for stage 2, the fastest
 of `--repeats` interleaved calls, the process's thread count) and runs the gate's lesion-mask comparison on the
 gate brains (`runtimes.parity.mask_figures`, fp32 ONNX Runtime as reference). `quantise.INT8_GRAPHS` and
-`openvino.BF16_GRAPHS` hold the graphs that were faster and passed (README: Backends and export).
+`openvino.BF16_GRAPHS` hold the graphs that were faster and passed (docs/backends.md).
 Usage: python benchmarks/reduced_graphs.py BUNDLE --precision int8|bf16 [--repeats 10]   (BUNDLE exported)
 """
 

@@ -24,7 +24,7 @@ Usage:
   python benchmarks/screen_throughput.py INPUTS... [--bundle B | --config configs/paper.yaml] [--volumes 12]
       [--masks supplied computed] [--backends torch onnxruntime] [--actors N ...] [--threads T ...]
       [--batch-size 32] [--node-ip 127.0.0.2] [--work DIR] [--json FILE]
-README (Screening throughput) names the volumes and the commands of the recorded figures.
+docs/measurements.md (Screening throughput) names the volumes and the commands of the recorded figures.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ bundle as shipped, then after calibrating copies of it on N = 1, 2, 4 controls.
 The controls are subjects synthesised from the one source brain (`data synth` with it as the only validation
 source): the same person with the subject and scan variation of `synth.variation` (intensity field, noise,
 resolution, small deformations), i.e. augmented controls, not other people; the held-out controls are the
-remaining subjects of that source. The source is chosen by the user: for the figures in the README it is a
+remaining subjects of that source. The source is chosen by the user: for the figures in docs/measurements.md it is a
 *test* brain (FreeSurfer `norm`), on purpose: these figures are reported apart from the test figures.
 
 Usage:

@@ -1,6 +1,6 @@
 """phanes: screen brain MRI cohorts for anomalies with PHANES pseudo-healthy generative networks.
 
-The Python API is the functions the commands call (README "Python API"):
+The Python API is the functions the commands call (README "Python API", docs/python_api.md):
 
     from phanes_cli import ScreenOptions, load_bundle, screen
     from phanes_cli import predict  # one volume in memory: nibabel images + its statistics row

@@ -506,7 +506,7 @@ def models(
     if shipped or local:
         table_console().print(table)
     else:
-        console.print("no local bundles found; `phanes train` makes one (README: Quick start)")
+        console.print("no local bundles found; `phanes train` makes one (README: Quick start with your own data)")
 
 
 @app.command()

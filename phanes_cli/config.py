@@ -64,10 +64,11 @@ class MaskConfig:
     anomaly_percentile: float = 99.0
     per_image_percentile: float | None = None  # reference-code behaviour, off by default
     # m(x) is zeroed within this many model pixels of the brain boundary (0: the paper). A small model's
-    # reconstruction misses individual cortex and skull-strip edges; see README "Stage 1 map study".
+    # reconstruction misses individual cortex and skull-strip edges; see docs/measurements.md "Stage 1 map study".
     edge_margin_px: int = 0
     # m(x) of each slice averaged with its neighbours (1/4, 1/2, 1/4) before binarising (`core.slice_context`);
-    # the mask threshold is then a percentile of the averaged map. Off until validated (docs/specificity_plan.md).
+    # the mask threshold is then a percentile of the averaged map. Off: it did not raise validation Dice
+    # (docs/measurements.md, Specificity).
     slice_context: bool = False
 
 

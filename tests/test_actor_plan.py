@@ -1,9 +1,9 @@
 """The inference-actor plan (`screening.plan`): actors, threads and reserved CPUs from the CPUs per node.
 
-The rule (README: Screening throughput): a quarter of a node's cores (at least one) stays with the decode and write
-tasks, each other core gets an actor of one thread; a node with fewer than two such cores gets one actor per core,
-sharing the Ray CPU left to them. The cluster's resources are what `ray.nodes()` / `ray.cluster_resources()` report,
-given here as the plan's inputs; `local_cpus` is checked under a real `taskset`.
+The rule (docs/measurements.md: Screening throughput): a quarter of a node's cores (at least one) stays with the
+decode and write tasks, each other core gets an actor of one thread; a node with fewer than two such cores gets
+one actor per core, sharing the Ray CPU left to them. The cluster's resources are what `ray.nodes()` /
+`ray.cluster_resources()` report, given here as the plan's inputs; `local_cpus` is checked under a real `taskset`.
 """
 
 from __future__ import annotations

@@ -367,7 +367,7 @@ def _volume(tmp_path: Path, data: np.ndarray, name: str = "v.nii", affine: np.nd
 
 @pytest.mark.skipif(not REAL_BRAINS, reason="real brains in ../shared/data are absent")
 def test_real_t1_brains_pass_and_their_inversions_fail_the_t1_check(tmp_path: Path) -> None:
-    """No real brain is flagged (the false-positive rate the README quotes); each inverted one is."""
+    """No real brain is flagged (the false-positive rate docs/quality_checks.md quotes); each inverted one is."""
     for path in REAL_BRAINS:
         volume = load_volume(path)
         brain = auto_brain_mask(volume.data)

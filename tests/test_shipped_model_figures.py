@@ -31,7 +31,7 @@ from phanes_cli.training.data import healthy_rows
 @pytest.fixture(scope="module")
 def shipped() -> Path:
     bundles = shipped_bundles()
-    assert bundles, f"no model bundle in {models_dir()}: phanes ships one (README: the shipped model)"
+    assert bundles, f"no model bundle in {models_dir()}: phanes ships one (README: The model shipped and its limits)"
     return bundles[0]
 
 

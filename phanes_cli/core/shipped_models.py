@@ -22,7 +22,7 @@ DEFAULT_FILE = "DEFAULT"
 MAX_JSON_BYTES = 1 << 20  # a bundle's JSON files are a few kB; a larger one is not read into memory for a table row
 NO_MODEL_HELP = ("no pretrained model ships with this phanes yet. Pass --bundle BUNDLE, a model you trained: "
                  "`phanes train --config configs/cpu.yaml --data MANIFEST --out BUNDLE`, then "
-                 "`phanes calibrate --bundle BUNDLE --data MANIFEST` (README: Quick start)")
+                 "`phanes calibrate --bundle BUNDLE --data MANIFEST` (README: Quick start with your own data)")
 
 
 def shipped_bundles() -> list[Path]:

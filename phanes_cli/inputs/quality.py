@@ -1,67 +1,11 @@
 """Input quality checks: catch volumes that load fine but would give a normal-looking, wrong result.
 
 `check_volume(volume, brain)` returns quality-control flag names (`FLAGS` says what each means). Flags in
-`FATAL` fail the volume: there is nothing to screen. The others are warnings for a `qc_flags` column:
-the volume is screened, but its numbers deserve a look. The limits, and why:
-
-- brain volume 800-2200 mL (`brain_volume_low` / `brain_volume_high`). Adult intracranial volume is
-  about 1100-1900 mL; skull-stripped healthy brains and templates here measure 1000-1900 mL, resected
-  glioma brains down to 1000 mL. Below 800 mL the scan covers part of the brain, is a child's, or has a
-  wrong voxel size; above 2200 mL the mask holds skull, neck or face (a real head measures ~3400 mL).
-- intensity: an all-zero or constant volume, or an empty brain mask, is fatal. `intensity_noise`: the
-  correlation of neighbouring brain voxels on the ~3 mm check grid (mean over the three axes) is below
-  0.2. Anatomy is spatially smooth: real T1 scans measure 0.61-0.81, a template with added noise of 15%
-  of its maximum still 0.32, while independent noise measures 0.00 whatever its distribution.
-- voxel size: any axis above 3.0 mm (`voxel_too_large`: thick slices, where lesions of a few mm fall into
-  one partial-volume voxel; 0.5x0.5x6 mm is flagged), below 0.25 mm (`voxel_too_small`: finer than brain
-  MRI acquires, usually a unit error), or largest/smallest above 4 (`voxel_anisotropic`: a 2D
-  thick-slice acquisition). A voxel size of 0 or non-finite is fatal. `no_affine`: the file has neither a
-  qform nor an sform, so its orientation is a guess.
-- `skull_present`: skull stripping was skipped, so the automatic (threshold) brain mask screening uses holds
-  or borders skull and scalp. Assessed only for that mask: a brain mask from a file or from brain extraction
-  (deepbet) already leaves skull and scalp out, whatever the image still holds, and a tight mask has sulcal CSF
-  under its surface, which sign (2) would read as skull (on the real heads in ../shared/data, deepbet's masks
-  measure 24-43% tissue outside, the signs of the image's scalp, not of a mask problem). Two signs, either is
-  enough. (1) Outside the mask:
-  more than 20% of the voxels 5-20 mm outside it hold tissue (above 0.4 x the median of the brain's
-  core, the voxels deeper than 20 mm); a stripped image has none there, even when its mask is a few mm
-  tight, while scalp lies 8-15 mm out. (2) Inside an automatic
-  mask, which then covers the whole head: in the upper half of the brain, the layer 4-12 mm below the
-  mask surface is less than 75% tissue, because skull and CSF lie there under the scalp. Stripped brains
-  measure 0.91-1.00 there, the real head 0.52. Not assessed when no voxel lies 20 mm deep.
-
-- `not_t1_brain` (warning): the image does not look like a T1-weighted brain. Four figures, any one past its
-  limit is enough (intensities clipped to the brain's 0.5-99.5th percentiles and counted from the lower one,
-  so offset, scale and one extreme voxel change nothing):
-  (1) layering: T1 orders white matter > grey matter > CSF, so the brain's outer 3.5 mm (cortex, sulcal CSF)
-  is darker than its part over 12 mm deep (mostly white matter); flagged when the ratio of their medians
-  reaches 1.0. Catches CSF-bright contrasts (T2, proton density, inverted T1) and uniform phantoms.
-  (2) depth share: anatomy varies within each 3 mm depth ring (gyri, sulci, ventricles); flagged when depth
-  alone explains 80% of the intensity variance: smooth, graded or shelled phantoms.
-  (3) bright depth: the brain's intensities fall into three classes (1-D k-means: CSF, grey, white matter on
-  T1), after dividing out the local mean over 15 mm so a bias field does not decide them; on T1 the
-  brightest class (white matter) lies deeper than the middle one (cortex), so the ratio of their median
-  depths is above 1; flagged below 1.15. Catches contrasts with grey matter brighter than white (FLAIR,
-  CT, also T2 and proton density) and textured phantoms without layering (~1.0).
-  (4) elongation: a brain is longer than it is wide or high; flagged when the longest / shortest principal
-  axis of the brain mask is below 1.15 (a ball measures 1.0, whatever it holds).
-  Measured (`benchmarks/t1_plausibility.py`) on every real brain in ../shared/data and the shipped ones (18
-  images: healthy, glioma patients, the heads through their model brain mask, MNI152; each 1 mm one also
-  with 2x2x2, 1x1x3 and 1x1x5 mm voxels) and on T1-like subjects of the 20 shipped label maps (also at those
-  voxel sizes): none flagged; layering 0.17-0.77, depth share 0.07-0.55, bright depth 1.28-1.95, elongation
-  1.27-1.95. Flagged: every inverted real brain (layering 1.62-3.78), the label maps as T2 (layering
-  2.54-3.87), proton density (1.10-1.42), FLAIR and CT (bright depth 0.63-0.83 down to 1x1x3 and 2x2x2 mm;
-  with 5 mm slices 18 of 20 FLAIR and every CT, those slices being flagged `voxel_too_large` anyway), CT
-  heads in Hounsfield units through the automatic mask, balls (elongation 1.0) and textured or shelled
-  brain-sized ellipsoids (bright depth 0.57-1.02). Not caught, by design of simple figures: a phantom
-  with a brain's outline that copies T1's layering (dark rim, grey, bright inside) with texture. A warning,
-  not fatal: real T1 scans unlike the measured ones (infants, whose white matter is still dark; contrast
-  agents) are unmeasured, and a fatal flag has no override; the flag stands beside the lesion burden in
-  `qc_flags` and the log. Not assessed with `skull_present` (the mask then holds the bright scalp); a figure
-  that cannot be computed (no voxel 12 mm deep, an empty intensity class) flags nothing.
-
-The spatial checks (noise, skull, T1 plausibility) run on every n-th voxel, n = floor(3 mm / voxel size) per axis:
-about 0.5 s for a 1 mm head on one core.
+`FATAL` fail the volume: there is nothing to screen. The others are warnings for a `qc_flags` column: the
+volume is screened, but its numbers deserve a look. Each limit below is set between what real T1 brains
+measure and what the failure it catches measures; docs/quality_checks.md gives the figures behind each one.
+The spatial checks (noise, skull, T1 plausibility) run on every n-th voxel, n = floor(3 mm / voxel size)
+per axis, so a 1 mm head costs about half a second on one core.
 """
 
 from __future__ import annotations
@@ -88,6 +32,11 @@ DEPTH_RING_MM = 3.0
 MIN_BRIGHT_DEPTH = 1.15  # T1's brightest tissue (white matter) lies deeper than its middle one (grey matter)
 FLATTEN_MM = 15.0  # the local mean that removes a bias field before intensity classes are drawn
 MIN_ELONGATION = 1.15  # a brain is longer than it is wide or high; a ball measures 1.0
+# Negative voxels per brain voxel above which intensities are standardised (z-scored: about half the brain below
+# 0), not raw MR magnitudes, which the model was trained and calibrated on; real T1 scans in ../shared/data
+# measure 0-0.002 (interpolation ringing). Counted over the whole image: a threshold mask leaves the negative
+# half of a z-scored brain out.
+MAX_NEGATIVE_SHARE = 0.05
 GRID_MM = 3.0  # the spatial checks run on a ~3 mm subgrid: ~25x cheaper on 1 mm data, same answers at these limits
 
 FLAGS = {
@@ -104,6 +53,8 @@ FLAGS = {
     "no_affine": "no qform or sform: orientation assumed",
     "skull_present": "skull and scalp appear to be present (not skull-stripped)",
     "not_t1_brain": "not a T1-weighted brain: no white > grey matter > CSF contrast, no anatomy, or not brain-shaped",
+    "negative_intensities": "many voxels are negative (z-scored or otherwise standardised intensities?): the model "
+                            "knows raw MR intensities, lesion burden unreliable; give the scanner's intensities",
 }
 FATAL = frozenset({"zero_voxel_size", "all_zero", "constant", "empty_brain_mask"})
 
@@ -132,6 +83,8 @@ def check_volume(volume: Volume, brain: np.ndarray, brain_source: str = "thresho
         flags.append("brain_volume_low")
     elif brain_ml > BRAIN_ML[1]:
         flags.append("brain_volume_high")
+    if np.count_nonzero(data < 0) > MAX_NEGATIVE_SHARE * np.count_nonzero(brain):
+        flags.append("negative_intensities")
     step = np.maximum(1, np.floor(GRID_MM / zooms)).astype(int)
     grid = tuple(slice(None, None, int(s)) for s in step)
     if neighbour_correlation(data[grid], brain[grid]) < MIN_NEIGHBOUR_CORRELATION:

@@ -39,7 +39,7 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # warnings about unused initialisers are noise to a user
     # ORT's intra-op threads busy-wait after each run by default; the three sessions' pools then spin on the
-    # cores that the torch pre/post-processing between the graphs needs (measured in README: Backends)
+    # cores that the torch pre/post-processing between the graphs needs (measured in docs/backends.md)
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 

@@ -5,7 +5,7 @@ fp32 is asked for explicitly, whatever the CPU offers (on bf16-capable CPUs Open
 bf16: not what the export gate measured). `openvino-bf16` compiles only the stage 2 generator (BF16_GRAPHS, the
 largest network) with bf16 inference precision, on CPUs with native bf16 arithmetic (AVX512-BF16, AMX):
 measured on the shipped model, bf16 halves each network's time, but in stage 1 or LPIPS it moves the lesion
-masks past the export gate (Dice 0.91 and 0.96 against fp32), in the generator it does not (0.98-0.99; README,
+masks past the export gate (Dice 0.91 and 0.96 against fp32), in the generator it does not (0.98-0.99; docs/backends.md,
 Backends and export). One stream, the latency hint, the thread count of the process and no core pinning (the
 torch pre/post-processing and other actors share the cores).
 """

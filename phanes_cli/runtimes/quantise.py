@@ -30,7 +30,7 @@ from phanes_cli.runtimes.graphs import LPIPS, STAGE1, STAGE2, GraphSpec
 from phanes_cli.runtimes.parity import reference_mask_threshold
 from phanes_cli.runtimes.samples import CALIBRATION_BRAINS, shipped_brain_slices
 
-# Graphs quantised (benchmarks/reduced_graphs.py, README: Backends and export; cpu config, 2 threads): only the
+# Graphs quantised (benchmarks/reduced_graphs.py, docs/backends.md; cpu config, 2 threads): only the
 # generator, 1.5x faster alone. LPIPS, as fast a gain, moved the lesion masks on real brains to Dice 0.90
 # against fp32 (0.93 to 0.98 with any single layer pair quantised), stage 1 to 0.77 for no speed: both fail the
 # export gate, so they stay fp32.

@@ -84,7 +84,7 @@ def io_cpus(node_cpus: int) -> int:
 
 
 def cpu_share(node_cpus: int) -> NodeShare:
-    """How a node's CPUs are split when the actors run on CPUs (the rule in README: Screening throughput).
+    """How a node's CPUs are split when the actors run on CPUs (the rule in docs/measurements.md: Screening throughput).
 
     Each core left after `io_cpus` gets an actor of one thread: the networks' batches of 128 px slices scale
     poorly across threads, and on 2 cores two 1-thread actors screened 7-20% more volumes per hour than one
