@@ -24,6 +24,11 @@ Rules
 - A folder holding ``dataset_description.json`` is a BIDS dataset: ``bids.select_bids`` takes its raw T1w
   images (or ``--suffix``, narrowed by ``--bids-filter``), pairs ``desc-brain_mask`` files as brain masks,
   names ids after the files (``sub-01_ses-1``) and returns every other NIfTI file as unused, with its reason.
+- A folder holding no NIfTI image but DICOM files is converted by dcm2niix into the DICOM cache the caller
+  names (`dicom.py`: one volume per usable T1-weighted series, the series metadata as columns); a series
+  that is not a usable T1 is returned with its reason (`Rejected`, its id and columns set). Without a cache
+  (a listing, such as the count of unused files `screen` prints before it claims OUT) such a folder yields
+  nothing.
 - The same file reached twice (a folder and a glob, say) is listed once, at its first place; a list that
   names it under two ids keeps both rows. Linked folders are followed, each real folder once.
 """
@@ -35,7 +40,7 @@ import os
 import re
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +48,7 @@ from phanes_cli.core.volume_io import DEFAULT_MAX_VOXELS, is_nifti_path, load_ma
 from phanes_cli.errors import InputError
 from phanes_cli.infra.folders import check_id
 from phanes_cli.inputs.bids import BidsQuery, is_bids_root, select_bids
+from phanes_cli.inputs.dicom import convert_folder, holds_dicom
 from phanes_cli.inputs.manifest import ManifestRow, cell_path, clean, lesion_volume, read_table, write_manifest
 
 TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
@@ -52,6 +58,7 @@ MASK_WORDS = frozenset(
 IMAGE_COLUMNS = ("image", "path")
 MASK_REASON = "the file name reads as a mask or label map (module rules); name the file, or a glob, to use it"
 ID_COLUMNS = ("id", "subject_id", "subject")
+DICOM_FOLDER = "dicom"  # the converted DICOM series, under the output (OUT/dicom, or beside a manifest)
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
@@ -64,6 +71,7 @@ class Rejected:
     reason: str
     id: str | None = None
     unused: bool = False  # True: a file found and deliberately left out (BIDS selection), not a broken one
+    extra: dict[str, Any] = field(default_factory=dict)  # manifest columns of a rejected DICOM series
 
 
 def nifti_stem(path: str | Path) -> str:
@@ -161,11 +169,22 @@ def _from_list(path: Path) -> list[_Found]:
     return found
 
 
-def _discover(argument: str, exclude: Path | None = None) -> tuple[list[_Found], list[Rejected]]:
+def _from_dicom(folder: Path, exclude: Path | None, cache: Path | None) -> list[_Found]:
+    """The converted volumes of a DICOM folder, each with its metadata columns and verdict (module rules)."""
+    if cache is None:
+        return []
+    return [_Found(s.image, None, {**s.columns, "_dicom": (str(folder), s.label, s.rejection)})
+            for s in convert_folder(folder, cache, exclude)]
+
+
+def _discover(argument: str, exclude: Path | None = None, dicom_cache: Path | None = None
+              ) -> tuple[list[_Found], list[Rejected]]:
     """The images one argument names, and the files of a folder it left out as masks (`Rejected.unused`)."""
     path = Path(argument)
     if path.is_dir():
         files, masks = _scan_folder(path, exclude)
+        if not files and holds_dicom(path, exclude):
+            return _from_dicom(path, exclude, dicom_cache), []
         if not files:
             raise InputError(path, "folder holds no NIfTI images (*.nii, *.nii.gz) besides masks")
         return [_Found(f, None, {}) for f in files], [Rejected(str(m), MASK_REASON, unused=True) for m in masks]
@@ -255,19 +274,21 @@ def _from_bids(root: Path, query: BidsQuery, exclude: Path | None) -> tuple[list
     return [_Found(r.image, r.id, {**r.extra, "brain_mask": r.brain_mask}) for r in selection.rows], unused
 
 
-def resolve_inputs(inputs: list[str], exclude: Path | None = None, bids: BidsQuery | None = None) -> list[ManifestRow]:
+def resolve_inputs(inputs: list[str], exclude: Path | None = None, bids: BidsQuery | None = None,
+                   dicom_cache: Path | None = None) -> list[ManifestRow]:
     """Expand INPUTS into manifest rows (`resolve_with_unused` without the list of unused files)."""
-    return resolve_with_unused(inputs, exclude, bids)[0]
+    return resolve_with_unused(inputs, exclude, bids, dicom_cache)[0]
 
 
-def resolve_with_unused(inputs: list[str], exclude: Path | None = None, bids: BidsQuery | None = None
-                        ) -> tuple[list[ManifestRow], list[Rejected]]:
+def resolve_with_unused(inputs: list[str], exclude: Path | None = None, bids: BidsQuery | None = None,
+                        dicom_cache: Path | None = None) -> tuple[list[ManifestRow], list[Rejected]]:
     """Expand INPUTS into manifest rows with unique ids, in input order (folders/globs sorted).
 
     Folders and globs never yield files under `exclude` (screening's OUT, which may sit inside an input
     folder). The same file under two explicit ids of a list stays two rows (screened twice). Raises
     InputError for an argument that does not exist, matches nothing or cannot be read; files named
-    inside a volume list are not opened here. Also returns the files of BIDS roots left out (`unused`).
+    inside a volume list are not opened here. Also returns the files of BIDS roots left out (`unused`)
+    and the DICOM series that are not usable T1s (converted into `dicom_cache`; not `unused`).
     """
     if not inputs:
         raise InputError("INPUTS", "no inputs given; name folders, files, globs or a CSV/Parquet list")
@@ -278,7 +299,7 @@ def resolve_with_unused(inputs: list[str], exclude: Path | None = None, bids: Bi
         if is_bids_root(argument):
             items, skipped = _from_bids(Path(argument), bids or BidsQuery(), exclude)
         else:
-            items, skipped = _discover(argument, exclude)
+            items, skipped = _discover(argument, exclude, dicom_cache)
         unused.extend(skipped)
         for item in items:
             key = Path(os.path.normpath(item.image.absolute()))
@@ -290,6 +311,11 @@ def resolve_with_unused(inputs: list[str], exclude: Path | None = None, bids: Bi
     for item, vid in zip(found, _unique_ids(found), strict=True):
         check_id(vid, item.image)
         record = dict(item.record)
+        folder, label, reason = record.pop("_dicom", (None, None, None))
+        if reason is not None:
+            unused.append(Rejected(path=folder, reason=f"{label}: {reason}", id=vid,
+                                   extra={k: v for k, v in record.items() if clean(v) is not None}))
+            continue
         lesion_ml = lesion_volume(record.pop("lesion_ml", None), item.image, vid)
         rows.append(ManifestRow(
             id=vid,
@@ -323,11 +349,13 @@ def prepare_manifest(inputs: list[str], out: Path, validate: bool = True, max_vo
                      bids: BidsQuery | None = None) -> tuple[list[ManifestRow], list[Rejected]]:
     """Resolve INPUTS, check each file (image and masks) and write the manifest of the usable ones.
 
+    DICOM folders are converted into `dicom/` beside the manifest (`DICOM_FOLDER`).
+
     Files are checked in a few threads (decompression releases the GIL). Returns the written rows and
     every rejected file with its reason, in input order, then the files left out of BIDS roots
     (`Rejected.unused`).
     """
-    rows, unused = resolve_with_unused(inputs, bids=bids)
+    rows, unused = resolve_with_unused(inputs, bids=bids, dicom_cache=Path(out).parent / DICOM_FOLDER)
     rejected: list[Rejected] = []
     if validate:
         with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:

@@ -25,15 +25,17 @@ import ray
 from phanes_cli.core.bundle import Bundle, load_bundle
 from phanes_cli.infra.folders import claim_folder
 from phanes_cli.inputs.bids import is_bids_root
-from phanes_cli.inputs.discovery import resolve_inputs
+from phanes_cli.inputs.discovery import DICOM_FOLDER, Rejected, resolve_with_unused
 from phanes_cli.inputs.manifest import ManifestRow
 from phanes_cli.screening.bids_derivative import start_layout, write_burden_tables
+from phanes_cli.screening.commit import record_failure
 from phanes_cli.screening.consolidate import consolidate
 from phanes_cli.screening.dispatch import Actors, Dispatcher
 from phanes_cli.screening.layout import OutputLayout
 from phanes_cli.screening.options import ScreenOptions
 from phanes_cli.screening.plan import plan_actors, plan_volumes
 from phanes_cli.screening.run_log import Counts, JsonLog, ProgressDisplay, now_iso, print_summary, write_run_manifest
+from phanes_cli.screening.schemas import manifest_columns
 from phanes_cli.screening.session import ray_session, run_lock
 
 EXIT_OK = 0
@@ -64,15 +66,18 @@ def screen(inputs: list[str], options: ScreenOptions) -> ScreenSummary:
     bundle, options = _with_overrides(load_bundle(options.bundle), options)
     layout = OutputLayout(Path(options.out))  # OUT is claimed first: inputs inside it are never taken
     claim_folder(layout.root, (layout.lock.name, layout.run_manifest.name), "a `phanes screen` run")
-    rows = resolve_inputs(inputs, exclude=layout.root, bids=options.bids)
     log = JsonLog(options.log_jsonl)
-    with run_lock(layout):
+    with run_lock(layout):  # DICOM folders are converted into OUT/dicom: under the lock
+        rows, listed = resolve_with_unused(inputs, exclude=layout.root, bids=options.bids,
+                                           dicom_cache=layout.root / DICOM_FOLDER)
+        series = [item for item in listed if not item.unused and item.id is not None]
         previous = mark_abandoned(layout)
         start_layout(layout, options.layout, [r.id for r in rows], [Path(a) for a in inputs if is_bids_root(a)])
         layout.ensure()
         layout.remove_temporaries()
         plan = plan_volumes(rows, layout, options, bundle.content_key, bundle.hash)
-        counts = Counts(total=len(rows), failed=plan.standing, skipped=plan.skipped)
+        _record_series(layout, series, bundle.hash, log)
+        counts = Counts(total=len(rows) + len(series), failed=plan.standing + len(series), skipped=plan.skipped)
         manifest: dict[str, Any] = {
             "run_id": uuid.uuid4().hex[:12], "status": "running", "started": started_iso, "finished": None,
             "pid": os.getpid(), "host": socket.gethostname(), "previous_run": previous,
@@ -114,7 +119,8 @@ def screen(inputs: list[str], options: ScreenOptions) -> ScreenSummary:
             finally:
                 log.close()
     if not options.quiet:
-        print_summary(display.console, counts, seconds, layout.root, _failures_of(layout, rows))
+        ids = [row.id for row in rows] + [str(item.id) for item in series]
+        print_summary(display.console, counts, seconds, layout.root, _failures_of(layout, ids))
     return ScreenSummary(total=counts.total, done=counts.done, failed=counts.failed, skipped=counts.skipped,
                          out=layout.root, seconds=seconds)
 
@@ -169,8 +175,18 @@ def _dispatch(todo: list[ManifestRow], options: ScreenOptions, bundle: Bundle, b
                                    stages_s=dispatcher.stages_s)
 
 
-def _failures_of(layout: OutputLayout, rows: list[ManifestRow]) -> list[dict[str, Any]]:
+def _record_series(layout: OutputLayout, series: list[Rejected], bundle_hash: str, log: JsonLog) -> None:
+    """A failure row (stage `input`) for each DICOM series that is not a usable T1, with its metadata columns."""
+    for item in series:
+        vid = str(item.id)
+        record_failure(layout, vid, {
+            "id": vid, "path": item.path, "stage": "input", "error_type": "InputError", "message": item.reason,
+            "retry_on_resume": False, "bundle_hash": bundle_hash, **manifest_columns(item.extra)})
+        log.event("volume", id=vid, status="failed", stage="input", error_type="InputError", message=item.reason)
+
+
+def _failures_of(layout: OutputLayout, ids: list[str]) -> list[dict[str, Any]]:
     """This run's rows of failures.parquet (the folder may hold other ids from earlier runs)."""
     path = layout.table("failures")
-    ids = {row.id for row in rows}
-    return [r for r in pq.read_table(path).to_pylist() if r["id"] in ids] if path.is_file() else []
+    wanted = set(ids)
+    return [r for r in pq.read_table(path).to_pylist() if r["id"] in wanted] if path.is_file() else []
