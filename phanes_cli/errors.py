@@ -61,6 +61,7 @@ class Terminated(KeyboardInterrupt):
 
 
 _SIGTERM_RECEIVED = threading.Event()
+_SIGINT_RECEIVED = threading.Event()
 
 
 def _raise_terminated(signum: int, frame: FrameType | None) -> None:
@@ -68,15 +69,37 @@ def _raise_terminated(signum: int, frame: FrameType | None) -> None:
     raise Terminated()
 
 
-def stop_on_sigterm(fresh: bool = False) -> None:
-    """Make SIGTERM raise `Terminated` in the main thread (Ray's init installs its own handler: call again after).
+def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
+    _SIGINT_RECEIVED.set()
+    raise KeyboardInterrupt
 
-    `fresh` forgets a SIGTERM of an earlier command in this process (the CLI calls it so per command).
+
+def stop_on_sigterm(fresh: bool = False) -> None:
+    """Make SIGTERM raise `Terminated` in the main thread (Ray's init installs its own handler: call again after),
+    and record SIGINT as well as raising KeyboardInterrupt.
+
+    The record is what `raise_if_interrupted` reads: an interrupt raised where Python cannot propagate it (in
+    a finaliser or a callback from compiled code, which print "Exception ignored" and carry on) would otherwise
+    be lost, and the run would end "finished" with exit 0. A SIGINT the process was started ignoring (a
+    background job of a shell without job control) stays ignored, as for any program. `fresh` forgets the
+    signals of an earlier command in this process (the CLI calls it so per command).
     """
     if fresh:
         _SIGTERM_RECEIVED.clear()
+        _SIGINT_RECEIVED.clear()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_terminated)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, _raise_interrupted)
+
+
+def raise_if_interrupted() -> None:
+    """Raise the interrupt again when SIGINT or SIGTERM arrived since `stop_on_sigterm(fresh=True)`, whether or not
+    its exception got through: called where a run decides it finished."""
+    if _SIGTERM_RECEIVED.is_set():
+        raise Terminated()
+    if _SIGINT_RECEIVED.is_set():
+        raise KeyboardInterrupt
 
 
 def is_termination(exc: BaseException) -> bool:

@@ -75,6 +75,14 @@ def test_participants_and_sessions_columns_join_the_rows_typed(tmp_path: Path) -
     assert isinstance(extra["sub-01"]["age"], int) and isinstance(extra["sub-02_ses-a"]["weight"], float)
 
 
+def test_only_newlines_end_a_line_other_unicode_separators_are_text(tmp_path: Path) -> None:
+    """U+2028, U+2029, U+0085, form feed and a lone CR inside a cell are valid text, not line ends."""
+    cell = "Z\u2028r\u0085i\u2029c\x0ch\rx"
+    root = _dataset(tmp_path / "ds", IMAGES[:1], f"participant_id\tsite\tage\r\nsub-01\t{cell}\t34\r\n".encode())
+    extra = select_bids(root).rows[0].extra
+    assert (extra["site"], extra["age"]) == (cell, 34)
+
+
 def test_a_column_takes_one_type_from_all_its_values() -> None:
     assert typed(["34", None, "-2", "+5"]) == [34, None, -2, 5]
     assert typed(["34", "61.5", "1e3"]) == [34.0, 61.5, 1000.0]
@@ -89,9 +97,13 @@ def test_a_column_takes_one_type_from_all_its_values() -> None:
     (b"subject\tsite\nsub-01\tA\n", "has no participant_id column (header: subject, site)"),
     (b"participant_id\tsite\nsub-01\tA\nsub-01\tB\n", "line 3 repeats participant_id 'sub-01'"),
     (b"participant_id\tsite\tsite\nsub-01\tA\tB\n", "repeats a column name"),
+    (b"participant_id\tsite\n\nsub-01\tA\tB\n", "line 3 has 3 cells, the header 2"),  # blank lines count
+    pytest.param("participant_id\t" + "\t".join(f"c{i}" for i in range(100_000)) + "\nsub-01" + "\t1" * 100_000,
+                 "has 100,000 covariate columns; phanes carries at most 1,000", id="100k-columns"),
 ])
-def test_a_malformed_participants_file_is_refused_in_one_line(tmp_path: Path, content: bytes, words: str) -> None:
-    root = _dataset(tmp_path / "ds", IMAGES[:1], content)
+def test_a_malformed_participants_file_is_refused_in_one_line(tmp_path: Path, content: bytes | str,
+                                                              words: str) -> None:
+    root = _dataset(tmp_path / "ds", IMAGES[:1], content if isinstance(content, bytes) else content.encode())
     with pytest.raises(InputError, match=r"participants\.tsv") as caught:
         select_bids(root)
     assert words in str(caught.value)
@@ -189,6 +201,30 @@ def test_covariates_survive_resume_and_consolidation(cluster: RayCluster, tiny_b
     assert len(failed) == 2 and failed[1].split("\t")[:4] == ["sub-02_ses-b", "failed", "n/a", "n/a"]
     subject = (out / "sub-02/sub-02_burden.tsv").read_text().splitlines()
     assert [line.split("\t")[:2] for line in subject[1:]] == [["sub-02_ses-a", "ok"], ["sub-02_ses-b", "failed"]]
+    _edit_covariates_then_resume(root, out, replace(options, bids=BidsQuery()))
+
+
+def _edit_covariates_then_resume(root: Path, out: Path, options: ScreenOptions) -> None:
+    """The files edited after the volumes were screened: the resumed run (nothing left to screen) writes tables
+    that say what the files say now, for done volumes and standing failures alike."""
+    (root / "participants.tsv").write_text("participant_id\tsite\tage\thand\nsub-01\tC\t35.5\tL\n"
+                                           "sub-02\tB\t50\tn/a\nsub-03\tD\tn/a\tR\n")  # weight, code... gone
+    (root / "sub-02" / "sub-02_sessions.tsv").write_text("session_id\tscanner\nses-a\tprisma\nses-b\tvida\n")
+    again = screen([str(root)], options)
+    assert (again.done, again.failed, again.skipped) == (0, 1, 3)
+    volumes = pq.read_table(out / "volumes.parquet")
+    assert {"weight", "code", "sessions_age", "input_status", "participants_id"}.isdisjoint(volumes.column_names)
+    assert [str(volumes.schema.field(c).type) for c in ("site", "age", "hand", "scanner")] == [
+        "string", "double", "string", "string"]
+    assert volumes.select(["id", "status", "site", "age", "hand", "scanner"]).to_pylist() == [
+        {"id": "sub-01", "status": "ok", "site": "C", "age": 35.5, "hand": "L", "scanner": None},
+        {"id": "sub-02_ses-a", "status": "ok", "site": "B", "age": 50.0, "hand": None, "scanner": "prisma"},
+        {"id": "sub-02_ses-b", "status": "failed", "site": "B", "age": 50.0, "hand": None, "scanner": "vida"},
+        {"id": "sub-03", "status": "ok", "site": "D", "age": None, "hand": "R", "scanner": None}]
+    failures = pq.read_table(out / "failures.parquet")
+    assert failures.select(["id", "site", "scanner"]).to_pylist() == [
+        {"id": "sub-02_ses-b", "site": "B", "scanner": "vida"}]
+    assert "weight" not in failures.column_names
 
 
 def test_masks_in_out_never_come_back_as_given_masks(tmp_path: Path) -> None:

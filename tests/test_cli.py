@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 from phanes_cli import __version__
 from phanes_cli.cli import app
+from phanes_cli.errors import raise_if_interrupted, stop_on_sigterm
 from tests._ray import RayCluster
 from tests.test_screening import series
 
@@ -182,6 +183,26 @@ def test_screen_whose_actors_cannot_start_exits_2_with_one_line(ray_head: RayClu
 
 
 # ---------------------------------------------------------------- exit 130: Ctrl-C
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped interrupt, on purpose
+def test_an_interrupt_whose_exception_is_swallowed_still_counts() -> None:
+    """SIGINT handled inside a finaliser: Python prints "Exception ignored" and drops the KeyboardInterrupt, so a run
+    would carry on and end "finished". The record `raise_if_interrupted` reads (called by `screen` before it marks
+    a run finished, and by its dispatch loop) raises it again; a fresh command starts without it."""
+
+    class Finaliser:
+        def __del__(self) -> None:
+            signal.raise_signal(signal.SIGINT)  # the handler runs here, inside __del__
+
+    stop_on_sigterm(fresh=True)
+    try:
+        Finaliser()  # deleted at once: the interrupt is raised inside __del__ and dropped
+        with pytest.raises(KeyboardInterrupt):
+            raise_if_interrupted()
+    finally:
+        stop_on_sigterm(fresh=True)
+    raise_if_interrupted()  # nothing recorded any more
+
 
 @pytest.mark.parametrize(("sig", "code", "word"), [(signal.SIGINT, 130, "interrupted"),
                                                     (signal.SIGTERM, 143, "terminated")])

@@ -171,6 +171,27 @@ def test_real_stripped_brains_with_supplied_masks_are_not_flagged(image: Path, t
         path = save_nifti(volume.to_native(mask).astype(np.uint8), volume.native_affine, tmp_path / f"{name}.nii.gz")
         flags, source = _flags_as_screened(image, path, "auto")
         assert source == "file" and "skull_present" not in flags, name
+        assert "negative_intensities" not in flags, name  # TCGA-DU-7294 has a few negative voxels (ringing)
+
+
+@needs_shared()
+@pytest.mark.parametrize("background", ["zero", "standardised"])
+def test_a_z_scored_real_brain_is_flagged_with_its_mask_or_the_threshold_mask(background: str, tmp_path: Path
+                                                                             ) -> None:
+    """A real glioma T1 z-scored over its brain (BraTS-style preparation), the background left at 0 or
+    standardised with it: flagged `negative_intensities` with the brain mask given and with the threshold mask."""
+    image = SHARED_DATA / "glioma-t1" / "TCGA-DU-7294" / "T1.nii.gz"
+    volume = load_volume(image)
+    native = volume.to_native(volume.data)
+    brain = native > 0  # the stripping tool's mask
+    z = (native - native[brain].mean()) / native[brain].std()
+    z = np.where(brain, z, 0.0) if background == "zero" else z
+    assert 0.3 < float((z[brain] < 0).mean()) < 0.7  # the oracle: about half the brain below 0
+    scored = save_nifti(z.astype(np.float32), volume.native_affine, tmp_path / "z.nii")
+    mask = save_nifti(brain.astype(np.uint8), volume.native_affine, tmp_path / "brain.nii")
+    for given, skull_strip, expected in ((mask, "auto", "file"), (None, "never", "threshold")):
+        flags, source = _flags_as_screened(scored, given, skull_strip)
+        assert source == expected and "negative_intensities" in flags, (source, flags)
 
 
 @needs_shared()

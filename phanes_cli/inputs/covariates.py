@@ -6,6 +6,9 @@ every screening table, so burden by group or site needs no join by hand. Rules:
 - the files are UTF-8 TSV (BIDS); a file that is not UTF-8, has no `participant_id` / `session_id`
   column, repeats a column or an id, or has a row with more or fewer cells than its header is refused
   with one line naming the file (and the line): covariates silently wrong are worse than none;
+- only `\n` or `\r\n` ends a line: other Unicode line separators (U+2028, U+0085...) are text of a cell;
+- a file of more than `MAX_CARRIED_COLUMNS` columns is refused: every column becomes a column of every
+  table and of each volume's part file (`infra.columns` says why the cap);
 - cells and names are stripped of surrounding blanks (a leading byte-order mark too); `n/a` and empty
   cells are null; the id column itself is dropped (the `sub` / `ses` columns carry it);
 - each column takes one type from all its values: int when every value is an integer without a leading
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from phanes_cli.errors import InputError
+from phanes_cli.infra.columns import check_carried_width
 
 NULLS = frozenset({"", "n/a"})
 _INT = re.compile(r"[-+]?(0|[1-9][0-9]*)")
@@ -52,16 +56,18 @@ def read_tsv(path: Path, key: str) -> tuple[list[str], dict[str, list[str | None
                                "BIDS TSV files are UTF-8: save it again as UTF-8") from None
     except OSError as exc:
         raise InputError(path, f"cannot be read ({exc.strerror})") from None
-    lines = [line for line in text.removeprefix("\ufeff").splitlines() if line.strip()]
+    lines = [(number, line.removesuffix("\r"))
+             for number, line in enumerate(text.removeprefix("\ufeff").split("\n"), start=1) if line.strip()]
     if not lines:
         raise InputError(path, f"is empty; it needs a header with a {key} column")
-    header = [name.strip() for name in lines[0].split("\t")]
+    header = [name.strip() for name in lines[0][1].split("\t")]
+    check_carried_width(path, len(header) - 1, "covariate columns")
     if key not in header:
         raise InputError(path, f"has no {key} column (header: {', '.join(header)})")
     if len(set(header)) < len(header):
         raise InputError(path, f"repeats a column name (header: {', '.join(header)})")
     rows: dict[str, list[str | None]] = {}
-    for number, line in enumerate(lines[1:], start=2):
+    for number, line in lines[1:]:
         cells = [cell.strip() for cell in line.split("\t")]
         if len(cells) != len(header):
             raise InputError(path, f"line {number} has {len(cells)} cells, the header {len(header)} "
@@ -112,4 +118,5 @@ def read_covariates(root: Path, reserved: set[str]) -> Covariates:
                                                   for n in names}
                 for i, (sub, ses, _) in enumerate(cells)}
     every = {k: None for row in [*participants.values(), *sessions.values()] for k in row}  # in file order
+    check_carried_width(root, len(every), "covariate columns in participants.tsv and the sessions.tsv files")
     return Covariates(participants, sessions, tuple(every))

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from phanes_cli.errors import InputError
 from phanes_cli.infra.atomic import write_parquet
-from phanes_cli.infra.columns import cell, column_type
+from phanes_cli.infra.columns import cell, check_carried_width, column_type
 
 MANIFEST_COLUMNS = ("id", "image", "brain_mask", "lesion_mask", "split", "kind", "lesion_ml")
 _PATH_COLUMNS = ("image", "brain_mask", "lesion_mask")
@@ -89,10 +89,13 @@ def read_table(path: Path, what: str) -> pa.Table:
     try:
         if path.suffix.lower() == ".csv":
             types = pacsv.ConvertOptions(column_types={c: pa.string() for c in TEXT_COLUMNS})
-            return pacsv.read_csv(path, convert_options=types)
-        return pq.read_table(path)
+            table = pacsv.read_csv(path, convert_options=types)
+        else:
+            table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(path, f"cannot read the {what} ({exc})") from exc
+    check_carried_width(path, table.num_columns, "columns")
+    return table
 
 
 def clean(value: Any) -> Any:

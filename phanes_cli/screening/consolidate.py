@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from phanes_cli.core.calibration import Calibration
 from phanes_cli.errors import BundleError
 from phanes_cli.infra.atomic import atomic_path, write_parquet
 from phanes_cli.infra.columns import cast_column
+from phanes_cli.inputs.manifest import ManifestRow
 from phanes_cli.screening.commit import record_failure
 from phanes_cli.screening.layout import OutputLayout
 from phanes_cli.screening.schemas import (
@@ -25,6 +27,9 @@ from phanes_cli.screening.schemas import (
     VOLUME_SCHEMA,
     extra_fields,
     file_metadata,
+    manifest_columns,
+    table_from_rows,
+    with_extra_columns,
 )
 
 PART_READERS = 4  # threads reading part files in `consolidate`
@@ -80,13 +85,34 @@ def _part_groups(layout: OutputLayout, table: str, ids: list[str], pool: ThreadP
 
 def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     """`table` with exactly `schema`'s columns, in its order and types (columns it lacks are nulls)."""
-    columns = [cast_column(table[f.name], f.type) if f.name in table.column_names
+    present = set(table.column_names)  # a set: `in` the list would make this quadratic in the columns
+    columns = [cast_column(table.column(f.name), f.type) if f.name in present
                else pa.nulls(table.num_rows, f.type) for f in schema]
     return pa.Table.from_arrays(columns, schema=schema)
 
 def _extra_schema(schema: pa.Schema, tables: Iterable[pa.Table]) -> pa.Schema:
     """`schema` plus the manifest columns of `tables`, each with one type for all the parts (`extra_fields`)."""
     return extra_fields(schema, [t.schema for t in tables])
+
+def _join_current(table: pa.Table, base: pa.Schema, carried: Mapping[str, dict[str, Any]]) -> pa.Table:
+    """`table` whose rows of the ids in `carried` take their manifest columns from `carried` (the inputs as they
+    are now), not from their part files; the other rows keep theirs. Sorted by id, each column typed from all
+    its values (`extra_fields`)."""
+    if not carried:
+        return table
+    current = pc.is_in(table.column("id"), value_set=pa.array(list(carried), pa.string()))
+    kept = table.filter(pc.invert(current))
+    own = set(base.names)
+    gone = [n for n in kept.column_names if n not in own and kept.column(n).null_count == kept.num_rows]
+    kept = kept.drop_columns(gone)  # a column only the re-joined rows had: the inputs no longer hold it
+    fresh = table.filter(current).select(base.names)
+    rows = [carried[str(vid)] for vid in fresh.column("id").to_pylist()]
+    joined = table_from_rows(rows, with_extra_columns(pa.schema([]), rows))
+    for field in joined.schema:
+        fresh = fresh.append_column(field, joined.column(field.name))
+    schema = extra_fields(base, [kept.schema, fresh.schema])
+    return pa.concat_tables([_conform(kept, schema), _conform(fresh, schema)]).sort_by("id")
+
 
 def _write_groups(groups: Iterable[pa.Table], schema: pa.Schema, target: Path) -> int:
     """Write tables into one Parquet file, one row group each; returns the number of rows."""
@@ -119,7 +145,7 @@ def _record_damage(layout: OutputLayout, stem: str) -> None:
     layout.done_marker(stem).unlink(missing_ok=True)
 
 
-def consolidate(layout: OutputLayout) -> dict[str, int]:
+def consolidate(layout: OutputLayout, inputs: Sequence[ManifestRow] = ()) -> dict[str, int]:
     """Rebuild volumes/lesions/failures.parquet from the committed parts; deterministic order by id.
 
     Committed volumes come from their parts; a failed volume (failure part, no marker) appears in
@@ -131,7 +157,11 @@ def consolidate(layout: OutputLayout) -> dict[str, int]:
     and every table carries `run_metadata` as Parquet key-value metadata. A part file that cannot be read
     (damaged after it was written) turns its volume into a failure row (`_record_damage`), so the tables
     and the exit status say so and the next run screens it again; `damaged` counts those volumes.
+    `inputs`: the run's manifest rows; their volumes take the manifest columns these rows hold now instead
+    of the values their part files were written with, so a covariate edited between two runs
+    (participants.tsv) reads in the tables as the file says now.
     """
+    carried = {row.id: manifest_columns(row.extra) for row in inputs}
     parts = layout.root / "parts"
     done = _ids_with(parts / "done", ".json")
     done_set = set(done)
@@ -141,19 +171,21 @@ def consolidate(layout: OutputLayout) -> dict[str, int]:
         failure_parts = list(_part_groups(layout, "failures", failed, pool, damaged))
         failure_schema = _extra_schema(FAILURE_SCHEMA, failure_parts)
         failures = pa.concat_tables([_conform(t, failure_schema) for t in failure_parts]).sort_by("id")
+        failures = _join_current(failures, FAILURE_SCHEMA, carried)
         as_volumes = {**{k: failures[k] for k in failures.column_names if k not in FAILURE_SCHEMA.names},
                       "id": failures["id"], "input_path": failures["path"], "bundle_hash": failures["bundle_hash"],
                       "status": pa.array(["failed"] * failures.num_rows, pa.string())}
         volume_parts = [pa.table(as_volumes), *_part_groups(layout, "volumes", done, pool, damaged)]
         volume_schema = _extra_schema(VOLUME_SCHEMA, volume_parts)
         volumes = pa.concat_tables([_conform(t, volume_schema) for t in volume_parts]).sort_by("id")
+        volumes = _join_current(volumes, VOLUME_SCHEMA, carried)
         write_parquet(layout.table("volumes"), volumes.replace_schema_metadata(meta))
         lesion_parts = _part_groups(layout, "lesions", done, pool, damaged)
         n_lesions = _write_groups(lesion_parts, LESION_SCHEMA.with_metadata(meta), layout.table("lesions"))
     if damaged:  # each becomes a failure row (retried on resume), then the tables are rebuilt with them
         for stem in sorted(damaged):
             _record_damage(layout, stem)
-        return {**consolidate(layout), "damaged": len(damaged)}
+        return {**consolidate(layout, inputs), "damaged": len(damaged)}
     write_parquet(layout.table("failures"), failures.replace_schema_metadata(meta))
     return {"volumes": volumes.num_rows, "lesions": n_lesions, "failures": failures.num_rows, "done": len(done),
             "damaged": 0}

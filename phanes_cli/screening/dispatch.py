@@ -23,7 +23,7 @@ import ray
 from ray.exceptions import RayActorError
 
 from phanes_cli.core.bundle import Bundle
-from phanes_cli.errors import PhanesError
+from phanes_cli.errors import PhanesError, raise_if_interrupted
 from phanes_cli.inputs.manifest import ManifestRow
 from phanes_cli.inputs.quality import FLAGS
 from phanes_cli.screening.actors import InferenceActor
@@ -170,6 +170,7 @@ class Dispatcher:
         flight.actor = actors.least_loaded()
         actors.load[flight.actor] += 1
         flight.generation, flight.attempts = actors.generations[flight.actor], flight.attempts + 1
+            raise_if_interrupted()  # stop now, not after the cohort, if an interrupt's exception was swallowed
         flight.inferred = actors.handles[flight.actor].infer.options(num_returns=2).remote(slices)
         inferred, maps = flight.inferred
         job = WriteJob(row=flight.row, out=self.layout.root, outputs=frozenset(self.options.outputs),

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import ray
 
 from phanes_cli.core.bundle import Bundle, load_bundle
+from phanes_cli.errors import raise_if_interrupted, stop_on_sigterm
 from phanes_cli.infra.folders import claim_folder
 from phanes_cli.inputs.bids import is_bids_root
 from phanes_cli.inputs.discovery import DICOM_FOLDER, Rejected, resolve_with_unused
@@ -61,6 +62,7 @@ class ScreenSummary:
 def screen(inputs: list[str], options: ScreenOptions) -> ScreenSummary:
     """Screen every volume named by INPUTS into `options.out`; resumable, one failure row per bad volume."""
     started, started_iso = time.monotonic(), now_iso()
+    stop_on_sigterm(fresh=True)  # this run's interrupts only (the Python API may call it again after one)
     options.validate()
     backend = options.backend  # checked by options.validate()
     bundle, options = _with_overrides(load_bundle(options.bundle), options)
@@ -94,6 +96,7 @@ def screen(inputs: list[str], options: ScreenOptions) -> ScreenSummary:
                       standing_failures=plan.standing, out=str(layout.root), bundle_hash=bundle.hash)
             if plan.todo:
                 _dispatch(plan.todo, options, bundle, backend, layout, counts, log, display, manifest)
+            raise_if_interrupted()  # an interrupt whose exception was swallowed on the way still counts
             status = "finished"
         except KeyboardInterrupt:
             status = "interrupted"
@@ -102,7 +105,7 @@ def screen(inputs: list[str], options: ScreenOptions) -> ScreenSummary:
             manifest["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
             raise
         finally:
-            tables = consolidate(layout)
+            tables = consolidate(layout, rows)  # covariates joined from the inputs as they are now
             write_burden_tables(layout)
             if tables["damaged"]:  # failure rows now; the exit status counts them
                 counts.failed += tables["damaged"]

@@ -126,9 +126,10 @@ def extra_fields(schema: pa.Schema, tables: Iterable[pa.Schema]) -> pa.Schema:
     types: dict[str, list[pa.DataType]] = {}
     for table in tables:
         for field in table:
-            if field.name not in schema.names:
+            if field.name not in known:
                 types.setdefault(field.name, []).append(field.type)
     settled = {name: unify(kinds) for name, kinds in types.items()}
+    known = set(schema.names)
     return pa.schema([*schema, *(pa.field(n, pa.string() if pa.types.is_null(t) else t)
                                  for n, t in sorted(settled.items()))])
 
