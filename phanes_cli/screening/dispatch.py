@@ -155,6 +155,7 @@ class Dispatcher:
             self.peak_in_flight = max(self.peak_in_flight, len(self.pending))
             if not self.pending:
                 return
+            raise_if_interrupted()  # stop now, not after the cohort, if an interrupt's exception was swallowed
             ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=0.5)
             for ref in ready:
                 self._finished(ref, self.pending.pop(ref))
@@ -170,7 +171,6 @@ class Dispatcher:
         flight.actor = actors.least_loaded()
         actors.load[flight.actor] += 1
         flight.generation, flight.attempts = actors.generations[flight.actor], flight.attempts + 1
-            raise_if_interrupted()  # stop now, not after the cohort, if an interrupt's exception was swallowed
         flight.inferred = actors.handles[flight.actor].infer.options(num_returns=2).remote(slices)
         inferred, maps = flight.inferred
         job = WriteJob(row=flight.row, out=self.layout.root, outputs=frozenset(self.options.outputs),

@@ -124,12 +124,12 @@ def with_extra_columns(schema: pa.Schema, rows: Iterable[dict[str, Any]]) -> pa.
 def extra_fields(schema: pa.Schema, tables: Iterable[pa.Schema]) -> pa.Schema:
     """`schema` plus the columns of `tables` it lacks, sorted, each with the type that holds all its parts."""
     types: dict[str, list[pa.DataType]] = {}
+    known = set(schema.names)
     for table in tables:
         for field in table:
             if field.name not in known:
                 types.setdefault(field.name, []).append(field.type)
     settled = {name: unify(kinds) for name, kinds in types.items()}
-    known = set(schema.names)
     return pa.schema([*schema, *(pa.field(n, pa.string() if pa.types.is_null(t) else t)
                                  for n, t in sorted(settled.items()))])
 
