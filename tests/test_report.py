@@ -29,7 +29,7 @@ from PIL import Image
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
-from phanes_cli.cohort_report.cases import load_case
+from phanes_cli.cohort_report.cases import CaseArrays, load_case
 from phanes_cli.cohort_report.figures import pick_slices
 from phanes_cli.cohort_report.page import render_report
 from phanes_cli.cohort_report.safe import fill, json_for_script, safe_stem
@@ -186,15 +186,22 @@ def test_views_open_on_the_lesions_table_centroid(tmp_path: Path) -> None:
     out = make_run(tmp_path, n_ok=1, n_failed=0)
     row = pq.read_table(out / "volumes.parquet").to_pylist()[0]
     layout = OutputLayout(out)
-    assert load_case(layout, row, [10.0, 30.0, 2.0]).centre == (5, 15, 1)  # 2 mm voxels, origin 0
-    assert load_case(layout, row, [1e6, -1e6, float("nan")]).centre == (8, 11, 10)  # garbage: the mask's centre
-    assert load_case(layout, row, [1e6, -1e6, 0.0]).centre == (23, 0, 0)  # off the grid: clipped to it
+
+    def world(case: CaseArrays) -> list[float]:  # the case is cropped to the brain: compare in mm
+        return [float(v) for v in (case.affine @ np.array([*case.centre, 1.0]))[:3]]
+
+    assert world(load_case(layout, row, [10.0, 30.0, 2.0])) == [10.0, 30.0, 2.0]  # 2 mm voxels, origin 0
+    assert world(load_case(layout, row, [1e6, -1e6, float("nan")])) == [16.0, 22.0, 20.0]  # garbage: mask's centre
+    off = load_case(layout, row, [1e6, -1e6, 0.0])  # off the grid: clipped to it (and to the brain's box)
+    low = off.affine[:3, 3] / 2.0
+    assert off.centre == (min(23 - int(low[0]), off.image.shape[0] - 1), 0, 0)
     lesions = [{"id": "sub-000", "lesion_index": 2, "centroid_world_mm": [0.0, 0.0, 0.0]},
                {"id": "sub-000", "lesion_index": 1, "centroid_world_mm": [10.0, 30.0, 2.0]}]
     write_parquet(layout.table("lesions"), table_from_rows(lesions, LESION_SCHEMA))
     page = render_report(out, top=1).pages[0].read_text()
     data = json.loads(re.search(r'id="case-data">(.*?)</script>', page, re.S).group(1))  # type: ignore[union-attr]
-    assert data["centre_voxel"] == [5, 15, 1] and data["centre_mm"] == [10.0, 30.0, 2.0]
+    on_lesion = load_case(layout, row, [10.0, 30.0, 2.0]).centre  # a voxel of the grid cropped to the brain
+    assert data["centre_voxel"] == list(on_lesion) and data["centre_mm"] == [10.0, 30.0, 2.0]
 
 
 def test_fill_is_one_pass_and_script_json_cannot_close_its_element() -> None:

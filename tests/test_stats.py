@@ -26,6 +26,7 @@ from phanes_cli.errors import ConfigError, InputError
 from phanes_cli.screening.engine import screen
 from phanes_cli.screening.options import ScreenOptions
 from phanes_cli.screening.restat import run_stats
+from phanes_cli.screening.schemas import SCHEMA_VERSION
 from tests._ray import HEAD_IP, RayCluster
 from tests.test_screening import affines, write_head
 
@@ -105,7 +106,7 @@ def test_screening_tables_flat_columns_manifest_columns_and_metadata(runs: dict)
     assert (ok["mask_threshold"] == calibration.mask_threshold).all() and (ok["min_lesion_ml"] == 0).all()
     assert volumes.loc["gone", ["lesion_burden_ml", "lesion_count", "shape_x", "anomaly_threshold"]].isna().all()
     meta = pq.read_schema(out / "lesions.parquet").metadata
-    assert meta[b"phanes.schema_version"] == b"4" and meta[b"phanes.version"] == __version__.encode()
+    assert meta[b"phanes.schema_version"] == SCHEMA_VERSION.encode() and meta[b"phanes.version"] == __version__.encode()
     assert meta[b"phanes.bundle_hash"].decode() == load_bundle(runs["bundle"]).hash
     assert json.loads(meta[b"phanes.thresholds"])["anomaly_threshold"] == calibration.anomaly_threshold
     assert "*_ml" in json.loads(meta[b"phanes.units"])
@@ -183,7 +184,7 @@ def test_stats_missing_map_formats_and_cli(runs: dict, tmp_path: Path) -> None:
     assert volumes.loc["ras", "anomaly_threshold"] == 0.0
     as_json = run_stats(run, tmp_path / "j", fmt="json")
     payload = json.loads(as_json.tables["lesions"].read_text())
-    assert payload["metadata"]["phanes.schema_version"] == "4" and all(r["id"] for r in payload["rows"])
+    assert payload["metadata"]["phanes.schema_version"] == SCHEMA_VERSION and all(r["id"] for r in payload["rows"])
     with pytest.raises(ConfigError, match="threshold"):
         run_stats(run, tmp_path / "x", threshold=float("nan"))
     with pytest.raises(ConfigError, match="format"):

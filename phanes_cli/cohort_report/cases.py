@@ -1,16 +1,18 @@
 """One volume's images for the report, on one RAS+ grid: input, anomaly map, lesion mask, brain, ground truth.
 
-The figures and the viewer draw the same things, so both read them here. The brain is the manifest's
-brain mask when the volumes table names one (a given file or `data prepare`'s skull-strip mask), else
-`core.preprocess.auto_brain_mask`, the threshold rule screening itself applies to such volumes. Not the
-anomaly map's support: s(x) is written inside the inpainting mask only, a small part of the brain.
+The figures and the viewer draw the same things, so both read them here, cropped to the brain (BRAIN_MARGIN_MM
+around it). The brain is the mask the volume was screened in, which every run writes (`layout.brain_mask_files`)
+with its source in the volume row (a given file, deepbet's extraction or the threshold rule). For a run from before
+that: the manifest's brain mask when the volumes table names one, else `core.preprocess.auto_brain_mask`, the
+threshold rule (an estimate for a volume screened in another mask). Not the anomaly map's support: s(x) is
+written inside the inpainting mask only, a small part of the brain.
 The views open on the largest lesion: its centroid from lesions.parquet (world mm), or the lesion
 mask's largest component when the table has none.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +39,13 @@ class CaseArrays:
     affine: np.ndarray  # RAS+ voxel -> world mm
     zooms: tuple[float, float, float]
     centre: tuple[int, int, int]  # RAS+ voxel the views open on
-    brain_source: str  # "brain mask file", "threshold rule" (as screening) or "threshold estimate"
+    brain_source: str  # what the brain outline is: the mask screening used (and its source), or a stand-in
     notes: tuple[str, ...] = ()  # what could not be shown, and why (a ground truth off the grid)
+
+
+BRAIN_MARGIN_MM = 6.0
+USED_MASK = {"file": "mask used: the given brain mask file", "model": "mask used: deepbet brain extraction",
+             "threshold": "mask used: threshold rule"}
 
 
 def _same_grid(volume: Volume, reference: Volume, what: str) -> np.ndarray:
@@ -92,20 +99,47 @@ def load_case(layout: OutputLayout, row: dict[str, Any], centroid_mm: Any = None
     lesion = _same_grid(load_volume(layout.map_path(vid, "lesion_mask")), image, "the lesion mask") > 0
     pseudo_path = layout.map_path(vid, "pseudohealthy")
     pseudo = _same_grid(load_volume(pseudo_path), image, "the pseudo-healthy image") if pseudo_path.is_file() else None
-    brain = _optional_mask(row, "brain_mask", image, "the brain mask")
-    source = "brain mask file"
-    if brain is None:
-        used = row.get("brain_mask_source")  # the table does not name the file or model mask a run used
-        source = "threshold rule" if used in (None, "threshold") else "threshold estimate"
-        brain = auto_brain_mask(image.data)
+    brain, source = _brain(layout, row, image)
     notes: tuple[str, ...] = ()
     try:  # the manifest's ground truth is an extra: a bad one is noted, the case is still shown
         truth = _optional_mask(row, "lesion_mask", image, "the ground-truth lesion mask")
     except InputError as exc:
         truth, notes = None, (f"ground truth not shown: {exc}",)
-    return CaseArrays(image=image.data, anomaly=anomaly, lesion=lesion, brain=brain, truth=truth,
-                      pseudo_healthy=pseudo, affine=image.affine, zooms=image.zooms,
-                      centre=_centre(lesion, brain, image.affine, centroid_mm), brain_source=source, notes=notes)
+    whole = CaseArrays(image=image.data, anomaly=anomaly, lesion=lesion, brain=brain, truth=truth,
+                       pseudo_healthy=pseudo, affine=image.affine, zooms=image.zooms,
+                       centre=_centre(lesion, brain, image.affine, centroid_mm), brain_source=source, notes=notes)
+    return crop_to_brain(whole)
+
+
+def _brain(layout: OutputLayout, row: dict[str, Any], image: Volume) -> tuple[np.ndarray, str]:
+    """The brain mask the volume was screened in and what it is; for a run that wrote none, the best stand-in."""
+    used = layout.map_path(row["id"], "brain_mask")
+    if used.is_file():
+        brain = _same_grid(load_volume(used), image, "the brain mask used") > 0
+        return brain, USED_MASK.get(str(row.get("brain_mask_source")), "mask used")
+    given = _optional_mask(row, "brain_mask", image, "the brain mask")
+    if given is not None:
+        return given, "brain mask file"
+    source = row.get("brain_mask_source")
+    return auto_brain_mask(image.data), "threshold rule" if source in (None, "threshold") else "threshold estimate"
+
+
+def crop_to_brain(arrays: CaseArrays) -> CaseArrays:
+    """The case on the brain's bounding box plus BRAIN_MARGIN_MM (the whole grid when the brain is empty)."""
+    if not arrays.brain.any():
+        return arrays
+    found = np.argwhere(arrays.brain)
+    margin = np.ceil(BRAIN_MARGIN_MM / np.asarray(arrays.zooms)).astype(int)
+    low = np.maximum(found.min(axis=0) - margin, 0)
+    high = np.minimum(found.max(axis=0) + margin + 1, arrays.brain.shape)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(low, high, strict=True))
+    shift = np.eye(4)
+    shift[:3, 3] = low
+    centre = np.clip(np.array(arrays.centre) - low, 0, high - low - 1)
+    return replace(arrays, image=arrays.image[box], anomaly=arrays.anomaly[box], lesion=arrays.lesion[box],
+                   brain=arrays.brain[box], truth=None if arrays.truth is None else arrays.truth[box],
+                   pseudo_healthy=None if arrays.pseudo_healthy is None else arrays.pseudo_healthy[box],
+                   affine=arrays.affine @ shift, centre=(int(centre[0]), int(centre[1]), int(centre[2])))
 
 
 def outline(mask: np.ndarray) -> np.ndarray:

@@ -33,13 +33,16 @@ from phanes_cli.cohort_report.charts import burden_by_age_svg, burden_by_svg, ca
 from phanes_cli.cohort_report.figures import png_base64, render_case, save_png
 from phanes_cli.cohort_report.safe import fill, inside, json_for_script, safe_stem
 from phanes_cli.cohort_report.viewer import write_case_page
+from phanes_cli.core.statistics import LOCATION_BURDEN_COLUMNS
 from phanes_cli.errors import InputError
 from phanes_cli.infra.atomic import write_text
 from phanes_cli.infra.versions import __version__
 from phanes_cli.screening.layout import OutputLayout
 from phanes_cli.screening.schemas import FAILURE_SCHEMA, VOLUME_SCHEMA
 
-TABLE_COLUMNS = ("id", "status", "lesion_burden_ml", "lesion_count", "largest_lesion_ml", "brain_volume_ml",
+LESION_COLUMNS = ("id", "lesion_index", "centroid_world_mm", "volume_ml", "location", "csf_contact", "csf_fraction")
+TABLE_COLUMNS = ("id", "status", "lesion_burden_ml", "lesion_count", "largest_lesion_ml",
+                 *LOCATION_BURDEN_COLUMNS.values(), "brain_volume_ml",
                  "lesion_burden_fraction", "max_anomaly", "mean_anomaly", "slices_processed", "qc_flags", "runtime_s")
 NOT_COVARIATES = set(VOLUME_SCHEMA.names) | set(FAILURE_SCHEMA.names) | {"brain_mask", "lesion_mask", "split"}
 REPORT_FOLDER = "report"
@@ -72,14 +75,34 @@ def _read_table(layout: OutputLayout, name: str) -> list[dict[str, Any]]:
     return table.to_pylist()
 
 
-def _centroids(layout: OutputLayout, ids: set[str]) -> dict[str, Any]:
-    """The largest lesion's world centroid per id, from lesions.parquet (absent or damaged: none)."""
+def _lesions(layout: OutputLayout, ids: set[str]) -> dict[str, list[dict[str, Any]]]:
+    """The lesions.parquet rows of each id, by lesion_index (absent or damaged table: none; the views then open
+    on the lesion mask's largest component). A run from before lesion locations has no location columns."""
     try:
-        table = pq.read_table(layout.table("lesions"), columns=["id", "lesion_index", "centroid_world_mm"],
-                              filters=[("lesion_index", "=", 1)])  # one row per volume, not one per lesion
-    except Exception:  # absent or damaged: the views then open on the lesion mask's largest component
+        names = pq.read_schema(layout.table("lesions")).names
+        wanted = [c for c in LESION_COLUMNS if c in names]
+        rows = pq.read_table(layout.table("lesions"), columns=wanted).to_pylist()
+    except Exception:
         return {}
-    return {row["id"]: row["centroid_world_mm"] for row in table.to_pylist() if row["id"] in ids}
+    out: dict[str, list[dict[str, Any]]] = {}
+    for row in sorted((r for r in rows if r.get("id") in ids), key=lambda r: r.get("lesion_index") or 0):
+        out.setdefault(row["id"], []).append(row)
+    return out
+
+
+def location_html(volumes: list[dict[str, Any]]) -> str:
+    """A small table: per location class, the cohort's burden and how many volumes have any ('' before locations)."""
+    ok = [v for v in volumes if v.get("status") == "ok"]
+    if not any(v.get(c) is not None for v in ok for c in LOCATION_BURDEN_COLUMNS.values()):
+        return ""
+    cells = []
+    for place, column in LOCATION_BURDEN_COLUMNS.items():
+        values = np.array([v[column] for v in ok if v.get(column) is not None], dtype=float)
+        cells.append(f"<tr><th>{html.escape(place.replace('_', ' '))}</th><td>{values.sum():.2f}</td>"
+                     f"<td>{int(np.count_nonzero(values > 0))}</td></tr>")
+    return ('<table class="locations"><caption>Lesion burden by location (core.locations: from each brain\'s own '
+            "tissue classes)</caption><tr><th>location</th><th>burden, mL (all volumes)</th>"
+            f"<th>volumes with any</th></tr>{''.join(cells)}</table>")
 
 
 def _cell(value: Any) -> Any:
@@ -139,18 +162,19 @@ class _Cases:
     blocks: list[str] = field(default_factory=list)
 
 
-def _one_case(layout: OutputLayout, row: dict[str, Any], stem: str, target: Path, centroid: Any, columns: list[str],
+def _one_case(layout: OutputLayout, row: dict[str, Any], stem: str, target: Path, lesions: list[dict[str, Any]],
+              columns: list[str],
               result: ReportResult) -> str:
     """Figure and page of one volume; returns the figure as base64 PNG (the cohort page may show it too)."""
     folder = target.parent / REPORT_FOLDER
-    arrays = load_case(layout, row, centroid)
+    arrays = load_case(layout, row, lesions[0].get("centroid_world_mm") if lesions else None)
     burden = row.get("lesion_burden_ml")
     figure = png_base64(render_case(arrays, f"{row['id']}   burden {burden if burden is not None else 0:.2f} mL"))
     # checked against the HTML file's folder, not report/ itself: report/ may be a link leading out of it
     result.figures.append(save_png(figure, inside(target.parent, folder / "figures" / f"{stem}.png")))
     page = inside(target.parent, folder / "volumes" / f"{stem}.html")
     shown = {c: _cell(row.get(c)) for c in columns}
-    result.pages.append(write_case_page(page, target, layout, row, arrays, figure, shown))
+    result.pages.append(write_case_page(page, target, layout, row, arrays, figure, shown, lesions))
     return figure
 
 
@@ -159,7 +183,7 @@ def _cases(layout: OutputLayout, volumes: list[dict[str, Any]], chosen: tuple[li
     """Write the figure and page of each chosen id; a volume that cannot be drawn is noted, not fatal."""
     figure_ids, page_ids = chosen
     by_id, stems = {v["id"]: v for v in volumes}, _stems(volumes)
-    centroids = _centroids(layout, set(page_ids))
+    lesions = _lesions(layout, set(page_ids))
     out = _Cases()
     for n, vid in enumerate(page_ids, 1):
         stem = stems[vid]
@@ -168,7 +192,7 @@ def _cases(layout: OutputLayout, volumes: list[dict[str, Any]], chosen: tuple[li
                                         "invisible characters)"))
             continue
         try:
-            figure = _one_case(layout, by_id[vid], stem, target, centroids.get(vid), columns, result)
+            figure = _one_case(layout, by_id[vid], stem, target, lesions.get(vid, []), columns, result)
         except (InputError, OSError, ValueError, KeyError) as exc:  # a missing or damaged file costs its page only
             # (KeyError: a BIDS run's id without sub-<label> has no folder)
             result.skipped.append((vid, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
@@ -262,7 +286,7 @@ def render_report(run_dir: Path, out: Path | None = None, top: int = 10, ids: Se
             "links": [cases.links.get(v["id"]) for v in volumes], "storage_key": _storage_key(layout)}
     fields = {
         "TITLE": html.escape(f"phanes report: {layout.root.name}"),
-        "SUMMARY": _summary_html(stats, layout),
+        "SUMMARY": _summary_html(stats, layout) + location_html(volumes),
         "CHARTS": _charts(volumes, covariates),
         "AGE": _age_html(read_by_age(volumes)),
         "FAILURES": _failure_rows(failures),

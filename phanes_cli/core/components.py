@@ -25,6 +25,21 @@ def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return labels, int(n)
 
 
+def numbered_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """`label_components`, renumbered as `lesion_table` numbers lesions: 1 = most voxels, ties by bbox_min, then
+    by scan order. Returns the int32 label array (value = lesion_index) and n."""
+    labels, n = label_components(mask)
+    if n == 0:
+        return labels, 0
+    counts = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    bbox_min = np.array([[s.start for s in sl] for sl in ndimage.find_objects(labels)], dtype=np.int64)
+    # Sort keys from least to most significant for lexsort: scan order, bbox_min z/y/x, -count.
+    order = np.lexsort((np.arange(n), bbox_min[:, 2], bbox_min[:, 1], bbox_min[:, 0], -counts))
+    rank = np.zeros(n + 1, dtype=np.int32)
+    rank[order + 1] = np.arange(1, n + 1, dtype=np.int32)
+    return rank[labels], n
+
+
 def _check_table_inputs(mask: np.ndarray, score: np.ndarray | None, affine: np.ndarray,
                         zooms: tuple[float, float, float], axial_axis: int) -> None:
     if mask.ndim != 3:
@@ -57,7 +72,7 @@ def lesion_table(
     mask = np.asarray(mask, dtype=bool)
     affine = np.asarray(affine, dtype=np.float64)
     _check_table_inputs(mask, score, affine, zooms, axial_axis)
-    labels, n = label_components(mask)
+    labels, n = numbered_components(mask)
     if n == 0:
         return []
     # Per-component sums over the lesion voxels only: far cheaper than passes over the whole volume.
@@ -79,13 +94,11 @@ def lesion_table(
         maxima = np.asarray(ndimage.maximum(values, component, index), dtype=np.float64)
     voxel_ml = float(np.prod(zooms)) / 1000.0
 
-    # Sort keys from least to most significant for lexsort: scan order, bbox_min z/y/x, -count.
-    order = np.lexsort((index, bbox_min[:, 2], bbox_min[:, 1], bbox_min[:, 0], -counts))
     rows: list[dict] = []
-    for rank, i in enumerate(order, start=1):
+    for i in range(n):  # label i + 1 is lesion_index i + 1 (numbered_components)
         rows.append(
             {
-                "lesion_index": rank,
+                "lesion_index": i + 1,
                 "voxel_count": int(counts[i]),
                 "volume_ml": float(counts[i]) * voxel_ml,
                 "centroid_voxel": tuple(float(c) for c in centroids[i]),

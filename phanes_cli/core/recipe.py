@@ -30,15 +30,17 @@ class VolumeMeasures:
 
 
 def measure_volume(vid: str, volume: Volume, brain: np.ndarray, anomaly: np.ndarray, calibration: Calibration,
-                   qc_flags: Sequence[str], brain_stats: dict[str, float] | None = None) -> VolumeMeasures:
+                   qc_flags: Sequence[str], brain_stats: dict[str, float] | None = None, locate: bool = True
+                   ) -> VolumeMeasures:
     """The lesion rule of `calibration` on s(x) (`anomaly`, RAS+ grid) inside `brain`, then the statistics.
 
-    `brain_stats` (brain volume, max and mean of s(x)) defaults to `brain_statistics` of `brain`; `phanes stats`,
-    which has no brain mask, passes the screening row's.
+    `brain_stats` (brain volume, max and mean of s(x)) defaults to `brain_statistics` of `brain`; `phanes stats`
+    passes the screening row's. `locate`: `volume` is the T1 the lesions are placed in (`core.locations`);
+    `phanes stats` passes False when the run's input image is gone or changed (location columns null).
     """
     lesion_mask = LesionRule.from_calibration(calibration).apply(anomaly, brain, volume.voxel_ml)
     if brain_stats is None:
         brain_stats = brain_statistics(volume, brain, anomaly)
-    stats, lesions = volume_statistics(vid, volume, brain_stats, anomaly, lesion_mask)
+    stats, lesions = volume_statistics(vid, volume, brain_stats, anomaly, lesion_mask, brain if locate else None)
     row = {"qc_flags": list(qc_flags), **stats, **calibration.columns()}
     return VolumeMeasures(lesion_mask=lesion_mask, row=row, lesions=lesions)

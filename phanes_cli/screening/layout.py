@@ -3,6 +3,8 @@
 Layout of OUT:
     maps/<id>_anomaly.nii.gz, maps/<id>_lesionmask.nii.gz, maps/<id>_pseudohealthy.nii.gz
         (`_lesionmask`, not `_mask`: HD-BET and FSL name brain masks `_mask`)
+    maps/<id>_brainmask.nii.gz   the brain mask the volume was screened in (every run; its source and path are
+                                 the volume row's brain_mask_source and brain_mask_path)
     parts/volumes/<id>.parquet   one row, written when the volume is committed
     parts/lesions/<id>.parquet   its lesions (possibly zero rows)
     parts/failures/<id>.parquet  one row when the volume failed
@@ -11,10 +13,9 @@ Layout of OUT:
     run.json                     the run manifest
 <id> in a file name is `file_stem(id)`: the id itself, or for ids that start with '.' or are over-long a
 shortened, hashed form (the tables keep the full id). With `--layout bids` the maps follow `bids_naming`,
-each with a JSON sidecar, plus the brain mask each volume was screened in (`desc-brain_mask`); there is
-no maps/ folder. Every id passes `infra.folders.check_id` (input ids, and ids read back from a run's tables,
-which may come from anyone), and every path this layout hands out is checked by `inside` to resolve within
-OUT, links included.
+each with a JSON sidecar, and the brain mask is `desc-brain_mask`; there is no maps/ folder. Every id
+passes `infra.folders.check_id` (input ids, and ids read back from a run's tables, which may come from
+anyone), and every path this layout hands out is checked by `inside` to resolve within OUT, links included.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from phanes_cli.screening.schemas import TABLES
 
 OUTPUT_KINDS = ("anomaly", "lesion_mask", "pseudohealthy")
 
-MAP_SUFFIX = {"anomaly": "anomaly", "lesion_mask": "lesionmask", "pseudohealthy": "pseudohealthy"}  # file name per kind
+MAP_SUFFIX = {"anomaly": "anomaly", "lesion_mask": "lesionmask", "pseudohealthy": "pseudohealthy",
+              "brain_mask": "brainmask"}  # file name per kind (the brain mask is written for every volume)
 
 MAX_STEM_BYTES = 120  # leaves room for a map suffix and the '.tmp-' names of atomic writes within 255 bytes
 
@@ -90,8 +92,13 @@ class OutputLayout:
         return path.with_name(path.name.removesuffix(".nii.gz") + ".json")
 
     def brain_mask_files(self, vid: str) -> list[Path]:
-        """The brain mask a `--layout bids` volume was screened in, and its sidecar ([] for the default layout)."""
-        return [self.map_path(vid, "brain_mask"), self.sidecar(vid, "brain_mask")] if self.bids else []
+        """The brain mask a volume was screened in, and with `--layout bids` its sidecar."""
+        mask = self.map_path(vid, "brain_mask")
+        return [mask, self.sidecar(vid, "brain_mask")] if self.bids else [mask]
+
+    def relative(self, path: Path) -> str:
+        """`path` relative to OUT, '/'-separated: what the tables record, so a moved run still finds its files."""
+        return path.relative_to(self.root).as_posix()
 
     def table(self, name: str) -> Path:
         return self.root / f"{name}.parquet"

@@ -3,10 +3,12 @@
 No network is loaded: each volume's written map s(x) (OUT/maps/<id>_anomaly.nii.gz) goes through the
 screening road again, `core.lesion_rule.LesionRule` (threshold, then the minimum lesion size) and
 `core.statistics.volume_statistics`, so at the run's own thresholds the tables equal screening's. The
-brain mask is not among a run's outputs: s(x) is zero outside the brain, so its support stands in for
-the brain in the lesion rule, and the threshold-free brain numbers (brain volume, max and mean of s(x))
-come from the screening row. The stage 1 threshold cannot change without the networks; it is reported
-as the run used it. Timing and node columns are null: they describe screening.
+lesion rule works inside the brain mask the run wrote (`layout.brain_mask_files`; for a run from before, the
+support of s(x), zero outside the brain, stands in), and lesions are placed (`core.locations`) in the run's
+input image when it is still there unchanged (its sha256 as screened), else their location columns are null.
+The threshold-free brain numbers (brain volume, max and mean of s(x)) come from the screening row. The
+stage 1 threshold cannot change without the networks; it is reported as the run used it. Timing and node
+columns are null: they describe screening.
 
 Each volume keeps the calibration its own row records (an OUT may hold volumes of two bundles, the
 second screened on a subset), with `--threshold` / `--min-lesion-ml` applied on top; run.json's stands
@@ -30,10 +32,11 @@ import pyarrow.parquet as pq
 
 from phanes_cli.core.calibration import Calibration
 from phanes_cli.core.recipe import measure_volume
-from phanes_cli.core.volume_io import load_volume, save_like
+from phanes_cli.core.volume_io import Volume, load_mask, load_volume, save_like
 from phanes_cli.errors import BundleError, ConfigError, InputError
 from phanes_cli.infra.atomic import atomic_path, write_json, write_parquet
 from phanes_cli.infra.folders import check_id, claim_folder, inside
+from phanes_cli.screening.commit import input_sha256
 from phanes_cli.screening.layout import OutputLayout
 from phanes_cli.screening.schemas import (
     FAILURE_SCHEMA,
@@ -96,10 +99,26 @@ def restat_volume(row: dict[str, Any], layout: OutputLayout, calibration: Calibr
         raise InputError(path, "anomaly map not found (screen with --anomaly-maps to use `phanes stats`)")
     volume = load_volume(path, _MAP_VOXEL_LIMIT)
     anomaly = volume.data
-    measures = measure_volume(vid, volume, anomaly > 0, anomaly, calibration, row.get("qc_flags") or (),
-                              {k: row[k] for k in _BRAIN_COLUMNS})
+    used = layout.map_path(vid, "brain_mask")
+    brain = load_mask(used, volume, _MAP_VOXEL_LIMIT) if used.is_file() else anomaly > 0
+    t1 = _input_image(row, volume)
+    measures = measure_volume(vid, volume if t1 is None else t1, brain, anomaly, calibration,
+                              row.get("qc_flags") or (), {k: row[k] for k in _BRAIN_COLUMNS}, locate=t1 is not None)
     save_like(measures.lesion_mask.astype(np.uint8), volume, target.map_path(vid, "lesion_mask"), np.uint8)
     return {**row, **measures.row, **dict.fromkeys(_SCREENING_ONLY)}, measures.lesions
+
+
+def _input_image(row: dict[str, Any], anomaly: Volume) -> Volume | None:
+    """The run's input image when it is still there, unchanged (sha256 as screened) and on the map's grid."""
+    path, recorded = row.get("input_path"), row.get("input_sha256")
+    try:
+        if not isinstance(path, str) or not isinstance(recorded, str) or input_sha256(path) != recorded:
+            return None
+        image = load_volume(path, _MAP_VOXEL_LIMIT)
+    except (OSError, InputError):
+        return None
+    same = image.data.shape == anomaly.data.shape and np.allclose(image.affine, anomaly.affine, atol=1e-3)
+    return image if same else None
 
 
 def _failed_row(row: dict[str, Any], extra: list[str]) -> dict[str, Any]:

@@ -9,12 +9,12 @@ from typing import Any
 import pyarrow as pa
 
 from phanes_cli.core.calibration import THRESHOLD_COLUMNS
-from phanes_cli.core.statistics import SIZE_BIN_COLUMNS
+from phanes_cli.core.statistics import LOCATION_BURDEN_COLUMNS, SIZE_BIN_COLUMNS
 from phanes_cli.infra.columns import cell, column_type, unify
 from phanes_cli.infra.versions import __version__
 
-SCHEMA_VERSION = "4"  # 2: `id` in every table, flat geometry columns, size bins, thresholds, manifest columns;
-# 3: slices_inpainted, brain_mask_s; 4: input_sha256
+SCHEMA_VERSION = "5"  # 2: `id` in every table, flat geometry columns, size bins, thresholds, manifest columns;
+# 3: slices_inpainted, brain_mask_s; 4: input_sha256; 5: brain_mask_path, lesion locations and burden per location
 
 _LIST_I = pa.list_(pa.int64())
 
@@ -39,6 +39,7 @@ VOLUME_SCHEMA = _schema(
     *(pa.field(f"shape_{a}", pa.int64()) for a in "xyz"),  # `shape` flat: file axes 0, 1, 2
     *(pa.field(f"voxel_mm_{a}", pa.float64()) for a in "xyz"),  # `voxel_size_mm` flat
     pa.field("brain_mask_source", pa.string()),  # file, model (skull stripped) or threshold (inputs/brain_masks.py)
+    pa.field("brain_mask_path", pa.string()),  # the brain mask screened in, as written (relative to OUT)
     pa.field("qc_flags", pa.list_(pa.string())),  # quality.check_volume warnings; [] when clean
     pa.field("brain_volume_ml", pa.float64()),
     pa.field("lesion_burden_ml", pa.float64()),
@@ -46,6 +47,7 @@ VOLUME_SCHEMA = _schema(
     pa.field("lesion_count", pa.int64()),
     *(pa.field(name, pa.int64()) for name in SIZE_BIN_COLUMNS),  # lesion counts by size (SIZE_BINS_ML)
     pa.field("largest_lesion_ml", pa.float64()),
+    *(pa.field(name, pa.float64()) for name in LOCATION_BURDEN_COLUMNS.values()),  # burden per location class
     pa.field("max_anomaly", pa.float64()),  # max of s(x) in the brain
     pa.field("mean_anomaly", pa.float64()),  # mean of s(x) over brain voxels
     pa.field("slices_processed", pa.int64()),
@@ -78,6 +80,9 @@ LESION_SCHEMA = _schema(
     pa.field("axial_axis", pa.int64()),  # the file axis running inferior-superior
     pa.field("slice_min", pa.int64()),  # along axial_axis, file voxel indices
     pa.field("slice_max", pa.int64()),
+    pa.field("location", pa.string()),  # periventricular, juxtacortical, deep_white_matter, infratentorial
+    pa.field("csf_contact", pa.string()),  # ventricle, sulcal or none: the CSF it lies in or against
+    pa.field("csf_fraction", pa.float64()),  # share of its voxels with CSF intensity
 )
 
 FAILURE_SCHEMA = _schema(
