@@ -152,7 +152,8 @@ def test_minimum_lesion_size_is_the_percentile_of_healthy_largest_components(set
         if row.split == "val" and row.kind == "healthy":
             volume = load_volume(row.image)
             brain = load_mask(row.brain_mask, volume)
-            s = run_volume(volume.data, brain, volume.zooms, backend, model.config, cal.mask_threshold, 16, keep=()).anomaly
+            s = run_volume(volume.data, brain, volume.zooms, backend, model.config, cal.mask_threshold, 16,
+                           keep=()).anomaly
             labels, n = ndimage.label((s >= cal.anomaly_threshold) & (s > 0) & brain, structure=np.ones((3, 3, 3)))
             largest.append(np.bincount(labels.ravel())[1:].max() * volume.voxel_ml if n else 0.0)
     expected = float(np.percentile(largest, model.config.mask.anomaly_percentile))

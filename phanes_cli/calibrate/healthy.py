@@ -61,7 +61,8 @@ def healthy_scores(backend: Backend, rows: Sequence[ManifestRow], cfg: PhanesCon
     out: list[HealthyScores] = []
     for row in rows:
         volume, brain, _ = load_with_brain(row.image, row.brain_mask, skull_strip=skull_strip, device=device)
-        anomaly = run_volume(volume.data, brain, volume.zooms, backend, cfg, mask_threshold, batch_size, keep=()).anomaly
+        anomaly = run_volume(volume.data, brain, volume.zooms, backend, cfg, mask_threshold, batch_size,
+                             keep=()).anomaly
         index = np.flatnonzero((anomaly > 0) & brain)
         out.append(HealthyScores(anomaly.shape, index, anomaly.ravel()[index], volume.voxel_ml))
         bar.advance(task)

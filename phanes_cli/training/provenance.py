@@ -37,7 +37,8 @@ def source_commit() -> dict[str, Any] | None:
 
 
 def _split(rows: list[ManifestRow]) -> dict[str, Any]:
-    sources = Counter(str(row.extra.get("template") or row.extra.get("source") or "unrecorded") for row in rows)
+    sources = Counter(str(row.extra.get("template") or row.extra.get("source") or row.extra.get("site")
+                          or "unrecorded") for row in rows)
     return {"volumes": len(rows), "sources": dict(sorted(sources.items()))}
 
 
