@@ -2,14 +2,14 @@
 
 `phanes bench` times the backends a user can pick; the baseline of the target ("the fastest CPU backend at
 least 1.5x eager torch") is torch as it runs without our CPU changes, i.e. the networks in the default
-(contiguous) memory layout. This runs `bench.measure` (warm-up, then interleaved repeats, median) on the
+(contiguous) memory layout. This runs `timing.measure` (warm-up, then interleaved repeats, median) on the
 same real brain slices for that baseline, `TorchBackend` as shipped (channels-last on the CPU), ONNX
 Runtime, and the gated CPU backends the bundle's export passed (ONNX Runtime with INT8 graphs, OpenVINO; a
 refused one is listed with its reason), and prints slices/s, the network vs pre/post split and the speed-up
 over the baseline. A second table times each graph alone per backend (one batch, the fastest of `--graph-repeats`
 interleaved calls: on a busy machine the minimum is the figure least disturbed by other work), which is how
-`quantise.INT8_GRAPHS` was chosen. `select.CPU_ORDER` (what `auto` tries without a `phanes bench` of the
-bundle) follows these tables.
+`quantise.INT8_GRAPHS` was chosen. `--backend auto` does not follow these tables: it measures the usable
+backends on the machine that runs (`runtimes.measured`).
 Usage: python benchmarks/cpu_backends.py BUNDLE [--slices 64] [--repeats 3] [--graph-repeats 10]
 (BUNDLE with ONNX graphs: `python benchmarks/untrained_bundle.py configs/cpu.yaml B && phanes export --bundle B`)
 """
@@ -28,9 +28,10 @@ from phanes_cli.core.backend import Backend
 from phanes_cli.core.bundle import Bundle, load_bundle
 from phanes_cli.runtimes import GATED_BACKENDS
 from phanes_cli.runtimes.artefacts import ArtefactError
-from phanes_cli.runtimes.bench import brain_slices, build_backend, measure
 from phanes_cli.runtimes.parity import reference_mask_threshold
-from phanes_cli.runtimes.select import check_backend
+from phanes_cli.runtimes.samples import brain_slices
+from phanes_cli.runtimes.select import build_backend, check_backend
+from phanes_cli.runtimes.timing import measure
 
 Call = Callable[[Backend], torch.Tensor]
 

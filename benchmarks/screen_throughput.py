@@ -9,6 +9,11 @@ mask mode and plan, each with its own local Ray instance, all on the same volume
 run's lesion masks (maps/<id>_lesionmask.nii.gz) are compared voxel by voxel with those of the first fp32 run
 (torch, onnxruntime, openvino) of the same mask mode: agreement over every voxel of every volume, and Dice of
 the pooled masks, so a cheaper backend's speed is shown next to what it changes in the output.
+A second table says where the actors' time went, per slice: inside each network (stage 1, stage 2, LPIPS), the
+rest of the actor's `infer` (pre/post-processing, copies) and the actors' idle time (waiting for decoded slices),
+from the run record (`run.json` ray.actor_profiles), next to the same backend's in-process figures at the actors'
+thread count (`runtimes.timing.measure`, what `phanes bench` and `--backend auto` measure, on slices of the shipped
+brains) measured right after that run, so a gap between the bench and the stream shows which part it is in.
 
 Inputs: folders, globs or a CSV/Parquet list, as `phanes screen` takes them (skull-stripped T1 volumes). The
 first --volumes of them are used, the list repeated under new ids when shorter. Masks `supplied`: each
@@ -163,13 +168,64 @@ def measure(volume_list: Path, bundle: Path, out: Path, backend: str, actors: in
 
     stages = {"decode": mean("decode_s") - mean("brain_mask_s"), "brain mask": mean("brain_mask_s"),
               "inference": mean("inference_s"), "write": mean("write_s")}
-    return {"backend": backend, "done": summary.done, "failed": summary.failed, "wall_s": wall,
+    ran = {r["backend"] for r in ok}
+    return {"ran": ",".join(sorted(ran)), "profile": actor_profile(ray_info.get("actor_profiles", [])),
+            "backend": backend, "done": summary.done, "failed": summary.failed, "wall_s": wall,
             "stream_s": ray_info["stream_s"], "startup_s": ray_info["startup_s"],
             "volumes_per_hour": 3600 * summary.done / ray_info["stream_s"],
             "actors": ray_info["actors"], "threads": ray_info["threads_per_actor"],
             "cpus_per_actor": ray_info["cpus_per_actor"], "seconds_per_volume": stages,
             "slices_per_volume": mean("slices_processed"),
             "inpainted_fraction": mean("slices_inpainted") / max(1.0, mean("slices_processed"))}
+
+
+PARTS = ("stage1", "stage2", "lpips", "pre/post")
+
+
+def actor_profile(profiles: list[dict[str, Any]]) -> dict[str, float]:
+    """Milliseconds per slice in each part, summed over the actors, and their idle seconds per volume."""
+    keys = ("slices", "volumes", "infer_s", "idle_s", "stage1_s", "stage2_s", "lpips_s")
+    total = {key: sum(p.get(key, 0.0) for p in profiles) for key in keys}  # network seconds: CPU actors only
+    slices = max(1, total["slices"])
+    networks = total["stage1_s"] + total["stage2_s"] + total["lpips_s"]
+    return {**{part: 1000 * total[f"{part}_s"] / slices for part in PARTS[:3]},
+            "pre/post": 1000 * (total["infer_s"] - networks) / slices, "total": 1000 * total["infer_s"] / slices,
+            "idle_s_per_volume": total["idle_s"] / max(1, total["volumes"]),
+            "threads": max((p["torch_threads"] for p in profiles), default=0)}
+
+
+def bench_profile(bundle: Bundle, backend: str, threads: int) -> dict[str, float]:
+    """The same parts, per slice, of `backend` in this process at `threads` threads (`timing.measure`)."""
+    from phanes_cli.runtimes.parity import reference_mask_threshold
+    from phanes_cli.runtimes.samples import GATE_BRAINS, shipped_brain_slices
+    from phanes_cli.runtimes.select import build_backend
+    from phanes_cli.runtimes.timing import measure as time_backends
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
+    try:
+        x, brain = shipped_brain_slices(bundle.config.preprocess, GATE_BRAINS, 11)
+        built = build_backend(backend, bundle, CPU)
+        level = reference_mask_threshold(bundle, built, x[:8], brain[:8])
+        r = time_backends({backend: built}, bundle, level, x, brain, 32, 2)[backend]
+    finally:
+        torch.set_num_threads(before)
+    n = x.shape[0]
+    return {"stage1": 1000 * r["stage1_s"] / n, "stage2": 1000 * r["stage2_s"] / n, "lpips": 1000 * r["lpips_s"] / n,
+            "pre/post": 1000 * r["other_s"] / n, "total": 1000 * r["total_s"] / n, "threads": threads}
+
+
+def profile_table(results: list[dict[str, Any]]) -> Table:
+    table = Table(title="where the time goes, ms per slice: the actors in the stream vs the bench in one process")
+    for column in ("backend", "masks", "where", "threads", *(f"{p}" for p in PARTS), "total", "idle s/vol"):
+        table.add_column(column, justify="right")
+    for r in results:
+        for where, figures in (("actors", r["profile"]), ("bench", r.get("bench"))):
+            if figures:
+                idle = f"{figures['idle_s_per_volume']:.2f}" if "idle_s_per_volume" in figures else "-"
+                table.add_row(r["backend"], r["masks"], where, str(figures["threads"]),
+                              *(f"{figures[p]:.1f}" for p in PARTS), f"{figures['total']:.1f}", idle)
+    return table
 
 
 def lesion_masks(out: Path) -> dict[str, np.ndarray]:
@@ -216,7 +272,8 @@ def parse() -> argparse.Namespace:
     source.add_argument("--config", type=Path, help="an untrained bundle of this config instead (speed only)")
     parser.add_argument("--volumes", type=int, default=12)
     parser.add_argument("--masks", nargs="+", choices=("supplied", "computed"), default=["supplied", "computed"])
-    parser.add_argument("--backends", nargs="+", default=None, help="default: every backend usable on the CPU")
+    parser.add_argument("--backends", nargs="+", default=None,
+                        help="default: every backend usable on the CPU; `auto` screens with what it chooses")
     parser.add_argument("--actors", type=int, nargs="+", default=[None], help="default: the planned count")
     parser.add_argument("--threads", type=int, nargs="+", default=[None], help="threads per actor; default: planned")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -244,6 +301,8 @@ def run(args: argparse.Namespace, work: Path, console: Console) -> list[dict[str
         console.print(f"screening {args.volumes} volumes: {backend}, masks {masks}, actors {actors or 'planned'}, "
                       f"threads {threads or 'planned'}")
         result = {"masks": masks, **measure(lists[masks], bundle, out, backend, actors, threads, args)}
+        if result["ran"] in BACKENDS:  # `auto` resolved to one backend: the bench of that one, at the actors' threads
+            result["bench"] = bench_profile(load_bundle(bundle), result["ran"], result["profile"]["threads"])
         reference = references.get(masks)
         if reference is None and backend in FP32_BACKENDS:
             references[masks], result["mask_reference"] = (backend, lesion_masks(out)), True
@@ -262,6 +321,7 @@ def main() -> None:
         results = run(args, work, console)
     title = f"phanes screen throughput: {local_cpus()} CPUs, batch {args.batch_size}, {args.volumes} volumes"
     console.print(table_of(results, title))
+    console.print(profile_table(results))
     console.print("vol/h = volumes / stream s (actors ready -> last volume written); stage seconds are per volume "
                   "inside each stage (stages of different volumes overlap); 'stage 2 on' = slices with a non-empty "
                   "inpainting mask.")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +18,10 @@ from tests._ray import HEAD_IP, RayCluster
 
 # Two cores: one torch thread per pytest-xdist worker (two workers), two threads in a plain run.
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+# The user cache (first-use exports, `--backend auto`'s measured figures) is a temporary folder of the session, set
+# before any Ray instance starts so its workers see it too: no test reads or writes the user's own.
+os.environ["PHANES_CACHE_DIR"] = tempfile.mkdtemp(prefix="phanes-test-cache-")
+atexit.register(shutil.rmtree, os.environ["PHANES_CACHE_DIR"], ignore_errors=True)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SHARED_DATA = SHARED / "data"

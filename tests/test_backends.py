@@ -108,8 +108,9 @@ def test_bench_writes_bench_json_and_auto_follows_it(copy: Path) -> None:
     fastest = max(("torch", "onnxruntime"), key=lambda n: bench["results"][n]["slices_per_s"])
     assert bench["fastest"] == fastest
     bundle = load_bundle(copy, require_calibration=False)  # bench.json is sealed into the index
-    assert choose_backend("auto", bundle, CPU).name == fastest
-    assert f"measured {fastest} fastest" in plan_backend("auto", bundle, CPU).why
+    assert choose_backend("auto", bundle, CPU).name == fastest  # bench's figures are this machine's measurement
+    speed = bench["results"][fastest]["slices_per_s"]
+    assert plan_backend("auto", bundle, CPU).why.startswith(f"backend {fastest}: {speed:.1f} slices/s measured here")
 
 
 def test_doctor_reports_machine_ray_and_per_stage_backends(copy: Path) -> None:

@@ -340,10 +340,10 @@ def test_rich_markup_in_paths_and_messages_is_printed_not_parsed(tmp_path: Path)
 
 
 def test_a_screening_warning_is_one_line_of_text_in_a_log(capsys: pytest.CaptureFixture[str]) -> None:
-    """`auto`'s skipped-backend warning names a bundle path: in a log (not a terminal) it stays one line, and
-    brackets in it are text, not markup."""
-    reason = "backend onnxruntime-int8 skipped: it failed its export gate; `phanes doctor --bundle /runs/[/b]" + \
-        "x" * 200 + "` shows its figures"
+    """`auto`'s warning for a refused artefact names a bundle path: in a log (not a terminal) it stays one line,
+    and brackets in it are text, not markup."""
+    reason = "backend onnxruntime refused (/runs/[/b]" + "x" * 200 + "/engines/stage2.onnx: changed since export); " \
+        "falling back to the next one"
     ProgressDisplay(Counts(total=1), quiet=False).warn(reason)
     assert capsys.readouterr().err == f"warning: {reason}\n"
 

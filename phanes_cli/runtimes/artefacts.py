@@ -43,15 +43,8 @@ class EngineIncompatible(ArtefactError):
 
 
 class GateRefused(ArtefactError):
-    """A backend that failed its export gate: refused with the failing figures, `auto` warns and moves on."""
-
-    def __init__(self, message: str, problems: list[str] | None = None) -> None:
-        super().__init__(message)
-        self.problems = problems or [message]  # each failing figure
-
-    def headline(self) -> str:
-        """The figure a user judges first: a lesion-mask one when there is one."""
-        return next((p for p in self.problems if "lesion" in p), self.problems[0])
+    """A backend that failed its export gate: refused with the failing figures when named; `auto` skips it quietly
+    (the export's verdict, recorded with the run and shown by `phanes doctor`)."""
 
 
 @dataclass(frozen=True)
@@ -194,26 +187,9 @@ def read_gate(bundle: Bundle, backend: str, runtime: str) -> dict[str, Any]:
         raise NotExported(f"{backend} was not gated when this bundle was exported; {reexport_hint(bundle.path)}")
     if not verdict["passed"]:
         reason = str(verdict["reason"])
-        raise GateRefused(f"{backend} failed its export gate: {reason}", reason.split("; "))  # as parity.gate joins
+        raise GateRefused(f"{backend} failed its export gate: {reason}")
     installed = package_version(runtime)
     if verdict["runtime_version"] != installed:
         raise ArtefactError(f"{backend} was gated with {runtime} {verdict['runtime_version']}, {installed} is "
                             f"installed; {reexport_hint(bundle.path)}")
     return verdict
-
-
-def read_bench(bundle: Bundle) -> dict[str, Any] | None:
-    """engines/bench.json when `phanes bench` recorded one and the index seals it, else None (also when it is
-    not a JSON object: it only orders the backends to try)."""
-    path = engines_dir(bundle.path) / BENCH_FILE
-    listed = _sealed_index(bundle).get(f"{ENGINES_DIR}/{BENCH_FILE}")
-    if listed is None or not path.is_file():
-        return None
-    data = path.read_bytes()
-    if sha256_bytes(data) != listed:
-        return None
-    try:
-        bench = json.loads(data)
-    except (UnicodeDecodeError, ValueError):
-        return None
-    return bench if isinstance(bench, dict) else None

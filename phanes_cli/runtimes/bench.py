@@ -1,11 +1,12 @@
 """`phanes bench`: the whole slice pipeline per backend on the same slices, in one process.
 
 Each backend gets one warm-up batch, then `repeats` timed passes over the same real brain slices, the
-backends taking turns in each round (the median is reported). Network time is measured around the
-backend's three calls (with a CUDA sync), each network on its own (stage 1, stage 2, both LPIPS passes), so the
-table shows where the time goes; the rest of `pipeline.run_slices` is pre/post-processing.
-The result goes to BUNDLE/engines/bench.json under the device type, sealed into the bundle, where
-`auto` reads which CPU backend was fastest.
+backends taking turns in each round (the median is reported; `runtimes.timing`). Network time is measured
+around the backend's three calls (with a CUDA sync), each network on its own (stage 1, stage 2, both LPIPS
+passes), so the table shows where the time goes; the rest of `pipeline.run_slices` is pre/post-processing.
+The result goes to BUNDLE/engines/bench.json under the device type, sealed into the bundle (a record of where
+and how it was measured); CPU figures also go to this machine's measurement cache (`runtimes.measured`),
+which `--backend auto` chooses by at this thread count.
 """
 
 from __future__ import annotations
@@ -13,87 +14,25 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
-import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from phanes_cli.core.backend import Backend
 from phanes_cli.core.bundle import Bundle, check_writable, load_bundle, seal_index
-from phanes_cli.core.pipeline import run_slices
 from phanes_cli.errors import PhanesError
 from phanes_cli.infra.atomic import write_json
 from phanes_cli.runtimes import BACKENDS, validate_backend_name
 from phanes_cli.runtimes.artefacts import BENCH_FILE, engines_dir
+from phanes_cli.runtimes.measured import Speeds, record
 from phanes_cli.runtimes.parity import reference_mask_threshold
 from phanes_cli.runtimes.pytorch import select_device
 from phanes_cli.runtimes.samples import brain_slices
 from phanes_cli.runtimes.select import build_backend, check_backend
-
-NETWORKS = ("stage1", "stage2", "lpips")  # the backend's three calls, as named in bench.json ("<name>_s")
-
-
-class TimedBackend:
-    """A backend proxy that adds up the wall time spent inside each network."""
-
-    def __init__(self, inner: Backend) -> None:
-        self.inner, self.name, self.device = inner, inner.name, inner.device
-        self.seconds = dict.fromkeys(NETWORKS, 0.0)
-
-    def _timed(self, network: str, call: Callable[..., Tensor], *args: Tensor) -> Tensor:
-        start = time.perf_counter()
-        out = call(*args)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.seconds[network] += time.perf_counter() - start
-        return out
-
-    def reconstruct(self, x: Tensor) -> Tensor:
-        return self._timed("stage1", self.inner.reconstruct, x)
-
-    def inpaint(self, masked: Tensor, mask: Tensor) -> Tensor:
-        return self._timed("stage2", self.inner.inpaint, masked, mask)
-
-    def lpips(self, a: Tensor, b: Tensor) -> Tensor:
-        return self._timed("lpips", self.inner.lpips, a, b)
-
-
-def _one_pass(backend: TimedBackend, bundle: Bundle, mask_threshold: float, x: Tensor, brain: Tensor,
-              batch_size: int) -> tuple[float, dict[str, float]]:
-    """(total seconds, seconds per network) of the pipeline over every slice, outputs brought back to the CPU."""
-    backend.seconds = dict.fromkeys(NETWORKS, 0.0)
-    start = time.perf_counter()
-    for i in range(0, x.shape[0], batch_size):
-        maps = run_slices(x[i:i + batch_size], brain[i:i + batch_size], backend, bundle.config, mask_threshold)
-        maps.anomaly.cpu()
-    return time.perf_counter() - start, dict(backend.seconds)
-
-
-def _summary(runs: list[tuple[float, dict[str, float]]], n: int) -> dict[str, float]:
-    """Medians over the passes: totals, the networks' sum and each network (whose medians need not add up)."""
-    total = statistics.median(r[0] for r in runs)
-    network = statistics.median(sum(r[1].values()) for r in runs)
-    parts = {f"{name}_s": statistics.median(r[1][name] for r in runs) for name in NETWORKS}
-    return {"slices_per_s": n / total, "total_s": total, "network_s": network, **parts, "other_s": total - network,
-            "overhead_pct": 100.0 * (total - network) / max(network, 1e-9)}
-
-
-def measure(backends: dict[str, Backend], bundle: Bundle, mask_threshold: float, x: Tensor, brain: Tensor,
-            batch_size: int, repeats: int) -> dict[str, dict[str, float]]:
-    """Warm-up, then `repeats` rounds of one pass per backend (interleaved, so a busy machine slows all alike)."""
-    timed = {name: TimedBackend(b) for name, b in backends.items()}
-    for backend in timed.values():
-        _one_pass(backend, bundle, mask_threshold, x[:batch_size], brain[:batch_size], batch_size)
-    runs: dict[str, list[tuple[float, dict[str, float]]]] = {name: [] for name in timed}
-    for _ in range(repeats):
-        for name, backend in timed.items():
-            runs[name].append(_one_pass(backend, bundle, mask_threshold, x, brain, batch_size))
-    return {name: _summary(r, x.shape[0]) for name, r in runs.items()}
+from phanes_cli.runtimes.timing import NETWORKS, measure
 
 
 def bench(folder: str | Path, backends: list[str] | None = None, n_slices: int = 64, repeats: int = 3,
@@ -117,12 +56,18 @@ def bench(folder: str | Path, backends: list[str] | None = None, n_slices: int =
             report(f"{name}: skipped ({exc})")
     measured = measure(usable, bundle, level, x, brain, batch_size, repeats)
     results.update(measured)
+    when, threads = datetime.now(timezone.utc).isoformat(), torch.get_num_threads()
     section = {"fastest": max(measured, key=lambda k: measured[k]["slices_per_s"]) if measured else None,
                "results": {name: results[name] for name in names}, "slices": n_slices, "repeats": repeats,
-               "batch_size": batch_size, "threads": torch.get_num_threads(), "host": platform.node(),
-               "machine": platform.machine(), "cpu_count": _cpu_count(),
-               "measured": datetime.now(timezone.utc).isoformat()}
+               "batch_size": batch_size, "threads": threads, "host": platform.node(),
+               "machine": platform.machine(), "cpu_count": _cpu_count(), "measured": when}
     _record(bundle, dev.type, section)
+    if dev.type == "cpu" and measured:
+        speeds = Speeds({name: r["slices_per_s"] for name, r in measured.items()}, measured=when)
+        try:
+            record(bundle, threads, speeds, "phanes bench")
+        except OSError as exc:
+            report(f"the figures are not cached for --backend auto ({exc}); it measures at first use")
     return section
 
 

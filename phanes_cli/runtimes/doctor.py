@@ -22,9 +22,10 @@ from phanes_cli.models.shipped_weights import shipped_path
 from phanes_cli.runtimes import GATED_BACKENDS
 from phanes_cli.runtimes.artefacts import ArtefactError, NotExported, artefact_name, read_artefact, read_provenance
 from phanes_cli.runtimes.graphs import GRAPHS
+from phanes_cli.runtimes.measured import cpu_identity, read_entries
 from phanes_cli.runtimes.parity import verdict_line
 from phanes_cli.runtimes.pytorch import select_device
-from phanes_cli.runtimes.select import plan_backend
+from phanes_cli.runtimes.select import CPU_BACKENDS, plan_backend
 from phanes_cli.runtimes.tensorrt import tensorrt_unavailable
 
 Report = list[tuple[str, str]]  # (topic, finding) lines in print order
@@ -138,7 +139,47 @@ def bundle_report(folder: Path, device: torch.device, backend: str = "auto") -> 
     for name, reason in plan.skipped.items():
         rows.append(("skipped", f"{name}: {reason}"))
     chosen = plan.chosen or "none: nothing can run this bundle here"
+    if plan.chosen is None and plan.why.startswith("not measured"):
+        chosen = "measured at first use"
     rows.append(("backend", f"every stage on {device}: {chosen} ({plan.why})"))
+    if device.type == "cpu" and backend == "auto":
+        rows += measured_rows(bundle)
+    return rows
+
+
+def _gate_word(name: str, gates: object) -> str:
+    """A backend's export gate verdict in a word: passed, FAILED, not gated, or none needed (no gate applies)."""
+    if name not in GATED_BACKENDS:
+        return "none needed"
+    verdict = gates.get(name) if isinstance(gates, dict) else None
+    if not isinstance(verdict, dict):
+        return "not gated"
+    return "passed" if verdict.get("passed") is True else "FAILED"
+
+
+def measured_rows(bundle: Bundle) -> Report:
+    """The table `--backend auto` chooses by on this CPU (runtimes.measured): per thread count measured here,
+    each backend's slices/s, its gate verdict and which one is chosen."""
+    mine = [e for e in read_entries(bundle).values() if e.get("cpu") == cpu_identity()]
+    if not mine:
+        return [("measured", "nothing measured on this CPU yet: the first run with --backend auto measures the "
+                             "usable CPU backends (a few seconds each); `phanes bench` fills it too")]
+    try:
+        gates = read_provenance(bundle).get("gates", {})
+    except ArtefactError:
+        gates = {}
+    rows: Report = [("measured", f"this CPU: {cpu_identity()}")]
+    for entry in sorted(mine, key=lambda e: str(e.get("threads"))):
+        threads = entry.get("threads")
+        chosen = plan_backend("auto", bundle, torch.device("cpu"), threads).chosen if isinstance(threads, int) else None
+        rows.append(("measured", f"at {threads} thread(s), by {entry.get('source', '?')} {entry.get('measured', '')}"))
+        rows.append(("measured", f"  {'backend':<17} {'slices/s':>9}  {'gate':<12} chosen"))
+        speeds = entry.get("slices_per_s") if isinstance(entry.get("slices_per_s"), dict) else {}
+        for name in sorted(CPU_BACKENDS, key=lambda n: -float(speeds.get(n, 0) or 0)):
+            figure = speeds.get(name)
+            shown = f"{figure:.1f}" if isinstance(figure, (int, float)) else "-"
+            mark = "chosen" if name == chosen else ""
+            rows.append(("measured", f"  {name:<17} {shown:>9}  {_gate_word(name, gates):<12} {mark}".rstrip()))
     return rows
 
 

@@ -1,11 +1,13 @@
 """Which backend runs a bundle's networks on this machine, and why (`phanes doctor` prints the same plan).
 
-`auto` tries, in order: the TensorRT engines, ONNX Runtime on CUDA, torch on CUDA; on the CPU the backends
-`phanes bench` measured for this bundle (engines/bench.json), fastest first, then the others in CPU_ORDER
-(this project's measured order). The INT8 and OpenVINO backends run only when they passed their export
-gate (`openvino-bf16` also needs a CPU with native bf16). A refused artefact (tampered, stale, built for
-another TensorRT or GPU, a failed gate) makes `auto` fall back to the next candidate with a warning; an
-explicitly named backend is strict.
+`auto` on a GPU tries, in order: the TensorRT engines, ONNX Runtime on CUDA, torch on CUDA. On the CPU it takes
+the fastest of the usable backends as measured on this CPU at this thread count (`runtimes.measured`: at the
+bundle's first use here, then cached), and says so in one line. The INT8 and OpenVINO backends are usable only
+when they passed their export gate (`openvino-bf16` also needs a CPU with native bf16). Under `auto`, a backend
+that is absent here (not exported, runtime not installed) or failed its export gate is skipped quietly: that
+is a verdict of the export, recorded with the run and shown by `phanes doctor`, not something to act on. A
+refused artefact (tampered, stale, built for another TensorRT or GPU or runtime version) is a
+BackendFallbackWarning. An explicitly named backend is strict: any refusal is an error.
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ from phanes_cli.runtimes.artefacts import (
     RuntimeUnavailable,
     artefact_name,
     read_artefact,
-    read_bench,
     read_gate,
     read_provenance,
 )
 from phanes_cli.runtimes.graphs import GRAPHS
+from phanes_cli.runtimes.measured import Speeds, cached_speeds, measure_here
 from phanes_cli.runtimes.pytorch import TorchBackend, load_networks
 from phanes_cli.runtimes.tensorrt import TensorRTBackend, tensorrt_unavailable
 
@@ -39,9 +41,18 @@ class BackendFallbackWarning(RuntimeWarning):
     """`auto` skipped a backend whose artefacts were refused; the message says which file and why."""
 
 
+# Every backend that runs on the CPU; `auto` measures the usable ones (listed here in no order of preference).
+CPU_BACKENDS = ("onnxruntime-int8", "openvino-bf16", "openvino", "onnxruntime", "torch")
+CUDA_ORDER = ("tensorrt", "onnxruntime", "torch")
+# Under `auto`: a backend not exported or not installed here, or one that failed its export gate, is recorded,
+# not warned about (module docstring).
+QUIET_SKIPS = (NotExported, RuntimeUnavailable, GateRefused)
+
+
 @dataclass
 class BackendPlan:
-    """The candidates in order, why each unusable one was skipped, and the chosen one (None: nothing usable)."""
+    """The candidates, why each unusable one was skipped, and the chosen one with the line that says why (None:
+    nothing usable, or on the CPU not measured here yet: `why` says which)."""
 
     candidates: list[str]
     skipped: dict[str, str] = field(default_factory=dict)
@@ -49,31 +60,32 @@ class BackendPlan:
     why: str = ""
 
 
-# Fastest first, as benchmarks/cpu_backends.py measured them on the cpu config (README: Backends and export): the
-# INT8 generator was fastest in every run; OpenVINO and fp32 ONNX Runtime swapped places between runs; OpenVINO
-# with a bf16 generator beat fp32 OpenVINO (its generator at half the time) where the CPU has native bf16.
-CPU_ORDER = ("onnxruntime-int8", "openvino-bf16", "openvino", "onnxruntime", "torch")
+@dataclass
+class BackendChoice:
+    """The backend built, one line saying what was chosen and why, every candidate skipped with its reason (for
+    the run record and `phanes doctor`), and the refusals a user should act on (warnings)."""
 
-
-def _cpu_order(bundle: Bundle) -> tuple[list[str], str]:
-    cpu = (read_bench(bundle) or {}).get("cpu")
-    results = cpu.get("results") if isinstance(cpu, dict) else None
-    speed = {name: r["slices_per_s"] for name, r in (results if isinstance(results, dict) else {}).items()
-             if name in CPU_ORDER and isinstance(r, dict) and isinstance(r.get("slices_per_s"), (int, float))}
-    if speed:
-        measured = sorted(speed, key=lambda name: -speed[name])
-        order = [*measured, *(b for b in CPU_ORDER if b not in speed)]
-        return order, f"phanes bench measured {measured[0]} fastest on the CPU for this bundle"
-    return list(CPU_ORDER), f"no CPU benchmark recorded: the project's measured order ({', '.join(CPU_ORDER)})"
+    backend: Backend
+    why: str
+    skipped: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 def candidates(name: str, bundle: Bundle, device: torch.device) -> tuple[list[str], str]:
-    """Backends to try for `name` on `device`, best first, and the rule that ordered them."""
+    """Backends to try for `name` on `device` and the rule that chooses among them."""
     if validate_backend_name(name) != "auto":
-        return [name], f"--backend {name}"
+        return [name], "named by --backend"
     if device.type == "cuda":
-        return ["tensorrt", "onnxruntime", "torch"], "on CUDA: TensorRT engines, then ONNX Runtime CUDA, then torch"
-    return _cpu_order(bundle)
+        return list(CUDA_ORDER), "on CUDA: TensorRT engines, then ONNX Runtime CUDA, then torch"
+    return list(CPU_BACKENDS), "the fastest usable backend as measured on this CPU"
+
+
+def speed_line(chosen: str, speeds: Speeds, threads: int) -> str:
+    """The one line `auto` prints on the CPU, e.g. 'backend openvino: 38.0 slices/s measured here (1 thread), torch
+    17.5' (the same in every actor of a node, whichever of them measured)."""
+    others = ", ".join(f"{name} {speeds.slices_per_s[name]:.1f}" for name in speeds.ranked() if name != chosen)
+    return (f"backend {chosen}: {speeds.slices_per_s[chosen]:.1f} slices/s measured here "
+            f"({threads} thread{'s' if threads > 1 else ''})" + (f", {others}" if others else ""))
 
 
 def check_backend(backend: str, bundle: Bundle, device: torch.device) -> None:
@@ -127,16 +139,40 @@ def unusable_reason(backend: str, bundle: Bundle, device: torch.device) -> str |
     return None
 
 
-def plan_backend(name: str, bundle: Bundle, device: torch.device) -> BackendPlan:
-    """The backend `choose_backend` would build, without building it."""
-    order, rule = candidates(name, bundle, device)
-    plan = BackendPlan(candidates=order, why=rule)
+def _usable(order: list[str], bundle: Bundle, device: torch.device) -> tuple[list[str], dict[str, str], list[str]]:
+    """(the candidates that can run here, why each other one cannot, the warnings among those reasons)."""
+    usable: list[str] = []
+    skipped: dict[str, str] = {}
+    warned: list[str] = []
     for backend in order:
-        reason = unusable_reason(backend, bundle, device)
-        if reason is None:
-            plan.chosen = backend
-            return plan
-        plan.skipped[backend] = reason
+        try:
+            check_backend(backend, bundle, device)
+            usable.append(backend)
+        except ArtefactError as exc:
+            skipped[backend] = str(exc)
+            if not isinstance(exc, QUIET_SKIPS):
+                warned.append(f"backend {backend} refused ({exc}); falling back to the next one")
+    return usable, skipped, warned
+
+
+def plan_backend(name: str, bundle: Bundle, device: torch.device, threads: int | None = None) -> BackendPlan:
+    """The backend `choose` would build at `threads` threads (default: this process's), without building or
+    measuring anything: on the CPU under `auto`, from the figures cached here."""
+    order, rule = candidates(name, bundle, device)
+    usable, skipped, _ = _usable(order, bundle, device)
+    plan = BackendPlan(candidates=order, skipped=skipped, why=rule)
+    if name != "auto" or device.type == "cuda" or len(usable) < 2:
+        plan.chosen = usable[0] if usable else None
+        plan.why = rule if name != "auto" or device.type == "cuda" else "the only backend usable on this CPU"
+        return plan
+    threads = threads or torch.get_num_threads()
+    speeds = cached_speeds(bundle, usable, threads)
+    ranked = speeds.ranked() if speeds is not None else []
+    if speeds is None or not ranked:
+        plan.why = (f"not measured on this CPU at {threads} thread(s) yet: the first run with --backend auto "
+                    f"measures {', '.join(usable)}")
+        return plan
+    plan.chosen, plan.why = ranked[0], speed_line(ranked[0], speeds, threads)
     return plan
 
 
@@ -155,31 +191,42 @@ def build_backend(name: str, bundle: Bundle, device: torch.device, lpips_weights
     return TorchBackend(load_networks(bundle, lpips_weights), device)
 
 
-def _fallback_message(backend: str, exc: ArtefactError, bundle: Bundle) -> str:
-    """The line `auto` prints for a refused backend: a failed gate (a verdict of the export, shown on every run of
-    the bundle) by its headline figure, the rest by `phanes doctor`; anything else (tampered, stale, foreign) whole."""
-    if isinstance(exc, GateRefused):
-        return (f"backend {backend} skipped: it failed its export gate ({exc.headline()}); "
-                f"`phanes doctor --bundle {bundle.path}` shows its figures")
-    return f"backend {backend} refused ({exc}); falling back to the next one"
+def choose(name: str, bundle: Bundle, device: torch.device, lpips_weights: str | None = None) -> BackendChoice:
+    """The backend to run `bundle` on `device`, `name` itself or for `auto` the best usable candidate, with the
+    line that says why (module docstring). On the CPU the first use of a bundle here measures the usable
+    backends (a few seconds each) and caches the figures."""
+    order, rule = candidates(name, bundle, device)
+    if name != "auto":
+        try:
+            check_backend(name, bundle, device)
+        except ArtefactError as exc:
+            raise type(exc)(f"backend {name} refused: {exc}") from exc
+        return BackendChoice(build_backend(name, bundle, device, lpips_weights), f"backend {name}: {rule}")
+    usable, skipped, warned = _usable(order, bundle, device)
+    if device.type == "cpu" and len(usable) > 1:
+        speeds, built = measure_here(bundle, usable, lambda b: build_backend(b, bundle, device, lpips_weights))
+        for backend, reason in speeds.failed.items():
+            skipped[backend] = reason
+            warned.append(f"backend {backend} could not run here ({reason}); falling back to the next one")
+        ranked = speeds.ranked()
+        if ranked:
+            chosen = built.get(ranked[0]) or build_backend(ranked[0], bundle, device, lpips_weights)
+            return BackendChoice(chosen, speed_line(ranked[0], speeds, torch.get_num_threads()), skipped, warned)
+    for backend in usable:
+        try:
+            built_one = build_backend(backend, bundle, device, lpips_weights)
+        except ArtefactError as exc:
+            skipped[backend] = str(exc)
+            warned.append(f"backend {backend} refused ({exc}); falling back to the next one")
+            continue
+        why = rule if device.type == "cuda" else "the only backend usable on this CPU"
+        return BackendChoice(built_one, f"backend {backend}: {why}", skipped, warned)
+    raise ArtefactError("no backend can run this bundle: " + "; ".join(f"{b}: {r}" for b, r in skipped.items()))
 
 
 def choose_backend(name: str, bundle: Bundle, device: torch.device, lpips_weights: str | None = None) -> Backend:
-    """The backend to run `bundle` on `device`: `name` itself, or for `auto` the best usable candidate.
-
-    Under `auto`, a refused artefact is reported as a BackendFallbackWarning naming the file and the reason;
-    a backend that is simply absent here (not exported, runtime not installed) is skipped silently.
-    """
-    order, _ = candidates(name, bundle, device)
-    errors: list[str] = []
-    for backend in order:
-        try:
-            check_backend(backend, bundle, device)
-            return build_backend(backend, bundle, device, lpips_weights)
-        except ArtefactError as exc:
-            if name != "auto":
-                raise type(exc)(f"backend {backend} refused: {exc}") from exc
-            errors.append(f"{backend}: {exc}")
-            if not isinstance(exc, (NotExported, RuntimeUnavailable)):
-                warnings.warn(_fallback_message(backend, exc, bundle), BackendFallbackWarning, stacklevel=2)
-    raise ArtefactError("no backend can run this bundle: " + "; ".join(errors))
+    """`choose`'s backend; the refusals a user should act on become BackendFallbackWarnings."""
+    choice = choose(name, bundle, device, lpips_weights)
+    for message in choice.warnings:
+        warnings.warn(message, BackendFallbackWarning, stacklevel=2)
+    return choice.backend

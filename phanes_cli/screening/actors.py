@@ -4,16 +4,18 @@ One actor per GPU (or a few on CPU) loads the bundle once (from its folder, whic
 and only if its hash is the one the driver verified); the driver streams volumes to it. The
 actor only sees model-grid slices and returns model-grid maps; decoding and writing happen in CPU tasks.
 It is a plain class so tests can use it without Ray; the engine wraps it with `ray.remote`. `pid` runs in
-its own concurrency group, so it answers while `infer` is busy. Which backend `--backend` resolved to, and
-why `auto` skipped a refused one (a failed export gate, a tampered graph), is reported to the driver by
-`backend_report`: Ray does not forward the actors' own output.
+its own concurrency group, so it answers while `infer` is busy. The backend is chosen here, on the node that
+runs it (`--backend auto` on a CPU: by the figures measured on this CPU at this actor's thread count, measured
+at the bundle's first use here). Which backend it runs and why (one line), the candidates skipped with their
+reasons (for the run record) and the refusals a user should act on (a tampered graph) are reported to the
+driver by `backend_report`: Ray does not forward the actors' own output.
 """
 
 from __future__ import annotations
 
 import os
 import time
-import warnings
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -22,11 +24,26 @@ import torch
 from phanes_cli.core.bundle import load_bundle
 from phanes_cli.core.pipeline import ModelMaps, infer_slices
 from phanes_cli.errors import BundleError
+from phanes_cli.runtimes.timing import TimedBackend
 from phanes_cli.screening.commit import Failure
 from phanes_cli.screening.tasks import InferenceResult, ModelSlices, describe, node_ip
 
 if TYPE_CHECKING:
     from phanes_cli.core.backend import Backend
+
+
+@dataclass
+class ActorProfile:
+    """Where an actor's time went (the run record's `ray.actor_profiles`): seconds inside `infer`, of which inside
+    each network (the rest is pre/post-processing and copies), and idle between calls (no volume's slices ready:
+    the actor waited on decoding); the threads it ran with, against the CPUs Ray gave it."""
+
+    volumes: int = 0
+    slices: int = 0
+    infer_s: float = 0.0  # of which stage1_s, stage2_s and lpips_s (`profile`, on CPUs) inside the networks
+    idle_s: float = 0.0
+    torch_threads: int = 0
+    affinity_cpus: int = 0
 
 
 class InferenceActor:
@@ -42,19 +59,30 @@ class InferenceActor:
         self.cfg = bundle.config
         self.mask_threshold = bundle.require_calibration().mask_threshold
         # imported in the actor only: the driver, which defines this class, never loads the networks
-        from phanes_cli.runtimes.select import BackendFallbackWarning, choose_backend
+        from phanes_cli.runtimes.select import choose
 
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", BackendFallbackWarning)
-            self.backend: Backend = choose_backend(backend, bundle, torch.device(device), lpips_weights)
-        self.fallbacks = [str(w.message) for w in caught if issubclass(w.category, BackendFallbackWarning)]
+        choice = choose(backend, bundle, torch.device(device), lpips_weights)
+        self.backend: Backend = choice.backend
+        # the networks' seconds, timed around each call; not on CUDA, where timing would synchronise every call
+        self.timed = TimedBackend(choice.backend) if choice.backend.device.type == "cpu" else None
+        self.choice = {"backend": choice.backend.name, "why": choice.why, "skipped": choice.skipped,
+                       "fallbacks": choice.warnings}
         self.batch_size = batch_size
         self.keep: tuple[str, ...] = ("x_ph",) if pseudo_healthy else ()
+        self.stats = ActorProfile(torch_threads=torch.get_num_threads(), affinity_cpus=len(os.sched_getaffinity(0)))
+        self.last_end = time.perf_counter()
+
+    @ray.method(concurrency_group="control")
+    def profile(self) -> dict[str, Any]:
+        """This actor's `ActorProfile` so far."""
+        seconds = self.timed.seconds if self.timed is not None else {}
+        return {**asdict(self.stats), **{f"{name}_s": s for name, s in seconds.items()}}
 
     @ray.method(concurrency_group="control")
     def backend_report(self) -> dict[str, Any]:
-        """The backend this actor runs and the refused backends `auto` fell back from, with their reasons."""
-        return {"backend": self.backend.name, "fallbacks": self.fallbacks}
+        """The backend this actor runs, the line saying why, every candidate skipped with its reason, and the
+        warnings (`fallbacks`: refused artefacts `auto` fell back from)."""
+        return self.choice
 
     @ray.method(concurrency_group="control")
     def pid(self) -> int:
@@ -67,17 +95,26 @@ class InferenceActor:
         `slices` is None when the volume's decode failed: nothing to run (the write stage reports the failure).
         """
         start = time.perf_counter()
+        self.stats.idle_s += start - self.last_end
         if slices is None:
+            self.last_end = time.perf_counter()
             return InferenceResult(None, 0.0, node_ip(), os.getpid(), self.backend.name), None
         try:
-            maps = infer_slices(slices.slices, slices.brain, self.backend, self.cfg, self.mask_threshold,
+            maps = infer_slices(slices.slices, slices.brain, self.timed or self.backend, self.cfg, self.mask_threshold,
                                 self.batch_size, self.keep)
+            self.stats.volumes, self.stats.slices = self.stats.volumes + 1, self.stats.slices + len(slices.slices)
         except Exception as exc:  # the volume fails, the actor carries on
             if self.backend.device.type == "cuda":
                 torch.cuda.empty_cache()
             kind, message = describe(exc)
             failure = Failure("inference", kind, message)
-            elapsed = time.perf_counter() - start
+            elapsed = self._ended(start)
             return InferenceResult(failure, elapsed, node_ip(), os.getpid(), self.backend.name), None
-        return InferenceResult(None, time.perf_counter() - start, node_ip(), os.getpid(), self.backend.name), maps
+        return InferenceResult(None, self._ended(start), node_ip(), os.getpid(), self.backend.name), maps
+
+    def _ended(self, start: float) -> float:
+        """Seconds since `start`, added to the profile; the idle time runs from now."""
+        self.last_end = time.perf_counter()
+        self.stats.infer_s += self.last_end - start
+        return self.last_end - start
 

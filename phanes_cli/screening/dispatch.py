@@ -81,15 +81,30 @@ class Actors:
                  "cuda" if self.plan.gpus > 0 else "cpu", self.plan.threads, self.options.batch_size,
                  "pseudohealthy" in self.options.outputs, self.options.lpips_weights)
 
-    def wait_ready(self) -> list[str]:
-        """Wait for every actor to load its backend; log which one it runs. Returns why `auto` skipped any."""
+    def wait_ready(self) -> list[dict[str, Any]]:
+        """Wait for every actor to load its backend and log which one it runs; returns the distinct reports
+        (backend, why, skipped, fallbacks: `InferenceActor.backend_report`)."""
         try:
             reports = ray.get([a.backend_report.remote() for a in self.handles])
         except RayActorError as exc:
             raise PhanesError(f"the inference actors could not start: {short_error(exc)}") from exc
         for index, report in enumerate(reports):
-            self.log.event("backend", index=index, backend=report["backend"], fallbacks=report["fallbacks"])
-        return list(dict.fromkeys(reason for report in reports for reason in report["fallbacks"]))
+            self.log.event("backend", index=index, **report)
+        distinct: list[dict[str, Any]] = []
+        for report in reports:
+            if report not in distinct:
+                distinct.append(report)
+        return distinct
+
+    def profiles(self) -> list[dict[str, Any]]:
+        """Each live actor's `ActorProfile` (where its time went); an actor that does not answer is left out."""
+        found = []
+        for actor in self.handles:
+            try:
+                found.append(ray.get(actor.profile.remote(), timeout=10))
+            except Exception:  # a dead or stuck actor only lacks its profile in the record
+                continue
+        return found
 
     def stop(self) -> None:
         for actor in self.handles:

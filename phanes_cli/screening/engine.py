@@ -155,7 +155,8 @@ def _dispatch(todo: list[ManifestRow], options: ScreenOptions, bundle: Bundle, b
 
     The manifest's `ray` section records the plan, the peak number of volumes in flight, the actors
     replaced, the seconds spent starting the actors (`startup_s`) and streaming (`stream_s`), and the
-    seconds the volumes spent inside the stages (`stages_s`, summed over volumes).
+    seconds the volumes spent inside the stages (`stages_s`, summed over volumes), and where each inference
+    actor's time went (`actor_profiles`: networks, pre/post-processing, idle waiting for slices, its threads).
     """
     with ray_session(options), display:
         began = time.monotonic()
@@ -166,13 +167,18 @@ def _dispatch(todo: list[ManifestRow], options: ScreenOptions, bundle: Bundle, b
         actors = Actors(options, bundle, backend, plan, manifest["run_id"], log)
         dispatcher = Dispatcher(options, bundle, backend, layout, actors, counts, log, display)
         try:
-            for reason in actors.wait_ready():  # auto skipped a refused backend: say so, never silently
-                log.event("warning", message=reason)
+            reports = actors.wait_ready()
+            manifest["backend_choice"] = reports  # every candidate skipped, with why: the run record
+            for line in dict.fromkeys(report["why"] for report in reports):
+                display.note(line)  # what runs the networks and why, in one line
+            for reason in dict.fromkeys(r for report in reports for r in report["fallbacks"]):
+                log.event("warning", message=reason)  # a refused artefact: say so, never silently
                 display.warn(reason)
             ready = time.monotonic()
             dispatcher.run(iter(todo), plan.max_in_flight)
             manifest["ray"].update(startup_s=ready - began, stream_s=time.monotonic() - ready)
         finally:
+            manifest["ray"]["actor_profiles"] = actors.profiles()
             actors.stop()
             manifest["ray"].update(peak_in_flight=dispatcher.peak_in_flight, actors_replaced=actors.replacements,
                                    stages_s=dispatcher.stages_s)

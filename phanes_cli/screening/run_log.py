@@ -100,6 +100,10 @@ class ProgressDisplay:
         return {"done": c.done, "failed": c.failed, "skipped": c.skipped, "rate": c.per_minute(),  # the bar's columns
                 "info": f"({c.done} done, {c.failed} failed, {c.skipped} skipped)"}  # plain lines (a log) show the rate
 
+    def note(self, message: str) -> None:
+        """One plain line of information (as `warn`, without the warning)."""
+        self.console.print(escape(message), soft_wrap=True)
+
     def warn(self, message: str) -> None:
         """One line (also in a log, where rich would break it at 80 columns); the message is text, not markup."""
         self.console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
