@@ -728,3 +728,46 @@ def test_stage1_weights_of_other_shapes_are_named_tensor_and_shapes(folder: Path
     _one_error_line(run, "ra.safetensors", f"tensor {name!r} has shape {other} in the file, {shape} in the config's")
     with pytest.raises(BundleError, match=rf"tensor '{name}' has shape"):  # the same check where any bundle loads
         load_networks(load_bundle(folder, require_calibration=False))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What a viewer page embeds, and what a resumed run joins: bounded, and never over the tables' own columns
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(97, 1, 89), (1, 1, 5000), (33, 34, 35), (2, 3000, 2)])
+def test_a_case_of_any_shape_is_embedded_within_the_voxel_budget(shape: tuple[int, int, int]) -> None:
+    """Thin, one-voxel and odd shapes over a (small) budget: every layer within it, the views' centre on the
+    coarse grid, the same world point under the first voxel's block centre, and a note saying so."""
+    from phanes_cli.cohort_report.cases import CaseArrays
+    from phanes_cli.cohort_report.display import within_budget
+
+    rng = np.random.default_rng(0)
+    full = CaseArrays(image=rng.random(shape).astype(np.float32), anomaly=rng.random(shape).astype(np.float32),
+                      lesion=rng.random(shape) > 0.99, brain=np.ones(shape, bool), truth=rng.random(shape) > 0.99,
+                      pseudo_healthy=None, affine=np.diag([0.5, 0.5, 0.5, 1.0]), zooms=(0.5, 0.5, 0.5),
+                      centre=tuple(n - 1 for n in shape), brain_source="test")  # type: ignore[arg-type]
+    shown = within_budget(full, budget=1000)
+    layers = [shown.image, shown.anomaly, shown.lesion, shown.brain, shown.truth]
+    assert all(layer is not None and layer.shape == shown.image.shape and layer.size <= 1000 for layer in layers)
+    assert all(0 <= c < n for c, n in zip(shown.centre, shown.image.shape, strict=True))
+    factor = shown.zooms[0] / 0.5
+    assert np.allclose(shown.affine[:3, 3], 0.5 * (factor - 1) / 2) and "blocks of voxels" in shown.notes[-1]
+    assert float(shown.anomaly.max()) == float(full.anomaly.max())  # a hot spot stays as hot
+    assert within_budget(full, budget=int(np.prod(shape))) is full  # within the budget: untouched
+
+
+def test_covariates_joined_on_resume_never_replace_the_tables_own_columns(tmp_path: Path) -> None:
+    """Inputs whose columns, edited since the parts were written, are named like the tables' own (status, id,
+    lesion_burden_ml): they arrive prefixed, the volume's own values stand."""
+    from phanes_cli.screening.commit import record_failure
+
+    layout = OutputLayout(tmp_path / "out")
+    layout.ensure()
+    record_failure(layout, "a", {"id": "a", "path": "a.nii.gz", "stage": "decode", "error_type": "InputError",
+                                 "message": "bad", "bundle_hash": "h", "site": "old"})
+    hostile = {"status": "ok", "id": "b", "lesion_burden_ml": 1e9, "input_status": "x", "site": "new"}
+    consolidate(layout, [ManifestRow(id="a", image=tmp_path / "a.nii.gz", extra=hostile)])
+    (row,) = pq.read_table(layout.table("volumes")).to_pylist()
+    assert (row["id"], row["status"], row["lesion_burden_ml"], row["site"]) == ("a", "failed", None, "new")
+    assert (row["input_status"], row["input_input_status"], row["input_id"], row["input_lesion_burden_ml"]) == (
+        "x", "ok", "b", 1e9)

@@ -444,3 +444,42 @@ def test_index_of_ten_thousand_volumes_stays_fast(chrome: Any, tmp_path: Path) -
     assert _open(chrome, result.html) == []
     assert chrome.find_element(By.ID, "row-count").text == "10000 of 10000 volumes"
     assert "Lesion burden by site" in chrome.page_source
+
+
+def test_a_large_volume_gets_a_bounded_page_that_says_it_was_shown_coarser(tmp_path: Path) -> None:
+    """A 9 M-voxel case whose brain fills its grid (cropping cannot help): the page embeds every layer on 2x2x2
+    blocks (read back from the page: shape, voxel size, world position), stays small and says so."""
+    import base64
+    import gzip
+
+    from phanes_cli.cohort_report.display import VOXEL_BUDGET
+
+    shape, affine = (224, 224, 180), np.diag([0.7, 0.7, 0.7, 1.0])
+    assert np.prod(shape) > VOXEL_BUDGET
+    rng = np.random.default_rng(0)
+    image = (100 + 20 * rng.standard_normal(shape)).astype(np.float32)
+    lesion = np.zeros(shape, dtype=np.uint8)
+    lesion[100:104, 100:104, 90:92] = 1  # 32 voxels: still visible once shown on 2x2x2 blocks
+    layout = OutputLayout(tmp_path / "out")
+    layout.ensure()
+    files = {"input": tmp_path / "big.nii", "brain": tmp_path / "big_brain.nii"}
+    for path, data in ((files["input"], image), (files["brain"], np.ones(shape, np.uint8)),
+                       (layout.map_path("big", "anomaly"), lesion * np.float32(0.8)),
+                       (layout.map_path("big", "lesion_mask"), lesion),
+                       (layout.map_path("big", "pseudohealthy"), image)):
+        nib.save(nib.Nifti1Image(data, affine), str(path))
+    row = {"id": "big", "input_path": str(files["input"]), "brain_mask": str(files["brain"]), "status": "ok",
+           "lesion_count": 1, "lesion_burden_ml": 0.011, "max_anomaly": 0.8, "qc_flags": []}
+    write_parquet(layout.table("volumes"), table_from_rows([row], with_extra_columns(VOLUME_SCHEMA, [row])))
+    write_parquet(layout.table("failures"), table_from_rows([], FAILURE_SCHEMA))
+    write_json(layout.run_manifest, {"status": "finished", "bundle": {"hash": "abc", "calibration": {}}})
+    (page,) = render_report(layout.root, ids=["big"]).pages
+    text = page.read_text()
+    assert page.stat().st_size < 20 * 2**20 and "2x2x2 blocks" in text and "224x224x180 -&gt; 112x112x90" in text
+    data = json.loads(re.search(r'id="case-data">(.*?)</script>', text, re.S).group(1))  # type: ignore[union-attr]
+    layers = {layer["key"]: nib.Nifti1Image.from_bytes(gzip.decompress(base64.b64decode(layer["data"])))
+              for layer in data["layers"]}
+    for key, shown in layers.items():
+        assert shown.shape == (112, 112, 90) and np.allclose(shown.header.get_zooms(), 1.4), key
+        assert np.allclose(shown.affine[:3, 3], 0.35), key  # the first 2x2x2 block's centre: voxel 0.5 at 0.7 mm
+    assert int(np.asarray(layers["lesion"].dataobj).sum()) == 2 * 2 * 1  # the 4x4x2 lesion on 2x2x2 blocks

@@ -23,6 +23,7 @@ import nibabel as nib
 import numpy as np
 
 from phanes_cli.cohort_report.cases import CaseArrays, outline
+from phanes_cli.cohort_report.display import within_budget
 from phanes_cli.cohort_report.safe import fill, json_for_script, script_body
 from phanes_cli.infra.atomic import write_text
 from phanes_cli.infra.versions import __version__
@@ -119,6 +120,7 @@ def write_case_page(target: Path, index: Path, layout: OutputLayout, row: dict[s
                     figure: str, shown: dict[str, Any], lesions: list[dict[str, Any]]) -> Path:
     """Write one volume's page (`target`); `index` is the cohort page it links back to, `figure` its static
     figure (base64 PNG), `shown` its numbers, `lesions` its lesions.parquet rows (listed with their place)."""
+    arrays = within_budget(arrays)  # coarser voxels above the page's budget, said in its notes
     layers = viewer_layers(arrays)
     centre_mm = (arrays.affine @ np.array([*arrays.centre, 1.0]))[:3]
     payload = {"layers": [{k: v for k, v in layer.items() if k != "label"} for layer in layers],
