@@ -26,6 +26,7 @@ _EXPORTS = {
     "train": ("phanes_cli.training.trainer", "train"),
     "calibrate_bundle": ("phanes_cli.calibrate.run", "calibrate"),
     "evaluate": ("phanes_cli.evaluation.evaluate", "evaluate"),
+    "EvaluateOptions": ("phanes_cli.evaluation.options", "EvaluateOptions"),
     "prepare_manifest": ("phanes_cli.inputs.discovery", "prepare_manifest"),
     "read_manifest": ("phanes_cli.inputs.manifest", "read_manifest"),
     "load_config": ("phanes_cli.config", "load_config"),
@@ -44,6 +45,7 @@ if TYPE_CHECKING:  # explicit re-exports (`name as name`)
     from phanes_cli.core.bundle import load_bundle as load_bundle
     from phanes_cli.core.pipeline import run_volume as run_volume
     from phanes_cli.evaluation.evaluate import evaluate as evaluate
+    from phanes_cli.evaluation.options import EvaluateOptions as EvaluateOptions
     from phanes_cli.inputs.brain_masks import brain_mask_for as brain_mask_for
     from phanes_cli.inputs.brain_masks import load_with_brain as load_with_brain
     from phanes_cli.inputs.discovery import prepare_manifest as prepare_manifest

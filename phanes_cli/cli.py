@@ -89,6 +89,11 @@ def _report_unused(unused: list[tuple[str, str]], verbose: bool) -> None:
     console.print(f"{len(unused)} files found and not used{'' if verbose else ' (--verbose lists them)'}")
 
 
+def _names(listing: str) -> tuple[str, ...]:
+    """A comma-separated option as names, blanks dropped."""
+    return tuple(name.strip() for name in listing.split(",") if name.strip())
+
+
 def _version(value: bool) -> None:
     if value:
         print(f"phanes {__version__}")
@@ -183,20 +188,21 @@ def data_synth(
     """Build healthy subjects from real T1 brains (split by source brain) and lesion subjects with exact truth."""
     from phanes_cli.infra.progress import LoggedProgress
     from phanes_cli.synth.cohort import synth_cohort
+    from phanes_cli.synth.options import DEFAULT_TEST_SOURCES, DEFAULT_VAL_SOURCES, DEFAULT_VOXEL_SIZE, SynthOptions
 
-    extra: dict[str, Any] = {} if voxel_size is None else {"voxel_size": voxel_size}
-    for key, names in (("val_sources", val_sources), ("test_sources", test_sources)):
-        if names is not None:
-            extra[key] = tuple(n.strip() for n in names.split(",") if n.strip())
+    options = SynthOptions(
+        out=out, healthy=healthy, lesions=lesions, kind=kind, seed=seed, lesion_source=lesion_source,
+        lesion_shapes=lesion_shapes, templates=templates, label_map_fraction=label_map_fraction,
+        voxel_size=DEFAULT_VOXEL_SIZE if voxel_size is None else voxel_size,
+        val_sources=DEFAULT_VAL_SOURCES if val_sources is None else _names(val_sources),
+        test_sources=DEFAULT_TEST_SOURCES if test_sources is None else _names(test_sources))
     with LoggedProgress(console=console, transient=True) as bar:
         task = bar.add_task("synthesising", total=healthy + lesions)
 
         def step(message: str) -> None:
             bar.update(task, advance=1, description=message)
 
-        manifest = synth_cohort(out, healthy=healthy, lesions=lesions, kind=kind, seed=seed,
-                                lesion_shapes=lesion_shapes, templates=templates, progress=step,
-                                lesion_source=lesion_source, label_map_fraction=label_map_fraction, **extra)
+        manifest = synth_cohort(options, progress=step)
     console.print(f"[green]cohort written[/]: {healthy} healthy + {lesions} {escape(kind)} subjects, "
                   f"manifest {escape(str(manifest))}")
 
@@ -364,19 +370,17 @@ def evaluate(
         help="Only rows of these source brains (comma-separated; the manifest's source column): one test brain."),
 ) -> None:
     """Score methods against ground-truth lesion masks: AUPRC, [Dice], Dice, lesion-wise detection, volume error."""
-    from phanes_cli.errors import InputError
     from phanes_cli.evaluation.evaluate import evaluate as run_evaluation
     from phanes_cli.evaluation.evaluate import render_tables
+    from phanes_cli.evaluation.options import EvaluateOptions
 
-    if out.exists() and not out.is_dir():  # found now, not after the evaluation has run
-        raise InputError(out, "--out must be a folder, but a file is there")
-
+    options = EvaluateOptions(bundle=bundle, manifest=data, out=out, methods=_names(methods), split=split,
+                              device=device, batch_size=batch_size, synthetic=synthetic, seed=seed,
+                              lpips_weights=lpips_weights, skull_strip=skull_strip, backend=backend,
+                              sources=_names(source or ""))
     with warnings.catch_warnings():  # the notes are printed once below, as part of the report
         warnings.simplefilter("ignore", UserWarning)
-        result = run_evaluation(bundle, data, out, methods=[m.strip() for m in methods.split(",") if m.strip()],
-                                split=split, device=device, batch_size=batch_size, synthetic=synthetic, seed=seed,
-                                lpips_weights=lpips_weights, skull_strip=skull_strip, backend_name=backend,
-                                sources=[n.strip() for n in (source or "").split(",") if n.strip()])
+        result = run_evaluation(options)
     out_console = table_console()
     for table in render_tables(result):
         out_console.print(table)

@@ -19,6 +19,7 @@ from phanes_cli.core.preprocess import prepare_volume
 from phanes_cli.core.volume_io import load_mask, load_volume
 from phanes_cli.evaluation.controls import control_false_positives, recall_by_size, size_bin
 from phanes_cli.evaluation.evaluate import evaluate
+from phanes_cli.evaluation.options import EvaluateOptions
 from phanes_cli.inputs.manifest import ManifestRow, read_manifest, write_manifest
 from phanes_cli.runtimes.pytorch import PhanesNetworks, TorchBackend, load_networks
 from tests._tiny_cohort import tiny_config
@@ -88,8 +89,8 @@ def evaluated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Pat
         rows.append(ManifestRow(id=f"v{k}", image=root / f"v{k}.nii.gz", brain_mask=root / f"v{k}_brain.nii.gz",
                                 lesion_mask=lesion, split="val" if k == 4 else "test", kind=kind))
     manifest = write_manifest(rows, root / "manifest.parquet")
-    evaluate(root / "bundle", manifest, root / "out", methods=["phanes", "ra"], synthetic=False, progress=False,
-             device="cpu", batch_size=16)
+    evaluate(EvaluateOptions(root / "bundle", manifest, root / "out", methods=("phanes", "ra"), synthetic=False,
+                             progress=False, device="cpu", batch_size=16))
     return root / "bundle", manifest, root / "out"
 
 
@@ -100,8 +101,8 @@ def _oracle_masks(bundle: Path, row: ManifestRow) -> dict[str, tuple[np.ndarray,
     assert cal is not None and row.brain_mask is not None
     volume = load_volume(row.image)
     brain = load_mask(row.brain_mask, volume)
-    maps = run_volume(volume.data, brain, volume.zooms, TorchBackend(load_networks(model), torch.device("cpu")), model.config,
-                      cal.mask_threshold, 16)
+    maps = run_volume(volume.data, brain, volume.zooms, TorchBackend(load_networks(model), torch.device("cpu")),
+                      model.config, cal.mask_threshold, 16)
     processed = np.zeros(brain.shape[2], dtype=bool)
     processed[prepare_volume(volume.data, brain, model.config.preprocess, volume.zooms).geometry.slice_index] = True
     region = brain & processed[None, None, :]

@@ -32,6 +32,7 @@ from phanes_cli.core.volume_io import DEFAULT_MAX_VOXELS, load_mask, load_volume
 from phanes_cli.errors import ConfigError, InputError
 from phanes_cli.evaluation.evaluate import evaluate, evaluate_volume, render_tables
 from phanes_cli.evaluation.methods import predict, run_methods, validate_methods
+from phanes_cli.evaluation.options import EvaluateOptions
 from phanes_cli.evaluation.synthetic import central_positions, mid_slices, run_synthetic, synthetic_subjects
 from phanes_cli.inputs.manifest import ManifestRow, read_manifest, write_manifest
 from phanes_cli.models import AOTGenerator, SoftIntroVAE
@@ -109,8 +110,9 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def result(cohort: dict[str, Path]):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = evaluate(cohort["bundle"], cohort["manifest"], cohort["root"] / "out", methods=ALL_METHODS,
-                          device="cpu", batch_size=16, synthetic_slices=6, progress=False)
+        result = evaluate(EvaluateOptions(cohort["bundle"], cohort["manifest"], cohort["root"] / "out",
+                                          methods=ALL_METHODS, device="cpu", batch_size=16, synthetic_slices=6,
+                                          progress=False))
     assert not [w for w in caught if "skipped" in str(w.message)]  # h1 is a healthy control, not skipped
     return result
 
@@ -282,8 +284,8 @@ def test_residual_ranks_a_dark_lesion_first(cohort: dict[str, Path], monkeypatch
         return torch.full_like(x, float(x[x > 0.5].median()))
 
     monkeypatch.setattr(TorchBackend, "reconstruct", healthy_level)
-    res = evaluate(cohort["bundle"], cohort["manifest"], cohort["root"] / "out-level", methods=("residual",),
-                   device="cpu", synthetic=False, progress=False)
+    res = evaluate(EvaluateOptions(cohort["bundle"], cohort["manifest"], cohort["root"] / "out-level",
+                                   methods=("residual",), device="cpu", synthetic=False, progress=False))
     summary = res.summary["methods"]["residual"]
     table = res.per_volume.to_pandas()
     prevalence = table["true_ml"].sum() / (table["n_brain_voxels"].sum() * 0.008)
@@ -294,8 +296,8 @@ def test_residual_ranks_a_dark_lesion_first(cohort: dict[str, Path], monkeypatch
 
 def test_same_inputs_give_identical_figures(result, cohort: dict[str, Path], model) -> None:
     """A rerun (here of PHANES alone: the other methods must not change its figures) repeats every number."""
-    again = evaluate(cohort["bundle"], cohort["manifest"], cohort["root"] / "out-again", methods=("phanes",),
-                     device="cpu", batch_size=16, synthetic=False, progress=False)
+    again = evaluate(EvaluateOptions(cohort["bundle"], cohort["manifest"], cohort["root"] / "out-again",
+                                     methods=("phanes",), device="cpu", batch_size=16, synthetic=False, progress=False))
     assert again.summary["methods"]["phanes"] == result.summary["methods"]["phanes"]
     first = result.per_volume.filter(pc.equal(result.per_volume["method"], "phanes"))
     assert again.per_volume.equals(first)
@@ -312,24 +314,26 @@ def test_same_inputs_give_identical_figures(result, cohort: dict[str, Path], mod
 
 def test_unknown_method_lists_valid_ones(cohort: dict[str, Path]) -> None:
     with pytest.raises(ConfigError, match="valid methods: phanes, ra, phanes-gt, residual"):
-        evaluate(cohort["bundle"], cohort["manifest"], cohort["root"] / "bad", methods=("phanes", "anoddpm"),
-                 progress=False)
+        evaluate(EvaluateOptions(cohort["bundle"], cohort["manifest"], cohort["root"] / "bad",
+                                 methods=("phanes", "anoddpm"), progress=False))
     assert validate_methods([" PHANES", "ra", "phanes"]) == ("phanes", "ra")
     with pytest.raises(ConfigError, match="batch size"):
-        evaluate(cohort["bundle"], cohort["manifest"], cohort["root"] / "bad", batch_size=0, progress=False)
+        evaluate(EvaluateOptions(cohort["bundle"], cohort["manifest"], cohort["root"] / "bad", batch_size=0,
+                                 progress=False))
 
 
 def test_bad_manifests_are_input_errors(cohort: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(InputError, match="no rows in split 'holdout'"):
-        evaluate(cohort["bundle"], cohort["manifest"], tmp_path / "a", split="holdout", progress=False)
+        evaluate(EvaluateOptions(cohort["bundle"], cohort["manifest"], tmp_path / "a", split="holdout", progress=False))
     with pytest.raises(InputError, match="no row of split 'val' has a lesion_mask"):
-        evaluate(cohort["bundle"], cohort["manifest"], tmp_path / "b", split="val", progress=False)
+        evaluate(EvaluateOptions(cohort["bundle"], cohort["manifest"], tmp_path / "b", split="val", progress=False))
     rows = read_manifest(cohort["manifest"])
     small = _save(tmp_path / "small_lesion.nii.gz", np.zeros((20, 20, 20)))
     bad = [ManifestRow(id="p1", image=rows[0].image, brain_mask=rows[0].brain_mask, lesion_mask=small, split="test")]
     manifest = write_manifest(bad, tmp_path / "bad.parquet")
     with pytest.raises(InputError, match="mask shape"):
-        evaluate(cohort["bundle"], manifest, tmp_path / "c", device="cpu", synthetic=False, progress=False)
+        evaluate(EvaluateOptions(cohort["bundle"], manifest, tmp_path / "c", device="cpu", synthetic=False,
+                                 progress=False))
 
 
 def test_one_source_brain_at_a_time(cohort: dict[str, Path], tmp_path: Path) -> None:
@@ -338,8 +342,8 @@ def test_one_source_brain_at_a_time(cohort: dict[str, Path], tmp_path: Path) -> 
     brains = {"p1": "brain-a", "p2": "brain-b", "h1": "brain-a", "h2": "brain-v"}
     tagged = [dataclasses.replace(r, extra={**r.extra, "source": brains[r.id]}) for r in rows]
     manifest = write_manifest(tagged, cohort["root"] / "tagged.parquet")
-    one = evaluate(cohort["bundle"], manifest, tmp_path / "a", device="cpu", batch_size=16, synthetic=False,
-                   progress=False, sources=("brain-a",))
+    one = evaluate(EvaluateOptions(cohort["bundle"], manifest, tmp_path / "a", device="cpu", batch_size=16,
+                                   synthetic=False, progress=False, sources=("brain-a",)))
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert summary["settings"]["sources"] == ["brain-a"] and summary["settings"]["n_volumes"] == 1
     assert summary["settings"]["healthy_controls"] == ["h1"]
@@ -347,8 +351,8 @@ def test_one_source_brain_at_a_time(cohort: dict[str, Path], tmp_path: Path) -> 
     assert ids == {"p1"} and one is not None
     assert summary["by_source"] == {}  # one source: the pooled figures are its figures
     # All sources in one pass: each source's block equals a run restricted to that source (the oracle).
-    pooled = evaluate(cohort["bundle"], manifest, tmp_path / "all", device="cpu", batch_size=16, synthetic=False,
-                      progress=False)
+    pooled = evaluate(EvaluateOptions(cohort["bundle"], manifest, tmp_path / "all", device="cpu", batch_size=16,
+                                      synthetic=False, progress=False))
     every = pooled.summary
     assert sorted(every["by_source"]) == ["brain-a", "brain-b"]  # brain-v has only a val row
     assert every["by_source"]["brain-a"] == summary["methods"]
@@ -358,6 +362,7 @@ def test_one_source_brain_at_a_time(cohort: dict[str, Path], tmp_path: Path) -> 
     titles = [t.title for t in render_tables(pooled)]
     assert any("source 'brain-b'" in str(t) for t in titles)
     with pytest.raises(ConfigError, match=r"no rows of source\(s\) brain-z; sources: brain-a, brain-b, brain-v"):
-        evaluate(cohort["bundle"], manifest, tmp_path / "b", progress=False, sources=("brain-z",))
+        evaluate(EvaluateOptions(cohort["bundle"], manifest, tmp_path / "b", progress=False, sources=("brain-z",)))
     with pytest.raises(ConfigError, match="the manifest has no source column"):
-        evaluate(cohort["bundle"], cohort["manifest"], tmp_path / "c", progress=False, sources=("brain-a",))
+        evaluate(EvaluateOptions(cohort["bundle"], cohort["manifest"], tmp_path / "c", progress=False,
+                                 sources=("brain-a",)))

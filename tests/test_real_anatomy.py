@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from phanes_cli.inputs.manifest import read_manifest
-from phanes_cli.synth.cohort import DEFAULT_TEST_SOURCES, DEFAULT_VAL_SOURCES, synth_cohort
+from phanes_cli.synth.cohort import synth_cohort
 from phanes_cli.synth.lesion_bank import PACKAGED_BANK, build_bank, folder_bank, npz_bank, pick_by_volume
+from phanes_cli.synth.options import DEFAULT_TEST_SOURCES, DEFAULT_VAL_SOURCES, SynthOptions
 from phanes_cli.synth.templates import PACKAGED_TEMPLATES
 from phanes_cli.synth.variation import VariationConfig, _ventricle_warp, acquire, atrophy
 from tests.conftest import SHARED_DATA, needs_shared
@@ -108,7 +109,8 @@ def test_cohort_splits_by_source_brain(tmp_path: Path) -> None:
     extra = tmp_path / "extra"
     extra.mkdir()
     shutil.copy(PACKAGED_TEMPLATES / "antspy_mni152_T1.nii.gz", extra / "copy_of_mni152.nii.gz")
-    manifest = synth_cohort(tmp_path / "c", healthy=7, lesions=2, seed=3, voxel_size=4.0, templates=extra)
+    manifest = synth_cohort(SynthOptions(tmp_path / "c", healthy=7, lesions=2, seed=3, voxel_size=4.0,
+                                         templates=extra))
     rows = read_manifest(manifest)
     by_source: dict[str, set[str]] = {}
     for r in rows:

@@ -14,7 +14,7 @@ from scipy import ndimage
 
 from phanes_cli.errors import ConfigError, InputError
 from phanes_cli.inputs.manifest import read_manifest
-from phanes_cli.synth import make_subject, paint_sprites, synth_cohort
+from phanes_cli.synth import SynthOptions, make_subject, paint_sprites, synth_cohort
 from phanes_cli.synth.cohort import healthy_sources, round_robin, source_splits
 from phanes_cli.synth.label_maps import load_label_map
 from phanes_cli.synth.lesion_bank import folder_bank, npz_bank
@@ -204,7 +204,7 @@ def test_sprite_subject_changes_only_its_mask(mni: Template, grid) -> None:
 def test_cohort_on_disk_and_manifest(tmp_path: Path) -> None:
     messages: list[str] = []
     start = time.perf_counter()
-    manifest = synth_cohort(tmp_path / "c", healthy=3, lesions=2, kind="stroke", seed=11, voxel_size=3.0,
+    manifest = synth_cohort(SynthOptions(tmp_path / "c", healthy=3, lesions=2, kind="stroke", seed=11, voxel_size=3.0),
                             progress=messages.append)
     seconds = (time.perf_counter() - start) / 5
     print(f"synth: {seconds:.2f} s per subject at 3 mm (template load included)")
@@ -255,26 +255,26 @@ def test_splits_by_source_brain() -> None:
 
 def test_invalid_requests_are_clear(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="negative"):
-        synth_cohort(tmp_path, healthy=-1, lesions=1)
+        synth_cohort(SynthOptions(tmp_path, healthy=-1, lesions=1))
     with pytest.raises(ConfigError, match="nothing to make"):
-        synth_cohort(tmp_path, healthy=0, lesions=0)
+        synth_cohort(SynthOptions(tmp_path, healthy=0, lesions=0))
     with pytest.raises(ConfigError, match="unknown --kind"):
-        synth_cohort(tmp_path, healthy=1, lesions=1, kind="tumour")
+        synth_cohort(SynthOptions(tmp_path, healthy=1, lesions=1, kind="tumour"))
     with pytest.raises(ConfigError, match="--kind stroke"):
-        synth_cohort(tmp_path, healthy=1, lesions=1, kind="sprites", lesion_shapes=tmp_path)
+        synth_cohort(SynthOptions(tmp_path, healthy=1, lesions=1, kind="sprites", lesion_shapes=tmp_path))
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no NIfTI"):
-        synth_cohort(tmp_path / "out", healthy=1, lesions=1, lesion_shapes=tmp_path / "empty")
+        synth_cohort(SynthOptions(tmp_path / "out", healthy=1, lesions=1, lesion_shapes=tmp_path / "empty"))
     with pytest.raises(InputError, match="not found"):
-        synth_cohort(tmp_path / "out", healthy=1, lesions=0, templates=tmp_path / "missing")
+        synth_cohort(SynthOptions(tmp_path / "out", healthy=1, lesions=0, templates=tmp_path / "missing"))
     with pytest.raises(ConfigError, match="voxel size"):
-        synth_cohort(tmp_path, healthy=1, lesions=0, voxel_size=0.1)
+        synth_cohort(SynthOptions(tmp_path, healthy=1, lesions=0, voxel_size=0.1))
     with pytest.raises(ConfigError, match="unknown --lesion-source"):
-        synth_cohort(tmp_path, healthy=1, lesions=1, lesion_source="drawn")
+        synth_cohort(SynthOptions(tmp_path, healthy=1, lesions=1, lesion_source="drawn"))
     with pytest.raises(ConfigError, match="--lesion-source real"):
-        synth_cohort(tmp_path, healthy=1, lesions=1, lesion_source="procedural", lesion_shapes=tmp_path)
+        synth_cohort(SynthOptions(tmp_path, healthy=1, lesions=1, lesion_source="procedural", lesion_shapes=tmp_path))
     with pytest.raises(ConfigError, match="unknown source brain"):  # checked before any template is loaded
-        synth_cohort(tmp_path / "out", healthy=1, lesions=0, test_sources=("nope",))
+        synth_cohort(SynthOptions(tmp_path / "out", healthy=1, lesions=0, test_sources=("nope",)))
 
 
 def test_a_bad_extra_template_fails_before_anything_is_written(tmp_path: Path) -> None:
@@ -284,7 +284,7 @@ def test_a_bad_extra_template_fails_before_anything_is_written(tmp_path: Path) -
     extra.mkdir()
     nib.save(nib.Nifti1Image(np.zeros((20, 20, 20), np.float32), np.eye(4)), str(extra / "blank.nii.gz"))
     with pytest.raises(InputError, match=r"blank\.nii\.gz.*no brain found"):
-        synth_cohort(tmp_path / "out", healthy=1, lesions=0, templates=extra, voxel_size=4.0)
+        synth_cohort(SynthOptions(tmp_path / "out", healthy=1, lesions=0, templates=extra, voxel_size=4.0))
     assert not (tmp_path / "out").exists()
 
 
@@ -327,7 +327,7 @@ def test_healthy_sources_cycle_and_label_map_fraction() -> None:
 
 def test_label_map_fraction_out_of_range_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="label-map-fraction"):
-        synth_cohort(tmp_path / "c", healthy=1, lesions=0, label_map_fraction=1.5)
+        synth_cohort(SynthOptions(tmp_path / "c", healthy=1, lesions=0, label_map_fraction=1.5))
 
 
 def test_label_map_subject_is_a_skull_stripped_t1(tmp_path: Path) -> None:

@@ -49,15 +49,14 @@ from phanes_cli.core.volume_io import load_mask
 from phanes_cli.errors import ConfigError, InputError
 from phanes_cli.evaluation.controls import DetectionBreakdown
 from phanes_cli.evaluation.methods import (
-    DEFAULT_METHODS,
     UNCALIBRATED,
     predict,
     run_methods,
     scores_of,
     threshold,
-    validate_methods,
 )
 from phanes_cli.evaluation.metrics import VOLUME_SCORES_SCHEMA, CohortMetrics
+from phanes_cli.evaluation.options import EvaluateOptions
 from phanes_cli.evaluation.synthetic import SyntheticResult, run_synthetic, synthetic_subjects
 from phanes_cli.evaluation.tables import render_tables as _render_tables
 from phanes_cli.infra.atomic import write_json, write_parquet
@@ -307,24 +306,9 @@ def _write_results(out: Path, summary: dict[str, Any], per_volume: pa.Table, con
     write_json(out / SUMMARY_FILE, summary)
 
 
-def evaluate(
-    bundle: Path,
-    manifest: Path,
-    out: Path,
-    methods: Sequence[str] = DEFAULT_METHODS,
-    split: str = "test",
-    device: str = "auto",
-    batch_size: int = 32,
-    synthetic: bool = True,
-    synthetic_slices: int = 30,
-    seed: int = 0,
-    lpips_weights: str | None = None,
-    progress: bool = True,
-    skull_strip: str = "auto",
-    backend_name: str = "auto",
-    sources: Sequence[str] = (),
-) -> EvaluationResult:
-    """Score `methods` of a calibrated bundle on the labelled rows of a manifest split; write the results to `out`.
+def evaluate(options: EvaluateOptions) -> EvaluationResult:
+    """Score `options.methods` of a calibrated bundle on the labelled rows of a manifest split; write the results
+    to `options.out`.
 
     Writes summary.json (settings + per-method summary + synthetic summary), per_volume.parquet (one row
     per method and volume), healthy_controls.parquet (false positives per method and healthy control, when
@@ -332,29 +316,28 @@ def evaluate(
     `sources`: only the rows whose manifest `source` column (`phanes data synth`: the source brain) is one of
     these, e.g. one test brain at a time.
     """
-    bundle, manifest, out = Path(bundle), Path(manifest), Path(out)
-    names = validate_methods(methods)
-    if batch_size < 1:
-        raise ConfigError(f"batch size must be at least 1, got {batch_size}")
-    if synthetic and synthetic_slices < 1:
-        raise ConfigError(f"the synthetic protocol needs at least 1 slice, got {synthetic_slices}")
+    names = options.validate()
+    bundle, manifest, out = Path(options.bundle), Path(options.manifest), Path(options.out)
+    split, sources, batch_size, skull_strip = options.split, options.sources, options.batch_size, options.skull_strip
     loaded = load_bundle(bundle)
     calibration, cfg = loaded.require_calibration(), loaded.config
     rows, labelled, controls, skipped, notes = _rows_to_score(manifest, split, sources)
-    backend = choose_backend(backend_name, loaded, select_device(device), lpips_weights)
+    backend = choose_backend(options.backend, loaded, select_device(options.device), options.lpips_weights)
 
-    boards = _score_rows(labelled, controls, backend, cfg, calibration, names, batch_size, skull_strip, progress)
+    boards = _score_rows(labelled, controls, backend, cfg, calibration, names, batch_size, skull_strip,
+                         options.progress)
     every = boards.pop(None)
     method_summaries = every.summaries()
     by_source = {source: board.summaries() for source, board in sorted(boards.items())} if len(boards) > 1 else {}
     notes += _clipping_notes(method_summaries)
     synthetic_result = None
-    if synthetic:
+    if options.synthetic:
         healthy, source = synthetic_subjects(rows, split)
         if healthy:
             synthetic_result = run_synthetic(healthy, source, backend, cfg, calibration, names,
-                                             n_slices=synthetic_slices, seed=seed, batch_size=batch_size, bins=BINS,
-                                             max_score=MAX_SCORE, skull_strip=skull_strip)
+                                             n_slices=options.synthetic_slices, seed=options.seed,
+                                             batch_size=batch_size, bins=BINS, max_score=MAX_SCORE,
+                                             skull_strip=skull_strip)
         else:
             notes.append(f"synthetic protocol skipped: no healthy rows in split {split!r} nor in 'val'")
     for note in notes:

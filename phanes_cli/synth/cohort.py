@@ -19,10 +19,7 @@ subjects are the controls `phanes evaluate` counts false positives on. Lesion su
 test sources round-robin. The manifest's `source` column names each subject's brain (report per test brain).
 Lesions: `--kind stroke` places real expert-drawn stroke masks (the bank shipped with the package, or
 every mask of `--lesion-shapes DIR`); `--lesion-source procedural` grows irregular shapes instead.
-Voxel size: 1.5 mm by default. The model sees axial slices padded square and resized to 128 x 128;
-at 1.5 mm the MNI grid (brain box + 10 mm margin) is 111 x 135 x 117, so a slice is ~135 voxels across,
-already about the model's 128: finer grids add no detail the model keeps, while a volume has 3.4x fewer
-voxels than at 1 mm (synthesis, preprocessing and screening are that much faster). 2 mm would upsample.
+The options and their defaults (voxel size included) are `synth.options.SynthOptions`.
 """
 
 from __future__ import annotations
@@ -34,11 +31,18 @@ from pathlib import Path
 import numpy as np
 
 from phanes_cli.core.volume_io import save_nifti
-from phanes_cli.errors import ConfigError, InputError
+from phanes_cli.errors import ConfigError
 from phanes_cli.inputs.manifest import ManifestRow, write_manifest
 from phanes_cli.synth.label_maps import LabelMap, label_map_names, load_label_map
 from phanes_cli.synth.lesion_bank import ShapeBank, folder_bank, npz_bank
 from phanes_cli.synth.lesions import LesionConfig, stroke_lesions
+from phanes_cli.synth.options import (
+    DEFAULT_LABEL_MAP_FRACTION,
+    DEFAULT_TEST_SOURCES,
+    DEFAULT_VAL_SOURCES,
+    KINDS,
+    SynthOptions,
+)
 from phanes_cli.synth.sprites import sprite_volume
 from phanes_cli.synth.templates import (
     MNI152_NAME,
@@ -53,16 +57,9 @@ from phanes_cli.synth.templates import (
 )
 from phanes_cli.synth.variation import VariationConfig, acquire, sample_anatomy
 
-KINDS = ("stroke", "sprites")
-LESION_SOURCES = ("real", "procedural")
 HEALTHY, LESION = 0, 1
-DEFAULT_VOXEL_SIZE = 1.5
 DEFAULT_VARIATION = VariationConfig()
 DEFAULT_LESIONS = LesionConfig()
-DEFAULT_VAL_SOURCES = ("antspy_colin27_ch2_T1", "studyforrest_T1w_brain")
-DEFAULT_TEST_SOURCES = ("niimath_adult_T1", "niivue_fs_norm_T1")
-# share of training subjects generated from label maps (the rest: real train images); judge it on validation
-DEFAULT_LABEL_MAP_FRACTION = 0.5
 TRAIN_SHARE = 0.6  # train slots fill the healthy cycle up to this share
 Source = Template | LabelMap
 
@@ -121,26 +118,6 @@ def make_subject(source: Source, grid: Grid, seed: int, index: int, kind: str | 
         return Subject(image, anatomy.brain, mask, healthy if keep_base else None, grid.affine, template.name,
                        ("sprites",))
     raise ConfigError(f"unknown lesion kind {kind!r}; choose one of {', '.join(KINDS)}")
-
-
-def _validate(out: Path, healthy: int, lesions: int, kind: str, seed: int, voxel_size: float,
-              lesion_shapes: Path | None, lesion_source: str) -> None:
-    if healthy < 0 or lesions < 0:
-        raise ConfigError(f"subject counts must not be negative (got --healthy {healthy}, --lesions {lesions})")
-    if healthy + lesions == 0:
-        raise ConfigError("nothing to make: ask for at least one subject with --healthy or --lesions")
-    if kind not in KINDS:
-        raise ConfigError(f"unknown --kind {kind!r}; choose one of {', '.join(KINDS)}")
-    if lesion_source not in LESION_SOURCES:
-        raise ConfigError(f"unknown --lesion-source {lesion_source!r}; choose one of {', '.join(LESION_SOURCES)}")
-    if seed < 0:
-        raise ConfigError(f"--seed must be a non-negative integer, got {seed}")
-    if not 0.5 <= voxel_size <= 4.0:
-        raise ConfigError(f"voxel size must be between 0.5 and 4 mm, got {voxel_size}")
-    if lesion_shapes is not None and (kind != "stroke" or lesion_source != "real"):
-        raise ConfigError("--lesion-shapes places real stroke masks: it needs --kind stroke and --lesion-source real")
-    if out.exists() and not out.is_dir():
-        raise InputError(out, "output path exists and is not a folder")
 
 
 def source_splits(names: list[str], val: tuple[str, ...] = DEFAULT_VAL_SOURCES,
@@ -202,33 +179,26 @@ def _shape_bank(kind: str, lesion_source: str, lesion_shapes: Path | None) -> Sh
     return folder_bank(Path(lesion_shapes)) if lesion_shapes is not None else npz_bank()
 
 
-def synth_cohort(out: Path, healthy: int, lesions: int, kind: str = "stroke", seed: int = 0,
-                 lesion_shapes: Path | None = None, templates: Path | None = None,
-                 voxel_size: float = DEFAULT_VOXEL_SIZE, progress: Callable[[str], None] | None = None,
-                 lesion_source: str = "real", val_sources: tuple[str, ...] = DEFAULT_VAL_SOURCES,
-                 test_sources: tuple[str, ...] = DEFAULT_TEST_SOURCES,
-                 label_map_fraction: float = DEFAULT_LABEL_MAP_FRACTION,
-                 only_splits: tuple[str, ...] | None = None) -> Path:
-    """Write `healthy` + `lesions` synthetic T1 subjects under `out`; returns the manifest path.
+def synth_cohort(options: SynthOptions, progress: Callable[[str], None] | None = None) -> Path:
+    """Write `options.healthy` + `options.lesions` synthetic T1 subjects under `options.out`; returns the manifest
+    path.
 
     Layout: out/images/<id>.nii.gz (float32), out/masks/<id>_brain.nii.gz (uint8),
     out/labels/<id>_lesion.nii.gz (uint8, lesion subjects), out/manifest.parquet.
     Ids: healthy-0000..., and stroke-0000... or sprites-0000.... Manifest extras: `source` (the source brain),
     `source_kind` (image or label_map), `seed`, `lesion_source`.
-    `progress` is called exactly once per subject written, with "<id> (k/n)". `only_splits`: write only the
-    subjects of these splits, exactly as the whole cohort would hold them (same ids and images; e.g. the
+    `progress` is called exactly once per subject written, with "<id> (k/n)". `options.only_splits`: write only
+    the subjects of these splits, exactly as the whole cohort would hold them (same ids and images; e.g. the
     validation volumes a shipped model was calibrated on, without synthesising the rest).
     """
-    out = Path(out)
-    _validate(out, healthy, lesions, kind, seed, voxel_size, lesion_shapes, lesion_source)
-    if not 0.0 <= label_map_fraction <= 1.0:
-        raise ConfigError(f"--label-map-fraction must lie between 0 and 1, got {label_map_fraction}")
-    shapes = _shape_bank(kind, lesion_source, lesion_shapes)
+    options.validate()
+    out, kind, seed = Path(options.out), options.kind, options.seed
+    shapes = _shape_bank(kind, options.lesion_source, options.lesion_shapes)
     report = progress or (lambda message: None)
-    files = template_files(None if templates is None else Path(templates))
+    files = template_files(None if options.templates is None else Path(options.templates))
     label_names = label_map_names()
     names = [MNI152_NAME] + [template_name(p) for p in files] + label_names
-    splits = source_splits(names, tuple(val_sources), tuple(test_sources))
+    splits = source_splits(names, tuple(options.val_sources), tuple(options.test_sources))
     mni = load_mni152()
     sources: dict[int, Source] = {0: mni, **load_extra_templates(files, mni)}
 
@@ -238,14 +208,15 @@ def synth_cohort(out: Path, healthy: int, lesions: int, kind: str = "stroke", se
         return sources[i]
 
     tests = [i for i in round_robin(names, splits) if splits[names[i]] == "test"]
-    picks = healthy_sources(healthy, names, splits, set(label_names), label_map_fraction)
-    plan = [(None, i, picks[i]) for i in range(healthy)] + [(kind, i, tests[i % len(tests)]) for i in range(lesions)]
-    if only_splits is not None:
-        plan = [p for p in plan if ("test" if p[0] else splits[names[p[2]]]) in only_splits]
+    picks = healthy_sources(options.healthy, names, splits, set(label_names), options.label_map_fraction)
+    plan = ([(None, i, picks[i]) for i in range(options.healthy)]
+            + [(kind, i, tests[i % len(tests)]) for i in range(options.lesions)])
+    if options.only_splits is not None:
+        plan = [p for p in plan if ("test" if p[0] else splits[names[p[2]]]) in options.only_splits]
     grids: dict[int, Grid] = {}
     rows: list[ManifestRow] = []
     for done, (subject_kind, index, which) in enumerate(plan, start=1):
-        grid = grids.setdefault(which, output_grid(source(which), voxel_size))
+        grid = grids.setdefault(which, output_grid(source(which), options.voxel_size))
         subject = make_subject(source(which), grid, seed, index, subject_kind, shapes)
         sid = f"{subject_kind or 'healthy'}-{index:04d}"
         rows.append(_write_subject(out, sid, subject, "test" if subject_kind else splits[names[which]],
