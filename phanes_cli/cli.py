@@ -487,6 +487,51 @@ def _shipped_bundle(backend: str, lpips_weights: str | None) -> Path:
     return exported_copy(shipped, report=lambda line: console.print(escape(line)), lpips_weights=lpips_weights)
 
 
+AnalysisLevel = Literal["participant", "group"]
+
+
+@app.command()
+@_friendly
+def bids(
+    bids_dir: Path = typer.Argument(..., help="BIDS dataset (raw) to screen."),
+    output_dir: Path = typer.Argument(..., help="Derivatives folder (e.g. BIDS_DIR/derivatives/phanes)."),
+    analysis_level: AnalysisLevel = typer.Argument(..., help="participant: screen subjects (in parallel jobs if you "
+                                                            "like); group: tables and report of them all."),
+    more_labels: list[str] = typer.Argument(None, hidden=True),  # `--participant-label 01 02`: the 02 lands here
+    participant_label: list[str] = typer.Option(
+        [], "--participant-label", help="Subjects to screen (01 or sub-01; several after one flag, as BIDS Apps "
+                                        "take them); default: every subject."),
+    bundle: Path | None = typer.Option(None, "--bundle", help="Calibrated model bundle; default: the shipped model."),
+    skull_strip: SkullStrip = SKULL_STRIP_OPTION,
+    backend: BackendName = typer.Option("auto", "--backend", help=BACKEND_HELP),
+    device: Device = typer.Option("auto", "--device", help="auto, cpu or cuda (as for screen)."),
+    address: str | None = typer.Option(None, "--address", help="Ray cluster (as for screen); default: a local one."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress display."),
+) -> None:
+    """BIDS-Apps entry point: `participant` screens T1w images into OUTPUT_DIR as BIDS derivatives (one job per
+    subject may run at once), `group` merges them into the cohort tables and report.html."""
+    from phanes_cli.screening import bids_app
+
+    if analysis_level == "group":
+        require("PIL", "phanes report")
+        from phanes_cli.cohort_report.page import render_report
+
+        merged = bids_app.group(output_dir)
+        html = render_report(output_dir).html
+        console.print(f"group: {len(merged.participants)} participants, {merged.volumes} volumes "
+                      f"({merged.failed} failed) -> {escape(str(html))}")
+        return
+    if more_labels and not participant_label:
+        raise typer.BadParameter(f"unexpected argument(s) {' '.join(more_labels)}")
+    from phanes_cli.screening.engine import ScreenOptions
+
+    options = ScreenOptions(bundle=bundle or _shipped_bundle(backend, None), out=output_dir, address=address,
+                            gpus_per_actor=ScreenOptions.gpus_for_device(device, None), backend=backend,
+                            skull_strip=skull_strip, quiet=quiet)
+    summaries = bids_app.participant(bids_dir, output_dir, [*participant_label, *(more_labels or [])], options)
+    raise typer.Exit(max(s.exit_code for s in summaries))
+
+
 @app.command()
 @_friendly
 def models(

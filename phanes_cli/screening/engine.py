@@ -70,7 +70,7 @@ def screen(inputs: list[str], options: ScreenOptions) -> ScreenSummary:
     claim_folder(layout.root, (layout.lock.name, layout.run_manifest.name), "a `phanes screen` run")
     log = JsonLog(options.log_jsonl)
     with run_lock(layout):  # DICOM folders are converted into OUT/dicom: under the lock
-        rows, listed = resolve_with_unused(inputs, exclude=layout.root, bids=options.bids,
+        rows, listed = resolve_with_unused(inputs, exclude=options.exclude or layout.root, bids=options.bids,
                                            dicom_cache=layout.root / DICOM_FOLDER)
         series = [item for item in listed if not item.unused and item.id is not None]
         previous = mark_abandoned(layout)

@@ -51,6 +51,7 @@ class ScreenOptions:
     layout: str = "default"  # default | bids (bids_derivative.py: OUT as a BIDS-derivatives dataset)
     bids: BidsQuery = field(default_factory=BidsQuery)  # which images of a BIDS root input to take
     min_lesion_ml: float | None = None  # lesion components under this are dropped; default: the bundle's calibration
+    exclude: Path | None = None  # inputs are never taken from here besides OUT (`phanes bids`: the whole OUTPUT_DIR)
 
     def validate(self) -> None:
         unknown = sorted(set(self.outputs) - set(OUTPUT_KINDS))
