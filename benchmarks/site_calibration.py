@@ -1,21 +1,17 @@
-"""Site calibration, measured (issue 20): `phanes calibrate` on N healthy controls of one scanner/preparation.
+"""Site calibration, measured: `phanes calibrate --out` on N healthy controls of one site.
 
-A user whose brains are prepared differently from the bundle's validation brains (FreeSurfer `norm`, N4 and
-registration, another scanner) can recalibrate the operating point on a few healthy controls of their own:
-`phanes calibrate --bundle COPY --data MANIFEST` where MANIFEST's `val` rows are those controls (with
-`tune.enabled` the real lesion shapes are inserted into them, as for the bundle's own validation). This script
-measures what that buys on one source brain: false-positive mL on held-out controls of that source with the
-bundle as shipped, then after calibrating copies of it on N = 1, 2, 4 controls.
+A user whose brains come from another scanner or preparation than the bundle's validation brains can recalibrate
+the operating point on a few healthy controls of their own: `phanes calibrate --out NEW --data MANIFEST` where
+MANIFEST's `val` rows are those controls (with `tune.enabled` the real lesion shapes are inserted into them, as for
+the bundle's own validation). This script measures what that buys: false-positive mL on held-out controls of the
+site with the bundle as shipped, then after calibrating copies of it on the first N = 2, 4 controls.
 
-The controls are subjects synthesised from the one source brain (`data synth` with it as the only validation
-source): the same person with the subject and scan variation of `synth.variation` (intensity field, noise,
-resolution, small deformations), i.e. augmented controls, not other people; the held-out controls are the
-remaining subjects of that source. The source is chosen by the user: for the figures in docs/measurements.md it is a
-*test* brain (FreeSurfer `norm`), on purpose: these figures are reported apart from the test figures.
+The controls are the rows of one site and split of a manifest (`tools/real_cohort.py`); figures computed on test
+rows are reported apart from the test figures, as a separate experiment.
 
 Usage:
-    python benchmarks/site_calibration.py --bundle runs/b20-f0.5 --source niivue_fs_norm_T1 \
-        --work runs/site-fsnorm [--counts 1,2,4] [--healthy 40]
+    python benchmarks/site_calibration.py --bundle B --manifest runs/real/manifest.parquet --site ds002748 \
+        --split test --work runs/site-ds [--counts 2,4]
 """
 
 from __future__ import annotations
@@ -23,6 +19,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -36,17 +33,12 @@ from phanes_cli.inputs.brain_masks import load_with_brain
 from phanes_cli.inputs.manifest import ManifestRow, read_manifest, write_manifest
 from phanes_cli.runtimes.pytorch import select_device
 from phanes_cli.runtimes.select import choose_backend
-from phanes_cli.synth.cohort import synth_cohort
-from phanes_cli.synth.options import SynthOptions
 
 
-def site_controls(work: Path, source: str, healthy: int) -> list[ManifestRow]:
-    """Healthy subjects of `source` (its only split: val), synthesised once into `work`/cohort."""
-    manifest = work / "cohort" / "manifest.parquet"
-    if not manifest.exists():
-        others = ("niimath_adult_T1",) if source != "niimath_adult_T1" else ("niivue_fs_norm_T1",)
-        synth_cohort(SynthOptions(work / "cohort", healthy, 0, val_sources=(source,), test_sources=others))
-    return [r for r in read_manifest(manifest) if r.split == "val"]
+def site_controls(manifest: Path, site: str, split: str) -> list[ManifestRow]:
+    """The healthy rows of one site and split, as validation rows (what calibrate reads)."""
+    return [replace(r, split="val") for r in read_manifest(manifest)
+            if r.extra.get("site") == site and r.split == split and r.kind == "healthy"]
 
 
 def false_positives(bundle: Path, rows: list[ManifestRow]) -> tuple[list[float], list[int]]:
@@ -71,27 +63,28 @@ def recalibrated(bundle: Path, controls: list[ManifestRow], work: Path) -> tuple
     copy = work / f"bundle-n{len(controls)}"
     if copy.exists():
         shutil.rmtree(copy)
-    shutil.copytree(bundle, copy)
+    work.mkdir(parents=True, exist_ok=True)
     manifest = write_manifest(controls, work / f"site-n{len(controls)}.parquet")
     start = time.perf_counter()
-    calibrate(copy, manifest, device="cpu", progress=False)
+    calibrate(bundle, manifest, device="cpu", progress=False, out=copy)
     return copy, time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, required=True)
-    parser.add_argument("--source", required=True)
+    parser.add_argument("--manifest", type=Path, required=True)
+    parser.add_argument("--site", required=True)
+    parser.add_argument("--split", default="test")
     parser.add_argument("--work", type=Path, required=True)
-    parser.add_argument("--counts", default="1,2,4")
-    parser.add_argument("--healthy", type=int, default=40)
+    parser.add_argument("--counts", default="2,4")
     args = parser.parse_args()
     counts = [int(c) for c in args.counts.split(",")]
-    controls = site_controls(args.work, args.source, args.healthy)
+    controls = site_controls(args.manifest, args.site, args.split)
     held_out = controls[max(counts):]
     if len(held_out) < 2:
-        raise SystemExit(f"{len(controls)} controls of {args.source}: raise --healthy to keep at least 2 held out")
-    print(f"{args.source}: {len(controls)} controls, {len(held_out)} held out: {[r.id for r in held_out]}")
+        raise SystemExit(f"{len(controls)} controls of {args.site}: too few to keep at least 2 held out")
+    print(f"{args.site}: {len(controls)} controls, {len(held_out)} held out: {[r.id for r in held_out]}")
     print(f"{'calibration':24}{'seconds':>8}{'FP mL median':>14}{'FP mL each':>30}{'comp median':>13}  budget met")
     rows = [("bundle as trained", args.bundle, 0.0)]
     for n in counts:

@@ -1,16 +1,19 @@
 """The model shipped with phanes (data/models/): its files are the ones recorded, it says where it came from, and
 it reproduces the validation figures recorded in its calibration on its own validation volumes.
 
-The validation volumes are rebuilt exactly as the training cohort held them (`data synth` with the recipe stored in
-provenance.json, only the val split), the tuning's real lesion shapes are inserted again with its seed, and the
-pipeline runs with the bundle's calibration: lesion Dice pooled over those volumes and each volume's burden error
-must match calibration.json (to float noise across machines and thread counts). Test brains are never read.
+The validation rows are rebuilt exactly as the training manifest held them (`tools/real_cohort.py` with the recipe
+stored in provenance.json, on the real brains of ../shared/data; skipped without them), the tuning's real lesion
+shapes are inserted again with its seed, and the pipeline runs with the bundle's calibration: lesion Dice pooled over
+those volumes and each volume's burden error must match calibration.json (to float noise across machines and thread
+counts). Test brains are never read.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -22,10 +25,13 @@ from phanes_cli.core.bundle import PROVENANCE_FILE, load_bundle
 from phanes_cli.core.pipeline import run_volume
 from phanes_cli.core.shipped_models import models_dir, shipped_bundles
 from phanes_cli.runtimes.pytorch import TorchBackend, load_networks
-from phanes_cli.synth.cohort import synth_cohort
 from phanes_cli.synth.lesion_bank import npz_bank
 from phanes_cli.synth.templates import load_mni152
-from phanes_cli.training.data import healthy_rows
+from tests.conftest import SHARED_DATA
+
+REAL_COHORT = Path(__file__).resolve().parents[1] / "tools" / "real_cohort.py"
+needs_cohort = pytest.mark.skipif(not (SHARED_DATA / "ixi").is_dir() or not (SHARED_DATA / "ds002748").is_dir(),
+                                  reason="../shared/data/ixi and ds002748 (the training population) are not here")
 
 
 @pytest.fixture(scope="module")
@@ -39,30 +45,36 @@ def _provenance(bundle: Path) -> dict[str, Any]:
     return json.loads((bundle / PROVENANCE_FILE).read_text())
 
 
+def _real_cohort() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("real_cohort", REAL_COHORT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_the_shipped_model_verifies_and_says_where_it_came_from(shipped: Path) -> None:
     model = load_bundle(shipped)  # every file against its recorded sha256
     provenance = _provenance(shipped)
-    recipe = provenance["cohort"]["synth"]
-    assert set(recipe) >= {"healthy", "lesions", "seed", "label_map_fraction", "val_sources", "test_sources"}
+    cohort = provenance["cohort"]
+    assert set(cohort["recipe"]) >= {"tool", "val_per_site", "test_ixi", "test_ds", "seed"}
     assert provenance["source"]["commit"] and provenance["training"]["seconds"] > 0
     tuning = model.require_calibration().tuning
     assert tuning is not None and tuning["validation"]["dice"] > 0
     assert {"median_fp_ml", "median_fp_components"} <= set(tuning["healthy_validation"])
-    test_sources = set(recipe["test_sources"])
-    assert not test_sources & set(provenance["cohort"]["train"]["sources"])
-    assert not test_sources & set(provenance["cohort"]["val"]["sources"])
+    train, val, test = (set(cohort[split]["sources"]) for split in ("train", "val", "test"))
+    assert len(val) >= 2  # validation spans at least two sites
+    assert test - train - val  # and at least one test site is held out of both
 
 
-@pytest.mark.slow  # about a minute on 2 cores: six validation volumes through the pipeline
-def test_the_shipped_model_reproduces_its_validation_figures(shipped: Path, tmp_path: Path) -> None:
+@needs_cohort
+@pytest.mark.slow  # about a minute on 2 cores: twelve validation volumes through the pipeline
+def test_the_shipped_model_reproduces_its_validation_figures(shipped: Path) -> None:
     model = load_bundle(shipped)
     calibration, cfg = model.require_calibration(), model.config
-    recipe = _provenance(shipped)["cohort"]["synth"]
-    manifest = synth_cohort(tmp_path / "val", recipe["healthy"], recipe["lesions"], seed=recipe["seed"],
-                            label_map_fraction=recipe["label_map_fraction"],
-                            val_sources=tuple(recipe["val_sources"]), test_sources=tuple(recipe["test_sources"]),
-                            only_splits=("val",))
-    rows = healthy_rows(manifest, "val")
+    recipe = _provenance(shipped)["cohort"]["recipe"]
+    rows = [r for r in _real_cohort().cohort_rows(SHARED_DATA, recipe["val_per_site"], recipe["test_ixi"],
+                                                    recipe["test_ds"], recipe["seed"]) if r.split == "val"]
     lesioned = lesioned_validation(rows, npz_bank(), load_mni152(), cfg.tune.copies, cfg.tune.seed, "auto",
                                    cfg.tune.shapes_per_volume)
     tuning = calibration.tuning
