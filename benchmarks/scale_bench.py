@@ -46,9 +46,9 @@ from phanes_cli.config import AOTConfig, PhanesConfig, PreprocessConfig, RAConfi
 from phanes_cli.core.bundle import save_bundle
 from phanes_cli.core.calibration import Calibration
 from phanes_cli.models import AOTGenerator, SoftIntroVAE
-from phanes_cli.screening.consolidate import consolidate
+from phanes_cli.run_folder.consolidate import consolidate
+from phanes_cli.run_folder.layout import OutputLayout
 from phanes_cli.screening.engine import screen
-from phanes_cli.screening.layout import OutputLayout
 from phanes_cli.screening.options import ScreenOptions
 
 SHAPE = (16, 16, 12)

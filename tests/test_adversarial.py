@@ -39,10 +39,10 @@ from phanes_cli.infra.atomic import write_bytes
 from phanes_cli.inputs.discovery import prepare_manifest, resolve_inputs
 from phanes_cli.inputs.manifest import ManifestRow, read_manifest, write_manifest
 from phanes_cli.inputs.quality import FATAL, check_volume
+from phanes_cli.run_folder.commit import commit_volume
+from phanes_cli.run_folder.consolidate import consolidate
+from phanes_cli.run_folder.layout import OutputLayout, file_stem
 from phanes_cli.runtimes.pytorch import PhanesNetworks, load_networks
-from phanes_cli.screening.commit import commit_volume
-from phanes_cli.screening.consolidate import consolidate
-from phanes_cli.screening.layout import OutputLayout, file_stem
 from phanes_cli.training.data import healthy_rows
 from tests._tiny_cohort import tiny_config, write_cohort
 from tests.conftest import blob_volume
@@ -759,7 +759,7 @@ def test_a_case_of_any_shape_is_embedded_within_the_voxel_budget(shape: tuple[in
 def test_covariates_joined_on_resume_never_replace_the_tables_own_columns(tmp_path: Path) -> None:
     """Inputs whose columns, edited since the parts were written, are named like the tables' own (status, id,
     lesion_burden_ml): they arrive prefixed, the volume's own values stand."""
-    from phanes_cli.screening.commit import record_failure
+    from phanes_cli.run_folder.commit import record_failure
 
     layout = OutputLayout(tmp_path / "out")
     layout.ensure()

@@ -17,9 +17,9 @@ import pytest
 from phanes_cli.core.bundle import load_bundle
 from phanes_cli.errors import ConfigError
 from phanes_cli.inputs.bids import is_bids_root, parse_filters, select_bids
+from phanes_cli.run_folder.layout import OutputLayout
 from phanes_cli.screening.bids_derivative import start_layout
 from phanes_cli.screening.engine import screen
-from phanes_cli.screening.layout import OutputLayout
 from phanes_cli.screening.options import ScreenOptions
 from tests._ray import HEAD_IP, RayCluster
 from tests.conftest import blob_volume

@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from phanes_cli.errors import PhanesError
+from phanes_cli.run_folder.layout import OutputLayout
 from phanes_cli.screening.bids_app import PARTICIPANTS, _publish, group
-from phanes_cli.screening.layout import OutputLayout
 from phanes_cli.screening.session import run_lock
 from tests._ray import HEAD_IP, RayCluster
 from tests.conftest import SHARED_DATA, needs_shared

@@ -19,10 +19,10 @@ from phanes_cli.errors import InputError, PhanesError
 from phanes_cli.inputs.bids import OWN_OUTPUT, BidsQuery, select_bids
 from phanes_cli.inputs.covariates import typed
 from phanes_cli.inputs.discovery import resolve_with_unused
-from phanes_cli.screening.commit import record_failure
-from phanes_cli.screening.consolidate import consolidate
+from phanes_cli.run_folder.commit import record_failure
+from phanes_cli.run_folder.consolidate import consolidate
+from phanes_cli.run_folder.layout import OutputLayout
 from phanes_cli.screening.engine import screen
-from phanes_cli.screening.layout import OutputLayout
 from phanes_cli.screening.options import ScreenOptions
 from phanes_cli.screening.session import run_lock
 from tests._ray import HEAD_IP, RayCluster

@@ -18,17 +18,17 @@ from phanes_cli.core.locations import CSF_CONTACTS, LOCATION_CLASSES
 from phanes_cli.core.statistics import LOCATION_BURDEN_COLUMNS
 from phanes_cli.infra.atomic import write_parquet
 from phanes_cli.inputs.manifest import ManifestRow
-from phanes_cli.screening.actors import InferenceActor
-from phanes_cli.screening.bids_derivative import start_layout
-from phanes_cli.screening.layout import OutputLayout
-from phanes_cli.screening.restat import restat_volume
-from phanes_cli.screening.schemas import (
+from phanes_cli.run_folder.layout import OutputLayout
+from phanes_cli.run_folder.schemas import (
     FAILURE_SCHEMA,
     LESION_SCHEMA,
     VOLUME_SCHEMA,
     table_from_rows,
     with_extra_columns,
 )
+from phanes_cli.screening.actors import InferenceActor
+from phanes_cli.screening.bids_derivative import start_layout
+from phanes_cli.screening.restat import restat_volume
 from phanes_cli.screening.tasks import WriteJob, decode_volume, write_volume
 from tests._tiny_cohort import write_cohort
 

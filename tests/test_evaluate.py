@@ -36,9 +36,9 @@ from phanes_cli.evaluation.options import EvaluateOptions
 from phanes_cli.evaluation.synthetic import central_positions, mid_slices, run_synthetic, synthetic_subjects
 from phanes_cli.inputs.manifest import ManifestRow, read_manifest, write_manifest
 from phanes_cli.models import AOTGenerator, SoftIntroVAE
+from phanes_cli.run_folder.layout import OutputLayout
 from phanes_cli.runtimes.pytorch import TorchBackend, load_networks
 from phanes_cli.screening.actors import InferenceActor
-from phanes_cli.screening.layout import OutputLayout
 from phanes_cli.screening.tasks import WriteJob, decode_volume, write_volume
 
 SHAPE = (40, 48, 20)

@@ -32,15 +32,15 @@ from phanes_cli.infra.folders import claim_folder
 from phanes_cli.inputs.discovery import resolve_inputs
 from phanes_cli.inputs.manifest import ManifestRow
 from phanes_cli.inputs.quality import FATAL, check_volume
-from phanes_cli.screening.commit import commit_volume, is_done
-from phanes_cli.screening.consolidate import consolidate
+from phanes_cli.run_folder.commit import commit_volume, is_done
+from phanes_cli.run_folder.consolidate import consolidate
+from phanes_cli.run_folder.layout import OutputLayout, file_stem
+from phanes_cli.run_folder.schemas import manifest_columns
 from phanes_cli.screening.engine import screen
-from phanes_cli.screening.layout import OutputLayout, file_stem
 from phanes_cli.screening.options import ScreenOptions
 from phanes_cli.screening.plan import plan_volumes
 from phanes_cli.screening.restat import run_stats
 from phanes_cli.screening.run_log import Counts, ProgressDisplay, print_summary
-from phanes_cli.screening.schemas import manifest_columns
 from tests.test_cli import phanes_in_process
 from tests.test_screening import affines, write_head
 

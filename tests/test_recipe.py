@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import phanes_cli
 from phanes_cli.core.bundle import load_bundle
 from phanes_cli.inputs.manifest import ManifestRow
+from phanes_cli.run_folder.layout import OutputLayout
+from phanes_cli.run_folder.schemas import LESION_SCHEMA, VOLUME_SCHEMA, table_from_rows
 from phanes_cli.screening.actors import InferenceActor
-from phanes_cli.screening.layout import OutputLayout
 from phanes_cli.screening.restat import restat_volume
-from phanes_cli.screening.schemas import LESION_SCHEMA, VOLUME_SCHEMA, table_from_rows
 from phanes_cli.screening.tasks import WriteJob, decode_volume, write_volume
 from tests.conftest import SHARED_DATA, needs_shared
 

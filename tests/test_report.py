@@ -35,8 +35,8 @@ from phanes_cli.cohort_report.page import render_report
 from phanes_cli.cohort_report.safe import fill, json_for_script, safe_stem
 from phanes_cli.errors import InputError
 from phanes_cli.infra.atomic import write_json, write_parquet
-from phanes_cli.screening.layout import OutputLayout
-from phanes_cli.screening.schemas import (
+from phanes_cli.run_folder.layout import OutputLayout
+from phanes_cli.run_folder.schemas import (
     FAILURE_SCHEMA,
     LESION_SCHEMA,
     VOLUME_SCHEMA,

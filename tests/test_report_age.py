@@ -16,8 +16,8 @@ import numpy as np
 from phanes_cli.cohort_report.age_groups import read_by_age
 from phanes_cli.cohort_report.page import render_report
 from phanes_cli.infra.atomic import write_json, write_parquet
-from phanes_cli.screening.layout import OutputLayout
-from phanes_cli.screening.schemas import FAILURE_SCHEMA, VOLUME_SCHEMA, table_from_rows, with_extra_columns
+from phanes_cli.run_folder.layout import OutputLayout
+from phanes_cli.run_folder.schemas import FAILURE_SCHEMA, VOLUME_SCHEMA, table_from_rows, with_extra_columns
 
 
 def _run(root: Path, rows: list[dict[str, Any]]) -> Path:

@@ -33,12 +33,12 @@ from phanes_cli.core.volume_io import load_volume
 from phanes_cli.errors import BundleError
 from phanes_cli.inputs.manifest import ManifestRow
 from phanes_cli.models import AOTGenerator, SoftIntroVAE
+from phanes_cli.run_folder.commit import commit_volume, is_done, previous_failure, read_marker, record_failure
+from phanes_cli.run_folder.consolidate import consolidate
+from phanes_cli.run_folder.layout import OutputLayout
 from phanes_cli.runtimes.pytorch import TorchBackend, load_networks
 from phanes_cli.screening.actors import InferenceActor
-from phanes_cli.screening.commit import commit_volume, is_done, previous_failure, read_marker, record_failure
-from phanes_cli.screening.consolidate import consolidate
 from phanes_cli.screening.engine import EXIT_OK, EXIT_SOME_FAILED, screen
-from phanes_cli.screening.layout import OutputLayout
 from phanes_cli.screening.options import ScreenOptions
 from phanes_cli.screening.plan import plan_volumes
 from phanes_cli.screening.tasks import ModelSlices, WriteJob, decode_volume, write_volume

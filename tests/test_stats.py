@@ -23,10 +23,10 @@ from phanes_cli import __version__
 from phanes_cli.cli import app
 from phanes_cli.core.bundle import load_bundle
 from phanes_cli.errors import ConfigError, InputError
+from phanes_cli.run_folder.schemas import SCHEMA_VERSION
 from phanes_cli.screening.engine import screen
 from phanes_cli.screening.options import ScreenOptions
 from phanes_cli.screening.restat import run_stats
-from phanes_cli.screening.schemas import SCHEMA_VERSION
 from tests._ray import HEAD_IP, RayCluster
 from tests.test_screening import affines, write_head
 

@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("phanes_cli.models", "phanes_kernels"),
     ("phanes_cli.core",),
     ("phanes_cli.inputs",),
-    ("phanes_cli.runtimes", "phanes_cli.synth"),
+    ("phanes_cli.runtimes", "phanes_cli.synth", "phanes_cli.run_folder"),
     ("phanes_cli.training", "phanes_cli.evaluation"),
     ("phanes_cli.calibrate", "phanes_cli.screening"),
     ("phanes_cli.cohort_report",),

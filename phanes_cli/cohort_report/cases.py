@@ -22,8 +22,8 @@ from scipy import ndimage
 from phanes_cli.core.preprocess import auto_brain_mask
 from phanes_cli.core.volume_io import Volume, load_volume
 from phanes_cli.errors import InputError
-from phanes_cli.screening.commit import input_sha256
-from phanes_cli.screening.layout import OutputLayout
+from phanes_cli.run_folder.commit import input_sha256
+from phanes_cli.run_folder.layout import OutputLayout
 
 
 @dataclass(frozen=True)

@@ -37,8 +37,8 @@ from phanes_cli.core.statistics import LOCATION_BURDEN_COLUMNS
 from phanes_cli.errors import InputError
 from phanes_cli.infra.atomic import write_text
 from phanes_cli.infra.versions import __version__
-from phanes_cli.screening.layout import OutputLayout
-from phanes_cli.screening.schemas import FAILURE_SCHEMA, VOLUME_SCHEMA
+from phanes_cli.run_folder.layout import OutputLayout
+from phanes_cli.run_folder.schemas import FAILURE_SCHEMA, VOLUME_SCHEMA
 
 LESION_COLUMNS = ("id", "lesion_index", "centroid_world_mm", "volume_ml", "location", "csf_contact", "csf_fraction")
 TABLE_COLUMNS = ("id", "status", "lesion_burden_ml", "lesion_count", "largest_lesion_ml",

@@ -15,7 +15,7 @@ from typing import Any
 
 from phanes_cli.errors import InputError
 from phanes_cli.infra.folders import check_id
-from phanes_cli.screening.layout import file_stem
+from phanes_cli.run_folder.layout import file_stem
 
 _PLACEHOLDER = re.compile(r"@@([A-Z_]+)@@")
 

@@ -27,7 +27,7 @@ from phanes_cli.cohort_report.display import within_budget
 from phanes_cli.cohort_report.safe import fill, json_for_script, script_body
 from phanes_cli.infra.atomic import write_text
 from phanes_cli.infra.versions import __version__
-from phanes_cli.screening.layout import OUTPUT_KINDS, OutputLayout
+from phanes_cli.run_folder.layout import OUTPUT_KINDS, OutputLayout
 
 NIIVUE_FILE = "niivue.umd.js"
 LESIONS_LISTED = 50

@@ -24,8 +24,8 @@ import torch
 from phanes_cli.core.bundle import load_bundle
 from phanes_cli.core.pipeline import ModelMaps, infer_slices
 from phanes_cli.errors import BundleError
+from phanes_cli.run_folder.failures import Failure
 from phanes_cli.runtimes.timing import TimedBackend
-from phanes_cli.screening.commit import Failure
 from phanes_cli.screening.tasks import InferenceResult, ModelSlices, describe, node_ip
 
 if TYPE_CHECKING:

@@ -33,13 +33,13 @@ import pyarrow.parquet as pq
 from phanes_cli.errors import ConfigError, InputError
 from phanes_cli.infra.atomic import write_bytes, write_parquet
 from phanes_cli.inputs.bids import BidsQuery, is_bids_root, select_bids
+from phanes_cli.run_folder.bids_naming import BIDS_DESCRIPTION
+from phanes_cli.run_folder.layout import OutputLayout
+from phanes_cli.run_folder.schemas import TABLES
 from phanes_cli.screening.bids_derivative import BIDSIGNORE, write_burden_tables
-from phanes_cli.screening.bids_naming import BIDS_DESCRIPTION
 from phanes_cli.screening.engine import ScreenSummary, screen
-from phanes_cli.screening.layout import OutputLayout
 from phanes_cli.screening.options import ScreenOptions
 from phanes_cli.screening.run_log import now_iso, write_run_manifest
-from phanes_cli.screening.schemas import TABLES
 from phanes_cli.screening.session import run_lock
 
 PARTICIPANTS = "phanes-participants"  # the participants' own run folders inside OUTPUT_DIR

@@ -36,8 +36,8 @@ from phanes_cli.core.statistics import SIZE_BIN_COLUMNS
 from phanes_cli.errors import ConfigError
 from phanes_cli.infra.atomic import write_bytes, write_json
 from phanes_cli.infra.versions import __version__
-from phanes_cli.screening.bids_naming import BIDS_DESCRIPTION, BURDEN_SUFFIX, bids_stem, burden_paths
-from phanes_cli.screening.layout import OutputLayout
+from phanes_cli.run_folder.bids_naming import BIDS_DESCRIPTION, BURDEN_SUFFIX, bids_stem, burden_paths
+from phanes_cli.run_folder.layout import OutputLayout
 
 LAYOUTS = ("default", "bids")
 BIDS_VERSION = "1.9.0"

@@ -26,13 +26,14 @@ from phanes_cli.core.bundle import Bundle
 from phanes_cli.errors import PhanesError, raise_if_interrupted
 from phanes_cli.inputs.manifest import ManifestRow
 from phanes_cli.inputs.quality import FLAGS
+from phanes_cli.run_folder.commit import input_signature, record_failure
+from phanes_cli.run_folder.failures import Failure
+from phanes_cli.run_folder.layout import OutputLayout
+from phanes_cli.run_folder.schemas import manifest_columns
 from phanes_cli.screening.actors import InferenceActor
-from phanes_cli.screening.commit import Failure, input_signature, record_failure
-from phanes_cli.screening.layout import OutputLayout
 from phanes_cli.screening.options import ScreenOptions
 from phanes_cli.screening.plan import ActorPlan
 from phanes_cli.screening.run_log import Counts, JsonLog, ProgressDisplay
-from phanes_cli.screening.schemas import manifest_columns
 from phanes_cli.screening.tasks import WriteJob, WriteResult, decode_volume, describe, write_volume
 
 ACTOR_MAX_RESTARTS = 3

@@ -28,15 +28,15 @@ from phanes_cli.infra.folders import claim_folder
 from phanes_cli.inputs.bids import is_bids_root
 from phanes_cli.inputs.discovery import DICOM_FOLDER, Rejected, resolve_with_unused
 from phanes_cli.inputs.manifest import ManifestRow
+from phanes_cli.run_folder.commit import record_failure
+from phanes_cli.run_folder.consolidate import consolidate
+from phanes_cli.run_folder.layout import OutputLayout
+from phanes_cli.run_folder.schemas import manifest_columns
 from phanes_cli.screening.bids_derivative import start_layout, write_burden_tables
-from phanes_cli.screening.commit import record_failure
-from phanes_cli.screening.consolidate import consolidate
 from phanes_cli.screening.dispatch import Actors, Dispatcher
-from phanes_cli.screening.layout import OutputLayout
 from phanes_cli.screening.options import ScreenOptions
 from phanes_cli.screening.plan import plan_actors, plan_volumes
 from phanes_cli.screening.run_log import Counts, JsonLog, ProgressDisplay, now_iso, print_summary, write_run_manifest
-from phanes_cli.screening.schemas import manifest_columns
 from phanes_cli.screening.session import ray_session, run_lock
 
 EXIT_OK = 0

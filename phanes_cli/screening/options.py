@@ -11,9 +11,9 @@ from phanes_cli.core.volume_io import DEFAULT_MAX_VOXELS
 from phanes_cli.errors import ConfigError
 from phanes_cli.inputs.bids import BidsQuery
 from phanes_cli.inputs.brain_masks import check_mode
+from phanes_cli.run_folder.layout import OUTPUT_KINDS
 from phanes_cli.runtimes import validate_backend_name
 from phanes_cli.screening.bids_derivative import check_layout
-from phanes_cli.screening.layout import OUTPUT_KINDS
 
 
 def check_batch_size(value: object) -> int:

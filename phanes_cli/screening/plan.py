@@ -15,8 +15,8 @@ import ray
 
 from phanes_cli.errors import ConfigError
 from phanes_cli.inputs.manifest import ManifestRow
-from phanes_cli.screening.commit import is_done, previous_failure, read_marker
-from phanes_cli.screening.layout import OutputLayout, check_stems
+from phanes_cli.run_folder.commit import is_done, previous_failure, read_marker
+from phanes_cli.run_folder.layout import OutputLayout, check_stems
 from phanes_cli.screening.options import ScreenOptions
 
 

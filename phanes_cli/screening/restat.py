@@ -36,9 +36,9 @@ from phanes_cli.core.volume_io import Volume, load_mask, load_volume, save_like
 from phanes_cli.errors import BundleError, ConfigError, InputError
 from phanes_cli.infra.atomic import atomic_path, write_json, write_parquet
 from phanes_cli.infra.folders import check_id, claim_folder, inside
-from phanes_cli.screening.commit import input_sha256
-from phanes_cli.screening.layout import OutputLayout
-from phanes_cli.screening.schemas import (
+from phanes_cli.run_folder.commit import input_sha256
+from phanes_cli.run_folder.layout import OutputLayout
+from phanes_cli.run_folder.schemas import (
     FAILURE_SCHEMA,
     LESION_SCHEMA,
     THRESHOLD_COLUMNS,

@@ -27,7 +27,7 @@ from typing import IO, Any
 import ray
 
 from phanes_cli.errors import PhanesError, stop_on_sigterm
-from phanes_cli.screening.layout import OutputLayout
+from phanes_cli.run_folder.layout import OutputLayout
 from phanes_cli.screening.options import ScreenOptions
 
 LOCK_ATTEMPTS = 20  # a lock file removed under us this many times in a row means something else is wrong

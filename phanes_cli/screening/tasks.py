@@ -25,10 +25,11 @@ from phanes_cli.core.volume_io import Volume, save_like
 from phanes_cli.errors import InputError
 from phanes_cli.inputs.brain_masks import load_checked, looks_unstripped
 from phanes_cli.inputs.manifest import ManifestRow
+from phanes_cli.run_folder.commit import commit_volume, input_sha256, input_signature
+from phanes_cli.run_folder.failures import Failure
+from phanes_cli.run_folder.layout import OutputLayout
+from phanes_cli.run_folder.schemas import manifest_columns
 from phanes_cli.screening.bids_derivative import write_sidecar
-from phanes_cli.screening.commit import Failure, commit_volume, input_sha256, input_signature
-from phanes_cli.screening.layout import OutputLayout
-from phanes_cli.screening.schemas import manifest_columns
 
 
 def node_ip() -> str:

@@ -17,9 +17,9 @@ from phanes_cli.errors import BundleError
 from phanes_cli.infra.atomic import atomic_path, write_parquet
 from phanes_cli.infra.columns import cast_column
 from phanes_cli.inputs.manifest import ManifestRow
-from phanes_cli.screening.commit import record_failure
-from phanes_cli.screening.layout import OutputLayout
-from phanes_cli.screening.schemas import (
+from phanes_cli.run_folder.commit import record_failure
+from phanes_cli.run_folder.layout import OutputLayout
+from phanes_cli.run_folder.schemas import (
     FAILURE_SCHEMA,
     LESION_SCHEMA,
     TABLES,

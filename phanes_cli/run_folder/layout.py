@@ -27,8 +27,8 @@ from pathlib import Path
 
 from phanes_cli.errors import InputError
 from phanes_cli.infra.folders import check_id, inside
-from phanes_cli.screening.bids_naming import BIDS_DESCRIPTION, BIDS_MAP_NAMES, bids_folder, bids_stem
-from phanes_cli.screening.schemas import TABLES
+from phanes_cli.run_folder.bids_naming import BIDS_DESCRIPTION, BIDS_MAP_NAMES, bids_folder, bids_stem
+from phanes_cli.run_folder.schemas import TABLES
 
 OUTPUT_KINDS = ("anomaly", "lesion_mask", "pseudohealthy")
 

@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +25,8 @@ import pyarrow.parquet as pq
 
 from phanes_cli.errors import InputError
 from phanes_cli.infra.atomic import write_json, write_parquet
-from phanes_cli.screening.layout import OutputLayout
-from phanes_cli.screening.schemas import (
+from phanes_cli.run_folder.layout import OutputLayout
+from phanes_cli.run_folder.schemas import (
     FAILURE_SCHEMA,
     LESION_SCHEMA,
     VOLUME_SCHEMA,
@@ -54,14 +53,6 @@ def input_signature(path: str | Path) -> tuple[int | None, int | None]:
         return None, None
     return int(stat.st_size), int(stat.st_mtime_ns)
 
-@dataclass(frozen=True)
-class Failure:
-    """Why a volume failed, at which stage; `retry_on_resume` is False for errors of the input file itself."""
-
-    stage: str
-    error_type: str
-    message: str
-    retry_on_resume: bool = True
 
 def _fingerprint(path: Path, digest: bool) -> list[Any]:
     """[size, sha256 or None] of a committed file (sha256 for the small part files only)."""
