@@ -50,13 +50,6 @@ def blob_volume(shape: tuple[int, int, int] = (40, 48, 36), seed: int = 0) -> np
     return data.astype(np.float32)
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread for the block: results must not depend on thread races on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The calibrated tiny untrained bundle (`tests.test_screening.make_bundle`), built once per session: tests read
@@ -66,6 +59,13 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_bundle(tmp_path_factory.mktemp("tiny-bundle") / "bundle")
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the block: results must not depend on thread races on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -89,6 +89,7 @@ def test_local_cpus_follows_the_process_affinity() -> None:
                          check=True)
     assert one.stdout.strip() == "1"
 
+
 def test_more_actors_than_cpus_or_reservations_no_node_holds_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each actor process loads the networks and needs a core: 50 on 2 cores screened nothing while memory grew.
     An actor lives on one node: a reservation larger than every node (or than the nodes hold together) would

@@ -86,6 +86,7 @@ def test_predict_takes_any_nibabel_image(bundle: Path, tmp_path: Path) -> None:
     assert as_mgh.statistics["lesion_burden_ml"] == pytest.approx(as_nifti.statistics["lesion_burden_ml"])
     np.testing.assert_array_equal(np.asanyarray(as_mgh.anomaly.dataobj), np.asanyarray(as_nifti.anomaly.dataobj))
 
+
 @pytest.mark.parametrize("size", [0, -1, 2.5, True, "8"])
 def test_predict_checks_the_batch_size_as_screen_does(bundle: Path, tmp_path: Path, size: object) -> None:
     """One validator (`options.check_batch_size`) for the API and `phanes screen`: the same one-line error, raised
