@@ -497,7 +497,8 @@ def bids(
     output_dir: Path = typer.Argument(..., help="Derivatives folder (e.g. BIDS_DIR/derivatives/phanes)."),
     analysis_level: AnalysisLevel = typer.Argument(..., help="participant: screen subjects (in parallel jobs if you "
                                                             "like); group: tables and report of them all."),
-    more_labels: list[str] = typer.Argument(None, hidden=True),  # `--participant-label 01 02`: the 02 lands here
+    more_labels: list[str] = typer.Argument(
+        None, hidden=True, help="Labels after the first of --participant-label (BIDS-Apps runners pass them so)."),
     participant_label: list[str] = typer.Option(
         [], "--participant-label", help="Subjects to screen (01 or sub-01; several after one flag, as BIDS Apps "
                                         "take them); default: every subject."),

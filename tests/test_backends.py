@@ -63,9 +63,9 @@ def test_auto_on_cpu_uses_torch_until_graphs_are_exported(plain: Path, exported:
     with pytest.raises(ArtefactError, match=r"provenance\.json: no exported graphs.*phanes export"):
         choose_backend("onnxruntime", load_bundle(plain, require_calibration=False), CPU)
     bundle = load_bundle(exported, require_calibration=False)  # exported without the gated backends
-    assert choose_backend("auto", bundle, CPU).name == "onnxruntime"
-    plan = plan_backend("auto", bundle, CPU)
-    assert plan.chosen == "onnxruntime" and "no CPU benchmark recorded" in plan.why
+    chosen = choose_backend("auto", bundle, CPU).name  # measures the runnable backends here, takes the faster
+    plan = plan_backend("auto", bundle, CPU)  # and the cached measurement decides the same again
+    assert plan.chosen == chosen in {"onnxruntime", "torch"} and "measured here" in plan.why
     assert "onnxruntime-int8 was not gated" in plan.skipped["onnxruntime-int8"]
 
 

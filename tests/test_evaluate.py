@@ -53,7 +53,7 @@ def _tiny_config() -> PhanesConfig:
         name="tiny-test",
         ra=RAConfig(channels=(4, 4, 8, 8, 8), latent_dim=8),
         aot=AOTConfig(base_channels=4, channels=8, blocks=1, rates=(1, 2)),
-        preprocess=PreprocessConfig(image_size=32),
+        preprocess=PreprocessConfig(image_size=32, field_mm=96.0),  # the 96 mm test volumes fill the grid
     )
 
 

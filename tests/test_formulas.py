@@ -308,13 +308,14 @@ def test_run_slices_without_smoothing_misses_the_oracle(backend: TorchBackend, s
 
 # ---------------------------------------------------------------- end to end: the files `phanes screen` writes
 
-def make_bundle(folder: Path, image: np.ndarray, brain: np.ndarray) -> Path:
+def make_bundle(folder: Path, image: np.ndarray, brain: np.ndarray,
+                zooms: tuple[float, float, float] = ONE_MM) -> Path:
     """Untrained small networks; thresholds chosen so ~10% of the brain is inpainted and some voxels are lesions."""
     torch.manual_seed(0)
     cfg = small_config()
     save_bundle(folder, cfg, SoftIntroVAE(cfg.ra, cfg.preprocess.image_size), AOTGenerator(cfg.aot))
     backend = TorchBackend(load_networks(load_bundle(folder, require_calibration=False)), torch.device("cpu"))
-    prepared = prepare_volume(image, brain, cfg.preprocess, ONE_MM)
+    prepared = prepare_volume(image, brain, cfg.preprocess, zooms)
     first = run_slices(prepared.slices, prepared.brain, backend, cfg, float("inf"))
     mask_threshold = float(torch.quantile(first.stage1_map[prepared.brain > 0], 0.9))
     second = run_slices(prepared.slices, prepared.brain, backend, cfg, mask_threshold)
@@ -338,7 +339,8 @@ def screened(ray_head: RayCluster, tmp_path_factory: pytest.TempPathFactory) -> 
     (root / "list.csv").write_text("id,image,brain_mask\nsub,sub.nii.gz,sub_brain.nii.gz\n")
     canonical = nib.as_closest_canonical(nib.Nifti1Image(data, affine))
     canonical_brain = nib.as_closest_canonical(nib.Nifti1Image(brain.astype(np.uint8), affine))
-    bundle = make_bundle(root / "bundle", np.asarray(canonical.dataobj), np.asarray(canonical_brain.dataobj) > 0)
+    bundle = make_bundle(root / "bundle", np.asarray(canonical.dataobj), np.asarray(canonical_brain.dataobj) > 0,
+                         tuple(float(z) for z in canonical.header.get_zooms()[:3]))  # type: ignore[arg-type]
     out = root / "out"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RAY_AUTH_MODE", "disabled")  # loopback cluster, as the other Ray tests

@@ -179,6 +179,8 @@ def _committed(tmp_path: Path) -> tuple[OutputLayout, Path, tuple[str, ...]]:
     outputs = ("anomaly", "lesion_mask")
     for kind in outputs:
         layout.map_path("a", kind).write_bytes(b"nifti bytes")
+    for path in layout.brain_mask_files("a"):  # every run writes the brain mask it used
+        path.write_bytes(b"nifti bytes")
     marker = {"id": "a", "input_path": str(image), "input_signature": [1, image.stat().st_mtime_ns],
               "bundle_hash": "h1", "bundle_key": "k1", "outputs": list(outputs)}
     commit_volume(layout, "a", {"id": "a", "input_path": str(image), "status": "ok", "lesion_count": 1},

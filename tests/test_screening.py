@@ -206,6 +206,8 @@ def test_commit_resume_and_consolidation_rules(tmp_path: Path) -> None:
     outputs = ("anomaly", "lesion_mask")
     for kind in outputs:
         layout.map_path("a", kind).write_bytes(b"nifti")
+    for path in layout.brain_mask_files("a"):  # every run writes the brain mask it used
+        path.write_bytes(b"nifti")
     marker = {"id": "a", "input_path": str(image), "input_signature": [1, image.stat().st_mtime_ns],
               "bundle_hash": "h1", "bundle_key": "h1", "outputs": list(outputs)}
     commit_volume(layout, "a", {"id": "a", "input_path": str(image), "status": "ok", "lesion_count": 1},
@@ -522,9 +524,10 @@ def test_hostile_names_duplicates_quality_and_out_inside_the_inputs(cluster: Ray
     assert "intensity_noise" in list(ok.loc["noise", "qc_flags"])
     warned = {e["id"] for e in map(json.loads, log.read_text().splitlines()) if e["event"] == "warning"}
     assert warned == set(ok.index)
+    per_id = ["input_path", "brain_mask_path"]  # each id has its own input entry and its own brain mask output
     first = ok.loc["h0"].drop(TIMING_COLUMNS)
     for vid in long_ids:  # the same image under three ids: three equal rows
-        assert ok.loc[vid].drop([*TIMING_COLUMNS, "input_path"]).equals(first.drop("input_path"))
+        assert ok.loc[vid].drop([*TIMING_COLUMNS, *per_id]).equals(first.drop(per_id))
     assert len(tables["lesions"].loc[tables["lesions"]["id"] == long_ids[1]]) == (tables["lesions"]["id"] == "h0").sum()
     names = [p.name for p in out.rglob("*") if p.is_file()]
     assert all(len(n.encode()) <= 255 for n in names)

@@ -328,7 +328,8 @@ def test_stage1_from_keeps_that_ra_and_cuts_holes_at_the_hole_percentile(trained
         x, brain = prepared.slices, prepared.brain
         ra_map = stage1_map(x, backend.networks.ra.reconstruct(x), brain, backend, config.mask)
     expected = float(np.percentile(ra_map[brain > 0].double().numpy(), 80.0))
-    assert second.versions["training"]["stage2_mask_threshold"] == pytest.approx(expected, rel=1e-5)
+    # one batch here, the trainer's batches there: oneDNN rounds the two compositions apart
+    assert second.versions["training"]["stage2_mask_threshold"] == pytest.approx(expected, rel=1e-3)
     assert expected < first.versions["training"]["stage2_mask_threshold"]  # 80th below the 99th: larger holes
     other = dataclasses.replace(base, ra=dataclasses.replace(base.ra, latent_dim=4))
     for source, message in ((trained, "ra settings differ"), (trained / "bundle.json", "not a model bundle folder")):

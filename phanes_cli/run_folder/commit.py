@@ -122,7 +122,9 @@ def is_done(layout: OutputLayout, vid: str, image: Path, bundle_key: str, output
         return False
     if not set(outputs) <= set(marker.get("outputs", [])):
         return False
-    return _intact(layout, vid, marker.get("files"), outputs) and all(p.is_file() for p in layout.brain_mask_files(vid))
+    intact = _intact(layout, vid, marker.get("files"), outputs)
+    return intact and all(p.is_file() for p in layout.brain_mask_files(vid))
+
 
 def previous_failure(layout: OutputLayout, vid: str, image: Path, bundle_hash: str) -> dict[str, Any] | None:
     """The recorded failure of `vid` if it should stand (an input error of an unchanged file), else None."""
