@@ -132,3 +132,19 @@ def test_field_of_view_out_of_range_is_refused() -> None:
 
     with pytest.raises(ConfigError, match="field_mm"):
         config_from_dict({"preprocess": {"field_mm": 10.0}})
+
+
+@needs_shared()
+def test_another_dtype_of_the_same_voxels_gives_the_same_slices(tmp_path: Path) -> None:
+    """The uint8 file and the same voxels stored as float32 or int16: identical model slices."""
+    img = nib.load(str(DS))
+    data = np.asarray(img.dataobj)
+    prepared = []
+    for dtype in (np.float32, np.int16):
+        path = _save(tmp_path / f"{np.dtype(dtype).name}.nii.gz", data.astype(dtype), img.affine)
+        volume = load_volume(path)
+        prepared.append(prepare_volume(volume.data, volume.data > 0, CFG, volume.zooms))
+    volume = load_volume(DS)
+    reference = prepare_volume(volume.data, volume.data > 0, CFG, volume.zooms)
+    for other in prepared:
+        torch.testing.assert_close(other.slices, reference.slices, rtol=0, atol=0)
