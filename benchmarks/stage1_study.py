@@ -132,7 +132,7 @@ def main() -> None:
     for volume in lesioned:
         inputs, geometry = stage1_inputs(volume, backend, cfg, args.batch_size)
         processed = np.zeros_like(volume.brain)
-        processed[:, :, geometry.slice_index] = True
+        processed[:, :, geometry.covered] = True
         region = volume.brain & processed
         for name, variant in variants().items():
             score = restore_score(variant(inputs, cfg.mask).numpy(), geometry, volume.brain)

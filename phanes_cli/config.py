@@ -44,9 +44,15 @@ class PreprocessConfig:
 
     image_size: int = 128
     field_mm: float = 192.0  # the square field of view every slice is cut to: a model pixel is field_mm / image_size
+    resolution_mm: float = 2.0  # finer files are blurred to this effective resolution (FWHM); 0: no blur
     percentile: float = 98.0
     min_brain_fraction: float = 0.05
     slice_mode: str = "brain"  # "brain": every slice with enough brain; "mid": the paper's one mid-axial slice
+
+    @property
+    def pixel_mm(self) -> float:
+        """Model pixel size, also the spacing of the axial model slices (an isotropic model grid)."""
+        return self.field_mm / self.image_size
 
 
 @dataclass(frozen=True)
@@ -180,6 +186,7 @@ LIMITS: dict[str, _Limit] = {
     "preprocess.image_size": ((lambda v: 32 <= v <= 1024 and v % 32 == 0),
                               "a multiple of 32 from 32 to 1024 (5 halvings to the bottleneck)"),
     "preprocess.field_mm": ((lambda v: 64 <= v <= 512), "from 64 to 512 mm (a whole adult brain fits in 192)"),
+    "preprocess.resolution_mm": ((lambda v: 0 <= v <= 8), "from 0 (no blur) to 8 mm"),
     "preprocess.percentile": _percentile(), "preprocess.min_brain_fraction": _FRACTION,
     "preprocess.slice_mode": ((lambda v: v in ("brain", "mid")), "'brain' or 'mid'"),
     "mask.clahe_tiles": _at_least(1), "mask.clahe_clip": ((lambda v: 0 < v <= 1), "in (0, 1]"),

@@ -104,7 +104,7 @@ def _oracle_masks(bundle: Path, row: ManifestRow) -> dict[str, tuple[np.ndarray,
     maps = run_volume(volume.data, brain, volume.zooms, TorchBackend(load_networks(model), torch.device("cpu")),
                       model.config, cal.mask_threshold, 16)
     processed = np.zeros(brain.shape[2], dtype=bool)
-    processed[prepare_volume(volume.data, brain, model.config.preprocess, volume.zooms).geometry.slice_index] = True
+    processed[prepare_volume(volume.data, brain, model.config.preprocess, volume.zooms).geometry.covered] = True
     region = brain & processed[None, None, :]
     voxel_ml = abs(np.linalg.det(volume.affine[:3, :3])) / 1000.0
     assert maps.stage1_map is not None

@@ -44,10 +44,10 @@ def test_inverse_restores_smooth_maps_on_the_native_grid() -> None:
     x, y = np.meshgrid(np.linspace(0, 1, shape[0]), np.linspace(0, 1, shape[1]), indexing="ij")
     smooth = (0.5 + 0.4 * np.sin(2 * x) * np.cos(3 * y)).astype(np.float32)
     data = np.repeat(smooth[:, :, None], shape[2], axis=2) * 100
-    prepared = prepare_volume(data, brain, replace(CFG, percentile=100.0), ONE_MM)
+    prepared = prepare_volume(data, brain, replace(CFG, percentile=100.0, resolution_mm=0.0), ONE_MM)
     restored = restore_volume(prepared.slices, prepared.geometry)
     expected = data / data.max()
-    idx = prepared.geometry.slice_index
+    idx = prepared.geometry.covered[2:-2]  # the end planes sample half zeros beyond the grid, like a padded file
     # interpolation tolerance for a down- then up-sampled smooth field (borders excluded)
     err = np.abs(restored[2:-2, 2:-2, idx] - expected[2:-2, 2:-2, idx])
     assert err.max() < 0.02
@@ -63,7 +63,7 @@ def test_inverse_of_a_binary_map_keeps_its_location() -> None:
     prepared = prepare_volume(data, brain, replace(CFG, min_brain_fraction=0.0), ONE_MM)
     grid = slices_of(lesion.astype(np.float32), prepared.geometry)
     back = restore_volume(grid, prepared.geometry) >= 0.5
-    idx = prepared.geometry.slice_index
+    idx = prepared.geometry.covered
     inter = (back[:, :, idx] & lesion[:, :, idx]).sum()
     dice = 2 * inter / (back[:, :, idx].sum() + lesion[:, :, idx].sum())
     assert dice > 0.95
@@ -84,7 +84,7 @@ def test_unprocessed_slices_hold_the_fill_value() -> None:
     data = blob_volume((40, 48, 36))
     prepared = prepare_volume(data, data > 0, replace(CFG, slice_mode="mid"), ONE_MM)
     restored = restore_volume(torch.ones_like(prepared.slices), prepared.geometry, fill=-1.0)
-    (mid,) = prepared.geometry.slice_index
+    (mid,) = prepared.geometry.covered
     assert np.all(restored[:, :, mid] > 0.99)
     others = np.delete(np.arange(36), mid)
     assert np.all(restored[:, :, others] == -1.0)
@@ -132,7 +132,8 @@ def test_real_brain_preprocessing() -> None:
     brain = auto_brain_mask(vol.data)
     assert 1000 < brain.sum() * vol.voxel_ml < 2000  # an adult brain: 1.0 to 2.0 litres
     prepared = prepare_volume(vol.data, brain, CFG, vol.zooms)
-    assert 100 < prepared.slices.shape[0] < vol.data.shape[2]
+    selected_mm = select_slices(brain, CFG).size * vol.zooms[2]  # 1 mm slices -> model planes 1.5 mm apart
+    assert abs(prepared.slices.shape[0] - selected_mm / CFG.pixel_mm) <= 2
     assert intensity_scale(vol.data, brain, 98) > 0
     brain_pixels = prepared.slices[prepared.brain > 0]
     assert 0.3 < float(brain_pixels.mean()) < 0.9

@@ -3,6 +3,8 @@ was prepared (padded, cropped, resampled, reoriented), and `restore_volume` puts
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from pathlib import Path
 
 import nibabel as nib
@@ -108,13 +110,13 @@ def test_restore_puts_maps_back_and_fills_what_the_window_left_out() -> None:
     data = np.zeros(shape, np.float32)
     data[100:160, 150:230, :] = blob_volume((60, 80, 12))
     brain = data > 0
-    prepared = prepare_volume(data, brain, CFG, (1.0, 1.0, 1.0))
+    prepared = prepare_volume(data, brain, replace(CFG, resolution_mm=0.0), (1.0, 1.0, 1.0))  # geometry only
     assert prepared.geometry.window == (192, 192)
     centre = [(100 + 159) / 2, (150 + 229) / 2]
     for axis in range(2):  # the window's centre is the brain's, to half a voxel
         assert abs(prepared.geometry.origin[axis] + (192 - 1) / 2 - centre[axis]) <= 0.5
     ones = restore_volume(torch.ones_like(prepared.slices), prepared.geometry, fill=-1.0)
-    idx = prepared.geometry.slice_index
+    idx = prepared.geometry.covered
     o = prepared.geometry.origin
     inside = np.zeros(shape, bool)
     inside[max(o[0], 0):o[0] + 192, max(o[1], 0):o[1] + 192, :] = True

@@ -26,17 +26,26 @@ AXIAL_AXIS = 2  # in RAS+ voxel order, axis 2 runs inferior -> superior
 
 @dataclass(frozen=True)
 class SliceGeometry:
-    """How native axial slices map onto the square model grid."""
+    """How the volume maps onto model slices: axial planes at `positions`, each cut to the square window."""
 
     volume_shape: tuple[int, int, int]
-    slice_index: np.ndarray  # (N,) axial indices of the selected slices
+    positions: np.ndarray  # (N,) axial position of each model slice in native slice units (fractional)
     window: tuple[int, int]  # the field of view in native voxels along axes 0 and 1
     origin: tuple[int, int]  # native index of the window's first voxel (negative: the window starts outside)
     image_size: int
 
     @property
     def n_slices(self) -> int:
-        return int(self.slice_index.shape[0])
+        return int(self.positions.shape[0])
+
+    @property
+    def covered(self) -> np.ndarray:
+        """Native axial slices between the first and last model slice: the ones the maps are restored on."""
+        if self.n_slices == 0:
+            return np.zeros(0, dtype=np.int64)
+        low = max(0, int(np.ceil(self.positions[0] - 1e-6)))
+        high = min(self.volume_shape[2] - 1, int(np.floor(self.positions[-1] + 1e-6)))
+        return np.arange(low, high + 1, dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -100,9 +109,32 @@ def field_window(zooms: tuple[float, float, float], field_mm: float) -> tuple[in
     return (max(1, round(field_mm / float(zooms[0]))), max(1, round(field_mm / float(zooms[1]))))
 
 
+def slice_positions(index: np.ndarray, centre: float, zoom_z: float, spacing_mm: float) -> np.ndarray:
+    """Axial model-slice positions in native slice units: `spacing_mm` apart from the brain's centroid `centre`,
+    covering the selected slices `index`, so the same brain is cut at the same physical planes whatever its
+    slice spacing or crop (a centroid moves less than a voxel under resampling; the selected range's ends do not)."""
+    if index.size == 0:
+        return np.zeros(0, dtype=np.float64)
+    if index.size == 1:
+        return np.array([float(index[0])])
+    step = spacing_mm / float(zoom_z)
+    low = int(np.floor((float(index.min()) - centre) / step + 1e-6))
+    high = int(np.ceil((float(index.max()) - centre) / step - 1e-6))
+    return centre + step * np.arange(low, high + 1, dtype=np.float64)
+
+
+def blur_sigmas(zooms: tuple[float, float, float], resolution_mm: float) -> tuple[float, float, float]:
+    """Gaussian sigma (voxels) per axis that brings a voxel size of `zooms` to an effective `resolution_mm`
+    (FWHM^2 adds up): finer files are blurred to the resolution the model works at, coarser ones are left."""
+    fwhm = 2.0 * np.sqrt(2.0 * np.log(2.0))
+    return tuple(float(np.sqrt(max(resolution_mm ** 2 - float(z) ** 2, 0.0)) / fwhm / float(z))  # type: ignore[return-value]
+                 for z in zooms)
+
+
 def _geometry(brain: np.ndarray, index: np.ndarray, zooms: tuple[float, float, float],
               cfg: PreprocessConfig) -> SliceGeometry:
-    """The window of `cfg.field_mm` centred on the brain's in-plane bounding box (the grid's centre without brain)."""
+    """The window of `cfg.field_mm` centred on the brain's in-plane bounding box (the grid's centre without brain),
+    and slice positions `cfg.pixel_mm` apart over the selected slices."""
     shape: tuple[int, int, int] = (int(brain.shape[0]), int(brain.shape[1]), int(brain.shape[2]))
     window = field_window(zooms, cfg.field_mm)
     origin = []
@@ -110,8 +142,26 @@ def _geometry(brain: np.ndarray, index: np.ndarray, zooms: tuple[float, float, f
         present = np.flatnonzero(brain.any(axis=other))
         centre = (present[0] + present[-1]) / 2.0 if present.size else (shape[axis] - 1) / 2.0
         origin.append(int(np.floor(centre - (window[axis] - 1) / 2.0 + 0.5)))
-    return SliceGeometry(volume_shape=shape, slice_index=index, window=window, origin=(origin[0], origin[1]),
-                         image_size=cfg.image_size)
+    area = brain.sum(axis=(0, 1), dtype=np.float64)
+    centre = float((area * np.arange(shape[2])).sum() / area.sum()) if area.sum() else (shape[2] - 1) / 2.0
+    return SliceGeometry(volume_shape=shape, positions=slice_positions(index, centre, zooms[2], cfg.pixel_mm),
+                         window=window, origin=(origin[0], origin[1]), image_size=cfg.image_size)
+
+
+def sample_slices(volume: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """(X, Y, Z) -> (N, X, Y) float32: linear interpolation between native axial slices at `positions`,
+    zeros beyond the grid (a padded file samples the same values)."""
+    z = volume.shape[2]
+    below = np.floor(positions).astype(np.int64)
+    weight = (positions - below).astype(np.float32)
+    out = np.zeros((positions.size, volume.shape[0], volume.shape[1]), dtype=np.float32)
+    for offset, w in ((0, 1.0 - weight), (1, weight)):
+        idx = below + offset
+        inside = (idx >= 0) & (idx < z) & (w > 0)
+        if inside.any():
+            taken = np.moveaxis(volume[:, :, idx[inside]], 2, 0).astype(np.float32, copy=False)
+            out[inside] += taken * w[inside, None, None]
+    return out
 
 
 def to_model_grid(stack: torch.Tensor, geometry: SliceGeometry, mode: str = "bilinear") -> torch.Tensor:
@@ -148,33 +198,56 @@ def from_model_grid(maps: torch.Tensor, geometry: SliceGeometry, mode: str = "bi
 def prepare_volume(data: np.ndarray, brain: np.ndarray | None, cfg: PreprocessConfig,
                    zooms: tuple[float, float, float]) -> PreparedVolume:
     """(X, Y, Z) RAS+ intensities with voxel sizes `zooms` (mm, RAS+ order; + optional brain mask) -> model slices,
-    brain slices, geometry."""
+    brain slices, geometry.
+
+    Intensities are scaled and masked, blurred to `cfg.resolution_mm` along every finer axis, sampled at axial
+    planes `cfg.pixel_mm` apart and cut to the window: one physical sampling and resolution for every file.
+    """
     if brain is None:
         brain = auto_brain_mask(data)
     scale = intensity_scale(data, brain, cfg.percentile)
-    index = select_slices(brain, cfg)
-    geometry = _geometry(brain, index, zooms, cfg)
-    mask = torch.from_numpy(np.ascontiguousarray(np.moveaxis(brain[:, :, index], 2, 0)))[:, None]
-    image = torch.from_numpy(np.ascontiguousarray(np.moveaxis(data[:, :, index], 2, 0)))[:, None]
-    image = (image / scale).clamp_(0.0, 1.0).mul_(mask)
-    slices = to_model_grid(image, geometry).clamp_(0.0, 1.0)
+    geometry = _geometry(brain, select_slices(brain, cfg), zooms, cfg)
+    image = np.clip(data.astype(np.float32) / np.float32(scale), 0.0, 1.0) * brain
+    sx, sy, sz = blur_sigmas(zooms, cfg.resolution_mm)
+    if sz > 0 and geometry.n_slices > 1:
+        image = ndimage.gaussian_filter1d(image, sz, axis=2, mode="constant", truncate=3.0)
+    planes = sample_slices(image, geometry.positions)
+    for axis, sigma in ((1, sx), (2, sy)):
+        if sigma > 0:
+            planes = ndimage.gaussian_filter1d(planes, sigma, axis=axis, mode="constant", truncate=3.0)
+    inside = sample_slices(brain, geometry.positions) >= 0.5
+    planes *= inside  # blur spilled past the brain: dropped, so the file's own edges cannot matter
+    slices = to_model_grid(torch.from_numpy(planes)[:, None], geometry).clamp_(0.0, 1.0)
     # the mask only needs its 0.5 level set: plain bilinear is exact enough and far cheaper than antialiasing
-    brain_slices = (to_model_grid(mask.float(), geometry, mode="bilinear_fast") >= 0.5).float()
+    mask = torch.from_numpy(inside.astype(np.float32))[:, None]
+    brain_slices = (to_model_grid(mask, geometry, mode="bilinear_fast") >= 0.5).float()
     return PreparedVolume(slices=slices, brain=brain_slices, geometry=geometry, scale=scale)
 
 
 def slices_of(volume: np.ndarray, geometry: SliceGeometry, mode: str = "bilinear") -> torch.Tensor:
-    """Take the selected axial slices of another array on the same grid (a lesion mask, say): (N, 1, S, S)."""
-    native = np.ascontiguousarray(np.moveaxis(volume[:, :, geometry.slice_index], 2, 0))
-    stack = torch.from_numpy(native).float()[:, None]
+    """The model slices of another array on the same grid (a lesion mask, say): (N, 1, S, S)."""
+    stack = torch.from_numpy(sample_slices(volume, geometry.positions))[:, None]
     return to_model_grid(stack, geometry, mode=mode)
 
 
 def restore_volume(maps: torch.Tensor, geometry: SliceGeometry, fill: float = 0.0,
                    mode: str = "bilinear") -> np.ndarray:
-    """(N, 1, S, S) model-grid maps -> (X, Y, Z) float32 on the native RAS+ grid; unprocessed slices hold `fill`."""
+    """(N, 1, S, S) model-grid maps -> (X, Y, Z) float32 on the native RAS+ grid: in-plane back to the window,
+    then linear between the model slices onto the covered native slices; other slices hold `fill`."""
     out = np.full(geometry.volume_shape, fill, dtype=np.float32)
-    if geometry.n_slices:
-        native = from_model_grid(maps.detach().float().cpu(), geometry, mode=mode)[:, 0]
-        out[:, :, geometry.slice_index] = np.moveaxis(native.numpy(), 0, 2)
+    covered = geometry.covered
+    if geometry.n_slices == 0 or covered.size == 0:
+        return out
+    native = from_model_grid(maps.detach().float().cpu(), geometry, mode=mode)[:, 0].numpy()
+    if geometry.n_slices == 1:
+        out[:, :, covered] = native[0][:, :, None]
+        return out
+    step = float(geometry.positions[1] - geometry.positions[0])
+    t = np.clip((covered - geometry.positions[0]) / step, 0.0, geometry.n_slices - 1)
+    below = np.minimum(np.floor(t).astype(np.int64), geometry.n_slices - 2)
+    weight = (t - below).astype(np.float32)
+    if mode == "nearest":
+        weight = (weight >= 0.5).astype(np.float32)
+    mixed = native[below] * (1.0 - weight)[:, None, None] + native[below + 1] * weight[:, None, None]
+    out[:, :, covered] = np.moveaxis(mixed, 0, 2)
     return out

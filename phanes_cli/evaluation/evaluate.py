@@ -197,7 +197,7 @@ def evaluate_volume(
     inpaint = {m: v.inpaint_mask for m, v in (("phanes", main), ("phanes-gt", gt))
                if m in methods and v is not None and v.inpaint_mask is not None}
     processed = np.zeros(volume.data.shape[AXIAL_AXIS], dtype=bool)
-    processed[geometry.slice_index] = True
+    processed[geometry.covered] = True
     region = brain & processed[None, None, :]
     return VolumeEvaluation(scores=scores_of(methods, main, gt, residual), inpaint_masks=inpaint, truth=truth,
                             region=region, brain=brain, voxel_ml=volume.voxel_ml, slices_processed=geometry.n_slices)

@@ -59,7 +59,7 @@ class HealthySlices:
     x: Tensor
     brain: Tensor
     ids: list[str]
-    slice_index: list[int]  # axial index in the subject's RAS+ volume
+    slice_index: list[int]  # nearest axial index in the subject's RAS+ volume
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def mid_slices(rows: Sequence[ManifestRow], cfg: PhanesConfig, n_slices: int, sk
         xs.append(prepared.slices[picks])
         brains.append(prepared.brain[picks])
         ids.extend([row.id] * len(picks))
-        index.extend(int(prepared.geometry.slice_index[p]) for p in picks)
+        index.extend(round(float(prepared.geometry.positions[p])) for p in picks)
     size = cfg.preprocess.image_size
     x = torch.cat(xs)[:n_slices] if xs else torch.zeros(0, 1, size, size)
     brain = torch.cat(brains)[:n_slices] if brains else torch.zeros(0, 1, size, size)
