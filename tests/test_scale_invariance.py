@@ -4,7 +4,6 @@ was prepared (padded, cropped, resampled, reoriented), and `restore_volume` puts
 from __future__ import annotations
 
 from dataclasses import replace
-
 from pathlib import Path
 
 import nibabel as nib
