@@ -106,6 +106,9 @@ class TrainConfig:
     # The inpainter should learn the holes inference will cut: a tuned operating point below the 99th percentile
     # inpaints ventricles and sulci that 99th-percentile holes rarely cover.
     hole_percentile: float | None = None
+    # every this many steps of a stage its weights are also kept (checkpoints/stage<n>_step<k>.safetensors): the
+    # points of a learning curve (benchmarks/learning_curve.py); None: only the best weights are kept
+    snapshot_every: int | None = None
 
 
 @dataclass(frozen=True)
@@ -196,6 +199,7 @@ LIMITS: dict[str, _Limit] = {
     "mask.dilation_threshold": _FRACTION, "mask.mask_percentile": _percentile(high_open=True),
     "mask.anomaly_percentile": _percentile(high_open=True), "mask.per_image_percentile": _percentile(high_open=True),
     "train.seed": _at_least(0), "train.batch_size": _at_least(1), "train.checkpoint_every": _at_least(1),
+    "train.snapshot_every": _at_least(1),
     "train.perceptual_size": _at_least(8), "train.random_masks_per_image": _at_least(1),
     "train.hole_percentile": _percentile(high_open=True),
     "stage.max_epochs": _at_least(1), "stage.max_steps": _at_least(1), "stage.lr": _POSITIVE,
