@@ -7,12 +7,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
+import nibabel.processing
 import numpy as np
 import pytest
 import torch
 
 from phanes_cli.config import PreprocessConfig
-from phanes_cli.core.preprocess import field_window, prepare_volume, restore_volume
+from phanes_cli.core.preprocess import blur_sigmas, field_window, prepare_volume, restore_volume
 from phanes_cli.core.volume_io import load_volume
 from phanes_cli.inputs.brain_masks import load_with_brain
 from tests.conftest import SHARED_DATA, blob_volume, needs_shared
@@ -149,3 +150,56 @@ def test_another_dtype_of_the_same_voxels_gives_the_same_slices(tmp_path: Path) 
     reference = prepare_volume(volume.data, volume.data > 0, CFG, volume.zooms)
     for other in prepared:
         torch.testing.assert_close(other.slices, reference.slices, rtol=0, atol=0)
+
+
+def _plane_mm(volume_affine: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Superior coordinate (mm) of each model plane of a RAS+ volume."""
+    return positions * float(volume_affine[2, 2]) + float(volume_affine[2, 3])
+
+
+@needs_shared()
+def test_a_resampled_brain_is_cut_at_the_same_physical_planes(tmp_path: Path) -> None:
+    """The same real brain at 1 mm and resampled to 0.8 and 2 mm: model planes 1.5 mm apart at the same heights
+    (within a tenth of a millimetre; the old grid took every native slice, 0.8, 1 or 2 mm apart), so the maps of
+    every variant sample the same anatomy."""
+    img = nib.load(str(DS))
+    img = nib.Nifti1Image(np.asarray(img.dataobj, np.float32), img.affine)
+    heights = []
+    for size in (1.0, 0.8, 2.0):
+        variant = img if size == 1.0 else nib.processing.resample_to_output(img, voxel_sizes=(size,) * 3, order=1)
+        volume = load_volume(_save(tmp_path / f"{size}.nii.gz", np.asarray(variant.dataobj), variant.affine))
+        prepared = prepare_volume(volume.data, volume.data > 1, CFG, volume.zooms)
+        planes = _plane_mm(volume.affine, prepared.geometry.positions)
+        np.testing.assert_allclose(np.diff(planes), CFG.field_mm / CFG.image_size, atol=1e-6)
+        heights.append(planes)
+    for other in heights[1:]:
+        shared = min(len(other), len(heights[0]))
+        offset = np.abs(other[:, None] - heights[0][None, :]).min(axis=1)  # nearest plane of the 1 mm file
+        assert shared >= 0.95 * len(heights[0])
+        assert float(np.median(offset)) < 0.1
+
+
+def test_blur_brings_finer_files_to_the_model_resolution_and_leaves_coarser_ones() -> None:
+    """FWHMs add in quadrature: a 1 mm axis gets sqrt(2^2 - 1^2) mm of Gaussian FWHM to read as 2 mm; a 2 mm or
+    coarser axis none."""
+    fwhm_per_sigma = 2.0 * np.sqrt(2.0 * np.log(2.0))
+    sx, sy, sz = blur_sigmas((1.0, 0.5, 2.5), 2.0)
+    assert sx == pytest.approx(np.sqrt(3.0) / fwhm_per_sigma)
+    assert sy == pytest.approx(np.sqrt(4.0 - 0.25) / fwhm_per_sigma / 0.5)
+    assert sz == 0.0
+    data = blob_volume((40, 48, 36))
+    two_mm = (2.0, 2.0, 2.0)
+    sharp = prepare_volume(data, data > 0, replace(CFG, resolution_mm=0.0), two_mm)
+    blurred = prepare_volume(data, data > 0, CFG, two_mm)
+    torch.testing.assert_close(blurred.slices, sharp.slices, rtol=0, atol=0)  # a 2 mm file is already at 2 mm
+    noisy = np.zeros((120, 120, 40), np.float32)  # fine detail at 1 mm: noise inside a box of brain
+    noisy[10:110, 10:110, 5:35] = 100 + 20 * np.random.default_rng(0).standard_normal((100, 100, 30))
+    fine, fine_sharp = (prepare_volume(noisy, noisy > 0, replace(CFG, resolution_mm=r), (1.0, 1.0, 1.0))
+                        for r in (2.0, 0.0))
+    inside = torch.zeros_like(fine.brain, dtype=torch.bool)
+    inside[..., 20:60, 20:60] = True  # well inside the box's 67 model pixels
+
+    def roughness(x: torch.Tensor) -> float:  # neighbour differences: the fine detail blur removes
+        return float((x[..., 1:, :] - x[..., :-1, :]).abs()[inside[..., 1:, :]].mean())
+
+    assert roughness(fine.slices) < 0.7 * roughness(fine_sharp.slices)
