@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from phanes_cli.calibrate.options import CalibrateOptions
 from phanes_cli.calibrate.run import calibrate
 from phanes_cli.core.bundle import load_bundle
 from phanes_cli.core.components import label_components
@@ -66,7 +67,7 @@ def recalibrated(bundle: Path, controls: list[ManifestRow], work: Path) -> tuple
     work.mkdir(parents=True, exist_ok=True)
     manifest = write_manifest(controls, work / f"site-n{len(controls)}.parquet")
     start = time.perf_counter()
-    calibrate(bundle, manifest, device="cpu", progress=False, out=copy)
+    calibrate(CalibrateOptions(manifest=manifest, bundle=bundle, device="cpu", progress=False, out=copy))
     return copy, time.perf_counter() - start
 
 

@@ -24,7 +24,9 @@ _EXPORTS = {
     "ScreenSummary": ("phanes_cli.screening.engine", "ScreenSummary"),
     "load_bundle": ("phanes_cli.core.bundle", "load_bundle"),
     "train": ("phanes_cli.training.trainer", "train"),
+    "TrainOptions": ("phanes_cli.training.options", "TrainOptions"),
     "calibrate_bundle": ("phanes_cli.calibrate.run", "calibrate"),
+    "CalibrateOptions": ("phanes_cli.calibrate.options", "CalibrateOptions"),
     "evaluate": ("phanes_cli.evaluation.evaluate", "evaluate"),
     "EvaluateOptions": ("phanes_cli.evaluation.options", "EvaluateOptions"),
     "prepare_manifest": ("phanes_cli.inputs.discovery", "prepare_manifest"),
@@ -40,6 +42,7 @@ _EXPORTS = {
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:  # explicit re-exports (`name as name`)
+    from phanes_cli.calibrate.options import CalibrateOptions as CalibrateOptions
     from phanes_cli.calibrate.run import calibrate as calibrate_bundle  # noqa: F401 (in __all__ through _EXPORTS)
     from phanes_cli.config import load_config as load_config
     from phanes_cli.core.bundle import load_bundle as load_bundle
@@ -56,6 +59,7 @@ if TYPE_CHECKING:  # explicit re-exports (`name as name`)
     from phanes_cli.screening.options import ScreenOptions as ScreenOptions
     from phanes_cli.screening.predict import Prediction as Prediction
     from phanes_cli.screening.predict import predict as predict
+    from phanes_cli.training.options import TrainOptions as TrainOptions
     from phanes_cli.training.trainer import train as train
 
 

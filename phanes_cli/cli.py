@@ -259,13 +259,17 @@ def train(
     lpips_weights: str | None = LPIPS_OPTION,
 ) -> None:
     """Train stage 1 (RA) then stage 2 (AOT-GAN) on healthy data, then calibrate on the healthy val split."""
+    from phanes_cli.calibrate.options import CalibrateOptions
     from phanes_cli.calibrate.run import calibrate as calibrate_bundle
     from phanes_cli.config import load_config
+    from phanes_cli.training.options import TrainOptions
     from phanes_cli.training.trainer import train as run_training
 
-    bundle = run_training(load_config(config), data, out, resume=resume, device=device, lpips_weights=lpips_weights,
-                          skull_strip=skull_strip, stage1_from=stage1_from)
-    cal = calibrate_bundle(bundle, data, device=device, lpips_weights=lpips_weights, skull_strip=skull_strip)
+    bundle = run_training(TrainOptions(config=load_config(config), manifest=data, out=out, resume=resume,
+                                       stage1_from=stage1_from, device=device, skull_strip=skull_strip,
+                                       lpips_weights=lpips_weights))
+    cal = calibrate_bundle(CalibrateOptions(manifest=data, bundle=bundle, device=device, skull_strip=skull_strip,
+                                            lpips_weights=lpips_weights))
     console.print(f"[green]model bundle[/]: {escape(str(bundle))} (mask threshold {cal.mask_threshold:.4g}, "
                   f"anomaly threshold {cal.anomaly_threshold:.4g})")
     _print_tuning(cal)
@@ -335,16 +339,18 @@ def calibrate(
 ) -> None:
     """Compute the mask and anomaly thresholds on validation volumes and store them in the bundle (or, with --out,
     in a calibrated copy of it)."""
+    from phanes_cli.calibrate.options import CalibrateOptions
     from phanes_cli.calibrate.run import calibrate as calibrate_bundle
-    from phanes_cli.core.shipped_models import default_bundle
 
-    source = bundle or default_bundle()
-    cal = calibrate_bundle(source, data, device=device, batch_size=batch_size, split=split, lpips_weights=lpips_weights,
-                          mask_percentile=mask_percentile, anomaly_percentile=anomaly_percentile,
-                          skull_strip=skull_strip, tune=tune, backend_name=backend, slice_context=slice_context,
-                          healthy_fp_budget_ml=healthy_fp_budget_ml,
-                          healthy_fp_budget_components=healthy_fp_budget_components, out=out)
-    console.print(f"[green]calibrated[/] {escape(str(out or source))}: mask threshold {cal.mask_threshold:.4g}, "
+    options = CalibrateOptions(manifest=data, bundle=bundle, out=out, split=split, device=device,
+                               skull_strip=skull_strip, batch_size=batch_size, mask_percentile=mask_percentile,
+                               anomaly_percentile=anomaly_percentile, tune=tune, slice_context=slice_context,
+                               healthy_fp_budget_ml=healthy_fp_budget_ml,
+                               healthy_fp_budget_components=healthy_fp_budget_components, backend=backend,
+                               lpips_weights=lpips_weights)
+    cal = calibrate_bundle(options)
+    written = out or options.source()
+    console.print(f"[green]calibrated[/] {escape(str(written))}: mask threshold {cal.mask_threshold:.4g}, "
                   f"anomaly threshold {cal.anomaly_threshold:.4g}, minimum lesion {cal.min_lesion_ml:.3g} mL")
     _print_tuning(cal)
 

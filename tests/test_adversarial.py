@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from phanes_cli.calibrate.options import CalibrateOptions
 from phanes_cli.calibrate.run import calibrate
 from phanes_cli.config import load_config
 from phanes_cli.core.bundle import INDEX_FILE, load_bundle, save_bundle, write_calibration
@@ -349,7 +350,8 @@ def test_a_failed_calibration_leaves_the_bundle_byte_identical(case: str, calibr
     manifest = BAD_MANIFESTS[case](tmp_path)
     before = _snapshot(calibrated)
     with pytest.raises(PhanesError):  # new percentiles: the old code re-saved the bundle before failing
-        calibrate(calibrated, manifest, device="cpu", progress=False, mask_percentile=90.0, anomaly_percentile=95.0)
+        calibrate(CalibrateOptions(manifest=manifest, bundle=calibrated, device="cpu", progress=False,
+                                   mask_percentile=90.0, anomaly_percentile=95.0))
     assert _snapshot(calibrated) == before
     assert load_bundle(calibrated).calibration == Calibration(**GOOD_CALIBRATION)
 
@@ -660,7 +662,8 @@ def test_site_calibration_writes_a_calibrated_copy_and_leaves_the_shipped_model(
     listed = json.loads((shipped / INDEX_FILE).read_text())["files"]
     assert sorted(_hashes(site)) == sorted([*listed, INDEX_FILE])  # the model's files only: no checkpoints
     plain = Path(shutil.copytree(shipped, tmp_path / "plain-copy", ignore=shutil.ignore_patterns("checkpoints")))
-    expected = calibrate(plain, controls, device="cpu", progress=False, tune=False, backend_name="torch")
+    expected = calibrate(CalibrateOptions(manifest=controls, bundle=plain, device="cpu", progress=False, tune=False,
+                                          backend="torch"))
     copy, original = load_bundle(site), load_bundle(shipped)
     assert copy.calibration == expected != original.calibration
     assert copy.ra_state.keys() == original.ra_state.keys()

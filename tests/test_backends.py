@@ -172,14 +172,18 @@ def test_an_engine_for_another_gpu_is_refused_and_auto_falls_back(copy: Path) ->
 
 def test_calibrate_on_onnxruntime_matches_torch(copy: Path, tmp_path: Path) -> None:
     """`calibrate --backend onnxruntime` runs the exported graphs and finds the thresholds torch finds."""
+    from phanes_cli.calibrate.options import CalibrateOptions
     from phanes_cli.calibrate.run import calibrate
     from tests._tiny_cohort import write_cohort
 
     manifest = write_cohort(tmp_path / "cohort", n_train=1, n_val=2)
     other = Path(shutil.copytree(copy, tmp_path / "torch-bundle"))
-    on_ort = calibrate(copy, manifest, device="cpu", progress=False, tune=False, backend_name="onnxruntime")
-    on_torch = calibrate(other, manifest, device="cpu", progress=False, tune=False, backend_name="torch")
+    on_ort = calibrate(CalibrateOptions(manifest=manifest, bundle=copy, device="cpu", progress=False, tune=False,
+                                        backend="onnxruntime"))
+    on_torch = calibrate(CalibrateOptions(manifest=manifest, bundle=other, device="cpu", progress=False, tune=False,
+                                          backend="torch"))
     assert on_ort.mask_threshold == pytest.approx(on_torch.mask_threshold, rel=1e-3)
     assert on_ort.anomaly_threshold == pytest.approx(on_torch.anomaly_threshold, rel=1e-3)
     with pytest.raises(ConfigError, match="unknown backend"):
-        calibrate(other, manifest, device="cpu", progress=False, tune=False, backend_name="tflite")
+        calibrate(CalibrateOptions(manifest=manifest, bundle=other, device="cpu", progress=False, tune=False,
+                                   backend="tflite"))

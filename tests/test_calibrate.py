@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from phanes_cli.calibrate.healthy import healthy_calibration
+from phanes_cli.calibrate.options import CalibrateOptions
 from phanes_cli.calibrate.run import calibrate
 from phanes_cli.core.bundle import load_bundle, save_bundle
 from phanes_cli.core.percentiles import stage1_percentile
@@ -73,7 +74,7 @@ def _volume_grid_scores(bundle: Path, manifest: Path, mask_threshold: float) -> 
 def test_thresholds_are_the_percentiles_of_healthy_maps(setup: tuple[Path, Path]) -> None:
     bundle, manifest = setup
     hash_before = load_bundle(bundle, require_calibration=False).hash
-    cal = calibrate(bundle, manifest, device="cpu", batch_size=7, progress=False)
+    cal = calibrate(CalibrateOptions(manifest=manifest, bundle=bundle, device="cpu", batch_size=7, progress=False))
     t_mask, n_slices = _independent_mask_threshold(bundle, manifest)
     assert cal.mask_threshold == pytest.approx(t_mask, rel=1e-4)
     positive = np.concatenate(_volume_grid_scores(bundle, manifest, cal.mask_threshold))
@@ -92,7 +93,8 @@ def test_anomaly_threshold_is_calibrated_on_the_grid_where_it_is_applied(setup: 
     default too."""
     bundle, manifest = setup
     for q in (99.0, 90.0):
-        cal = calibrate(bundle, manifest, device="cpu", batch_size=16, progress=False, anomaly_percentile=q)
+        cal = calibrate(CalibrateOptions(manifest=manifest, bundle=bundle, device="cpu", batch_size=16,
+                                         progress=False, anomaly_percentile=q))
         positive = np.concatenate(_volume_grid_scores(bundle, manifest, cal.mask_threshold))
         exceed = float(np.mean(positive >= cal.anomaly_threshold))
         assert exceed == pytest.approx(1 - q / 100, abs=2.0 / positive.size + 1e-3), q
@@ -101,7 +103,7 @@ def test_anomaly_threshold_is_calibrated_on_the_grid_where_it_is_applied(setup: 
 def test_calibration_needs_healthy_volumes_of_the_split(setup: tuple[Path, Path]) -> None:
     bundle, manifest = setup
     with pytest.raises(ConfigError, match="'test'"):
-        calibrate(bundle, manifest, device="cpu", split="test", progress=False)
+        calibrate(CalibrateOptions(manifest=manifest, bundle=bundle, device="cpu", split="test", progress=False))
     with pytest.raises(BundleError):
         load_bundle(bundle)  # still uncalibrated: nothing was written
 
@@ -109,13 +111,14 @@ def test_calibration_needs_healthy_volumes_of_the_split(setup: tuple[Path, Path]
 def test_calibration_refuses_a_missing_bundle(tmp_path: Path) -> None:
     manifest = write_cohort(tmp_path, n_train=0, n_val=1)
     with pytest.raises(BundleError, match="not found"):
-        calibrate(tmp_path / "nowhere", manifest, device="cpu", progress=False)
+        calibrate(CalibrateOptions(manifest=manifest, bundle=tmp_path / "nowhere", device="cpu", progress=False))
 
 
 def test_percentile_override_is_stored_in_the_bundle(setup: tuple[Path, Path]) -> None:
     bundle, manifest = setup
     weights_before = load_bundle(bundle, require_calibration=False).ra_state
-    cal = calibrate(bundle, manifest, device="cpu", batch_size=16, progress=False, mask_percentile=90.0)
+    cal = calibrate(CalibrateOptions(manifest=manifest, bundle=bundle, device="cpu", batch_size=16, progress=False,
+                                     mask_percentile=90.0))
     stored = load_bundle(bundle)
     assert stored.config.mask.mask_percentile == 90.0
     assert stored.calibration == cal
@@ -123,7 +126,8 @@ def test_percentile_override_is_stored_in_the_bundle(setup: tuple[Path, Path]) -
     t_mask, _ = _independent_mask_threshold(bundle, manifest)  # recomputed with the stored 90th percentile
     assert cal.mask_threshold == pytest.approx(t_mask, rel=1e-4)
     with pytest.raises(ConfigError, match="between 0 and 100"):
-        calibrate(bundle, manifest, device="cpu", progress=False, anomaly_percentile=100.0)
+        calibrate(CalibrateOptions(manifest=manifest, bundle=bundle, device="cpu", progress=False,
+                                   anomaly_percentile=100.0))
 
 
 def test_slices_without_brain_pixels_give_no_mask_threshold(setup: tuple[Path, Path]) -> None:
@@ -144,7 +148,7 @@ def test_minimum_lesion_size_is_the_percentile_of_healthy_largest_components(set
     from scipy import ndimage
 
     bundle, manifest = setup
-    cal = calibrate(bundle, manifest, device="cpu", batch_size=16, progress=False)
+    cal = calibrate(CalibrateOptions(manifest=manifest, bundle=bundle, device="cpu", batch_size=16, progress=False))
     model = load_bundle(bundle)
     backend = TorchBackend(load_networks(model), torch.device("cpu"))
     largest = []

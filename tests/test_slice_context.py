@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from phanes_cli.calibrate.options import CalibrateOptions
 from phanes_cli.calibrate.run import calibrate
 from phanes_cli.core import ops
 from phanes_cli.core.bundle import load_bundle, save_bundle
@@ -101,7 +102,7 @@ def test_two_pass_inference_binarises_the_averaged_map(model: tuple[Path, Path])
 def test_mask_threshold_is_a_percentile_of_the_averaged_map_per_volume(model: tuple[Path, Path]) -> None:
     """Calibration averages within each validation volume (never across the boundary between two volumes)."""
     bundle, manifest = model
-    cal = calibrate(bundle, manifest, device="cpu", batch_size=5, progress=False)
+    cal = calibrate(CalibrateOptions(manifest=manifest, bundle=bundle, device="cpu", batch_size=5, progress=False))
     loaded = load_bundle(bundle, require_calibration=False)
     nets = load_networks(loaded)
     backend = TorchBackend(nets, torch.device("cpu"))
@@ -120,8 +121,8 @@ def test_calibrate_can_switch_slice_context_off_and_stores_the_switch(model: tup
     bundle, manifest = model
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy)
-    cal = calibrate(copy, manifest, device="cpu", batch_size=5, progress=False, slice_context=False,
-                    healthy_fp_budget_ml=2.0, healthy_fp_budget_components=3.0)
+    cal = calibrate(CalibrateOptions(manifest=manifest, bundle=copy, device="cpu", batch_size=5, progress=False,
+                                     slice_context=False, healthy_fp_budget_ml=2.0, healthy_fp_budget_components=3.0))
     loaded = load_bundle(copy)
     assert loaded.config.mask.slice_context is False and loaded.config.tune.healthy_fp_budget_ml == 2.0
     assert loaded.config.tune.healthy_fp_budget_components == 3.0
@@ -134,7 +135,9 @@ def test_calibrate_can_switch_slice_context_off_and_stores_the_switch(model: tup
         values.append(m[brain > 0].double().numpy())
     assert cal.mask_threshold == pytest.approx(float(np.percentile(np.concatenate(values), 99.0)), rel=1e-4)
     with pytest.raises(ConfigError, match="false-positive budget"):
-        calibrate(copy, manifest, device="cpu", progress=False, healthy_fp_budget_ml=-1.0)
+        calibrate(CalibrateOptions(manifest=manifest, bundle=copy, device="cpu", progress=False,
+                                   healthy_fp_budget_ml=-1.0))
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ConfigError, match="false-positive budget must be a finite number of components"):
-            calibrate(copy, manifest, device="cpu", progress=False, healthy_fp_budget_components=bad)
+            calibrate(CalibrateOptions(manifest=manifest, bundle=copy, device="cpu", progress=False,
+                                       healthy_fp_budget_components=bad))

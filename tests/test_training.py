@@ -15,6 +15,7 @@ import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from phanes_cli.calibrate.options import CalibrateOptions
 from phanes_cli.calibrate.run import calibrate
 from phanes_cli.cli import app
 from phanes_cli.config import StageTrainConfig
@@ -29,6 +30,7 @@ from phanes_cli.training import losses, validation
 from phanes_cli.training.augment import AffineParams, apply_affine, augment, sampling_matrices
 from phanes_cli.training.data import epoch_batches
 from phanes_cli.training.holes import random_ellipses, random_training_masks
+from phanes_cli.training.options import TrainOptions
 from phanes_cli.training.steps import Learner, evaluating
 from phanes_cli.training.trainer import train
 from tests._tiny_cohort import tiny_config, write_cohort
@@ -251,10 +253,11 @@ def trained(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        out = train(_config(), cohort, tmp_path_factory.mktemp("run") / "model", device="cpu", progress=False)
+        out = train(TrainOptions(_config(), cohort, tmp_path_factory.mktemp("run") / "model", device="cpu",
+                                 progress=False))
         with pytest.raises(BundleError, match="not calibrated"):
             load_bundle(out)
-        calibrate(out, cohort, device="cpu", progress=False)
+        calibrate(CalibrateOptions(manifest=cohort, bundle=out, device="cpu", progress=False))
         return out
     finally:
         torch.set_num_threads(before)
@@ -288,7 +291,7 @@ def test_training_produces_a_verified_calibrated_bundle(trained: Path, cohort: P
     assert all(torch.equal(bundle.ra_state[k.removeprefix("ra.")], v) for k, v in ra.items())
     # a finished model is never overwritten silently
     with pytest.raises(ConfigError, match="--resume"):
-        train(_config(), cohort, trained, device="cpu", progress=False)
+        train(TrainOptions(_config(), cohort, trained, device="cpu", progress=False))
 
 
 def test_stage2_holes_use_the_calibration_percentile_of_the_trained_stage1(trained: Path, cohort: Path) -> None:
@@ -313,7 +316,7 @@ def test_stage1_from_keeps_that_ra_and_cuts_holes_at_the_hole_percentile(trained
     maps over the training slices (recomputed here with numpy's percentile), not at the mask percentile."""
     base = _config()
     config = dataclasses.replace(base, train=dataclasses.replace(base.train, hole_percentile=80.0))
-    out = train(config, cohort, tmp_path / "model", device="cpu", progress=False, stage1_from=trained)
+    out = train(TrainOptions(config, cohort, tmp_path / "model", device="cpu", progress=False, stage1_from=trained))
     first, second = load_bundle(trained), load_bundle(out, require_calibration=False)
     assert all(torch.equal(first.ra_state[k], v) for k, v in second.ra_state.items())
     stages = second.versions["training"]["stages"]
@@ -334,14 +337,14 @@ def test_stage1_from_keeps_that_ra_and_cuts_holes_at_the_hole_percentile(trained
     other = dataclasses.replace(base, ra=dataclasses.replace(base.ra, latent_dim=4))
     for source, message in ((trained, "ra settings differ"), (trained / "bundle.json", "not a model bundle folder")):
         with pytest.raises(ConfigError, match=message):  # refused before any data is read or folder made
-            train(other, cohort, tmp_path / "other", device="cpu", progress=False, stage1_from=source)
+            train(TrainOptions(other, cohort, tmp_path / "other", device="cpu", progress=False, stage1_from=source))
         assert not (tmp_path / "other").exists()
 
 
 def test_missing_healthy_split_is_a_config_error(tmp_path: Path) -> None:
     manifest = write_cohort(tmp_path, n_train=1, n_val=0)
     with pytest.raises(ConfigError, match="'val'"):
-        train(tiny_config(), manifest, tmp_path / "model", device="cpu", progress=False)
+        train(TrainOptions(tiny_config(), manifest, tmp_path / "model", device="cpu", progress=False))
 
 
 def _interrupt_after(monkeypatch: pytest.MonkeyPatch, method: str, calls: int) -> None:
@@ -363,13 +366,13 @@ def test_resume_after_kills_matches_the_uninterrupted_run(trained: Path, cohort:
     with monkeypatch.context() as patch:  # killed inside stage 1's second epoch (checkpoint at step 3)
         _interrupt_after(patch, "stage1_step", 4)
         with pytest.raises(KeyboardInterrupt):
-            train(_config(), cohort, out, device="cpu", progress=False)
+            train(TrainOptions(_config(), cohort, out, device="cpu", progress=False))
     with pytest.raises(ConfigError, match="--resume"):
-        train(_config(), cohort, out, device="cpu", progress=False)
+        train(TrainOptions(_config(), cohort, out, device="cpu", progress=False))
     with monkeypatch.context() as patch:  # resumed, then killed inside stage 2
         _interrupt_after(patch, "stage2_step", 4)
         with pytest.raises(KeyboardInterrupt):
-            train(_config(), cohort, out, resume=True, device="cpu", progress=False)
+            train(TrainOptions(_config(), cohort, out, resume=True, device="cpu", progress=False))
     config_file = tmp_path / "tiny.yaml"
     config_file.write_text(yaml.safe_dump(_config().to_dict()))
     finished = CliRunner().invoke(app, ["train", "--config", str(config_file), "--data", str(cohort), "--out", str(out),
@@ -398,7 +401,7 @@ def test_early_stopping_keeps_the_best_validation_weights(cohort: Path, tmp_path
         monkeypatch.setattr(validation, method, rising)
     stage = StageTrainConfig(max_epochs=50, max_steps=None, lr=1e-3, patience=1, val_every=1)
     cfg = dataclasses.replace(_config(), train=dataclasses.replace(_config().train, stage1=stage, stage2=stage))
-    out = train(cfg, cohort, tmp_path / "model", device="cpu", progress=False)
+    out = train(TrainOptions(cfg, cohort, tmp_path / "model", device="cpu", progress=False))
     bundle = load_bundle(out, require_calibration=False)
     stages = bundle.versions["training"]["stages"]
     summaries = [(s["stopped_by"], s["epochs"], s["steps"], s["best_step"]) for s in stages]
@@ -412,13 +415,13 @@ def test_early_stopping_keeps_the_best_validation_weights(cohort: Path, tmp_path
 def test_resume_refuses_a_different_architecture(trained: Path, cohort: Path) -> None:
     other = dataclasses.replace(_config(), ra=dataclasses.replace(_config().ra, latent_dim=4))
     with pytest.raises(ConfigError, match="ra"):
-        train(other, cohort, trained, resume=True, device="cpu", progress=False)
+        train(TrainOptions(other, cohort, trained, resume=True, device="cpu", progress=False))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bf16 autocast training path)")
 def test_training_on_cuda(cohort: Path, tmp_path: Path) -> None:
-    out = train(_config(), cohort, tmp_path / "model", device="cuda", progress=False)
-    calibrate(out, cohort, device="cuda", progress=False)
+    out = train(TrainOptions(_config(), cohort, tmp_path / "model", device="cuda", progress=False))
+    calibrate(CalibrateOptions(manifest=cohort, bundle=out, device="cuda", progress=False))
     bundle = load_bundle(out)
     cal = bundle.require_calibration()
     assert bundle.versions["training"]["device"].startswith("cuda")

@@ -15,6 +15,7 @@ from scipy import ndimage
 
 import phanes_cli.inputs.brain_masks
 from phanes_cli.calibrate.insertion import LesionedVolume, insert_lesion, lesioned_validation
+from phanes_cli.calibrate.options import CalibrateOptions
 from phanes_cli.calibrate.run import calibrate
 from phanes_cli.calibrate.tune import dice_grid, healthy_fp, within_budget
 from phanes_cli.config import TuneConfig
@@ -138,7 +139,8 @@ def tuned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[st
         with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stderr(log):
             patch.setattr(phanes_cli.inputs.brain_masks, "load_volume", recording)
             patch.setenv("PHANES_PROGRESS_SECONDS", "0")
-            calibrate(tmp_path / "bundle", manifest, device="cpu", batch_size=16, progress=True)
+            calibrate(CalibrateOptions(manifest=manifest, bundle=tmp_path / "bundle", device="cpu", batch_size=16,
+                                       progress=True))
     finally:
         torch.set_num_threads(threads)
     return tmp_path / "bundle", manifest, reads, log.getvalue()
@@ -205,9 +207,11 @@ def test_tune_refuses_test_split_and_percentile_overrides(tmp_path: Path) -> Non
     save_bundle(tmp_path / "bundle", cfg, nets.ra, nets.generator)
     manifest = write_cohort(tmp_path / "data", n_train=1, n_val=1)
     with pytest.raises(ConfigError, match="'test' split"):
-        calibrate(tmp_path / "bundle", manifest, device="cpu", split="test", progress=False)
+        calibrate(CalibrateOptions(manifest=manifest, bundle=tmp_path / "bundle", device="cpu", split="test",
+                                   progress=False))
     with pytest.raises(ConfigError, match="--tune chooses"):
-        calibrate(tmp_path / "bundle", manifest, device="cpu", mask_percentile=95.0, progress=False)
+        calibrate(CalibrateOptions(manifest=manifest, bundle=tmp_path / "bundle", device="cpu", mask_percentile=95.0,
+                                   progress=False))
 
 
 def test_cli_tune_conflicts_and_bad_lesion_source_are_one_line_errors(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from a pre-trained RA, so its early stage 2 masks come from a moving stage 1.)
 Per stage: seeded, augmented batches (`steps`); validation after every `val_every` epochs
 (`validation`); early stopping after `patience` validations without improvement; `max_epochs` /
 `max_steps` caps. The best weights by validation go into the bundle. A checkpoint (`checkpoint`) is
-written every `checkpoint_every` epochs and at each stage end; `resume=True` continues from it. The
+written every `checkpoint_every` epochs and at each stage end; the `resume` option continues from it. The
 bundle is left uncalibrated: the `train` command calibrates it next (`phanes_cli.calibrate.run`).
 """
 
@@ -45,6 +45,7 @@ from phanes_cli.training.checkpoint import (
 )
 from phanes_cli.training.data import SliceSet, epoch_batches, healthy_rows, load_slices
 from phanes_cli.training.metrics_log import METRICS_FILE, Averages, MetricsLog
+from phanes_cli.training.options import TrainOptions
 from phanes_cli.training.provenance import PROVENANCE_FILE, training_provenance
 from phanes_cli.training.steps import Learner
 
@@ -87,8 +88,6 @@ class _Session:
 
 def _check_out(out: Path, resume: bool) -> None:
     check_writable(out, "train into a folder of your own")  # before hours of training, not at the bundle's save
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out}: --out must be a folder, and this is a file")
     if resume:
         return
     if (out / INDEX_FILE).exists():
@@ -192,11 +191,9 @@ def _stage2(learner: Learner, train_set: SliceSet, val_view: SliceSet, threshold
 
 
 def stage1_source(bundle_dir: Path, config: PhanesConfig) -> Bundle:
-    """The verified bundle whose stage 1 (RA) a run reuses: a ConfigError unless it is a bundle folder with the
-    run config's `ra` and `preprocess` sections, a BundleError unless its RA weights fit them (checked before any
-    data is loaded)."""
-    if not bundle_dir.is_dir():
-        raise ConfigError(f"--stage1-from {bundle_dir}: not a model bundle folder")
+    """The verified bundle whose stage 1 (RA) a run reuses (a folder: `TrainOptions.validate`): a ConfigError unless
+    it has the run config's `ra` and `preprocess` sections, a BundleError unless its RA weights fit them (checked
+    before any data is loaded)."""
     bundle = load_bundle(bundle_dir, require_calibration=False)
     for section in ("ra", "preprocess"):
         if getattr(bundle.config, section) != getattr(config, section):
@@ -243,24 +240,23 @@ def _load_healthy(manifest: Path, config: PhanesConfig, bar: Progress, skull_str
     return train_set, val_set, len(train_rows), len(val_rows)
 
 
-def train(config: PhanesConfig, manifest: Path, out: Path, resume: bool = False, device: str = "auto",
-          lpips_weights: str | None = None, progress: bool = True, skull_strip: str = "auto",
-          stage1_from: Path | None = None) -> Path:
+def train(options: TrainOptions) -> Path:
     """Train both stages on the healthy train split and write the best weights as an uncalibrated bundle.
 
-    Returns the bundle folder (`out`). `resume=True` continues from `out/checkpoints/last.safetensors`.
+    Returns the bundle folder (`options.out`). `resume` continues from `out/checkpoints/last.safetensors`.
     `stage1_from` (a bundle) skips stage 1 and trains stage 2 on that bundle's RA, e.g. with other holes.
     """
-    out, manifest = Path(out), Path(manifest)
-    _check_out(out, resume)
-    stage1 = None if stage1_from is None else stage1_source(Path(stage1_from), config)
-    dev = select_device(device)
-    with make_progress(progress) as bar:
-        train_set, val_set, n_train, n_val = _load_healthy(manifest, config, bar, skull_strip, str(dev))
-        learner = Learner(config, dev, lpips_weights)
+    options.validate()
+    config, out, manifest = options.config, Path(options.out), Path(options.manifest)
+    _check_out(out, options.resume)
+    stage1 = None if options.stage1_from is None else stage1_source(Path(options.stage1_from), config)
+    dev = select_device(options.device)
+    with make_progress(options.progress) as bar:
+        train_set, val_set, n_train, n_val = _load_healthy(manifest, config, bar, options.skull_strip, str(dev))
+        learner = Learner(config, dev, options.lpips_weights)
         out.mkdir(parents=True, exist_ok=True)
         metrics = MetricsLog(out / METRICS_FILE)
-        state = _start_or_resume(learner, out, resume, metrics, bar, stage1)
+        state = _start_or_resume(learner, out, options.resume, metrics, bar, stage1)
         session = _Session(learner, state, out, metrics, bar, time.perf_counter())
         val_view = validation.validation_view(val_set)
         if state.stage == 1:
