@@ -102,6 +102,11 @@ def _capped(sched: StageTrainConfig, state: RunState) -> bool:
     return state.epoch >= sched.max_epochs or (sched.max_steps is not None and state.step >= sched.max_steps)
 
 
+def snapshot_path(out: Path, stage: int, step: int) -> Path:
+    """Where `train.snapshot_every` keeps a stage's weights at a step (the modules of its best-weights file)."""
+    return out / CHECKPOINT_DIR / f"stage{stage}_step{step:06d}.safetensors"
+
+
 def _best_path(session: _Session, spec: _Stage) -> Path:
     return session.out / CHECKPOINT_DIR / f"best_stage{spec.number}.safetensors"
 
@@ -115,6 +120,8 @@ def _run_epoch(spec: _Stage, session: _Session, n_train: int, averages: Averages
         values = spec.step(index)
         state.step += 1
         averages.add(values)
+        if cfg.snapshot_every and state.step % cfg.snapshot_every == 0:
+            save_weights(snapshot_path(session.out, spec.number, state.step), spec.best_modules)
         session.bar.update(task, completed=state.step, info=format_losses(values, spec.shown))
     state.epoch += 1
 
