@@ -67,6 +67,41 @@ def test_plan_on_2_and_16_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     assert plan_actors(_options()) == ActorPlan(count=12, cpus=1.0, gpus=0.0, max_in_flight=48, threads=1)
 
 
+@pytest.mark.parametrize(("cores", "speeds", "share"), [
+    # two one-thread actors (20 slices/s together) against one two-thread actor
+    (2, {1: 10.0, 2: 15.0}, NodeShare(actors=2, threads=1, cpus=0.5)),  # eager torch: threads scale poorly
+    (2, {1: 10.0, 2: 25.0}, NodeShare(actors=1, threads=2, cpus=1.0)),  # a runtime whose sessions scale
+    (2, {1: 10.0, 2: 20.0}, NodeShare(actors=2, threads=1, cpus=0.5)),  # a tie keeps the one-thread rule
+    (16, {1: 10.0, 2: 21.0}, NodeShare(actors=6, threads=2, cpus=2.0)),  # 12 cores: 6 x 21 > 12 x 10
+    (16, {1: 10.0, 2: 19.0}, NodeShare(actors=12, threads=1, cpus=1.0)),
+    (1, {1: 10.0, 2: 99.0}, NodeShare(actors=1, threads=1, cpus=0.0)),  # one core: nothing to weigh
+])
+def test_measured_speeds_choose_one_or_two_thread_actors(cores: int, speeds: dict[int, float],
+                                                         share: NodeShare) -> None:
+    assert plan.measured_share(cores, speeds.__getitem__) == share
+    assert share.actors * share.threads <= cores
+
+
+def test_measured_speeds_plan_a_single_node_unless_an_actor_option_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[int] = []
+
+    def speed(threads: int) -> float:
+        asked.append(threads)
+        return {1: 10.0, 2: 25.0}[threads]
+
+    _cluster(monkeypatch, [2])
+    assert plan_actors(_options(), speed) == ActorPlan(count=1, cpus=1.0, gpus=0.0, max_in_flight=4, threads=2)
+    assert sorted(set(asked)) == [1, 2]
+    asked.clear()
+    for given in ({"num_actors": 2}, {"threads_per_actor": 1}, {"cpus_per_actor": 0.5}):
+        assert plan_actors(_options(**given), speed).threads == 1
+    _cluster(monkeypatch, [2, 2])  # two nodes: the driver's CPU is not theirs, the fixed rule plans them
+    assert plan_actors(_options(), speed).threads == 1
+    _cluster(monkeypatch, [16], gpus=2)  # GPUs: the CPU speeds do not matter
+    assert plan_actors(_options(), speed).gpus == 1.0
+    assert asked == []
+
+
 def test_options_override_the_planned_values(monkeypatch: pytest.MonkeyPatch) -> None:
     _cluster(monkeypatch, [16])
     assert plan_actors(_options(threads_per_actor=4)).threads == 4

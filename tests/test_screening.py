@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 from scipy import ndimage
 
@@ -36,6 +37,7 @@ from phanes_cli.models import AOTGenerator, SoftIntroVAE
 from phanes_cli.run_folder.commit import commit_volume, is_done, previous_failure, read_marker, record_failure
 from phanes_cli.run_folder.consolidate import consolidate
 from phanes_cli.run_folder.layout import OutputLayout
+from phanes_cli.runtimes.measured import cache_file
 from phanes_cli.runtimes.pytorch import TorchBackend, load_networks
 from phanes_cli.screening.actors import InferenceActor
 from phanes_cli.screening.engine import EXIT_OK, EXIT_SOME_FAILED, screen
@@ -421,6 +423,15 @@ def test_mixed_cohort_geometry_tables_failures_and_resume(cluster: RayCluster, b
     assert manifest["bundle"]["hash"] == load_bundle(bundle).hash
     assert manifest["counts"] == {"total": 10, "done": 5, "failed": 5, "skipped": 0}
     assert 1 <= manifest["ray"]["peak_in_flight"] <= 3  # bounded streaming: never more than max_in_flight volumes
+    # the actors' threads follow torch's speeds measured here at 1 and 2 threads (the user cache's figures):
+    # a two-thread actor when it screens more slices per second than one-thread actors on the same cores
+    entries = json.loads(cache_file(load_bundle(bundle)).read_text())["entries"].values()
+    speed = {e["threads"]: e["slices_per_s"]["torch"] for e in entries}
+    cores = int(sum(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]))
+    single = cores - max(1, cores // 4) if cores - max(1, cores // 4) >= 2 else cores
+    paired = max(1, (cores - max(1, cores // 4)) // 2)
+    two = cores >= 2 and paired * speed[2] > single * speed[1]
+    assert (manifest["ray"]["actors"], manifest["ray"]["threads_per_actor"]) == ((paired, 2) if two else (single, 1))
     assert {"torch", "ray", "nibabel"} <= set(manifest["versions"])
     assert manifest["command"]
     events = [json.loads(line) for line in log.read_text().splitlines()]

@@ -93,8 +93,9 @@ def read_entries(bundle: Bundle) -> dict[str, Any]:
     return {k: v for k, v in entries.items() if isinstance(v, dict)} if isinstance(entries, dict) else {}
 
 
-def _speeds_of(entry: Any, usable: list[str]) -> Speeds | None:
-    """The entry's figures when they can be trusted for these usable backends (module docstring), else None."""
+def _speeds_of(entry: Any, usable: list[str] | None) -> Speeds | None:
+    """The entry's figures when they can be trusted for these usable backends (None: all it holds; module
+    docstring), else None."""
     if not isinstance(entry, dict) or entry.get("versions") != _versions():
         return None
     speeds, failed = entry.get("slices_per_s"), entry.get("failed", {})
@@ -102,10 +103,10 @@ def _speeds_of(entry: Any, usable: list[str]) -> Speeds | None:
         return None
     good = {k: float(v) for k, v in speeds.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0}
-    if len(good) != len(speeds) or any(name not in good and name not in failed for name in usable):
+    if len(good) != len(speeds) or any(name not in good and name not in failed for name in usable or []):
         return None
-    return Speeds({k: v for k, v in good.items() if k in usable}, {k: str(v) for k, v in failed.items()},
-                  measured=str(entry.get("measured", "")))
+    kept = {k: v for k, v in good.items() if usable is None or k in usable}
+    return Speeds(kept, {k: str(v) for k, v in failed.items()}, measured=str(entry.get("measured", "")))
 
 
 def cached_speeds(bundle: Bundle, usable: list[str], threads: int) -> Speeds | None:
@@ -116,8 +117,11 @@ def cached_speeds(bundle: Bundle, usable: list[str], threads: int) -> Speeds | N
 def record(bundle: Bundle, threads: int, speeds: Speeds, source: str) -> None:
     """Store figures measured here (`source`: first use, phanes bench) as this CPU's entry at `threads` threads."""
     entries = read_entries(bundle)
-    entries[entry_key(threads)] = {"cpu": cpu_identity(), "threads": threads, "slices_per_s": speeds.slices_per_s,
-                                   "failed": speeds.failed, "versions": _versions(), "source": source,
+    old = _speeds_of(entries.get(entry_key(threads)), None)  # figures of other backends measured before are kept
+    figures = {**(old.slices_per_s if old else {}), **speeds.slices_per_s}
+    failed = {k: v for k, v in {**(old.failed if old else {}), **speeds.failed}.items() if k not in speeds.slices_per_s}
+    entries[entry_key(threads)] = {"cpu": cpu_identity(), "threads": threads, "slices_per_s": figures,
+                                   "failed": failed, "versions": _versions(), "source": source,
                                    "measured": speeds.measured}
     write_json(cache_file(bundle), {"bundle_content_key": bundle.content_key, "entries": entries})
 
@@ -137,15 +141,16 @@ def _measuring(bundle: Bundle) -> Iterator[None]:
         yield
 
 
-def measure_here(bundle: Bundle, usable: list[str], build: Callable[[str], Backend]
-                 ) -> tuple[Speeds, dict[str, Backend]]:
-    """The figures of `usable` on this CPU at the process's thread count: from the cache, else measured now and
-    stored (with the backends built for it, so the chosen one is not built twice)."""
+def measure_here(bundle: Bundle, usable: list[str], build: Callable[[str], Backend],
+                 announce: Callable[[str], object] = lambda line: None) -> tuple[Speeds, dict[str, Backend]]:
+    """The figures of `usable` on this CPU at the process's thread count: from the cache, else measured now (said
+    first through `announce`) and stored (with the backends built for it, so the chosen one is not built twice)."""
     threads = torch.get_num_threads()
     with _measuring(bundle):
         cached = cached_speeds(bundle, usable, threads)
         if cached is not None:
             return cached, {}
+        announce(f"timing {', '.join(usable)} at {threads} thread(s) on this CPU (once per model and CPU)")
         built: dict[str, Backend] = {}
         failed: dict[str, str] = {}
         for name in usable:

@@ -13,6 +13,7 @@ BackendFallbackWarning. An explicitly named backend is strict: any refusal is an
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -222,6 +223,25 @@ def choose(name: str, bundle: Bundle, device: torch.device, lpips_weights: str |
         why = rule if device.type == "cuda" else "the only backend usable on this CPU"
         return BackendChoice(built_one, f"backend {backend}: {why}", skipped, warned)
     raise ArtefactError("no backend can run this bundle: " + "; ".join(f"{b}: {r}" for b, r in skipped.items()))
+
+
+def cpu_speed(name: str, bundle: Bundle, threads: int, lpips_weights: str | None = None,
+              announce: Callable[[str], object] = lambda line: None) -> float:
+    """Slices/s on this CPU at `threads` threads of the backend `name` (auto: the fastest usable one), from the
+    figures cached here or measured now and cached (`measured.measure_here`); 0 when none can run. What the
+    screening plan weighs one- against two-thread actors by."""
+    device = torch.device("cpu")
+    order, _ = candidates(name, bundle, device)
+    usable, _, _ = _usable(order, bundle, device)
+    if not usable:
+        return 0.0
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # sessions take the thread count they are built with, as in an actor
+    try:
+        speeds, _ = measure_here(bundle, usable, lambda b: build_backend(b, bundle, device, lpips_weights), announce)
+    finally:
+        torch.set_num_threads(before)
+    return max(speeds.slices_per_s.values(), default=0.0)
 
 
 def choose_backend(name: str, bundle: Bundle, device: torch.device, lpips_weights: str | None = None) -> Backend:

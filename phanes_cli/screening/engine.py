@@ -32,6 +32,7 @@ from phanes_cli.run_folder.commit import record_failure
 from phanes_cli.run_folder.consolidate import consolidate
 from phanes_cli.run_folder.layout import OutputLayout
 from phanes_cli.run_folder.schemas import manifest_columns
+from phanes_cli.runtimes.select import cpu_speed
 from phanes_cli.screening.bids_derivative import start_layout, write_burden_tables
 from phanes_cli.screening.dispatch import Actors, Dispatcher
 from phanes_cli.screening.options import ScreenOptions
@@ -160,7 +161,9 @@ def _dispatch(todo: list[ManifestRow], options: ScreenOptions, bundle: Bundle, b
     """
     with ray_session(options), display:
         began = time.monotonic()
-        plan = plan_actors(options)
+        local = options.address is None  # a local instance: the driver's CPU is the node's (used on CPU plans only)
+        plan = plan_actors(options, (lambda threads: cpu_speed(backend, bundle, threads, options.lpips_weights,
+                                                               display.note)) if local else None)
         manifest["ray"] = {"address": options.address, "nodes": len([n for n in ray.nodes() if n["Alive"]]),
                            "actors": plan.count, "cpus_per_actor": plan.cpus, "gpus_per_actor": plan.gpus,
                            "threads_per_actor": plan.threads, "max_in_flight": plan.max_in_flight}

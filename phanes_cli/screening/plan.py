@@ -9,6 +9,7 @@ status. `overwrite` removes the previous outputs of the run's ids first and redo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import ray
@@ -97,6 +98,22 @@ def cpu_share(node_cpus: int) -> NodeShare:
     return NodeShare(actors=actors, threads=1, cpus=max(0, inference) / actors)
 
 
+SpeedAt = Callable[[int], float]  # slices/s of the backend the actors will run, at a thread count
+
+
+def measured_share(node_cpus: int, speed_at: SpeedAt) -> NodeShare:
+    """`cpu_share`, or the same cores as actors of two threads, whichever screens more slices per second by the
+    measured speeds: actors x speed(threads). A backend whose sessions scale across threads (ONNX Runtime,
+    OpenVINO) can be faster as one two-thread actor than as two one-thread actors; eager torch is not."""
+    single = cpu_share(node_cpus)
+    inference = node_cpus - io_cpus(node_cpus)
+    if node_cpus < 2:
+        return single
+    pairs = max(1, inference // 2) if inference >= 2 else 1
+    paired = NodeShare(actors=pairs, threads=2, cpus=max(1.0, float(inference)) / pairs)
+    return paired if paired.actors * speed_at(2) > single.actors * speed_at(1) else single
+
+
 def node_cpu_counts() -> list[int]:
     """The CPUs of each alive Ray node that has any (a head started with --num-cpus=0 runs no actor)."""
     counts = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
@@ -137,21 +154,26 @@ def _check_fits(count: int, per_cpu: float, per_gpu: float, cpus: float) -> None
                           "--actors, --cpus-per-actor or --gpus-per-actor")
 
 
-def plan_actors(options: ScreenOptions) -> ActorPlan:
+def plan_actors(options: ScreenOptions, speed_at: SpeedAt | None = None) -> ActorPlan:
     """Actor count and resources from the options and what the cluster has; refuse plans that cannot run.
 
     GPUs: one actor per GPU (`gpus_per_actor` shares), one CPU and one thread each. CPUs only: `cpu_plan`
-    of the nodes' CPU counts. Options given override the planned value they name; `--cpus-per-actor` alone
-    also sets the threads (as many as the CPUs), and more actors than planned get fewer CPUs each, up to one
-    actor per CPU of the cluster (`_check_fits`).
+    of the nodes' CPU counts; on a single node with `speed_at` (the backend measured on this machine) and no
+    actor option given, `measured_share` picks one- or two-thread actors. Options given override the planned
+    value they name; `--cpus-per-actor` alone also sets the threads (as many as the CPUs), and more actors than
+    planned get fewer CPUs each, up to one actor per CPU of the cluster (`_check_fits`).
     """
     resources = ray.cluster_resources()
     cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
     per_gpu = options.gpus_per_actor if options.gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
+    nodes = node_cpu_counts()
+    free = options.num_actors is None and options.cpus_per_actor is None and options.threads_per_actor is None
     if per_gpu > 0:
         share = NodeShare(actors=max(1, int(gpus // per_gpu)), threads=1, cpus=1.0)
+    elif speed_at is not None and free and len(nodes) == 1:
+        share = measured_share(nodes[0], speed_at)
     else:
-        share = cpu_plan(node_cpu_counts())
+        share = cpu_plan(nodes)
     count = options.num_actors if options.num_actors is not None else share.actors
     if options.cpus_per_actor is not None:
         per_cpu, threads = options.cpus_per_actor, max(1, int(options.cpus_per_actor))
