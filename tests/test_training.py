@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from phanes_cli.calibrate.options import CalibrateOptions
 from phanes_cli.calibrate.run import calibrate
 from phanes_cli.cli import app
-from phanes_cli.config import StageTrainConfig
+from phanes_cli.config import StageTrainConfig, config_from_dict
 from phanes_cli.core.bundle import load_bundle
 from phanes_cli.core.pipeline import stage1_map
 from phanes_cli.core.preprocess import prepare_volume
@@ -235,7 +235,7 @@ def test_epoch_order_is_seeded_full_batches_without_repeats() -> None:
 
 # end to end ---------------------------------------------------------------------------------------
 
-STEPS = 5  # with one training volume (29 slices at batch 8 = 3 steps per epoch): two epochs per stage
+STEPS = 5  # with one training volume (20 model slices at batch 6 = 3 steps per epoch): two epochs per stage
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +244,7 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _config():  # type: ignore[no-untyped-def]
-    return tiny_config(STEPS, batch_size=8)
+    return tiny_config(STEPS, batch_size=6)
 
 
 @pytest.fixture(scope="module")
@@ -296,7 +296,7 @@ def test_training_produces_a_verified_calibrated_bundle(trained: Path, cohort: P
 
 def test_stage2_holes_use_the_calibration_percentile_of_the_trained_stage1(trained: Path, cohort: Path) -> None:
     """The stored stage 2 mask threshold is the mask percentile of the final RA's stage 1 maps over the brain
-    pixels of the (here: all 29) healthy training slices, recomputed with a frozen backend in one batch."""
+    pixels of the (here: all 20) healthy training slices, recomputed with a frozen backend in one batch."""
     bundle = load_bundle(trained)
     cfg = bundle.config
     row = next(r for r in read_manifest(cohort) if r.split == "train")
@@ -451,3 +451,21 @@ def test_training_writes_provenance_into_the_bundle(trained: Path, cohort: Path)
     assert prov["training"]["seconds"] == bundle.versions["training"]["seconds"] > 0
     assert prov["validation"]["stage2"]["best_val"] == bundle.versions["training"]["stages"][1]["best_val"]
     assert prov["source"] is None or len(prov["source"]["commit"]) == 40
+
+
+def test_snapshots_keep_each_stages_weights_every_n_steps(cohort: Path, tmp_path: Path) -> None:
+    """`train.snapshot_every`: the learning curve's points. Every 2 steps of each stage its live weights are written
+    (stage 1: the RA, stage 2: the generator); the last stage 1 snapshot at its final step is what the bundle holds
+    when that step's validation was the best."""
+    cfg = dataclasses.replace(_config(), train=dataclasses.replace(_config().train, snapshot_every=2))
+    out = train(TrainOptions(cfg, cohort, tmp_path / "model", device="cpu", progress=False))
+    names = sorted(p.name for p in (out / "checkpoints").glob("stage*_step*.safetensors"))
+    assert names == [f"stage{s}_step{k:06d}.safetensors" for s in (1, 2) for k in (2, 4)]
+    bundle = load_bundle(out, require_calibration=False)
+    for stage, prefix, state in ((1, "ra", bundle.ra_state), (2, "generator", bundle.generator_state)):
+        snap = load_file(str(out / "checkpoints" / f"stage{stage}_step000004.safetensors"))
+        assert snap.keys() == {f"{prefix}.{k}" for k in state}
+        early = load_file(str(out / "checkpoints" / f"stage{stage}_step000002.safetensors"))
+        assert any(not torch.equal(early[k], snap[k]) for k in snap)  # weights moved between the points
+    with pytest.raises(ConfigError, match="snapshot_every"):
+        config_from_dict({"train": {"snapshot_every": 0}})
