@@ -76,6 +76,10 @@ class MaskConfig:
     # the mask threshold is then a percentile of the averaged map. Off: it did not raise validation Dice
     # (docs/measurements.md, Specificity).
     slice_context: bool = False
+    # s(x) divided by the median of the volume's own m(x) over its brain (`pipeline.volume_scale`): a volume whose
+    # healthy tissue reconstructs worse (a site or preparation the model saw less) reads higher everywhere, and
+    # one operating point then means the same at every site. Off: the paper.
+    normalise_map: bool = False
 
 
 @dataclass(frozen=True)

@@ -170,3 +170,26 @@ def test_a_non_finite_stage1_map_fails_the_volume_even_when_not_kept(bundle: Bun
     with pytest.raises(FloatingPointError, match=r"stage 1 map \(slice\(s\) 0, 1, 2, 3 of 4\)"):
         infer_slices(x, brain, broken, bundle.config, 0.5, BATCH)
     assert broken.calls["inpaint"] == 0
+
+
+def test_normalised_map_is_the_map_over_the_median_of_the_volumes_stage1_map(backend: Backend, bundle: Bundle) -> None:
+    """`mask.normalise_map`: s(x) divided by the median of m(x) over every brain pixel of the volume's slices (the
+    oracle's maps, numpy's median); masks, x_ph and m unchanged; PHANES-GT (a given mask) is not divided."""
+    cfg = bundle.config
+    on = dataclasses.replace(cfg, mask=dataclasses.replace(cfg.mask, normalise_map=True))
+    x, brain = brain_slices(cfg.preprocess, N_SLICES)
+    threshold = half_empty_threshold(x, brain, backend, cfg)
+    oracle = unskipped(x, brain, backend, cfg, threshold)
+    median = float(np.median(oracle["stage1_map"].numpy()[brain.numpy() > 0]))
+    assert median > 0
+    got = infer_slices(x, brain, backend, on, threshold, BATCH, keep=("x_ph", "stage1_map"))
+    assert got.map_scale == pytest.approx(median, rel=1e-6)
+    np.testing.assert_allclose(got.anomaly * median, oracle["anomaly"].numpy(), atol=TOL, rtol=1e-5)
+    np.testing.assert_array_equal(got.inpaint_mask, oracle["inpaint_mask"].numpy() > 0.5)
+    plain = infer_slices(x, brain, backend, cfg, threshold, BATCH)
+    assert plain.map_scale == 1.0
+    given = oracle["inpaint_mask"]
+    gt = infer_slices(x, brain, backend, on, threshold, BATCH, given_mask=given)
+    assert gt.map_scale == 1.0
+    np.testing.assert_allclose(gt.anomaly, unskipped(x, brain, backend, cfg, threshold, given)["anomaly"].numpy(),
+                               atol=TOL, rtol=0)

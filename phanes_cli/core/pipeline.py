@@ -138,6 +138,7 @@ class ModelMaps:
     x_cph: np.ndarray | None = None  # float32 stage 1 reconstruction
     x_ph: np.ndarray | None = None  # float32 pseudo-healthy image in [0, 1]
     inpaint_mask: np.ndarray | None = None  # bool inpainting mask
+    map_scale: float = 1.0  # what s(x) was divided by (`mask.normalise_map`); 1 when off
 
 
 def infer_slices(
@@ -160,7 +161,8 @@ def infer_slices(
     map and the slices: a broken network fails the volume, never writes NaNs. With `cfg.mask.slice_context` (and
     no `given_mask`) stage 1 runs first on every slice and m(x) is averaged with the neighbouring slices
     (`core.slice_context`; the slices are one volume's consecutive processed slices); the stage 1 map returned
-    is the averaged one it binarised.
+    is the averaged one it binarised. With `cfg.mask.normalise_map` (and no `given_mask`) s(x) is divided by the
+    volume's `volume_scale`, recorded as `map_scale`.
     """
     unknown = set(keep) - set(_MAP_NAMES)
     if unknown:
@@ -173,13 +175,27 @@ def infer_slices(
     maps = _mask_pass(x, b, backend, cfg, mask_threshold, batch_size, gt, first,
                       need_stage1=bool({"stage1_map", "x_cph"} & set(names)))
     maps["x_ph"], maps["anomaly"] = _stage2_pass(x, b, maps["inpaint_mask"], backend, batch_size)
+    scale = 1.0
+    if cfg.mask.normalise_map and gt is None:
+        scale = volume_scale(maps["stage1_map"], b)
+        maps["anomaly"] = maps["anomaly"] / scale
     for name in dict.fromkeys([*names, "stage1_map"]):
         if name in maps:
             _check_finite(name, maps[name])
     arrays = {name: maps[name].float().cpu().numpy() for name in names}
     if "inpaint_mask" in arrays:
         arrays["inpaint_mask"] = arrays["inpaint_mask"] > 0.5
-    return ModelMaps(**arrays, slices_inpainted=int(inpainted(maps["inpaint_mask"]).sum()))
+    return ModelMaps(**arrays, slices_inpainted=int(inpainted(maps["inpaint_mask"]).sum()), map_scale=scale)
+
+
+MIN_SCALE = 1e-6  # a volume whose m(x) is zero over most of its brain is divided by this, not by zero
+
+
+def volume_scale(stage1: Tensor, brain: Tensor) -> float:
+    """The divisor of `mask.normalise_map`: the median of m(x) over the brain pixels of all of a volume's slices
+    (a lesion covers too little of a brain to move it; 1 without brain pixels)."""
+    inside = stage1[brain > 0]
+    return max(float(inside.median()), MIN_SCALE) if inside.numel() else 1.0
 
 
 def _check_finite(name: str, value: Tensor) -> None:

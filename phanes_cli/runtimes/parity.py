@@ -27,7 +27,7 @@ from torch import Tensor
 from phanes_cli.core.backend import Backend
 from phanes_cli.core.bundle import Bundle
 from phanes_cli.core.lesion_rule import LesionRule
-from phanes_cli.core.pipeline import SliceMaps, run_slices, stage1_map
+from phanes_cli.core.pipeline import SliceMaps, run_slices, stage1_map, volume_scale
 from phanes_cli.runtimes.artefacts import ArtefactError
 from phanes_cli.runtimes.samples import GATE_BRAINS, brain_slices, random_slices, shipped_brain_slices
 
@@ -135,10 +135,17 @@ class GateReference:
 
 
 def _anomaly(backend: Backend, bundle: Bundle, x: Tensor, brain: Tensor, mask_threshold: float) -> np.ndarray:
-    """s(x) of the whole pipeline on `backend`, in batches."""
-    maps = [run_slices(x[i:i + GATE_BATCH], brain[i:i + GATE_BATCH], backend, bundle.config, mask_threshold).anomaly
-            for i in range(0, x.shape[0], GATE_BATCH)]
-    return torch.cat(maps).float().cpu().numpy()
+    """s(x) of the whole pipeline on `backend`, in batches; with `mask.normalise_map`, each gate brain's slices
+    divided by that brain's `volume_scale`, as a volume's are (the calibrated level is on that scale)."""
+    parts = [run_slices(x[i:i + GATE_BATCH], brain[i:i + GATE_BATCH], backend, bundle.config, mask_threshold)
+             for i in range(0, x.shape[0], GATE_BATCH)]
+    anomaly = torch.cat([p.anomaly for p in parts]).float().cpu()
+    if bundle.config.mask.normalise_map:
+        stage1 = torch.cat([p.stage1_map for p in parts]).float().cpu()
+        for start in range(0, x.shape[0], GATE_SLICES_PER_BRAIN):
+            own = slice(start, start + GATE_SLICES_PER_BRAIN)
+            anomaly[own] /= volume_scale(stage1[own], brain[own])
+    return anomaly.numpy()
 
 
 def gate_reference(bundle: Bundle, reference: Backend) -> GateReference:
