@@ -10,7 +10,8 @@ point. Validation brains only: never a test split.
 
 Usage:
     python benchmarks/learning_curve.py RUN --manifest runs/real/manifest.parquet --work runs/real/curve
-(RUN: the folder `phanes train --out` wrote; it must be calibrated, its tuned mask percentile is reused)
+(RUN: the folder `phanes train --out` wrote, with its checkpoints/; calibrated, its tuned mask percentile is reused
+unless --mask-percentile gives one)
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def snapshots(run: Path) -> list[tuple[int, int, Path]]:
 
 def point_bundle(run: Path, stage: int, weights: Path | None, out: Path, mask_percentile: float) -> Path:
     """The run's bundle with one stage's weights from a snapshot, tuned at one mask percentile only."""
-    model = load_bundle(run)
+    model = load_bundle(run, require_calibration=False)
     nets = load_networks(model)
     if weights is not None:
         name, module = ("ra", nets.ra) if stage == 1 else ("generator", nets.generator)
@@ -73,9 +74,12 @@ def main() -> None:
     parser.add_argument("run", type=Path)
     parser.add_argument("--manifest", type=Path, required=True)
     parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--mask-percentile", type=float, help="default: the calibrated RUN's tuned percentile")
     args = parser.parse_args()
-    final = load_bundle(args.run).require_calibration()
-    percentile = float(final.tuning["mask_percentile"]) if final.tuning else 99.0
+    percentile = args.mask_percentile
+    if percentile is None:
+        final = load_bundle(args.run).require_calibration()
+        percentile = float(final.tuning["mask_percentile"]) if final.tuning else 99.0
     points: list[tuple[int, int, Path | None]] = [(s, k, p) for s, k, p in snapshots(args.run)]
     last = {s: max((k for t, k, _ in points if t == s), default=0) for s in (1, 2)}
     steps = json.loads((args.run / "versions.json").read_text())["training"]["stages"]

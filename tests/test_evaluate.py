@@ -111,7 +111,7 @@ def result(cohort: dict[str, Path]):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = evaluate(EvaluateOptions(cohort["bundle"], cohort["manifest"], cohort["root"] / "out",
-                                          methods=ALL_METHODS, device="cpu", batch_size=16, synthetic_slices=6,
+                                          methods=ALL_METHODS, device="cpu", batch_size=16, synthetic_slices=4,
                                           progress=False))
     assert not [w for w in caught if "skipped" in str(w.message)]  # h1 is a healthy control, not skipped
     return result
@@ -150,7 +150,7 @@ def test_outputs_have_a_row_per_method_and_volume(result, cohort: dict[str, Path
     for method in ALL_METHODS:
         assert 0.0 <= summary["methods"][method]["auprc"] <= 1.0
     assert json.loads((out / "synthetic.json").read_text()) == summary["synthetic"]
-    assert pq.read_table(out / "synthetic.parquet").num_rows == len(ALL_METHODS) * 6
+    assert pq.read_table(out / "synthetic.parquet").num_rows == len(ALL_METHODS) * 4
 
 
 def test_render_tables_one_row_per_method(result) -> None:
@@ -249,7 +249,7 @@ def test_synthetic_protocol_figures(result, cohort: dict[str, Path]) -> None:
     synthetic = result.summary["synthetic"]
     assert synthetic["settings"]["source_split"] == "test"
     assert synthetic["settings"]["subjects"] == ["h1"]  # healthy rows of the test split only
-    assert synthetic["settings"]["n_slices"] == 6
+    assert synthetic["settings"]["n_slices"] == 4
     for method in ALL_METHODS:
         figures = synthetic["methods"][method]
         for key in ("lpips_anomaly", "lpips_healthy"):
