@@ -194,6 +194,8 @@ def test_an_interrupt_whose_exception_is_swallowed_still_counts() -> None:
         def __del__(self) -> None:
             signal.raise_signal(signal.SIGINT)  # the handler runs here, inside __del__
 
+    before = signal.getsignal(signal.SIGINT)  # a Ray session started earlier in this worker may have replaced it
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as a fresh `phanes` process starts
     stop_on_sigterm(fresh=True)
     try:
         Finaliser()  # deleted at once: the interrupt is raised inside __del__ and dropped
@@ -201,6 +203,7 @@ def test_an_interrupt_whose_exception_is_swallowed_still_counts() -> None:
             raise_if_interrupted()
     finally:
         stop_on_sigterm(fresh=True)
+        signal.signal(signal.SIGINT, before)
     raise_if_interrupted()  # nothing recorded any more
 
 

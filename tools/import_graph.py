@@ -36,6 +36,7 @@ LAZY_OK = {
     ("phanes_cli.core.ops", "phanes_kernels.maps_triton"): "Triton is imported only where CUDA runs it",
     ("phanes_cli.core.ops", "phanes_kernels"): "Triton is imported only where CUDA runs it",
     ("phanes_cli.screening.actors", "phanes_cli.runtimes.select"): "only the actors load the networks (~2 s)",
+    ("phanes_cli.screening.tasks", "phanes_cli.runtimes.select"): "the plan's speed is timed in a task",
     ("phanes_cli.runtimes.select", "phanes_cli.runtimes.onnx"): "onnxruntime is the optional [onnx] extra",
     ("phanes_cli.runtimes.select", "phanes_cli.runtimes.openvino"): "openvino is the optional [openvino] extra",
     ("phanes_cli.runtimes.gated", "phanes_cli.runtimes.openvino"): "openvino is the optional [openvino] extra",

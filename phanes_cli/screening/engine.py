@@ -15,6 +15,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -32,13 +33,13 @@ from phanes_cli.run_folder.commit import record_failure
 from phanes_cli.run_folder.consolidate import consolidate
 from phanes_cli.run_folder.layout import OutputLayout
 from phanes_cli.run_folder.schemas import manifest_columns
-from phanes_cli.runtimes.select import cpu_speed
 from phanes_cli.screening.bids_derivative import start_layout, write_burden_tables
 from phanes_cli.screening.dispatch import Actors, Dispatcher
 from phanes_cli.screening.options import ScreenOptions
 from phanes_cli.screening.plan import plan_actors, plan_volumes
 from phanes_cli.screening.run_log import Counts, JsonLog, ProgressDisplay, now_iso, print_summary, write_run_manifest
 from phanes_cli.screening.session import ray_session, run_lock
+from phanes_cli.screening.tasks import backend_speed
 
 EXIT_OK = 0
 EXIT_SOME_FAILED = 3
@@ -161,9 +162,8 @@ def _dispatch(todo: list[ManifestRow], options: ScreenOptions, bundle: Bundle, b
     """
     with ray_session(options), display:
         began = time.monotonic()
-        local = options.address is None  # a local instance: the driver's CPU is the node's (used on CPU plans only)
-        plan = plan_actors(options, (lambda threads: cpu_speed(backend, bundle, threads, options.lpips_weights,
-                                                               display.note)) if local else None)
+        local = options.address is None  # a local instance: one node, the driver's (used on CPU plans only)
+        plan = plan_actors(options, _speed_on_node(bundle, backend, options, display) if local else None)
         manifest["ray"] = {"address": options.address, "nodes": len([n for n in ray.nodes() if n["Alive"]]),
                            "actors": plan.count, "cpus_per_actor": plan.cpus, "gpus_per_actor": plan.gpus,
                            "threads_per_actor": plan.threads, "max_in_flight": plan.max_in_flight}
@@ -185,6 +185,20 @@ def _dispatch(todo: list[ManifestRow], options: ScreenOptions, bundle: Bundle, b
             actors.stop()
             manifest["ray"].update(peak_in_flight=dispatcher.peak_in_flight, actors_replaced=actors.replacements,
                                    stages_s=dispatcher.stages_s)
+
+
+def _speed_on_node(bundle: Bundle, backend: str, options: ScreenOptions, display: ProgressDisplay
+                   ) -> Callable[[int], float]:
+    """The backend's slices/s at a thread count on the node, measured (once per model and CPU, then cached) by a
+    Ray task: what `plan_actors` weighs one- against two-thread actors by."""
+    task = ray.remote(backend_speed).options(num_cpus=1)
+
+    def speed(threads: int) -> float:
+        value, timed = ray.get(task.remote(str(bundle.path.absolute()), backend, threads, options.lpips_weights))
+        if timed:
+            display.note(f"timed backend {backend} at {threads} thread(s) on this CPU (once per model and CPU)")
+        return float(value)
+    return speed
 
 
 def _record_series(layout: OutputLayout, series: list[Rejected], bundle_hash: str, log: JsonLog) -> None:

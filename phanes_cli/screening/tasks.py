@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from phanes_cli.config import PreprocessConfig
+from phanes_cli.core.bundle import load_bundle
 from phanes_cli.core.calibration import Calibration
 from phanes_cli.core.pipeline import ModelMaps, restore_maps
 from phanes_cli.core.preprocess import SliceGeometry, prepare_volume
@@ -83,6 +84,16 @@ class DecodeResult:
     qc_flags: tuple[str, ...] = ()
     brain_mask_s: float = 0.0  # the part of `seconds` spent on the brain mask (file, model or threshold)
     input_sha256: str | None = None  # of the input file as read
+
+
+def backend_speed(bundle_path: str, backend: str, threads: int, lpips_weights: str | None) -> tuple[float, bool]:
+    """(slices/s, timed just now) of `backend` at `threads` threads on this node (`runtimes.select.cpu_speed`): the
+    plan's measurement, run as a Ray task so that the driver never loads a network."""
+    from phanes_cli.runtimes.select import cpu_speed
+
+    said: list[str] = []
+    speed = cpu_speed(backend, load_bundle(bundle_path), threads, lpips_weights, said.append)
+    return speed, bool(said)
 
 
 def decode_volume(row: ManifestRow, cfg: PreprocessConfig, max_voxels: int, skull_strip: str
