@@ -203,3 +203,13 @@ def test_blur_brings_finer_files_to_the_model_resolution_and_leaves_coarser_ones
         return float((x[..., 1:, :] - x[..., :-1, :]).abs()[inside[..., 1:, :]].mean())
 
     assert roughness(fine.slices) < 0.7 * roughness(fine_sharp.slices)
+
+
+def test_resolution_out_of_range_is_refused() -> None:
+    from phanes_cli.config import config_from_dict
+    from phanes_cli.errors import ConfigError
+
+    for bad in (-1.0, 9.0, float("nan")):
+        with pytest.raises(ConfigError, match="resolution_mm"):
+            config_from_dict({"preprocess": {"resolution_mm": bad}})
+    assert config_from_dict({"preprocess": {"resolution_mm": 0.0}}).preprocess.resolution_mm == 0.0
