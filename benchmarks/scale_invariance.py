@@ -7,13 +7,20 @@ through the same transform, so only the preparation differs. Every variant goes 
 the table gives its lesion burden, the difference from the original file's, and the Dice of its lesion mask
 with the original's after both are brought onto the original grid (nibabel resampling through the affines).
 
+--oracle-resolution adds, for every copy resampled finer than its original, a row screened with the blur
+computed from the original's voxel size instead of the copy's header (the model's `preprocess.resolution_mm`
+set so that the added blur is what the original file gets): what a perfect estimate of a file's true
+resolution would buy. An experiment, not a product setting.
+
 Usage:
     python benchmarks/scale_invariance.py runs/real/manifest.parquet [--bundle B] [--brains 4] [--lesions]
+        [--oracle-resolution]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -110,16 +117,34 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
-def run_brain(row: ManifestRow, model: Bundle, lesion_seed: int | None) -> list[dict[str, object]]:
+def with_true_resolution(model: Bundle, original_mm: float, copy_mm: float) -> Bundle | None:
+    """`model` with its resolution set so that a copy at `copy_mm` voxels is blurred as its original at
+    `original_mm` is (FWHMs in quadrature), or None where the copy is not finer than its original."""
+    if copy_mm >= original_mm - 1e-6:
+        return None
+    target = model.config.preprocess.resolution_mm
+    added = max(target ** 2 - original_mm ** 2, 0.0)
+    preprocess = dataclasses.replace(model.config.preprocess, resolution_mm=float(np.sqrt(added + copy_mm ** 2)))
+    return dataclasses.replace(model, config=dataclasses.replace(model.config, preprocess=preprocess))
+
+
+def run_brain(row: ManifestRow, model: Bundle, lesion_seed: int | None, oracle: bool) -> list[dict[str, object]]:
     """Every variant of one brain through the model: burden, difference and Dice against the original."""
     base, truth_ml = base_pair(row, lesion_seed)
+    original_mm = float(min(base[0].header.get_zooms()[:3]))
+    runs: list[tuple[str, Pair, Bundle]] = []
+    for name, make in VARIANTS.items():
+        image, mask = make(base)
+        runs.append((name, (image, mask), model))
+        oracle_model = with_true_resolution(model, original_mm, float(min(image.header.get_zooms()[:3])))
+        if oracle and oracle_model is not None:
+            runs.append((f"{name}, true res.", (image, mask), oracle_model))
     out: list[dict[str, object]] = []
     reference: nib.Nifti1Image | None = None
     reference_ml = 0.0
-    for name, make in VARIANTS.items():
-        image, mask = make(base)
+    for name, (image, mask), used in runs:
         started = time.perf_counter()
-        result = predict(image, model, brain_mask=mask, device="cpu", backend="torch")
+        result = predict(image, used, brain_mask=mask, device="cpu", backend="torch")
         seconds = time.perf_counter() - started
         burden = float(result.statistics["lesion_burden_ml"])
         if reference is None:
@@ -138,17 +163,20 @@ def main() -> None:
     parser.add_argument("--bundle", type=Path, default=None, help="default: the shipped model")
     parser.add_argument("--brains", type=int, default=4, help="test brains per site (IXI-HH and ds002748)")
     parser.add_argument("--lesions", action="store_true", help="insert two real stroke shapes into each brain")
+    parser.add_argument("--oracle-resolution", action="store_true",
+                        help="also screen finer copies blurred from their original's true resolution")
     args = parser.parse_args()
     model = load_bundle(args.bundle if args.bundle is not None else default_bundle())
     rows = [r for r in read_manifest(args.manifest) if r.split == "test"]
     chosen = [r for site in ("IXI-HH", "ds002748")
               for r in [r for r in rows if r.extra.get("site") == site][: args.brains]]
-    records = [rec for i, row in enumerate(chosen) for rec in run_brain(row, model, i if args.lesions else None)]
+    records = [rec for i, row in enumerate(chosen)
+               for rec in run_brain(row, model, i if args.lesions else None, args.oracle_resolution)]
     print(f"model {model.path.name}; {'lesioned' if args.lesions else 'healthy'} brains; burden in mL")
-    print(f"{'brain':24s} {'variant':18s} {'shape':12s} {'true':>6s} {'burden':>7s} {'diff':>7s} {'Dice':>5s} "
+    print(f"{'brain':24s} {'variant':26s} {'shape':12s} {'true':>6s} {'burden':>7s} {'diff':>7s} {'Dice':>5s} "
           f"{'s':>5s}")
     for r in records:
-        print(f"{r['brain']!s:24s} {r['variant']!s:18s} {r['shape']!s:12s} {r['true_ml']:6.1f} {r['burden_ml']:7.2f} "
+        print(f"{r['brain']!s:24s} {r['variant']!s:26s} {r['shape']!s:12s} {r['true_ml']:6.1f} {r['burden_ml']:7.2f} "
               f"{r['diff_ml']:+7.2f} {r['dice']:5.2f} {r['seconds']:5.1f}")
     worst = max(abs(float(r["diff_ml"])) for r in records)  # type: ignore[arg-type]
     lowest = min(float(r["dice"]) for r in records)  # type: ignore[arg-type]
