@@ -106,10 +106,10 @@ def measured_share(node_cpus: int, speed_at: SpeedAt) -> NodeShare:
     measured speeds: actors x speed(threads). A backend whose sessions scale across threads (ONNX Runtime,
     OpenVINO) can be faster as one two-thread actor than as two one-thread actors; eager torch is not."""
     single = cpu_share(node_cpus)
-    inference = node_cpus - io_cpus(node_cpus)
     if node_cpus < 2:
         return single
-    pairs = max(1, inference // 2) if inference >= 2 else 1
+    inference = node_cpus - io_cpus(node_cpus)
+    pairs = max(1, inference // 2)
     paired = NodeShare(actors=pairs, threads=2, cpus=max(1.0, float(inference)) / pairs)
     return paired if paired.actors * speed_at(2) > single.actors * speed_at(1) else single
 
